@@ -658,6 +658,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             session.handle_line(input())
     except (EOFError, KeyboardInterrupt):
         session.leave()
+        if interactive:
+            print("* you left the chat")
     except ConnectionLost:
         return 1
     except OSError:

@@ -229,7 +229,10 @@ def utc_timestamp() -> str:
 
 
 def format_address(address: tuple) -> str:
+    """HOST:PORT for logs; IPv4 clients of a dual-stack socket shown as plain IPv4."""
     host, port = address[0], address[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:"):]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -660,9 +663,8 @@ class ChatServer:
 
     def reject(self, conn: Connection, code: str, text: str) -> None:
         """Send an error and close the connection once it has gone out."""
-        log.info("%s: %s (%s)", conn, text, code)
         self.send_error(conn, code, text)
-        self.disconnect(conn, code)
+        self.disconnect(conn, f"{code}: {text}")
 
     def disconnect(self, conn: Connection, reason: str, graceful: bool = True) -> None:
         """Take a client out of the chat, tell the others, and close its socket.
