@@ -390,7 +390,10 @@ class ChatServer:
             self._shut_down()
 
     def _run_once(self) -> None:
-        timeout = max(0.0, self._next_tick - time.monotonic())
+        if self._to_flush:     # queued while flushing, e.g. the notice that someone was cut off
+            timeout = 0.0
+        else:
+            timeout = max(0.0, self._next_tick - time.monotonic())
         events = self.selector.select(timeout)
         self.now = time.monotonic()
         for key, mask in events:
