@@ -29,14 +29,17 @@ import socket
 import sys
 import threading
 import unicodedata
-from datetime import datetime
-from typing import Callable, Dict, List, NamedTuple, Optional, TextIO, Tuple
+from datetime import date, datetime
+from collections import deque
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, TextIO, Tuple
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 5050
 CONNECT_TIMEOUT = 10.0      # seconds to reach the server
 HANDSHAKE_TIMEOUT = 10.0    # seconds for the server to answer hello
 LEAVE_TIMEOUT = 5.0         # seconds to wait for the server to confirm we left
+TRANSCRIPT_LINES = 100_000  # lines of this session kept for /save
+HISTORY_MAX = 200           # the most /history asks for (the server's limit too)
 RECV_SIZE = 64 * 1024
 
 # Errors from the server that mean "choose another name", not "give up".
@@ -192,6 +195,8 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "join": {"name": str, "ts?": str},
     "leave": {"name": str, "reason?": str, "ts?": str},
     "users": {"users": list},
+    "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
+    "history_end": {"for": str, "count": int, "text?": str},
     "error": {"code": str, "text": str},
     "shutdown": {"text?": str},
     "ping": {},
@@ -199,12 +204,17 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
 }
 
 
-def local_time(timestamp: Optional[str]) -> str:
-    """HH:MM in this machine's time zone, from the server's ISO-8601 UTC stamp."""
+def local_time(timestamp: Optional[str], with_date: bool = False) -> str:
+    """HH:MM in this machine's time zone, from the server's ISO-8601 UTC stamp.
+
+    with_date: put the date in front when it is not today (for history).
+    """
     try:
         moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone()
     except (AttributeError, ValueError):
         moment = datetime.now()
+    if with_date and moment.date() != date.today():
+        return moment.strftime("%b %d %H:%M")
     return moment.strftime("%H:%M")
 
 
@@ -231,7 +241,28 @@ def _show_leave(message: dict, my_name: str) -> str:
     return f"[{local_time(message.get('ts'))}] * {clean_text(message['name'])} left{detail}"
 
 
-FORMATTERS: Dict[str, Callable[[dict, str], str]] = {
+def _show_history(message: dict, my_name: str) -> str:
+    stamp = local_time(message["ts"], with_date=True)
+    sender, text = clean_text(message["from"]), clean_text(message["text"])
+    if message["kind"] == "whisper":
+        if sender.lower() == my_name.lower():
+            return f"[{stamp}] [whisper to {clean_text(message.get('to', '?'))}] {text}"
+        return f"[{stamp}] [whisper from {sender}] {text}"
+    return f"[{stamp}] {sender}: {text}"
+
+
+def _show_history_end(message: dict, my_name: str) -> Optional[str]:
+    if "text" in message:
+        return f"* {clean_text(str(message['text']))}"
+    purpose, count = message["for"], message["count"]
+    if purpose == "search":
+        return f"--- {count} found ---" if count else "* no messages match"
+    if not count:
+        return None if purpose == "join" else "* no messages yet"
+    return "--- end of earlier messages ---"
+
+
+FORMATTERS: Dict[str, Callable[[dict, str], Optional[str]]] = {
     "message": lambda m, me: (f"[{local_time(m.get('ts'))}] "
                               f"{clean_text(m['from'])}: {clean_text(m['text'])}"),
     "whisper": lambda m, me: (f"[{local_time(m.get('ts'))}] "
@@ -242,6 +273,8 @@ FORMATTERS: Dict[str, Callable[[dict, str], str]] = {
     "users": lambda m, me: f"* {len(m['users'])} here: {names_list(m['users'])}",
     "error": lambda m, me: f"! {clean_text(m['text'])}",
     "shutdown": lambda m, me: f"* {clean_text(m.get('text', 'The server is shutting down.'))}",
+    "history": _show_history,
+    "history_end": _show_history_end,
 }
 
 # ---------------------------------------------------------------------------
@@ -393,11 +426,18 @@ def parse_line(line: str) -> Tuple[str, str]:
 class ChatSession:
     """A joined connection: sends what you type, shows what arrives."""
 
-    def __init__(self, connection: ServerConnection, name: str,
-                 out: TextIO = sys.stdout) -> None:
+    def __init__(self, connection: ServerConnection, name: str, server: str,
+                 out: TextIO = sys.stdout, log_file: Optional[TextIO] = None,
+                 on_lost: Optional[Callable[[], None]] = None) -> None:
         self.connection = connection
         self.name = name
+        self.server = server                # HOST:PORT, for the transcript
         self.out = out
+        self.log_file = log_file            # --log: every line shown is appended here
+        self.transcript: Deque[str] = deque(maxlen=TRANSCRIPT_LINES)
+        self.started = datetime.now()
+        self.on_lost = on_lost or wake_main_thread  # called when the connection drops
+        self._in_history = False            # between a first history frame and history_end
         self.leaving = threading.Event()    # we asked to leave: EOF is expected
         self.closed = threading.Event()     # the receiver thread has stopped
         self.lost_reason: Optional[str] = None
@@ -408,13 +448,22 @@ class ChatSession:
     # -- output -------------------------------------------------------------
 
     def show(self, line: str) -> None:
+        """Print a line, keep it for /save, and append it to the --log file."""
         with self._print_lock:
             self.out.write(line + "\n")
             self.out.flush()
+            self.transcript.append(line)
+            if self.log_file is not None:
+                try:
+                    self.log_file.write(line + "\n")
+                    self.log_file.flush()
+                except OSError as exc:
+                    self.log_file = None
+                    self.out.write(f"! stopped writing the log: {exc.strerror or exc}\n")
 
-    def show_banner(self, host: str, port: int, welcome: dict) -> None:
+    def show_banner(self, welcome: dict) -> None:
         others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
-        self.show(f"* connected to {host}:{port} as {self.name}")
+        self.show(f"* connected to {self.server} as {self.name}")
         self.show(f"* here now: {names_list(others)}" if others else "* nobody else is here yet")
         self.show("* type /help for commands, /quit to leave")
 
@@ -440,7 +489,7 @@ class ChatSession:
         if not self.leaving.is_set():
             self.lost_reason = reason
             self.show(f"! {reason}")
-            wake_main_thread()
+            self.on_lost()
 
     def _handle_incoming(self, message: dict) -> None:
         kind = message["type"]
@@ -458,6 +507,11 @@ class ChatSession:
             self._last_notice = "the server shut down"
         elif kind == "error":
             self._last_notice = clean_text(message["text"])
+        elif kind == "history" and not self._in_history:
+            self._in_history = True
+            self.show("--- earlier messages ---")
+        elif kind == "history_end":
+            self._in_history = False
         line = format_message(message, self.name)
         if line:
             self.show(line)
@@ -513,6 +567,37 @@ class ChatSession:
             return
         self.connection.send({"type": "whisper", "to": target, "text": text.strip()})
 
+    def cmd_history(self, argument: str) -> None:
+        if argument and not (argument.isdigit() and 1 <= int(argument) <= HISTORY_MAX):
+            self.show(f"! usage: /history [N], N from 1 to {HISTORY_MAX}")
+            return
+        request = {"type": "get_history"}
+        if argument:
+            request["limit"] = int(argument)
+        self.connection.send(request)
+
+    def cmd_search(self, argument: str) -> None:
+        if not argument.strip():
+            self.show("! usage: /search WORDS")
+            return
+        self.connection.send({"type": "search", "text": argument})
+
+    def cmd_save(self, argument: str) -> None:
+        overwrite = argument.startswith("-f ") or argument == "-f"
+        path = argument[2:].strip() if overwrite else argument.strip()
+        header = (f"Chat on {self.server} as {self.name}, "
+                  f"{self.started:%Y-%m-%d %H:%M} to {datetime.now():%Y-%m-%d %H:%M} (local time)")
+        with self._print_lock:
+            lines = [header, ""] + list(self.transcript)
+        try:
+            saved_to = save_transcript(lines, path or None, overwrite)
+        except FileExistsError:
+            self.show(f"! {path} exists: '/save -f {path}' overwrites it, or choose another name")
+        except OSError as exc:
+            self.show(f"! cannot save to {path}: {exc.strerror or exc}")
+        else:
+            self.show(f"* saved {len(lines) - 2} lines to {saved_to}")
+
     def cmd_clear(self, argument: str) -> None:
         if not self.out.isatty():
             return
@@ -531,10 +616,35 @@ COMMANDS: Dict[str, Command] = {
     "help": Command("", "show this list", ChatSession.cmd_help),
     "clients": Command("", "who is here", ChatSession.cmd_clients),
     "w": Command("NAME TEXT", "whisper: only NAME sees TEXT", ChatSession.cmd_whisper),
+    "history": Command("[N]", "show the last N messages (20 if no N)", ChatSession.cmd_history),
+    "search": Command("WORDS", "find messages holding all the words", ChatSession.cmd_search),
+    "save": Command("[FILE]", "save this session as text; -f overwrites",
+                    ChatSession.cmd_save),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
     "quit": Command("", "leave the chat; so does Ctrl-D", ChatSession.cmd_quit),
 }
 ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit"}
+
+
+def save_transcript(lines: List[str], path: Optional[str], overwrite: bool) -> str:
+    """Write lines to path, or to a new dated file here; return the absolute path.
+
+    Never replaces an existing file unless overwrite is set: FileExistsError.
+    """
+    if path is None:
+        base = f"chat-{datetime.now():%Y-%m-%d-%H%M}"
+        candidates = [f"{base}.txt"] + [f"{base}-{number}.txt" for number in range(2, 1000)]
+    else:
+        candidates = [os.path.expanduser(path)]
+    for candidate in candidates:
+        try:
+            with open(candidate, "w" if overwrite else "x", encoding="utf-8") as out:
+                out.write("\n".join(lines) + "\n")
+            return os.path.abspath(candidate)
+        except FileExistsError:
+            if candidate is candidates[-1]:
+                raise
+    raise FileExistsError(path)
 
 
 def command_help_lines() -> List[str]:
@@ -611,6 +721,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument("--name", help="your name in the chat: 1 to 32 letters, digits, "
                                        "'_', '-' or '.' (asked for when not given)")
+    parser.add_argument("--log", metavar="FILE",
+                        help="append every line shown to FILE as plain text")
     return parser
 
 
@@ -628,6 +740,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_text_streams()
     host, port = split_address(args.host, args.port)
     interactive = sys.stdin.isatty()
+    log_file = None
+    if args.log:
+        try:
+            log_file = open(os.path.expanduser(args.log), "a", encoding="utf-8")
+        except OSError as exc:
+            print(f"error: cannot write the log {args.log}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
     name = args.name
     try:
         if not name:
@@ -648,10 +768,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("no name given; leaving", file=sys.stderr)
         return 1
 
-    session = ChatSession(connection, welcome["name"])
+    session = ChatSession(connection, welcome["name"], f"{host}:{port}", log_file=log_file)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, _raise_connection_lost)
-    session.show_banner(host, port, welcome)
+    session.show_banner(welcome)
     session.start()
     try:
         while True:

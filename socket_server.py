@@ -43,16 +43,18 @@ import errno
 import ipaddress
 import json
 import logging
+import os
 import re
 import selectors
 import signal
 import socket
+import sqlite3
 import sys
 import time
 import unicodedata
 from collections import deque
 from datetime import datetime, timezone
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, TextIO, Tuple
 
 log = logging.getLogger("chat")
 
@@ -69,6 +71,14 @@ MAX_BACKLOG = 512 * 1024            # bytes queued for one client before it is c
 MAX_TEXT_LENGTH = 2000              # characters in one chat message
 MAX_TEXT_LIMIT = 16000              # highest --max-length: 4 UTF-8 bytes each still fit a frame
 
+DEFAULT_DB = "chat_history.sqlite3"  # in the directory the server starts in
+HISTORY_REPLAY = 50                 # public messages sent to each newcomer
+HISTORY_DEFAULT = 20                # messages /history returns when no number is given
+HISTORY_MAX = 200                   # most messages one /history returns
+SEARCH_RESULTS = 50                 # most messages one /search returns
+SEARCH_MAX_WORDS = 10
+SEARCH_WINDOW = 200_000             # /search looks through this many recent events
+
 # Internal tuning, not worth a flag.
 RECV_SIZE = 256 * 1024              # bytes read per socket per loop pass
 ACCEPTS_PER_PASS = 64               # new connections taken per loop pass
@@ -76,6 +86,8 @@ TICK = 1.0                          # longest time between timer checks
 LINGER_TIMEOUT = 2.0                # seconds to wait for a peer we closed on to hang up
 SHUTDOWN_FLUSH_TIMEOUT = 2.0        # seconds to deliver the shutdown notice
 ACCEPT_PAUSE = 1.0                  # seconds to stop accepting when out of file descriptors
+STORE_BUSY_TIMEOUT = 0.05           # seconds sqlite may wait on a lock held by another process
+STORE_MAX_PENDING = 100_000         # rows kept while the database is locked, then give up
 ADDRESS_IN_USE = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)}
 
 # ---- begin shared protocol block: identical in socket_server.py and client.py ----
@@ -255,7 +267,7 @@ class Connection:
 
     __slots__ = ("sock", "address", "decoder", "outbox", "state", "name",
                  "connected_at", "last_heard", "last_ping", "deadline",
-                 "messages_sent", "wants_write", "peer_closed", "write_shut")
+                 "messages_sent", "wants_write", "peer_closed", "write_shut", "history_floor")
 
     def __init__(self, sock: socket.socket, address: tuple, now: float) -> None:
         self.sock = sock
@@ -272,6 +284,7 @@ class Connection:
         self.wants_write = False        # registered for EVENT_WRITE
         self.peer_closed = False        # the peer sent EOF
         self.write_shut = False         # we sent EOF
+        self.history_floor = 0          # whispers stored before it joined are not its own
 
     def __repr__(self) -> str:
         return self.name or self.address
@@ -289,6 +302,220 @@ class Settings:
     drop_after: float = DROP_AFTER
     max_backlog: int = MAX_BACKLOG
     max_length: int = MAX_TEXT_LENGTH
+    db: str = ":memory:"            # the command line defaults to DEFAULT_DB
+    keep_history: bool = True       # False: record no messages (--no-history)
+    history: int = HISTORY_REPLAY
+
+
+# ---------------------------------------------------------------------------
+# The history store
+# ---------------------------------------------------------------------------
+
+class StoreError(Exception):
+    """The database cannot be used; the text says why, for the user."""
+
+
+class HistoryStore:
+    """Chat history in sqlite3: messages, whispers, joins and leaves.
+
+    The loop records rows as it goes and calls :meth:`commit` once per pass,
+    before it sends that pass's frames: one transaction per pass (group
+    commit) keeps up with any message rate, and a message that reached
+    anyone is already in the database, even if the server is then killed.
+    WAL mode and ``synchronous=NORMAL`` mean a commit appends to the log
+    without waiting for the disk.
+
+    If the database fails while the server runs (disk full, file damaged),
+    the error is logged once and the chat carries on without history.
+    """
+
+    #: MIGRATIONS[n] takes a database from schema version n to n + 1.
+    #: Never edit one that has shipped: add a new one at the end.
+    MIGRATIONS: List[str] = [
+        # 1: the event log.
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,                   -- server time, ISO-8601 UTC
+            kind TEXT NOT NULL,                 -- message, whisper, join, leave
+            sender TEXT NOT NULL COLLATE NOCASE,
+            recipient TEXT COLLATE NOCASE,      -- whispers only
+            text TEXT NOT NULL DEFAULT ''       -- leave: the reason
+        );
+        """,
+    ]
+
+    def __init__(self, path: str, keep_messages: bool = True) -> None:
+        self.path = path
+        self.keep_messages = keep_messages
+        self.working = True
+        self.commits = 0
+        self._pending: List[tuple] = []
+        self._busy_since: Optional[float] = None
+        self.db = self._open(path)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.path != ":memory:"
+
+    def _open(self, path: str) -> sqlite3.Connection:
+        where = "the in-memory database" if path == ":memory:" else path
+        try:
+            db = sqlite3.connect(path, timeout=STORE_BUSY_TIMEOUT, isolation_level=None,
+                                 check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {where}: {exc}") from None
+        try:
+            if path != ":memory:":
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate(db)
+        except sqlite3.Error as exc:
+            db.close()
+            hint = "; is another server using it?" if "locked" in str(exc) else ""
+            raise StoreError(f"cannot use {where}: {exc}{hint}") from None
+        except StoreError:
+            db.close()
+            raise
+        return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        latest = len(self.MIGRATIONS)
+        if version > latest:
+            raise StoreError(f"{self.path} was written by a newer server (schema {version}, "
+                             f"this server knows up to {latest})")
+        for number in range(version, latest):
+            try:
+                db.executescript(f"BEGIN IMMEDIATE; {self.MIGRATIONS[number]}; "
+                                 f"PRAGMA user_version = {number + 1}; COMMIT;")
+            except sqlite3.Error:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            if number:
+                log.info("upgraded %s to schema version %d", self.path, number + 1)
+
+    # -- writing ---------------------------------------------------------
+
+    def record(self, ts: str, kind: str, sender: str, recipient: Optional[str] = None,
+               text: str = "") -> None:
+        """Queue an event; it is written at the next commit()."""
+        if self.working and self.keep_messages:
+            self._pending.append((ts, kind, sender, recipient, text))
+
+    def commit(self) -> None:
+        """Write everything recorded since the last commit in one transaction."""
+        if not self._pending or not self.working:
+            return
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT INTO events (ts, kind, sender, recipient, text) VALUES (?, ?, ?, ?, ?)",
+                self._pending)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._write_failed(exc)
+            return
+        self._pending.clear()
+        self._busy_since = None
+        self.commits += 1
+
+    def _rollback(self) -> None:
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _write_failed(self, exc: sqlite3.Error) -> None:
+        """A lock held elsewhere is retried for a while; anything else ends history."""
+        busy = "locked" in str(exc) or "busy" in str(exc)
+        if busy and len(self._pending) < STORE_MAX_PENDING:
+            if self._busy_since is None:
+                self._busy_since = time.monotonic()
+                log.warning("history database is locked by another process; retrying")
+            if time.monotonic() - self._busy_since < 10:
+                return
+        self.working = False
+        self._pending.clear()
+        log.error("history store failed (%s): the chat goes on without history", exc)
+
+    def close(self) -> None:
+        self.commit()
+        self.db.close()
+
+    # -- reading ---------------------------------------------------------
+
+    def _query(self, sql: str, parameters: tuple) -> List[tuple]:
+        """Rows for a read, oldest first; none when the store has failed."""
+        if not self.working:
+            return []
+        self.commit()     # so a read sees everything already said
+        try:
+            rows = self.db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as exc:
+            log.error("history query failed: %s", exc)
+            return []
+        rows.reverse()
+        return rows
+
+    _COLUMNS = "SELECT id, ts, kind, sender, recipient, text FROM events "
+
+    def recent_public(self, limit: int) -> List[tuple]:
+        """The last `limit` public messages."""
+        return self._query(self._COLUMNS + "WHERE kind = 'message' ORDER BY id DESC LIMIT ?",
+                           (limit,))
+
+    def last_id(self) -> int:
+        """The id of the newest event stored; later events have higher ids."""
+        rows = self._query("SELECT IFNULL(MAX(id), 0) FROM events", ())
+        return rows[0][0] if rows else 0
+
+    # Public messages, and whispers to or from one name after a given event.
+    _VISIBLE = ("(kind = 'message' OR (kind = 'whisper' AND (sender = ? OR recipient = ?) "
+                "AND id > ?))")
+
+    def recent_for(self, name: str, limit: int, whispers_after: int) -> List[tuple]:
+        """The last `limit` messages `name` may see."""
+        return self._query(self._COLUMNS + f"WHERE {self._VISIBLE} ORDER BY id DESC LIMIT ?",
+                           (name, name, whispers_after, limit))
+
+    def search_for(self, name: str, words: List[str], limit: int,
+                   whispers_after: int) -> List[tuple]:
+        """Recent messages `name` may see that hold every word, in any case.
+
+        Only the last SEARCH_WINDOW events are searched, so that a search
+        never holds up the loop for long, however big the history grows.
+        """
+        matches = " AND ".join(["text LIKE ? ESCAPE '!'"] * len(words))
+        patterns = tuple("%" + re.sub(r"([!%_])", r"!\1", word) + "%" for word in words)
+        return self._query(
+            self._COLUMNS + "WHERE id > (SELECT IFNULL(MAX(id), 0) FROM events) - ? "
+            f"AND {self._VISIBLE} AND {matches} ORDER BY id DESC LIMIT ?",
+            (SEARCH_WINDOW, name, name, whispers_after) + patterns + (limit,))
+
+    def export(self, out: TextIO) -> int:
+        """Write the whole history as readable text; return the number of lines."""
+        count = 0
+        for row in self.db.execute(self._COLUMNS + "ORDER BY id"):
+            out.write(format_event_line(row) + "\n")
+            count += 1
+        return count
+
+
+def format_event_line(row: tuple) -> str:
+    """One stored event as a line of text, for --export."""
+    _, ts, kind, sender, recipient, text = row
+    when = ts.replace("T", " ").split(".")[0].rstrip("Z") + " UTC"
+    if kind == "whisper":
+        return f"{when}  [whisper {sender} -> {recipient}] {text}"
+    if kind == "join":
+        return f"{when}  * {sender} joined"
+    if kind == "leave":
+        return f"{when}  * {sender} left ({text})" if text and text != "quit" else \
+            f"{when}  * {sender} left"
+    return f"{when}  {sender}: {text}"
 
 
 # ---------------------------------------------------------------------------
@@ -310,13 +537,16 @@ class ChatServer:
         "say": ({"text": str}, "on_say"),
         "whisper": ({"to": str, "text": str}, "on_whisper"),
         "who": ({}, "on_who"),
+        "get_history": ({"limit?": int}, "on_get_history"),
+        "search": ({"text": str}, "on_search"),
         "ping": ({}, "on_ping"),
         "pong": ({}, "on_pong"),
         "bye": ({}, "on_bye"),
     }
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Optional[HistoryStore] = None) -> None:
         self.settings = settings
+        self.store = store or HistoryStore(settings.db, settings.keep_history)
         self.selector = selectors.DefaultSelector()
         self.listeners: List[socket.socket] = []
         self.connections: Set[Connection] = set()
@@ -405,7 +635,7 @@ class ChatServer:
                     self._to_flush.add(target)
             else:
                 target()
-        self._flush_all()
+        self._end_pass()
         if self.now >= self._next_tick:
             self._next_tick = self.now + self._tick
             self._check_timers()
@@ -427,6 +657,7 @@ class ChatServer:
         self._wake_reader.close()
         self._wake_writer.close()
         self.selector.close()
+        self.store.close()
         log.info("server stopped")
 
     @staticmethod
@@ -549,7 +780,12 @@ class ChatServer:
         self.members[key] = conn
         log.info("%s joined as %s", conn.address, name)
         self.send(conn, {"type": "welcome", "name": name, "users": self.user_names()})
-        self.broadcast({"type": "join", "name": name, "ts": utc_timestamp()}, exclude=conn)
+        replay = self.store.recent_public(self.settings.history) if self.settings.history else []
+        self.send_history(conn, "join", replay)
+        conn.history_floor = self.store.last_id()
+        timestamp = utc_timestamp()
+        self.store.record(timestamp, "join", name)
+        self.broadcast({"type": "join", "name": name, "ts": timestamp}, exclude=conn)
 
     def on_say(self, conn: Connection, message: dict) -> None:
         text = self.checked_text(conn, message["text"])
@@ -557,6 +793,7 @@ class ChatServer:
             return
         timestamp = utc_timestamp()
         conn.messages_sent += 1
+        self.store.record(timestamp, "message", conn.name, None, text)
         self.broadcast({"type": "message", "from": conn.name, "text": text, "ts": timestamp},
                        exclude=conn)
         self.send(conn, {"type": "sent", "text": text, "ts": timestamp})
@@ -573,6 +810,7 @@ class ChatServer:
             return
         timestamp = utc_timestamp()
         conn.messages_sent += 1
+        self.store.record(timestamp, "whisper", conn.name, target.name, text)
         self.send(target, {"type": "whisper", "from": conn.name, "to": target.name,
                            "text": text, "ts": timestamp})
         self.send(conn, {"type": "sent", "to": target.name, "text": text, "ts": timestamp})
@@ -580,6 +818,19 @@ class ChatServer:
 
     def on_who(self, conn: Connection, message: dict) -> None:
         self.send(conn, {"type": "users", "users": self.user_names()})
+
+    def on_get_history(self, conn: Connection, message: dict) -> None:
+        limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
+        rows = self.store.recent_for(conn.name, limit, self.whispers_after(conn))
+        self.send_history(conn, "history", rows)
+
+    def on_search(self, conn: Connection, message: dict) -> None:
+        words = clean_text(message["text"]).split()[:SEARCH_MAX_WORDS]
+        if not words:
+            self.send_error(conn, "empty_search", "Search for at least one word.")
+            return
+        rows = self.store.search_for(conn.name, words, SEARCH_RESULTS, self.whispers_after(conn))
+        self.send_history(conn, "search", rows)
 
     def on_ping(self, conn: Connection, message: dict) -> None:
         self.send(conn, {"type": "pong"})
@@ -604,6 +855,27 @@ class ChatServer:
             return None
         return text
 
+    def send_history(self, conn: Connection, purpose: str, rows: List[tuple]) -> None:
+        """Past messages as `history` frames, then a `history_end` saying why they came."""
+        for _, ts, kind, sender, recipient, text in rows:
+            entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
+            if recipient is not None:
+                entry["to"] = recipient
+            self.send(conn, entry)
+        end = {"type": "history_end", "for": purpose, "count": len(rows)}
+        if not self.store.working or not self.store.keep_messages:
+            end["text"] = "The server keeps no history."
+        self.send(conn, end)
+
+    @staticmethod
+    def whispers_after(conn: Connection) -> int:
+        """The event after which a client may see its whispers in history.
+
+        Names are not protected, so someone who takes a name later must not
+        read the whispers of whoever had it before: only this visit's.
+        """
+        return conn.history_floor
+
     def user_names(self) -> List[str]:
         return sorted((conn.name for conn in self.members.values()), key=str.lower)
 
@@ -623,6 +895,11 @@ class ChatServer:
             if conn is not exclude:
                 conn.outbox.append(frame)
         self._to_flush.update(self.members.values())
+
+    def _end_pass(self) -> None:
+        """Store this pass's messages, then send them: nothing reaches anyone unstored."""
+        self.store.commit()
+        self._flush_all()
 
     def _flush_all(self) -> None:
         pending, self._to_flush = self._to_flush, set()
@@ -682,8 +959,10 @@ class ChatServer:
             return
         if conn.state == JOINED:
             del self.members[conn.name.lower()]
+            timestamp = utc_timestamp()
+            self.store.record(timestamp, "leave", conn.name, None, reason)
             self.broadcast({"type": "leave", "name": conn.name, "reason": reason,
-                            "ts": utc_timestamp()})
+                            "ts": timestamp})
             log.info("%s left: %s", conn.name, reason)
         else:
             log.info("%s disconnected: %s", conn.address, reason)
@@ -737,7 +1016,7 @@ class ChatServer:
                     self.send(conn, {"type": "ping"})
             elif conn.state == CLOSING and now >= conn.deadline:
                 self._close_socket(conn)
-        self._flush_all()
+        self._end_pass()
 
 
 # ---------------------------------------------------------------------------
@@ -790,6 +1069,42 @@ def describe_reach(host: str, port: int) -> List[str]:
     return lines
 
 
+def describe_store(store: HistoryStore) -> str:
+    if not store.keep_messages:
+        return "history: not kept (--no-history)"
+    if not store.on_disk:
+        return "history: kept in memory until the server stops"
+    return f"history: kept in {os.path.abspath(store.path)}"
+
+
+def export_history(db_path: str, destination: str) -> int:
+    """--export: write the stored history as text, then exit."""
+    if db_path == ":memory:" or not os.path.exists(db_path):
+        print(f"error: no history database at {db_path}; name it with --db", file=sys.stderr)
+        return 1
+    try:
+        store = HistoryStore(db_path)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if destination == "-":
+            count = store.export(sys.stdout)
+        else:
+            with open(destination, "x", encoding="utf-8") as out:
+                count = store.export(out)
+            print(f"exported {count} lines to {os.path.abspath(destination)}")
+    except FileExistsError:
+        print(f"error: {destination} exists; choose a new file name", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot write {destination}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Terminal chat server for a local network. Start it, then run "
@@ -817,6 +1132,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop-after", type=float, default=DROP_AFTER, metavar="SECONDS",
                         help=f"silence after which a client is dropped as gone "
                              f"(default: {DROP_AFTER:g})")
+    parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
+                        help="sqlite file for history; ':memory:' keeps it only while the "
+                             f"server runs (default: {DEFAULT_DB} in the current directory)")
+    parser.add_argument("--no-history", action="store_true",
+                        help="record no messages and write nothing to disk")
+    parser.add_argument("--history", type=int, default=HISTORY_REPLAY, metavar="N",
+                        help="public messages replayed to each newcomer; 0 for none "
+                             f"(default: {HISTORY_REPLAY})")
+    parser.add_argument("--export", metavar="FILE",
+                        help="write the stored history to FILE as text ('-' for stdout) "
+                             "and exit; never overwrites a file")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log on stderr; only 'debug' shows message text "
@@ -828,7 +1154,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(host=args.host, port=args.port, max_clients=args.max_clients,
                     hello_timeout=args.hello_timeout, ping_after=args.ping_after,
                     drop_after=args.drop_after, max_backlog=args.max_backlog * 1024,
-                    max_length=args.max_length)
+                    max_length=args.max_length,
+                    db=":memory:" if args.no_history else args.db,
+                    keep_history=not args.no_history, history=args.history)
 
 
 def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -842,6 +1170,8 @@ def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
                         ("--drop-after", settings.drop_after)):
         if value <= 0:
             parser.error(f"{flag} must be more than 0")
+    if settings.history < 0:
+        parser.error("--history must be 0 or more")
     if settings.max_length > MAX_TEXT_LIMIT:
         parser.error(f"--max-length can be at most {MAX_TEXT_LIMIT}, so a message fits in a frame")
     if settings.drop_after <= settings.ping_after:
@@ -856,10 +1186,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(message)s")
 
-    server = ChatServer(settings)
+    if args.export:
+        return export_history(settings.db, args.export)
+    try:
+        store = HistoryStore(settings.db, settings.keep_history)
+    except StoreError as exc:
+        print(f"error: {exc}; choose another file with --db, or use --no-history",
+              file=sys.stderr)
+        return 1
+    server = ChatServer(settings, store)
     try:
         host, port = server.listen()
     except OSError as exc:
+        store.close()
         if exc.errno in ADDRESS_IN_USE:
             print(f"error: port {settings.port} is already in use (another server running?); "
                   "pick another with --port", file=sys.stderr)
@@ -872,6 +1211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"listening on {shown}:{port}", flush=True)
     for line in describe_reach(host, port):
         print(line)
+    print(describe_store(store))
     print("press Ctrl-C to stop", flush=True)
 
     for signal_name in ("SIGINT", "SIGTERM"):

@@ -14,8 +14,10 @@ import queue
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -71,9 +73,19 @@ class Peer:
         self.sock.connect((host, port))
         self.decoder = FrameDecoder()
         self.welcome = None
+        self.replay: List[dict] = []    # history sent after the welcome
         if name:
             self.send({"type": "hello", "name": name})
             self.welcome = self.expect("welcome")
+            self.replay = self.collect_history()
+
+    def collect_history(self) -> List[dict]:
+        """The history frames up to and including the closing history_end."""
+        frames = []
+        while True:
+            frames.append(self.receive())
+            if frames[-1]["type"] == "history_end":
+                return frames
 
     def send(self, message: dict) -> None:
         self.sock.sendall(encode_frame(message))
@@ -165,6 +177,13 @@ class ChatTestCase(unittest.TestCase):
         return errors[-1]
 
 
+def temp_dir(test: unittest.TestCase) -> str:
+    """A directory removed when the test ends."""
+    directory = tempfile.TemporaryDirectory()
+    test.addCleanup(directory.cleanup)
+    return directory.name
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -237,6 +256,8 @@ class Process:
 
 def start_server_process(*extra: str) -> "tuple":
     """socket_server.py on loopback and a free port: (Process, port)."""
+    if "--db" not in extra and "--no-history" not in extra:
+        extra += ("--db", ":memory:")
     process = Process(SERVER_SCRIPT, "--host", "127.0.0.1", "--port", "0", *extra)
     match = process.wait_for_line(r"^listening on 127\.0\.0\.1:(\d+)$")
     return process, int(match.group(1))
@@ -735,7 +756,7 @@ class ServerProcessTests(unittest.TestCase):
 
     def test_port_in_use_is_one_clear_line(self) -> None:
         _, port = self.start()
-        second = Process(SERVER_SCRIPT, "--host", "127.0.0.1", "--port", str(port))
+        second = Process(SERVER_SCRIPT, "--host", "127.0.0.1", "--port", str(port), "--no-history")
         self.addCleanup(second.kill)
         self.assertEqual(second.finish(), 1)
         errors = second.output("stderr").splitlines()
@@ -765,7 +786,7 @@ class ServerProcessTests(unittest.TestCase):
                 probe.bind(("::1", 0))
         except OSError:
             self.skipTest("no IPv6 loopback here")
-        process = Process(SERVER_SCRIPT, "--host", "::1", "--port", "0")
+        process = Process(SERVER_SCRIPT, "--host", "::1", "--port", "0", "--no-history")
         self.addCleanup(process.kill)
         port = int(process.wait_for_line(r"^listening on \[::1\]:(\d+)$").group(1))
         peer = Peer(port, "six", host="::1")
@@ -798,6 +819,326 @@ class LanAddressTests(unittest.TestCase):
                       socket_server.describe_reach("10.0.0.5", 5050)[0])
         lines = socket_server.describe_reach("::", 5050)
         self.assertIn("python client.py localhost 5050", lines[-1])
+
+
+# ---------------------------------------------------------------------------
+# History: the sqlite store, replay, /history, /search, --export
+# ---------------------------------------------------------------------------
+
+T0 = "2026-01-01T10:00:00.000Z"
+T1 = "2026-01-01T11:00:00.000Z"
+T2 = "2026-01-01T12:00:00.000Z"
+
+
+class HistoryStoreTests(unittest.TestCase):
+    def store(self, path: str = ":memory:") -> socket_server.HistoryStore:
+        store = socket_server.HistoryStore(path)
+        self.addCleanup(store.db.close)
+        return store
+
+    def test_recent_public_messages_in_order(self) -> None:
+        store = self.store()
+        for number in range(10):
+            store.record(T0, "message", "alice", None, f"m{number}")
+        store.record(T0, "whisper", "alice", "bob", "secret")
+        store.record(T0, "join", "carol")
+        rows = store.recent_public(3)
+        self.assertEqual([row[5] for row in rows], ["m7", "m8", "m9"])
+
+    def test_whispers_only_for_their_parties_and_only_after_joining(self) -> None:
+        store = self.store()
+        store.record(T0, "whisper", "alice", "bob", "old, to the previous bob")
+        store.record(T1, "message", "alice", None, "public")
+        store.record(T2, "whisper", "alice", "BOB", "to this bob")
+        store.record(T2, "whisper", "bob", "alice", "from this bob")
+        store.record(T2, "whisper", "alice", "carol", "to carol")
+        texts = [row[5] for row in store.recent_for("bob", 50, whispers_after=2)]
+        self.assertEqual(texts, ["public", "to this bob", "from this bob"])
+        texts = [row[5] for row in store.recent_for("dave", 50, whispers_after=0)]
+        self.assertEqual(texts, ["public"])
+
+    def test_search_needs_every_word_in_any_case_and_wildcards_are_literal(self) -> None:
+        store = self.store()
+        store.record(T0, "message", "alice", None, "Lunch at noon?")
+        store.record(T0, "message", "bob", None, "no lunch today")
+        store.record(T0, "message", "bob", None, "100% sure")
+        store.record(T0, "message", "bob", None, "1000 sure")
+        store.record(T0, "whisper", "bob", "carol", "lunch secret")
+        search = lambda *words: [row[5] for row in store.search_for("alice", list(words), 50, 0)]
+        self.assertEqual(search("LUNCH"), ["Lunch at noon?", "no lunch today"])
+        self.assertEqual(search("lunch", "noon"), ["Lunch at noon?"])
+        self.assertEqual(search("0%"), ["100% sure"])
+        self.assertEqual(search("_"), [])
+        self.assertEqual(search("secret"), [])
+
+    def test_migrates_every_older_schema(self) -> None:
+        latest = len(socket_server.HistoryStore.MIGRATIONS)
+        for version in range(latest):
+            with self.subTest(version=version):
+                path = os.path.join(temp_dir(self), "old.sqlite3")
+
+                class OldStore(socket_server.HistoryStore):
+                    MIGRATIONS = socket_server.HistoryStore.MIGRATIONS[:version]
+
+                old = OldStore(path)
+                if version >= 1:
+                    old.record(T0, "message", "alice", None, "from an old server")
+                old.close()
+                store = self.store(path)
+                self.assertEqual(store.db.execute("PRAGMA user_version").fetchone()[0], latest)
+                if version >= 1:
+                    self.assertEqual(store.recent_public(5)[0][5], "from an old server")
+
+    def test_database_from_a_newer_server_is_refused(self) -> None:
+        path = os.path.join(temp_dir(self), "new.sqlite3")
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA user_version = 999")
+        db.close()
+        with self.assertRaisesRegex(socket_server.StoreError, "newer server"):
+            socket_server.HistoryStore(path)
+
+    def test_unusable_files_are_clear_errors(self) -> None:
+        directory = temp_dir(self)
+        garbage = os.path.join(directory, "garbage.sqlite3")
+        with open(garbage, "wb") as out:
+            out.write(b"this is not a database at all" * 100)
+        with self.assertRaisesRegex(socket_server.StoreError, "garbage.sqlite3"):
+            socket_server.HistoryStore(garbage)
+        with self.assertRaises(socket_server.StoreError):
+            socket_server.HistoryStore(os.path.join(directory, "no", "such", "dir.sqlite3"))
+
+    def test_locked_database_at_start_up(self) -> None:
+        path = os.path.join(temp_dir(self), "locked.sqlite3")
+        holder = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN EXCLUSIVE")
+        with self.assertRaisesRegex(socket_server.StoreError, "locked"):
+            socket_server.HistoryStore(path)
+        holder.execute("ROLLBACK")
+
+    def test_full_disk_stops_history_not_the_store_user(self) -> None:
+        store = self.store(os.path.join(temp_dir(self), "full.sqlite3"))
+        page_count = store.db.execute("PRAGMA page_count").fetchone()[0]
+        store.db.execute(f"PRAGMA max_page_count = {page_count + 2}")
+        with self.assertLogs("chat", "ERROR") as logs:
+            for _ in range(20):
+                for number in range(200):
+                    store.record(T0, "message", "alice", None, "x" * 1000)
+                store.commit()
+        self.assertFalse(store.working)
+        self.assertIn("without history", logs.output[0])
+        self.assertEqual(store.recent_public(5), [])
+        store.record(T0, "message", "alice", None, "ignored")   # no error, no growth
+        self.assertEqual(store._pending, [])
+
+
+class HistoryTests(ChatTestCase):
+    def test_newcomer_gets_recent_public_messages_first(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        for number in range(3):
+            alice.say(f"before {number}")
+        bob.send({"type": "whisper", "to": "alice", "text": "private"})
+        bob.expect("sent")
+        carol = self.peer("carol")
+        history = [m for m in carol.replay if m["type"] == "history"]
+        self.assertEqual([(m["from"], m["text"]) for m in history],
+                         [("alice", "before 0"), ("alice", "before 1"), ("alice", "before 2")])
+        self.assertEqual(carol.replay[-1], {"type": "history_end", "for": "join", "count": 3})
+
+    def test_replay_length_is_a_setting(self) -> None:
+        for replay, expected in ((2, ["m3", "m4"]), (0, [])):
+            with self.subTest(replay=replay):
+                server = ServerThread(history=replay)
+                self.addCleanup(server.stop)
+                alice = Peer(server.port, "alice")
+                self.addCleanup(alice.close)
+                for number in range(5):
+                    alice.say(f"m{number}")
+                bob = Peer(server.port, "bob")
+                self.addCleanup(bob.close)
+                self.assertEqual([m.get("text") for m in bob.replay], expected + [None])
+
+    def test_history_and_search_on_request(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        alice.say("lunch at noon")
+        alice.send({"type": "whisper", "to": "bob", "text": "lunch is on me"})
+        alice.expect("sent")
+        bob.send({"type": "get_history", "limit": 5})
+        frames = [m for m in bob.collect_history() if m["type"].startswith("history")]
+        self.assertEqual([m.get("text") for m in frames], ["lunch at noon", "lunch is on me", None])
+        self.assertEqual([m.get("kind") for m in frames[:2]], ["message", "whisper"])
+        self.assertEqual(frames[-1]["for"], "history")
+        carol = self.peer("carol")
+        carol.send({"type": "search", "text": "LUNCH"})
+        frames = carol.collect_history()
+        self.assertEqual([m.get("text") for m in frames], ["lunch at noon", None])
+        carol.send({"type": "search", "text": " \t"})
+        self.assertEqual(carol.expect("error")["code"], "empty_search")
+
+    def test_whispers_are_not_inherited_with_a_name(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        alice.send({"type": "whisper", "to": "bob", "text": "for the first bob"})
+        alice.expect("sent")
+        bob.send({"type": "bye"})
+        bob.read_until_closed()
+        alice.expect("leave")
+        impostor = self.peer("bob")
+        impostor.send({"type": "get_history"})
+        self.assertEqual(impostor.collect_history()[-1]["count"], 0)
+        impostor.send({"type": "search", "text": "first"})
+        self.assertEqual(impostor.collect_history()[-1]["count"], 0)
+
+    def test_history_survives_a_restart(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        first = ServerThread(db=path)
+        alice = Peer(first.port, "alice")
+        alice.say("remember me")
+        alice.close()
+        first.stop()
+        second = ServerThread(db=path)
+        self.addCleanup(second.stop)
+        bob = Peer(second.port, "bob")
+        self.addCleanup(bob.close)
+        self.assertEqual([m.get("text") for m in bob.replay], ["remember me", None])
+
+    def test_group_commit_writes_a_burst_in_few_transactions(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        store = self.server.server.store
+        before = store.commits
+        burst = b"".join(encode_frame({"type": "say", "text": f"burst {n}"}) for n in range(500))
+        alice.send_raw(burst)
+        for _ in range(500):
+            bob.expect("message")
+        self.assertLess(store.commits - before, 100)
+        bob.send({"type": "get_history", "limit": 200})
+        self.assertEqual(bob.collect_history()[-2]["text"], "burst 499")
+
+    def test_no_history_replays_nothing_and_says_so(self) -> None:
+        server = ServerThread(keep_history=False)
+        self.addCleanup(server.stop)
+        alice = Peer(server.port, "alice")
+        self.addCleanup(alice.close)
+        alice.say("gone with the wind")
+        bob = Peer(server.port, "bob")
+        self.addCleanup(bob.close)
+        self.assertEqual(bob.replay[-1]["count"], 0)
+        self.assertIn("no history", bob.replay[-1]["text"])
+
+    def test_chat_goes_on_when_the_disk_fills(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        server = ServerThread(db=path)
+        self.addCleanup(server.stop)
+        alice, bob = Peer(server.port, "alice"), Peer(server.port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        filled = threading.Event()
+
+        def fill_the_disk() -> None:
+            db = server.server.store.db
+            db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+            filled.set()
+
+        server.server.call_soon(fill_the_disk)
+        self.assertTrue(filled.wait(TIMEOUT))
+        with self.assertLogs("chat", "ERROR"):
+            for number in range(300):
+                alice.send({"type": "say", "text": f"{number} " + "x" * 1900})
+            for number in range(300):
+                self.assertEqual(bob.expect("message")["text"].split()[0], str(number))
+        self.assertFalse(server.server.store.working)
+        alice.say("still chatting")
+        self.assertEqual(bob.expect("message")["text"], "still chatting")
+
+
+class HistoryProcessTests(unittest.TestCase):
+    def test_kill_9_loses_no_delivered_message(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        process, port = start_server_process("--db", path)
+        self.addCleanup(process.kill)
+        alice, bob = Peer(port, "alice"), Peer(port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+
+        padding = "x" * 1500    # big batches per loop pass: a long commit to be killed in
+        burst = b"".join(encode_frame({"type": "say", "text": f"load {number} {padding}"})
+                         for number in range(3000))
+
+        def flood() -> None:
+            try:
+                alice.send_raw(burst)
+            except OSError:
+                pass    # the server is gone: that is the point
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        received = []
+        while len(received) < 300:
+            message = bob.receive()
+            if message["type"] == "message":
+                received.append(message["text"])
+        process.proc.kill()     # SIGKILL on POSIX: no chance to flush anything
+        process.proc.wait(TIMEOUT)
+        while True:
+            try:
+                data = bob.sock.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            bob.decoder.feed(data)
+            received += [m["text"] for m in map(decode_payload, bob.decoder)
+                         if m["type"] == "message"]
+        sender.join(TIMEOUT)
+        db = sqlite3.connect(path)
+        stored = {row[0] for row in db.execute("SELECT text FROM events WHERE kind='message'")}
+        db.close()
+        missing = [text for text in received if text not in stored]
+        self.assertEqual(missing, [], f"{len(missing)} of {len(received)} delivered, not stored")
+
+    def test_export(self) -> None:
+        directory = temp_dir(self)
+        path = os.path.join(directory, "chat.sqlite3")
+        server = ServerThread(db=path)
+        alice, bob = Peer(server.port, "alice"), Peer(server.port, "bob")
+        alice.say("hello bob")
+        alice.send({"type": "whisper", "to": "bob", "text": "psst"})
+        alice.expect("sent")
+        alice.close()
+        bob.expect("leave")
+        bob.close()
+        server.stop()
+        out = os.path.join(directory, "export.txt")
+        for attempt in range(2):
+            result = subprocess.run([sys.executable, SERVER_SCRIPT, "--db", path, "--export", out],
+                                    capture_output=True, text=True, timeout=TIMEOUT)
+            if attempt == 0:
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn("exported", result.stdout)
+            else:   # never overwrites
+                self.assertEqual(result.returncode, 1)
+                self.assertIn("exists", result.stderr)
+        with open(out, encoding="utf-8") as exported:
+            text = exported.read()
+        self.assertRegex(text, r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC  \* alice joined")
+        self.assertIn("alice: hello bob", text)
+        self.assertIn("[whisper alice -> bob] psst", text)
+        self.assertIn("* alice left (connection closed)", text)
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--db", out + ".missing",
+                                 "--export", "-"], capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("no history database", result.stderr)
+
+    def test_corrupt_database_is_a_one_line_error_at_start(self) -> None:
+        path = os.path.join(temp_dir(self), "bad.sqlite3")
+        with open(path, "wb") as out:
+            out.write(b"\0garbage" * 1000)
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--host", "127.0.0.1",
+                                 "--port", "0", "--db", path],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("bad.sqlite3", result.stderr)
+        self.assertIn("--db", result.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -903,6 +1244,27 @@ class ClientProcessTests(ChatTestCase):
         self.assertEqual(bot.finish(), 1)
         self.assertIn("taken", bot.output("stderr"))
 
+    def test_log_file_gets_every_line(self) -> None:
+        log_path = os.path.join(temp_dir(self), "log.txt")
+        alice = self.peer("alice")
+        alice.say("the build is green")
+        bot = self.run_client("--name", "bot", "--log", log_path,
+                              stdin_data="hi there\n/search build\n")
+        self.assertEqual(bot.finish(), 0)
+        with open(log_path, encoding="utf-8") as log_file:
+            logged = log_file.read()
+        self.assertEqual(logged.splitlines(), bot.output().splitlines())
+        self.assertIn("alice: the build is green", logged)
+        self.assertIn("bot: hi there", logged)
+        self.assertIn("--- 1 found ---", logged)
+
+    def test_unwritable_log_is_a_one_line_error(self) -> None:
+        bot = self.run_client("--name", "bot", "--log", os.path.join(HERE, "no", "dir", "x.log"),
+                              stdin_data="")
+        self.assertEqual(bot.finish(), 1)
+        self.assertEqual(len(bot.output("stderr").splitlines()), 1)
+        self.assertIn("cannot write the log", bot.output("stderr"))
+
     def test_lost_connection_is_one_message_and_exit_code_1(self) -> None:
         alice = self.peer("alice")
         bot = self.run_client("--name", "bot")     # stdin stays open: the user is idle
@@ -924,6 +1286,110 @@ class ClientProcessTests(ChatTestCase):
         bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot")
         self.addCleanup(bot.kill)
         self.assertTrue(pong.wait(TIMEOUT), "the client never answered a ping")
+
+
+class WatchedOutput:
+    """A stand-in for stdout that lets a test wait for a line to be shown."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+        self._changed = threading.Condition()
+
+    def write(self, text: str) -> None:
+        with self._changed:
+            self.lines.extend(text.splitlines())
+            self._changed.notify_all()
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def wait_for(self, fragment: str) -> str:
+        """The first line holding fragment, waiting for it if need be."""
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: next((line for line in self.lines if fragment in line), None), TIMEOUT)
+        if found is None:
+            raise AssertionError(f"{fragment!r} never shown; saw {self.lines}")
+        return found
+
+
+class ClientSessionTests(ChatTestCase):
+    """ChatSession in this process, against a real server: commands and output."""
+
+    def session(self, name: str = "bot") -> "client.ChatSession":
+        connection, welcome = client.join("127.0.0.1", self.port, name)
+        self.lost = threading.Event()
+        session = client.ChatSession(connection, welcome["name"], f"127.0.0.1:{self.port}",
+                                     out=WatchedOutput(), on_lost=self.lost.set)
+        self.addCleanup(session.leave)
+        session.show_banner(welcome)
+        session.start()
+        return session
+
+    def test_history_and_search_commands(self) -> None:
+        alice = self.peer("alice")
+        alice.say("the build is green")
+        alice.say("lunch?")
+        bot = self.session()
+        out = bot.out
+        out.wait_for("--- end of earlier messages ---")
+        self.assertLess(out.lines.index("--- earlier messages ---"),
+                        out.lines.index(out.wait_for("alice: the build is green")))
+        bot.handle_line("/search BUILD green")
+        out.wait_for("--- 1 found ---")
+        bot.handle_line("/search nothing-like-it")
+        out.wait_for("* no messages match")
+        for bad in ("/history 0", "/history x", "/history 999", "/search"):
+            del out.lines[:]
+            bot.handle_line(bad)
+            out.wait_for("usage:")
+        bot.handle_line("/history 1")
+        out.wait_for("alice: lunch?")
+
+    def test_save_never_overwrites_unless_asked(self) -> None:
+        directory = temp_dir(self)
+        path = os.path.join(directory, "session.txt")
+        bot = self.session()
+        bot.handle_line("hi there")
+        bot.out.wait_for("bot: hi there")
+        bot.handle_line(f"/save {path}")
+        bot.out.wait_for("* saved")
+        with open(path, encoding="utf-8") as saved:
+            text = saved.read()
+        self.assertTrue(text.startswith(f"Chat on 127.0.0.1:{self.port} as bot, "))
+        self.assertRegex(text, r"\n\[\d\d:\d\d\] bot: hi there\n")
+        self.assertIn("* connected to", text)
+        bot.handle_line(f"/save {path}")
+        bot.out.wait_for(f"{path} exists")
+        with open(path, encoding="utf-8") as saved:
+            self.assertEqual(saved.read(), text)
+        bot.handle_line(f"/save -f {path}")
+        self.assertEqual(len([line for line in bot.out.lines if "* saved" in line]), 2)
+        bot.handle_line(f"/save {directory}/missing/dir/x.txt")
+        bot.out.wait_for("cannot save to")
+
+    def test_save_without_a_name_picks_a_new_dated_file(self) -> None:
+        directory = temp_dir(self)
+        bot = self.session()
+        previous = os.getcwd()
+        os.chdir(directory)
+        try:
+            bot.handle_line("/save")
+            bot.handle_line("/save")
+        finally:
+            os.chdir(previous)
+        names = sorted(os.listdir(directory))
+        self.assertEqual(len(names), 2)
+        self.assertRegex(names[0], r"^chat-\d{4}-\d\d-\d\d-\d{4}(-2)?\.txt$")
+
+    def test_lost_connection_calls_the_hook_once(self) -> None:
+        bot = self.session()
+        self.server.stop()
+        self.assertTrue(self.lost.wait(TIMEOUT))
+        bot.out.wait_for("disconnected: the server shut down")
 
 
 class ClientConnectErrorTests(unittest.TestCase):
