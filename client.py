@@ -259,7 +259,7 @@ def _show_history_end(message: dict, my_name: str) -> Optional[str]:
         return f"--- {count} found ---" if count else "* no messages match"
     if not count:
         return None if purpose == "join" else "* no messages yet"
-    return "--- end of earlier messages ---"
+    return "--- end of history ---"
 
 
 FORMATTERS: Dict[str, Callable[[dict, str], Optional[str]]] = {
@@ -438,6 +438,10 @@ class ChatSession:
         self.started = datetime.now()
         self.on_lost = on_lost or wake_main_thread  # called when the connection drops
         self._in_history = False            # between a first history frame and history_end
+        # A header for each batch of history frames still to come, in order: the server
+        # answers requests in order and ends every batch, even the join replay, with
+        # history_end.
+        self._history_headers: Deque[str] = deque(["--- earlier messages ---"])
         self.leaving = threading.Event()    # we asked to leave: EOF is expected
         self.closed = threading.Event()     # the receiver thread has stopped
         self.lost_reason: Optional[str] = None
@@ -509,9 +513,11 @@ class ChatSession:
             self._last_notice = clean_text(message["text"])
         elif kind == "history" and not self._in_history:
             self._in_history = True
-            self.show("--- earlier messages ---")
+            self.show(self._history_headers[0] if self._history_headers else "--- history ---")
         elif kind == "history_end":
             self._in_history = False
+            if self._history_headers:
+                self._history_headers.popleft()
         line = format_message(message, self.name)
         if line:
             self.show(line)
@@ -574,12 +580,14 @@ class ChatSession:
         request = {"type": "get_history"}
         if argument:
             request["limit"] = int(argument)
+        self._history_headers.append("--- history ---")
         self.connection.send(request)
 
     def cmd_search(self, argument: str) -> None:
         if not argument.strip():
             self.show("! usage: /search WORDS")
             return
+        self._history_headers.append(f"--- search: {argument.strip()} ---")
         self.connection.send({"type": "search", "text": argument})
 
     def cmd_save(self, argument: str) -> None:

@@ -1335,11 +1335,13 @@ class ClientSessionTests(ChatTestCase):
         alice.say("lunch?")
         bot = self.session()
         out = bot.out
-        out.wait_for("--- end of earlier messages ---")
+        out.wait_for("--- end of history ---")
         self.assertLess(out.lines.index("--- earlier messages ---"),
                         out.lines.index(out.wait_for("alice: the build is green")))
         bot.handle_line("/search BUILD green")
         out.wait_for("--- 1 found ---")
+        self.assertEqual(out.lines[-3:-1], ["--- search: BUILD green ---",
+                                            out.wait_for("alice: the build is green")])
         bot.handle_line("/search nothing-like-it")
         out.wait_for("* no messages match")
         for bad in ("/history 0", "/history x", "/history 999", "/search"):
@@ -1347,7 +1349,9 @@ class ClientSessionTests(ChatTestCase):
             bot.handle_line(bad)
             out.wait_for("usage:")
         bot.handle_line("/history 1")
-        out.wait_for("alice: lunch?")
+        out.wait_for("--- end of history ---")
+        self.assertEqual(out.lines[-3], "--- history ---")
+        self.assertIn("alice: lunch?", out.lines[-2])
 
     def test_save_never_overwrites_unless_asked(self) -> None:
         directory = temp_dir(self)
