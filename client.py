@@ -22,16 +22,25 @@ signal (on Windows, where that is impossible, it ends the process directly).
 """
 
 import argparse
+import dataclasses
+import getpass
+import hashlib
 import json
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 import unicodedata
 from datetime import date, datetime
 from collections import deque
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, TextIO, Tuple
+
+try:
+    import ssl
+except ImportError:     # Python built without OpenSSL: everything but --tls still works
+    ssl = None  # type: ignore
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 5050
@@ -41,6 +50,7 @@ LEAVE_TIMEOUT = 5.0         # seconds to wait for the server to confirm we left
 TRANSCRIPT_LINES = 100_000  # lines of this session kept for /save
 HISTORY_MAX = 200           # the most /history asks for (the server's limit too)
 RECV_SIZE = 64 * 1024
+KNOWN_HOSTS = os.path.join(os.path.expanduser("~"), ".chat_known_hosts")
 
 # Errors from the server that mean "choose another name", not "give up".
 NAME_PROBLEMS = frozenset({"bad_name", "name_taken", "name_reserved"})
@@ -188,7 +198,7 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
 #: Fields each server message must carry (see check_fields). Messages of a
 #: type not listed here come from a newer server and are ignored.
 SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
-    "welcome": {"name": str, "users": list},
+    "welcome": {"name": str, "users": list, "registered?": bool, "limits?": dict},
     "message": {"from": str, "text": str, "ts?": str},
     "whisper": {"from": str, "to": str, "text": str, "ts?": str},
     "sent": {"text": str, "to?": str, "ts?": str},
@@ -198,6 +208,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
     "history_end": {"for": str, "count": int, "text?": str},
     "error": {"code": str, "text": str},
+    "notice": {"code": str, "text": str},
     "shutdown": {"text?": str},
     "ping": {},
     "pong": {},
@@ -275,6 +286,8 @@ FORMATTERS: Dict[str, Callable[[dict, str], Optional[str]]] = {
     "shutdown": lambda m, me: f"* {clean_text(m.get('text', 'The server is shutting down.'))}",
     "history": _show_history,
     "history_end": _show_history_end,
+    "notice": lambda m, me: (f"--- {clean_text(m['text']).lower()} ---" if m["code"] == "new_since"
+                             else f"* {clean_text(m['text'])}"),
 }
 
 # ---------------------------------------------------------------------------
@@ -296,7 +309,129 @@ class JoinRefused(Exception):
 
 
 class CannotConnect(Exception):
-    """The server could not be reached; the text is for the user."""
+    """The server could not be reached, or not safely; the text is for the user."""
+
+
+@dataclasses.dataclass
+class TlsOptions:
+    """How to check the server's certificate (see check_certificate)."""
+
+    cafile: Optional[str] = None        # verify against these CAs, like a web browser
+    insecure: bool = False              # check nothing (a warning says so)
+    pinned: Optional[str] = None        # fingerprint from a HOST:PORT#FINGERPRINT join string
+    known_hosts: str = KNOWN_HOSTS
+
+
+@dataclasses.dataclass
+class Credentials:
+    password: Optional[str] = dataclasses.field(default=None, repr=False)        # the room's
+    name_password: Optional[str] = dataclasses.field(default=None, repr=False)   # a name's
+
+
+def normalize_fingerprint(text: str) -> str:
+    """Fingerprints compare in lower-case hex, with any colons or "sha256:" dropped."""
+    text = text.strip().lower()
+    if text.startswith("sha256:"):
+        text = text[len("sha256:"):]
+    return text.replace(":", "")
+
+
+def read_known_hosts(path: str) -> Dict[str, str]:
+    """HOST:PORT -> fingerprint, from a file of "HOST:PORT FINGERPRINT" lines."""
+    known = {}
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                fields = line.split()
+                if len(fields) == 2 and not line.startswith("#"):
+                    known[fields[0]] = normalize_fingerprint(fields[1])
+    except FileNotFoundError:
+        pass
+    return known
+
+
+def remember_host(path: str, where: str, fingerprint: str) -> None:
+    """Record (or replace) the fingerprint for HOST:PORT in the known-hosts file."""
+    known = read_known_hosts(path)
+    known[where] = fingerprint
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("# Chat servers this client has met: HOST:PORT SHA256-FINGERPRINT\n")
+        for host, value in sorted(known.items()):
+            out.write(f"{host} {value}\n")
+
+
+def changed_certificate_warning(where: str, found: str, expected: str, source: str) -> str:
+    bar = "@" * 64
+    return (f"{bar}\nWARNING: THE CHAT SERVER'S CERTIFICATE IS NOT THE ONE EXPECTED\n{bar}\n"
+            f"{where} showed a certificate with fingerprint\n  {found}\n"
+            f"but {source} says\n  {expected}\n"
+            "Someone may be intercepting this connection, or the server has a new "
+            "certificate.\nNot connecting. If the server's owner confirms the new "
+            f"fingerprint, join with\n  python client.py '{where}#{found}' --tls")
+
+
+def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
+                      note: Callable[[str], None]) -> None:
+    """Trust on first use, like SSH, unless a CA file or a pinned fingerprint decides.
+
+    Raises CannotConnect with a loud warning when the certificate is not
+    the one this client expected.
+    """
+    if tls.insecure or tls.cafile:
+        return      # --insecure was warned about; with --cafile, ssl verified the chain
+    found = hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
+    known = read_known_hosts(tls.known_hosts).get(where)
+    if tls.pinned is not None:
+        if normalize_fingerprint(tls.pinned) != found:
+            raise CannotConnect(changed_certificate_warning(
+                where, found, normalize_fingerprint(tls.pinned), "the join string"))
+        if known != found:
+            remember_host(tls.known_hosts, where, found)
+        return
+    if known is None:
+        remember_host(tls.known_hosts, where, found)
+        note(f"* first TLS connection to {where}; its certificate fingerprint is\n"
+             f"*   {found}\n* check it against the one the server printed at start-up; "
+             f"it is remembered in {tls.known_hosts}")
+    elif known != found:
+        raise CannotConnect(changed_certificate_warning(
+            where, found, known, f"{tls.known_hosts} (from an earlier visit)"))
+
+
+def start_tls(sock: socket.socket, host: str, where: str, tls: TlsOptions,
+              note: Callable[[str], None]) -> socket.socket:
+    if ssl is None:
+        raise CannotConnect("this Python has no ssl module, so it cannot use --tls")
+    if tls.cafile:
+        try:
+            context = ssl.create_default_context(cafile=tls.cafile)
+        except (OSError, ValueError) as exc:
+            raise CannotConnect(f"cannot use the CA file {tls.cafile}: "
+                                f"{getattr(exc, 'strerror', None) or exc}") from None
+    else:   # the certificate is checked by fingerprint instead (check_certificate)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.insecure:
+        note("! WARNING: --insecure: the server's identity is not checked; whoever can "
+             "pretend to be it can read this chat")
+    try:
+        secure = context.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise CannotConnect(f"cannot verify {where}: {exc.verify_message}\n"
+                            f"Check --cafile, and that the certificate names {host}.") from None
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise CannotConnect(f"{where} does not answer TLS ({getattr(exc, 'reason', None) or exc})"
+                            "\nIs the server running with --tls-cert?") from None
+    try:
+        check_certificate(secure, where, tls, note)
+    except CannotConnect:
+        secure.close()
+        raise
+    return secure
 
 
 class ServerConnection:
@@ -312,8 +447,10 @@ class ServerConnection:
         self._send_lock = threading.Lock()
 
     @classmethod
-    def open(cls, host: str, port: int) -> "ServerConnection":
-        where = f"{host}:{port}"
+    def open(cls, host: str, port: int, tls: Optional[TlsOptions] = None,
+             note: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
+             ) -> "ServerConnection":
+        where = join_address(host, port)
         causes = ("Is the server running? Check the address and port, and that no "
                   "firewall blocks the port.")
         try:
@@ -329,6 +466,8 @@ class ServerConnection:
             raise CannotConnect(f"cannot connect to {where}: {exc.strerror or exc}\n"
                                 f"{causes}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = start_tls(sock, host, where, tls, note)
         return cls(sock)
 
     def send(self, message: dict) -> None:
@@ -362,13 +501,22 @@ class ServerConnection:
         self.sock.close()
 
 
-def join(host: str, port: int, name: str) -> Tuple[ServerConnection, dict]:
-    """Connect and say hello; return the connection and the welcome message."""
-    connection = ServerConnection.open(host, port)
-    where = f"{host}:{port}"
+def join(host: str, port: int, name: str, credentials: Optional[Credentials] = None,
+         tls: Optional[TlsOptions] = None) -> Tuple[ServerConnection, dict]:
+    """Connect and say hello; return the connection and the welcome message.
+
+    Raises JoinRefused when the server says no, CannotConnect otherwise.
+    """
+    connection = ServerConnection.open(host, port, tls)
+    where = join_address(host, port)
+    hello = {"type": "hello", "name": name}
+    if credentials and credentials.password is not None:
+        hello["password"] = credentials.password
+    if credentials and credentials.name_password is not None:
+        hello["name_password"] = credentials.name_password
     try:
         connection.sock.settimeout(HANDSHAKE_TIMEOUT)
-        connection.send({"type": "hello", "name": name})
+        connection.send(hello)
         while True:
             reply = connection.receive()
             if reply["type"] == "welcome" and not check_fields(reply, SERVER_MESSAGES["welcome"]):
@@ -387,10 +535,15 @@ def join(host: str, port: int, name: str) -> Tuple[ServerConnection, dict]:
     except ProtocolError:
         connection.close()
         raise CannotConnect(f"{where} does not speak the chat protocol: "
-                            "is it a chat server?") from None
+                            "is it a chat server? (Or does it need --tls?)") from None
     except (ConnectionClosed, OSError):
         connection.close()
         raise CannotConnect(f"{where} closed the connection before we could join") from None
+
+
+def join_address(host: str, port: int) -> str:
+    """HOST:PORT, with IPv6 addresses in brackets: the key for known hosts too."""
+    return f"[{host}]:{port}" if ":" in host else f"{host.lower()}:{port}"
 
 
 # ---------------------------------------------------------------------------
@@ -423,12 +576,40 @@ def parse_line(line: str) -> Tuple[str, str]:
     return "say", line
 
 
+class Pacer:
+    """Keeps this client under the rate the server announced in its welcome.
+
+    Piped input can come faster than the server's flood control allows; the
+    pacer waits instead of letting lines be refused. A person typing never
+    notices it. It stays a little under the limit, for network jitter.
+    """
+
+    def __init__(self, limits: dict) -> None:
+        rate, burst = limits.get("rate"), limits.get("burst")
+        self.rate = float(rate) * 0.9 if isinstance(rate, (int, float)) and rate > 0 else 0.0
+        self.burst = max(1.0, float(burst) - 1) if isinstance(burst, (int, float)) else 1.0
+        self.tokens = self.burst
+        self.updated = time.monotonic()
+
+    def wait(self) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            time.sleep((1 - self.tokens) / self.rate)
+            self.tokens, self.updated = 1.0, time.monotonic()
+        self.tokens -= 1
+
+
 class ChatSession:
     """A joined connection: sends what you type, shows what arrives."""
 
     def __init__(self, connection: ServerConnection, name: str, server: str,
                  out: TextIO = sys.stdout, log_file: Optional[TextIO] = None,
-                 on_lost: Optional[Callable[[], None]] = None) -> None:
+                 on_lost: Optional[Callable[[], None]] = None, limits: Optional[dict] = None,
+                 ask_secret: Optional[Callable[[str], str]] = None) -> None:
         self.connection = connection
         self.name = name
         self.server = server                # HOST:PORT, for the transcript
@@ -437,6 +618,8 @@ class ChatSession:
         self.transcript: Deque[str] = deque(maxlen=TRANSCRIPT_LINES)
         self.started = datetime.now()
         self.on_lost = on_lost or wake_main_thread  # called when the connection drops
+        self.pacer = Pacer(limits or {})
+        self.ask_secret = ask_secret        # prompts without echo; None when not on a terminal
         self._in_history = False            # between a first history frame and history_end
         # A header for each batch of history frames still to come, in order: the server
         # answers requests in order and ends every batch, even the join replay, with
@@ -535,7 +718,7 @@ class ChatSession:
         command, argument = parse_line(line.rstrip("\r\n"))
         if command == "say":
             if argument.strip():
-                self.connection.send({"type": "say", "text": argument})
+                self.send({"type": "say", "text": argument})
             return
         entry = COMMANDS.get(ALIASES.get(command, command))
         if entry is None:
@@ -544,13 +727,18 @@ class ChatSession:
             return
         entry.run(self, argument)
 
+    def send(self, message: dict) -> None:
+        """Send from the main thread, within the server's rate."""
+        self.pacer.wait()
+        self.connection.send(message)
+
     def leave(self) -> None:
         """Say goodbye, and wait until the server has handled everything we sent."""
         if self.leaving.is_set():
             return
         self.leaving.set()
         try:
-            self.connection.send({"type": "bye"})
+            self.send({"type": "bye"})
             self.connection.finish_sending()
         except OSError:
             pass
@@ -564,14 +752,14 @@ class ChatSession:
             self.show(line)
 
     def cmd_clients(self, argument: str) -> None:
-        self.connection.send({"type": "who"})
+        self.send({"type": "who"})
 
     def cmd_whisper(self, argument: str) -> None:
         target, _, text = argument.partition(" ")
         if not target or not text.strip():
             self.show("! usage: /w NAME TEXT")
             return
-        self.connection.send({"type": "whisper", "to": target, "text": text.strip()})
+        self.send({"type": "whisper", "to": target, "text": text.strip()})
 
     def cmd_history(self, argument: str) -> None:
         if argument and not (argument.isdigit() and 1 <= int(argument) <= HISTORY_MAX):
@@ -581,14 +769,14 @@ class ChatSession:
         if argument:
             request["limit"] = int(argument)
         self._history_headers.append("--- history ---")
-        self.connection.send(request)
+        self.send(request)
 
     def cmd_search(self, argument: str) -> None:
         if not argument.strip():
             self.show("! usage: /search WORDS")
             return
         self._history_headers.append(f"--- search: {argument.strip()} ---")
-        self.connection.send({"type": "search", "text": argument})
+        self.send({"type": "search", "text": argument})
 
     def cmd_save(self, argument: str) -> None:
         overwrite = argument.startswith("-f ") or argument == "-f"
@@ -605,6 +793,41 @@ class ChatSession:
             self.show(f"! cannot save to {path}: {exc.strerror or exc}")
         else:
             self.show(f"* saved {len(lines) - 2} lines to {saved_to}")
+
+    def cmd_register(self, argument: str) -> None:
+        password = argument or self._new_password("/register PASSWORD")
+        if password:
+            self.send({"type": "register", "password": password})
+
+    def cmd_unregister(self, argument: str) -> None:
+        password = argument or self._secret("your password: ", "/unregister PASSWORD")
+        if password:
+            self.send({"type": "unregister", "password": password})
+
+    def cmd_password(self, argument: str) -> None:
+        old, _, new = argument.partition(" ")
+        if not argument:
+            old = self._secret("current password: ", "/password OLD NEW")
+            new = old and self._new_password("/password OLD NEW")
+        elif not new:
+            self.show("! usage: /password OLD NEW, or /password alone to be asked")
+            return
+        if old and new:
+            self.send({"type": "change_password", "password": old, "new_password": new})
+
+    def _secret(self, prompt: str, usage: str) -> Optional[str]:
+        """Ask for a password without echo; on a pipe, explain the usage instead."""
+        if self.ask_secret is None:
+            self.show(f"! usage: {usage}")
+            return None
+        return self.ask_secret(prompt) or None
+
+    def _new_password(self, usage: str) -> Optional[str]:
+        first = self._secret("new password: ", usage)
+        if first and self._secret("the same again: ", usage) != first:
+            self.show("! the two passwords differ; nothing changed")
+            return None
+        return first
 
     def cmd_clear(self, argument: str) -> None:
         if not self.out.isatty():
@@ -628,6 +851,9 @@ COMMANDS: Dict[str, Command] = {
     "search": Command("WORDS", "find messages holding all the words", ChatSession.cmd_search),
     "save": Command("[FILE]", "save this session as text; -f overwrites",
                     ChatSession.cmd_save),
+    "register": Command("", "protect your name with a password", ChatSession.cmd_register),
+    "unregister": Command("", "remove your name's password", ChatSession.cmd_unregister),
+    "password": Command("", "change your name's password", ChatSession.cmd_password),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
     "quit": Command("", "leave the chat; so does Ctrl-D", ChatSession.cmd_quit),
 }
@@ -690,18 +916,19 @@ def _raise_connection_lost(signum: int, frame: object) -> None:
 # Command line
 # ---------------------------------------------------------------------------
 
-def split_address(host: str, port: Optional[int]) -> Tuple[str, int]:
-    """Accept HOST, HOST:PORT and [IPv6]:PORT as well as a separate PORT."""
-    if host.startswith("[") and "]" in host:
-        inside, _, after = host[1:].partition("]")
+def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[str]]:
+    """HOST, HOST:PORT or [IPv6]:PORT, with an optional #FINGERPRINT, and maybe a PORT."""
+    target, _, fingerprint = target.partition("#")
+    host = target
+    if target.startswith("[") and "]" in target:
+        host, _, after = target[1:].partition("]")
         if after.startswith(":") and after[1:].isdigit() and port is None:
             port = int(after[1:])
-        host = inside
-    elif host.count(":") == 1:
-        name, _, maybe_port = host.partition(":")
+    elif target.count(":") == 1:
+        name, _, maybe_port = target.partition(":")
         if maybe_port.isdigit() and port is None:
             host, port = name, int(maybe_port)
-    return host, DEFAULT_PORT if port is None else port
+    return host, DEFAULT_PORT if port is None else port, fingerprint or None
 
 
 def read_name(interactive: bool) -> str:
@@ -711,6 +938,74 @@ def read_name(interactive: bool) -> str:
         name = line.strip()
         if name:
             return name
+
+
+class GiveUp(Exception):
+    """Joining failed in a way asking again cannot fix."""
+
+
+class Joiner:
+    """Joins the chat, asking again for whatever the server refused.
+
+    FIXES maps each refusal code to the method that asks the user for a
+    better name or a password; codes without a fix end the attempt.
+    """
+
+    def __init__(self, host: str, port: int, name: Optional[str], credentials: Credentials,
+                 tls: Optional[TlsOptions], interactive: bool) -> None:
+        self.host, self.port = host, port
+        self.name_from_flag = name is not None
+        self.name = name
+        self.credentials = credentials
+        self.tls = tls
+        self.interactive = interactive
+
+    def run(self) -> Tuple[ServerConnection, dict]:
+        if not self.name:
+            self.name = read_name(self.interactive)
+        while True:
+            try:
+                return join(self.host, self.port, self.name, self.credentials, self.tls)
+            except JoinRefused as refused:
+                print(f"! {refused.text}", file=sys.stderr)
+                fix = self.FIXES.get(refused.code)
+                if fix is None or not fix(self):
+                    raise GiveUp() from None
+
+    def ask_name(self) -> bool:
+        if self.name_from_flag and not self.interactive:
+            return False
+        self.name = read_name(self.interactive)
+        self.credentials.name_password = os.environ.get("CHAT_NAME_PASSWORD")
+        return True
+
+    def ask_room_password(self) -> bool:
+        if not self.interactive:
+            print("  (give it with --password or the CHAT_PASSWORD environment variable)",
+                  file=sys.stderr)
+            return False
+        self.credentials.password = getpass.getpass("room password: ")
+        return True
+
+    def ask_name_password(self) -> bool:
+        if not self.interactive:
+            print("  (give it in the CHAT_NAME_PASSWORD environment variable)", file=sys.stderr)
+            return False
+        password = getpass.getpass(f"password for {self.name} (Enter to pick another name): ")
+        if not password:
+            return self.ask_name()
+        self.credentials.name_password = password
+        return True
+
+    FIXES: Dict[str, Callable[["Joiner"], bool]] = {
+        "bad_name": ask_name,
+        "name_taken": ask_name,
+        "name_reserved": ask_name,
+        "password_required": ask_room_password,
+        "bad_password": ask_room_password,
+        "name_protected": ask_name_password,
+        "bad_name_password": ask_name_password,
+    }
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -723,14 +1018,34 @@ def build_arg_parser() -> argparse.ArgumentParser:
                "connection fails or is lost.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("host", nargs="?", default=DEFAULT_HOST,
-                        help=f"server name or IP address; HOST:PORT works too "
-                             f"(default: {DEFAULT_HOST})")
+                        help=f"server name or IP address; HOST:PORT works too, and so does "
+                             f"the server's join string HOST:PORT#FINGERPRINT, which means "
+                             f"--tls (default: {DEFAULT_HOST})")
     parser.add_argument("port", nargs="?", type=int, default=None,
                         help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument("--name", help="your name in the chat: 1 to 32 letters, digits, "
                                        "'_', '-' or '.' (asked for when not given)")
     parser.add_argument("--log", metavar="FILE",
                         help="append every line shown to FILE as plain text")
+    parser.add_argument("--password",
+                        help="the room password, if the server has one (safer in the "
+                             "CHAT_PASSWORD environment variable; asked for when needed). "
+                             "A registered name's password comes from CHAT_NAME_PASSWORD, "
+                             "or is asked for")
+    security = parser.add_argument_group("TLS (for servers started with --tls-cert)")
+    security.add_argument("--tls", action="store_true",
+                          help="connect with TLS; the first time, the server's certificate "
+                               "fingerprint is shown and remembered, and a later change is "
+                               "refused")
+    security.add_argument("--cafile", metavar="FILE",
+                          help="verify the server's certificate against these CA "
+                               "certificates instead (implies --tls)")
+    security.add_argument("--insecure", action="store_true",
+                          help="do not check the server's certificate at all (implies --tls; "
+                               "warns)")
+    security.add_argument("--known-hosts", metavar="FILE", default=KNOWN_HOSTS,
+                          help="where remembered fingerprints are kept "
+                               f"(default: {KNOWN_HOSTS})")
     return parser
 
 
@@ -746,8 +1061,14 @@ def configure_text_streams() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     configure_text_streams()
-    host, port = split_address(args.host, args.port)
+    host, port, fingerprint = split_address(args.host, args.port)
     interactive = sys.stdin.isatty()
+    tls = None
+    if args.tls or args.cafile or args.insecure or fingerprint:
+        tls = TlsOptions(cafile=args.cafile, insecure=args.insecure, pinned=fingerprint,
+                         known_hosts=os.path.expanduser(args.known_hosts))
+    credentials = Credentials(password=args.password or os.environ.get("CHAT_PASSWORD"),
+                              name_password=os.environ.get("CHAT_NAME_PASSWORD"))
     log_file = None
     if args.log:
         try:
@@ -756,27 +1077,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: cannot write the log {args.log}: {exc.strerror or exc}",
                   file=sys.stderr)
             return 1
-    name = args.name
     try:
-        if not name:
-            name = read_name(interactive)
-        while True:
-            try:
-                connection, welcome = join(host, port, name)
-                break
-            except JoinRefused as exc:
-                print(f"! {exc.text}", file=sys.stderr)
-                if exc.code not in NAME_PROBLEMS or (args.name and not interactive):
-                    return 1
-                name = read_name(interactive)
+        connection, welcome = Joiner(host, port, args.name, credentials, tls, interactive).run()
     except CannotConnect as exc:
         print(exc, file=sys.stderr)
+        return 1
+    except GiveUp:
         return 1
     except (EOFError, KeyboardInterrupt):
         print("no name given; leaving", file=sys.stderr)
         return 1
 
-    session = ChatSession(connection, welcome["name"], f"{host}:{port}", log_file=log_file)
+    session = ChatSession(connection, welcome["name"], join_address(host, port),
+                          log_file=log_file, limits=welcome.get("limits"),
+                          ask_secret=getpass.getpass if interactive else None)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, _raise_connection_lost)
     session.show_banner(welcome)

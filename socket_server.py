@@ -14,21 +14,23 @@ Design
 ------
 One thread runs one :mod:`selectors` loop (epoll on Linux, kqueue on macOS,
 select on Windows). Every socket is non-blocking, so no client can make the
-server wait. Each pass of the loop:
+server wait. The work is split the way :mod:`socketserver` splits it:
 
-1. reads what the ready sockets sent and cuts it into frames
-   (:class:`FrameDecoder`, which never touches a socket);
-2. validates each message in one place (:meth:`ChatServer.dispatch`) and hands
-   it to the handler named in :attr:`ChatServer.MESSAGES`;
-3. handlers queue frames on the recipients' output buffers; a frame for many
-   recipients is encoded once and the same bytes are shared;
-4. at the end of the pass every connection with queued bytes is flushed with a
-   single ``send`` call. Whatever the kernel does not take waits for the
-   socket to become writable, up to a limit: a client that stops reading is
-   disconnected instead of growing the server's memory.
+- :class:`SelectServer` knows sockets and nothing of chat: it accepts, runs
+  TLS handshakes, reads bytes and cuts them into payloads
+  (:class:`FrameDecoder`, which never touches a socket), queues frames,
+  flushes each connection's queue with one ``send`` per loop pass, cuts off
+  clients that stop reading, closes connections politely, and runs timers.
+- :class:`ChatServer` is the chat: it validates each message in one place
+  (:meth:`ChatServer.payload_received`) and hands it to the handler named in
+  :attr:`ChatServer.MESSAGES`. A frame for many recipients is encoded once
+  and the same bytes are queued for all of them.
+- :class:`ChatStore` keeps history and registered names in sqlite; the
+  messages of one loop pass are written in one transaction, before that
+  pass's frames are sent.
 
-Once a second the loop also runs its timers: new connections that never said
-hello, quiet clients that need a ping, silent clients that are gone.
+Slow work never runs in the loop: password hashes are computed on worker
+threads and their results come back through :meth:`SelectServer.call_soon`.
 
 Wire protocol
 -------------
@@ -38,9 +40,14 @@ string field ``"type"``. README.md documents every message type.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import errno
+import hashlib
+import heapq
+import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -54,38 +61,60 @@ import time
 import unicodedata
 from collections import deque
 from datetime import datetime, timezone
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, TextIO, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, TextIO, Tuple
+
+try:
+    import ssl
+except ImportError:     # Python built without OpenSSL: everything but TLS still works
+    ssl = None  # type: ignore
 
 log = logging.getLogger("chat")
 
 # ---------------------------------------------------------------------------
-# Limits and defaults. Each has a command-line flag (see build_arg_parser).
+# Limits and defaults. Those a user may want to change have a command-line
+# flag (see build_arg_parser); README.md lists them all.
 # ---------------------------------------------------------------------------
 
 DEFAULT_PORT = 5050
 DEFAULT_MAX_CLIENTS = 1000          # connections at once, joined or not
+MAX_PER_ADDRESS = 20                # connections at once from one IP address
 HELLO_TIMEOUT = 10.0                # seconds a new connection has to send hello
 PING_AFTER = 60.0                   # seconds of silence before the server pings
 DROP_AFTER = 120.0                  # seconds of silence before a client is dropped
 MAX_BACKLOG = 512 * 1024            # bytes queued for one client before it is cut off
 MAX_TEXT_LENGTH = 2000              # characters in one chat message
 MAX_TEXT_LIMIT = 16000              # highest --max-length: 4 UTF-8 bytes each still fit a frame
+RATE_LIMIT = 5.0                    # messages a second, on average, per client
+RATE_BURST = 20                     # messages a client may send at once
+FLOOD_STRIKES = 20                  # refused messages piled up before a flooder is cut off
+MAX_FAILURES = 5                    # failed logins from one address before a lockout
+LOCKOUT = 300.0                     # seconds an address stays locked out
+FAILURE_DELAY = 1.0                 # seconds added to the answer per failed login, up to 5
 
 DEFAULT_DB = "chat_history.sqlite3"  # in the directory the server starts in
 HISTORY_REPLAY = 50                 # public messages sent to each newcomer
 HISTORY_DEFAULT = 20                # messages /history returns when no number is given
 HISTORY_MAX = 200                   # most messages one /history returns
+MISSED_MAX = 200                    # most missed messages replayed to a returning name
 SEARCH_RESULTS = 50                 # most messages one /search returns
 SEARCH_MAX_WORDS = 10
 SEARCH_WINDOW = 200_000             # /search looks through this many recent events
+
+MIN_PASSWORD_LENGTH = 8             # for registered names
+MAX_PASSWORD_LENGTH = 1024
 
 # Internal tuning, not worth a flag.
 RECV_SIZE = 256 * 1024              # bytes read per socket per loop pass
 ACCEPTS_PER_PASS = 64               # new connections taken per loop pass
 TICK = 1.0                          # longest time between timer checks
 LINGER_TIMEOUT = 2.0                # seconds to wait for a peer we closed on to hang up
+MAX_LINGERING = 1000                # closing sockets kept waiting at once; past that, close now
 SHUTDOWN_FLUSH_TIMEOUT = 2.0        # seconds to deliver the shutdown notice
 ACCEPT_PAUSE = 1.0                  # seconds to stop accepting when out of file descriptors
+PASSWORD_WORKERS = 2                # threads hashing passwords
+MAX_PASSWORD_JOBS = 32              # password checks waiting at once; more get "busy"
+SCRYPT_COST = (2 ** 14, 8, 1)       # scrypt n, r, p: about 50 ms and 16 MiB per hash
+PBKDF2_ITERATIONS = 600_000         # where hashlib has no scrypt
 STORE_BUSY_TIMEOUT = 0.05           # seconds sqlite may wait on a lock held by another process
 STORE_MAX_PENDING = 100_000         # rows kept while the database is locked, then give up
 ADDRESS_IN_USE = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)}
@@ -240,51 +269,235 @@ def utc_timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def format_address(address: tuple) -> str:
-    """HOST:PORT for logs; IPv4 clients of a dual-stack socket shown as plain IPv4."""
-    host, port = address[0], address[1]
+def client_host(address: tuple) -> str:
+    """The peer's IP address; IPv4 clients of a dual-stack socket as plain IPv4."""
+    host = address[0]
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:"):]
+    return host
+
+
+def format_address(address: tuple) -> str:
+    """HOST:PORT for logs."""
+    host, port = client_host(address), address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def minutes(seconds: float) -> str:
+    whole = max(1, round(seconds / 60))
+    return f"{whole} minute" if whole == 1 else f"{whole} minutes"
+
+
 # ---------------------------------------------------------------------------
-# Connections
+# Security: passwords, failed logins, flood control, TLS
 # ---------------------------------------------------------------------------
 
-# Where a connection is in its life.
-NEW = "new"             # connected, no hello yet
-JOINED = "joined"       # in the chat under a name
-CLOSING = "closing"     # we are closing it: flushing, then waiting for the peer to hang up
-CLOSED = "closed"
+def hash_password(password: str) -> str:
+    """A salted, deliberately slow hash for storage; never store the password.
+
+    The result names its method and cost, so verify_password() keeps
+    working if the defaults change: "scrypt$n$r$p$salt$hash" (hex), or
+    "pbkdf2_sha256$iterations$salt$hash" where hashlib has no scrypt.
+    """
+    salt = os.urandom(16)
+    secret = password.encode("utf-8", "surrogatepass")
+    if hasattr(hashlib, "scrypt"):
+        n, r, p = SCRYPT_COST
+        digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p)
+        return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
+    digest = hashlib.pbkdf2_hmac("sha256", secret, salt, PBKDF2_ITERATIONS)
+    return f"pbkdf2_sha256${PBKDF2_ITERATIONS}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Whether password matches a hash_password() result; constant time."""
+    secret = password.encode("utf-8", "surrogatepass")
+    try:
+        method, *fields = stored.split("$")
+        if method == "scrypt":
+            n, r, p, salt, digest = fields
+            candidate = hashlib.scrypt(secret, salt=bytes.fromhex(salt), n=int(n), r=int(r),
+                                       p=int(p), maxmem=64 * 1024 * 1024)
+        elif method == "pbkdf2_sha256":
+            iterations, salt, digest = fields
+            candidate = hashlib.pbkdf2_hmac("sha256", secret, bytes.fromhex(salt), int(iterations))
+        else:
+            return False
+        return hmac.compare_digest(candidate, bytes.fromhex(digest))
+    except (ValueError, AttributeError):    # a damaged record, or scrypt missing here
+        return False
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Compare two secrets in constant time, without revealing their lengths."""
+    digest = lambda text: hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return hmac.compare_digest(digest(given), digest(expected))
+
+
+def password_problem(password: str) -> Optional[str]:
+    """Why a new password is not acceptable, or None."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Passwords need at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return f"Passwords may have at most {MAX_PASSWORD_LENGTH} characters."
+    return None
+
+
+class LoginGuard:
+    """Failed logins per address: answered ever more slowly, then locked out.
+
+    Each failure adds `delay` seconds (up to five times that) before the
+    answer goes out. After `max_failures` failures in a row the address is
+    refused for `lockout` seconds. A success, or a quiet `lockout` period,
+    clears the count. max_failures 0 turns lockouts off.
+    """
+
+    def __init__(self, max_failures: int, lockout: float, delay: float) -> None:
+        self.max_failures = max_failures
+        self.lockout = lockout
+        self.delay = delay
+        self._failures: Dict[str, Tuple[int, float]] = {}   # host -> (count, last failure)
+        self._locked_until: Dict[str, float] = {}
+
+    def locked_for(self, host: str, now: float) -> float:
+        """Seconds this address remains locked out; 0 when it may try."""
+        return max(0.0, self._locked_until.get(host, 0.0) - now)
+
+    def failed(self, host: str, now: float) -> float:
+        """Count a failure; return how long to wait before answering it."""
+        count, last = self._failures.get(host, (0, now))
+        if now - last > self.lockout:
+            count = 0
+        count += 1
+        self._failures[host] = (count, now)
+        if self.max_failures and count >= self.max_failures:
+            self._locked_until[host] = now + self.lockout
+            del self._failures[host]
+            log.warning("%s locked out for %s after %d failed logins",
+                        host, minutes(self.lockout), count)
+        return self.delay * min(count, 5)
+
+    def succeeded(self, host: str) -> None:
+        self._failures.pop(host, None)
+
+    def forget_old(self, now: float) -> None:
+        """Drop expired entries, so that memory stays bounded."""
+        for host, until in list(self._locked_until.items()):
+            if until <= now:
+                del self._locked_until[host]
+        for host, (_, last) in list(self._failures.items()):
+            if now - last > self.lockout:
+                del self._failures[host]
+
+
+class TokenBucket:
+    """Flood control for one client: `rate` messages a second, `burst` at once.
+
+    Each message takes a token; tokens come back at `rate` a second up to
+    `burst`. A message without a token is refused and adds a strike;
+    strikes drain at the same rate, so only a client that keeps sending
+    much faster than allowed piles them up.
+    """
+
+    __slots__ = ("tokens", "strikes", "updated")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = burst
+        self.strikes = 0.0
+        self.updated = now
+
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        refill = (now - self.updated) * rate
+        self.updated = now
+        self.tokens = min(burst, self.tokens + refill)
+        self.strikes = max(0.0, self.strikes - refill)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.strikes += 1
+        return False
+
+
+def make_tls_context(cert_file: str, key_file: str) -> "ssl.SSLContext":
+    """A server context: TLS 1.2 or newer, no renegotiation."""
+    if ssl is None:
+        raise ValueError("this Python has no ssl module, so it cannot serve TLS")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def certificate_fingerprint(cert_file: str) -> str:
+    """SHA-256 of the (first) certificate in a PEM file, as 64 hex digits."""
+    with open(cert_file, encoding="ascii", errors="replace") as pem:
+        match = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                          pem.read(), re.DOTALL)
+    if match is None:
+        raise ValueError(f"{cert_file} holds no PEM certificate")
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group(0))).hexdigest()
+
+
+# Exceptions that only mean "try again when the socket is ready".
+WOULD_BLOCK: Tuple[type, ...] = (BlockingIOError, InterruptedError)
+if ssl is not None:
+    WOULD_BLOCK += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+# ---------------------------------------------------------------------------
+# Connections and settings
+# ---------------------------------------------------------------------------
+
+# Where a client is in the chat.
+NEW = "new"                     # connected, no hello yet
+AUTHENTICATING = "authenticating"   # hello received, a password check or delay is running
+JOINED = "joined"               # in the chat under a name
+
+# Where a TLS connection is before it can carry frames.
+TLS_DETECT = "detect"           # waiting for the first byte: TLS, or plain text by mistake?
+TLS_HANDSHAKE = "handshake"
 
 
 class Connection:
     """One client socket and what the server keeps about it.
 
-    Slotted and lazy so that thousands of idle clients cost little memory.
+    Slotted so that thousands of idle clients cost little memory.
     """
 
-    __slots__ = ("sock", "address", "decoder", "outbox", "state", "name",
-                 "connected_at", "last_heard", "last_ping", "deadline",
-                 "messages_sent", "wants_write", "peer_closed", "write_shut", "history_floor")
+    __slots__ = ("sock", "address", "host", "decoder", "outbox", "wants_write", "paused",
+                 "tls_phase", "closing", "closed", "deadline", "peer_closed", "write_shut",
+                 "connected_at", "last_heard", "last_ping",
+                 "state", "name", "registered", "bucket", "messages_sent", "history_floor")
 
     def __init__(self, sock: socket.socket, address: tuple, now: float) -> None:
+        # The transport: SelectServer's business.
         self.sock = sock
-        self.address = format_address(address)
+        self.address = format_address(address)  # HOST:PORT, for logs
+        self.host = client_host(address)        # the IP, for per-address limits
         self.decoder = FrameDecoder()
         self.outbox: List[bytes] = []   # frames waiting to be sent, often shared with others
-        self.state = NEW
-        self.name: Optional[str] = None
+        self.wants_write = False        # registered for EVENT_WRITE
+        self.paused = False             # not reading for now (see pause_reading)
+        self.tls_phase: Optional[str] = None
+        self.closing = False            # flushing, then waiting for the peer to hang up
+        self.closed = False
+        self.deadline = 0.0             # when closing gives up waiting
+        self.peer_closed = False        # the peer sent EOF
+        self.write_shut = False         # we sent EOF
         self.connected_at = now
         self.last_heard = now           # last time any bytes arrived
         self.last_ping = 0.0            # last time we pinged it
-        self.deadline = 0.0             # when CLOSING gives up waiting
+        # The chat: ChatServer's business.
+        self.state = NEW
+        self.name: Optional[str] = None
+        self.registered = False         # joined under a password-protected name
+        self.bucket: Optional[TokenBucket] = None
         self.messages_sent = 0
-        self.wants_write = False        # registered for EVENT_WRITE
-        self.peer_closed = False        # the peer sent EOF
-        self.write_shut = False         # we sent EOF
-        self.history_floor = 0          # whispers stored before it joined are not its own
+        self.history_floor = 0          # whispers stored before this id are not its own
+
+    @property
+    def open(self) -> bool:
+        return not (self.closing or self.closed)
 
     def __repr__(self) -> str:
         return self.name or self.address
@@ -292,31 +505,40 @@ class Connection:
 
 @dataclasses.dataclass
 class Settings:
-    """Everything a user can set from the command line."""
+    """Everything a user can set from the command line (see build_arg_parser)."""
 
     host: str = ""                  # "" means every interface
     port: int = DEFAULT_PORT
     max_clients: int = DEFAULT_MAX_CLIENTS
+    max_per_address: int = 0        # the command line defaults to MAX_PER_ADDRESS
     hello_timeout: float = HELLO_TIMEOUT
     ping_after: float = PING_AFTER
     drop_after: float = DROP_AFTER
     max_backlog: int = MAX_BACKLOG
     max_length: int = MAX_TEXT_LENGTH
+    rate_limit: float = 0.0         # the command line defaults to RATE_LIMIT
+    rate_burst: int = RATE_BURST
+    password: Optional[str] = dataclasses.field(default=None, repr=False)   # the room
+    max_failures: int = MAX_FAILURES
+    lockout: float = LOCKOUT
+    failure_delay: float = FAILURE_DELAY
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
     db: str = ":memory:"            # the command line defaults to DEFAULT_DB
     keep_history: bool = True       # False: record no messages (--no-history)
     history: int = HISTORY_REPLAY
 
-
 # ---------------------------------------------------------------------------
-# The history store
+# The store: history and accounts, in sqlite
 # ---------------------------------------------------------------------------
 
 class StoreError(Exception):
     """The database cannot be used; the text says why, for the user."""
 
 
-class HistoryStore:
-    """Chat history in sqlite3: messages, whispers, joins and leaves.
+class ChatStore:
+    """The server's memory in sqlite3: the event log (messages, whispers,
+    joins, leaves) and registered names.
 
     The loop records rows as it goes and calls :meth:`commit` once per pass,
     before it sends that pass's frames: one transaction per pass (group
@@ -341,6 +563,16 @@ class HistoryStore:
             sender TEXT NOT NULL COLLATE NOCASE,
             recipient TEXT COLLATE NOCASE,      -- whispers only
             text TEXT NOT NULL DEFAULT ''       -- leave: the reason
+        );
+        """,
+        # 2: registered (password-protected) names.
+        """
+        CREATE TABLE accounts (
+            name TEXT PRIMARY KEY COLLATE NOCASE,
+            password_hash TEXT NOT NULL,        -- see hash_password(); never the password
+            created TEXT NOT NULL,
+            created_id INTEGER NOT NULL DEFAULT 0,      -- events.id when it was registered
+            last_left_id INTEGER NOT NULL DEFAULT 0     -- events.id when it last left
         );
         """,
     ]
@@ -393,8 +625,8 @@ class HistoryStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            if number:
-                log.info("upgraded %s to schema version %d", self.path, number + 1)
+        if 0 < version < latest:
+            log.info("upgraded %s from schema version %d to %d", self.path, version, latest)
 
     # -- writing ---------------------------------------------------------
 
@@ -495,6 +727,48 @@ class HistoryStore:
             f"AND {self._VISIBLE} AND {matches} ORDER BY id DESC LIMIT ?",
             (SEARCH_WINDOW, name, name, whispers_after) + patterns + (limit,))
 
+    def count_public_after(self, event_id: int) -> int:
+        rows = self._query("SELECT COUNT(*) FROM events WHERE kind = 'message' AND id > ?",
+                           (event_id,))
+        return rows[0][0] if rows else 0
+
+    # -- accounts: written at once, they are rare and must not be lost ----
+
+    def accounts(self) -> Dict[str, str]:
+        """Every registered name (lower case) and its password hash."""
+        rows = self.db.execute("SELECT name, password_hash FROM accounts").fetchall()
+        return {name.lower(): password_hash for name, password_hash in rows}
+
+    def save_account(self, name: str, password_hash: str) -> None:
+        """Register a name or change its password. Raises sqlite3.Error."""
+        changed = self.db.execute("UPDATE accounts SET password_hash = ? WHERE name = ?",
+                                  (password_hash, name)).rowcount
+        if not changed:
+            self.db.execute("INSERT INTO accounts (name, password_hash, created, created_id) "
+                            "VALUES (?, ?, ?, ?)",
+                            (name, password_hash, utc_timestamp(), self.last_id()))
+
+    def delete_account(self, name: str) -> None:
+        self.db.execute("DELETE FROM accounts WHERE name = ?", (name,))
+
+    def account_marks(self, name: str) -> Tuple[int, int]:
+        """For a registered name: the newest event ids when it registered and last left."""
+        try:
+            row = self.db.execute("SELECT created_id, last_left_id FROM accounts WHERE name = ?",
+                                  (name,)).fetchone()
+        except sqlite3.Error:
+            return 0, 0
+        return (row[0], row[1]) if row else (0, 0)
+
+    def mark_left(self, name: str) -> None:
+        if not self.working:
+            return
+        try:
+            self.db.execute("UPDATE accounts SET last_left_id = ? WHERE name = ?",
+                            (self.last_id(), name))
+        except sqlite3.Error as exc:
+            log.error("cannot record when %s left: %s", name, exc)
+
     def export(self, out: TextIO) -> int:
         """Write the whole history as readable text; return the number of lines."""
         count = 0
@@ -518,44 +792,40 @@ def format_event_line(row: tuple) -> str:
     return f"{when}  {sender}: {text}"
 
 
+
 # ---------------------------------------------------------------------------
-# The server
+# The select loop
 # ---------------------------------------------------------------------------
 
-class ChatServer:
-    """The select loop and the chat protocol on top of it.
+class SelectServer:
+    """A selectors loop over non-blocking connections that carry frames.
 
-    Call :meth:`listen`, then :meth:`serve_forever` (it returns after
-    :meth:`stop`, which any thread or signal handler may call).
+    It accepts, runs TLS handshakes without blocking, reads and decodes,
+    sends each connection's queued frames with one call per pass, and
+    closes connections politely. It knows nothing of chat: subclasses
+    override the hooks below.
+
+    Call :meth:`listen`, then :meth:`serve_forever`; it returns after
+    :meth:`stop`, which any thread or signal handler may call.
     """
 
-    #: Every message a client may send: its fields (name -> type, a trailing
-    #: "?" marks an optional one) and the method that handles it. Fields not
-    #: listed are ignored, so newer clients can add some.
-    MESSAGES: Dict[str, Tuple[Dict[str, type], str]] = {
-        "hello": ({"name": str, "password?": str}, "on_hello"),
-        "say": ({"text": str}, "on_say"),
-        "whisper": ({"to": str, "text": str}, "on_whisper"),
-        "who": ({}, "on_who"),
-        "get_history": ({"limit?": int}, "on_get_history"),
-        "search": ({"text": str}, "on_search"),
-        "ping": ({}, "on_ping"),
-        "pong": ({}, "on_pong"),
-        "bye": ({}, "on_bye"),
-    }
-
-    def __init__(self, settings: Settings, store: Optional[HistoryStore] = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = store or HistoryStore(settings.db, settings.keep_history)
+        self.tls_context = (make_tls_context(settings.tls_cert, settings.tls_key)
+                            if settings.tls_cert else None)
         self.selector = selectors.DefaultSelector()
         self.listeners: List[socket.socket] = []
-        self.connections: Set[Connection] = set()
-        self.members: Dict[str, Connection] = {}    # lower-case name -> joined connection
+        self.connections: Set[Connection] = set()   # open and closing
+        self.open_count = 0
+        self.per_address: Dict[str, int] = {}       # IP -> open connections from it
+        self.lingering = 0                          # closing connections not yet closed
         self.now = time.monotonic()
         self._to_flush: Set[Connection] = set()
         # Check timers often enough that no timeout overshoots by more than a quarter.
         self._tick = min(TICK, settings.hello_timeout / 4, settings.ping_after / 4)
         self._next_tick = self.now + self._tick
+        self._timers: List[Tuple[float, int, Callable[[], None]]] = []     # a heap
+        self._timer_order = itertools.count()
         self._accept_paused_until = 0.0
         self._stopping = False
         self._calls: Deque[Callable[[], None]] = deque()
@@ -563,10 +833,36 @@ class ChatServer:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self.selector.register(self._wake_reader, selectors.EVENT_READ, self._on_wake)
-        self._handlers = {kind: (fields, getattr(self, method))
-                          for kind, (fields, method) in self.MESSAGES.items()}
 
-    # -- starting and stopping -------------------------------------------
+    # -- hooks for subclasses --------------------------------------------
+
+    def connection_made(self, conn: Connection) -> None:
+        """A new connection is open (TLS not yet negotiated)."""
+
+    def refuse(self, conn: Connection, code: str, text: str) -> None:
+        """Turn away a connection over a limit; the default just closes it."""
+        self.close(conn, f"{code}: {text}")
+
+    def payload_received(self, conn: Connection, payload: bytes) -> None:
+        """One complete payload arrived."""
+
+    def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
+        """The peer broke the framing; the default closes the connection."""
+        self.close(conn, error.text)
+
+    def connection_closing(self, conn: Connection, reason: str) -> None:
+        """The connection is about to go, for `reason`; it can still be sent to."""
+
+    def end_of_pass(self) -> None:
+        """Called once per loop pass, just before queued frames are sent."""
+
+    def tick(self) -> None:
+        """Called about once a second (more often with short timeouts)."""
+
+    def shutting_down(self) -> None:
+        """The loop is stopping; frames queued now are still delivered."""
+
+    # -- starting, stopping, scheduling -------------------------------------
 
     def listen(self) -> Tuple[str, int]:
         """Bind and listen; return the address actually bound (the real port for port 0)."""
@@ -587,6 +883,13 @@ class ChatServer:
         bound = sock.getsockname()
         return bound[0], bound[1]
 
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopping:
+                self._run_once()
+        finally:
+            self._shut_down()
+
     def stop(self) -> None:
         """Ask the loop to shut down. Safe from other threads and signal handlers."""
         self._stopping = True
@@ -596,6 +899,10 @@ class ChatServer:
         """Run function inside the loop. Safe from other threads."""
         self._calls.append(function)
         self._wake()
+
+    def call_later(self, delay: float, function: Callable[[], None]) -> None:
+        """Run function inside the loop after `delay` seconds. Loop thread only."""
+        heapq.heappush(self._timers, (self.now + delay, next(self._timer_order), function))
 
     def _wake(self) -> None:
         try:
@@ -612,43 +919,43 @@ class ChatServer:
         while self._calls:
             self._calls.popleft()()
 
-    def serve_forever(self) -> None:
-        try:
-            while not self._stopping:
-                self._run_once()
-        finally:
-            self._shut_down()
-
     def _run_once(self) -> None:
         if self._to_flush:     # queued while flushing, e.g. the notice that someone was cut off
             timeout = 0.0
         else:
-            timeout = max(0.0, self._next_tick - time.monotonic())
+            due = min(self._next_tick, self._timers[0][0]) if self._timers else self._next_tick
+            timeout = max(0.0, due - time.monotonic())
         events = self.selector.select(timeout)
         self.now = time.monotonic()
         for key, mask in events:
             target = key.data
-            if isinstance(target, Connection):
+            if not isinstance(target, Connection):
+                target()        # a listening socket or the wake-up socket
+            elif target.tls_phase:
+                self._advance_tls(target)
+            else:
                 if mask & selectors.EVENT_READ:
                     self._read(target)
                 if mask & selectors.EVENT_WRITE:
                     self._to_flush.add(target)
-            else:
-                target()
-        self._end_pass()
+        while self._timers and self._timers[0][0] <= self.now:
+            heapq.heappop(self._timers)[2]()
         if self.now >= self._next_tick:
             self._next_tick = self.now + self._tick
-            self._check_timers()
+            self._check_closing()
+            self.tick()
+        self.end_of_pass()
+        self._flush_all()
 
     def _shut_down(self) -> None:
-        """Tell everyone we are going, give the notice a moment to leave, close all."""
+        """Let the subclass say goodbye, give that a moment to leave, close all."""
         log.info("shutting down: %d connection(s)", len(self.connections))
-        frame = encode_frame({"type": "shutdown", "text": "The server is shutting down."})
+        self.shutting_down()
+        self.end_of_pass()
         deadline = time.monotonic() + SHUTDOWN_FLUSH_TIMEOUT
         for conn in list(self.connections):
-            if conn.state in (NEW, JOINED):
-                conn.outbox.append(frame)
-            self._send_remaining(conn, deadline)
+            if not conn.tls_phase:
+                self._send_remaining(conn, deadline)
             self._close_socket(conn)
         for sock in self.listeners:
             self.selector.unregister(sock)
@@ -657,8 +964,6 @@ class ChatServer:
         self._wake_reader.close()
         self._wake_writer.close()
         self.selector.close()
-        self.store.close()
-        log.info("server stopped")
 
     @staticmethod
     def _send_remaining(conn: Connection, deadline: float) -> None:
@@ -679,7 +984,7 @@ class ChatServer:
             for _ in range(ACCEPTS_PER_PASS):
                 try:
                     sock, address = listener.accept()
-                except (BlockingIOError, InterruptedError):
+                except WOULD_BLOCK:
                     break
                 except OSError as exc:   # out of file descriptors, most likely
                     log.error("cannot accept connections: %s; pausing %.0f s", exc, ACCEPT_PAUSE)
@@ -694,50 +999,342 @@ class ChatServer:
         except OSError:
             pass
         conn = Connection(sock, address, self.now)
+        if self.tls_context is not None:
+            conn.tls_phase = TLS_DETECT
         self.connections.add(conn)
+        self.open_count += 1
+        from_here = self.per_address[conn.host] = self.per_address.get(conn.host, 0) + 1
         self.selector.register(sock, selectors.EVENT_READ, conn)
-        log.info("connection from %s", conn.address)
-        if len(self.connections) > self.settings.max_clients:
-            self.reject(conn, "server_full",
-                        f"The server is full ({self.settings.max_clients} connections). "
-                        "Try again later.")
+        self.connection_made(conn)
+        limit = self.settings.max_per_address
+        if self.open_count > self.settings.max_clients:
+            self.refuse(conn, "server_full", f"The server is full "
+                        f"({self.settings.max_clients} connections). Try again later.")
+        elif limit and from_here > limit:
+            self.refuse(conn, "too_many_connections",
+                        f"Too many connections from your address (at most {limit}).")
+
+    def _advance_tls(self, conn: Connection) -> None:
+        """Take a TLS connection one step further, without ever waiting."""
+        if conn.tls_phase == TLS_DETECT:
+            try:
+                first = conn.sock.recv(1, socket.MSG_PEEK)
+            except WOULD_BLOCK:
+                return
+            except OSError as exc:
+                self.close(conn, f"connection lost ({exc.strerror or exc})", graceful=False)
+                return
+            if not first:
+                self.close(conn, "closed before TLS began", graceful=False)
+                return
+            if first != b"\x16":     # not a TLS handshake record: a plain-text client
+                conn.tls_phase = None
+                self.plain_text_on_tls(conn)
+                return
+            self.selector.unregister(conn.sock)
+            conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
+                                                     do_handshake_on_connect=False)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.wants_write = False
+            conn.tls_phase = TLS_HANDSHAKE
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch_writable(conn, False)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch_writable(conn, True)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or exc
+            self.close(conn, f"TLS handshake failed ({reason})", graceful=False)
+            return
+        conn.tls_phase = None
+        self._watch_writable(conn, bool(conn.outbox))
+        self._read(conn)    # the first frames may have come with the handshake
+
+    def plain_text_on_tls(self, conn: Connection) -> None:
+        """A client spoke plain text to a TLS server; the default hangs up."""
+        self.close(conn, "plain text on the TLS port")
 
     # -- reading ---------------------------------------------------------
 
     def _read(self, conn: Connection) -> None:
         try:
             data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+            pending = getattr(conn.sock, "pending", None)   # TLS: bytes already decrypted
+            while data and pending is not None and pending():
+                data += conn.sock.recv(RECV_SIZE)
+        except WOULD_BLOCK:
             return
         except OSError as exc:
-            self.disconnect(conn, f"connection lost ({exc.strerror or exc})", graceful=False)
+            self.close(conn, f"connection lost ({getattr(exc, 'strerror', None) or exc})",
+                       graceful=False)
             return
-        if conn.state == CLOSING:
+        if not conn.open:
             if not data:
                 self._close_socket(conn)
-            return
+            return      # closing: whatever the peer still sends is dropped
         if not data:
             conn.peer_closed = True
             if conn.decoder.buffered:
-                reason = "connection closed in the middle of a message"
+                self.close(conn, "connection closed in the middle of a message")
             else:
-                reason = "connection closed"
-            self.disconnect(conn, reason)
+                self.close(conn, "connection closed")
             return
         conn.last_heard = self.now
         conn.decoder.feed(data)
-        try:
-            for payload in conn.decoder:
-                self.dispatch(conn, decode_payload(payload))
-                if conn.state != NEW and conn.state != JOINED:
-                    break
-        except ProtocolError as exc:
-            self.reject(conn, exc.code, exc.text)
+        self._deliver(conn)
 
-    def dispatch(self, conn: Connection, message: dict) -> None:
-        """Validate one message from the wire and pass it to its handler."""
+    def _deliver(self, conn: Connection) -> None:
+        """Hand complete payloads to payload_received, in order, while it wants them."""
+        try:
+            while conn.open and not conn.paused:
+                payload = next(conn.decoder, None)
+                if payload is None:
+                    break
+                self.payload_received(conn, payload)
+        except ProtocolError as exc:
+            self.protocol_error(conn, exc)
+        except Exception:   # a bug: it costs this connection, never the server
+            log.exception("error while reading from %s", conn)
+            self.close(conn, "internal error", graceful=False)
+
+    def pause_reading(self, conn: Connection) -> None:
+        """Stop reading from conn until resume_reading (while a password is checked)."""
+        if not conn.paused and not conn.closed:
+            conn.paused = True
+            self.selector.unregister(conn.sock)
+
+    def resume_reading(self, conn: Connection) -> None:
+        if conn.paused and not conn.closed:
+            conn.paused = False
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
+            self.selector.register(conn.sock, events, conn)
+            self._deliver(conn)     # frames that arrived together with the one that paused
+
+    # -- writing ---------------------------------------------------------
+
+    def send_frame(self, conn: Connection, frame: bytes) -> None:
+        """Queue a frame; it goes out at the end of this loop pass."""
+        conn.outbox.append(frame)
+        self._to_flush.add(conn)
+
+    def _flush_all(self) -> None:
+        pending, self._to_flush = self._to_flush, set()
+        for conn in pending:
+            if not conn.closed and not conn.tls_phase:
+                self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        """Send what is queued with one call; keep the rest for when the socket is writable."""
+        outbox = conn.outbox
+        if outbox:
+            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+            try:
+                sent = conn.sock.send(data)
+            except WOULD_BLOCK:     # for TLS: retried later with the same bytes first
+                sent = 0
+            except OSError as exc:
+                self.close(conn, f"connection lost ({getattr(exc, 'strerror', None) or exc})",
+                           graceful=False)
+                return
+            if sent == len(data):
+                outbox.clear()
+            else:
+                rest = data[sent:]
+                if len(rest) > self.settings.max_backlog and conn.open:
+                    outbox.clear()
+                    self.close(conn, f"too slow: over {self.settings.max_backlog // 1024}"
+                               " KiB waiting to be read", graceful=False)
+                    return
+                conn.outbox = [rest]
+        self._watch_writable(conn, bool(conn.outbox))
+        if conn.closing and not conn.outbox:
+            self._finish_closing(conn)
+
+    def _watch_writable(self, conn: Connection, wanted: bool) -> None:
+        if conn.wants_write != wanted:
+            conn.wants_write = wanted
+            if not conn.paused:
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
+                self.selector.modify(conn.sock, events, conn)
+
+    # -- closing ---------------------------------------------------------
+
+    def close(self, conn: Connection, reason: str, graceful: bool = True) -> None:
+        """Close a connection for `reason`, telling the subclass first.
+
+        graceful: deliver what is queued first, then wait briefly for the
+        peer to hang up, so that a final error frame is not lost to a TCP
+        reset. Not graceful: the peer is gone or stuck; close at once.
+        """
+        if not conn.open:
+            if not graceful:
+                self._close_socket(conn)
+            return
+        conn.closing = True
+        self.open_count -= 1
+        remaining = self.per_address[conn.host] - 1
+        if remaining:
+            self.per_address[conn.host] = remaining
+        else:
+            del self.per_address[conn.host]
+        self.resume_reading(conn)
+        self.connection_closing(conn, reason)
+        if graceful and not conn.tls_phase and self.lingering < MAX_LINGERING:
+            self.lingering += 1
+            conn.deadline = self.now + LINGER_TIMEOUT
+            self._to_flush.add(conn)
+        else:
+            self._close_socket(conn)
+
+    def _finish_closing(self, conn: Connection) -> None:
+        """Everything queued is sent: send EOF, and close once the peer does too."""
+        if conn.peer_closed:
+            self._close_socket(conn)
+        elif not conn.write_shut:
+            conn.write_shut = True
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close_socket(conn)
+
+    def _close_socket(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        if conn.deadline:       # it was lingering (see close)
+            self.lingering -= 1
+        conn.closed = True
+        self.connections.discard(conn)
+        self._to_flush.discard(conn)
+        if not conn.paused:
+            try:
+                self.selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        conn.sock.close()
+        conn.outbox = []
+
+    def _check_closing(self) -> None:
+        for conn in list(self.connections):
+            if conn.closing and self.now >= conn.deadline:
+                self._close_socket(conn)
+
+
+# ---------------------------------------------------------------------------
+# The chat
+# ---------------------------------------------------------------------------
+
+class ChatServer(SelectServer):
+    """The chat protocol: names, messages, whispers, history, accounts."""
+
+    #: Every message a client may send: its fields (name -> type, a trailing
+    #: "?" marks an optional one) and the method that handles it. Fields not
+    #: listed are ignored, so newer clients can add some.
+    MESSAGES: Dict[str, Tuple[Dict[str, type], str]] = {
+        "hello": ({"name": str, "password?": str, "name_password?": str}, "on_hello"),
+        "say": ({"text": str}, "on_say"),
+        "whisper": ({"to": str, "text": str}, "on_whisper"),
+        "who": ({}, "on_who"),
+        "get_history": ({"limit?": int}, "on_get_history"),
+        "search": ({"text": str}, "on_search"),
+        "register": ({"password": str}, "on_register"),
+        "unregister": ({"password": str}, "on_unregister"),
+        "change_password": ({"password": str, "new_password": str}, "on_change_password"),
+        "ping": ({}, "on_ping"),
+        "pong": ({}, "on_pong"),
+        "bye": ({}, "on_bye"),
+    }
+
+    #: Messages that cost no rate-limit token: answers to the server.
+    UNMETERED = frozenset({"pong"})
+
+    def __init__(self, settings: Settings, store: Optional[ChatStore] = None) -> None:
+        super().__init__(settings)
+        self.store = store or ChatStore(settings.db, settings.keep_history)
+        self.members: Dict[str, Connection] = {}    # lower-case name -> joined connection
+        self.accounts: Dict[str, str] = self.store.accounts()  # lower-case name -> hash
+        self.guard = LoginGuard(settings.max_failures, settings.lockout, settings.failure_delay)
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            PASSWORD_WORKERS, thread_name_prefix="password")
+        self._password_jobs = 0
+        self._handlers = {kind: (fields, getattr(self, method))
+                          for kind, (fields, method) in self.MESSAGES.items()}
+
+    # -- connections coming and going ---------------------------------------
+
+    def connection_made(self, conn: Connection) -> None:
+        log.info("connection from %s", conn.address)
+
+    def refuse(self, conn: Connection, code: str, text: str) -> None:
+        if conn.tls_phase:     # it expects TLS; a plain-text error frame would be noise
+            self.close(conn, f"{code}: {text}", graceful=False)
+        else:
+            self.reject(conn, code, text)
+
+    def plain_text_on_tls(self, conn: Connection) -> None:
+        self.reject(conn, "tls_required",
+                    "This server only accepts TLS: run the client with --tls.")
+
+    def connection_closing(self, conn: Connection, reason: str) -> None:
+        if conn.state != JOINED:
+            log.info("%s disconnected: %s", conn.address, reason)
+            return
+        del self.members[conn.name.lower()]
+        conn.state = NEW
+        timestamp = utc_timestamp()
+        self.store.record(timestamp, "leave", conn.name, None, reason)
+        if conn.registered:
+            self.store.mark_left(conn.name)
+        self.broadcast({"type": "leave", "name": conn.name, "reason": reason, "ts": timestamp})
+        log.info("%s left: %s", conn.name, reason)
+
+    def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
+        self.reject(conn, error.code, error.text)
+
+    def end_of_pass(self) -> None:
+        self.store.commit()     # before the frames go out: nothing reaches anyone unstored
+
+    def shutting_down(self) -> None:
+        frame = encode_frame({"type": "shutdown", "text": "The server is shutting down."})
+        for conn in self.connections:
+            if conn.open and not conn.tls_phase:
+                conn.outbox.append(frame)
+        self._workers.shutdown(wait=False)
+
+    def serve_forever(self) -> None:
+        try:
+            super().serve_forever()
+        finally:
+            self.store.close()
+            log.info("server stopped")
+
+    def tick(self) -> None:
+        now, settings = self.now, self.settings
+        for conn in list(self.connections):
+            if not conn.open:
+                continue
+            if conn.state == NEW:
+                if now - conn.connected_at >= settings.hello_timeout:
+                    self.reject(conn, "hello_timeout",
+                                f"No hello within {settings.hello_timeout:g} seconds.")
+            elif conn.state == JOINED:
+                quiet = now - conn.last_heard
+                if quiet >= settings.drop_after:
+                    self.close(conn, f"no sign of life for {settings.drop_after:g} seconds",
+                               graceful=False)
+                elif quiet >= settings.ping_after and conn.last_ping < conn.last_heard:
+                    conn.last_ping = now
+                    self.send(conn, {"type": "ping"})
+        self.guard.forget_old(now)
+
+    # -- one place that validates what comes off the wire -------------------
+
+    def payload_received(self, conn: Connection, payload: bytes) -> None:
+        message = decode_payload(payload)
         kind = message["type"]
-        if conn.state == NEW and kind != "hello":
+        if conn.state != JOINED and kind != "hello":
             self.reject(conn, "hello_required", 'The first message must be "hello".')
             return
         entry = self._handlers.get(kind)
@@ -747,10 +1344,12 @@ class ChatServer:
         fields, handler = entry
         problem = check_fields(message, fields)
         if problem:
-            if conn.state == NEW:
-                self.reject(conn, "bad_message", problem)
-            else:
+            if conn.state == JOINED:
                 self.send_error(conn, "bad_message", problem)
+            else:
+                self.reject(conn, "bad_message", problem)
+            return
+        if conn.bucket is not None and kind not in self.UNMETERED and not self.within_rate(conn):
             return
         try:
             handler(conn, message)
@@ -758,12 +1357,38 @@ class ChatServer:
             log.exception("error while handling %r from %s", kind, conn)
             self.send_error(conn, "internal_error", "The server failed on that message.")
 
+    def within_rate(self, conn: Connection) -> bool:
+        """Flood control: False (after telling the client) when over the rate."""
+        rate, burst = self.settings.rate_limit, self.settings.rate_burst
+        if conn.bucket.take(self.now, rate, burst):
+            return True
+        if conn.bucket.strikes > FLOOD_STRIKES:
+            self.reject(conn, "flooding", "Disconnected for sending too fast.")
+        else:
+            self.send_error(conn, "rate_limited",
+                            f"Slow down: at most {rate:g} messages a second; that one was "
+                            "not sent.")
+        return False
+
     # -- handlers: one per message type (see MESSAGES) ---------------------
 
     def on_hello(self, conn: Connection, message: dict) -> None:
-        if conn.state == JOINED:
+        if conn.state != NEW:
             self.send_error(conn, "already_joined", f"You are already here as {conn.name}.")
             return
+        locked = self.guard.locked_for(conn.host, self.now)
+        if locked:
+            self.reject(conn, "locked_out", "Too many failed logins from your address: "
+                        f"try again in {minutes(locked)}.")
+            return
+        if self.settings.password is not None:
+            given = message.get("password")
+            if given is None:
+                self.reject(conn, "password_required", "This chat needs a password.")
+                return
+            if not same_secret(given, self.settings.password):
+                self.login_failed(conn, "bad_password", "Wrong password for this chat.")
+                return
         name = message["name"]
         if not NAME_PATTERN.fullmatch(name):
             self.reject(conn, "bad_name", f"Names are {NAME_RULES}.")
@@ -772,20 +1397,68 @@ class ChatServer:
         if key in RESERVED_NAMES:
             self.reject(conn, "name_reserved", f'The name "{name}" is reserved. Pick another.')
             return
-        if key in self.members:
-            self.reject(conn, "name_taken", f'The name "{name}" is taken. Pick another.')
+        stored = self.accounts.get(key)
+        if stored is None:
+            if key in self.members:
+                self.reject(conn, "name_taken", f'The name "{name}" is taken. Pick another.')
+            else:
+                self.admit(conn, name, registered=False)
             return
+        given = message.get("name_password")
+        if given is None:
+            self.reject(conn, "name_protected", f'"{name}" is a registered name: give its '
+                        "password, or pick another name.")
+            return
+        conn.state = AUTHENTICATING
+        self.run_password_job(conn, lambda: verify_password(given, stored),
+                              lambda matched: self._protected_login(conn, name, matched))
+
+    def _protected_login(self, conn: Connection, name: str, matched: bool) -> None:
+        if not matched:
+            self.login_failed(conn, "bad_name_password", f'Wrong password for "{name}".')
+            return
+        earlier = self.members.get(name.lower())
+        if earlier is not None:     # the owner is back, e.g. after a dropped connection
+            self.send_error(earlier, "replaced", "You logged in again elsewhere.")
+            self.close(earlier, "logged in again elsewhere")
+        self.admit(conn, name, registered=name.lower() in self.accounts)
+
+    def admit(self, conn: Connection, name: str, registered: bool) -> None:
+        """Let a client in: welcome, history, and a join notice for the others."""
         conn.state = JOINED
         conn.name = name
-        self.members[key] = conn
-        log.info("%s joined as %s", conn.address, name)
-        self.send(conn, {"type": "welcome", "name": name, "users": self.user_names()})
-        replay = self.store.recent_public(self.settings.history) if self.settings.history else []
-        self.send_history(conn, "join", replay)
-        conn.history_floor = self.store.last_id()
+        conn.registered = registered
+        if self.settings.rate_limit:
+            conn.bucket = TokenBucket(self.settings.rate_burst, self.now)
+        self.members[name.lower()] = conn
+        self.guard.succeeded(conn.host)
+        log.info("%s joined as %s%s", conn.address, name, " (registered)" if registered else "")
+        limits = {"max_length": self.settings.max_length}
+        if self.settings.rate_limit:
+            limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
+        self.send(conn, {"type": "welcome", "name": name, "users": self.user_names(),
+                         "registered": registered, "limits": limits})
+        self.replay_history(conn)
         timestamp = utc_timestamp()
         self.store.record(timestamp, "join", name)
         self.broadcast({"type": "join", "name": name, "ts": timestamp}, exclude=conn)
+
+    def replay_history(self, conn: Connection) -> None:
+        """Recent messages for a newcomer; a returning registered name gets what it missed."""
+        count = self.settings.history
+        missed_after = None
+        if conn.registered:
+            created, left = self.store.account_marks(conn.name)
+            conn.history_floor = created
+            if left:
+                missed = self.store.count_public_after(left)
+                if missed:
+                    missed_after = left
+                    count = max(count, min(missed, MISSED_MAX))
+        else:
+            conn.history_floor = self.store.last_id()
+        rows = self.store.recent_public(count) if count else []
+        self.send_history(conn, "join", rows, missed_after)
 
     def on_say(self, conn: Connection, message: dict) -> None:
         text = self.checked_text(conn, message["text"])
@@ -821,7 +1494,7 @@ class ChatServer:
 
     def on_get_history(self, conn: Connection, message: dict) -> None:
         limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
-        rows = self.store.recent_for(conn.name, limit, self.whispers_after(conn))
+        rows = self.store.recent_for(conn.name, limit, conn.history_floor)
         self.send_history(conn, "history", rows)
 
     def on_search(self, conn: Connection, message: dict) -> None:
@@ -829,8 +1502,48 @@ class ChatServer:
         if not words:
             self.send_error(conn, "empty_search", "Search for at least one word.")
             return
-        rows = self.store.search_for(conn.name, words, SEARCH_RESULTS, self.whispers_after(conn))
+        rows = self.store.search_for(conn.name, words, SEARCH_RESULTS, conn.history_floor)
         self.send_history(conn, "search", rows)
+
+    def on_register(self, conn: Connection, message: dict) -> None:
+        if conn.name.lower() in self.accounts:
+            self.send_error(conn, "already_registered", f'"{conn.name}" is already registered; '
+                            "/password changes its password.")
+            return
+        password = message["password"]
+        problem = password_problem(password)
+        if problem:
+            self.send_error(conn, "weak_password", problem)
+            return
+        self.run_password_job(conn, lambda: hash_password(password),
+                              lambda hashed: self._save_account(conn, hashed, "registered"))
+
+    def on_unregister(self, conn: Connection, message: dict) -> None:
+        stored = self.accounts.get(conn.name.lower())
+        if stored is None:
+            self.send_error(conn, "not_registered", f'"{conn.name}" is not registered.')
+            return
+        password = message["password"]
+        self.run_password_job(conn, lambda: verify_password(password, stored),
+                              lambda matched: self._forget_account(conn, matched))
+
+    def on_change_password(self, conn: Connection, message: dict) -> None:
+        stored = self.accounts.get(conn.name.lower())
+        if stored is None:
+            self.send_error(conn, "not_registered", f'"{conn.name}" is not registered: '
+                            "/register protects it with a password.")
+            return
+        old, new = message["password"], message["new_password"]
+        problem = password_problem(new)
+        if problem:
+            self.send_error(conn, "weak_password", problem)
+            return
+
+        def check_and_hash() -> Optional[str]:
+            return hash_password(new) if verify_password(old, stored) else None
+
+        self.run_password_job(conn, check_and_hash,
+                              lambda hashed: self._save_account(conn, hashed, "password_changed"))
 
     def on_ping(self, conn: Connection, message: dict) -> None:
         self.send(conn, {"type": "pong"})
@@ -839,7 +1552,93 @@ class ChatServer:
         pass    # hearing anything at all already counts as a sign of life
 
     def on_bye(self, conn: Connection, message: dict) -> None:
-        self.disconnect(conn, "quit")
+        self.close(conn, "quit")
+
+    # -- accounts and passwords ----------------------------------------------
+
+    def run_password_job(self, conn: Connection, job: Callable[[], Any],
+                         then: Callable[[Any], None]) -> None:
+        """Run a slow password hash on a worker thread, then `then(result)` in the loop.
+
+        The connection stops being read meanwhile, so its messages keep
+        their order; if it is gone by the time the result is in, the result
+        is dropped.
+        """
+        if self._password_jobs >= MAX_PASSWORD_JOBS:
+            if conn.state == JOINED:
+                self.send_error(conn, "busy", "The server is busy; try again in a moment.")
+            else:
+                self.reject(conn, "busy", "The server is busy; try again in a moment.")
+            return
+        self._password_jobs += 1
+        self.pause_reading(conn)
+
+        def finish(future: "concurrent.futures.Future") -> None:
+            self._password_jobs -= 1
+            if not conn.open:
+                return
+            self.resume_reading(conn)
+            try:
+                then(future.result())
+            except Exception:
+                log.exception("password check for %s failed", conn)
+                self.reject(conn, "internal_error", "The server failed to check the password.")
+
+        future = self._workers.submit(job)
+        future.add_done_callback(lambda done: self.call_soon(lambda: finish(done)))
+
+    def login_failed(self, conn: Connection, code: str, text: str) -> None:
+        """A wrong password: counted per address, and answered after a growing delay."""
+        delay = self.guard.failed(conn.host, self.now)
+        log.warning("failed password from %s (%s)", conn.address, code)
+        if conn.state == JOINED:
+            if self.guard.locked_for(conn.host, self.now):
+                self.reject(conn, "locked_out", "Too many wrong passwords.")
+            else:
+                self.send_error(conn, code, text)
+            return
+        conn.state = AUTHENTICATING
+        self.pause_reading(conn)
+        self.call_later(delay, lambda: self.reject(conn, code, text) if conn.open else None)
+
+    def _save_account(self, conn: Connection, hashed: Optional[str], outcome: str) -> None:
+        if hashed is None:
+            self.login_failed(conn, "bad_name_password", "Wrong password.")
+            return
+        try:
+            self.store.save_account(conn.name, hashed)
+        except sqlite3.Error as exc:
+            log.error("cannot save the account of %s: %s", conn.name, exc)
+            self.send_error(conn, "store_failed", "The server could not save that: its "
+                            "database is not working.")
+            return
+        self.accounts[conn.name.lower()] = hashed
+        conn.registered = True
+        if outcome == "registered":
+            log.info("%s registered their name", conn.name)
+            text = (f'"{conn.name}" is registered: from now on, joining under this name '
+                    "needs your password.")
+        else:
+            log.info("%s changed their password", conn.name)
+            text = "Your password is changed."
+        self.send(conn, {"type": "notice", "code": outcome, "text": text})
+
+    def _forget_account(self, conn: Connection, matched: bool) -> None:
+        if not matched:
+            self.login_failed(conn, "bad_name_password", "Wrong password.")
+            return
+        try:
+            self.store.delete_account(conn.name)
+        except sqlite3.Error as exc:
+            log.error("cannot delete the account of %s: %s", conn.name, exc)
+            self.send_error(conn, "store_failed", "The server could not do that: its "
+                            "database is not working.")
+            return
+        self.accounts.pop(conn.name.lower(), None)
+        conn.registered = False
+        log.info("%s unregistered their name", conn.name)
+        self.send(conn, {"type": "notice", "code": "unregistered",
+                         "text": f'"{conn.name}" is no longer registered; anyone may use it.'})
 
     # -- helpers for handlers ----------------------------------------------
 
@@ -855,35 +1654,45 @@ class ChatServer:
             return None
         return text
 
-    def send_history(self, conn: Connection, purpose: str, rows: List[tuple]) -> None:
-        """Past messages as `history` frames, then a `history_end` saying why they came."""
-        for _, ts, kind, sender, recipient, text in rows:
+    def send_history(self, conn: Connection, purpose: str, rows: List[tuple],
+                     missed_after: Optional[int] = None) -> None:
+        """Past messages as `history` frames, then a `history_end` saying why they came.
+
+        A batch stays under half the backlog limit (the oldest rows give
+        way), so that it cannot get its reader cut off as too slow. With
+        missed_after, a `notice` marks where the messages the reader missed
+        begin.
+        """
+        budget = self.settings.max_backlog // 2
+        frames = []
+        for row_id, ts, kind, sender, recipient, text in reversed(rows):
             entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
             if recipient is not None:
                 entry["to"] = recipient
-            self.send(conn, entry)
-        end = {"type": "history_end", "for": purpose, "count": len(rows)}
+            frame = encode_frame(entry)
+            budget -= len(frame)
+            if budget < 0:
+                break
+            frames.append((row_id, frame))
+        frames.reverse()
+        for row_id, frame in frames:
+            if missed_after is not None and row_id > missed_after:
+                self.send(conn, {"type": "notice", "code": "new_since",
+                                 "text": "New since you were last here"})
+                missed_after = None
+            self.send_frame(conn, frame)
+        end = {"type": "history_end", "for": purpose, "count": len(frames)}
         if not self.store.working or not self.store.keep_messages:
             end["text"] = "The server keeps no history."
         self.send(conn, end)
 
-    @staticmethod
-    def whispers_after(conn: Connection) -> int:
-        """The event after which a client may see its whispers in history.
-
-        Names are not protected, so someone who takes a name later must not
-        read the whispers of whoever had it before: only this visit's.
-        """
-        return conn.history_floor
-
     def user_names(self) -> List[str]:
         return sorted((conn.name for conn in self.members.values()), key=str.lower)
 
-    # -- writing ---------------------------------------------------------
+    # -- sending -----------------------------------------------------------
 
     def send(self, conn: Connection, message: dict) -> None:
-        conn.outbox.append(encode_frame(message))
-        self._to_flush.add(conn)
+        self.send_frame(conn, encode_frame(message))
 
     def send_error(self, conn: Connection, code: str, text: str) -> None:
         self.send(conn, {"type": "error", "code": code, "text": text})
@@ -896,128 +1705,10 @@ class ChatServer:
                 conn.outbox.append(frame)
         self._to_flush.update(self.members.values())
 
-    def _end_pass(self) -> None:
-        """Store this pass's messages, then send them: nothing reaches anyone unstored."""
-        self.store.commit()
-        self._flush_all()
-
-    def _flush_all(self) -> None:
-        pending, self._to_flush = self._to_flush, set()
-        for conn in pending:
-            if conn.state != CLOSED:
-                self._flush(conn)
-
-    def _flush(self, conn: Connection) -> None:
-        """Send what is queued with one call; keep the rest for when the socket is writable."""
-        outbox = conn.outbox
-        if outbox:
-            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self.disconnect(conn, f"connection lost ({exc.strerror or exc})", graceful=False)
-                return
-            if sent == len(data):
-                outbox.clear()
-            else:
-                rest = data[sent:]
-                if len(rest) > self.settings.max_backlog and conn.state != CLOSING:
-                    outbox.clear()
-                    self.disconnect(conn, f"too slow: over {self.settings.max_backlog // 1024}"
-                                    " KiB waiting to be read", graceful=False)
-                    return
-                conn.outbox = [rest]
-        self._watch_writable(conn, bool(conn.outbox))
-        if conn.state == CLOSING and not conn.outbox:
-            self._finish_closing(conn)
-
-    def _watch_writable(self, conn: Connection, wanted: bool) -> None:
-        if conn.wants_write != wanted:
-            conn.wants_write = wanted
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
-            self.selector.modify(conn.sock, events, conn)
-
-    # -- leaving ---------------------------------------------------------
-
     def reject(self, conn: Connection, code: str, text: str) -> None:
-        """Send an error and close the connection once it has gone out."""
+        """Send an error, then close the connection once it has gone out."""
         self.send_error(conn, code, text)
-        self.disconnect(conn, f"{code}: {text}")
-
-    def disconnect(self, conn: Connection, reason: str, graceful: bool = True) -> None:
-        """Take a client out of the chat, tell the others, and close its socket.
-
-        graceful: deliver what is queued for it first, then wait briefly for
-        the peer to hang up, so that a final error frame is not lost to a
-        reset. Not graceful: the peer is gone or stuck; close at once.
-        """
-        if conn.state == CLOSING or conn.state == CLOSED:
-            if not graceful:
-                self._close_socket(conn)
-            return
-        if conn.state == JOINED:
-            del self.members[conn.name.lower()]
-            timestamp = utc_timestamp()
-            self.store.record(timestamp, "leave", conn.name, None, reason)
-            self.broadcast({"type": "leave", "name": conn.name, "reason": reason,
-                            "ts": timestamp})
-            log.info("%s left: %s", conn.name, reason)
-        else:
-            log.info("%s disconnected: %s", conn.address, reason)
-        if graceful:
-            conn.state = CLOSING
-            conn.deadline = self.now + LINGER_TIMEOUT
-            self._to_flush.add(conn)
-        else:
-            self._close_socket(conn)
-
-    def _finish_closing(self, conn: Connection) -> None:
-        """Everything queued is sent: send EOF, and close once the peer does too."""
-        if conn.peer_closed:
-            self._close_socket(conn)
-        elif not conn.write_shut:
-            conn.write_shut = True
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._close_socket(conn)
-
-    def _close_socket(self, conn: Connection) -> None:
-        if conn.state == CLOSED:
-            return
-        conn.state = CLOSED
-        self.connections.discard(conn)
-        self._to_flush.discard(conn)
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-        conn.outbox = []
-
-    # -- timers ----------------------------------------------------------
-
-    def _check_timers(self) -> None:
-        now, settings = self.now, self.settings
-        for conn in list(self.connections):
-            if conn.state == NEW:
-                if now - conn.connected_at >= settings.hello_timeout:
-                    self.reject(conn, "hello_timeout",
-                                f"No hello within {settings.hello_timeout:g} seconds.")
-            elif conn.state == JOINED:
-                quiet = now - conn.last_heard
-                if quiet >= settings.drop_after:
-                    self.disconnect(conn, f"no sign of life for {settings.drop_after:g} seconds",
-                                    graceful=False)
-                elif quiet >= settings.ping_after and conn.last_ping < conn.last_heard:
-                    conn.last_ping = now
-                    self.send(conn, {"type": "ping"})
-            elif conn.state == CLOSING and now >= conn.deadline:
-                self._close_socket(conn)
-        self._end_pass()
-
+        self.close(conn, f"{code}: {text}")
 
 # ---------------------------------------------------------------------------
 # Start-up: telling the user where the server can be reached
@@ -1044,37 +1735,46 @@ def lan_addresses() -> List[str]:
     return found
 
 
-def describe_reach(host: str, port: int) -> List[str]:
+def client_command(host: str, port: int, fingerprint: Optional[str]) -> str:
+    """The command a user runs to join: with TLS, a join string that pins the certificate."""
+    if fingerprint is None:
+        return f"python client.py {host} {port}"
+    shown = f"[{host}]" if ":" in host else host
+    return f"python client.py '{shown}:{port}#{fingerprint}' --tls"
+
+
+def describe_reach(host: str, port: int, fingerprint: Optional[str] = None) -> List[str]:
     """Lines telling the user who can reach the server and how."""
     try:
         ip = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         ip = None
+    firewall = f"(allow incoming TCP port {port} in this machine's firewall)"
     if ip is not None and ip.is_loopback:
         return ["bound to loopback only: other machines cannot reach this server",
-                "(leave out --host to accept connections from your network)"]
+                "(leave out --host to accept connections from your network)",
+                f"join with: {client_command(host, port, fingerprint)}"]
     if ip is not None and not ip.is_unspecified:
-        return [f"clients connect with: python client.py {host} {port}",
-                f"(allow incoming TCP port {port} in this machine's firewall)"]
+        return [f"clients join with: {client_command(host, port, fingerprint)}", firewall]
     lines = []
     addresses = lan_addresses()
     if addresses:
-        lines.append("other machines on your network connect with:")
-        lines.extend(f"  python client.py {address} {port}" for address in addresses)
-        lines.append(f"(allow incoming TCP port {port} in this machine's firewall)")
+        lines.append("other machines on your network join with:")
+        lines.extend(f"  {client_command(address, port, fingerprint)}" for address in addresses)
+        lines.append(firewall)
     else:
         lines.append("no network address found: find this machine's address with "
                      "'ipconfig' (Windows) or 'ip addr' (Linux, macOS)")
-    lines.append(f"on this machine: python client.py localhost {port}")
+    lines.append(f"on this machine: {client_command('localhost', port, fingerprint)}")
     return lines
 
 
-def describe_store(store: HistoryStore) -> str:
+def describe_store(store: ChatStore) -> str:
     if not store.keep_messages:
-        return "history: not kept (--no-history)"
+        return "history: not kept; registered names last until the server stops (--no-history)"
     if not store.on_disk:
-        return "history: kept in memory until the server stops"
-    return f"history: kept in {os.path.abspath(store.path)}"
+        return "history and registered names: kept in memory until the server stops"
+    return f"history and registered names: kept in {os.path.abspath(store.path)}"
 
 
 def export_history(db_path: str, destination: str) -> int:
@@ -1083,7 +1783,7 @@ def export_history(db_path: str, destination: str) -> int:
         print(f"error: no history database at {db_path}; name it with --db", file=sys.stderr)
         return 1
     try:
-        store = HistoryStore(db_path)
+        store = ChatStore(db_path)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -1132,6 +1832,28 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop-after", type=float, default=DROP_AFTER, metavar="SECONDS",
                         help=f"silence after which a client is dropped as gone "
                              f"(default: {DROP_AFTER:g})")
+    security = parser.add_argument_group("security")
+    security.add_argument("--password",
+                          help="room password every client must give; safer in the "
+                               "CHAT_PASSWORD environment variable, which ps does not show")
+    security.add_argument("--tls-cert", metavar="FILE",
+                          help="serve TLS only, with this PEM certificate (README: how to make "
+                               "one with openssl)")
+    security.add_argument("--tls-key", metavar="FILE",
+                          help="the certificate's private key (default: in the --tls-cert file)")
+    security.add_argument("--rate-limit", type=float, default=RATE_LIMIT, metavar="N",
+                          help=f"messages a second per client, on average; 0 turns flood "
+                               f"control off (default: {RATE_LIMIT:g})")
+    security.add_argument("--rate-burst", type=int, default=RATE_BURST, metavar="N",
+                          help=f"messages a client may send at once (default: {RATE_BURST})")
+    security.add_argument("--max-per-address", type=int, default=MAX_PER_ADDRESS, metavar="N",
+                          help=f"connections at once from one IP address; 0 for no limit "
+                               f"(default: {MAX_PER_ADDRESS})")
+    security.add_argument("--max-failures", type=int, default=MAX_FAILURES, metavar="N",
+                          help="failed logins from one address before it is locked out; "
+                               f"0 never locks out (default: {MAX_FAILURES})")
+    security.add_argument("--lockout", type=float, default=LOCKOUT, metavar="SECONDS",
+                          help=f"how long a lockout lasts (default: {LOCKOUT:g})")
     parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
                         help="sqlite file for history; ':memory:' keeps it only while the "
                              f"server runs (default: {DEFAULT_DB} in the current directory)")
@@ -1156,7 +1878,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     drop_after=args.drop_after, max_backlog=args.max_backlog * 1024,
                     max_length=args.max_length,
                     db=":memory:" if args.no_history else args.db,
-                    keep_history=not args.no_history, history=args.history)
+                    keep_history=not args.no_history, history=args.history,
+                    password=args.password or os.environ.get("CHAT_PASSWORD") or None,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+                    max_per_address=args.max_per_address, max_failures=args.max_failures,
+                    lockout=args.lockout)
 
 
 def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -1170,8 +1897,17 @@ def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
                         ("--drop-after", settings.drop_after)):
         if value <= 0:
             parser.error(f"{flag} must be more than 0")
-    if settings.history < 0:
-        parser.error("--history must be 0 or more")
+    for flag, value in (("--history", settings.history), ("--rate-limit", settings.rate_limit),
+                        ("--max-per-address", settings.max_per_address),
+                        ("--max-failures", settings.max_failures)):
+        if value < 0:
+            parser.error(f"{flag} must be 0 or more")
+    if settings.rate_limit and settings.rate_burst < 1:
+        parser.error("--rate-burst must be at least 1")
+    if settings.lockout <= 0:
+        parser.error("--lockout must be more than 0")
+    if settings.tls_key and not settings.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
     if settings.max_length > MAX_TEXT_LIMIT:
         parser.error(f"--max-length can be at most {MAX_TEXT_LIMIT}, so a message fits in a frame")
     if settings.drop_after <= settings.ping_after:
@@ -1189,12 +1925,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.export:
         return export_history(settings.db, args.export)
     try:
-        store = HistoryStore(settings.db, settings.keep_history)
+        store = ChatStore(settings.db, settings.keep_history)
     except StoreError as exc:
         print(f"error: {exc}; choose another file with --db, or use --no-history",
               file=sys.stderr)
         return 1
-    server = ChatServer(settings, store)
+    try:
+        server = ChatServer(settings, store)
+        fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
+    except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
+        store.close()
+        print(f"error: cannot use the TLS certificate {settings.tls_cert}: "
+              f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
     try:
         host, port = server.listen()
     except OSError as exc:
@@ -1209,8 +1952,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     shown = f"[{host}]" if ":" in host else host
     print(f"listening on {shown}:{port}", flush=True)
-    for line in describe_reach(host, port):
+    for line in describe_reach(host, port, fingerprint):
         print(line)
+    if fingerprint:
+        print(f"TLS only; certificate fingerprint: {fingerprint}")
+    if settings.password is not None:
+        print("a room password is required to join")
     print(describe_store(store))
     print("press Ctrl-C to stop", flush=True)
 

@@ -6,11 +6,13 @@ of this process (fast, and their state can be inspected) or as subprocesses
 that time out and with events, never with fixed sleeps.
 """
 
+import hashlib
 import ipaddress
 import json
 import logging
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -830,9 +832,9 @@ T1 = "2026-01-01T11:00:00.000Z"
 T2 = "2026-01-01T12:00:00.000Z"
 
 
-class HistoryStoreTests(unittest.TestCase):
-    def store(self, path: str = ":memory:") -> socket_server.HistoryStore:
-        store = socket_server.HistoryStore(path)
+class ChatStoreTests(unittest.TestCase):
+    def store(self, path: str = ":memory:") -> socket_server.ChatStore:
+        store = socket_server.ChatStore(path)
         self.addCleanup(store.db.close)
         return store
 
@@ -872,13 +874,13 @@ class HistoryStoreTests(unittest.TestCase):
         self.assertEqual(search("secret"), [])
 
     def test_migrates_every_older_schema(self) -> None:
-        latest = len(socket_server.HistoryStore.MIGRATIONS)
+        latest = len(socket_server.ChatStore.MIGRATIONS)
         for version in range(latest):
             with self.subTest(version=version):
                 path = os.path.join(temp_dir(self), "old.sqlite3")
 
-                class OldStore(socket_server.HistoryStore):
-                    MIGRATIONS = socket_server.HistoryStore.MIGRATIONS[:version]
+                class OldStore(socket_server.ChatStore):
+                    MIGRATIONS = socket_server.ChatStore.MIGRATIONS[:version]
 
                 old = OldStore(path)
                 if version >= 1:
@@ -895,7 +897,7 @@ class HistoryStoreTests(unittest.TestCase):
             db.execute("PRAGMA user_version = 999")
         db.close()
         with self.assertRaisesRegex(socket_server.StoreError, "newer server"):
-            socket_server.HistoryStore(path)
+            socket_server.ChatStore(path)
 
     def test_unusable_files_are_clear_errors(self) -> None:
         directory = temp_dir(self)
@@ -903,9 +905,9 @@ class HistoryStoreTests(unittest.TestCase):
         with open(garbage, "wb") as out:
             out.write(b"this is not a database at all" * 100)
         with self.assertRaisesRegex(socket_server.StoreError, "garbage.sqlite3"):
-            socket_server.HistoryStore(garbage)
+            socket_server.ChatStore(garbage)
         with self.assertRaises(socket_server.StoreError):
-            socket_server.HistoryStore(os.path.join(directory, "no", "such", "dir.sqlite3"))
+            socket_server.ChatStore(os.path.join(directory, "no", "such", "dir.sqlite3"))
 
     def test_locked_database_at_start_up(self) -> None:
         path = os.path.join(temp_dir(self), "locked.sqlite3")
@@ -913,7 +915,7 @@ class HistoryStoreTests(unittest.TestCase):
         self.addCleanup(holder.close)
         holder.execute("BEGIN EXCLUSIVE")
         with self.assertRaisesRegex(socket_server.StoreError, "locked"):
-            socket_server.HistoryStore(path)
+            socket_server.ChatStore(path)
         holder.execute("ROLLBACK")
 
     def test_full_disk_stops_history_not_the_store_user(self) -> None:
@@ -1053,7 +1055,7 @@ class HistoryTests(ChatTestCase):
 class HistoryProcessTests(unittest.TestCase):
     def test_kill_9_loses_no_delivered_message(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
-        process, port = start_server_process("--db", path)
+        process, port = start_server_process("--db", path, "--rate-limit", "0")
         self.addCleanup(process.kill)
         alice, bob = Peer(port, "alice"), Peer(port, "bob")
         self.addCleanup(alice.close)
@@ -1142,6 +1144,657 @@ class HistoryProcessTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Security: passwords, lockouts, registered names, flood control, TLS, fuzzing
+# ---------------------------------------------------------------------------
+
+# Test certificates (EC P-256, valid until 2126), made once with openssl:
+# SELF_SIGNED for localhost, 127.0.0.1 and ::1; TEST_CA, and CA_SIGNED (for the
+# same names) signed by it. Private keys in a test file protect nothing.
+SELF_SIGNED_CERT = """-----BEGIN CERTIFICATE-----
+MIIBrjCCAVSgAwIBAgIUZz01rstk6fmRXIR3vSv3K+yCHcswCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNTE1NDE1N1oYDzIxMjYxMTAx
+MTU0MTU3WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAR0GQQToKrkvfBh6hv9b86Dv9mIb+Hi07xLgLiCV/8TN886uPevOpV/
+8o29K4/AvUW+81RY1nKVXsu7hQRYbp3wo4GBMH8wHQYDVR0OBBYEFLYaQ55DLOj6
+wJSq3KFXP0fCoQxJMB8GA1UdIwQYMBaAFLYaQ55DLOj6wJSq3KFXP0fCoQxJMA8G
+A1UdEwEB/wQFMAMBAf8wLAYDVR0RBCUwI4IJbG9jYWxob3N0hwR/AAABhxAAAAAA
+AAAAAAAAAAAAAAABMAoGCCqGSM49BAMCA0gAMEUCICeuC8/HNJ6U6VYPLpt+fIsd
+kvcckYfA7TAU/fzWhKuxAiEA7YB0b7ryhMSe/jvcKvH25G1GwGV02iUvyGnbk6x/
+o/I=
+-----END CERTIFICATE-----
+"""
+SELF_SIGNED_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgBruxpKhIqTWJw11E
+hlFoNsBx4sp+pGR3CCMmIKtKjaShRANCAAR0GQQToKrkvfBh6hv9b86Dv9mIb+Hi
+07xLgLiCV/8TN886uPevOpV/8o29K4/AvUW+81RY1nKVXsu7hQRYbp3w
+-----END PRIVATE KEY-----
+"""
+SELF_SIGNED_FINGERPRINT = "01716d1b4fe3f09d66331f128fa68d2fbbe14ed898d888a76cf4c00ad2ad9515"
+TEST_CA_CERT = """-----BEGIN CERTIFICATE-----
+MIIBljCCATugAwIBAgIUaMMGFqrLD+b32QMtXpO9cOxltRwwCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAwwMQ2hhdCBUZXN0IENBMCAXDTI2MTEyNTE1NDE1N1oYDzIxMjYx
+MTAxMTU0MTU3WjAXMRUwEwYDVQQDDAxDaGF0IFRlc3QgQ0EwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAASpWq3gxreleqkDEtR8hJ7j2EB3K+dZ47vSrSQM/9Ryiye3
+9bPKtqt6BxC244IkJPCfbmZWrp7M6HRMIqByjp6Qo2MwYTAdBgNVHQ4EFgQUHYUv
+9E/WJ/CFvisjJMDoiZ5DbVYwHwYDVR0jBBgwFoAUHYUv9E/WJ/CFvisjJMDoiZ5D
+bVYwDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAQYwCgYIKoZIzj0EAwID
+SQAwRgIhAJbw1pu5/xul1OQBEvEYSJ7eo2hozQWmrhekvTagpjhIAiEAkKB1n1Ba
+42ZpK/0nrpyMTVH/GzRoKsHv78lpILFdyIo=
+-----END CERTIFICATE-----
+"""
+CA_SIGNED_CERT = """-----BEGIN CERTIFICATE-----
+MIIBwTCCAWegAwIBAgIUdn6JAxZqxsI7nXVBxvn/bZoM8R4wCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAwwMQ2hhdCBUZXN0IENBMCAXDTI2MTEyNTE1NDE1N1oYDzIxMjYx
+MTAxMTU0MTU3WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggq
+hkjOPQMBBwNCAAS7b4nY1RmkoxhRBvjb/6zLdf9jw8rWFwzXh+zWyw3OyDcS+gU1
+KMv2MMYazaXwk2pWS2iiGQXNphsaD3/t34xto4GRMIGOMCwGA1UdEQQlMCOCCWxv
+Y2FsaG9zdIcEfwAAAYcQAAAAAAAAAAAAAAAAAAAAATAJBgNVHRMEAjAAMBMGA1Ud
+JQQMMAoGCCsGAQUFBwMBMB0GA1UdDgQWBBTBADjHWEmntSxrkk1pyeyKORxX+jAf
+BgNVHSMEGDAWgBQdhS/0T9Yn8IW+KyMkwOiJnkNtVjAKBggqhkjOPQQDAgNIADBF
+AiEA45JItLorW7yDXADMrto0/veGh6s9HUGZalgEvf2wZPMCIARpwT8PtwIo6QA0
+Qn1feX+LbxeXGHRh06fOfpUuUm32
+-----END CERTIFICATE-----
+"""
+CA_SIGNED_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgKMtg8OLJQBpEtS2e
+D/FLMxJ8MT6b28E/6nmeHDwjxDahRANCAAS7b4nY1RmkoxhRBvjb/6zLdf9jw8rW
+FwzXh+zWyw3OyDcS+gU1KMv2MMYazaXwk2pWS2iiGQXNphsaD3/t34xt
+-----END PRIVATE KEY-----
+"""
+
+
+def write_file(directory: str, name: str, text: str) -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w", encoding="ascii") as out:
+        out.write(text)
+    return path
+
+
+class PasswordAndGuardTests(unittest.TestCase):
+    def test_hash_and_verify(self) -> None:
+        stored = socket_server.hash_password("correct horse")
+        self.assertNotIn("correct horse", stored)
+        self.assertTrue(stored.startswith("scrypt$"))
+        self.assertTrue(socket_server.verify_password("correct horse", stored))
+        self.assertFalse(socket_server.verify_password("correct horsE", stored))
+        self.assertNotEqual(stored, socket_server.hash_password("correct horse"))   # salted
+        for damaged in ("", "scrypt$1$2", "md5$x$y", stored[:-2] + "zz"):
+            self.assertFalse(socket_server.verify_password("correct horse", damaged))
+
+    def test_pbkdf2_records_verify_too(self) -> None:
+        salt = b"0123456789abcdef"
+        digest = hashlib.pbkdf2_hmac("sha256", b"secret pass", salt, 1000)
+        stored = f"pbkdf2_sha256$1000${salt.hex()}${digest.hex()}"
+        self.assertTrue(socket_server.verify_password("secret pass", stored))
+        self.assertFalse(socket_server.verify_password("secret pasS", stored))
+
+    def test_same_secret(self) -> None:
+        self.assertTrue(socket_server.same_secret("sesame", "sesame"))
+        self.assertFalse(socket_server.same_secret("sesame", "sesame!"))
+        self.assertFalse(socket_server.same_secret("", "sesame"))
+
+    def test_guard_slows_then_locks_out_then_forgets(self) -> None:
+        guard = socket_server.LoginGuard(max_failures=3, lockout=60, delay=1.0)
+        self.assertEqual([guard.failed("h", 0), guard.failed("h", 1)], [1.0, 2.0])
+        self.assertEqual(guard.locked_for("h", 1), 0)
+        guard.failed("h", 2)
+        self.assertEqual(guard.locked_for("h", 2), 60)
+        self.assertEqual(guard.locked_for("other", 2), 0)
+        self.assertEqual(guard.locked_for("h", 63), 0)
+        guard.failed("x", 0)
+        guard.succeeded("x")
+        self.assertEqual(guard.failed("x", 1), 1.0)    # counting starts again
+        guard.forget_old(1000)
+        self.assertEqual((guard._failures, guard._locked_until), ({}, {}))
+
+    def test_guard_without_lockouts(self) -> None:
+        guard = socket_server.LoginGuard(max_failures=0, lockout=60, delay=1.0)
+        for second in range(20):
+            guard.failed("h", second)
+        self.assertEqual(guard.locked_for("h", 20), 0)
+
+    def test_token_bucket(self) -> None:
+        bucket = socket_server.TokenBucket(burst=3, now=0.0)
+        self.assertEqual([bucket.take(0.0, 2, 3) for _ in range(4)], [True, True, True, False])
+        self.assertTrue(bucket.take(0.5, 2, 3))        # one token back after half a second
+        for _ in range(30):                             # a flood piles up strikes
+            bucket.take(0.5, 2, 3)
+        self.assertGreater(bucket.strikes, socket_server.FLOOD_STRIKES)
+        self.assertTrue(bucket.take(100.0, 2, 3))       # and they drain in time
+        self.assertEqual(bucket.strikes, 0)
+
+
+class RoomPasswordTests(ChatTestCase):
+    server_settings = {"password": "sesame", "max_failures": 3, "failure_delay": 0.01}
+
+    def hello(self, **fields) -> Peer:
+        peer = self.peer()
+        peer.send(dict({"type": "hello", "name": "alice"}, **fields))
+        return peer
+
+    def test_password_needed_and_checked(self) -> None:
+        self.assert_rejected(self.hello(), "password_required")
+        self.assert_rejected(self.hello(password="open sesame"), "bad_password")
+        peer = self.hello(password="sesame")
+        self.assertEqual(peer.expect("welcome")["name"], "alice")
+
+    def test_repeated_failures_lock_the_address_out(self) -> None:
+        for _ in range(3):
+            self.assert_rejected(self.hello(password="guess"), "bad_password")
+        error = self.assert_rejected(self.hello(password="sesame"), "locked_out")
+        self.assertIn("5 minutes", error["text"])
+
+    def test_failures_are_answered_ever_more_slowly(self) -> None:
+        server = ServerThread(password="sesame", max_failures=0, failure_delay=0.15)
+        self.addCleanup(server.stop)
+        times = []
+        for _ in range(3):
+            peer = Peer(server.port)
+            started = time.monotonic()
+            peer.send({"type": "hello", "name": "x", "password": "wrong"})
+            self.assertEqual(peer.expect("error")["code"], "bad_password")
+            times.append(time.monotonic() - started)
+            peer.close()
+        self.assertGreaterEqual(times[0], 0.15)
+        self.assertGreaterEqual(times[2], 0.45)
+
+    def test_a_slowed_answer_holds_up_nobody_else(self) -> None:
+        server = ServerThread(password="sesame", max_failures=0, failure_delay=3)
+        self.addCleanup(server.stop)
+        guesser = Peer(server.port)
+        self.addCleanup(guesser.close)
+        guesser.send({"type": "hello", "name": "x", "password": "wrong"})
+        started = time.monotonic()
+        alice = Peer(server.port)
+        self.addCleanup(alice.close)
+        alice.send({"type": "hello", "name": "alice", "password": "sesame"})
+        alice.expect("welcome")
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_passwords_never_reach_the_log(self) -> None:
+        with self.assertLogs("chat", "DEBUG") as logs:
+            self.assert_rejected(self.hello(password="wrong-guess-123"), "bad_password")
+            self.hello(password="sesame").expect("welcome")
+        text = "\n".join(logs.output)
+        self.assertIn("failed password", text)
+        self.assertNotIn("wrong-guess-123", text)
+        self.assertNotIn("sesame", text)
+
+
+class RegisteredNameTests(ChatTestCase):
+    server_settings = {"failure_delay": 0.01, "max_failures": 0}
+
+    def login(self, name: str, name_password: Optional[str] = None) -> Peer:
+        peer = self.peer()
+        hello = {"type": "hello", "name": name}
+        if name_password is not None:
+            hello["name_password"] = name_password
+        peer.send(hello)
+        return peer
+
+    def register(self, peer: Peer, password: str = "correct horse") -> dict:
+        peer.send({"type": "register", "password": password})
+        return peer.expect("notice")
+
+    def test_register_protects_the_name(self) -> None:
+        alice = self.peer("alice")
+        self.assertFalse(alice.welcome["registered"])
+        self.assertEqual(self.register(alice)["code"], "registered")
+        self.assert_rejected(self.login("ALICE"), "name_protected")
+        self.assert_rejected(self.login("alice", "wrong horse"), "bad_name_password")
+        alice.send({"type": "bye"})
+        alice.read_until_closed()
+        back = self.login("alice", "correct horse")
+        self.assertTrue(back.expect("welcome")["registered"])
+
+    def test_password_rules_and_double_registration(self) -> None:
+        alice = self.peer("alice")
+        alice.send({"type": "register", "password": "short"})
+        self.assertEqual(alice.expect("error")["code"], "weak_password")
+        self.register(alice)
+        alice.send({"type": "register", "password": "another one"})
+        self.assertEqual(alice.expect("error")["code"], "already_registered")
+
+    def test_owner_logging_in_again_replaces_the_old_session(self) -> None:
+        alice = self.peer("alice")
+        self.register(alice)
+        again = self.login("alice", "correct horse")
+        self.assertEqual(again.expect("welcome")["name"], "alice")
+        messages = alice.read_until_closed()
+        self.assertIn("replaced", [m.get("code") for m in messages])
+
+    def test_change_password_and_unregister(self) -> None:
+        alice = self.peer("alice")
+        self.register(alice)
+        alice.send({"type": "change_password", "password": "wrong", "new_password": "new horse!"})
+        self.assertEqual(alice.expect("error")["code"], "bad_name_password")
+        alice.send({"type": "change_password", "password": "correct horse",
+                    "new_password": "new horse!"})
+        self.assertEqual(alice.expect("notice")["code"], "password_changed")
+        self.assert_rejected(self.login("alice", "correct horse"), "bad_name_password")
+        alice.send({"type": "unregister", "password": "wrong"})
+        self.assertEqual(alice.expect("error")["code"], "bad_name_password")
+        alice.send({"type": "unregister", "password": "new horse!"})
+        self.assertEqual(alice.expect("notice")["code"], "unregistered")
+        alice.send({"type": "bye"})
+        alice.read_until_closed()
+        self.assertFalse(self.peer("alice").welcome["registered"])
+
+    def test_registration_survives_a_restart_and_stores_no_password(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        first = ServerThread(db=path)
+        alice = Peer(first.port, "alice")
+        self.register(alice, "unguessable words")
+        alice.close()
+        first.stop()
+        with open(path, "rb") as database:
+            self.assertNotIn(b"unguessable", database.read())
+        second = ServerThread(db=path)
+        self.addCleanup(second.stop)
+        peer = Peer(second.port)
+        self.addCleanup(peer.close)
+        peer.send({"type": "hello", "name": "alice"})
+        self.assert_rejected(peer, "name_protected")
+
+    def test_returning_name_gets_what_it_missed(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.register(alice)
+        bob.say("before alice left")
+        alice.expect("message")
+        alice.send({"type": "bye"})
+        alice.read_until_closed()
+        bob.expect("leave")
+        for number in range(3):
+            bob.say(f"missed {number}")
+        back = self.login("alice", "correct horse")
+        back.expect("welcome")
+        replay = back.collect_history()
+        shown = [m.get("text") if m["type"] == "history" else m["type"] for m in replay]
+        self.assertEqual(shown, ["before alice left", "notice", "missed 0", "missed 1",
+                                 "missed 2", "history_end"])
+        self.assertEqual(replay[1]["code"], "new_since")
+
+    def test_registered_names_keep_their_whispers_across_visits(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        bob.send({"type": "whisper", "to": "alice", "text": "before registering"})
+        bob.expect("sent")
+        self.register(alice)
+        bob.send({"type": "whisper", "to": "alice", "text": "after registering"})
+        bob.expect("sent")
+        alice.send({"type": "bye"})
+        alice.read_until_closed()
+        back = self.login("alice", "correct horse")
+        back.expect("welcome")
+        back.collect_history()
+        back.send({"type": "get_history"})
+        texts = [m.get("text") for m in back.collect_history() if m["type"] == "history"]
+        self.assertEqual(texts, ["after registering"])
+
+
+class FloodTests(ChatTestCase):
+    server_settings = {"rate_limit": 5, "rate_burst": 3}
+
+    def test_over_the_rate_is_refused_then_flooders_are_cut_off(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.assertEqual(alice.welcome["limits"], {"max_length": 2000, "rate": 5, "burst": 3})
+        for number in range(3):
+            alice.send({"type": "say", "text": f"burst {number}"})
+        alice.send({"type": "say", "text": "one too many"})
+        self.assertEqual(alice.expect("error")["code"], "rate_limited")
+        self.assertEqual([bob.expect("message")["text"] for _ in range(3)],
+                         ["burst 0", "burst 1", "burst 2"])
+        flood = b"".join(encode_frame({"type": "say", "text": "x"}) for _ in range(200))
+        alice.send_raw(flood)
+        self.assertEqual(alice.read_until_closed()[-1]["code"], "flooding")
+        self.assertEqual(bob.expect("leave")["reason"].split(":")[0], "flooding")
+
+    def test_per_address_limit(self) -> None:
+        server = ServerThread(max_per_address=2)
+        self.addCleanup(server.stop)
+        first, second = Peer(server.port), Peer(server.port)
+        third = Peer(server.port)
+        self.assert_rejected(third, "too_many_connections")
+        for peer in (first, second, third):
+            peer.close()
+
+    def test_a_thousand_silent_connections_cannot_lock_others_out(self) -> None:
+        try:
+            import resource
+        except ImportError:
+            self.skipTest("no resource module to check the file limit")
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2500:
+            self.skipTest("the open-file limit is too low for 1000 connections here")
+        try:
+            probes = [socket.socket() for _ in range(2)]
+            probes[0].bind(("127.0.0.2", 0))
+            probes[1].bind(("127.0.0.3", 0))
+        except OSError:
+            self.skipTest("no 127.0.0.2 loopback address here")
+        finally:
+            for probe in probes:
+                probe.close()
+        server = ServerThread(max_per_address=20, hello_timeout=30)
+        self.addCleanup(server.stop)
+        silent = []
+        self.addCleanup(lambda: [sock.close() for sock in silent])
+        for _ in range(1000):
+            silent.append(socket.create_connection(("127.0.0.1", server.port)))
+        people = []
+        for address, name in (("127.0.0.2", "alice"), ("127.0.0.3", "bob")):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT,
+                                            source_address=(address, 0))
+            peer = Peer.__new__(Peer)
+            peer.sock, peer.decoder = sock, FrameDecoder()
+            peer.send({"type": "hello", "name": name})
+            peer.welcome = peer.expect("welcome")
+            peer.collect_history()
+            people.append(peer)
+            self.addCleanup(peer.close)
+        alice, bob = people
+        alice.say("still reachable")
+        self.assertEqual(bob.expect("message")["text"], "still reachable")
+        self.assertLessEqual(server.server.open_count, 22)
+
+
+class TlsTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._directory = tempfile.TemporaryDirectory()
+        directory = cls._directory.name
+        cls.self_signed = (write_file(directory, "self.crt", SELF_SIGNED_CERT),
+                           write_file(directory, "self.key", SELF_SIGNED_KEY))
+        cls.ca_signed = (write_file(directory, "signed.crt", CA_SIGNED_CERT),
+                         write_file(directory, "signed.key", CA_SIGNED_KEY))
+        cls.ca_file = write_file(directory, "ca.crt", TEST_CA_CERT)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._directory.cleanup()
+
+    def server(self, cert: tuple) -> ServerThread:
+        server = ServerThread(tls_cert=cert[0], tls_key=cert[1], hello_timeout=0.5,
+                              max_length=16000)
+        self.addCleanup(server.stop)
+        return server
+
+    def options(self, **changes) -> "client.TlsOptions":
+        return client.TlsOptions(known_hosts=os.path.join(temp_dir(self), "known"), **changes)
+
+    def join(self, server: ServerThread, name: str, tls: "client.TlsOptions",
+             notes: Optional[list] = None):
+        connection = client.ServerConnection.open(
+            "127.0.0.1", server.port, tls, note=(notes if notes is not None else []).append)
+        self.addCleanup(connection.close)
+        connection.send({"type": "hello", "name": name})
+        self.assertEqual(connection.receive()["type"], "welcome")
+        return connection
+
+    def test_fingerprint_matches_openssl(self) -> None:
+        self.assertEqual(socket_server.certificate_fingerprint(self.self_signed[0]),
+                         SELF_SIGNED_FINGERPRINT)
+
+    def test_trust_on_first_use_then_refuse_a_change(self) -> None:
+        server = self.server(self.self_signed)
+        tls = self.options()
+        notes: List[str] = []
+        alice = self.join(server, "alice", tls, notes)
+        self.assertIn(SELF_SIGNED_FINGERPRINT, notes[0])
+        with open(tls.known_hosts, encoding="utf-8") as known:
+            self.assertIn(f"127.0.0.1:{server.port} {SELF_SIGNED_FINGERPRINT}", known.read())
+        notes.clear()
+        bob = self.join(server, "bob", tls, notes)
+        self.assertEqual(notes, [])     # known and unchanged: nothing to say
+        bob.send({"type": "say", "text": "é" * 15000})   # 30 KB: more than one TLS record
+        while True:
+            message = alice.receive()
+            if message["type"] == "message":
+                break
+        self.assertEqual(len(message["text"]), 15000)
+        client.remember_host(tls.known_hosts, f"127.0.0.1:{server.port}", "ab" * 32)
+        with self.assertRaises(client.CannotConnect) as caught:
+            client.ServerConnection.open("127.0.0.1", server.port, tls, note=notes.append)
+        self.assertIn("WARNING", str(caught.exception))
+        self.assertIn(SELF_SIGNED_FINGERPRINT, str(caught.exception))
+
+    def test_pinned_fingerprint(self) -> None:
+        server = self.server(self.self_signed)
+        pinned = ":".join(SELF_SIGNED_FINGERPRINT[i:i + 2].upper() for i in range(0, 64, 2))
+        self.join(server, "alice", self.options(pinned=pinned))
+        with self.assertRaises(client.CannotConnect) as caught:
+            client.ServerConnection.open("127.0.0.1", server.port,
+                                         self.options(pinned="00" * 32))
+        self.assertIn("join string", str(caught.exception))
+
+    def test_ca_file_verification(self) -> None:
+        signed = self.server(self.ca_signed)
+        self.join(signed, "alice", self.options(cafile=self.ca_file))
+        self_signed = self.server(self.self_signed)
+        with self.assertRaises(client.CannotConnect) as caught:
+            client.ServerConnection.open("127.0.0.1", self_signed.port,
+                                         self.options(cafile=self.ca_file))
+        self.assertIn("cannot verify", str(caught.exception))
+
+    def test_insecure_warns(self) -> None:
+        notes: List[str] = []
+        self.join(self.server(self.self_signed), "alice", self.options(insecure=True), notes)
+        self.assertIn("WARNING", notes[0])
+
+    def test_wrong_side_plain_text_or_tls(self) -> None:
+        server = self.server(self.self_signed)
+        plain = Peer(server.port)
+        self.addCleanup(plain.close)
+        plain.send({"type": "hello", "name": "alice"})
+        self.assertIn("--tls", plain.expect("error")["text"])
+        plain_server = ServerThread()
+        self.addCleanup(plain_server.stop)
+        with self.assertRaises(client.CannotConnect) as caught:
+            client.ServerConnection.open("127.0.0.1", plain_server.port, self.options())
+        self.assertIn("does not answer TLS", str(caught.exception))
+
+    def test_stalled_handshakes_block_nobody(self) -> None:
+        server = self.server(self.self_signed)
+        stalled = []
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"\x16\x03\x01\x02\x00")     # the start of a ClientHello, then nothing
+            stalled.append(sock)
+        self.addCleanup(lambda: [sock.close() for sock in stalled])
+        started = time.monotonic()
+        alice = self.join(server, "alice", self.options(insecure=True), [])
+        self.assertLess(time.monotonic() - started, 1.0)
+        alice.send({"type": "ping"})
+        self.assertIn(alice.receive()["type"], ("history_end", "pong"))
+        for sock in stalled:    # and the hello timeout ends them
+            sock.settimeout(TIMEOUT)
+            self.assertIn(sock.recv(100), (b"",))
+
+    def test_client_program_with_the_servers_join_string(self) -> None:
+        directory = temp_dir(self)
+        process, port = start_server_process("--tls-cert", self.self_signed[0],
+                                             "--tls-key", self.self_signed[1])
+        self.addCleanup(process.kill)
+        join_string = process.wait_for_line(r"join with: python client\.py '(.+)' --tls").group(1)
+        self.assertEqual(join_string, f"127.0.0.1:{port}#{SELF_SIGNED_FINGERPRINT}")
+        process.wait_for_line("certificate fingerprint: " + SELF_SIGNED_FINGERPRINT)
+        watcher = client.ServerConnection.open("127.0.0.1", port, self.options(insecure=True),
+                                               note=lambda text: None)
+        self.addCleanup(watcher.close)
+        watcher.send({"type": "hello", "name": "watcher"})
+        bot = Process(CLIENT_SCRIPT, join_string, "--name", "bot", "--known-hosts",
+                      os.path.join(directory, "known"), stdin_data="over TLS\n")
+        self.addCleanup(bot.kill)
+        self.assertEqual(bot.finish(), 0, bot.output("stderr"))
+        while True:
+            message = watcher.receive()
+            if message["type"] == "message":
+                break
+        self.assertEqual(message["text"], "over TLS")
+
+
+class ClientCredentialTests(ChatTestCase):
+    server_settings = {"password": "sesame", "failure_delay": 0.01}
+
+    def test_room_password_from_the_environment_or_flag(self) -> None:
+        for extra, environment in ((["--password", "sesame"], {}), ([], {"CHAT_PASSWORD": "sesame"})):
+            os.environ.update(environment)
+            try:
+                bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(self.port), "--name", "bot", *extra,
+                              stdin_data="hi\n")
+            finally:
+                for key in environment:
+                    del os.environ[key]
+            self.addCleanup(bot.kill)
+            self.assertEqual(bot.finish(), 0, bot.output("stderr"))
+
+    def test_missing_password_without_a_terminal_explains_itself(self) -> None:
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(self.port), "--name", "bot", stdin_data="")
+        self.addCleanup(bot.kill)
+        self.assertEqual(bot.finish(), 1)
+        self.assertIn("needs a password", bot.output("stderr"))
+        self.assertIn("CHAT_PASSWORD", bot.output("stderr"))
+
+
+class FuzzTests(unittest.TestCase):
+    """Thousands of random and mutated frames from several connections at once.
+
+    Seeded: set CHAT_FUZZ_SEED to replay a failure (the seed is in the message),
+    and CHAT_FUZZ_FRAMES for a longer run.
+    """
+
+    SEED = int(os.environ.get("CHAT_FUZZ_SEED", "20261125"))
+    ATTACKERS = 4
+    FRAMES_EACH = int(os.environ.get("CHAT_FUZZ_FRAMES", "800"))   # per attacker
+    TYPES = ["hello", "say", "whisper", "who", "get_history", "search", "ping", "pong", "bye",
+             "register", "unregister", "change_password", "nonsense", ""]
+
+    def random_value(self, rng: random.Random, depth: int = 0):
+        choice = rng.randrange(9 if depth < 3 else 6)
+        if choice == 0:
+            return rng.randint(-2 ** 70, 2 ** 70)
+        if choice == 1:
+            return rng.random() * 1e300
+        if choice in (2, 3):
+            alphabet = "ab \x00\x1b[2J\x07\n\t\u202e\ud800é日🎉\u200d/\\\"" + "x" * 5
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(40)))
+        if choice == 4:
+            return rng.choice([None, True, False])
+        if choice == 5:
+            return rng.choice(["alice", "bob", "x" * 40, "", "Server"])
+        if choice in (6, 7):
+            return [self.random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+        return {str(self.random_value(rng, depth + 1))[:10]: self.random_value(rng, depth + 1)
+                for _ in range(rng.randrange(4))}
+
+    def random_frame(self, rng: random.Random) -> "tuple":
+        """(bytes, whether the framing is intact) for one random or damaged frame."""
+        kind = rng.randrange(10)
+        message = {"type": rng.choice(self.TYPES)}
+        for field in ("name", "text", "to", "password", "new_password", "limit"):
+            if rng.random() < 0.5:
+                message[field] = self.random_value(rng)
+        if kind == 0:
+            message = self.random_value(rng)
+        try:
+            frame = encode_frame(message)
+        except (ValueError, TypeError):
+            frame = encode_frame({"type": "say", "text": repr(message)[:1000]})
+        if kind in (1, 2):      # a few bytes changed anywhere, header included
+            data = bytearray(frame)
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            return bytes(data), False
+        if kind == 3:           # cut short
+            return frame[:rng.randrange(len(frame))], False
+        if kind == 4:           # a lying header
+            return f"{rng.randrange(10 ** 9):<10}".encode() + frame[10:], False
+        if kind == 5:           # noise
+            return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))), False
+        return frame, True
+
+    @staticmethod
+    def round_trip(sock: socket.socket) -> bool:
+        """Ping and read up to the pong: True if the connection is still usable."""
+        sock.sendall(encode_frame({"type": "ping"}))
+        decoder = FrameDecoder()
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                return False
+            decoder.feed(data)
+            for payload in decoder:
+                if decode_payload(payload)["type"] == "pong":
+                    return True
+
+    def attack(self, port: int, seed: int, stop: threading.Event) -> None:
+        """Send FRAMES_EACH frames, each one really handled by the server.
+
+        A frame that breaks the framing ends its connection (what follows
+        would only be read as part of it); after a well-framed one, a ping
+        round trip shows whether the server kept the connection.
+        """
+        rng = random.Random(seed)
+        sock = None
+        for _ in range(self.FRAMES_EACH):
+            if stop.is_set():
+                break
+            try:
+                if sock is None:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                    if rng.random() < 0.8:
+                        sock.sendall(encode_frame({"type": "hello",
+                                                   "name": f"fz{rng.randrange(10 ** 6)}"}))
+                frame, intact = self.random_frame(rng)
+                sock.sendall(frame)
+                if intact and self.round_trip(sock):
+                    continue
+            except (OSError, ProtocolError):
+                pass
+            if sock is not None:
+                sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+    def test_random_and_mutated_frames(self) -> None:
+        server = ServerThread(max_per_address=0, failure_delay=0.001, hello_timeout=1,
+                              rate_limit=1000, rate_burst=1000)
+        self.addCleanup(server.stop)
+        alice, bob = Peer(server.port, "alice"), Peer(server.port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        stop = threading.Event()
+        attackers = [threading.Thread(target=self.attack, args=(server.port, self.SEED + n, stop),
+                                      daemon=True) for n in range(self.ATTACKERS)]
+        for thread in attackers:
+            thread.start()
+        try:
+            number = 0
+            while any(thread.is_alive() for thread in attackers):
+                alice.send({"type": "say", "text": f"still here {number}"})
+                while True:     # bob must get every message, whatever else arrives
+                    message = bob.receive()
+                    if message["type"] == "message" and message["from"] == "alice":
+                        break
+                self.assertEqual(message["text"], f"still here {number}",
+                                 f"CHAT_FUZZ_SEED={self.SEED}")
+                number += 1
+                for thread in attackers:
+                    thread.join(0.01)
+        finally:
+            stop.set()
+        self.assertTrue(server.thread.is_alive(), f"server died; CHAT_FUZZ_SEED={self.SEED}")
+        alice.say("after the storm")
+        while True:
+            message = bob.expect("message")
+            if message["from"] == "alice":
+                break
+        self.assertEqual(message["text"], "after the storm")
+        buffered = sum(conn.decoder.buffered + sum(map(len, conn.outbox))
+                       for conn in list(server.server.connections))
+        self.assertLess(buffered, 8 * 1024 * 1024, f"CHAT_FUZZ_SEED={self.SEED}")
+
+
+# ---------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------
 
@@ -1168,9 +1821,12 @@ class ClientUnitTests(unittest.TestCase):
             self.assertIn(target, client.COMMANDS, alias)
 
     def test_split_address(self) -> None:
-        cases = {("host", None): ("host", 5050), ("host", 7): ("host", 7),
-                 ("1.2.3.4:6000", None): ("1.2.3.4", 6000), ("[::1]:6000", None): ("::1", 6000),
-                 ("::1", None): ("::1", 5050), ("[fe80::1]", 9): ("fe80::1", 9)}
+        cases = {("host", None): ("host", 5050, None), ("host", 7): ("host", 7, None),
+                 ("1.2.3.4:6000", None): ("1.2.3.4", 6000, None),
+                 ("[::1]:6000", None): ("::1", 6000, None), ("::1", None): ("::1", 5050, None),
+                 ("[fe80::1]", 9): ("fe80::1", 9, None),
+                 ("10.0.0.5:6000#AB:cd", None): ("10.0.0.5", 6000, "AB:cd"),
+                 ("[::1]:6000#abcd", None): ("::1", 6000, "abcd")}
         for (host, port), expected in cases.items():
             self.assertEqual(client.split_address(host, port), expected)
 
@@ -1394,6 +2050,48 @@ class ClientSessionTests(ChatTestCase):
         self.server.stop()
         self.assertTrue(self.lost.wait(TIMEOUT))
         bot.out.wait_for("disconnected: the server shut down")
+
+
+class ClientAccountCommandTests(ChatTestCase):
+    """/register, /password and /unregister, with the password prompts answered."""
+
+    def session(self, answers: List[str]) -> "client.ChatSession":
+        connection, welcome = client.join("127.0.0.1", self.port, "bot")
+        session = client.ChatSession(connection, "bot", f"127.0.0.1:{self.port}",
+                                     out=WatchedOutput(), on_lost=lambda: None,
+                                     ask_secret=lambda prompt: answers.pop(0))
+        self.addCleanup(session.leave)
+        session.start()
+        return session
+
+    def test_register_change_and_unregister_with_prompts(self) -> None:
+        answers = ["first pass", "first pass typo"]
+        bot = self.session(answers)
+        bot.handle_line("/register")
+        bot.out.wait_for("the two passwords differ")
+        answers += ["first pass", "first pass"]
+        bot.handle_line("/register")
+        bot.out.wait_for("is registered")
+        answers += ["first pass", "second pass", "second pass"]
+        bot.handle_line("/password")
+        bot.out.wait_for("password is changed")
+        answers += ["second pass"]
+        bot.handle_line("/unregister")
+        bot.out.wait_for("no longer registered")
+        self.assertEqual(answers, [])
+
+    def test_without_a_terminal_passwords_come_as_arguments(self) -> None:
+        connection, _ = client.join("127.0.0.1", self.port, "bot")
+        bot = client.ChatSession(connection, "bot", "x", out=WatchedOutput(),
+                                 on_lost=lambda: None, ask_secret=None)
+        self.addCleanup(bot.leave)
+        bot.start()
+        bot.handle_line("/register")
+        bot.out.wait_for("usage: /register PASSWORD")
+        bot.handle_line("/register piped password")
+        bot.out.wait_for("is registered")
+        bot.handle_line("/password piped")
+        bot.out.wait_for("usage: /password OLD NEW")
 
 
 class ClientConnectErrorTests(unittest.TestCase):
