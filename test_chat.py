@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import unittest
 from datetime import datetime
 from typing import List, Optional
@@ -1815,6 +1816,21 @@ class ClientUnitTests(unittest.TestCase):
         for line, expected in cases.items():
             with self.subTest(line=line):
                 self.assertEqual(client.parse_line(line), expected)
+
+    def test_no_message_can_reach_the_terminal_with_a_control_character(self) -> None:
+        controls = "".join(chr(c) for c in list(range(32)) + list(range(127, 160)))
+        hostile = f"x{controls}\x1b]0;title\x07\u202e\ud800y"
+        for kind, fields in client.SERVER_MESSAGES.items():
+            message = {"type": kind}
+            for field, expected in fields.items():
+                field = field.rstrip("?")
+                message[field] = {str: hostile, list: [hostile], dict: {}, bool: True,
+                                  int: 1}[expected]
+            line = client.format_message(message, "me") or ""
+            with self.subTest(kind=kind):
+                self.assertFalse([c for c in line
+                                  if unicodedata.category(c) in ("Cc", "Cs") or c == "\u202e"],
+                                 line)
 
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
