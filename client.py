@@ -198,13 +198,14 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
 #: Fields each server message must carry (see check_fields). Messages of a
 #: type not listed here come from a newer server and are ignored.
 SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
-    "welcome": {"name": str, "users": list, "registered?": bool, "limits?": dict},
+    "welcome": {"name": str, "users": list, "ops?": list, "registered?": bool, "limits?": dict},
     "message": {"from": str, "text": str, "ts?": str},
     "whisper": {"from": str, "to": str, "text": str, "ts?": str},
     "sent": {"text": str, "to?": str, "ts?": str},
     "join": {"name": str, "ts?": str},
-    "leave": {"name": str, "reason?": str, "ts?": str},
-    "users": {"users": list},
+    "leave": {"name": str, "reason?": str, "text?": str, "ts?": str},
+    "users": {"users": list, "ops?": list},
+    "announcement": {"from": str, "text": str, "ts?": str},
     "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
     "history_end": {"for": str, "count": int, "text?": str},
     "error": {"code": str, "text": str},
@@ -229,8 +230,11 @@ def local_time(timestamp: Optional[str], with_date: bool = False) -> str:
     return moment.strftime("%H:%M")
 
 
-def names_list(users: list) -> str:
-    return ", ".join(clean_text(str(user)) for user in users)
+def names_list(users: list, ops: Optional[list] = None) -> str:
+    """Names separated by commas; operators marked with @."""
+    operators = {str(name).lower() for name in ops or []}
+    return ", ".join(("@" if str(user).lower() in operators else "") + clean_text(str(user))
+                     for user in users)
 
 
 def format_message(message: dict, my_name: str) -> Optional[str]:
@@ -247,6 +251,8 @@ def _show_sent(message: dict, my_name: str) -> str:
 
 
 def _show_leave(message: dict, my_name: str) -> str:
+    if "text" in message:       # kicked or banned: the server says how
+        return f"[{local_time(message.get('ts'))}] * {clean_text(message['text'])}"
     reason = clean_text(str(message.get("reason", "")))
     detail = "" if reason in ("", "quit") else f" ({reason})"
     return f"[{local_time(message.get('ts'))}] * {clean_text(message['name'])} left{detail}"
@@ -259,6 +265,8 @@ def _show_history(message: dict, my_name: str) -> str:
         if sender.lower() == my_name.lower():
             return f"[{stamp}] [whisper to {clean_text(message.get('to', '?'))}] {text}"
         return f"[{stamp}] [whisper from {sender}] {text}"
+    if message["kind"] == "announcement":
+        return f"[{stamp}] *** {sender}: {text}"
     return f"[{stamp}] {sender}: {text}"
 
 
@@ -281,7 +289,9 @@ FORMATTERS: Dict[str, Callable[[dict, str], Optional[str]]] = {
     "sent": _show_sent,
     "join": lambda m, me: f"[{local_time(m.get('ts'))}] * {clean_text(m['name'])} joined",
     "leave": _show_leave,
-    "users": lambda m, me: f"* {len(m['users'])} here: {names_list(m['users'])}",
+    "users": lambda m, me: f"* {len(m['users'])} here: {names_list(m['users'], m.get('ops'))}",
+    "announcement": lambda m, me: (f"[{local_time(m.get('ts'))}] *** "
+                                   f"{clean_text(m['from'])}: {clean_text(m['text'])}"),
     "error": lambda m, me: f"! {clean_text(m['text'])}",
     "shutdown": lambda m, me: f"* {clean_text(m.get('text', 'The server is shutting down.'))}",
     "history": _show_history,
@@ -558,6 +568,14 @@ class Command(NamedTuple):
     usage: str
     summary: str
     run: Callable[["ChatSession", str], None]
+    for_operators: bool = False
+
+
+def moderation_command(name: str) -> Callable[["ChatSession", str], None]:
+    """A client command that asks the server to run moderation command `name`."""
+    def run(session: "ChatSession", argument: str) -> None:
+        session.send({"type": "moderate", "command": name, "args": argument})
+    return run
 
 
 def parse_line(line: str) -> Tuple[str, str]:
@@ -625,6 +643,7 @@ class ChatSession:
         # answers requests in order and ends every batch, even the join replay, with
         # history_end.
         self._history_headers: Deque[str] = deque(["--- earlier messages ---"])
+        self.operator = False               # the server accepted our /op
         self.leaving = threading.Event()    # we asked to leave: EOF is expected
         self.closed = threading.Event()     # the receiver thread has stopped
         self.lost_reason: Optional[str] = None
@@ -651,7 +670,8 @@ class ChatSession:
     def show_banner(self, welcome: dict) -> None:
         others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
         self.show(f"* connected to {self.server} as {self.name}")
-        self.show(f"* here now: {names_list(others)}" if others else "* nobody else is here yet")
+        self.show(f"* here now: {names_list(others, welcome.get('ops'))}" if others
+                  else "* nobody else is here yet")
         self.show("* type /help for commands, /quit to leave")
 
     # -- receiving (runs in its own thread) ----------------------------------
@@ -701,6 +721,8 @@ class ChatSession:
             self._in_history = False
             if self._history_headers:
                 self._history_headers.popleft()
+        elif kind == "notice" and message["code"] in ("op", "deop"):
+            self.operator = message["code"] == "op"
         line = format_message(message, self.name)
         if line:
             self.show(line)
@@ -752,7 +774,18 @@ class ChatSession:
             self.show(line)
 
     def cmd_clients(self, argument: str) -> None:
-        self.send({"type": "who"})
+        if self.operator:   # addresses, times and counts, as on the server console
+            self.send({"type": "moderate", "command": "clients"})
+        else:
+            self.send({"type": "who"})
+
+    def cmd_op(self, argument: str) -> None:
+        password = argument or self._secret("operator password: ", "/op PASSWORD")
+        if password:
+            self.send({"type": "op", "password": password})
+
+    def cmd_deop(self, argument: str) -> None:
+        self.send({"type": "deop"})
 
     def cmd_whisper(self, argument: str) -> None:
         target, _, text = argument.partition(" ")
@@ -856,6 +889,19 @@ COMMANDS: Dict[str, Command] = {
     "password": Command("", "change your name's password", ChatSession.cmd_password),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
     "quit": Command("", "leave the chat; so does Ctrl-D", ChatSession.cmd_quit),
+    "op": Command("", "become an operator (asks for the operator password)",
+                  ChatSession.cmd_op),
+    "deop": Command("", "stop being an operator", ChatSession.cmd_deop, True),
+    "kick": Command("NAME [REASON]", "disconnect someone", moderation_command("kick"), True),
+    "ban": Command("NAME|ADDRESS [MINUTES] [REASON]", "keep someone out",
+                   moderation_command("ban"), True),
+    "unban": Command("NAME|ADDRESS", "lift a ban", moderation_command("unban"), True),
+    "bans": Command("", "list the bans", moderation_command("bans"), True),
+    "mute": Command("NAME [MINUTES]", "let someone read but not send",
+                    moderation_command("mute"), True),
+    "unmute": Command("NAME", "let them send again", moderation_command("unmute"), True),
+    "announce": Command("TEXT", "an announcement to everyone", moderation_command("say"), True),
+    "shutdown": Command("", "stop the server", moderation_command("shutdown"), True),
 }
 ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit"}
 
@@ -883,13 +929,22 @@ def save_transcript(lines: List[str], path: Optional[str], overwrite: bool) -> s
 
 def command_help_lines() -> List[str]:
     lines = []
-    for name, command in COMMANDS.items():
-        aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
-        label = f"/{name} {command.usage}".strip()
-        also = f" (also {', '.join(aliases)})" if aliases else ""
-        lines.append(f"  {label:<18} {command.summary}{also}")
-    lines.append(f"  {'//text':<18} send a line that starts with /")
-    lines.append("  Backslash works as well as slash: \\quit, \\clients, ...")
+    for operators in (False, True):
+        if operators:
+            lines.append("for operators (after /op):")
+        for name, command in COMMANDS.items():
+            if command.for_operators != operators:
+                continue
+            aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
+            label = f"/{name} {command.usage}".strip()
+            also = f" (also {', '.join(aliases)})" if aliases else ""
+            if len(label) > 18:     # a long usage gets a line of its own
+                lines.append(f"  {label}")
+                label = ""
+            lines.append(f"  {label:<18} {command.summary}{also}")
+        if not operators:
+            lines.append(f"  {'//text':<18} send a line that starts with /")
+            lines.append("  Backslash works as well as slash: \\quit, \\clients, ...")
     return lines
 
 

@@ -40,6 +40,7 @@ string field ``"type"``. README.md documents every message type.
 """
 
 import argparse
+import codecs
 import concurrent.futures
 import dataclasses
 import errno
@@ -57,6 +58,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 import unicodedata
 from collections import deque
@@ -467,7 +469,8 @@ class Connection:
     __slots__ = ("sock", "address", "host", "decoder", "outbox", "wants_write", "paused",
                  "tls_phase", "closing", "closed", "deadline", "peer_closed", "write_shut",
                  "connected_at", "last_heard", "last_ping",
-                 "state", "name", "registered", "bucket", "messages_sent", "history_floor")
+                 "state", "name", "registered", "operator", "bucket", "messages_sent",
+                 "history_floor", "leave_text")
 
     def __init__(self, sock: socket.socket, address: tuple, now: float) -> None:
         # The transport: SelectServer's business.
@@ -491,9 +494,11 @@ class Connection:
         self.state = NEW
         self.name: Optional[str] = None
         self.registered = False         # joined under a password-protected name
+        self.operator = False           # gave the admin password: may moderate
         self.bucket: Optional[TokenBucket] = None
         self.messages_sent = 0
         self.history_floor = 0          # whispers stored before this id are not its own
+        self.leave_text: Optional[str] = None   # what others see when it goes, if not "left"
 
     @property
     def open(self) -> bool:
@@ -522,6 +527,11 @@ class Settings:
     max_failures: int = MAX_FAILURES
     lockout: float = LOCKOUT
     failure_delay: float = FAILURE_DELAY
+    admin_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    blocked_words: List[str] = dataclasses.field(default_factory=list)
+    filter_action: str = "mask"     # or "reject"
+    no_links: bool = False
+    no_whisper: bool = False
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     db: str = ":memory:"            # the command line defaults to DEFAULT_DB
@@ -529,7 +539,7 @@ class Settings:
     history: int = HISTORY_REPLAY
 
 # ---------------------------------------------------------------------------
-# The store: history and accounts, in sqlite
+# The store: history, accounts and bans, in sqlite
 # ---------------------------------------------------------------------------
 
 class StoreError(Exception):
@@ -538,7 +548,8 @@ class StoreError(Exception):
 
 class ChatStore:
     """The server's memory in sqlite3: the event log (messages, whispers,
-    joins, leaves) and registered names.
+    announcements, joins, leaves, moderation notices), registered names and
+    bans.
 
     The loop records rows as it goes and calls :meth:`commit` once per pass,
     before it sends that pass's frames: one transaction per pass (group
@@ -559,7 +570,7 @@ class ChatStore:
         CREATE TABLE events (
             id INTEGER PRIMARY KEY,
             ts TEXT NOT NULL,                   -- server time, ISO-8601 UTC
-            kind TEXT NOT NULL,                 -- message, whisper, join, leave
+            kind TEXT NOT NULL,     -- message, whisper, join, leave; later announcement, notice
             sender TEXT NOT NULL COLLATE NOCASE,
             recipient TEXT COLLATE NOCASE,      -- whispers only
             text TEXT NOT NULL DEFAULT ''       -- leave: the reason
@@ -573,6 +584,17 @@ class ChatStore:
             created TEXT NOT NULL,
             created_id INTEGER NOT NULL DEFAULT 0,      -- events.id when it was registered
             last_left_id INTEGER NOT NULL DEFAULT 0     -- events.id when it last left
+        );
+        """,
+        # 3: bans, kept across restarts.
+        """
+        CREATE TABLE bans (
+            kind TEXT NOT NULL,                 -- name or address
+            target TEXT NOT NULL COLLATE NOCASE,    -- a name, an IP address or a network
+            until REAL,                         -- Unix time it ends; NULL: until unbanned
+            reason TEXT NOT NULL DEFAULT '',
+            banned_by TEXT NOT NULL,
+            PRIMARY KEY (kind, target)
         );
         """,
     ]
@@ -694,9 +716,11 @@ class ChatStore:
 
     _COLUMNS = "SELECT id, ts, kind, sender, recipient, text FROM events "
 
+    _PUBLIC = "kind IN ('message', 'announcement')"
+
     def recent_public(self, limit: int) -> List[tuple]:
-        """The last `limit` public messages."""
-        return self._query(self._COLUMNS + "WHERE kind = 'message' ORDER BY id DESC LIMIT ?",
+        """The last `limit` public messages and announcements."""
+        return self._query(self._COLUMNS + f"WHERE {self._PUBLIC} ORDER BY id DESC LIMIT ?",
                            (limit,))
 
     def last_id(self) -> int:
@@ -705,7 +729,7 @@ class ChatStore:
         return rows[0][0] if rows else 0
 
     # Public messages, and whispers to or from one name after a given event.
-    _VISIBLE = ("(kind = 'message' OR (kind = 'whisper' AND (sender = ? OR recipient = ?) "
+    _VISIBLE = (f"({_PUBLIC} OR (kind = 'whisper' AND (sender = ? OR recipient = ?) "
                 "AND id > ?))")
 
     def recent_for(self, name: str, limit: int, whispers_after: int) -> List[tuple]:
@@ -728,7 +752,7 @@ class ChatStore:
             (SEARCH_WINDOW, name, name, whispers_after) + patterns + (limit,))
 
     def count_public_after(self, event_id: int) -> int:
-        rows = self._query("SELECT COUNT(*) FROM events WHERE kind = 'message' AND id > ?",
+        rows = self._query(f"SELECT COUNT(*) FROM events WHERE {self._PUBLIC} AND id > ?",
                            (event_id,))
         return rows[0][0] if rows else 0
 
@@ -769,6 +793,29 @@ class ChatStore:
         except sqlite3.Error as exc:
             log.error("cannot record when %s left: %s", name, exc)
 
+    # -- bans: written at once, like accounts ------------------------------
+
+    def bans(self) -> List["Ban"]:
+        now = time.time()
+        rows = self.db.execute("SELECT kind, target, until, reason, banned_by FROM bans").fetchall()
+        return [Ban(*row) for row in rows if row[2] is None or row[2] > now]
+
+    def save_ban(self, ban: "Ban") -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO bans (kind, target, until, reason, banned_by) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (ban.kind, ban.target, ban.until, ban.reason, ban.by))
+        except sqlite3.Error as exc:
+            log.error("cannot store the ban of %s: %s; it lasts until the server stops",
+                      ban.target, exc)
+
+    def delete_ban(self, ban: "Ban") -> None:
+        try:
+            self.db.execute("DELETE FROM bans WHERE kind = ? AND target = ?",
+                            (ban.kind, ban.target))
+        except sqlite3.Error as exc:
+            log.error("cannot delete the ban of %s: %s", ban.target, exc)
+
     def export(self, out: TextIO) -> int:
         """Write the whole history as readable text; return the number of lines."""
         count = 0
@@ -789,6 +836,10 @@ def format_event_line(row: tuple) -> str:
     if kind == "leave":
         return f"{when}  * {sender} left ({text})" if text and text != "quit" else \
             f"{when}  * {sender} left"
+    if kind == "announcement":
+        return f"{when}  *** {sender}: {text}"
+    if kind == "notice":
+        return f"{when}  * {text}"
     return f"{when}  {sender}: {text}"
 
 
@@ -1223,6 +1274,335 @@ class SelectServer:
 
 
 # ---------------------------------------------------------------------------
+# Moderation: message rules, bans, mutes, and the commands that run them
+# ---------------------------------------------------------------------------
+
+class MessageRules:
+    """What may be said, beyond length: blocked words, links, whispers.
+
+    check() returns the text to send (masked, perhaps) or raises
+    ModerationError naming the rule that refused it.
+    """
+
+    # A scheme (http://, ftp://, ...), "www.", or a bare domain with a common ending.
+    LINK = re.compile(
+        r"(?i)\b[a-z][a-z0-9+.-]*://\S|\bwww\.\S|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*"
+        r"\.(?:com|net|org|io|dev|app|co|info|biz|me|ly|gg|tv|xyz|edu|gov|uk|de|fr|nl|ru|cn)"
+        r"\b(?![.-]\w)")
+
+    def __init__(self, blocked_words: List[str], action: str, no_links: bool,
+                 no_whisper: bool) -> None:
+        self.action = action            # "mask" or "reject"
+        self.no_links = no_links
+        self.no_whisper = no_whisper
+        words = sorted({word.strip() for word in blocked_words if word.strip()},
+                       key=len, reverse=True)
+        # Whole words only: "ass" must not catch "class". Lookarounds instead of
+        # \b, so that words starting or ending in punctuation work too.
+        self.blocked = (re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)",
+                                   re.IGNORECASE) if words else None)
+
+    def check(self, text: str) -> str:
+        if self.no_links and self.LINK.search(text):
+            raise ModerationError("no_links", "Not sent: links are not allowed here.")
+        if self.blocked is not None and self.blocked.search(text):
+            if self.action == "reject":
+                raise ModerationError("blocked_word", "Not sent: it contains a blocked word.")
+            text = self.blocked.sub(lambda match: re.sub(r"\S", "*", match.group()), text)
+        return text
+
+
+def read_word_list(path: str) -> List[str]:
+    """--blocked-words: one word or phrase a line; blank lines and #comments skipped."""
+    with open(path, encoding="utf-8") as lines:
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+class ModerationError(Exception):
+    """A moderation command or rule said no; code and text go to whoever asked."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclasses.dataclass
+class Ban:
+    kind: str                   # "name" or "address"
+    target: str                 # a name, an IP address, or a network like 192.168.1.0/24
+    until: Optional[float]      # Unix time it ends; None: until unbanned
+    reason: str = ""
+    by: str = "server"
+
+    def matches(self, name: Optional[str], host: str) -> bool:
+        if self.kind == "name":
+            return name is not None and name.lower() == self.target.lower()
+        try:
+            return ipaddress.ip_address(host) in ipaddress.ip_network(self.target, strict=False)
+        except ValueError:
+            return False
+
+    def describe(self, now: float) -> str:
+        length = "until unbanned" if self.until is None else \
+            f"for {minutes(self.until - now)} more"
+        return f"{self.target} ({self.kind}) {length}, by {self.by}" + \
+            (f": {self.reason}" if self.reason else "")
+
+
+def parse_minutes(word: str) -> Optional[float]:
+    """A duration argument in minutes ("10", "0.5"), or None if the word is not one."""
+    try:
+        value = float(word)
+    except ValueError:
+        return None
+    return value if 0 < value < 10 ** 7 else None
+
+
+def looks_like_address(word: str) -> bool:
+    try:
+        ipaddress.ip_network(word, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+class Moderation:
+    """Bans, mutes and the moderation commands.
+
+    The server console and operators in the chat run the same commands
+    from the same table; `actor` is the operator's connection, or None for
+    the console. Each command returns lines to show whoever ran it, or
+    raises ModerationError.
+    """
+
+    COMMANDS: Dict[str, Tuple[str, str, str]] = {
+        "help": ("", "this list", "cmd_help"),
+        "clients": ("", "who is connected: address, since when, messages sent", "cmd_clients"),
+        "kick": ("NAME [REASON]", "disconnect someone", "cmd_kick"),
+        "ban": ("NAME|ADDRESS [MINUTES] [REASON]", "keep a name or an address (or network) "
+                "out, for good or for MINUTES", "cmd_ban"),
+        "unban": ("NAME|ADDRESS", "lift a ban", "cmd_unban"),
+        "bans": ("", "list the bans", "cmd_bans"),
+        "mute": ("NAME [MINUTES]", "let someone read but not send", "cmd_mute"),
+        "unmute": ("NAME", "let them send again", "cmd_unmute"),
+        "say": ("TEXT", "an announcement to everyone", "cmd_say"),
+        "shutdown": ("", "stop the server", "cmd_shutdown"),
+    }
+
+    def __init__(self, server: "ChatServer") -> None:
+        self.server = server
+        self.bans: List[Ban] = server.store.bans()
+        self.mutes: Dict[str, Optional[float]] = {}    # lower-case name -> until (None: always)
+
+    # -- what the rest of the server asks ------------------------------------
+
+    def ban_for(self, name: Optional[str], host: str) -> Optional[Ban]:
+        now = time.time()
+        expired = [ban for ban in self.bans if ban.until is not None and ban.until <= now]
+        for ban in expired:
+            self._lift(ban)
+        return next((ban for ban in self.bans if ban.matches(name, host)), None)
+
+    def mute_left(self, name: str) -> Optional[float]:
+        """Seconds of mute left for a name (inf: until unmuted), or None."""
+        if name.lower() not in self.mutes:
+            return None
+        until = self.mutes[name.lower()]
+        if until is None:
+            return float("inf")
+        left = until - time.time()
+        if left <= 0:
+            del self.mutes[name.lower()]
+            return None
+        return left
+
+    def run(self, actor: Optional[Connection], line: str) -> List[str]:
+        """Run one command line ("/kick bob spam" or "kick bob spam")."""
+        word, _, args = line.strip().lstrip("/\\").partition(" ")
+        entry = self.COMMANDS.get(word.lower())
+        if entry is None:
+            raise ModerationError("unknown_command",
+                                  f"Unknown command /{word}: /help lists the commands.")
+        return getattr(self, entry[2])(actor, args.strip())
+
+    # -- the commands ----------------------------------------------------------
+
+    def cmd_help(self, actor: Optional[Connection], args: str) -> List[str]:
+        lines = []
+        for name, (usage, summary, _) in self.COMMANDS.items():
+            label = f"/{name} {usage}".strip()
+            if len(label) > 18:     # a long usage gets a line of its own
+                lines.append(label)
+                label = ""
+            lines.append(f"{label:<19}{summary}")
+        return lines
+
+    def cmd_clients(self, actor: Optional[Connection], args: str) -> List[str]:
+        now, wall = self.server.now, time.time()
+        lines = []
+        for conn in sorted(self.server.members.values(), key=lambda c: c.name.lower()):
+            since = datetime.fromtimestamp(wall - (now - conn.connected_at)).strftime("%H:%M")
+            flags = [flag for flag, on in (("operator", conn.operator),
+                                           ("registered", conn.registered),
+                                           ("muted", self.mute_left(conn.name) is not None))
+                     if on]
+            lines.append(f"{conn.name:<20} {conn.address:<28} since {since}  "
+                         f"{conn.messages_sent} sent  {' '.join(flags)}".rstrip())
+        waiting = sum(1 for conn in self.server.connections if conn.open and conn.state != JOINED)
+        lines.append(f"{len(lines)} in the chat" + (f", {waiting} connecting" if waiting else ""))
+        return lines
+
+    def cmd_kick(self, actor: Optional[Connection], args: str) -> List[str]:
+        name, _, reason = args.partition(" ")
+        target = self._member(actor, name, "/kick NAME [REASON]")
+        text = f"{target.name} was kicked by {self._name(actor)}" + \
+            (f": {reason.strip()}" if reason.strip() else "")
+        self._remove(target, "kicked", text)
+        return [text]
+
+    def cmd_ban(self, actor: Optional[Connection], args: str) -> List[str]:
+        words = args.split()
+        if not words:
+            raise ModerationError("usage", "Usage: /ban NAME|ADDRESS [MINUTES] [REASON]")
+        target, rest = words[0], words[1:]
+        length = parse_minutes(rest[0]) if rest else None
+        if length is not None:
+            rest = rest[1:]
+        until = time.time() + length * 60 if length is not None else None
+        reason, by = " ".join(rest), self._name(actor)
+        how_long = f" for {minutes(length * 60)}" if length is not None else ""
+        if looks_like_address(target):
+            bans = [Ban("address", target, until, reason, by)]
+            victims = [conn for conn in self.server.members.values()
+                       if bans[0].matches(None, conn.host)]
+        else:
+            member = self._member(actor, target, "/ban NAME|ADDRESS [MINUTES] [REASON]",
+                                  must_be_here=False)
+            name = member.name if member else target
+            if not NAME_PATTERN.fullmatch(name):
+                raise ModerationError("bad_name", f'"{name}" is neither a name nor an address.')
+            bans = [Ban("name", name, until, reason, by)]
+            if member:
+                bans.append(Ban("address", member.host, until, reason, by))
+            victims = [member] if member else []
+        for conn in victims:
+            if actor is not None and conn.operator:
+                raise ModerationError("not_allowed", f"{conn.name} is an operator too.")
+        for ban in bans:
+            self._add(ban)
+        lines = [f"banned {ban.target} ({ban.kind}){how_long}" for ban in bans]
+        for conn in victims:
+            text = f"{conn.name} was banned by {by}{how_long}" + (f": {reason}" if reason else "")
+            self._remove(conn, "banned", text)
+            lines.append(text)
+        return lines
+
+    def cmd_unban(self, actor: Optional[Connection], args: str) -> List[str]:
+        target = args.strip()
+        if not target:
+            raise ModerationError("usage", "Usage: /unban NAME|ADDRESS")
+        lifted = [ban for ban in self.bans if ban.target.lower() == target.lower()]
+        if not lifted:
+            raise ModerationError("not_banned", f"{target} is not banned. /bans lists the bans.")
+        for ban in lifted:
+            self._lift(ban)
+        self.server.record_notice(actor, f"{target} was unbanned by {self._name(actor)}")
+        return [f"unbanned {ban.target} ({ban.kind})" for ban in lifted]
+
+    def cmd_bans(self, actor: Optional[Connection], args: str) -> List[str]:
+        self.ban_for(None, "")      # drops the expired ones
+        now = time.time()
+        return [ban.describe(now) for ban in self.bans] or ["nobody is banned"]
+
+    def cmd_mute(self, actor: Optional[Connection], args: str) -> List[str]:
+        name, _, length_word = args.partition(" ")
+        target = self._member(actor, name, "/mute NAME [MINUTES]")
+        length = parse_minutes(length_word.strip()) if length_word.strip() else None
+        if length_word.strip() and length is None:
+            raise ModerationError("usage", "Usage: /mute NAME [MINUTES]")
+        until = time.time() + length * 60 if length is not None else None
+        self.mutes[target.name.lower()] = until
+        how_long = f" for {minutes(length * 60)}" if length is not None else ""
+        text = f"{target.name} was muted by {self._name(actor)}{how_long}"
+        self.server.notify_all("muted", text, exclude=target)
+        self.server.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
+                                  f"{self._name(actor)}{how_long}: you can read, but not send."})
+        if length is not None:
+            self.server.call_later(length * 60, lambda: self._mute_over(target.name, until))
+        return [text]
+
+    def cmd_unmute(self, actor: Optional[Connection], args: str) -> List[str]:
+        name = args.strip()
+        if not name or name.lower() not in self.mutes:
+            raise ModerationError("not_muted", f"{name or 'Nobody'} is not muted.")
+        del self.mutes[name.lower()]
+        member = self.server.members.get(name.lower())
+        shown = member.name if member else name
+        text = f"{shown} was unmuted by {self._name(actor)}"
+        self.server.notify_all("unmuted", text, exclude=member)
+        if member is not None:
+            self.server.send(member, {"type": "notice", "code": "unmuted",
+                                      "text": f"You were unmuted by {self._name(actor)}."})
+        return [text]
+
+    def cmd_say(self, actor: Optional[Connection], args: str) -> List[str]:
+        text = clean_text(args)
+        if not text:
+            raise ModerationError("usage", "Usage: /say TEXT")
+        self.server.announce(self._name(actor), text[:self.server.settings.max_length])
+        return []
+
+    def cmd_shutdown(self, actor: Optional[Connection], args: str) -> List[str]:
+        self.server.shutdown_by = self._name(actor)
+        self.server.stop()
+        return ["shutting down"]
+
+    # -- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _name(actor: Optional[Connection]) -> str:
+        return actor.name if actor is not None else "server"
+
+    def _member(self, actor: Optional[Connection], name: str, usage: str,
+                must_be_here: bool = True) -> Optional[Connection]:
+        if not name:
+            raise ModerationError("usage", f"Usage: {usage}")
+        member = self.server.members.get(name.lower())
+        if member is None and must_be_here:
+            raise ModerationError("unknown_user", f'Nobody called "{clean_text(name)[:40]}" '
+                                  "is here.")
+        if member is not None and actor is not None and member.operator and member is not actor:
+            raise ModerationError("not_allowed", f"{member.name} is an operator too.")
+        return member
+
+    def _remove(self, conn: Connection, code: str, text: str) -> None:
+        """Tell someone why they must go, and everyone else the same, then close."""
+        self.server.send_error(conn, code, text)
+        conn.leave_text = text
+        self.server.close(conn, text)
+
+    def _add(self, ban: Ban) -> None:
+        self.bans = [old for old in self.bans
+                     if (old.kind, old.target.lower()) != (ban.kind, ban.target.lower())]
+        self.bans.append(ban)
+        self.server.store.save_ban(ban)
+
+    def _lift(self, ban: Ban) -> None:
+        self.bans.remove(ban)
+        self.server.store.delete_ban(ban)
+
+    def _mute_over(self, name: str, until: Optional[float]) -> None:
+        if self.mutes.get(name.lower(), "gone") != until:
+            return      # unmuted, or muted again since
+        del self.mutes[name.lower()]
+        member = self.server.members.get(name.lower())
+        if member is not None:
+            self.server.send(member, {"type": "notice", "code": "unmuted",
+                                      "text": "Your mute is over: you can send again."})
+
+
+# ---------------------------------------------------------------------------
 # The chat
 # ---------------------------------------------------------------------------
 
@@ -1242,6 +1622,9 @@ class ChatServer(SelectServer):
         "register": ({"password": str}, "on_register"),
         "unregister": ({"password": str}, "on_unregister"),
         "change_password": ({"password": str, "new_password": str}, "on_change_password"),
+        "op": ({"password": str}, "on_op"),
+        "deop": ({}, "on_deop"),
+        "moderate": ({"command": str, "args?": str}, "on_moderate"),
         "ping": ({}, "on_ping"),
         "pong": ({}, "on_pong"),
         "bye": ({}, "on_bye"),
@@ -1256,6 +1639,10 @@ class ChatServer(SelectServer):
         self.members: Dict[str, Connection] = {}    # lower-case name -> joined connection
         self.accounts: Dict[str, str] = self.store.accounts()  # lower-case name -> hash
         self.guard = LoginGuard(settings.max_failures, settings.lockout, settings.failure_delay)
+        self.rules = MessageRules(settings.blocked_words, settings.filter_action,
+                                  settings.no_links, settings.no_whisper)
+        self.moderation = Moderation(self)
+        self.shutdown_by: Optional[str] = None
         self._workers = concurrent.futures.ThreadPoolExecutor(
             PASSWORD_WORKERS, thread_name_prefix="password")
         self._password_jobs = 0
@@ -1266,6 +1653,14 @@ class ChatServer(SelectServer):
 
     def connection_made(self, conn: Connection) -> None:
         log.info("connection from %s", conn.address)
+        ban = self.moderation.ban_for(None, conn.host)
+        if ban is not None:
+            self.refuse(conn, "banned", self.ban_text(ban))
+
+    def ban_text(self, ban: Ban) -> str:
+        length = "" if ban.until is None else f" for {minutes(ban.until - time.time())} more"
+        return f"You are banned from this chat{length}" + \
+            (f": {ban.reason}" if ban.reason else ".")
 
     def refuse(self, conn: Connection, code: str, text: str) -> None:
         if conn.tls_phase:     # it expects TLS; a plain-text error frame would be noise
@@ -1287,7 +1682,10 @@ class ChatServer(SelectServer):
         self.store.record(timestamp, "leave", conn.name, None, reason)
         if conn.registered:
             self.store.mark_left(conn.name)
-        self.broadcast({"type": "leave", "name": conn.name, "reason": reason, "ts": timestamp})
+        leave = {"type": "leave", "name": conn.name, "reason": reason, "ts": timestamp}
+        if conn.leave_text:
+            leave["text"] = conn.leave_text
+        self.broadcast(leave)
         log.info("%s left: %s", conn.name, reason)
 
     def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
@@ -1297,7 +1695,8 @@ class ChatServer(SelectServer):
         self.store.commit()     # before the frames go out: nothing reaches anyone unstored
 
     def shutting_down(self) -> None:
-        frame = encode_frame({"type": "shutdown", "text": "The server is shutting down."})
+        by = f" ({self.shutdown_by})" if self.shutdown_by not in (None, "server") else ""
+        frame = encode_frame({"type": "shutdown", "text": f"The server is shutting down{by}."})
         for conn in self.connections:
             if conn.open and not conn.tls_phase:
                 conn.outbox.append(frame)
@@ -1397,6 +1796,10 @@ class ChatServer(SelectServer):
         if key in RESERVED_NAMES:
             self.reject(conn, "name_reserved", f'The name "{name}" is reserved. Pick another.')
             return
+        ban = self.moderation.ban_for(name, conn.host)
+        if ban is not None:
+            self.reject(conn, "banned", self.ban_text(ban))
+            return
         stored = self.accounts.get(key)
         if stored is None:
             if key in self.members:
@@ -1437,7 +1840,8 @@ class ChatServer(SelectServer):
         if self.settings.rate_limit:
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
         self.send(conn, {"type": "welcome", "name": name, "users": self.user_names(),
-                         "registered": registered, "limits": limits})
+                         "ops": self.operator_names(), "registered": registered,
+                         "limits": limits})
         self.replay_history(conn)
         timestamp = utc_timestamp()
         self.store.record(timestamp, "join", name)
@@ -1473,6 +1877,9 @@ class ChatServer(SelectServer):
         log.debug("%s says: %s", conn.name, text)
 
     def on_whisper(self, conn: Connection, message: dict) -> None:
+        if self.rules.no_whisper:
+            self.send_error(conn, "whispers_off", "Whispers are turned off on this server.")
+            return
         target = self.members.get(message["to"].lower())
         if target is None:
             self.send_error(conn, "unknown_user",
@@ -1490,7 +1897,8 @@ class ChatServer(SelectServer):
         log.debug("%s whispers to %s: %s", conn.name, target.name, text)
 
     def on_who(self, conn: Connection, message: dict) -> None:
-        self.send(conn, {"type": "users", "users": self.user_names()})
+        self.send(conn, {"type": "users", "users": self.user_names(),
+                         "ops": self.operator_names()})
 
     def on_get_history(self, conn: Connection, message: dict) -> None:
         limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
@@ -1544,6 +1952,39 @@ class ChatServer(SelectServer):
 
         self.run_password_job(conn, check_and_hash,
                               lambda hashed: self._save_account(conn, hashed, "password_changed"))
+
+    def on_op(self, conn: Connection, message: dict) -> None:
+        if self.settings.admin_password is None:
+            self.send_error(conn, "no_operators", "This server has no operator password.")
+        elif not same_secret(message["password"], self.settings.admin_password):
+            self.login_failed(conn, "bad_admin_password", "Wrong operator password.")
+        elif not conn.operator:
+            conn.operator = True
+            log.info("%s is now an operator", conn.name)
+            self.send(conn, {"type": "notice", "code": "op", "text": "You are an operator now: "
+                             "/help lists the moderation commands."})
+            self.notify_all("new_operator", f"{conn.name} is now an operator", exclude=conn)
+
+    def on_deop(self, conn: Connection, message: dict) -> None:
+        if conn.operator:
+            conn.operator = False
+            self.send(conn, {"type": "notice", "code": "deop",
+                             "text": "You are no longer an operator."})
+
+    def on_moderate(self, conn: Connection, message: dict) -> None:
+        if not conn.operator:
+            self.send_error(conn, "not_operator", "Only operators can do that: /op PASSWORD.")
+            return
+        line = f"{message['command']} {message.get('args', '')}"
+        log.info("%s runs /%s", conn.name, message["command"])
+        try:
+            replies = self.moderation.run(conn, line)
+        except ModerationError as exc:
+            self.send_error(conn, exc.code, exc.text)
+            return
+        if conn.open:
+            for reply in replies:
+                self.send(conn, {"type": "notice", "code": "moderation", "text": reply})
 
     def on_ping(self, conn: Connection, message: dict) -> None:
         self.send(conn, {"type": "pong"})
@@ -1643,16 +2084,29 @@ class ChatServer(SelectServer):
     # -- helpers for handlers ----------------------------------------------
 
     def checked_text(self, conn: Connection, text: str) -> Optional[str]:
-        """The text cleaned for display, or None after telling the sender what is wrong."""
+        """The text as it may be sent, or None after telling the sender why not.
+
+        Cleaned for display, within the length limit, through the message
+        rules (masked or refused), and not from someone muted.
+        """
+        muted = self.moderation.mute_left(conn.name)
+        if muted is not None:
+            left = "until unmuted" if muted == float("inf") else f"for {minutes(muted)} more"
+            self.send_error(conn, "muted", f"You are muted {left}: you can read, but not send.")
+            return None
         text = clean_text(text)
         if not text:
             self.send_error(conn, "empty_message", "Empty messages are not sent.")
             return None
         if len(text) > self.settings.max_length:
-            self.send_error(conn, "too_long", f"Messages are limited to "
+            self.send_error(conn, "too_long", f"Not sent: messages are limited to "
                             f"{self.settings.max_length} characters; yours had {len(text)}.")
             return None
-        return text
+        try:
+            return self.rules.check(text)
+        except ModerationError as exc:
+            self.send_error(conn, exc.code, exc.text)
+            return None
 
     def send_history(self, conn: Connection, purpose: str, rows: List[tuple],
                      missed_after: Optional[int] = None) -> None:
@@ -1689,6 +2143,25 @@ class ChatServer(SelectServer):
     def user_names(self) -> List[str]:
         return sorted((conn.name for conn in self.members.values()), key=str.lower)
 
+    def operator_names(self) -> List[str]:
+        return sorted((conn.name for conn in self.members.values() if conn.operator),
+                      key=str.lower)
+
+    def notify_all(self, code: str, text: str, exclude: Optional[Connection] = None) -> None:
+        """A notice for everyone in the chat (but `exclude`), kept in the history too."""
+        self.store.record(utc_timestamp(), "notice", "server", None, text)
+        self.broadcast({"type": "notice", "code": code, "text": text}, exclude=exclude)
+
+    def record_notice(self, actor: Optional[Connection], text: str) -> None:
+        self.store.record(utc_timestamp(), "notice", actor.name if actor else "server", None,
+                          text)
+
+    def announce(self, by: str, text: str) -> None:
+        """An announcement from the console or an operator, to everyone."""
+        timestamp = utc_timestamp()
+        self.store.record(timestamp, "announcement", by, None, text)
+        self.broadcast({"type": "announcement", "from": by, "text": text, "ts": timestamp})
+
     # -- sending -----------------------------------------------------------
 
     def send(self, conn: Connection, message: dict) -> None:
@@ -1709,6 +2182,55 @@ class ChatServer(SelectServer):
         """Send an error, then close the connection once it has gone out."""
         self.send_error(conn, code, text)
         self.close(conn, f"{code}: {text}")
+
+# ---------------------------------------------------------------------------
+# The server console
+# ---------------------------------------------------------------------------
+
+class Console:
+    """The server's terminal as a moderation console.
+
+    A thread reads lines from the terminal and hands each to the loop with
+    call_soon, whose wake-up socket works on Windows too; the loop runs it
+    and prints the reply. It reads the file descriptor directly, not
+    sys.stdin, so that no buffer lock is held when the process exits.
+    Without a terminal, or once input ends, the server simply runs on.
+    """
+
+    def __init__(self, server: "ChatServer", fd: int, out: TextIO) -> None:
+        self.server = server
+        self.fd = fd
+        self.out = out
+        self._thread = threading.Thread(target=self._read_lines, name="console", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _read_lines(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return      # input closed: the server runs on without a console
+            pending += decoder.decode(chunk)
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                if line.strip():
+                    self.server.call_soon(lambda line=line: self.run(line))
+
+    def run(self, line: str) -> None:
+        """Run one console line, in the loop, and print what it says."""
+        try:
+            replies = self.server.moderation.run(None, line)
+        except ModerationError as exc:
+            replies = [f"! {exc.text}"]
+        for reply in replies:
+            print(reply, file=self.out, flush=True)
+
 
 # ---------------------------------------------------------------------------
 # Start-up: telling the user where the server can be reached
@@ -1854,6 +2376,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                f"0 never locks out (default: {MAX_FAILURES})")
     security.add_argument("--lockout", type=float, default=LOCKOUT, metavar="SECONDS",
                           help=f"how long a lockout lasts (default: {LOCKOUT:g})")
+    moderation = parser.add_argument_group("moderation")
+    moderation.add_argument("--admin-password",
+                            help="lets a user become an operator with /op PASSWORD; safer in "
+                                 "the CHAT_ADMIN_PASSWORD environment variable")
+    moderation.add_argument("--blocked-words", metavar="FILE",
+                            help="words or phrases (one a line, any case, whole words) that "
+                                 "messages may not contain")
+    moderation.add_argument("--filter-action", choices=["mask", "reject"], default="mask",
+                            help="what happens to a message with a blocked word: its letters "
+                                 "become * (mask), or it is refused (default: mask)")
+    moderation.add_argument("--no-links", action="store_true",
+                            help="refuse messages that contain links")
+    moderation.add_argument("--no-whisper", action="store_true",
+                            help="turn whispers (direct messages) off")
     parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
                         help="sqlite file for history; ':memory:' keeps it only while the "
                              f"server runs (default: {DEFAULT_DB} in the current directory)")
@@ -1883,7 +2419,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                     max_per_address=args.max_per_address, max_failures=args.max_failures,
-                    lockout=args.lockout)
+                    lockout=args.lockout,
+                    admin_password=(args.admin_password or os.environ.get("CHAT_ADMIN_PASSWORD")
+                                    or None),
+                    filter_action=args.filter_action, no_links=args.no_links,
+                    no_whisper=args.no_whisper)
 
 
 def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -1919,6 +2459,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     check_settings(parser, settings)
+    if args.blocked_words:
+        try:
+            settings.blocked_words = read_word_list(args.blocked_words)
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"error: cannot read --blocked-words {args.blocked_words}: "
+                  f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(message)s")
 
@@ -1959,7 +2506,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if settings.password is not None:
         print("a room password is required to join")
     print(describe_store(store))
-    print("press Ctrl-C to stop", flush=True)
+    if sys.stdin.isatty():
+        Console(server, sys.stdin.fileno(), sys.stdout).start()
+        print("type /help here for the moderation console; Ctrl-C stops the server", flush=True)
+    else:
+        print("press Ctrl-C to stop", flush=True)
 
     for signal_name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, signal_name):

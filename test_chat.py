@@ -1796,6 +1796,324 @@ class FuzzTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Moderation: the console, operators, bans, mutes, message rules
+# ---------------------------------------------------------------------------
+
+def in_loop(server: ServerThread, function):
+    """Run function inside the server's loop thread and return its result."""
+    done, result = threading.Event(), []
+
+    def call() -> None:
+        try:
+            result.append(function())
+        finally:
+            done.set()
+
+    server.server.call_soon(call)
+    if not done.wait(TIMEOUT):
+        raise AssertionError("the server loop did not run the call")
+    return result[0]
+
+
+def loopback_peer(port: int, source: str, name: Optional[str] = None) -> Peer:
+    """A Peer connecting from another loopback address (127.0.0.2, ...)."""
+    peer = Peer.__new__(Peer)
+    peer.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
+                                         source_address=(source, 0))
+    peer.decoder, peer.welcome, peer.replay = FrameDecoder(), None, []
+    if name:
+        peer.send({"type": "hello", "name": name})
+        peer.welcome = peer.expect("welcome")
+        peer.replay = peer.collect_history()
+    return peer
+
+
+def have_extra_loopback() -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False
+
+
+class ModerationTests(ChatTestCase):
+    server_settings = {"admin_password": "op-secret", "failure_delay": 0.01}
+
+    def console(self, line: str) -> List[str]:
+        """Run a console line in the loop; return what the console printed."""
+        out = WatchedOutput()
+        console = socket_server.Console(self.server.server, -1, out)
+        in_loop(self.server, lambda: console.run(line))
+        return out.lines
+
+    def operator(self, name: str = "alice") -> Peer:
+        peer = self.peer(name)
+        peer.send({"type": "op", "password": "op-secret"})
+        self.assertEqual(peer.expect("notice")["code"], "op")
+        return peer
+
+    def moderate(self, peer: Peer, command: str, args: str = "") -> dict:
+        """Run a moderation command as an operator; return the error or the first reply."""
+        peer.send({"type": "moderate", "command": command, "args": args})
+        while True:
+            message = peer.receive()
+            if message["type"] == "error" or message.get("code") == "moderation":
+                return message
+
+    def test_console_reads_lines_from_its_input_and_answers(self) -> None:
+        read_end, write_end = os.pipe()
+        out = WatchedOutput()
+        socket_server.Console(self.server.server, read_end, out).start()
+        self.addCleanup(os.close, read_end)
+        os.write(write_end, "/help\nkick nobody\n".encode())
+        out.wait_for("/kick NAME [REASON]")
+        out.wait_for('Nobody called "nobody" is here.')
+        os.close(write_end)     # input ends: the server runs on
+        alice = self.peer("alice")
+        self.assertEqual(alice.welcome["name"], "alice")
+
+    def test_kick_from_the_console(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.assertEqual(self.console("/kick bob spamming"), ["bob was kicked by server: spamming"])
+        error = self.assert_rejected(bob, "kicked")
+        self.assertEqual(error["text"], "bob was kicked by server: spamming")
+        leave = alice.expect("leave")
+        self.assertEqual(leave["text"], "bob was kicked by server: spamming")
+        self.assertEqual(self.console("/kick bob"), ['! Nobody called "bob" is here.'])
+
+    def test_operators(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        alice.send({"type": "op", "password": "wrong"})
+        self.assertEqual(alice.expect("error")["code"], "bad_admin_password")
+        self.assertEqual(self.moderate(bob, "kick", "carol")["code"], "not_operator")
+        alice.send({"type": "op", "password": "op-secret"})
+        self.assertEqual(alice.expect("notice")["code"], "op")
+        self.assertEqual(bob.expect("notice")["text"], "alice is now an operator")
+        bob.send({"type": "who"})
+        self.assertEqual(bob.expect("users")["ops"], ["alice"])
+        self.assertEqual(self.peer("dave").welcome["ops"], ["alice"])
+        self.assertEqual(self.moderate(alice, "kick", "ghost")["code"], "unknown_user")
+        self.assertEqual(self.moderate(alice, "kick", "bob flooding")["text"],
+                         "bob was kicked by alice: flooding")
+        self.assertEqual(self.assert_rejected(bob, "kicked")["text"],
+                         "bob was kicked by alice: flooding")
+        self.assertEqual(carol.expect("leave")["text"], "bob was kicked by alice: flooding")
+
+    def test_operators_cannot_act_on_each_other_but_the_console_can(self) -> None:
+        alice, bob = self.operator("alice"), self.operator("bob")
+        for command in ("kick", "mute", "ban"):
+            self.assertEqual(self.moderate(alice, command, "bob")["code"], "not_allowed")
+        self.console("/kick bob")
+        self.assert_rejected(bob, "kicked")
+
+    def test_ban_by_name_holds_across_reconnects_and_ends(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        lines = self.console("/ban bob 30 rude")
+        self.assertIn("bob was banned by server for 30 minutes: rude", lines)
+        self.assertEqual(self.assert_rejected(bob, "banned")["text"],
+                         "bob was banned by server for 30 minutes: rude")
+        again = self.peer()
+        again.send({"type": "hello", "name": "BOB"})
+        error = self.assert_rejected(again, "banned")
+        self.assertIn("30 minutes more: rude", error["text"])
+        self.assertTrue(any("bob (name)" in line for line in self.console("/bans")))
+
+        def expire() -> None:
+            for ban in self.server.server.moderation.bans:
+                ban.until = time.time() - 1
+
+        in_loop(self.server, expire)
+        self.assertEqual(self.console("/bans"), ["nobody is banned"])
+        self.assertEqual(self.peer("bob").welcome["name"], "bob")
+
+    @unittest.skipUnless(have_extra_loopback(), "needs 127.0.0.2 and 127.0.0.3")
+    def test_ban_by_address_removes_everyone_there_and_keeps_them_out(self) -> None:
+        alice = loopback_peer(self.port, "127.0.0.2", "alice")
+        alias = loopback_peer(self.port, "127.0.0.2", "alias")
+        bob = loopback_peer(self.port, "127.0.0.3", "bob")
+        for peer in (alice, alias, bob):
+            self.addCleanup(peer.close)
+        lines = self.console("/ban 127.0.0.2")
+        self.assertEqual(lines[0], "banned 127.0.0.2 (address)")
+        self.assert_rejected(alice, "banned")
+        self.assert_rejected(alias, "banned")
+        newcomer = loopback_peer(self.port, "127.0.0.2")
+        self.addCleanup(newcomer.close)
+        self.assertIn("banned from this chat", self.assert_rejected(newcomer, "banned")["text"])
+        bob.say("unaffected")
+        self.console("/unban 127.0.0.2")
+        back = loopback_peer(self.port, "127.0.0.2", "alice")
+        self.addCleanup(back.close)
+        self.assertEqual(back.welcome["name"], "alice")
+        self.console("/ban 127.0.0.0/29 5")
+        self.assert_rejected(back, "banned")
+        self.assert_rejected(bob, "banned")
+
+    def test_banning_a_name_also_bans_its_address(self) -> None:
+        bob = self.peer("bob")
+        lines = self.console("/ban bob")
+        self.assertEqual(lines[:2], ["banned bob (name)", "banned 127.0.0.1 (address)"])
+        self.assert_rejected(bob, "banned")
+        self.assert_rejected(self.peer(), "banned")     # even before any hello
+
+    def test_bans_survive_a_restart(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        first = ServerThread(db=path)
+        in_loop(first, lambda: first.server.moderation.run(None, "/ban mallory 60 spam"))
+        first.stop()
+        second = ServerThread(db=path)
+        self.addCleanup(second.stop)
+        peer = Peer(second.port)
+        self.addCleanup(peer.close)
+        peer.send({"type": "hello", "name": "mallory"})
+        self.assertIn("spam", self.assert_rejected(peer, "banned")["text"])
+
+    def test_mute_unmute_and_expiry(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.console("/mute bob 10")
+        self.assertEqual(alice.expect("notice")["text"], "bob was muted by server for 10 minutes")
+        self.assertEqual(bob.expect("notice")["text"],
+                         "You were muted by server for 10 minutes: you can read, but not send.")
+        bob.send({"type": "say", "text": "let me speak"})
+        error = bob.expect("error")
+        self.assertEqual(error["code"], "muted")
+        self.assertIn("10 minutes more", error["text"])
+        bob.send({"type": "whisper", "to": "alice", "text": "psst"})
+        self.assertEqual(bob.expect("error")["code"], "muted")
+        alice.say("you can still read")
+        self.assertEqual(bob.expect("message")["text"], "you can still read")
+        self.assertNotIn("message", [m["type"] for m in alice.sync()])
+        self.console("/unmute bob")
+        self.assertEqual(alice.expect("notice")["text"], "bob was unmuted by server")
+        self.assertEqual(bob.expect("notice")["text"], "You were unmuted by server.")
+        bob.say("free again")
+        self.console("/mute bob 0.003")    # about 0.2 s
+        self.assertEqual(bob.expect("notice")["code"], "muted")
+        self.assertEqual(bob.expect("notice")["code"], "unmuted")
+        bob.say("and again")
+
+    def test_announcements_reach_everyone_and_stay_in_history(self) -> None:
+        alice = self.operator("alice")
+        self.assertEqual(self.console("/say coffee is ready"), [])
+        announcement = alice.expect("announcement")
+        self.assertEqual((announcement["from"], announcement["text"]), ("server", "coffee is ready"))
+        alice.send({"type": "moderate", "command": "say", "args": "meeting at 3"})
+        self.assertEqual(alice.expect("announcement")["from"], "alice")
+        newcomer = self.peer("newcomer")
+        self.assertEqual([(m["kind"], m["text"]) for m in newcomer.replay if m["type"] == "history"],
+                         [("announcement", "coffee is ready"), ("announcement", "meeting at 3")])
+
+    def test_clients_listing(self) -> None:
+        self.operator("alice")
+        self.peer("bob").say("one")
+        lines = self.console("/clients")
+        self.assertRegex(lines[0], r"^alice +127\.0\.0\.1:\d+ +since \d\d:\d\d  0 sent  operator$")
+        self.assertRegex(lines[1], r"^bob .* 1 sent$")
+        self.assertEqual(lines[-1], "2 in the chat")
+
+    def test_shutdown_by_an_operator(self) -> None:
+        alice, bob = self.operator("alice"), self.peer("bob")
+        alice.send({"type": "moderate", "command": "shutdown"})
+        messages = bob.read_until_closed()
+        self.assertEqual(messages[-1], {"type": "shutdown",
+                                        "text": "The server is shutting down (alice)."})
+        self.server.thread.join(TIMEOUT)
+        self.assertFalse(self.server.thread.is_alive())
+
+    def test_unknown_and_malformed_commands(self) -> None:
+        self.assertEqual(self.console("/dance"),
+                         ["! Unknown command /dance: /help lists the commands."])
+        for line in ("/ban", "/mute", "/kick", "/say", "/unban", "/unmute nobody"):
+            self.assertTrue(self.console(line)[0].startswith("! "), line)
+
+    @unittest.skipUnless(POSIX, "a pseudo-terminal needs POSIX")
+    def test_console_of_a_real_server_process_on_a_terminal(self) -> None:
+        import pty
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--host", "127.0.0.1", "--port",
+                                 "0", "--db", ":memory:"], stdin=slave, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=HERE)
+        os.close(slave)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        port = None
+        while port is None:
+            line = proc.stdout.readline().decode()
+            self.assertTrue(line, "the server ended before listening")
+            match = re.match(r"listening on 127\.0\.0\.1:(\d+)", line)
+            port = int(match.group(1)) if match else None
+        while "moderation console" not in line:
+            line = proc.stdout.readline().decode()
+            self.assertTrue(line)
+        alice = Peer(port, "alice")
+        self.addCleanup(alice.close)
+        os.write(master, b"/say hello from the console\n")
+        self.assertEqual(alice.expect("announcement")["text"], "hello from the console")
+        os.write(master, b"/shutdown\n")
+        self.assertEqual(alice.read_until_closed()[-1]["type"], "shutdown")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        errors = proc.stderr.read().decode()
+        proc.stdout.close()
+        proc.stderr.close()
+        self.assertNotIn("Fatal", errors)
+        self.assertNotIn("Traceback", errors)
+
+
+class MessageRuleTests(unittest.TestCase):
+    def rules(self, action: str = "mask", words=("darn", "heck no", "c++")):
+        return socket_server.MessageRules(list(words), action, no_links=True, no_whisper=False)
+
+    def test_blocked_words_whole_words_any_case(self) -> None:
+        rules = self.rules()
+        self.assertEqual(rules.check("Darn it, HECK NO!"), "**** it, **** **!")
+        self.assertEqual(rules.check("I like c++ a lot"), "I like *** a lot")
+        self.assertEqual(rules.check("darning socks, checking"), "darning socks, checking")
+        with self.assertRaises(socket_server.ModerationError) as caught:
+            self.rules("reject").check("oh darn")
+        self.assertEqual(caught.exception.code, "blocked_word")
+
+    def test_links(self) -> None:
+        rules = self.rules(words=())
+        for text in ("see https://example.com", "ftp://host/x", "www.example.org",
+                     "go to example.com/page", "mail.google.com"):
+            with self.assertRaises(socket_server.ModerationError, msg=text):
+                rules.check(text)
+        for text in ("node.js is fine", "e.g. this", "version 1.2.3", "a.b", "dotted.name"):
+            self.assertEqual(rules.check(text), text)
+
+    def test_word_list_file(self) -> None:
+        path = write_file(temp_dir(self), "words.txt", "# comment\nDarn\n\n  heck no \n")
+        self.assertEqual(socket_server.read_word_list(path), ["Darn", "heck no"])
+
+
+class MessageRuleServerTests(ChatTestCase):
+    server_settings = {"blocked_words": ["darn"], "filter_action": "reject", "no_links": True,
+                       "no_whisper": True, "max_length": 50}
+
+    def test_refusals_name_the_rule_and_reach_the_sender_alone(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        for text, code in (("darn", "blocked_word"), ("see www.example.com", "no_links"),
+                           ("x" * 51, "too_long")):
+            alice.send({"type": "say", "text": text})
+            error = alice.expect("error")
+            self.assertEqual(error["code"], code)
+            self.assertTrue(error["text"].startswith("Not sent"))
+        alice.send({"type": "whisper", "to": "bob", "text": "hi"})
+        self.assertEqual(alice.expect("error")["code"], "whispers_off")
+        self.assertEqual([m["type"] for m in bob.sync()], [])
+
+    def test_masking(self) -> None:
+        server = ServerThread(blocked_words=["darn"])
+        self.addCleanup(server.stop)
+        alice, bob = Peer(server.port, "alice"), Peer(server.port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        self.assertEqual(alice.say("DARN it")["text"], "**** it")
+        self.assertEqual(bob.expect("message")["text"], "**** it")
+
+
+# ---------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------
 
@@ -1965,11 +2283,13 @@ class WatchedOutput:
 
     def __init__(self) -> None:
         self.lines: List[str] = []
+        self._partial = ""
         self._changed = threading.Condition()
 
     def write(self, text: str) -> None:
         with self._changed:
-            self.lines.extend(text.splitlines())
+            *complete, self._partial = (self._partial + text).split("\n")
+            self.lines.extend(complete)
             self._changed.notify_all()
 
     def flush(self) -> None:
