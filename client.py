@@ -647,7 +647,7 @@ class ChatSession:
         self.leaving = threading.Event()    # we asked to leave: EOF is expected
         self.closed = threading.Event()     # the receiver thread has stopped
         self.lost_reason: Optional[str] = None
-        self._last_notice: Optional[str] = None     # the server's last word before closing
+        self._told_why = False      # the server said why it is closing (an error, a shutdown)
         self._print_lock = threading.Lock()
         self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
 
@@ -685,8 +685,8 @@ class ChatSession:
             while True:
                 self._handle_incoming(self.connection.receive())
         except ConnectionClosed:
-            if self._last_notice:
-                reason = f"disconnected: {self._last_notice}"
+            if self._told_why:      # the reason was shown just above
+                reason = "disconnected"
         except ProtocolError as exc:
             reason = f"connection closed: the server sent bad data ({exc.text})"
         except OSError as exc:
@@ -710,11 +710,8 @@ class ChatSession:
         if kind == "ping":
             self._send_quietly({"type": "pong"})
             return
-        if kind == "shutdown":
-            self._last_notice = "the server shut down"
-        elif kind == "error":
-            self._last_notice = clean_text(message["text"])
-        elif kind == "history" and not self._in_history:
+        self._told_why = kind in ("shutdown", "error")  # in case the connection now closes
+        if kind == "history" and not self._in_history:
             self._in_history = True
             self.show(self._history_headers[0] if self._history_headers else "--- history ---")
         elif kind == "history_end":

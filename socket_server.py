@@ -1318,6 +1318,13 @@ def read_word_list(path: str) -> List[str]:
         return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+class Public(str):
+    """A reply line that everyone in the chat has already seen as a notice.
+
+    The console prints it; an operator, who saw the notice, is not sent it again.
+    """
+
+
 class ModerationError(Exception):
     """A moderation command or rule said no; code and text go to whoever asked."""
 
@@ -1459,7 +1466,7 @@ class Moderation:
         text = f"{target.name} was kicked by {self._name(actor)}" + \
             (f": {reason.strip()}" if reason.strip() else "")
         self._remove(target, "kicked", text)
-        return [text]
+        return [Public(text)]
 
     def cmd_ban(self, actor: Optional[Connection], args: str) -> List[str]:
         words = args.split()
@@ -1495,7 +1502,7 @@ class Moderation:
         for conn in victims:
             text = f"{conn.name} was banned by {by}{how_long}" + (f": {reason}" if reason else "")
             self._remove(conn, "banned", text)
-            lines.append(text)
+            lines.append(Public(text))
         return lines
 
     def cmd_unban(self, actor: Optional[Connection], args: str) -> List[str]:
@@ -1530,7 +1537,7 @@ class Moderation:
                                   f"{self._name(actor)}{how_long}: you can read, but not send."})
         if length is not None:
             self.server.call_later(length * 60, lambda: self._mute_over(target.name, until))
-        return [text]
+        return [Public(text)]
 
     def cmd_unmute(self, actor: Optional[Connection], args: str) -> List[str]:
         name = args.strip()
@@ -1544,7 +1551,7 @@ class Moderation:
         if member is not None:
             self.server.send(member, {"type": "notice", "code": "unmuted",
                                       "text": f"You were unmuted by {self._name(actor)}."})
-        return [text]
+        return [Public(text)]
 
     def cmd_say(self, actor: Optional[Connection], args: str) -> List[str]:
         text = clean_text(args)
@@ -1984,7 +1991,8 @@ class ChatServer(SelectServer):
             return
         if conn.open:
             for reply in replies:
-                self.send(conn, {"type": "notice", "code": "moderation", "text": reply})
+                if not isinstance(reply, Public):
+                    self.send(conn, {"type": "notice", "code": "moderation", "text": reply})
 
     def on_ping(self, conn: Connection, message: dict) -> None:
         self.send(conn, {"type": "pong"})
