@@ -1499,6 +1499,10 @@ class Moderation:
         for ban in bans:
             self._add(ban)
         lines = [f"banned {ban.target} ({ban.kind}){how_long}" for ban in bans]
+        if actor is not None and any(ban.matches(None, actor.host) for ban in bans
+                                     if ban.kind == "address"):
+            lines.append(f"note: that includes your own address, {actor.host}: you could not "
+                         "come back from it until the ban ends or someone lifts it")
         for conn in victims:
             text = f"{conn.name} was banned by {by}{how_long}" + (f": {reason}" if reason else "")
             self._remove(conn, "banned", text)

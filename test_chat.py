@@ -1958,6 +1958,16 @@ class ModerationTests(ChatTestCase):
         self.assert_rejected(bob, "banned")
         self.assert_rejected(self.peer(), "banned")     # even before any hello
 
+    def test_an_operator_is_warned_before_banning_their_own_address(self) -> None:
+        alice, bob = self.operator("alice"), self.peer("bob")
+        replies = []
+        alice.send({"type": "moderate", "command": "ban", "args": "bob"})
+        for message in alice.sync():
+            if message.get("code") == "moderation":
+                replies.append(message["text"])
+        self.assertEqual(replies[:2], ["banned bob (name)", "banned 127.0.0.1 (address)"])
+        self.assertIn("your own address", replies[2])
+
     def test_bans_survive_a_restart(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
         first = ServerThread(db=path)
