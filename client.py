@@ -14,28 +14,50 @@ Type a line and press Enter to send it to everyone. Commands start with "/"
 Design
 ------
 The main thread reads your lines and sends them; a second thread receives
-frames from the server and prints them the moment they arrive, so you never
+frames from the server and shows them the moment they arrive, so you never
 have to press Enter to see new messages. Both threads share one socket: the
-receiver only reads, sends are serialised by a lock. When the connection
-drops, the receiver wakes the main thread from its blocking read with a
-signal (on Windows, where that is impossible, it ends the process directly).
+receiver only reads, sends are serialised by a lock.
+
+On a terminal, input goes through a small line editor (:class:`LineEditor`)
+that keeps your prompt and half-typed text intact at the bottom while
+messages are printed above it, with history, Tab completion and the usual
+editing keys. Python's readline cannot do that from a second thread (it
+gives no way to restore the cursor inside the line), so the editor is our
+own: a raw-ish terminal on POSIX, msvcrt on Windows, and plain line input
+wherever neither works (pipes, dumb terminals).
+
+What is shown is built as styled segments (:class:`Line`), so the same line
+becomes coloured, wrapped text on a terminal and plain text in pipes,
+transcripts and logs.
+
+When the connection drops, the receiver reconnects with backoff under the
+same name; lines typed meanwhile wait and are sent once the connection is
+back, or you are told they were not. When it cannot reconnect, it wakes the
+main thread from its blocking read with a signal (on Windows, where that is
+impossible, it ends the process directly).
 """
 
 import argparse
+import codecs
+import contextlib
 import dataclasses
 import getpass
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 import unicodedata
-from datetime import date, datetime
+import zlib
 from collections import deque
-from typing import Callable, Deque, Dict, List, NamedTuple, Optional, TextIO, Tuple
+from datetime import date, datetime
+from typing import (Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional,
+                    TextIO, Tuple)
 
 try:
     import ssl
@@ -47,13 +69,20 @@ DEFAULT_PORT = 5050
 CONNECT_TIMEOUT = 10.0      # seconds to reach the server
 HANDSHAKE_TIMEOUT = 10.0    # seconds for the server to answer hello
 LEAVE_TIMEOUT = 5.0         # seconds to wait for the server to confirm we left
+RECONNECT_TRIES = 5         # attempts after a dropped connection (--retries)
+RECONNECT_FIRST_DELAY = 1.0     # seconds before the first attempt; doubled each time
+RECONNECT_MAX_DELAY = 15.0
+MAX_QUEUED_LINES = 100      # lines typed while disconnected, kept to send later
 TRANSCRIPT_LINES = 100_000  # lines of this session kept for /save
+INPUT_HISTORY = 500         # lines Up and Down can recall
 HISTORY_MAX = 200           # the most /history asks for (the server's limit too)
 RECV_SIZE = 64 * 1024
 KNOWN_HOSTS = os.path.join(os.path.expanduser("~"), ".chat_known_hosts")
+PROMPT = "> "
 
-# Errors from the server that mean "choose another name", not "give up".
-NAME_PROBLEMS = frozenset({"bad_name", "name_taken", "name_reserved"})
+# Errors after which reconnecting would only be refused again.
+FINAL_ERRORS = frozenset({"kicked", "banned", "replaced", "flooding", "locked_out"})
+
 
 # ---- begin shared protocol block: identical in socket_server.py and client.py ----
 # test_chat.py fails when the two copies differ: change both or neither.
@@ -192,23 +221,200 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
 # ---- end shared protocol block ----
 
 # ---------------------------------------------------------------------------
+# Text on the terminal: widths, styles, colours, wrapping
+# ---------------------------------------------------------------------------
+
+# Characters that take no column: joiners and variation selectors glue
+# emoji sequences; combining marks sit on the character before them.
+ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufe0e\ufe0f")
+
+
+def char_width(char: str) -> int:
+    """Columns one character takes on a terminal: 0, 1, or 2 (CJK, most emoji)."""
+    if char in ZERO_WIDTH or unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def text_width(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return sum(map(char_width, text))
+
+
+Segment = Tuple[str, str]   # (text, style): see STYLES
+
+
+class Line(NamedTuple):
+    """One line to show: a head (time, name) and a body that wraps under itself.
+
+    `dim` greys the whole line out (history); `ring` asks for the bell
+    (a whisper, a mention of your name).
+    """
+
+    head: Tuple[Segment, ...]
+    body: Tuple[Segment, ...]
+    dim: bool = False
+    ring: bool = False
+
+    @property
+    def plain(self) -> str:
+        return "".join(text for text, _ in self.head + self.body)
+
+
+def plain_line(text: str, style: str = "") -> Line:
+    return Line((), ((text, style),))
+
+
+# Styles as SGR codes. "name" is special: its colour comes from the name.
+STYLES = {
+    "": "",
+    "time": "2",                # dim
+    "notice": "36",             # cyan: joins, leaves, information
+    "error": "1;31",            # bold red
+    "whisper": "1;35",          # bold magenta
+    "announcement": "1;33",     # bold yellow
+    "action": "3",              # italic
+    "mention": "1;7",           # bold, reversed
+    "marker": "2",              # dim separators
+}
+NAME_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
+
+
+def name_colour(name: str) -> str:
+    """A colour of its own for each name, the same on every machine and every run."""
+    return NAME_COLOURS[zlib.crc32(name.lower().encode("utf-8")) % len(NAME_COLOURS)]
+
+
+def paint(segments: Iterable[Segment], dim: bool = False) -> str:
+    """Segments as text with ANSI colour codes."""
+    out = []
+    for text, style in segments:
+        codes = name_colour(text) if style == "name" else STYLES.get(style, "")
+        if dim:
+            codes = "2;" + codes if codes else "2"
+        out.append(f"\033[{codes}m{text}\033[0m" if codes and text.strip() else text)
+    return "".join(out)
+
+
+def split_words(segments: Iterable[Segment]) -> List[Segment]:
+    """Segments cut into words and runs of spaces, each keeping its style."""
+    pieces = []
+    for text, style in segments:
+        pieces.extend((piece, style) for piece in re.findall(r" +|[^ ]+", text))
+    return pieces
+
+
+def fit(text: str, columns: int) -> int:
+    """How many leading characters of text fit in `columns` (at least one)."""
+    used = 0
+    for index, char in enumerate(text):
+        used += char_width(char)
+        if used > columns:
+            return max(index, 1)
+    return len(text)
+
+
+def wrap(line: Line, width: int) -> List[List[Segment]]:
+    """Rows of at most `width` columns; continuation rows keep the name column.
+
+        [14:05] alice: a long message goes on and on and
+                       carries on under the text, not the time
+    """
+    head = list(line.head)
+    indent = text_width("".join(text for text, _ in head))
+    if indent > width // 2:     # a very long name: a small indent reads better
+        indent = 2
+    rows: List[List[Segment]] = []
+    row, used = head, text_width("".join(text for text, _ in head))
+    for text, style in split_words(line.body):
+        if text.startswith(" "):
+            if used + len(text) <= width:
+                row.append((text, style))
+                used += len(text)
+            continue        # spaces where a row breaks are dropped
+        size = text_width(text)
+        if used + size > width and used > indent:
+            rows.append(row)
+            row, used = [(" " * indent, "")], indent
+        while used + size > width:      # a word longer than a whole row: cut it
+            cut = fit(text, width - used)
+            row.append((text[:cut], style))
+            rows.append(row)
+            row, used = [(" " * indent, "")], indent
+            text = text[cut:]
+            size = text_width(text)
+        row.append((text, style))
+        used += size
+    rows.append(row)
+    for each in rows:       # no trailing spaces
+        while each and not each[-1][0].strip() and len(each) > 1:
+            each.pop()
+    return rows
+
+
+def mentions(text: str, style: str, my_name: str) -> Tuple[Segment, ...]:
+    """Text cut into segments, with each whole-word mention of my name highlighted."""
+    if not my_name:
+        return ((text, style),)
+    pattern = re.compile(r"(?<![\w@])@?" + re.escape(my_name) + r"(?![\w])", re.IGNORECASE)
+    segments, start = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            segments.append((text[start:match.start()], style))
+        segments.append((match.group(), "mention"))
+        start = match.end()
+    if start < len(text):
+        segments.append((text[start:], style))
+    return tuple(segments) or ((text, style),)
+
+
+def enable_windows_colours() -> bool:
+    """Windows 10+: turn on the console's ANSI escape handling. False if it will not."""
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32   # type: ignore[attr-defined]
+        handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        enable_virtual_terminal_processing = 0x0004
+        return bool(kernel32.SetConsoleMode(handle, mode.value | enable_virtual_terminal_processing))
+    except (AttributeError, OSError, ImportError):
+        return False
+
+
+def terminal_is_capable(stream: TextIO) -> bool:
+    """Whether stream is a terminal that understands ANSI escape codes."""
+    try:
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError):
+        return False
+    if os.environ.get("TERM") == "dumb":
+        return False
+    return os.name != "nt" or enable_windows_colours()
+
+
+# ---------------------------------------------------------------------------
 # What the server may send, and how each message is shown
 # ---------------------------------------------------------------------------
 
 #: Fields each server message must carry (see check_fields). Messages of a
 #: type not listed here come from a newer server and are ignored.
 SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
-    "welcome": {"name": str, "users": list, "ops?": list, "registered?": bool, "limits?": dict},
-    "message": {"from": str, "text": str, "ts?": str},
+    "welcome": {"name": str, "users": list, "ops?": list, "registered?": bool, "limits?": dict,
+                "resume?": str},
+    "message": {"from": str, "text": str, "ts?": str, "action?": bool},
     "whisper": {"from": str, "to": str, "text": str, "ts?": str},
-    "sent": {"text": str, "to?": str, "ts?": str},
+    "sent": {"text": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
     "join": {"name": str, "ts?": str},
     "leave": {"name": str, "reason?": str, "text?": str, "ts?": str},
     "users": {"users": list, "ops?": list},
     "announcement": {"from": str, "text": str, "ts?": str},
     "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
     "history_end": {"for": str, "count": int, "text?": str},
-    "error": {"code": str, "text": str},
+    "error": {"code": str, "text": str, "id?": str},
     "notice": {"code": str, "text": str},
     "shutdown": {"text?": str},
     "ping": {},
@@ -230,74 +436,142 @@ def local_time(timestamp: Optional[str], with_date: bool = False) -> str:
     return moment.strftime("%H:%M")
 
 
-def names_list(users: list, ops: Optional[list] = None) -> str:
-    """Names separated by commas; operators marked with @."""
+def names_list(users: list, ops: Optional[list] = None) -> Tuple[Segment, ...]:
+    """Names, each in its colour, separated by commas; operators marked with @."""
     operators = {str(name).lower() for name in ops or []}
-    return ", ".join(("@" if str(user).lower() in operators else "") + clean_text(str(user))
-                     for user in users)
+    segments: List[Segment] = []
+    for index, user in enumerate(users):
+        name = clean_text(str(user))
+        if index:
+            segments.append((", ", ""))
+        if name.lower() in operators:
+            segments.append(("@", ""))
+        segments.append((name, "name"))
+    return tuple(segments)
 
 
-def format_message(message: dict, my_name: str) -> Optional[str]:
-    """The line to show for a message from the server, or None to show nothing."""
+def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message",
+              to: str = "", dim: bool = False) -> Line:
+    """A message, whisper, action or announcement, as it is shown.
+
+    `me` is the reader's name: mentions of it are highlighted, and whispers
+    read "to bob" or "from bob" depending on who sent them.
+    """
+    time_part = (f"[{stamp}] ", "time")
+    mine = sender.lower() == me.lower()
+    if kind == "whisper":
+        other = to if mine else sender
+        head = (time_part, ("[whisper to " if mine else "[whisper from ", "whisper"),
+                (other, "name"), ("] ", "whisper"))
+        return Line(head, ((text, ""),), dim, ring=not mine)
+    if kind == "action":
+        body = mentions(text, "action", "" if mine else me)
+        return Line((time_part, ("* ", "action"), (sender, "name"), (" ", "")), body, dim,
+                    ring=any(style == "mention" for _, style in body))
+    if kind == "announcement":
+        return Line((time_part, ("*** ", "announcement"), (sender, "name"),
+                     (": ", "announcement")), ((text, "announcement"),), dim)
+    body = mentions(text, "", "" if mine else me)
+    return Line((time_part, (sender, "name"), (": ", "")), body, dim,
+                ring=any(style == "mention" for _, style in body))
+
+
+def notice_line(text: str, stamp: Optional[str] = None) -> Line:
+    head = ((f"[{stamp}] ", "time"),) if stamp else ()
+    return Line(head + (("* ", "notice"),), ((text, "notice"),))
+
+
+def error_line(text: str) -> Line:
+    return Line((("! ", "error"),), ((text, "error"),))
+
+
+def format_message(message: dict, me: str) -> Optional[Line]:
+    """The line to show for a message from the server, or None to show nothing.
+
+    Every text from the server is cleaned again here: the server may be
+    someone else's, and must not be able to send escape codes to this
+    terminal.
+    """
     formatter = FORMATTERS.get(message["type"])
-    return formatter(message, my_name) if formatter else None
+    return formatter(message, me) if formatter else None
 
 
-def _show_sent(message: dict, my_name: str) -> str:
-    text = clean_text(message["text"])
-    if "to" in message:
-        return f"[{local_time(message.get('ts'))}] [whisper to {clean_text(message['to'])}] {text}"
-    return f"[{local_time(message.get('ts'))}] {my_name}: {text}"
+def _show_message(message: dict, me: str) -> Line:
+    return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
+                     clean_text(message["text"]), me,
+                     "action" if message.get("action") is True else "message")
 
 
-def _show_leave(message: dict, my_name: str) -> str:
+def _show_whisper(message: dict, me: str) -> Line:
+    return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
+                     clean_text(message["text"]), me, "whisper", to=me)
+
+
+def _show_sent(message: dict, me: str) -> Line:
+    kind = "whisper" if "to" in message else \
+        "action" if message.get("action") is True else "message"
+    return chat_line(local_time(message.get("ts")), me, clean_text(message["text"]), me, kind,
+                     to=clean_text(message.get("to", "")))
+
+
+def _show_leave(message: dict, me: str) -> Line:
+    stamp = local_time(message.get("ts"))
     if "text" in message:       # kicked or banned: the server says how
-        return f"[{local_time(message.get('ts'))}] * {clean_text(message['text'])}"
+        return notice_line(clean_text(message["text"]), stamp)
     reason = clean_text(str(message.get("reason", "")))
     detail = "" if reason in ("", "quit") else f" ({reason})"
-    return f"[{local_time(message.get('ts'))}] * {clean_text(message['name'])} left{detail}"
+    return notice_line(f"{clean_text(message['name'])} left{detail}", stamp)
 
 
-def _show_history(message: dict, my_name: str) -> str:
-    stamp = local_time(message["ts"], with_date=True)
-    sender, text = clean_text(message["from"]), clean_text(message["text"])
-    if message["kind"] == "whisper":
-        if sender.lower() == my_name.lower():
-            return f"[{stamp}] [whisper to {clean_text(message.get('to', '?'))}] {text}"
-        return f"[{stamp}] [whisper from {sender}] {text}"
-    if message["kind"] == "announcement":
-        return f"[{stamp}] *** {sender}: {text}"
-    return f"[{stamp}] {sender}: {text}"
+def _show_users(message: dict, me: str) -> Line:
+    users = message["users"]
+    return Line((("* ", "notice"),), ((f"{len(users)} here: ", "notice"),) +
+                names_list(users, message.get("ops")))
 
 
-def _show_history_end(message: dict, my_name: str) -> Optional[str]:
+def _show_history(message: dict, me: str) -> Line:
+    kind = message["kind"]
+    if kind not in ("message", "action", "whisper", "announcement"):
+        kind = "message"
+    return chat_line(local_time(message["ts"], with_date=True), clean_text(message["from"]),
+                     clean_text(message["text"]), me, kind,
+                     to=clean_text(str(message.get("to", ""))), dim=True)._replace(ring=False)
+
+
+def _show_history_end(message: dict, me: str) -> Optional[Line]:
     if "text" in message:
-        return f"* {clean_text(str(message['text']))}"
+        return notice_line(clean_text(str(message["text"])))
     purpose, count = message["for"], message["count"]
     if purpose == "search":
-        return f"--- {count} found ---" if count else "* no messages match"
+        return plain_line(f"--- {count} found ---", "marker") if count else \
+            notice_line("no messages match")
     if not count:
-        return None if purpose == "join" else "* no messages yet"
-    return "--- end of history ---"
+        return None if purpose == "join" else notice_line("no messages yet")
+    return plain_line("--- end of history ---", "marker")
 
 
-FORMATTERS: Dict[str, Callable[[dict, str], Optional[str]]] = {
-    "message": lambda m, me: (f"[{local_time(m.get('ts'))}] "
-                              f"{clean_text(m['from'])}: {clean_text(m['text'])}"),
-    "whisper": lambda m, me: (f"[{local_time(m.get('ts'))}] "
-                              f"[whisper from {clean_text(m['from'])}] {clean_text(m['text'])}"),
+def _show_notice(message: dict, me: str) -> Line:
+    text = clean_text(message["text"])
+    if message["code"] == "new_since":
+        return plain_line(f"--- {text.lower()} ---", "marker")
+    return notice_line(text)
+
+
+FORMATTERS: Dict[str, Callable[[dict, str], Optional[Line]]] = {
+    "message": _show_message,
+    "whisper": _show_whisper,
     "sent": _show_sent,
-    "join": lambda m, me: f"[{local_time(m.get('ts'))}] * {clean_text(m['name'])} joined",
+    "join": lambda m, me: notice_line(f"{clean_text(m['name'])} joined", local_time(m.get("ts"))),
     "leave": _show_leave,
-    "users": lambda m, me: f"* {len(m['users'])} here: {names_list(m['users'], m.get('ops'))}",
-    "announcement": lambda m, me: (f"[{local_time(m.get('ts'))}] *** "
-                                   f"{clean_text(m['from'])}: {clean_text(m['text'])}"),
-    "error": lambda m, me: f"! {clean_text(m['text'])}",
-    "shutdown": lambda m, me: f"* {clean_text(m.get('text', 'The server is shutting down.'))}",
+    "users": _show_users,
+    "announcement": lambda m, me: chat_line(local_time(m.get("ts")), clean_text(m["from"]),
+                                            clean_text(m["text"]), me, "announcement"),
+    "error": lambda m, me: error_line(clean_text(m["text"])),
+    "shutdown": lambda m, me: notice_line(clean_text(m.get("text",
+                                                           "The server is shutting down."))),
     "history": _show_history,
     "history_end": _show_history_end,
-    "notice": lambda m, me: (f"--- {clean_text(m['text']).lower()} ---" if m["code"] == "new_since"
-                             else f"* {clean_text(m['text'])}"),
+    "notice": _show_notice,
 }
 
 # ---------------------------------------------------------------------------
@@ -336,6 +610,7 @@ class TlsOptions:
 class Credentials:
     password: Optional[str] = dataclasses.field(default=None, repr=False)        # the room's
     name_password: Optional[str] = dataclasses.field(default=None, repr=False)   # a name's
+    resume: Optional[str] = dataclasses.field(default=None, repr=False)  # from our welcome
 
 
 def normalize_fingerprint(text: str) -> str:
@@ -524,6 +799,8 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
         hello["password"] = credentials.password
     if credentials and credentials.name_password is not None:
         hello["name_password"] = credentials.name_password
+    if credentials and credentials.resume is not None:
+        hello["resume"] = credentials.resume
     try:
         connection.sock.settimeout(HANDSHAKE_TIMEOUT)
         connection.send(hello)
@@ -554,6 +831,452 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
 def join_address(host: str, port: int) -> str:
     """HOST:PORT, with IPv6 addresses in brackets: the key for known hosts too."""
     return f"[{host}]:{port}" if ":" in host else f"{host.lower()}:{port}"
+
+
+
+# ---------------------------------------------------------------------------
+# The input line: a small line editor that messages never break
+# ---------------------------------------------------------------------------
+
+# Keys as the editor sees them: a printable character, or one of these names.
+CONTROL_KEYS = {
+    "\r": "enter", "\n": "enter", "\x7f": "backspace", "\x08": "backspace", "\t": "tab",
+    "\x01": "home", "\x05": "end", "\x02": "left", "\x06": "right", "\x10": "up",
+    "\x0e": "down", "\x15": "kill-before", "\x0b": "kill-after", "\x17": "kill-word",
+    "\x0c": "redraw", "\x04": "eof", "\x03": "interrupt",
+}
+ESCAPE_KEYS = {     # what follows ESC for the keys terminals send as sequences
+    "[A": "up", "[B": "down", "[C": "right", "[D": "left", "[H": "home", "[F": "end",
+    "OA": "up", "OB": "down", "OC": "right", "OD": "left", "OH": "home", "OF": "end",
+    "[1~": "home", "[7~": "home", "[4~": "end", "[8~": "end", "[3~": "delete",
+    "[1;5C": "word-right", "[1;5D": "word-left", "f": "word-right", "b": "word-left",
+}
+CSI_FINAL = re.compile(r"\[[0-9;]*[@-~]")
+
+
+class KeyParser:
+    """Turns the characters a terminal sends into keys; sans-IO, like the decoder.
+
+    An escape sequence split across reads waits for its end.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, text: str) -> List[str]:
+        text, self._pending = self._pending + text, ""
+        keys: List[str] = []
+        index = 0
+        while index < len(text):
+            char = text[index]
+            if char == "\x1b":
+                sequence = self._escape(text[index + 1:])
+                if sequence is None:        # incomplete: wait for the rest
+                    self._pending = text[index:]
+                    break
+                keys.append(ESCAPE_KEYS.get(sequence, "ignore"))
+                index += 1 + len(sequence)
+                continue
+            if char == "\n" and index and text[index - 1] == "\r":
+                pass                        # CR LF is one Enter
+            elif char in CONTROL_KEYS:
+                keys.append(CONTROL_KEYS[char])
+            elif unicodedata.category(char) not in ("Cc", "Cs"):
+                keys.append(char)
+            index += 1
+        return keys
+
+    @staticmethod
+    def _escape(rest: str) -> Optional[str]:
+        """The sequence after an ESC, or None if it has not fully arrived."""
+        if not rest:
+            return None
+        if rest[0] == "[":
+            match = CSI_FINAL.match(rest)
+            if match:
+                return match.group()
+            return None if re.fullmatch(r"\[[0-9;]*", rest) else rest[0]
+        if rest[0] == "O":
+            return rest[:2] if len(rest) > 1 else None
+        return rest[0]      # Alt and a key
+
+
+class PosixTerminal:
+    """The terminal in cbreak mode: keys arrive one by one, unechoed.
+
+    Ctrl-C still sends SIGINT and Ctrl-Z still suspends; the original mode
+    comes back on exit (also after an exception) and after a suspend.
+    """
+
+    def __init__(self, fd: int) -> None:
+        import termios
+        self._termios = termios
+        self.fd = fd
+        self._saved = termios.tcgetattr(fd)
+        self._parser = KeyParser()
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self.on_resume: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> "PosixTerminal":
+        self._cbreak()
+        if hasattr(signal, "SIGCONT"):
+            signal.signal(signal.SIGCONT, lambda signum, frame: (self._cbreak(), self.on_resume()))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if hasattr(signal, "SIGCONT"):
+            signal.signal(signal.SIGCONT, signal.SIG_DFL)
+        self._termios.tcsetattr(self.fd, self._termios.TCSADRAIN, self._saved)
+
+    @contextlib.contextmanager
+    def normal_mode(self) -> Iterator[None]:
+        """The terminal as it was, for a moment (getpass needs line editing)."""
+        self._termios.tcsetattr(self.fd, self._termios.TCSADRAIN, self._saved)
+        try:
+            yield
+        finally:
+            self._cbreak()
+
+    def _cbreak(self) -> None:
+        termios = self._termios
+        attributes = termios.tcgetattr(self.fd)
+        attributes[3] &= ~(termios.ICANON | termios.ECHO)
+        attributes[6][termios.VMIN] = 1
+        attributes[6][termios.VTIME] = 0
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, attributes)
+
+    def read_keys(self) -> List[str]:
+        data = os.read(self.fd, 1024)
+        return self._parser.feed(self._decode(data)) if data else ["eof"]
+
+
+class WindowsTerminal:
+    """Keys from the Windows console through msvcrt (no mode to change)."""
+
+    SPECIAL = {"H": "up", "P": "down", "K": "left", "M": "right", "G": "home", "O": "end",
+               "S": "delete", "s": "word-left", "t": "word-right"}
+
+    def __init__(self) -> None:
+        import msvcrt
+        self._msvcrt = msvcrt
+        self._parser = KeyParser()
+        self.on_resume: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> "WindowsTerminal":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def normal_mode(self) -> Iterator[None]:
+        yield       # msvcrt changes no console mode
+
+    def read_keys(self) -> List[str]:
+        char = self._msvcrt.getwch()
+        if char in ("\x00", "\xe0"):    # arrows and the like: a prefix, then a code
+            return [self.SPECIAL.get(self._msvcrt.getwch(), "ignore")]
+        if char == "\x1a":              # Ctrl-Z ends input on Windows
+            return ["eof"]
+        return self._parser.feed(char)
+
+
+def open_terminal(stdin: TextIO) -> Optional[object]:
+    """A terminal the line editor can drive, or None where only plain input works."""
+    try:
+        if os.name == "nt":
+            return WindowsTerminal()
+        return PosixTerminal(stdin.fileno())
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+
+
+class LineEditor:
+    """An input line that stays intact at the bottom while messages print above it.
+
+    One lock covers the screen: the main thread edits under it, the receiver
+    thread calls print_above under it, which clears the input area, prints,
+    and draws the prompt, the half-typed text and the cursor again. Keys:
+    arrows, Home/End, Backspace/Delete, Ctrl-A/E/U/K/W/L, Up/Down for
+    earlier lines, Tab to complete commands and names, Ctrl-D to leave.
+    """
+
+    def __init__(self, terminal: object, out: TextIO, prompt: str = PROMPT,
+                 complete: Callable[[str, bool], List[str]] = lambda word, first: []) -> None:
+        self.terminal = terminal
+        self.out = out
+        self.prompt = prompt
+        self.complete = complete        # (word, is it the first word?) -> candidates
+        self.lock = threading.RLock()
+        self.buffer: List[str] = []
+        self.cursor = 0                 # index into buffer
+        self.active = False             # reading a line now: the input area is on screen
+        self.history: Deque[str] = deque(maxlen=INPUT_HISTORY)
+        self._browsing: Optional[int] = None    # index into history while using Up/Down
+        self._draft = ""                # what was typed before browsing began
+        self._cursor_row = 0            # rows from the top of the input area to the cursor
+        terminal.on_resume = self.redraw
+
+    # -- for other threads ---------------------------------------------------
+
+    def print_above(self, text: str) -> None:
+        with self.lock:
+            if self.active:
+                self._clear()
+            self.out.write(text + "\n")
+            if self.active:
+                self._render()
+            self.out.flush()
+
+    def redraw(self) -> None:
+        with self.lock:
+            if self.active:
+                self._render()
+                self.out.flush()
+
+    # -- reading a line (main thread) ----------------------------------------
+
+    def read_line(self) -> str:
+        """The next line typed. EOFError on Ctrl-D (empty line), KeyboardInterrupt on Ctrl-C."""
+        with self.lock:
+            self.buffer, self.cursor, self._browsing = [], 0, None
+            self.active = True
+            self._render()
+            self.out.flush()
+        try:
+            while True:
+                for key in self.terminal.read_keys():
+                    with self.lock:
+                        line = self._press(key)
+                        if line is not None:
+                            return line
+                        self._render()
+                        self.out.flush()
+        finally:
+            with self.lock:     # the typed line goes: what was sent comes back from the server
+                self._clear()
+                self.active = False
+                self.out.flush()
+
+    def _press(self, key: str) -> Optional[str]:
+        action = self.KEYS.get(key)
+        if action is not None:
+            return action(self)
+        if len(key) == 1:
+            self.buffer.insert(self.cursor, key)
+            self.cursor += 1
+        return None
+
+    def _enter(self) -> Optional[str]:
+        line = "".join(self.buffer)
+        if line.strip() and (not self.history or self.history[-1] != line):
+            self.history.append(line)
+        return line
+
+    def _eof(self) -> None:
+        if not self.buffer:
+            raise EOFError
+        return self._delete()
+
+    def _interrupt(self) -> None:
+        raise KeyboardInterrupt
+
+    def _backspace(self) -> None:
+        if self.cursor:
+            self.cursor -= 1
+            del self.buffer[self.cursor]
+
+    def _delete(self) -> None:
+        if self.cursor < len(self.buffer):
+            del self.buffer[self.cursor]
+
+    def _move(self, position: int) -> None:
+        self.cursor = max(0, min(len(self.buffer), position))
+
+    def _word_start(self) -> int:
+        """Where the word before the cursor starts (skipping spaces first)."""
+        position = self.cursor
+        while position and self.buffer[position - 1] == " ":
+            position -= 1
+        while position and self.buffer[position - 1] != " ":
+            position -= 1
+        return position
+
+    def _word_end(self) -> int:
+        position = self.cursor
+        while position < len(self.buffer) and self.buffer[position] == " ":
+            position += 1
+        while position < len(self.buffer) and self.buffer[position] != " ":
+            position += 1
+        return position
+
+    def _kill_before(self) -> None:
+        del self.buffer[:self.cursor]
+        self.cursor = 0
+
+    def _kill_after(self) -> None:
+        del self.buffer[self.cursor:]
+
+    def _kill_word(self) -> None:
+        start = self._word_start()
+        del self.buffer[start:self.cursor]
+        self.cursor = start
+
+    def _browse(self, step: int) -> None:
+        """Up (-1) and Down (+1) through earlier lines; past the newest is the draft."""
+        if not self.history:
+            return
+        if self._browsing is None:
+            if step > 0:
+                return
+            self._draft = "".join(self.buffer)
+            self._browsing = len(self.history)
+        self._browsing = max(0, min(len(self.history), self._browsing + step))
+        text = self._draft if self._browsing == len(self.history) else \
+            self.history[self._browsing]
+        self.buffer, self.cursor = list(text), len(text)
+
+    def _tab(self) -> None:
+        before = "".join(self.buffer[:self.cursor])
+        start = before.rfind(" ") + 1
+        word = before[start:]
+        first = not before[:start].strip()
+        candidates = self.complete(word, first)
+        if not candidates:
+            return
+        if len(candidates) == 1:
+            ending = ": " if first and not word.startswith(("/", "\\")) else " "
+            completion = candidates[0] + ending
+        else:
+            completion = os.path.commonprefix([c.lower() for c in candidates])
+            completion = candidates[0][:len(completion)]
+            if len(completion) <= len(word):    # nothing more to add: show the choices
+                self.print_above("  ".join(candidates))
+                return
+        self.buffer[start:self.cursor] = list(completion)
+        self.cursor = start + len(completion)
+
+    def _redraw_screen(self) -> None:
+        self.out.write("\033[2J\033[H")
+        self._cursor_row = 0
+
+    KEYS: Dict[str, Callable[["LineEditor"], Optional[str]]] = {
+        "enter": _enter,
+        "eof": _eof,
+        "interrupt": _interrupt,
+        "backspace": _backspace,
+        "delete": _delete,
+        "left": lambda self: self._move(self.cursor - 1),
+        "right": lambda self: self._move(self.cursor + 1),
+        "home": lambda self: self._move(0),
+        "end": lambda self: self._move(len(self.buffer)),
+        "word-left": lambda self: self._move(self._word_start()),
+        "word-right": lambda self: self._move(self._word_end()),
+        "kill-before": _kill_before,
+        "kill-after": _kill_after,
+        "kill-word": _kill_word,
+        "up": lambda self: self._browse(-1),
+        "down": lambda self: self._browse(+1),
+        "tab": _tab,
+        "redraw": _redraw_screen,
+        "ignore": lambda self: None,
+    }
+
+    # -- drawing ----------------------------------------------------------------
+
+    def _clear(self) -> None:
+        """Erase the input area; the cursor ends at its first column."""
+        up = f"\033[{self._cursor_row}A" if self._cursor_row else ""
+        self.out.write("\r" + up + "\033[J")
+        self._cursor_row = 0
+
+    def _render(self) -> None:
+        """Draw prompt and text, wrapped as the terminal wraps them, and place the cursor."""
+        self._clear()
+        width = max(10, shutil.get_terminal_size().columns)
+        chars = list(self.prompt) + self.buffer
+        cursor_index = len(self.prompt) + self.cursor
+        row = column = 0
+        cursor_at = None
+        for index, char in enumerate(chars):
+            size = char_width(char)
+            if column + size > width:       # the terminal moves it to the next row
+                row, column = row + 1, 0
+            if index == cursor_index:
+                cursor_at = (row, column)
+            column += size
+        self.out.write("".join(chars))
+        if column >= width:     # a full last row: step onto the next one, as the cursor will
+            self.out.write("\r\n")
+            row, column = row + 1, 0
+        if cursor_at is None:
+            cursor_at = (row, column)
+        up = row - cursor_at[0]
+        self.out.write((f"\033[{up}A" if up else "") + "\r" +
+                       (f"\033[{cursor_at[1]}C" if cursor_at[1] else ""))
+        self._cursor_row = cursor_at[0]
+
+# ---------------------------------------------------------------------------
+# The screen: where shown lines go
+# ---------------------------------------------------------------------------
+
+class Screen:
+    """Shows lines: coloured and wrapped on a terminal, plain elsewhere.
+
+    Every line also goes, as plain text, to the transcript kept for /save
+    and to the --log file. With a line editor, lines are printed above the
+    input line.
+    """
+
+    def __init__(self, out: TextIO, terminal: bool, colour: bool, bell: bool = False,
+                 log_file: Optional[TextIO] = None) -> None:
+        self.out = out
+        self.terminal = terminal        # wrap to the terminal's width
+        self.colour = colour            # ANSI colours
+        self.bell = bell                # ring on whispers and mentions (--bell)
+        self.log_file = log_file
+        self.editor: Optional[LineEditor] = None
+        self.transcript: Deque[str] = deque(maxlen=TRANSCRIPT_LINES)
+        self.lock = threading.RLock()
+
+    def show(self, line: Line) -> None:
+        text = line.plain
+        with self.lock:
+            self.transcript.append(text)
+            self._log(text)
+            rendered = self.render(line)
+            if line.ring and self.bell and self.terminal:
+                rendered += "\a"
+            if self.editor is not None:
+                self.editor.print_above(rendered)
+            else:
+                self.out.write(rendered + "\n")
+                self.out.flush()
+
+    def render(self, line: Line) -> str:
+        if not self.terminal:
+            return line.plain
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        rows = wrap(line, width)
+        if self.colour:
+            return "\n".join(paint(row, line.dim) for row in rows)
+        return "\n".join("".join(text for text, _ in row) for row in rows)
+
+    def write_raw(self, text: str) -> None:
+        """Terminal control (clearing the screen), bypassing transcript and log."""
+        with self.lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def _log(self, text: str) -> None:
+        if self.log_file is None:
+            return
+        try:
+            self.log_file.write(text + "\n")
+            self.log_file.flush()
+        except OSError as exc:
+            self.log_file = None
+            self.out.write(f"! stopped writing the log: {exc.strerror or exc}\n")
 
 
 # ---------------------------------------------------------------------------
@@ -621,82 +1344,155 @@ class Pacer:
         self.tokens -= 1
 
 
-class ChatSession:
-    """A joined connection: sends what you type, shows what arrives."""
+Rejoin = Callable[[Optional[str]], Tuple[ServerConnection, dict]]
 
-    def __init__(self, connection: ServerConnection, name: str, server: str,
-                 out: TextIO = sys.stdout, log_file: Optional[TextIO] = None,
-                 on_lost: Optional[Callable[[], None]] = None, limits: Optional[dict] = None,
-                 ask_secret: Optional[Callable[[str], str]] = None) -> None:
+
+class ChatSession:
+    """A joined chat: sends what you type, shows what arrives, and reconnects.
+
+    rejoin(resume_token) connects and says hello again; without it (or with
+    retries=0) a dropped connection ends the session.
+    """
+
+    def __init__(self, connection: ServerConnection, welcome: dict, server: str,
+                 screen: Optional[Screen] = None, on_lost: Optional[Callable[[], None]] = None,
+                 ask_secret: Optional[Callable[[str], str]] = None,
+                 rejoin: Optional[Rejoin] = None, retries: int = RECONNECT_TRIES) -> None:
         self.connection = connection
-        self.name = name
-        self.server = server                # HOST:PORT, for the transcript
-        self.out = out
-        self.log_file = log_file            # --log: every line shown is appended here
-        self.transcript: Deque[str] = deque(maxlen=TRANSCRIPT_LINES)
-        self.started = datetime.now()
-        self.on_lost = on_lost or wake_main_thread  # called when the connection drops
-        self.pacer = Pacer(limits or {})
+        self.name = welcome["name"]
+        self.server = server                # HOST:PORT
+        self.screen = screen or Screen(sys.stdout, terminal=False, colour=False)
+        self.on_lost = on_lost or wake_main_thread  # called when the session ends by itself
         self.ask_secret = ask_secret        # prompts without echo; None when not on a terminal
+        self.rejoin = rejoin
+        self.retries = retries
+        self.started = datetime.now()
+        self.operator = False               # the server accepted our /op
+        self.users: Dict[str, str] = {}     # lower-case name -> name, for Tab completion
+        self.leaving = threading.Event()    # we asked to leave: EOF is expected
+        self.connected = threading.Event()  # a live connection, ready to send on
+        self.settled = threading.Event()    # not in the middle of reconnecting
+        self.closed = threading.Event()     # the receiver thread has stopped
+        self.lost_reason: Optional[str] = None
+        self.queued: List[dict] = []        # typed while disconnected, sent on reconnecting
+        self.unconfirmed: Dict[str, str] = {}   # id -> text sent but not yet acknowledged
+        self._ids = 0
+        self._link = threading.RLock()      # guards connection, queue and sending
+        self._told_why = False              # the last frame explains a close that follows
+        self._final = False                 # ...and reconnecting would be refused again
         self._in_history = False            # between a first history frame and history_end
         # A header for each batch of history frames still to come, in order: the server
         # answers requests in order and ends every batch, even the join replay, with
         # history_end.
-        self._history_headers: Deque[str] = deque(["--- earlier messages ---"])
-        self.operator = False               # the server accepted our /op
-        self.leaving = threading.Event()    # we asked to leave: EOF is expected
-        self.closed = threading.Event()     # the receiver thread has stopped
-        self.lost_reason: Optional[str] = None
-        self._told_why = False      # the server said why it is closing (an error, a shutdown)
-        self._print_lock = threading.Lock()
+        self._history_headers: Deque[str] = deque()
+        self._replay_after: Optional[str] = None    # after reconnecting: skip what we saw
+        self._last_seen = ""                # ts of the newest message shown
         self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
+        self._joined(connection, welcome)
 
     # -- output -------------------------------------------------------------
 
-    def show(self, line: str) -> None:
-        """Print a line, keep it for /save, and append it to the --log file."""
-        with self._print_lock:
-            self.out.write(line + "\n")
-            self.out.flush()
-            self.transcript.append(line)
-            if self.log_file is not None:
-                try:
-                    self.log_file.write(line + "\n")
-                    self.log_file.flush()
-                except OSError as exc:
-                    self.log_file = None
-                    self.out.write(f"! stopped writing the log: {exc.strerror or exc}\n")
+    def show(self, line: Line) -> None:
+        self.screen.show(line)
+
+    def note(self, text: str) -> None:
+        self.screen.show(notice_line(text))
+
+    def warn(self, text: str) -> None:
+        self.screen.show(error_line(text))
 
     def show_banner(self, welcome: dict) -> None:
         others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
-        self.show(f"* connected to {self.server} as {self.name}")
-        self.show(f"* here now: {names_list(others, welcome.get('ops'))}" if others
-                  else "* nobody else is here yet")
-        self.show("* type /help for commands, /quit to leave")
+        self.note(f"connected to {self.server} as {self.name}")
+        if others:
+            self.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
+                           names_list(others, welcome.get("ops"))))
+        else:
+            self.note("nobody else is here yet")
+        self.note("type /help for commands, /quit to leave")
 
-    # -- receiving (runs in its own thread) ----------------------------------
+    # -- receiving and reconnecting (the receiver thread) ---------------------
 
     def start(self) -> None:
         self._receiver.start()
 
+    def _joined(self, connection: ServerConnection, welcome: dict,
+                replay_header: str = "--- earlier messages ---") -> None:
+        """Take a fresh connection into use (under _link when reconnecting)."""
+        self.connection = connection
+        self.resume_token = welcome.get("resume")
+        self.pacer = Pacer(welcome.get("limits") or {})
+        self.users = {str(user).lower(): clean_text(str(user)) for user in welcome["users"]}
+        self._history_headers.append(replay_header)
+        self._told_why = self._final = False
+        self.connected.set()
+        self.settled.set()
+
     def _receive_loop(self) -> None:
-        reason = "connection to the server lost"
+        try:
+            while True:
+                reason = self._receive_until_closed()
+                if self.leaving.is_set():
+                    return
+                with self._link:
+                    self.connected.clear()
+                    self.settled.clear()
+                self._report_unconfirmed()
+                if self._final or self.rejoin is None or not self.retries:
+                    break
+                self.warn(f"{reason}; reconnecting")
+                if self._reconnect():
+                    continue
+                reason = "could not reconnect"
+                break
+            self.lost_reason = reason
+            self.warn(reason)
+            self._report_queued()
+            self.settled.set()
+            if not self.leaving.is_set():
+                self.on_lost()
+        finally:
+            self.closed.set()
+
+    def _receive_until_closed(self) -> str:
+        """Handle messages until the connection ends; return why it ended."""
         try:
             while True:
                 self._handle_incoming(self.connection.receive())
         except ConnectionClosed:
-            if self._told_why:      # the reason was shown just above
-                reason = "disconnected"
+            return "disconnected" if self._told_why else "connection to the server lost"
         except ProtocolError as exc:
-            reason = f"connection closed: the server sent bad data ({exc.text})"
+            return f"connection closed: the server sent bad data ({exc.text})"
         except OSError as exc:
-            reason = f"connection to the server lost ({exc.strerror or exc})"
-        finally:
-            self.closed.set()
-        if not self.leaving.is_set():
-            self.lost_reason = reason
-            self.show(f"! {reason}")
-            self.on_lost()
+            return f"connection to the server lost ({exc.strerror or exc})"
+
+    def _reconnect(self) -> bool:
+        """Try to join again, with growing pauses; True once back."""
+        delay = RECONNECT_FIRST_DELAY
+        for attempt in range(1, self.retries + 1):
+            if self.leaving.wait(delay):
+                return False
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            try:
+                connection, welcome = self.rejoin(self.resume_token)
+            except JoinRefused as refused:
+                self.warn(f"cannot rejoin: {refused.text}")
+                return False
+            except CannotConnect as exc:
+                self.note(f"attempt {attempt} of {self.retries} failed: "
+                          f"{str(exc).splitlines()[0]}")
+                continue
+            with self._link:
+                self._replay_after = self._last_seen
+                self._joined(connection, welcome, "--- while you were away ---")
+                queued, self.queued = self.queued, []
+                for message in queued:
+                    self._transmit(message)
+            self.note(f"reconnected to {self.server} as {self.name}")
+            if queued:
+                self.note(f"sent {len(queued)} line(s) typed while disconnected")
+            return True
+        return False
 
     def _handle_incoming(self, message: dict) -> None:
         kind = message["type"]
@@ -705,24 +1501,68 @@ class ChatSession:
             return      # from a newer server; nothing we know how to show
         problem = check_fields(message, fields)
         if problem:
-            self.show(f"! the server sent a malformed {kind!r} message ({problem})")
+            self.warn(f"the server sent a malformed {kind!r} message ({problem})")
             return
         if kind == "ping":
             self._send_quietly({"type": "pong"})
             return
         self._told_why = kind in ("shutdown", "error")  # in case the connection now closes
-        if kind == "history" and not self._in_history:
-            self._in_history = True
-            self.show(self._history_headers[0] if self._history_headers else "--- history ---")
-        elif kind == "history_end":
-            self._in_history = False
+        self._final = kind == "error" and message["code"] in FINAL_ERRORS
+        if kind in ("sent", "error") and "id" in message:
+            self.unconfirmed.pop(message["id"], None)
+        self._track_users(kind, message)
+        if kind.startswith("history") and not self._show_history_frame(message):
+            return
+        if kind == "notice" and message["code"] in ("op", "deop"):
+            self.operator = message["code"] == "op"
+        if kind in ("message", "sent", "whisper", "announcement"):
+            self._last_seen = max(self._last_seen, str(message.get("ts", "")))
+        line = format_message(message, self.name)
+        if line is not None:
+            self.show(line)
+
+    def _track_users(self, kind: str, message: dict) -> None:
+        """Keep the list of names that Tab completes."""
+        if kind == "join":
+            self.users[message["name"].lower()] = clean_text(message["name"])
+        elif kind == "leave":
+            self.users.pop(message["name"].lower(), None)
+        elif kind == "users":
+            self.users = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
+
+    def _show_history_frame(self, message: dict) -> bool:
+        """Headers around each batch of history; False to show nothing for this frame.
+
+        After a reconnect, the replay repeats what was already on screen:
+        only what came while we were away is shown.
+        """
+        purpose = self._history_headers[0] if self._history_headers else "--- history ---"
+        if message["type"] == "history_end":
+            shown_any, self._in_history = self._in_history, False
             if self._history_headers:
                 self._history_headers.popleft()
-        elif kind == "notice" and message["code"] in ("op", "deop"):
-            self.operator = message["code"] == "op"
-        line = format_message(message, self.name)
-        if line:
-            self.show(line)
+            if message["for"] == "join" and self._replay_after is not None:
+                self._replay_after = None
+                return shown_any
+            return True
+        if self._replay_after is not None and message["ts"] <= self._replay_after:
+            return False    # part of the replay after a reconnect, and already on screen
+        if not self._in_history:
+            self._in_history = True
+            self.show(plain_line(purpose, "marker"))
+        return True
+
+    def _report_unconfirmed(self) -> None:
+        """Lines written to a connection that died before the server confirmed them."""
+        lost, self.unconfirmed = list(self.unconfirmed.values()), {}
+        for text in lost:
+            self.warn(f"may not have arrived (send it again if it matters): {text}")
+
+    def _report_queued(self) -> None:
+        with self._link:
+            queued, self.queued = self.queued, []
+        for message in queued:
+            self.warn(f"not sent: {message.get('text', '/' + message['type'])}")
 
     def _send_quietly(self, message: dict) -> None:
         try:
@@ -741,34 +1581,78 @@ class ChatSession:
             return
         entry = COMMANDS.get(ALIASES.get(command, command))
         if entry is None:
-            self.show(f"! unknown command /{command}: type /help for the list, "
+            self.warn(f"unknown command /{command}: type /help for the list, "
                       "or start with // to send a line beginning with /")
             return
         entry.run(self, argument)
 
-    def send(self, message: dict) -> None:
-        """Send from the main thread, within the server's rate."""
+    def send(self, message: dict) -> bool:
+        """Send now, within the server's rate; or keep a chat line until we are back.
+
+        False when the message is not on its way (queued lines count as on it).
+        """
+        with self._link:
+            if self.connected.is_set() and self._transmit(message):
+                return True
+            if message["type"] in ("say", "whisper") and len(self.queued) < MAX_QUEUED_LINES:
+                if message not in self.queued:
+                    self.queued.append(message)
+                self.note("not connected: this will be sent when the connection is back")
+                return True
+            self.warn("not connected: not sent")
+            return False
+
+    def _transmit(self, message: dict) -> bool:
+        """Write one message (called with _link held); chat lines get an id to be confirmed."""
+        if message["type"] in ("say", "whisper"):
+            if "id" not in message:
+                self._ids += 1
+                message["id"] = str(self._ids)
+            self.unconfirmed[message["id"]] = message["text"]   # before: the ack may be quick
         self.pacer.wait()
-        self.connection.send(message)
+        try:
+            self.connection.send(message)
+        except OSError:     # the receiver thread notices too, and reconnects
+            self.unconfirmed.pop(message.get("id", ""), None)
+            self.connected.clear()
+            return False
+        return True
 
     def leave(self) -> None:
-        """Say goodbye, and wait until the server has handled everything we sent."""
+        """Say goodbye, once the server has everything we typed, and close."""
         if self.leaving.is_set():
             return
+        if self.queued and not self.settled.is_set():
+            self.note("waiting for the connection to come back, to send what you typed")
+            self.settled.wait(RECONNECT_MAX_DELAY * self.retries + CONNECT_TIMEOUT)
         self.leaving.set()
-        try:
-            self.send({"type": "bye"})
-            self.connection.finish_sending()
-        except OSError:
-            pass
+        with self._link:
+            if self.connected.is_set():
+                try:
+                    self.connection.send({"type": "bye"})
+                    self.connection.finish_sending()
+                except OSError:
+                    pass
         self.closed.wait(LEAVE_TIMEOUT)
         self.connection.close()
+        self._report_queued()
 
-    # -- commands -------------------------------------------------------------
+    # -- Tab completion ---------------------------------------------------------
+
+    def complete(self, word: str, first: bool) -> List[str]:
+        """Commands for "/..." at the start of a line; names everywhere else."""
+        if first and word[:1] in ("/", "\\"):
+            names = sorted(set(COMMANDS) | set(ALIASES))
+            return [word[0] + name for name in names if name.startswith(word[1:].lower())]
+        return sorted((name for key, name in self.users.items()
+                       if key.startswith(word.lower()) and key != self.name.lower()),
+                      key=str.lower)
+
+    # -- commands (see COMMANDS) ----------------------------------------------
 
     def cmd_help(self, argument: str) -> None:
         for line in command_help_lines():
-            self.show(line)
+            self.show(plain_line(line))
 
     def cmd_clients(self, argument: str) -> None:
         if self.operator:   # addresses, times and counts, as on the server console
@@ -776,53 +1660,55 @@ class ChatSession:
         else:
             self.send({"type": "who"})
 
-    def cmd_op(self, argument: str) -> None:
-        password = argument or self._secret("operator password: ", "/op PASSWORD")
-        if password:
-            self.send({"type": "op", "password": password})
-
-    def cmd_deop(self, argument: str) -> None:
-        self.send({"type": "deop"})
+    def cmd_me(self, argument: str) -> None:
+        if not argument.strip():
+            self.warn("usage: /me ACTION, as in /me waves")
+            return
+        self.send({"type": "say", "text": argument, "action": True})
 
     def cmd_whisper(self, argument: str) -> None:
         target, _, text = argument.partition(" ")
         if not target or not text.strip():
-            self.show("! usage: /w NAME TEXT")
+            self.warn("usage: /w NAME TEXT")
             return
         self.send({"type": "whisper", "to": target, "text": text.strip()})
 
     def cmd_history(self, argument: str) -> None:
         if argument and not (argument.isdigit() and 1 <= int(argument) <= HISTORY_MAX):
-            self.show(f"! usage: /history [N], N from 1 to {HISTORY_MAX}")
+            self.warn(f"usage: /history [N], N from 1 to {HISTORY_MAX}")
             return
         request = {"type": "get_history"}
         if argument:
             request["limit"] = int(argument)
-        self._history_headers.append("--- history ---")
-        self.send(request)
+        self._ask_history(request, "--- history ---")
 
     def cmd_search(self, argument: str) -> None:
         if not argument.strip():
-            self.show("! usage: /search WORDS")
+            self.warn("usage: /search WORDS")
             return
-        self._history_headers.append(f"--- search: {argument.strip()} ---")
-        self.send({"type": "search", "text": argument})
+        self._ask_history({"type": "search", "text": argument},
+                          f"--- search: {argument.strip()} ---")
+
+    def _ask_history(self, request: dict, header: str) -> None:
+        self._history_headers.append(header)    # before: the answer may be quick
+        if not self.send(request):
+            self._history_headers.pop()
 
     def cmd_save(self, argument: str) -> None:
         overwrite = argument.startswith("-f ") or argument == "-f"
         path = argument[2:].strip() if overwrite else argument.strip()
         header = (f"Chat on {self.server} as {self.name}, "
                   f"{self.started:%Y-%m-%d %H:%M} to {datetime.now():%Y-%m-%d %H:%M} (local time)")
-        with self._print_lock:
-            lines = [header, ""] + list(self.transcript)
+        with self.screen.lock:
+            lines = [header, ""] + list(self.screen.transcript)
         try:
             saved_to = save_transcript(lines, path or None, overwrite)
         except FileExistsError:
-            self.show(f"! {path} exists: '/save -f {path}' overwrites it, or choose another name")
+            self.warn(f"{path} exists: '/save -f {path}' overwrites it, or choose another name")
         except OSError as exc:
-            self.show(f"! cannot save to {path}: {exc.strerror or exc}")
+            self.warn(f"cannot save to {path}: {exc.strerror or exc}")
         else:
-            self.show(f"* saved {len(lines) - 2} lines to {saved_to}")
+            self.note(f"saved {len(lines) - 2} lines to {saved_to}")
 
     def cmd_register(self, argument: str) -> None:
         password = argument or self._new_password("/register PASSWORD")
@@ -840,34 +1726,40 @@ class ChatSession:
             old = self._secret("current password: ", "/password OLD NEW")
             new = old and self._new_password("/password OLD NEW")
         elif not new:
-            self.show("! usage: /password OLD NEW, or /password alone to be asked")
+            self.warn("usage: /password OLD NEW, or /password alone to be asked")
             return
         if old and new:
             self.send({"type": "change_password", "password": old, "new_password": new})
 
+    def cmd_op(self, argument: str) -> None:
+        password = argument or self._secret("operator password: ", "/op PASSWORD")
+        if password:
+            self.send({"type": "op", "password": password})
+
+    def cmd_deop(self, argument: str) -> None:
+        self.send({"type": "deop"})
+
     def _secret(self, prompt: str, usage: str) -> Optional[str]:
         """Ask for a password without echo; on a pipe, explain the usage instead."""
         if self.ask_secret is None:
-            self.show(f"! usage: {usage}")
+            self.warn(f"usage: {usage}")
             return None
         return self.ask_secret(prompt) or None
 
     def _new_password(self, usage: str) -> Optional[str]:
         first = self._secret("new password: ", usage)
         if first and self._secret("the same again: ", usage) != first:
-            self.show("! the two passwords differ; nothing changed")
+            self.warn("the two passwords differ; nothing changed")
             return None
         return first
 
     def cmd_clear(self, argument: str) -> None:
-        if not self.out.isatty():
+        if not self.screen.terminal:
             return
-        if os.name == "nt":
+        if os.name == "nt" and not self.screen.colour:
             os.system("cls")
         else:
-            with self._print_lock:
-                self.out.write("\033[2J\033[3J\033[H")
-                self.out.flush()
+            self.screen.write_raw("\033[2J\033[3J\033[H")
 
     def cmd_quit(self, argument: str) -> None:
         raise EOFError      # leaves exactly as the end of input does
@@ -877,6 +1769,7 @@ COMMANDS: Dict[str, Command] = {
     "help": Command("", "show this list", ChatSession.cmd_help),
     "clients": Command("", "who is here", ChatSession.cmd_clients),
     "w": Command("NAME TEXT", "whisper: only NAME sees TEXT", ChatSession.cmd_whisper),
+    "me": Command("ACTION", "say what you do: /me waves", ChatSession.cmd_me),
     "history": Command("[N]", "show the last N messages (20 if no N)", ChatSession.cmd_history),
     "search": Command("WORDS", "find messages holding all the words", ChatSession.cmd_search),
     "save": Command("[FILE]", "save this session as text; -f overwrites",
@@ -903,6 +1796,26 @@ COMMANDS: Dict[str, Command] = {
 ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit"}
 
 
+def command_help_lines() -> List[str]:
+    lines = []
+    for operators in (False, True):
+        if operators:
+            lines.append("for operators (after /op):")
+        for name, command in COMMANDS.items():
+            if command.for_operators != operators:
+                continue
+            aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
+            label = f"/{name} {command.usage}".strip()
+            also = f" (also {', '.join(aliases)})" if aliases else ""
+            if len(label) > 18:     # a long usage gets a line of its own
+                lines.append(f"  {label}")
+                label = ""
+            lines.append(f"  {label:<18} {command.summary}{also}")
+        if not operators:
+            lines.append(f"  {'//text':<18} send a line that starts with /")
+            lines.append("  Backslash works as well as slash: \\quit, \\clients, ...")
+            lines.append("  Keys: Up/Down recall lines, Tab completes names and commands.")
+    return lines
 def save_transcript(lines: List[str], path: Optional[str], overwrite: bool) -> str:
     """Write lines to path, or to a new dated file here; return the absolute path.
 
@@ -924,31 +1837,11 @@ def save_transcript(lines: List[str], path: Optional[str], overwrite: bool) -> s
     raise FileExistsError(path)
 
 
-def command_help_lines() -> List[str]:
-    lines = []
-    for operators in (False, True):
-        if operators:
-            lines.append("for operators (after /op):")
-        for name, command in COMMANDS.items():
-            if command.for_operators != operators:
-                continue
-            aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
-            label = f"/{name} {command.usage}".strip()
-            also = f" (also {', '.join(aliases)})" if aliases else ""
-            if len(label) > 18:     # a long usage gets a line of its own
-                lines.append(f"  {label}")
-                label = ""
-            lines.append(f"  {label:<18} {command.summary}{also}")
-        if not operators:
-            lines.append(f"  {'//text':<18} send a line that starts with /")
-            lines.append("  Backslash works as well as slash: \\quit, \\clients, ...")
-    return lines
-
 
 def wake_main_thread() -> None:
     """Interrupt the main thread's blocking read so that it can exit.
 
-    POSIX: a signal aimed at the main thread makes input() return with
+    POSIX: a signal aimed at the main thread makes its read raise
     ConnectionLost (see main). Windows cannot interrupt a console read, so
     there the process ends here, with everything printed.
     """
@@ -1079,6 +1972,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                        "'_', '-' or '.' (asked for when not given)")
     parser.add_argument("--log", metavar="FILE",
                         help="append every line shown to FILE as plain text")
+    parser.add_argument("--no-color", action="store_true",
+                        help="no colours (also when the NO_COLOR environment variable is set, "
+                             "or output is not a terminal)")
+    parser.add_argument("--bell", action="store_true",
+                        help="ring the terminal bell on whispers and mentions of your name")
+    parser.add_argument("--retries", type=int, default=RECONNECT_TRIES, metavar="N",
+                        help="reconnect attempts after a dropped connection, with growing "
+                             f"pauses; 0 exits instead (default: {RECONNECT_TRIES})")
     parser.add_argument("--password",
                         help="the room password, if the server has one (safer in the "
                              "CHAT_PASSWORD environment variable; asked for when needed). "
@@ -1110,8 +2011,13 @@ def configure_text_streams() -> None:
             pass
 
 
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error("--retries must be 0 or more")
     configure_text_streams()
     host, port, fingerprint = split_address(args.host, args.port)
     interactive = sys.stdin.isatty()
@@ -1129,8 +2035,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: cannot write the log {args.log}: {exc.strerror or exc}",
                   file=sys.stderr)
             return 1
+    styled = terminal_is_capable(sys.stdout)
+    colour = styled and not args.no_color and not os.environ.get("NO_COLOR")
+    screen = Screen(sys.stdout, terminal=styled, colour=colour, bell=args.bell,
+                    log_file=log_file)
+    joiner = Joiner(host, port, args.name, credentials, tls, interactive)
     try:
-        connection, welcome = Joiner(host, port, args.name, credentials, tls, interactive).run()
+        connection, welcome = joiner.run()
     except CannotConnect as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -1140,26 +2051,47 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("no name given; leaving", file=sys.stderr)
         return 1
 
-    session = ChatSession(connection, welcome["name"], join_address(host, port),
-                          log_file=log_file, limits=welcome.get("limits"),
-                          ask_secret=getpass.getpass if interactive else None)
+    def rejoin(resume: Optional[str]) -> Tuple[ServerConnection, dict]:
+        again = dataclasses.replace(joiner.credentials, resume=resume)
+        return join(host, port, welcome["name"], again, tls)
+
+    terminal = open_terminal(sys.stdin) if interactive and styled else None
+    session = ChatSession(connection, welcome, join_address(host, port), screen,
+                          ask_secret=secret_prompt(terminal) if interactive else None,
+                          rejoin=rejoin, retries=args.retries)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, _raise_connection_lost)
     session.show_banner(welcome)
     session.start()
     try:
-        while True:
-            session.handle_line(input())
+        if terminal is not None:
+            with terminal:
+                screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete)
+                try:
+                    while True:
+                        session.handle_line(screen.editor.read_line())
+                finally:
+                    screen.editor = None
+        else:
+            while True:
+                session.handle_line(input())
     except (EOFError, KeyboardInterrupt):
         session.leave()
         if interactive:
             print("* you left the chat")
     except ConnectionLost:
         return 1
-    except OSError:
-        session.closed.wait(LEAVE_TIMEOUT)  # the receiver explains what happened
-        return 1
     return 1 if session.lost_reason else 0
+
+
+def secret_prompt(terminal: Optional[object]) -> Callable[[str], str]:
+    """getpass, with the terminal back in its normal mode while it asks."""
+    def ask(prompt: str) -> str:
+        if terminal is None:
+            return getpass.getpass(prompt)
+        with terminal.normal_mode():
+            return getpass.getpass(prompt)
+    return ask
 
 
 if __name__ == "__main__":

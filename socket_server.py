@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import selectors
 import signal
 import socket
@@ -470,7 +471,7 @@ class Connection:
                  "tls_phase", "closing", "closed", "deadline", "peer_closed", "write_shut",
                  "connected_at", "last_heard", "last_ping",
                  "state", "name", "registered", "operator", "bucket", "messages_sent",
-                 "history_floor", "leave_text")
+                 "history_floor", "leave_text", "resume_token")
 
     def __init__(self, sock: socket.socket, address: tuple, now: float) -> None:
         # The transport: SelectServer's business.
@@ -499,6 +500,7 @@ class Connection:
         self.messages_sent = 0
         self.history_floor = 0          # whispers stored before this id are not its own
         self.leave_text: Optional[str] = None   # what others see when it goes, if not "left"
+        self.resume_token = ""          # lets the same client take its name back (see on_hello)
 
     @property
     def open(self) -> bool:
@@ -570,7 +572,8 @@ class ChatStore:
         CREATE TABLE events (
             id INTEGER PRIMARY KEY,
             ts TEXT NOT NULL,                   -- server time, ISO-8601 UTC
-            kind TEXT NOT NULL,     -- message, whisper, join, leave; later announcement, notice
+            kind TEXT NOT NULL,     -- message, whisper, join, leave; later action, announcement,
+                                    -- notice
             sender TEXT NOT NULL COLLATE NOCASE,
             recipient TEXT COLLATE NOCASE,      -- whispers only
             text TEXT NOT NULL DEFAULT ''       -- leave: the reason
@@ -716,7 +719,7 @@ class ChatStore:
 
     _COLUMNS = "SELECT id, ts, kind, sender, recipient, text FROM events "
 
-    _PUBLIC = "kind IN ('message', 'announcement')"
+    _PUBLIC = "kind IN ('message', 'action', 'announcement')"
 
     def recent_public(self, limit: int) -> List[tuple]:
         """The last `limit` public messages and announcements."""
@@ -838,6 +841,8 @@ def format_event_line(row: tuple) -> str:
             f"{when}  * {sender} left"
     if kind == "announcement":
         return f"{when}  *** {sender}: {text}"
+    if kind == "action":
+        return f"{when}  * {sender} {text}"
     if kind == "notice":
         return f"{when}  * {text}"
     return f"{when}  {sender}: {text}"
@@ -1624,9 +1629,10 @@ class ChatServer(SelectServer):
     #: "?" marks an optional one) and the method that handles it. Fields not
     #: listed are ignored, so newer clients can add some.
     MESSAGES: Dict[str, Tuple[Dict[str, type], str]] = {
-        "hello": ({"name": str, "password?": str, "name_password?": str}, "on_hello"),
-        "say": ({"text": str}, "on_say"),
-        "whisper": ({"to": str, "text": str}, "on_whisper"),
+        "hello": ({"name": str, "password?": str, "name_password?": str, "resume?": str},
+                  "on_hello"),
+        "say": ({"text": str, "action?": bool, "id?": str}, "on_say"),
+        "whisper": ({"to": str, "text": str, "id?": str}, "on_whisper"),
         "who": ({}, "on_who"),
         "get_history": ({"limit?": int}, "on_get_history"),
         "search": ({"text": str}, "on_search"),
@@ -1654,6 +1660,9 @@ class ChatServer(SelectServer):
                                   settings.no_links, settings.no_whisper)
         self.moderation = Moderation(self)
         self.shutdown_by: Optional[str] = None
+        # The "id" of the message being handled, if it had one: echoed in the
+        # acknowledgement or error it causes, so the client can match them up.
+        self.replying_to: Optional[str] = None
         self._workers = concurrent.futures.ThreadPoolExecutor(
             PASSWORD_WORKERS, thread_name_prefix="password")
         self._password_jobs = 0
@@ -1759,13 +1768,15 @@ class ChatServer(SelectServer):
             else:
                 self.reject(conn, "bad_message", problem)
             return
-        if conn.bucket is not None and kind not in self.UNMETERED and not self.within_rate(conn):
-            return
+        self.replying_to = message.get("id")
         try:
-            handler(conn, message)
+            if conn.bucket is None or kind in self.UNMETERED or self.within_rate(conn):
+                handler(conn, message)
         except Exception:   # a bug must cost one message, not the whole server
             log.exception("error while handling %r from %s", kind, conn)
             self.send_error(conn, "internal_error", "The server failed on that message.")
+        finally:
+            self.replying_to = None
 
     def within_rate(self, conn: Connection) -> bool:
         """Flood control: False (after telling the client) when over the rate."""
@@ -1813,10 +1824,13 @@ class ChatServer(SelectServer):
             return
         stored = self.accounts.get(key)
         if stored is None:
-            if key in self.members:
+            earlier = self.members.get(key)
+            if earlier is not None and not self.resuming(earlier, message.get("resume")):
                 self.reject(conn, "name_taken", f'The name "{name}" is taken. Pick another.')
-            else:
-                self.admit(conn, name, registered=False)
+                return
+            if earlier is not None:     # our own dead connection, not yet noticed
+                self.close(earlier, "reconnected", graceful=False)
+            self.admit(conn, name, registered=False)
             return
         given = message.get("name_password")
         if given is None:
@@ -1826,6 +1840,17 @@ class ChatServer(SelectServer):
         conn.state = AUTHENTICATING
         self.run_password_job(conn, lambda: verify_password(given, stored),
                               lambda matched: self._protected_login(conn, name, matched))
+
+    @staticmethod
+    def resuming(earlier: Connection, token: Optional[str]) -> bool:
+        """Whether a hello carries the resume token of the connection holding its name.
+
+        A client whose network dropped reconnects before the server notices
+        that its old connection is dead; the token from its welcome proves
+        that the name is its own.
+        """
+        return token is not None and bool(earlier.resume_token) and \
+            same_secret(token, earlier.resume_token)
 
     def _protected_login(self, conn: Connection, name: str, matched: bool) -> None:
         if not matched:
@@ -1842,6 +1867,7 @@ class ChatServer(SelectServer):
         conn.state = JOINED
         conn.name = name
         conn.registered = registered
+        conn.resume_token = secrets.token_urlsafe(16)
         if self.settings.rate_limit:
             conn.bucket = TokenBucket(self.settings.rate_burst, self.now)
         self.members[name.lower()] = conn
@@ -1852,7 +1878,7 @@ class ChatServer(SelectServer):
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
         self.send(conn, {"type": "welcome", "name": name, "users": self.user_names(),
                          "ops": self.operator_names(), "registered": registered,
-                         "limits": limits})
+                         "limits": limits, "resume": conn.resume_token})
         self.replay_history(conn)
         timestamp = utc_timestamp()
         self.store.record(timestamp, "join", name)
@@ -1881,10 +1907,14 @@ class ChatServer(SelectServer):
             return
         timestamp = utc_timestamp()
         conn.messages_sent += 1
-        self.store.record(timestamp, "message", conn.name, None, text)
-        self.broadcast({"type": "message", "from": conn.name, "text": text, "ts": timestamp},
-                       exclude=conn)
-        self.send(conn, {"type": "sent", "text": text, "ts": timestamp})
+        said = {"type": "message", "from": conn.name, "text": text, "ts": timestamp}
+        ack = {"type": "sent", "text": text, "ts": timestamp}
+        if message.get("action") is True:   # "/me waves": shown as "* alice waves"
+            said["action"] = ack["action"] = True
+        self.store.record(timestamp, "action" if "action" in said else "message", conn.name,
+                          None, text)
+        self.broadcast(said, exclude=conn)
+        self.acknowledge(conn, ack)
         log.debug("%s says: %s", conn.name, text)
 
     def on_whisper(self, conn: Connection, message: dict) -> None:
@@ -1904,7 +1934,7 @@ class ChatServer(SelectServer):
         self.store.record(timestamp, "whisper", conn.name, target.name, text)
         self.send(target, {"type": "whisper", "from": conn.name, "to": target.name,
                            "text": text, "ts": timestamp})
-        self.send(conn, {"type": "sent", "to": target.name, "text": text, "ts": timestamp})
+        self.acknowledge(conn, {"type": "sent", "to": target.name, "text": text, "ts": timestamp})
         log.debug("%s whispers to %s: %s", conn.name, target.name, text)
 
     def on_who(self, conn: Connection, message: dict) -> None:
@@ -2180,7 +2210,16 @@ class ChatServer(SelectServer):
         self.send_frame(conn, encode_frame(message))
 
     def send_error(self, conn: Connection, code: str, text: str) -> None:
-        self.send(conn, {"type": "error", "code": code, "text": text})
+        error = {"type": "error", "code": code, "text": text}
+        if self.replying_to is not None:
+            error["id"] = self.replying_to
+        self.send(conn, error)
+
+    def acknowledge(self, conn: Connection, ack: dict) -> None:
+        """Tell a sender that its message went out, and as what (see replying_to)."""
+        if self.replying_to is not None:
+            ack["id"] = self.replying_to
+        self.send(conn, ack)
 
     def broadcast(self, message: dict, exclude: Optional[Connection] = None) -> None:
         """Queue one message for every joined client but `exclude`, encoded once."""

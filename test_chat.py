@@ -2155,7 +2155,8 @@ class ClientUnitTests(unittest.TestCase):
                 field = field.rstrip("?")
                 message[field] = {str: hostile, list: [hostile], dict: {}, bool: True,
                                   int: 1}[expected]
-            line = client.format_message(message, "me") or ""
+            line = client.format_message(message, "me")
+            line = line.plain if line else ""
             with self.subTest(kind=kind):
                 self.assertFalse([c for c in line
                                   if unicodedata.category(c) in ("Cc", "Cs") or c == "\u202e"],
@@ -2178,7 +2179,7 @@ class ClientUnitTests(unittest.TestCase):
     def test_formatting(self) -> None:
         stamp = "2026-01-02T03:04:05.000Z"
         local = datetime.fromisoformat("2026-01-02T03:04:05+00:00").astimezone().strftime("%H:%M")
-        fmt = client.format_message
+        fmt = lambda message, me: (client.format_message(message, me) or client.Line((), ())).plain
         self.assertEqual(fmt({"type": "message", "from": "bob", "text": "hi", "ts": stamp}, "me"),
                          f"[{local}] bob: hi")
         self.assertEqual(fmt({"type": "sent", "text": "hi", "ts": stamp}, "me"),
@@ -2190,7 +2191,7 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
                              "me"), f"[{local}] * bob left")
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "* 2 here: a, b")
-        self.assertIsNone(fmt({"type": "pong"}, "me"))
+        self.assertIsNone(client.format_message({"type": "pong"}, "me"))
         # What the server sends is cleaned again before it reaches the terminal.
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
                               "ts": stamp}, "me"), f"[{local}] x[2J: hi")
@@ -2268,7 +2269,7 @@ class ClientProcessTests(ChatTestCase):
 
     def test_lost_connection_is_one_message_and_exit_code_1(self) -> None:
         alice = self.peer("alice")
-        bot = self.run_client("--name", "bot")     # stdin stays open: the user is idle
+        bot = self.run_client("--name", "bot", "--retries", "0")   # stdin stays open: idle
         alice.expect("join")
         self.server.stop()
         self.assertEqual(bot.finish(), 1)
@@ -2319,14 +2320,20 @@ class WatchedOutput:
         return found
 
 
+def make_screen() -> "client.Screen":
+    """A plain screen whose output a test can wait on."""
+    return client.Screen(WatchedOutput(), terminal=False, colour=False)
+
+
 class ClientSessionTests(ChatTestCase):
     """ChatSession in this process, against a real server: commands and output."""
 
     def session(self, name: str = "bot") -> "client.ChatSession":
         connection, welcome = client.join("127.0.0.1", self.port, name)
         self.lost = threading.Event()
-        session = client.ChatSession(connection, welcome["name"], f"127.0.0.1:{self.port}",
-                                     out=WatchedOutput(), on_lost=self.lost.set)
+        session = client.ChatSession(connection, welcome, f"127.0.0.1:{self.port}",
+                                     make_screen(), on_lost=self.lost.set)
+        session.out = session.screen.out
         self.addCleanup(session.leave)
         session.show_banner(welcome)
         session.start()
@@ -2405,9 +2412,10 @@ class ClientAccountCommandTests(ChatTestCase):
 
     def session(self, answers: List[str]) -> "client.ChatSession":
         connection, welcome = client.join("127.0.0.1", self.port, "bot")
-        session = client.ChatSession(connection, "bot", f"127.0.0.1:{self.port}",
-                                     out=WatchedOutput(), on_lost=lambda: None,
+        session = client.ChatSession(connection, welcome, f"127.0.0.1:{self.port}",
+                                     make_screen(), on_lost=lambda: None,
                                      ask_secret=lambda prompt: answers.pop(0))
+        session.out = session.screen.out
         self.addCleanup(session.leave)
         session.start()
         return session
@@ -2429,9 +2437,9 @@ class ClientAccountCommandTests(ChatTestCase):
         self.assertEqual(answers, [])
 
     def test_without_a_terminal_passwords_come_as_arguments(self) -> None:
-        connection, _ = client.join("127.0.0.1", self.port, "bot")
-        bot = client.ChatSession(connection, "bot", "x", out=WatchedOutput(),
-                                 on_lost=lambda: None, ask_secret=None)
+        connection, welcome = client.join("127.0.0.1", self.port, "bot")
+        bot = client.ChatSession(connection, welcome, "x", make_screen(), on_lost=lambda: None)
+        bot.out = bot.screen.out
         self.addCleanup(bot.leave)
         bot.start()
         bot.handle_line("/register")
