@@ -2036,7 +2036,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   file=sys.stderr)
             return 1
     styled = terminal_is_capable(sys.stdout)
-    colour = styled and not args.no_color and not os.environ.get("NO_COLOR")
+    colour = styled and wants_colour(args.no_color)
     screen = Screen(sys.stdout, terminal=styled, colour=colour, bell=args.bell,
                     log_file=log_file)
     joiner = Joiner(host, port, args.name, credentials, tls, interactive)
@@ -2082,6 +2082,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConnectionLost:
         return 1
     return 1 if session.lost_reason else 0
+
+
+def wants_colour(no_color_flag: bool) -> bool:
+    """Colour unless --no-color or NO_COLOR (any non-empty value, see no-color.org)."""
+    return not no_color_flag and not os.environ.get("NO_COLOR")
 
 
 def secret_prompt(terminal: Optional[object]) -> Callable[[str], str]:

@@ -6,6 +6,7 @@ of this process (fast, and their state can be inspected) or as subprocesses
 that time out and with events, never with fixed sleeps.
 """
 
+import codecs
 import hashlib
 import ipaddress
 import json
@@ -24,6 +25,7 @@ import threading
 import time
 import unicodedata
 import unittest
+import zlib
 from datetime import datetime
 from typing import List, Optional
 
@@ -2122,6 +2124,474 @@ class MessageRuleServerTests(ChatTestCase):
         self.addCleanup(bob.close)
         self.assertEqual(alice.say("DARN it")["text"], "**** it")
         self.assertEqual(bob.expect("message")["text"], "**** it")
+
+
+# ---------------------------------------------------------------------------
+# The terminal: rendering, keys, the line editor, reconnecting
+# ---------------------------------------------------------------------------
+
+class VirtualScreen:
+    """Just enough of a VT100/xterm to see what a user would see.
+
+    Printable characters (wide ones take two cells), CR, LF (scrolling at
+    the bottom), BS, bell, and the CSI sequences the client uses: cursor
+    up/down/forward/back, erase line and erase display; colours are
+    ignored. Like xterm, a character written in the last column leaves the
+    cursor there until the next character wraps it.
+    """
+
+    def __init__(self, width: int = 40, height: int = 12) -> None:
+        self.width, self.height = width, height
+        self.rows = [[" "] * width for _ in range(height)]
+        self.row = self.column = 0
+        self.wrap_pending = False
+        self._pending = ""
+
+    def feed(self, text: str) -> None:
+        text, self._pending = self._pending + text, ""
+        index = 0
+        while index < len(text):
+            char = text[index]
+            if char == "\x1b":
+                match = re.match(r"\x1b\[([0-9;?]*)([@-~])", text[index:])
+                if match is None:
+                    if len(text) - index < 8:
+                        self._pending = text[index:]
+                        return
+                    index += 1
+                    continue
+                self._control(match.group(1), match.group(2))
+                index += match.end()
+                continue
+            self._put(char)
+            index += 1
+
+    def _control(self, params: str, final: str) -> None:
+        numbers = [int(p) if p.isdigit() else 0 for p in params.split(";")] if params else []
+        count = max(1, numbers[0]) if numbers else 1
+        self.wrap_pending = False
+        if final == "A":
+            self.row = max(0, self.row - count)
+        elif final == "B":
+            self.row = min(self.height - 1, self.row + count)
+        elif final == "C":
+            self.column = min(self.width - 1, self.column + count)
+        elif final == "D":
+            self.column = max(0, self.column - count)
+        elif final == "K":
+            start = 0 if numbers[:1] == [2] else self.column
+            self.rows[self.row][start:] = [" "] * (self.width - start)
+        elif final == "J":
+            if numbers[:1] in ([2], [3]):
+                self.rows = [[" "] * self.width for _ in range(self.height)]
+            else:
+                self.rows[self.row][self.column:] = [" "] * (self.width - self.column)
+                for row in range(self.row + 1, self.height):
+                    self.rows[row] = [" "] * self.width
+        elif final == "H":
+            self.row = (numbers[0] - 1) if numbers else 0
+            self.column = (numbers[1] - 1) if len(numbers) > 1 else 0
+
+    def _line_feed(self) -> None:
+        if self.row == self.height - 1:
+            self.rows = self.rows[1:] + [[" "] * self.width]
+        else:
+            self.row += 1
+
+    def _put(self, char: str) -> None:
+        if char == "\r":
+            self.column, self.wrap_pending = 0, False
+        elif char == "\n":
+            self.wrap_pending = False
+            self._line_feed()
+        elif char == "\b":
+            self.column = max(0, self.column - 1)
+        elif char == "\x07":
+            pass
+        else:
+            size = client.char_width(char)
+            if size == 0:
+                return
+            if self.wrap_pending or self.column + size > self.width:
+                self.column, self.wrap_pending = 0, False
+                self._line_feed()
+            self.rows[self.row][self.column] = char
+            if size == 2:
+                self.rows[self.row][self.column + 1] = ""
+            if self.column + size >= self.width:
+                self.column, self.wrap_pending = self.width - 1, True
+            else:
+                self.column += size
+
+    @property
+    def lines(self) -> List[str]:
+        return ["".join(row).rstrip() for row in self.rows]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for line in self.lines if line)
+
+
+class RenderingTests(unittest.TestCase):
+    def test_widths(self) -> None:
+        self.assertEqual(client.text_width("hello"), 5)
+        self.assertEqual(client.text_width("日本"), 4)
+        self.assertEqual(client.text_width("e\u0301"), 1)                  # combining accent
+        self.assertEqual(client.text_width("🎉"), 2)
+        self.assertEqual(client.text_width("👨\u200d👩\u200d👧"), 6)    # joiners take no column
+
+    def test_name_colours_are_stable_and_spread(self) -> None:
+        self.assertEqual(client.name_colour("alice"), client.name_colour("ALICE"))
+        self.assertEqual(client.name_colour("alice"), client.NAME_COLOURS[
+            zlib.crc32(b"alice") % len(client.NAME_COLOURS)])
+        colours = {client.name_colour(f"user{n}") for n in range(40)}
+        self.assertGreater(len(colours), 6)
+
+    def test_paint_and_plain(self) -> None:
+        line = client.chat_line("14:05", "bob", "hi alice", "alice")
+        self.assertEqual(line.plain, "[14:05] bob: hi alice")
+        painted = client.paint(line.head + line.body)
+        self.assertIn("\x1b[2m[14:05] \x1b[0m", painted)                 # dim time
+        self.assertIn(f"\x1b[{client.name_colour('bob')}mbob\x1b[0m", painted)
+        self.assertIn("\x1b[1;7malice\x1b[0m", painted)                  # the mention
+        self.assertTrue(line.ring)
+        self.assertNotIn("\x1b", "".join(text for text, _ in line.head + line.body))
+
+    def test_whispers_actions_and_history(self) -> None:
+        to_bob = client.chat_line("14:05", "alice", "psst", "alice", "whisper", to="bob")
+        self.assertEqual(to_bob.plain, "[14:05] [whisper to bob] psst")
+        self.assertFalse(to_bob.ring)
+        from_alice = client.chat_line("14:05", "alice", "psst", "bob", "whisper", to="bob")
+        self.assertEqual(from_alice.plain, "[14:05] [whisper from alice] psst")
+        self.assertTrue(from_alice.ring)
+        waves = client.format_message({"type": "message", "from": "bob", "text": "waves",
+                                       "action": True, "ts": "2026-01-01T00:00:00Z"}, "me")
+        self.assertTrue(waves.plain.endswith("* bob waves"))
+        old = client.format_message({"type": "history", "kind": "message", "from": "bob",
+                                     "text": "hi me", "ts": "2020-01-02T03:04:05Z"}, "me")
+        self.assertTrue(old.dim)
+        self.assertFalse(old.ring)      # old news rings no bell
+        self.assertRegex(old.plain, r"^\[Jan 0[12] \d\d:\d\d\] bob: hi me$")
+
+    def test_wrap_keeps_the_name_column(self) -> None:
+        line = client.chat_line("14:05", "alice", "one two three four five six seven eight",
+                                "bob")
+        rows = ["".join(text for text, _ in row) for row in client.wrap(line, 30)]
+        self.assertEqual(rows, ["[14:05] alice: one two three",
+                                "               four five six",
+                                "               seven eight"])
+        for row in rows:
+            self.assertLessEqual(client.text_width(row), 30)
+
+    def test_wrap_cuts_long_words_and_counts_wide_characters(self) -> None:
+        line = client.chat_line("14:05", "bo", "x" * 40 + " 日本語のテキスト日本語のテキスト", "me")
+        rows = ["".join(text for text, _ in row) for row in client.wrap(line, 24)]
+        self.assertTrue(all(client.text_width(row) <= 24 for row in rows), rows)
+        self.assertTrue(all(row.startswith(" " * 12) for row in rows[1:]), rows)
+        self.assertEqual("".join(row.replace(" ", "") for row in rows),
+                         "[14:05]bo:" + "x" * 40 + "日本語のテキスト日本語のテキスト")
+
+    def test_screen_plain_and_coloured(self) -> None:
+        out = WatchedOutput()
+        line = client.chat_line("14:05", "bob", "hello", "me")
+        client.Screen(out, terminal=False, colour=False).show(line)
+        client.Screen(out, terminal=True, colour=False).show(line)
+        client.Screen(out, terminal=True, colour=True, bell=True).show(
+            client.chat_line("14:05", "bob", "hello me", "me"))
+        self.assertEqual(out.lines[:2], ["[14:05] bob: hello", "[14:05] bob: hello"])
+        self.assertIn("\x1b[", out.lines[2])
+        self.assertTrue(out.lines[2].endswith("\a"))
+
+    def test_colour_wishes(self) -> None:
+        saved = os.environ.pop("NO_COLOR", None)
+        try:
+            self.assertTrue(client.wants_colour(False))
+            self.assertFalse(client.wants_colour(True))
+            os.environ["NO_COLOR"] = "1"
+            self.assertFalse(client.wants_colour(False))
+        finally:
+            os.environ.pop("NO_COLOR", None)
+            if saved is not None:
+                os.environ["NO_COLOR"] = saved
+        self.assertFalse(client.terminal_is_capable(WatchedOutput()))
+
+
+class KeyParserTests(unittest.TestCase):
+    def test_keys(self) -> None:
+        parser = client.KeyParser()
+        self.assertEqual(parser.feed("ab\x1b[D\x7f\r\n\t\x1b[3~\x1bOH\x1bb\x01\x04"),
+                         ["a", "b", "left", "backspace", "enter", "tab", "delete", "home",
+                          "word-left", "home", "eof"])
+
+    def test_an_escape_sequence_split_across_reads(self) -> None:
+        parser = client.KeyParser()
+        self.assertEqual(parser.feed("x\x1b["), ["x"])
+        self.assertEqual(parser.feed("1;5"), [])
+        self.assertEqual(parser.feed("Cy"), ["word-right", "y"])
+        self.assertEqual(parser.feed("\x1b[99~é"), ["ignore", "é"])
+
+
+class ScriptedTerminal:
+    """Keys for the line editor from a script, one batch per read."""
+
+    def __init__(self, batches: List[List[str]]) -> None:
+        self.batches = batches
+        self.on_resume = lambda: None
+
+    def read_keys(self) -> List[str]:
+        if not self.batches:
+            return ["eof"]
+        batch = self.batches.pop(0)
+        return batch() if callable(batch) else batch
+
+
+class LineEditorTests(unittest.TestCase):
+    WIDTH = 30
+
+    def editor(self, batches, complete=lambda word, first: []) -> "tuple":
+        screen = VirtualScreen(self.WIDTH, 8)
+        editor = client.LineEditor(ScriptedTerminal(batches), screen, complete=complete)
+        screen.write = screen.feed      # the editor writes to the screen
+        screen.flush = lambda: None
+        old = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = str(self.WIDTH)
+        self.addCleanup(lambda: os.environ.__setitem__("COLUMNS", old) if old
+                        else os.environ.pop("COLUMNS", None))
+        return editor, screen
+
+    def test_editing_keys(self) -> None:
+        keys = [list("helo"), ["left", "l", "end", "!"], ["home", "delete", "H"],
+                ["enter"]]
+        editor, screen = self.editor(keys)
+        self.assertEqual(editor.read_line(), "Hello!")
+        self.assertEqual(screen.text, "")       # the typed line is cleared once sent
+
+    def test_kill_and_word_keys(self) -> None:
+        keys = [list("one two three"), ["kill-word"], ["word-left", "kill-after"],
+                list("2"), ["home", "kill-before"], list("x"), ["enter"],
+                list("gone"), ["end", "kill-before"], list("y"), ["enter"]]
+        editor, _ = self.editor(keys)
+        self.assertEqual(editor.read_line(), "xone 2")
+        self.assertEqual(editor.read_line(), "y")
+
+    def test_history_recall(self) -> None:
+        keys = [list("first"), ["enter"], list("second"), ["enter"],
+                list("draft"), ["up"], ["up"], ["up"], ["down"], ["down"], ["enter"]]
+        editor, _ = self.editor(keys)
+        self.assertEqual([editor.read_line() for _ in range(3)], ["first", "second", "draft"])
+
+    def test_tab_completion(self) -> None:
+        names = ["alice", "alfred", "bob"]
+        complete = lambda word, first: [n for n in names if n.startswith(word)]
+        keys = [list("b"), ["tab"], ["enter"], list("hi a"), ["tab"], ["tab"],
+                list("i"), ["tab"], ["enter"]]
+        editor, screen = self.editor(keys, complete)
+        self.assertEqual(editor.read_line(), "bob: ")
+        self.assertEqual(editor.read_line(), "hi alice ")
+        self.assertIn("alice  alfred", screen.text)     # the choices, shown on the second Tab
+
+    def test_ctrl_d_and_ctrl_c(self) -> None:
+        editor, _ = self.editor([["eof"]])
+        with self.assertRaises(EOFError):
+            editor.read_line()
+        editor, _ = self.editor([list("x"), ["interrupt"]])
+        with self.assertRaises(KeyboardInterrupt):
+            editor.read_line()
+
+    def test_messages_arrive_above_a_half_typed_wrapped_line(self) -> None:
+        long_text = "a fairly long half-typed line wrapping past one row"
+
+        def message_arrives() -> List[str]:
+            editor.print_above("[14:05] bob: hello there")
+            editor.print_above("[14:05] bob: and again")
+            return ["left", "left", "left"]
+
+        def check_then_finish() -> List[str]:
+            lines = [line for line in screen.lines if line]
+            self.assertEqual(lines[:2], ["[14:05] bob: hello there", "[14:05] bob: and again"])
+            self.assertEqual("".join(lines[2:]), "> " + long_text)
+            cursor = (screen.row, screen.column)
+            self.assertEqual(screen.rows[cursor[0]][cursor[1]], "r")   # 3 left of the end
+            return ["enter"]
+
+        editor, screen = self.editor([list(long_text), message_arrives, check_then_finish])
+        self.assertEqual(editor.read_line(), long_text)
+        self.assertEqual([line for line in screen.lines if line],
+                         ["[14:05] bob: hello there", "[14:05] bob: and again"])
+
+    def test_wide_characters_and_an_exactly_full_row(self) -> None:
+        text = "日本語" * 4 + "x" * 4      # 28 columns after the 2-column prompt: exactly full
+
+        def check() -> List[str]:
+            self.assertEqual(screen.lines[0], "> " + "日本語" * 4 + "xxxx")
+            self.assertEqual((screen.row, screen.column), (1, 0))
+            editor.print_above("news")
+            self.assertEqual(screen.lines[:2], ["news", "> " + "日本語" * 4 + "xxxx"])
+            return ["home", "right"]
+
+        def cursor_after_first_wide_char() -> List[str]:
+            self.assertEqual((screen.row, screen.column), (1, 4))   # below "news" now
+            return ["enter"]
+
+        editor, screen = self.editor([list(text), check, cursor_after_first_wide_char])
+        self.assertEqual(editor.read_line(), text)
+
+
+@unittest.skipUnless(POSIX, "pseudo-terminals are POSIX")
+class TerminalClientTests(ChatTestCase):
+    """client.py on a real pseudo-terminal, as a person would use it."""
+
+    COLUMNS, ROWS = 60, 16
+
+    def start_client(self, *args: str) -> "tuple":
+        import fcntl
+        import pty
+        import struct
+        import termios
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", self.ROWS, self.COLUMNS, 0, 0))
+        env = dict(os.environ, TERM="xterm", COLUMNS=str(self.COLUMNS), LINES=str(self.ROWS),
+                   PYTHONIOENCODING="utf-8")
+        env.pop("NO_COLOR", None)
+        # A session of its own with the terminal as its controlling terminal, as in a
+        # real terminal window: that is what makes Ctrl-C a signal.
+        proc = subprocess.Popen([sys.executable, CLIENT_SCRIPT, "127.0.0.1", str(self.port),
+                                 *args], stdin=slave, stdout=slave, stderr=slave, env=env,
+                                close_fds=True, start_new_session=True,
+                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.addCleanup(os.close, master)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        screen = VirtualScreen(self.COLUMNS, self.ROWS)
+        return proc, master, screen
+
+    def wait_for(self, master: int, screen: VirtualScreen, condition) -> None:
+        """Read the terminal until condition(screen) holds; fail after TIMEOUT."""
+        import select
+        deadline = time.monotonic() + TIMEOUT
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while not condition(screen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.fail("the screen never showed it:\n" + screen.text)
+            if select.select([master], [], [], remaining)[0]:
+                try:
+                    screen.feed(decoder.decode(os.read(master, 65536)))
+                except OSError:     # the client exited
+                    if not condition(screen):
+                        self.fail("the client ended first:\n" + screen.text)
+
+    def test_half_typed_text_survives_an_arriving_message(self) -> None:
+        alice = self.peer("alice")
+        proc, master, screen = self.start_client("--name", "bob")
+        self.wait_for(master, screen, lambda s: ">" in s.lines)   # the prompt, nothing typed
+        alice.expect("join")
+        os.write(master, "hello wor".encode())
+        self.wait_for(master, screen, lambda s: "> hello wor" in s.lines)
+        alice.say("a message from alice arrives now")
+        self.wait_for(master, screen, lambda s: "> hello wor" in s.lines and any(
+            "alice: a message from alice" in line for line in s.lines))
+        lines = [line for line in screen.lines if line]
+        self.assertRegex(lines[-2], r"^\[\d\d:\d\d\] alice: a message from alice arrives now$")
+        self.assertEqual(lines[-1], "> hello wor")
+        self.assertEqual((screen.row, screen.column), (screen.lines.index("> hello wor"), 11))
+        os.write(master, b"ld\r")
+        self.assertEqual(alice.expect("message")["text"], "hello world")
+        self.wait_for(master, screen, lambda s: any("bob: hello world" in line
+                                                    for line in s.lines))
+        shown = [line for line in screen.lines if "hello world" in line]
+        self.assertEqual(len(shown), 1, screen.text)    # once, with the server's time
+        os.write(master, b"\x04")                       # Ctrl-D leaves
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(alice.expect("leave")["reason"], "quit")
+
+    def test_ctrl_c_leaves_cleanly(self) -> None:
+        alice = self.peer("alice")
+        proc, master, screen = self.start_client("--name", "bob")
+        self.wait_for(master, screen, lambda s: ">" in s.lines)
+        alice.expect("join")
+        os.write(master, b"\x03")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(alice.expect("leave")["reason"], "quit")
+        self.wait_for(master, screen, lambda s: "you left the chat" in s.text)
+        self.assertNotIn("Traceback", screen.text)
+
+
+class ReconnectTests(unittest.TestCase):
+    def test_the_client_reconnects_to_a_restarted_server_and_sends_what_waited(self) -> None:
+        port = free_port()      # fixed, so that the restarted server is at the same place
+        server = socket_server.ChatServer(socket_server.Settings(host="127.0.0.1", port=port))
+        server.listen()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--retries", "5")
+        self.addCleanup(bot.kill)
+        bot.wait_for_line("connected to")
+        server.stop()
+        thread.join(TIMEOUT)
+        bot.wait_for_line("reconnecting")
+        bot.proc.stdin.write(b"typed while the server was down\n")
+        bot.proc.stdin.flush()
+        bot.wait_for_line("will be sent when the connection is back")
+        restarted = socket_server.ChatServer(socket_server.Settings(host="127.0.0.1", port=port))
+        restarted.listen()
+        thread = threading.Thread(target=restarted.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(lambda: (restarted.stop(), thread.join(TIMEOUT)))
+        alice = Peer(port, "alice")
+        self.addCleanup(alice.close)
+        bot.wait_for_line("reconnected to")
+        self.assertEqual(alice.expect("message")["text"], "typed while the server was down")
+        bot.proc.stdin.write(b"and after\n")
+        bot.proc.stdin.close()
+        self.assertEqual(alice.expect("message")["text"], "and after")
+        self.assertEqual(bot.finish(), 0)
+
+    def test_gives_up_and_says_what_was_not_sent(self) -> None:
+        server = ServerThread()
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot",
+                      "--retries", "1")
+        self.addCleanup(bot.kill)
+        bot.wait_for_line("connected to")
+        server.stop()
+        bot.wait_for_line("reconnecting")
+        bot.proc.stdin.write(b"lost cause\n")
+        bot.proc.stdin.flush()
+        self.assertEqual(bot.finish(), 1)
+        output = bot.output()
+        self.assertIn("attempt 1 of 1 failed", output)
+        self.assertIn("could not reconnect", output)
+        self.assertIn("not sent: lost cause", output)
+
+
+class ProtocolAdditionTests(ChatTestCase):
+    def test_actions(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        alice.send({"type": "say", "text": "waves", "action": True})
+        self.assertTrue(alice.expect("sent")["action"])
+        message = bob.expect("message")
+        self.assertEqual((message["text"], message.get("action")), ("waves", True))
+        self.assertEqual(self.peer("carol").replay[0]["kind"], "action")
+
+    def test_ids_come_back_with_acknowledgements_and_errors(self) -> None:
+        alice = self.peer("alice")
+        alice.send({"type": "say", "text": "hi", "id": "7"})
+        self.assertEqual(alice.expect("sent")["id"], "7")
+        alice.send({"type": "whisper", "to": "nobody", "text": "hi", "id": "8"})
+        self.assertEqual(alice.expect("error")["id"], "8")
+        alice.send({"type": "say", "text": "no id"})
+        self.assertNotIn("id", alice.expect("sent"))
+
+    def test_resume_token_takes_the_name_back(self) -> None:
+        alice, watcher = self.peer("alice"), self.peer("watcher")
+        token = alice.welcome["resume"]
+        stranger = self.peer()
+        stranger.send({"type": "hello", "name": "alice", "resume": "guess"})
+        self.assert_rejected(stranger, "name_taken")
+        back = self.peer()
+        back.send({"type": "hello", "name": "alice", "resume": token})
+        self.assertNotEqual(back.expect("welcome")["resume"], token)
+        self.assertEqual(watcher.expect("leave")["reason"], "reconnected")
 
 
 # ---------------------------------------------------------------------------
