@@ -709,7 +709,12 @@ def start_tls(sock: socket.socket, host: str, where: str, tls: TlsOptions,
                             f"Check --cafile, and that the certificate names {host}.") from None
     except (ssl.SSLError, OSError) as exc:
         sock.close()
-        raise CannotConnect(f"{where} does not answer TLS ({getattr(exc, 'reason', None) or exc})"
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError)):
+            raise CannotConnect(f"{where} closed the connection during the TLS handshake\n"
+                                "It may be full, or refusing this address (too many "
+                                "connections, a ban), or not using TLS.") from None
+        raise CannotConnect(f"{where} does not answer TLS ({reason})"
                             "\nIs the server running with --tls-cert?") from None
     try:
         check_certificate(secure, where, tls, note)
@@ -776,7 +781,14 @@ class ServerConnection:
             self.decoder.feed(data)
 
     def finish_sending(self) -> None:
-        """Tell the server we will send nothing more (TCP half-close)."""
+        """Tell the server we will send nothing more (TCP half-close).
+
+        Not over TLS: Python's SSLSocket.shutdown() drops the TLS layer, and
+        the server's last replies would arrive as undecodable bytes. The
+        server closes after "bye" anyway.
+        """
+        if ssl is not None and isinstance(self.sock, ssl.SSLSocket):
+            return
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -803,7 +815,10 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
         hello["resume"] = credentials.resume
     try:
         connection.sock.settimeout(HANDSHAKE_TIMEOUT)
-        connection.send(hello)
+        try:
+            connection.send(hello)
+        except ValueError:      # the frame would be over the protocol's limit
+            raise JoinRefused("bad_name", "That name (or password) is far too long.") from None
         while True:
             reply = connection.receive()
             if reply["type"] == "welcome" and not check_fields(reply, SERVER_MESSAGES["welcome"]):
@@ -813,7 +828,7 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
                 raise JoinRefused(reply["code"], clean_text(reply["text"]))
             if reply["type"] == "shutdown":
                 raise JoinRefused("server_shutdown", "The server is shutting down.")
-    except (JoinRefused, ValueError):
+    except JoinRefused:
         connection.close()
         raise
     except socket.timeout:
@@ -1002,11 +1017,13 @@ class LineEditor:
     """
 
     def __init__(self, terminal: object, out: TextIO, prompt: str = PROMPT,
-                 complete: Callable[[str, bool], List[str]] = lambda word, first: []) -> None:
+                 complete: Callable[[str, bool], List[str]] = lambda word, first: [],
+                 private: Callable[[str], bool] = lambda line: False) -> None:
         self.terminal = terminal
         self.out = out
         self.prompt = prompt
         self.complete = complete        # (word, is it the first word?) -> candidates
+        self.private = private          # lines never to keep for Up/Down (passwords)
         self.lock = threading.RLock()
         self.buffer: List[str] = []
         self.cursor = 0                 # index into buffer
@@ -1069,7 +1086,8 @@ class LineEditor:
 
     def _enter(self) -> Optional[str]:
         line = "".join(self.buffer)
-        if line.strip() and (not self.history or self.history[-1] != line):
+        if line.strip() and not self.private(line) and (not self.history or
+                                                        self.history[-1] != line):
             self.history.append(line)
         return line
 
@@ -1238,10 +1256,14 @@ class Screen:
         self.editor: Optional[LineEditor] = None
         self.transcript: Deque[str] = deque(maxlen=TRANSCRIPT_LINES)
         self.lock = threading.RLock()
+        self._held: Optional[List[Line]] = None     # lines kept back during a prompt
 
     def show(self, line: Line) -> None:
         text = line.plain
         with self.lock:
+            if self._held is not None:
+                self._held.append(line)
+                return
             self.transcript.append(text)
             self._log(text)
             rendered = self.render(line)
@@ -1261,6 +1283,17 @@ class Screen:
         if self.colour:
             return "\n".join(paint(row, line.dim) for row in rows)
         return "\n".join("".join(text for text, _ in row) for row in rows)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep lines back while a prompt has the terminal, then show them."""
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for line in held:
+                self.show(line)
 
     def write_raw(self, text: str) -> None:
         """Terminal control (clearing the screen), bypassing transcript and log."""
@@ -1294,9 +1327,15 @@ class Command(NamedTuple):
     for_operators: bool = False
 
 
-def moderation_command(name: str) -> Callable[["ChatSession", str], None]:
-    """A client command that asks the server to run moderation command `name`."""
+def moderation_command(name: str, usage: str = "") -> Callable[["ChatSession", str], None]:
+    """A client command that asks the server to run moderation command `name`.
+
+    With a usage, an empty argument is answered here, in the client's own words.
+    """
     def run(session: "ChatSession", argument: str) -> None:
+        if usage and not argument.strip():
+            session.warn(f"usage: {usage}")
+            return
         session.send({"type": "moderate", "command": name, "args": argument})
     return run
 
@@ -1357,7 +1396,8 @@ class ChatSession:
     def __init__(self, connection: ServerConnection, welcome: dict, server: str,
                  screen: Optional[Screen] = None, on_lost: Optional[Callable[[], None]] = None,
                  ask_secret: Optional[Callable[[str], str]] = None,
-                 rejoin: Optional[Rejoin] = None, retries: int = RECONNECT_TRIES) -> None:
+                 rejoin: Optional[Rejoin] = None, retries: int = RECONNECT_TRIES,
+                 credentials: Optional[Credentials] = None) -> None:
         self.connection = connection
         self.name = welcome["name"]
         self.server = server                # HOST:PORT
@@ -1366,6 +1406,10 @@ class ChatSession:
         self.ask_secret = ask_secret        # prompts without echo; None when not on a terminal
         self.rejoin = rejoin
         self.retries = retries
+        # Shared with rejoin: a password set with /register or /password must be the one
+        # used when reconnecting.
+        self.credentials = credentials or Credentials()
+        self._new_password: Optional[str] = None    # sent, not yet confirmed by the server
         self.started = datetime.now()
         self.operator = False               # the server accepted our /op
         self.users: Dict[str, str] = {}     # lower-case name -> name, for Tab completion
@@ -1422,8 +1466,13 @@ class ChatSession:
         self.connection = connection
         self.resume_token = welcome.get("resume")
         self.pacer = Pacer(welcome.get("limits") or {})
+        limit = (welcome.get("limits") or {}).get("max_length")
+        self.max_length = limit if isinstance(limit, int) and limit > 0 else 0
         self.users = {str(user).lower(): clean_text(str(user)) for user in welcome["users"]}
-        self._history_headers.append(replay_header)
+        self.operator = False       # operator status does not survive a new connection
+        # Requests in flight on an old connection get no answer: only the replay is due.
+        self._history_headers = deque([replay_header])
+        self._in_history = False
         self._told_why = self._final = False
         self.connected.set()
         self.settled.set()
@@ -1443,6 +1492,8 @@ class ChatSession:
                 self.warn(f"{reason}; reconnecting")
                 if self._reconnect():
                     continue
+                if self.leaving.is_set():
+                    return      # /quit or Ctrl-C while reconnecting: an ordinary exit
                 reason = "could not reconnect"
                 break
             self.lost_reason = reason
@@ -1513,13 +1564,22 @@ class ChatSession:
         self._track_users(kind, message)
         if kind.startswith("history") and not self._show_history_frame(message):
             return
-        if kind == "notice" and message["code"] in ("op", "deop"):
-            self.operator = message["code"] == "op"
-        if kind in ("message", "sent", "whisper", "announcement"):
+        if kind == "notice":
+            self._notice_received(message["code"])
+        if kind in ("message", "sent", "whisper", "announcement", "history"):
             self._last_seen = max(self._last_seen, str(message.get("ts", "")))
         line = format_message(message, self.name)
         if line is not None:
             self.show(line)
+
+    def _notice_received(self, code: str) -> None:
+        """Notices that change what this client knows about itself."""
+        if code in ("op", "deop"):
+            self.operator = code == "op"
+        elif code in ("registered", "password_changed"):
+            self.credentials.name_password = self._new_password
+        elif code == "unregistered":
+            self.credentials.name_password = None
 
     def _track_users(self, kind: str, message: dict) -> None:
         """Keep the list of names that Tab completes."""
@@ -1576,7 +1636,7 @@ class ChatSession:
         """Act on one line of input: a command, or text to send to everyone."""
         command, argument = parse_line(line.rstrip("\r\n"))
         if command == "say":
-            if argument.strip():
+            if argument.strip() and self.fits(argument):
                 self.send({"type": "say", "text": argument})
             return
         entry = COMMANDS.get(ALIASES.get(command, command))
@@ -1591,6 +1651,7 @@ class ChatSession:
 
         False when the message is not on its way (queued lines count as on it).
         """
+        self.pacer.wait()       # outside the lock: a reconnect must not wait on our pacing
         with self._link:
             if self.connected.is_set() and self._transmit(message):
                 return True
@@ -1609,9 +1670,12 @@ class ChatSession:
                 self._ids += 1
                 message["id"] = str(self._ids)
             self.unconfirmed[message["id"]] = message["text"]   # before: the ack may be quick
-        self.pacer.wait()
         try:
             self.connection.send(message)
+        except ValueError:  # over the protocol's frame size: nothing was sent
+            self.unconfirmed.pop(message.get("id", ""), None)
+            self.warn("not sent: far too long")
+            return True     # handled: not a reason to queue it
         except OSError:     # the receiver thread notices too, and reconnects
             self.unconfirmed.pop(message.get("id", ""), None)
             self.connected.clear()
@@ -1664,14 +1728,24 @@ class ChatSession:
         if not argument.strip():
             self.warn("usage: /me ACTION, as in /me waves")
             return
-        self.send({"type": "say", "text": argument, "action": True})
+        if self.fits(argument):
+            self.send({"type": "say", "text": argument, "action": True})
 
     def cmd_whisper(self, argument: str) -> None:
         target, _, text = argument.partition(" ")
         if not target or not text.strip():
             self.warn("usage: /w NAME TEXT")
             return
-        self.send({"type": "whisper", "to": target, "text": text.strip()})
+        if self.fits(text):
+            self.send({"type": "whisper", "to": target, "text": text.strip()})
+
+    def fits(self, text: str) -> bool:
+        """Whether text is within the server's length limit; says so if not."""
+        limit = self.max_length
+        if limit and len(text.strip()) > limit:
+            self.warn(f"not sent: {len(text.strip())} characters, and the limit here is {limit}")
+            return False
+        return True
 
     def cmd_history(self, argument: str) -> None:
         if argument and not (argument.isdigit() and 1 <= int(argument) <= HISTORY_MAX):
@@ -1697,6 +1771,12 @@ class ChatSession:
     def cmd_save(self, argument: str) -> None:
         overwrite = argument.startswith("-f ") or argument == "-f"
         path = argument[2:].strip() if overwrite else argument.strip()
+        if overwrite and not path:
+            self.warn("usage: /save -f FILE (the file to overwrite); /save alone picks a new name")
+            return
+        if path and os.path.isdir(os.path.expanduser(path)):
+            self.warn(f"{path} is a folder: give a file name, as in /save {path.rstrip('/')}/chat.txt")
+            return
         header = (f"Chat on {self.server} as {self.name}, "
                   f"{self.started:%Y-%m-%d %H:%M} to {datetime.now():%Y-%m-%d %H:%M} (local time)")
         with self.screen.lock:
@@ -1711,8 +1791,9 @@ class ChatSession:
             self.note(f"saved {len(lines) - 2} lines to {saved_to}")
 
     def cmd_register(self, argument: str) -> None:
-        password = argument or self._new_password("/register PASSWORD")
+        password = argument or self._ask_new_password("/register PASSWORD")
         if password:
+            self._new_password = password
             self.send({"type": "register", "password": password})
 
     def cmd_unregister(self, argument: str) -> None:
@@ -1724,11 +1805,12 @@ class ChatSession:
         old, _, new = argument.partition(" ")
         if not argument:
             old = self._secret("current password: ", "/password OLD NEW")
-            new = old and self._new_password("/password OLD NEW")
+            new = old and self._ask_new_password("/password OLD NEW")
         elif not new:
             self.warn("usage: /password OLD NEW, or /password alone to be asked")
             return
         if old and new:
+            self._new_password = new
             self.send({"type": "change_password", "password": old, "new_password": new})
 
     def cmd_op(self, argument: str) -> None:
@@ -1746,7 +1828,7 @@ class ChatSession:
             return None
         return self.ask_secret(prompt) or None
 
-    def _new_password(self, usage: str) -> Optional[str]:
+    def _ask_new_password(self, usage: str) -> Optional[str]:
         first = self._secret("new password: ", usage)
         if first and self._secret("the same again: ", usage) != first:
             self.warn("the two passwords differ; nothing changed")
@@ -1782,18 +1864,23 @@ COMMANDS: Dict[str, Command] = {
     "op": Command("", "become an operator (asks for the operator password)",
                   ChatSession.cmd_op),
     "deop": Command("", "stop being an operator", ChatSession.cmd_deop, True),
-    "kick": Command("NAME [REASON]", "disconnect someone", moderation_command("kick"), True),
+    "kick": Command("NAME [REASON]", "disconnect someone",
+                    moderation_command("kick", "/kick NAME [REASON]"), True),
     "ban": Command("NAME|ADDRESS [MINUTES] [REASON]", "keep someone out",
-                   moderation_command("ban"), True),
-    "unban": Command("NAME|ADDRESS", "lift a ban", moderation_command("unban"), True),
+                   moderation_command("ban", "/ban NAME|ADDRESS [MINUTES] [REASON]"), True),
+    "unban": Command("NAME|ADDRESS", "lift a ban",
+                     moderation_command("unban", "/unban NAME|ADDRESS"), True),
     "bans": Command("", "list the bans", moderation_command("bans"), True),
     "mute": Command("NAME [MINUTES]", "let someone read but not send",
-                    moderation_command("mute"), True),
-    "unmute": Command("NAME", "let them send again", moderation_command("unmute"), True),
-    "announce": Command("TEXT", "an announcement to everyone", moderation_command("say"), True),
+                    moderation_command("mute", "/mute NAME [MINUTES]"), True),
+    "unmute": Command("NAME", "let them send again",
+                      moderation_command("unmute", "/unmute NAME"), True),
+    "announce": Command("TEXT", "an announcement to everyone",
+                        moderation_command("say", "/announce TEXT"), True),
     "shutdown": Command("", "stop the server", moderation_command("shutdown"), True),
 }
 ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit"}
+PASSWORD_COMMANDS = frozenset({"op", "register", "unregister", "password"})
 
 
 def command_help_lines() -> List[str]:
@@ -1918,7 +2005,7 @@ class Joiner:
                     raise GiveUp() from None
 
     def ask_name(self) -> bool:
-        if self.name_from_flag and not self.interactive:
+        if not self.interactive:    # the next input line is chat, not a better name
             return False
         self.name = read_name(self.interactive)
         self.credentials.name_password = os.environ.get("CHAT_NAME_PASSWORD")
@@ -1953,6 +2040,12 @@ class Joiner:
     }
 
 
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Terminal chat client. Type a line to send it to everyone; lines\n"
@@ -1966,7 +2059,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help=f"server name or IP address; HOST:PORT works too, and so does "
                              f"the server's join string HOST:PORT#FINGERPRINT, which means "
                              f"--tls (default: {DEFAULT_HOST})")
-    parser.add_argument("port", nargs="?", type=int, default=None,
+    parser.add_argument("port", nargs="?", type=port_number, default=None,
                         help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument("--name", help="your name in the chat: 1 to 32 letters, digits, "
                                        "'_', '-' or '.' (asked for when not given)")
@@ -2047,8 +2140,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except GiveUp:
         return 1
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         print("no name given; leaving", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
         return 1
 
     def rejoin(resume: Optional[str]) -> Tuple[ServerConnection, dict]:
@@ -2057,8 +2153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     terminal = open_terminal(sys.stdin) if interactive and styled else None
     session = ChatSession(connection, welcome, join_address(host, port), screen,
-                          ask_secret=secret_prompt(terminal) if interactive else None,
-                          rejoin=rejoin, retries=args.retries)
+                          ask_secret=secret_prompt(terminal, screen) if interactive else None,
+                          rejoin=rejoin, retries=args.retries, credentials=joiner.credentials)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, _raise_connection_lost)
     session.show_banner(welcome)
@@ -2066,7 +2162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if terminal is not None:
             with terminal:
-                screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete)
+                screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete,
+                                           private=holds_password)
                 try:
                     while True:
                         session.handle_line(screen.editor.read_line())
@@ -2084,18 +2181,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 1 if session.lost_reason else 0
 
 
+def holds_password(line: str) -> bool:
+    """Whether a typed line carries a password (/op PASSWORD, /register PASSWORD, ...)."""
+    command, argument = parse_line(line)
+    return bool(argument) and ALIASES.get(command, command) in PASSWORD_COMMANDS
+
+
 def wants_colour(no_color_flag: bool) -> bool:
     """Colour unless --no-color or NO_COLOR (any non-empty value, see no-color.org)."""
     return not no_color_flag and not os.environ.get("NO_COLOR")
 
 
-def secret_prompt(terminal: Optional[object]) -> Callable[[str], str]:
-    """getpass, with the terminal back in its normal mode while it asks."""
+def secret_prompt(terminal: Optional[object], screen: Screen) -> Callable[[str], str]:
+    """getpass, with the terminal in its normal mode and messages held back meanwhile."""
     def ask(prompt: str) -> str:
-        if terminal is None:
-            return getpass.getpass(prompt)
-        with terminal.normal_mode():
-            return getpass.getpass(prompt)
+        with screen.held():
+            if terminal is None:
+                return getpass.getpass(prompt)
+            with terminal.normal_mode():
+                return getpass.getpass(prompt)
     return ask
 
 

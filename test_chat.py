@@ -1611,6 +1611,18 @@ class TlsTests(unittest.TestCase):
             sock.settimeout(TIMEOUT)
             self.assertIn(sock.recv(100), (b"",))
 
+    def test_replies_after_bye_still_arrive_over_tls(self) -> None:
+        server = self.server(self.self_signed)
+        connection = self.join(server, "alice", self.options(insecure=True), [])
+        connection.send({"type": "say", "text": "last words"})
+        connection.send({"type": "bye"})
+        connection.finish_sending()
+        kinds = []
+        with self.assertRaises(client.ConnectionClosed):
+            while True:
+                kinds.append(connection.receive()["type"])
+        self.assertIn("sent", kinds)
+
     def test_client_program_with_the_servers_join_string(self) -> None:
         directory = temp_dir(self)
         process, port = start_server_process("--tls-cert", self.self_signed[0],
@@ -2547,6 +2559,51 @@ class ReconnectTests(unittest.TestCase):
         self.assertEqual(alice.expect("message")["text"], "and after")
         self.assertEqual(bot.finish(), 0)
 
+    def test_after_a_reconnect_only_missed_messages_are_shown(self) -> None:
+        port = free_port()
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+
+        def start() -> "socket_server.ChatServer":
+            server = socket_server.ChatServer(socket_server.Settings(host="127.0.0.1",
+                                                                     port=port, db=path))
+            server.listen()
+            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread.start()
+            self.addCleanup(thread.join, TIMEOUT)
+            self.addCleanup(server.stop)
+            return server
+
+        first = start()
+        alice = Peer(port, "alice")
+        alice.say("said before bot came")
+        alice.close()
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot")
+        self.addCleanup(bot.kill)
+        bot.wait_for_line("said before bot came")      # from the replay on joining
+        first.stop()
+        bot.wait_for_line("reconnecting")
+        start()
+        carol = Peer(port, "carol")
+        self.addCleanup(carol.close)
+        carol.say("said while bot was away")
+        bot.wait_for_line("reconnected")
+        bot.wait_for_line("said while bot was away")
+        bot.proc.stdin.close()
+        self.assertEqual(bot.finish(), 0)
+        self.assertEqual(bot.output().count("said before bot came"), 1)
+
+    def test_quitting_while_reconnecting_is_a_normal_exit(self) -> None:
+        server = ServerThread()
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot")
+        self.addCleanup(bot.kill)
+        bot.wait_for_line("connected to")
+        server.stop()
+        bot.wait_for_line("reconnecting")
+        bot.proc.stdin.write(b"/quit\n")
+        bot.proc.stdin.close()
+        self.assertEqual(bot.finish(), 0)
+        self.assertNotIn("could not reconnect", bot.output())
+
     def test_gives_up_and_says_what_was_not_sent(self) -> None:
         server = ServerThread()
         bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot",
@@ -2632,6 +2689,20 @@ class ClientUnitTests(unittest.TestCase):
                                   if unicodedata.category(c) in ("Cc", "Cs") or c == "\u202e"],
                                  line)
 
+    def test_lines_holding_passwords(self) -> None:
+        for line in ("/op secret", "/register pw pw", "\\password a b", "/unregister x"):
+            self.assertTrue(client.holds_password(line), line)
+        for line in ("/op", "/register", "hello /op x", "/w bob /op x"):
+            self.assertFalse(client.holds_password(line), line)
+
+    def test_lines_wait_while_a_prompt_has_the_terminal(self) -> None:
+        out = WatchedOutput()
+        screen = client.Screen(out, terminal=False, colour=False)
+        with screen.held():
+            screen.show(client.plain_line("arrived during the prompt"))
+            self.assertEqual(out.lines, [])
+        self.assertEqual(out.lines, ["arrived during the prompt"])
+
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
             self.assertIn(target, client.COMMANDS, alias)
@@ -2701,14 +2772,15 @@ class ClientProcessTests(ChatTestCase):
         self.assertIn("unknown command /nope", output)
         self.assertEqual(bot.output("stderr"), "")
 
-    def test_name_from_first_line_and_asked_again_when_taken(self) -> None:
+    def test_name_from_the_first_line_and_no_second_guess_when_piped(self) -> None:
         alice = self.peer("alice")
-        bot = self.run_client(stdin_data="alice\nbad name\nalice2\nhi\n")
+        bot = self.run_client(stdin_data="bot2\nhi\n")
         self.assertEqual(bot.finish(), 0)
-        self.assertIn("taken", bot.output("stderr"))
-        self.assertIn("1 to 32", bot.output("stderr"))
         message = alice.expect("message")
-        self.assertEqual((message["from"], message["text"]), ("alice2", "hi"))
+        self.assertEqual((message["from"], message["text"]), ("bot2", "hi"))
+        taken = self.run_client(stdin_data="alice\nthis is chat, not a name\n")
+        self.assertEqual(taken.finish(), 1)     # piped lines are chat: no guessing names
+        self.assertIn("taken", taken.output("stderr"))
 
     def test_taken_name_from_flag_without_terminal_exits(self) -> None:
         self.peer("alice")
@@ -2869,6 +2941,34 @@ class ClientSessionTests(ChatTestCase):
         self.assertEqual(len(names), 2)
         self.assertRegex(names[0], r"^chat-\d{4}-\d\d-\d\d-\d{4}(-2)?\.txt$")
 
+    def test_password_changes_are_kept_for_reconnecting(self) -> None:
+        bot = self.session()
+        bot.handle_line("/register first-password")
+        bot.out.wait_for("is registered")
+        self.assertEqual(bot.credentials.name_password, "first-password")
+        bot.handle_line("/password nope nope-nope-nope")
+        bot.out.wait_for("Wrong password")
+        self.assertEqual(bot.credentials.name_password, "first-password")
+        bot.handle_line("/password first-password second-password")
+        bot.out.wait_for("password is changed")
+        self.assertEqual(bot.credentials.name_password, "second-password")
+        bot.handle_line("/unregister second-password")
+        bot.out.wait_for("no longer registered")
+        self.assertIsNone(bot.credentials.name_password)
+
+    def test_lines_over_the_limit_and_save_without_a_file_are_refused_here(self) -> None:
+        bot = self.session()
+        bot.handle_line("x" * 2001)
+        bot.out.wait_for("not sent: 2001 characters, and the limit here is 2000")
+        bot.handle_line("/me " + "y" * 3000)
+        bot.out.wait_for("not sent: 3000 characters")
+        bot.handle_line("/save -f")
+        bot.out.wait_for("usage: /save -f FILE")
+        bot.handle_line(f"/save {temp_dir(self)}")
+        bot.out.wait_for("is a folder")
+        bot.handle_line("/announce")
+        bot.out.wait_for("usage: /announce TEXT")
+
     def test_lost_connection_calls_the_hook_once(self) -> None:
         bot = self.session()
         self.server.stop()
@@ -2921,6 +3021,12 @@ class ClientAccountCommandTests(ChatTestCase):
 
 
 class ClientConnectErrorTests(unittest.TestCase):
+    def test_port_out_of_range(self) -> None:
+        result = subprocess.run([sys.executable, CLIENT_SCRIPT, "127.0.0.1", "99999"],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("not a port number", result.stderr)
+
     def test_connection_refused(self) -> None:
         port = free_port()
         process = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "x", stdin_data="")
