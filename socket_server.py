@@ -40,6 +40,7 @@ string field ``"type"``. README.md documents every message type.
 """
 
 import argparse
+import bisect
 import codecs
 import concurrent.futures
 import dataclasses
@@ -86,6 +87,8 @@ DROP_AFTER = 120.0                  # seconds of silence before a client is drop
 MAX_BACKLOG = 512 * 1024            # bytes queued for one client before it is cut off
 MAX_TEXT_LENGTH = 2000              # characters in one chat message
 MAX_TEXT_LIMIT = 16000              # highest --max-length: 4 UTF-8 bytes each still fit a frame
+JOIN_NOTICES_UP_TO = 1000           # room size above which joins and leaves are not announced
+MAX_LISTED_NAMES = 1000             # names in a welcome or users list; 1000 x 35 bytes fit a frame
 RATE_LIMIT = 5.0                    # messages a second, on average, per client
 RATE_BURST = 20                     # messages a client may send at once
 FLOOD_STRIKES = 20                  # refused messages piled up before a flooder is cut off
@@ -537,10 +540,14 @@ class Settings:
     db: str = ":memory:"            # the command line defaults to DEFAULT_DB
     keep_history: bool = True       # False: record no messages (--no-history)
     history: int = HISTORY_REPLAY
+    join_notices_up_to: int = JOIN_NOTICES_UP_TO
 
 # ---------------------------------------------------------------------------
 # The store: history, accounts and bans, in sqlite
 # ---------------------------------------------------------------------------
+
+PUBLIC_KINDS = ("message", "announcement")     # events everyone could see
+
 
 class StoreError(Exception):
     """The database cannot be used; the text says why, for the user."""
@@ -606,6 +613,9 @@ class ChatStore:
         self.commits = 0
         self._pending: List[tuple] = []
         self._busy_since: Optional[float] = None
+        # recent_public() answers by limit, until the next public event: a burst
+        # of joins replays the same history without asking sqlite each time.
+        self._recent_public: Dict[int, List[tuple]] = {}
         self.db = self._open(path)
 
     @property
@@ -657,6 +667,8 @@ class ChatStore:
         """Queue an event; it is written at the next commit()."""
         if self.working and self.keep_messages:
             self._pending.append((ts, kind, sender, recipient, text))
+            if kind in PUBLIC_KINDS:
+                self._recent_public.clear()
 
     def commit(self) -> None:
         """Write everything recorded since the last commit in one transaction."""
@@ -716,12 +728,16 @@ class ChatStore:
 
     _COLUMNS = "SELECT id, ts, kind, sender, recipient, text FROM events "
 
-    _PUBLIC = "kind IN ('message', 'announcement')"
+    _PUBLIC = f"kind IN {PUBLIC_KINDS}"
 
     def recent_public(self, limit: int) -> List[tuple]:
         """The last `limit` public messages and announcements."""
-        return self._query(self._COLUMNS + f"WHERE {self._PUBLIC} ORDER BY id DESC LIMIT ?",
-                           (limit,))
+        if not self.working:
+            return []
+        if limit not in self._recent_public:
+            self._recent_public[limit] = self._query(
+                self._COLUMNS + f"WHERE {self._PUBLIC} ORDER BY id DESC LIMIT ?", (limit,))
+        return self._recent_public[limit]
 
     def last_id(self) -> int:
         """The id of the newest event stored; later events have higher ids."""
@@ -1648,6 +1664,8 @@ class ChatServer(SelectServer):
         super().__init__(settings)
         self.store = store or ChatStore(settings.db, settings.keep_history)
         self.members: Dict[str, Connection] = {}    # lower-case name -> joined connection
+        self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
+        self.operators: Set[Connection] = set()     # members who are operators
         self.accounts: Dict[str, str] = self.store.accounts()  # lower-case name -> hash
         self.guard = LoginGuard(settings.max_failures, settings.lockout, settings.failure_delay)
         self.rules = MessageRules(settings.blocked_words, settings.filter_action,
@@ -1687,16 +1705,21 @@ class ChatServer(SelectServer):
         if conn.state != JOINED:
             log.info("%s disconnected: %s", conn.address, reason)
             return
-        del self.members[conn.name.lower()]
+        announce = self.announces_arrivals() or conn.leave_text   # kicks and bans always
+        key = conn.name.lower()
+        del self.members[key]
+        del self.roster[bisect.bisect_left(self.roster, key)]
+        self.operators.discard(conn)
         conn.state = NEW
         timestamp = utc_timestamp()
         self.store.record(timestamp, "leave", conn.name, None, reason)
         if conn.registered:
             self.store.mark_left(conn.name)
-        leave = {"type": "leave", "name": conn.name, "reason": reason, "ts": timestamp}
-        if conn.leave_text:
-            leave["text"] = conn.leave_text
-        self.broadcast(leave)
+        if announce:
+            leave = {"type": "leave", "name": conn.name, "reason": reason, "ts": timestamp}
+            if conn.leave_text:
+                leave["text"] = conn.leave_text
+            self.broadcast(leave)
         log.info("%s left: %s", conn.name, reason)
 
     def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
@@ -1845,18 +1868,30 @@ class ChatServer(SelectServer):
         if self.settings.rate_limit:
             conn.bucket = TokenBucket(self.settings.rate_burst, self.now)
         self.members[name.lower()] = conn
+        bisect.insort(self.roster, name.lower())
         self.guard.succeeded(conn.host)
         log.info("%s joined as %s%s", conn.address, name, " (registered)" if registered else "")
         limits = {"max_length": self.settings.max_length}
         if self.settings.rate_limit:
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
         self.send(conn, {"type": "welcome", "name": name, "users": self.user_names(),
-                         "ops": self.operator_names(), "registered": registered,
-                         "limits": limits})
+                         "count": len(self.members), "ops": self.operator_names(),
+                         "registered": registered, "limits": limits})
         self.replay_history(conn)
         timestamp = utc_timestamp()
         self.store.record(timestamp, "join", name)
-        self.broadcast({"type": "join", "name": name, "ts": timestamp}, exclude=conn)
+        if self.announces_arrivals():
+            self.broadcast({"type": "join", "name": name, "ts": timestamp}, exclude=conn)
+
+    def announces_arrivals(self) -> bool:
+        """Whether joins and leaves are broadcast: only while the room is small.
+
+        In a room of n people, n joins would mean n * n notices, most of
+        them to people who do not know the newcomer; big IRC channels and
+        Twitch chats stay quiet about arrivals for the same reason. The
+        history still records every join and leave.
+        """
+        return len(self.members) <= self.settings.join_notices_up_to
 
     def replay_history(self, conn: Connection) -> None:
         """Recent messages for a newcomer; a returning registered name gets what it missed."""
@@ -1909,7 +1944,7 @@ class ChatServer(SelectServer):
 
     def on_who(self, conn: Connection, message: dict) -> None:
         self.send(conn, {"type": "users", "users": self.user_names(),
-                         "ops": self.operator_names()})
+                         "count": len(self.members), "ops": self.operator_names()})
 
     def on_get_history(self, conn: Connection, message: dict) -> None:
         limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
@@ -1971,6 +2006,7 @@ class ChatServer(SelectServer):
             self.login_failed(conn, "bad_admin_password", "Wrong operator password.")
         elif not conn.operator:
             conn.operator = True
+            self.operators.add(conn)
             log.info("%s is now an operator", conn.name)
             self.send(conn, {"type": "notice", "code": "op", "text": "You are an operator now: "
                              "/help lists the moderation commands."})
@@ -1979,6 +2015,7 @@ class ChatServer(SelectServer):
     def on_deop(self, conn: Connection, message: dict) -> None:
         if conn.operator:
             conn.operator = False
+            self.operators.discard(conn)
             self.send(conn, {"type": "notice", "code": "deop",
                              "text": "You are no longer an operator."})
 
@@ -2153,11 +2190,11 @@ class ChatServer(SelectServer):
         self.send(conn, end)
 
     def user_names(self) -> List[str]:
-        return sorted((conn.name for conn in self.members.values()), key=str.lower)
+        """The first MAX_LISTED_NAMES names in the chat, alphabetically (any case)."""
+        return [self.members[key].name for key in self.roster[:MAX_LISTED_NAMES]]
 
     def operator_names(self) -> List[str]:
-        return sorted((conn.name for conn in self.members.values() if conn.operator),
-                      key=str.lower)
+        return sorted((conn.name for conn in self.operators), key=str.lower)
 
     def notify_all(self, code: str, text: str, exclude: Optional[Connection] = None) -> None:
         """A notice for everyone in the chat (but `exclude`), kept in the history too."""
@@ -2407,6 +2444,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              f"server runs (default: {DEFAULT_DB} in the current directory)")
     parser.add_argument("--no-history", action="store_true",
                         help="record no messages and write nothing to disk")
+    parser.add_argument("--join-notices-up-to", type=int, default=JOIN_NOTICES_UP_TO,
+                        metavar="N",
+                        help="announce joins and leaves only while at most N people are in "
+                             f"the chat; 0 never announces them (default: {JOIN_NOTICES_UP_TO})")
     parser.add_argument("--history", type=int, default=HISTORY_REPLAY, metavar="N",
                         help="public messages replayed to each newcomer; 0 for none "
                              f"(default: {HISTORY_REPLAY})")
@@ -2427,6 +2468,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     max_length=args.max_length,
                     db=":memory:" if args.no_history else args.db,
                     keep_history=not args.no_history, history=args.history,
+                    join_notices_up_to=args.join_notices_up_to,
                     password=args.password or os.environ.get("CHAT_PASSWORD") or None,
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
@@ -2450,6 +2492,7 @@ def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
         if value <= 0:
             parser.error(f"{flag} must be more than 0")
     for flag, value in (("--history", settings.history), ("--rate-limit", settings.rate_limit),
+                        ("--join-notices-up-to", settings.join_notices_up_to),
                         ("--max-per-address", settings.max_per_address),
                         ("--max-failures", settings.max_failures)):
         if value < 0:
