@@ -87,6 +87,7 @@ MESSAGES_PER_SENDER = 20_000
 WINDOW = 2_000                  # messages in flight across all senders: ~360 KB, under the backlog limit
 SEND_BATCH = 50                 # frames per send() of a sender
 STALLED_RCVBUF = 4096           # the slow reader's socket buffer: it fills at once
+STALLED_WAIT = 1.0              # seconds to read what is left of it after a run
 LATENCY_CLIENTS = 100
 LATENCY_RATE = 200.0            # messages a second, all senders together
 LATENCY_SECONDS = 5.0
@@ -467,8 +468,12 @@ def _fanout(port: int, plan: Dict[str, Any], index: int, board: Any, start: Any,
 
 
 def _was_cut_off(sock: socket.socket) -> bool:
-    """Read a stalled client's socket to its end: did the server close it?"""
-    sock.settimeout(SETUP_TIMEOUT)
+    """Read a stalled client's socket to its end: did the server close it?
+
+    A cut-off came during the run, so its end is already here, behind the
+    bytes the socket buffer held: a short wait is enough.
+    """
+    sock.settimeout(STALLED_WAIT)
     try:
         while sock.recv(RECV_SIZE):
             pass

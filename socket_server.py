@@ -872,6 +872,7 @@ class Checkpointer:
         self._wanted = threading.Event()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None     # started on the first request
+        self.checkpointed = threading.Event()   # set after each checkpoint, for tests
 
     def request(self) -> None:
         if self._thread is None:
@@ -898,6 +899,7 @@ class Checkpointer:
                         _, in_log, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                         if copied == in_log:
                             break   # all copied: the next commit starts the log afresh
+                    self.checkpointed.set()
                 except sqlite3.Error as exc:
                     log.warning("history checkpoint failed (retried later): %s", exc)
         finally:
