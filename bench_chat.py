@@ -60,6 +60,7 @@ import platform
 import queue
 import re
 import selectors
+import signal
 import socket
 import statistics
 import subprocess
@@ -972,6 +973,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options.profile:
         os.makedirs(options.profile, exist_ok=True)
         ServerUnderTest.profile_dir = os.path.abspath(options.profile)
+    if hasattr(signal, "SIGTERM"):     # stop as on Ctrl-C: every child is ended on the way out
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         results = run_scenarios(options)
     except KeyboardInterrupt:
