@@ -85,7 +85,7 @@ LOOPBACK = "127.0.0.1"          # the only address this program talks to
 TEXT_SIZE = 100                 # characters per chat message
 FANOUT_RUNS = "50x5,200x2"      # CLIENTSxSENDERS, one run each
 MESSAGES_PER_SENDER = 20_000
-WINDOW = 2_000                  # messages in flight across all senders: ~360 KB, under the backlog limit
+WINDOW = 2_000                  # messages in flight, all senders: ~360 KB, under the backlog limit
 SEND_BATCH = 50                 # frames per send() of a sender
 STALLED_RCVBUF = 4096           # the slow reader's socket buffer: it fills at once
 STALLED_WAIT = 1.0              # seconds to read what is left of it after a run
@@ -355,23 +355,29 @@ class Receiver:
         return self.messages.count + self.own_sent
 
 
-def fanout_worker(port: int, plan: Dict[str, Any], index: int, board: Any,
-                  start: Any, results: Any) -> None:
+def worker_main(job: Any, index: int, results: Any, *args: Any) -> None:
+    """A worker process: run job(index, results, *args) and report how it ended.
+
+    The job's result goes to the coordinator as ("done", index, result); an
+    exception as ("failed", index, text), so that the coordinator can say
+    what went wrong. Ctrl-C reaches every process in the terminal's group:
+    the coordinator reports it, the workers just stop.
+    """
+    try:
+        results.put(("done", index, job(index, results, *args)))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+
+
+def fanout_worker(index: int, results: Any, port: int, plan: Dict[str, Any], board: Any,
+                  start: Any) -> Dict[str, Any]:
     """Run this worker's share of a fanout: join, wait for start, send and count.
 
     board: shared array; board[i] is how many messages worker i has sent,
     board[workers + i] the least any of its receivers has accounted for.
     """
-    try:
-        results.put(("done", index, _fanout(port, plan, index, board, start, results)))
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:     # reported, so the coordinator can say what went wrong
-        results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
-
-
-def _fanout(port: int, plan: Dict[str, Any], index: int, board: Any, start: Any,
-            results: Any) -> Dict[str, Any]:
     workers, per_sender = plan["workers"], plan["per_sender"]
     names = plan["names"][index::workers]
     total = per_sender * len(plan["senders"])
@@ -487,17 +493,8 @@ def _was_cut_off(sock: socket.socket) -> bool:
         sock.close()
 
 
-def latency_worker(port: int, plan: Dict[str, Any], results: Any) -> None:
+def latency_worker(index: int, results: Any, port: int, plan: Dict[str, Any]) -> Dict[str, Any]:
     """Clients take turns sending at a fixed rate; every arrival is timed."""
-    try:
-        results.put(("done", 0, _latency(port, plan)))
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:
-        results.put(("failed", 0, f"{type(exc).__name__}: {exc}"))
-
-
-def _latency(port: int, plan: Dict[str, Any]) -> Dict[str, Any]:
     clients = join(port, plan["names"])
     selector = selectors.DefaultSelector()
     for sock, decoder in clients:
@@ -538,17 +535,9 @@ def _latency(port: int, plan: Dict[str, Any]) -> Dict[str, Any]:
             "messages": total}
 
 
-def idle_worker(port: int, names: List[str], index: int, hold: Any, results: Any) -> None:
-    """Join clients a batch at a time, then only read and answer pings until told."""
-    try:
-        _idle(port, names, index, hold, results)
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:
-        results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
-
-
-def _idle(port: int, names: List[str], index: int, hold: Any, results: Any) -> None:
+def idle_worker(index: int, results: Any, port: int, names: List[str],
+                hold: Any) -> Dict[str, Any]:
+    """Join clients a batch at a time, then only read and answer pings until `hold` is set."""
     selector = selectors.DefaultSelector()
     buffer = bytearray(RECV_SIZE)
     counters: Dict[socket.socket, Tuple[FrameCounter, FrameCounter, FrameCounter]] = {}
@@ -595,9 +584,10 @@ def _idle(port: int, names: List[str], index: int, hold: Any, results: Any) -> N
     while not hold.is_set():
         for key, _ in selector.select(0.05):
             read(key.fileobj)
-    results.put(("done", index, {"held": len(selector.get_map()), "closed": closed}))
+    held = len(selector.get_map())
     for sock in list(counters):
         sock.close()
+    return {"held": held, "closed": closed}
 
 # ---------------------------------------------------------------------------
 # Scenarios: each starts a server and workers, and returns its numbers
@@ -611,8 +601,10 @@ class Workers:
         self.results = self.context.Queue()
         self.processes: List[Any] = []
 
-    def start(self, target: Any, *args: Any) -> None:
-        process = self.context.Process(target=target, args=args, daemon=True)
+    def start(self, job: Any, index: int, *args: Any) -> None:
+        """Run job(index, results, *args) in a new process (see worker_main)."""
+        process = self.context.Process(target=worker_main, args=(job, index, self.results) + args,
+                                       daemon=True)
         process.start()
         self.processes.append(process)
 
@@ -666,7 +658,7 @@ def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: 
         board = pool.context.RawArray("q", 2 * workers)
         start = pool.context.Event()
         for index in range(workers):
-            pool.start(fanout_worker, server.port, plan, index, board, start, pool.results)
+            pool.start(fanout_worker, index, server.port, plan, board, start)
         pool.collect("ready", workers, SETUP_TIMEOUT * 3)
         server_cpu = server.cpu()
         with MemorySampler(server.pid) as memory:
@@ -716,7 +708,7 @@ def run_latency(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
     with ServerUnderTest(db_dir) as server, Workers() as pool:
         before = server.cpu()
         began = time.monotonic()
-        pool.start(latency_worker, server.port, plan, pool.results)
+        pool.start(latency_worker, 0, server.port, plan)
         report = pool.collect("done", 1, options.latency_seconds + options.timeout
                               + SETUP_TIMEOUT)[0]
         wall = time.monotonic() - began
@@ -746,8 +738,7 @@ def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
         hold = pool.context.Event()
         began = time.monotonic()
         for index in range(workers):
-            pool.start(idle_worker, server.port, names[index::workers], index, hold,
-                       pool.results)
+            pool.start(idle_worker, index, server.port, names[index::workers], hold)
         joins = pool.collect("joined", workers, RUN_TIMEOUT + SETUP_TIMEOUT)
         join_seconds = time.monotonic() - began
         time.sleep(options.idle_hold)   # the clients stay idle for a while: is anyone dropped?
