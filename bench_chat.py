@@ -68,7 +68,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -97,6 +97,7 @@ IDLE_HOLD = 2.0                 # seconds the idle clients stay before they are 
 IDLE_CONNECTING = 200           # idle clients connecting at once, per worker
 WORKERS = 2                     # load generator processes for fanout and idle runs
 REPEAT = 2                      # runs of each fanout setting; the best one counts
+PAIRS = 3                       # plain and variant runs in turn for 'slow' and 'history'
 STARTUP_RUNS = 5
 RUN_TIMEOUT = 120.0             # seconds any one run may take before it is abandoned
 SETUP_TIMEOUT = 10.0            # seconds for a server to start or a client to join
@@ -108,7 +109,7 @@ FD_SPARE = 200                  # descriptors beyond one per client, per process
 
 # --quick: a smoke run for test_chat.py, a few seconds on any machine.
 QUICK = dict(fanout="10x2", messages=300, latency_clients=10, latency_seconds=0.5,
-             idle_clients=200, idle_hold=0.2, repeat=1, startup_runs=2, workers=1)
+             idle_clients=200, idle_hold=0.2, repeat=1, pairs=1, startup_runs=2, workers=1)
 
 RECV_SIZE = 256 * 1024
 MESSAGE_MARK = b'{"type":"message"'
@@ -163,6 +164,18 @@ def raise_fd_limit(wanted: int) -> Tuple[Optional[int], Optional[int]]:
     return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def split_cpus() -> Optional[Tuple[Set[int], Set[int]]]:
+    """One core for the server, the others for the load generator (Linux).
+
+    Pinned, the two never fight over a core, and runs vary far less. None
+    where affinity cannot be set or there is only one core.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None
+
+
 class MemorySampler:
     """Samples a process's resident memory in a thread, to find its peak."""
 
@@ -198,6 +211,7 @@ class ServerUnderTest:
     """
 
     profile_dir: Optional[str] = None  # --profile: run each server under cProfile
+    cpus: Optional[Set[int]] = None     # cores to pin the server to (see split_cpus)
 
     def __init__(self, db_dir: str, history: bool = True, max_clients: int = 1000) -> None:
         store = ["--db", os.path.join(db_dir, f"bench-{time.monotonic_ns()}.sqlite3")] \
@@ -220,6 +234,8 @@ class ServerUnderTest:
         spawned = time.perf_counter()
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if self.cpus:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         threading.Thread(target=self._pump, args=(self.proc.stdout, lines.put),
                          daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
@@ -691,8 +707,24 @@ def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: 
 def best_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
                 **variant: Any) -> Dict[str, Any]:
     """The fastest of --repeat runs (runs share a noisy machine with their load generator)."""
-    runs = [run_fanout(options, db_dir, clients, senders, **variant)
-            for _ in range(options.repeat)]
+    return best_of([run_fanout(options, db_dir, clients, senders, **variant)
+                    for _ in range(options.repeat)])
+
+
+def compare_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
+                   **variant: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The best plain run and the best variant run of --pairs pairs run in turn.
+
+    Taking turns spreads the machine's slow moments over both sides, so the
+    difference is the variant's, not the moment's.
+    """
+    pairs = [(run_fanout(options, db_dir, clients, senders),
+              run_fanout(options, db_dir, clients, senders, **variant))
+             for _ in range(options.pairs)]
+    return best_of([plain for plain, _ in pairs]), best_of([other for _, other in pairs])
+
+
+def best_of(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     best = max(runs, key=lambda run: run["deliveries_per_s"])
     best["runs_deliveries_per_s"] = [run["deliveries_per_s"] for run in runs]
     best["lost"] = max(run["lost"] for run in runs)         # a loss in any run counts
@@ -848,37 +880,34 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
     results: Dict[str, Any] = {"machine": machine_summary(), "settings": {
         "fanout": options.fanout, "messages_per_sender": options.messages,
         "text_size": options.text_size, "window": options.window, "workers": options.workers,
-        "repeat": options.repeat}}
+        "repeat": options.repeat, "pairs": options.pairs,
+        "pinned": ServerUnderTest.cpus is not None}}
     warnings: List[str] = []
     with tempfile.TemporaryDirectory(prefix="bench_chat-") as db_dir:
         if "startup" in options.scenarios:
             results["startup"] = run_startup(options, db_dir)
         runs = [tuple(int(n) for n in size.split("x")) for size in options.fanout.split(",")]
-        first = None
-        if {"fanout", "slow", "history"} & set(options.scenarios):
-            first = best_fanout(options, db_dir, *runs[0])
         if "fanout" in options.scenarios:
-            results["fanout"] = [first] + [best_fanout(options, db_dir, *size)
-                                           for size in runs[1:]]
+            results["fanout"] = [best_fanout(options, db_dir, *size) for size in runs]
         if "latency" in options.scenarios:
             results["latency"] = run_latency(options, db_dir)
         if "idle" in options.scenarios:
             results["idle"] = run_idle(options, db_dir)
         if "slow" in options.scenarios:
-            slow = best_fanout(options, db_dir, *runs[0], stalled=True)
+            plain, slow = compare_fanout(options, db_dir, *runs[0], stalled=True)
             results["slow"] = {
-                "clients": runs[0][0], "baseline": first["deliveries_per_s"],
+                "clients": runs[0][0], "baseline": plain["deliveries_per_s"],
                 "with_stalled": slow["deliveries_per_s"],
-                "impact_pct": impact(first["deliveries_per_s"], slow["deliveries_per_s"]),
+                "impact_pct": impact(plain["deliveries_per_s"], slow["deliveries_per_s"]),
                 "cut_off": slow["stalled_cut_off"], "lost": slow["lost"],
                 "peak_rss_kib": slow["server_peak_rss_kib"],
-                "baseline_peak_rss_kib": first["server_peak_rss_kib"]}
+                "baseline_peak_rss_kib": plain["server_peak_rss_kib"]}
         if "history" in options.scenarios:
-            bare = best_fanout(options, db_dir, *runs[0], history=False)
+            stored, bare = compare_fanout(options, db_dir, *runs[0], history=False)
             results["history"] = {
-                "clients": runs[0][0], "with_history": first["deliveries_per_s"],
+                "clients": runs[0][0], "with_history": stored["deliveries_per_s"],
                 "without_history": bare["deliveries_per_s"],
-                "overhead_pct": impact(bare["deliveries_per_s"], first["deliveries_per_s"])}
+                "overhead_pct": impact(bare["deliveries_per_s"], stored["deliveries_per_s"])}
     for run in results.get("fanout", []):
         if run["lost"] or run["errors"]:
             warnings.append(f"fanout {run['clients']}x{run['senders']}: {run['lost']} lost, "
@@ -912,6 +941,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help=f"load generator processes (default: {WORKERS})")
     parser.add_argument("--repeat", type=int, default=REPEAT, metavar="N",
                         help=f"runs of each fanout setting, the best counts (default: {REPEAT})")
+    parser.add_argument("--pairs", type=int, default=PAIRS, metavar="N",
+                        help=f"pairs of runs, plain and variant in turn, for 'slow' and "
+                             f"'history'; the best of each side counts (default: {PAIRS})")
     parser.add_argument("--latency-clients", type=int, default=LATENCY_CLIENTS, metavar="N",
                         help=f"clients in the latency run (default: {LATENCY_CLIENTS})")
     parser.add_argument("--latency-rate", type=float, default=LATENCY_RATE, metavar="N",
@@ -928,6 +960,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT, metavar="S",
                         help=f"seconds one run may take before it is abandoned and its "
                              f"missing deliveries count as lost (default: {RUN_TIMEOUT:g})")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the system place server and load generator on any core "
+                             "(default: the server gets one core, the load generator the rest)")
     parser.add_argument("--profile", metavar="DIR",
                         help="run each server under cProfile, writing DIR/server-*.prof "
                              "(slower: compare profiles, not numbers)")
@@ -955,12 +990,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             not 0 < int(s) < int(c) for c, s in (size.split("x")
                                                  for size in options.fanout.split(","))):
         parser.error("--fanout takes CLIENTSxSENDERS,..., with 0 < SENDERS < CLIENTS")
-    for name in ("messages", "text_size", "window", "workers", "repeat", "latency_clients",
+    for name in ("messages", "text_size", "window", "workers", "repeat", "pairs",
+                 "latency_clients",
                  "idle_clients", "startup_runs"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if options.latency_clients < 2 or options.latency_rate <= 0:
         parser.error("the latency run needs at least 2 clients and a rate above 0")
+    cpus = None if options.no_pin else split_cpus()
+    if cpus:
+        ServerUnderTest.cpus = cpus[0]
+        os.sched_setaffinity(0, cpus[1])    # the workers inherit it
     if options.profile:
         os.makedirs(options.profile, exist_ok=True)
         ServerUnderTest.profile_dir = os.path.abspath(options.profile)
