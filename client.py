@@ -204,6 +204,12 @@ def clean_text(text: str) -> str:
     characters, lone surrogates and bidirectional overrides are removed, so
     no text can move a cursor, change colours or reorder a line.
     """
+    # Fast path, same result: isprintable() is False for every character in
+    # the categories Cc, Cf (the bidi controls among them), Cs, Zl, Zp and
+    # Zs but the plain space, and those hold every character isspace() knows.
+    # So a printable text has nothing to remove and no whitespace to change.
+    if text.isprintable():
+        return text.strip()
     kept = []
     for char in text:
         if char.isspace():

@@ -3055,5 +3055,97 @@ class ClientConnectErrorTests(unittest.TestCase):
         self.assertNotIn("Traceback", process.output("stderr"))
 
 
+class PerformanceTests(ChatTestCase):
+    """What bench_chat.py needs and measures: it runs, big rooms scale, the fast paths agree.
+
+    Performance numbers come from bench_chat.py itself, never from here.
+    """
+
+    def set_constant(self, name: str, value: object) -> None:
+        """Change a socket_server constant for this test only."""
+        self.addCleanup(setattr, socket_server, name, getattr(socket_server, name))
+        setattr(socket_server, name, value)
+
+    def test_benchmark_quick_run_gives_sane_numbers(self) -> None:
+        bench = subprocess.run(
+            [sys.executable, os.path.join(HERE, "bench_chat.py"), "--quick", "--json", "-"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=HERE, timeout=120)
+        self.assertEqual(bench.returncode, 0, bench.stderr.decode("utf-8", "replace"))
+        results = json.loads(bench.stdout)
+        for run in results["fanout"]:
+            messages, clients = run["messages"], run["clients"]
+            self.assertEqual(run["deliveries"], messages * (clients - 1), run)
+            self.assertEqual((run["lost"], run["errors"]), (0, 0), run)
+            self.assertGreater(run["deliveries_per_s"], 0)
+            for share in (run["server_cpu_pct"], run["loadgen_cpu_pct"]):
+                self.assertTrue(share is None or share >= 0, run)
+        latency = results["latency"]
+        self.assertEqual(latency["lost"], 0)
+        self.assertEqual(latency["deliveries"], latency["messages"] * (latency["clients"] - 1))
+        self.assertTrue(0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"], latency)
+        idle = results["idle"]
+        self.assertEqual(idle["held"], idle["requested"], idle)
+        self.assertTrue(0 < results["startup"]["median_ms"] < 10_000)
+        self.assertEqual(results["slow"]["lost"], 0)
+        self.assertGreater(results["slow"]["with_stalled"], 0)
+        self.assertGreater(results["history"]["without_history"], 0)
+        self.assertEqual(results["warnings"], [])
+
+    def test_joins_and_leaves_are_announced_only_in_a_small_room(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        server = ServerThread(join_notices_up_to=2, db=path)
+        self.addCleanup(server.stop)
+        alice, bob = Peer(server.port, "alice"), Peer(server.port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        self.assertEqual(alice.expect("join")["name"], "bob")   # two people: announced
+        carol = Peer(server.port, "carol")
+        self.addCleanup(carol.close)
+        carol.send({"type": "bye"})
+        carol.read_until_closed()
+        self.assertEqual(alice.sync(), [])      # three people: neither join nor leave
+        server.stop()
+        db = sqlite3.connect(path)
+        self.addCleanup(db.close)
+        events = db.execute("SELECT kind FROM events WHERE sender = 'carol'").fetchall()
+        self.assertEqual(events, [("join",), ("leave",)])   # the history still has them
+
+    def test_name_lists_are_capped_alphabetically_and_counted(self) -> None:
+        self.set_constant("MAX_LISTED_NAMES", 2)
+        self.peer("carl")
+        self.peer("Bob")
+        alice = self.peer("alice")
+        self.assertEqual(alice.welcome["users"], ["alice", "Bob"])
+        self.assertEqual(alice.welcome["count"], 3)
+        alice.send({"type": "who"})
+        users = alice.expect("users")
+        self.assertEqual((users["users"], users["count"]), (["alice", "Bob"], 3))
+
+    def test_printable_text_needs_no_cleaning(self) -> None:
+        """clean_text's fast path: a printable character is never one it changes."""
+        changed = [char for char in map(chr, range(sys.maxunicode + 1))
+                   if char.isprintable() and char != " "
+                   and (char.isspace() or unicodedata.category(char) in ("Cc", "Cs")
+                        or char in socket_server._BIDI_CONTROLS)]
+        self.assertEqual(changed, [])
+
+    def test_checkpoints_run_on_their_own_thread(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        store = socket_server.ChatStore(path)
+        self.set_constant("CHECKPOINT_EVERY", 3)
+        for number in range(3):
+            store.record("2024-01-01T00:00:00.000Z", "message", "alice", None, str(number))
+            store.commit()
+        self.assertTrue(store._checkpointer.checkpointed.wait(TIMEOUT))
+        autocheckpoint = store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        self.assertEqual(autocheckpoint, socket_server.WAL_BACKSTOP)
+        store.close()
+        self.assertFalse(os.path.exists(path + "-wal"))
+        db = sqlite3.connect(path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM events").fetchone()[0], 3)
+
+
 if __name__ == "__main__":
     unittest.main()

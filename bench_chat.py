@@ -1,0 +1,1032 @@
+#!/usr/bin/env python3
+"""Benchmark socket_server.py on this machine: standard library only.
+
+Usage::
+
+    python bench_chat.py                      # every scenario, about a minute
+    python bench_chat.py --quick              # a smoke run of a few seconds
+    python bench_chat.py --json results.json  # the table, and the numbers as JSON
+    python bench_chat.py --scenarios fanout,latency --fanout 50x5,200x2
+    python bench_chat.py --help               # every size and flag
+
+What it measures
+----------------
+- startup: process spawn to the server's ``listening on`` line.
+- fanout: C clients, S of them sending 100-byte messages as fast as the
+  server takes them; deliveries/s is every ``message`` frame received,
+  summed over all receivers, per second. "lost" counts the frames a
+  receiver should have got and did not; "errors" counts ``error`` frames
+  (a ``rate_limited`` would be a loss the benchmark caused).
+- latency: clients take turns sending at a fixed rate; each message carries
+  its send time, and every receiver's arrival time gives one sample.
+- idle: many clients connect, join, and then only read and answer pings;
+  the server's resident memory growth is divided among them.
+- slow: the first fanout run again, plus one client that joins and never
+  reads: the others' throughput, and the server's peak memory, compared.
+- history: the first fanout run again with ``--no-history``: what writing
+  every message to sqlite costs.
+
+Every run starts its own server on 127.0.0.1 with ``--port 0``, a temporary
+database and every feature on, rate limits set high rather than off. CPU
+shares (100% = one core) show whether the load generator, not the server,
+was the bottleneck.
+
+Design
+------
+The load generator must be cheaper than the server it loads. Its clients
+live in a few worker processes (multiprocessing, "spawn", so it works the
+same on Windows and macOS). A receiver never parses frames: it reads big
+chunks into one buffer and counts ``{"type":"message"`` with
+``bytearray.count`` (C speed; the JSON encoder escapes every quote inside a
+string, so that marker can only start a payload). Senders send batches of
+pre-encoded frames, but only while fewer than ``--window`` messages are
+in flight (sent, and not yet received by the slowest receiver): the
+workers share their counts in a small shared-memory array. That keeps the
+server's queues below the backlog limit, so the benchmark measures the
+throughput the server sustains, never a backlog it builds up and then
+has to cut off.
+
+Everything is bounded in count and time, talks only to 127.0.0.1, and ends
+its own children (server and workers, by handle) on error or Ctrl-C.
+Server CPU and memory come from /proc (Linux); elsewhere the report says
+they could not be measured.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import re
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from socket_server import FrameDecoder, decode_payload, encode_frame  # noqa: E402
+
+SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
+
+# ---------------------------------------------------------------------------
+# Defaults and limits
+# ---------------------------------------------------------------------------
+
+LOOPBACK = "127.0.0.1"          # the only address this program talks to
+TEXT_SIZE = 100                 # characters per chat message
+FANOUT_RUNS = "50x5,200x2"      # CLIENTSxSENDERS, one run each
+MESSAGES_PER_SENDER = 20_000
+WINDOW = 2_000                  # messages in flight, all senders: ~360 KB, under the backlog limit
+SEND_BATCH = 50                 # frames per send() of a sender
+STALLED_RCVBUF = 4096           # the slow reader's socket buffer: it fills at once
+STALLED_WAIT = 1.0              # seconds to read what is left of it after a run
+LATENCY_CLIENTS = 100
+LATENCY_RATE = 200.0            # messages a second, all senders together
+LATENCY_SECONDS = 5.0
+IDLE_CLIENTS = 10_000
+IDLE_HOLD = 2.0                 # seconds the idle clients stay before they are counted
+IDLE_CONNECTING = 200           # idle clients connecting at once, per worker
+WORKERS = 2                     # load generator processes for fanout and idle runs
+REPEAT = 2                      # runs of each fanout setting; the best one counts
+PAIRS = 3                       # plain and variant runs in turn for 'slow' and 'history'
+STARTUP_RUNS = 5
+SATURATED = 75                  # % of its cores past which the load generator may be the limit
+RUN_TIMEOUT = 120.0             # seconds any one run may take before it is abandoned
+SETUP_TIMEOUT = 10.0            # seconds for a server to start or a client to join
+
+# Server flags for every run: everything on, limits out of the benchmark's way.
+RATE_LIMIT = "1000000"          # high, not 0: the token bucket still runs
+MAX_BACKLOG_KIB = 512           # the server's default
+FD_SPARE = 200                  # descriptors beyond one per client, per process
+
+# --quick: a smoke run for test_chat.py, a few seconds on any machine.
+QUICK = dict(fanout="10x2", messages=300, latency_clients=10, latency_seconds=0.5,
+             idle_clients=200, idle_hold=0.2, repeat=1, pairs=1, startup_runs=2, workers=1)
+
+RECV_SIZE = 256 * 1024
+MESSAGE_MARK = b'{"type":"message"'
+ERROR_MARK = b'{"type":"error"'
+HISTORY_END_MARK = b'{"type":"history_end"'
+PING_MARK = b'{"type":"ping"'
+PONG_FRAME = encode_frame({"type": "pong"})
+
+# ---------------------------------------------------------------------------
+# Measuring other processes: /proc where there is one, else nothing
+# ---------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User plus system CPU time a process has used; None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def resident_kib(pid: int) -> Optional[int]:
+    """A process's resident memory in KiB; None without /proc."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def raise_fd_limit(wanted: int) -> Tuple[Optional[int], Optional[int]]:
+    """Raise this process's open-file limit towards `wanted` (children inherit it).
+
+    Returns (limit before, limit now); (None, None) where the resource
+    module does not exist (Windows), which has no such per-process limit.
+    """
+    try:
+        import resource     # POSIX only
+    except ImportError:
+        return None, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def split_cpus() -> Optional[Tuple[Set[int], Set[int]]]:
+    """One core for the server, the others for the load generator (Linux).
+
+    Pinned, the two never fight over a core, and runs vary far less. None
+    where affinity cannot be set or there is only one core.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None
+
+
+class MemorySampler:
+    """Samples a process's resident memory in a thread, to find its peak."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak: Optional[int] = resident_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = resident_kib(self.pid)
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+# ---------------------------------------------------------------------------
+# The server under test
+# ---------------------------------------------------------------------------
+
+class ServerUnderTest:
+    """socket_server.py in a subprocess on 127.0.0.1 and a free port.
+
+    Use as a context manager: the server is stopped (SIGTERM, then kill)
+    however the block ends.
+    """
+
+    profile_dir: Optional[str] = None  # --profile: run each server under cProfile
+    cpus: Optional[Set[int]] = None     # cores to pin the server to (see split_cpus)
+
+    def __init__(self, db_dir: str, history: bool = True, max_clients: int = 1000) -> None:
+        store = ["--db", os.path.join(db_dir, f"bench-{time.monotonic_ns()}.sqlite3")] \
+            if history else ["--no-history"]
+        profiler = [] if self.profile_dir is None else [
+            "-m", "cProfile", "-o",
+            os.path.join(self.profile_dir, f"server-{time.monotonic_ns()}.prof")]
+        self.command = [sys.executable, *profiler, SERVER_SCRIPT, "--host", LOOPBACK, "--port", "0",
+                        "--log-level", "warning", "--rate-limit", RATE_LIMIT,
+                        "--rate-burst", RATE_LIMIT, "--max-per-address", "0",
+                        "--max-clients", str(max_clients),
+                        "--max-backlog", str(MAX_BACKLOG_KIB)] + store
+        self.proc: Optional[subprocess.Popen] = None
+        self.port = 0
+        self.startup = 0.0      # seconds from spawn to "listening on"
+        self.stderr: List[str] = []
+
+    def __enter__(self) -> "ServerUnderTest":
+        lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        spawned = time.perf_counter()
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if self.cpus:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
+        threading.Thread(target=self._pump, args=(self.proc.stdout, lines.put),
+                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
+                         daemon=True).start()
+        try:
+            first = lines.get(timeout=SETUP_TIMEOUT)
+            self.startup = time.perf_counter() - spawned
+            match = re.match(r"listening on 127\.0\.0\.1:(\d+)$", first or "")
+            if not match:
+                raise RuntimeError(f"the server did not start: {first!r} {self.stderr}")
+        except BaseException:
+            self.stop()
+            raise
+        self.port = int(match.group(1))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @staticmethod
+    def _pump(stream: Any, put: Any) -> None:
+        for raw in stream:
+            put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> Optional[float]:
+        return cpu_seconds(self.proc.pid)
+
+    def memory(self) -> Optional[int]:
+        return resident_kib(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+# ---------------------------------------------------------------------------
+# The load generator's clients (they run in worker processes)
+# ---------------------------------------------------------------------------
+
+class FrameCounter:
+    """Counts frames of one type in a byte stream without parsing it.
+
+    Every frame's payload begins with '{"type":"KIND"'. A marker split over
+    two reads is caught by looking at the last len(marker)-1 bytes of the
+    previous read joined to the first ones of this read: no marker fits
+    wholly in either part, so whatever is found there straddles the two.
+    """
+
+    __slots__ = ("marker", "count", "_tail")
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.count = 0
+        self._tail = b""
+
+    def feed(self, buffer: bytearray, size: int) -> int:
+        """Count the markers in buffer[:size]; return how many were new."""
+        keep = len(self.marker) - 1
+        found = buffer.count(self.marker, 0, size)
+        if self._tail:
+            found += (self._tail + buffer[:min(size, keep)]).count(self.marker)
+        self._tail = (self._tail + buffer[:size])[-keep:] if size < keep else \
+            bytes(buffer[size - keep:size])
+        self.count += found
+        return found
+
+
+def join(port: int, names: List[str],
+         rcvbuf: Optional[int] = None) -> List[Tuple[socket.socket, FrameDecoder]]:
+    """Connect and join under each name; return once every welcome has come.
+
+    The hellos go out first, then the answers are read, so that joining a
+    few hundred clients takes one round trip, not hundreds. Bytes after
+    each history_end (join notices) stay in the returned decoder.
+    """
+    joined = []
+    for name in names:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(SETUP_TIMEOUT)
+        sock.connect((LOOPBACK, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(encode_frame({"type": "hello", "name": name}))
+        joined.append((sock, FrameDecoder()))
+    for sock, decoder in joined:
+        while True:
+            payload = next(decoder, None)
+            if payload is None:
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    raise ConnectionError("the server closed a connection while it joined")
+                decoder.feed(data)
+                continue
+            message = decode_payload(payload)
+            if message["type"] == "error":
+                raise ConnectionError(f"join refused: {message}")
+            if message["type"] == "history_end":
+                break
+    return joined
+
+
+def chat_text(size: int, lead: str = "") -> str:
+    return (lead + " " + "m" * size)[:size] if lead else "m" * size
+
+
+class Receiver:
+    """One client socket in a fanout run: counts what it receives."""
+
+    __slots__ = ("sock", "expected", "messages", "errors", "own_sent", "closed")
+
+    def __init__(self, sock: socket.socket, expected: int) -> None:
+        self.sock = sock
+        self.expected = expected        # message frames it should get
+        self.messages = FrameCounter(MESSAGE_MARK)
+        self.errors = FrameCounter(ERROR_MARK)
+        self.own_sent = 0               # its own messages, which it does not get back
+        self.closed = False
+
+    @property
+    def accounted(self) -> int:
+        """How far along it is: messages received plus its own."""
+        return self.messages.count + self.own_sent
+
+
+def worker_main(job: Any, index: int, results: Any, *args: Any) -> None:
+    """A worker process: run job(index, results, *args) and report how it ended.
+
+    The job's result goes to the coordinator as ("done", index, result); an
+    exception as ("failed", index, text), so that the coordinator can say
+    what went wrong. Ctrl-C reaches every process in the terminal's group:
+    the coordinator reports it, the workers just stop.
+    """
+    try:
+        results.put(("done", index, job(index, results, *args)))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+
+
+def fanout_worker(index: int, results: Any, port: int, plan: Dict[str, Any], board: Any,
+                  start: Any) -> Dict[str, Any]:
+    """Run this worker's share of a fanout: join, wait for start, send and count.
+
+    board: shared array; board[i] is how many messages worker i has sent,
+    board[workers + i] the least any of its receivers has accounted for.
+    """
+    workers, per_sender = plan["workers"], plan["per_sender"]
+    names = plan["names"][index::workers]
+    total = per_sender * len(plan["senders"])
+    receivers = []
+    for sock, _ in join(port, names):
+        sock.setblocking(False)
+        receivers.append(Receiver(sock, total))
+    senders = [receiver for name, receiver in zip(names, receivers) if name in plan["senders"]]
+    for sender in senders:
+        sender.expected = total - per_sender
+    batch = encode_frame({"type": "say", "text": chat_text(plan["text_size"])}) * SEND_BATCH
+    stalled = None
+    if plan.get("stalled") and index == 0:     # the slow-reader run: joins, then never reads
+        stalled, _ = join(port, [plan["stalled"]], rcvbuf=STALLED_RCVBUF)[0]
+    selector = selectors.DefaultSelector()
+    for receiver in receivers:
+        selector.register(receiver.sock, selectors.EVENT_READ, receiver)
+    buffer = bytearray(RECV_SIZE)
+    results.put(("ready", index, None))
+    start.wait(SETUP_TIMEOUT * 3)
+
+    cpu_start = time.process_time()
+    deadline = time.monotonic() + plan["timeout"]
+    pending: Dict[Receiver, memoryview] = {}    # a sender's batch the socket did not take
+    to_send = {sender: per_sender for sender in senders}
+    next_sender = 0
+    finished = None
+    while time.monotonic() < deadline:
+        # Send one batch when the window allows (or finish a batch begun).
+        for sender, rest in list(pending.items()):
+            try:
+                sent = sender.sock.send(rest)
+            except BlockingIOError:
+                continue
+            if sent == len(rest):
+                del pending[sender]
+            else:
+                pending[sender] = rest[sent:]
+        waiting = [sender for sender in senders if to_send[sender] and sender not in pending]
+        can_send = False
+        if waiting:
+            in_flight = sum(board[:workers]) - min(board[workers:])
+            can_send = in_flight + SEND_BATCH <= plan["window"]
+        if can_send:
+            sender = waiting[next_sender % len(waiting)]
+            next_sender += 1
+            count = min(SEND_BATCH, to_send[sender])
+            data = memoryview(batch)[:len(batch) // SEND_BATCH * count]
+            to_send[sender] -= count
+            sender.own_sent += count
+            board[index] += count
+            try:
+                sent = sender.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                pending[sender] = data[sent:]
+        # Read whatever has come.
+        for key, _ in selector.select(0 if can_send else 0.002):
+            receiver = key.data
+            try:
+                size = receiver.sock.recv_into(buffer)
+            except BlockingIOError:
+                continue
+            except OSError:
+                size = 0
+            if not size:
+                receiver.closed = True
+                selector.unregister(receiver.sock)
+                continue
+            receiver.messages.feed(buffer, size)
+            receiver.errors.feed(buffer, size)
+        open_receivers = [receiver for receiver in receivers if not receiver.closed]
+        board[workers + index] = min((receiver.accounted for receiver in open_receivers),
+                                     default=10 ** 15)
+        if not pending and not any(to_send.values()) and all(
+                receiver.messages.count >= receiver.expected for receiver in open_receivers):
+            finished = time.monotonic()
+            break
+    cpu = time.process_time() - cpu_start
+    result = {
+        "finished": finished,
+        "cpu": cpu,
+        "received": sum(receiver.messages.count for receiver in receivers),
+        "expected": sum(receiver.expected for receiver in receivers),
+        "errors": sum(receiver.errors.count for receiver in receivers),
+        "cut_off": sum(receiver.closed for receiver in receivers),
+    }
+    if stalled is not None:
+        result["stalled_cut_off"] = _was_cut_off(stalled)
+    board[workers + index] = 10 ** 15   # never hold the other workers' senders back
+    for receiver in receivers:
+        receiver.sock.close()
+    return result
+
+
+def _was_cut_off(sock: socket.socket) -> bool:
+    """Read a stalled client's socket to its end: did the server close it?
+
+    A cut-off came during the run, so its end is already here, behind the
+    bytes the socket buffer held: a short wait is enough.
+    """
+    sock.settimeout(STALLED_WAIT)
+    try:
+        while sock.recv(RECV_SIZE):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def latency_worker(index: int, results: Any, port: int, plan: Dict[str, Any]) -> Dict[str, Any]:
+    """Clients take turns sending at a fixed rate; every arrival is timed."""
+    clients = join(port, plan["names"])
+    selector = selectors.DefaultSelector()
+    for sock, decoder in clients:
+        selector.register(sock, selectors.EVENT_READ, decoder)
+    total = max(1, int(plan["rate"] * plan["seconds"]))
+    expected = total * (len(clients) - 1)
+    samples: List[int] = []     # nanoseconds from send to arrival
+    cpu_start = time.process_time()
+    started = time.perf_counter()
+    deadline = started + plan["seconds"] + plan["timeout"]
+    sent = 0
+    while len(samples) < expected and time.perf_counter() < deadline:
+        now = time.perf_counter()
+        if sent < total and now >= started + sent / plan["rate"]:
+            sock = clients[sent % len(clients)][0]
+            text = chat_text(plan["text_size"], str(time.perf_counter_ns()))
+            sock.sendall(encode_frame({"type": "say", "text": text}))
+            sent += 1
+            continue
+        wait = started + sent / plan["rate"] - now if sent < total else 0.05
+        ready = selector.select(max(0.0, wait))
+        arrived = time.perf_counter_ns()    # once: reading the sockets one by one takes time
+        for key, _ in ready:
+            data = key.fileobj.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError("the server closed a connection during the latency run")
+            decoder = key.data
+            decoder.feed(data)
+            for payload in decoder:
+                if payload.startswith(MESSAGE_MARK):
+                    samples.append(arrived - int(decode_payload(payload)["text"].split()[0]))
+    cpu = time.process_time() - cpu_start
+    for sock, _ in clients:
+        sock.close()
+    samples.sort()
+    return {"samples": [samples[int(q * (len(samples) - 1))] for q in (0.5, 0.99, 1.0)]
+            if samples else [], "received": len(samples), "expected": expected, "cpu": cpu,
+            "messages": total}
+
+
+def idle_worker(index: int, results: Any, port: int, names: List[str],
+                hold: Any) -> Dict[str, Any]:
+    """Join clients a batch at a time, then only read and answer pings until `hold` is set."""
+    selector = selectors.DefaultSelector()
+    buffer = bytearray(RECV_SIZE)
+    counters: Dict[socket.socket, Tuple[FrameCounter, FrameCounter, FrameCounter]] = {}
+    connecting = joined = closed = 0
+    cpu_start = time.process_time()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    waiting = list(reversed(names))
+
+    def read(sock: socket.socket) -> None:
+        nonlocal joined, closed, connecting
+        welcome, pings, errors = counters[sock]
+        try:
+            size = sock.recv_into(buffer)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if not size or (errors.feed(buffer, size) and not welcome.count):
+            closed += 1     # a refused join, or the server hung up
+            connecting -= 0 if welcome.count else 1
+            selector.unregister(sock)
+            sock.close()
+            del counters[sock]
+            return
+        if welcome.feed(buffer, size) and welcome.count == 1:
+            joined += 1
+            connecting -= 1
+        for _ in range(pings.feed(buffer, size)):
+            sock.send(PONG_FRAME)
+
+    while (waiting or connecting) and time.monotonic() < deadline:
+        while waiting and connecting < IDLE_CONNECTING:
+            sock = socket.create_connection((LOOPBACK, port), timeout=SETUP_TIMEOUT)
+            sock.sendall(encode_frame({"type": "hello", "name": waiting.pop()}))
+            sock.setblocking(False)
+            counters[sock] = (FrameCounter(HISTORY_END_MARK), FrameCounter(PING_MARK),
+                              FrameCounter(ERROR_MARK))
+            selector.register(sock, selectors.EVENT_READ)
+            connecting += 1
+        for key, _ in selector.select(0.01):
+            read(key.fileobj)
+    results.put(("joined", index, {"joined": joined, "closed": closed,
+                                   "cpu": time.process_time() - cpu_start}))
+    while not hold.is_set():
+        for key, _ in selector.select(0.05):
+            read(key.fileobj)
+    held = len(selector.get_map())
+    for sock in list(counters):
+        sock.close()
+    return {"held": held, "closed": closed}
+
+# ---------------------------------------------------------------------------
+# Scenarios: each starts a server and workers, and returns its numbers
+# ---------------------------------------------------------------------------
+
+class Workers:
+    """Worker processes and the queue they report on; all ended on exit."""
+
+    def __init__(self) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.results = self.context.Queue()
+        self.processes: List[Any] = []
+
+    def start(self, job: Any, index: int, *args: Any) -> None:
+        """Run job(index, results, *args) in a new process (see worker_main)."""
+        process = self.context.Process(target=worker_main, args=(job, index, self.results) + args,
+                                       daemon=True)
+        process.start()
+        self.processes.append(process)
+
+    def collect(self, kind: str, count: int, timeout: float) -> List[Any]:
+        """Wait for `count` reports of `kind`; a failure report is raised."""
+        reports: List[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(reports) < count:
+            try:
+                got, index, value = self.results.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                dead = [p.exitcode for p in self.processes if not p.is_alive()]
+                raise RuntimeError(f"load generator: no {kind} report in {timeout:g} s"
+                                   + (f" (workers exited: {dead})" if dead else "")) from None
+            if got == "failed":
+                raise RuntimeError(f"load generator worker {index} failed: {value}")
+            if got == kind:
+                reports.append(value)
+        return reports
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for process in self.processes:
+            process.join(1.0 if exc_info[0] is None else 0)
+            if process.is_alive():
+                process.terminate()
+                process.join(2.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.results.close()
+        self.results.join_thread()
+
+
+def percent(part: Optional[float], whole: float) -> Optional[float]:
+    return None if part is None or whole <= 0 else round(100.0 * part / whole, 1)
+
+
+def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
+               history: bool = True, stalled: bool = False) -> Dict[str, Any]:
+    """One fanout run; see the module docstring."""
+    workers = max(1, min(options.workers, clients))
+    plan = {"workers": workers, "per_sender": options.messages, "text_size": options.text_size,
+            "names": [f"c{number}" for number in range(clients)],
+            "senders": [f"c{number}" for number in range(senders)],
+            "window": options.window, "timeout": options.timeout,
+            "stalled": "stalled" if stalled else None}
+    with ServerUnderTest(db_dir, history=history) as server, Workers() as pool:
+        board = pool.context.RawArray("q", 2 * workers)
+        start = pool.context.Event()
+        for index in range(workers):
+            pool.start(fanout_worker, index, server.port, plan, board, start)
+        pool.collect("ready", workers, SETUP_TIMEOUT * 3)
+        server_cpu = server.cpu()
+        with MemorySampler(server.pid) as memory:
+            began = time.monotonic()
+            start.set()
+            reports = pool.collect("done", workers, options.timeout + SETUP_TIMEOUT)
+        ended = max((report["finished"] or time.monotonic()) for report in reports)
+        wall = ended - began
+        used = server.cpu()
+        server_cpu = None if used is None or server_cpu is None else used - server_cpu
+        received = sum(report["received"] for report in reports)
+        expected = sum(report["expected"] for report in reports)
+        result = {
+            "clients": clients, "senders": senders, "messages": senders * options.messages,
+            "history": history, "seconds": round(wall, 3),
+            "deliveries": received, "lost": expected - received,
+            "errors": sum(report["errors"] for report in reports),
+            "receivers_cut_off": sum(report["cut_off"] for report in reports),
+            "deliveries_per_s": round(received / wall) if wall > 0 else 0,
+            "server_cpu_pct": percent(server_cpu, wall),
+            "loadgen_cpu_pct": percent(sum(report["cpu"] for report in reports), wall),
+            "server_peak_rss_kib": memory.peak,
+            "finished": all(report["finished"] for report in reports),
+        }
+        if stalled:
+            result["stalled_cut_off"] = any(report.get("stalled_cut_off") for report in reports)
+    return result
+
+
+def best_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
+                **variant: Any) -> Dict[str, Any]:
+    """The fastest of --repeat runs (runs share a noisy machine with their load generator)."""
+    return best_of([run_fanout(options, db_dir, clients, senders, **variant)
+                    for _ in range(options.repeat)])
+
+
+def compare_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
+                   **variant: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The best plain run and the best variant run of --pairs pairs run in turn.
+
+    Taking turns spreads the machine's slow moments over both sides, so the
+    difference is the variant's, not the moment's.
+    """
+    pairs = [(run_fanout(options, db_dir, clients, senders),
+              run_fanout(options, db_dir, clients, senders, **variant))
+             for _ in range(options.pairs)]
+    return best_of([plain for plain, _ in pairs]), best_of([other for _, other in pairs])
+
+
+def best_of(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    best = max(runs, key=lambda run: run["deliveries_per_s"])
+    best["runs_deliveries_per_s"] = [run["deliveries_per_s"] for run in runs]
+    best["lost"] = max(run["lost"] for run in runs)         # a loss in any run counts
+    best["errors"] = max(run["errors"] for run in runs)
+    return best
+
+
+def run_latency(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
+    clients = options.latency_clients
+    plan = {"names": [f"l{number}" for number in range(clients)], "rate": options.latency_rate,
+            "seconds": options.latency_seconds, "text_size": options.text_size,
+            "timeout": options.timeout}
+    with ServerUnderTest(db_dir) as server, Workers() as pool:
+        before = server.cpu()
+        began = time.monotonic()
+        pool.start(latency_worker, 0, server.port, plan)
+        report = pool.collect("done", 1, options.latency_seconds + options.timeout
+                              + SETUP_TIMEOUT)[0]
+        wall = time.monotonic() - began
+        after = server.cpu()
+    p50, p99, worst = (round(ns / 1e6, 3) for ns in report["samples"]) if report["samples"] \
+        else (None, None, None)
+    return {"clients": clients, "rate": options.latency_rate, "messages": report["messages"],
+            "deliveries": report["received"], "lost": report["expected"] - report["received"],
+            "p50_ms": p50, "p99_ms": p99, "max_ms": worst,
+            "server_cpu_pct": percent(None if before is None or after is None
+                                      else after - before, wall),
+            "loadgen_cpu_pct": percent(report["cpu"], wall)}
+
+
+def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
+    wanted = options.idle_clients
+    workers = max(1, min(options.workers, wanted))
+    fd_before, fd_now = raise_fd_limit(wanted + FD_SPARE)
+    note = None
+    if fd_now is not None and fd_now < wanted + FD_SPARE:
+        wanted = max(0, fd_now - FD_SPARE)
+        note = (f"open-file limit {fd_before} (hard limit reached at {fd_now}): "
+                f"measured {wanted} clients, not {options.idle_clients}")
+    names = [f"i{number}" for number in range(wanted)]
+    with ServerUnderTest(db_dir, max_clients=wanted + 10) as server, Workers() as pool:
+        before = server.memory()
+        hold = pool.context.Event()
+        began = time.monotonic()
+        for index in range(workers):
+            pool.start(idle_worker, index, server.port, names[index::workers], hold)
+        joins = pool.collect("joined", workers, RUN_TIMEOUT + SETUP_TIMEOUT)
+        join_seconds = time.monotonic() - began
+        time.sleep(options.idle_hold)   # the clients stay idle for a while: is anyone dropped?
+        after = server.memory()
+        hold.set()
+        ends = pool.collect("done", workers, SETUP_TIMEOUT)
+    held = sum(end["held"] for end in ends)
+    joined = sum(report["joined"] for report in joins)
+    grown = None if before is None or after is None else after - before
+    return {"requested": options.idle_clients, "joined": joined, "held": held,
+            "join_seconds": round(join_seconds, 2),
+            "server_rss_kib_before": before, "server_rss_kib_after": after,
+            "kib_per_client": round(grown / held, 2) if grown is not None and held else None,
+            "fd_limit_before": fd_before, "fd_limit": fd_now, "note": note}
+
+
+def run_startup(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
+    times = []
+    for _ in range(options.startup_runs):
+        with ServerUnderTest(db_dir) as server:
+            times.append(round(server.startup * 1000, 1))
+    return {"median_ms": statistics.median(times), "runs_ms": times}
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+def shown(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        value = f"{value:g}"
+    elif isinstance(value, int):
+        value = f"{value:,}"
+    return f"{value}{unit}"
+
+
+def report_lines(results: Dict[str, Any]) -> List[str]:
+    lines = [f"machine: {results['machine']['summary']}"]
+    if "startup" in results:
+        startup = results["startup"]
+        lines.append(f"start-up to 'listening on': {shown(startup['median_ms'], ' ms')} median "
+                     f"of {startup['runs_ms']}")
+    for run in results.get("fanout", []):
+        lines.append(
+            f"fanout {run['clients']} clients, {run['senders']} senders: "
+            f"{shown(run['deliveries_per_s'])} deliveries/s, lost {shown(run['lost'])}, "
+            f"errors {shown(run['errors'])}, {shown(run['deliveries'])} in {run['seconds']} s; "
+            f"CPU server {shown(run['server_cpu_pct'], '%')}, "
+            f"load generator {shown(run['loadgen_cpu_pct'], '%')}")
+    if "latency" in results:
+        lat = results["latency"]
+        lines.append(
+            f"latency {lat['clients']} clients at {lat['rate']:g} msg/s: p50 "
+            f"{shown(lat['p50_ms'], ' ms')}, p99 {shown(lat['p99_ms'], ' ms')}, max "
+            f"{shown(lat['max_ms'], ' ms')}, lost {shown(lat['lost'])}; CPU server "
+            f"{shown(lat['server_cpu_pct'], '%')}, load generator "
+            f"{shown(lat['loadgen_cpu_pct'], '%')}")
+    if "idle" in results:
+        idle = results["idle"]
+        lines.append(
+            f"idle clients: {shown(idle['held'])} of {shown(idle['requested'])} held "
+            f"(joined in {idle['join_seconds']} s), {shown(idle['kib_per_client'], ' KiB')} "
+            f"of server memory each; open-file limit {shown(idle['fd_limit_before'])}"
+            f" -> {shown(idle['fd_limit'])}")
+        if idle["note"]:
+            lines.append(f"  note: {idle['note']}")
+    if "slow" in results:
+        slow = results["slow"]
+        lines.append(
+            f"one client that stops reading: others' throughput {shown(slow['impact_pct'], '%')}"
+            f" lower ({shown(slow['with_stalled'])} vs {shown(slow['baseline'])} deliveries/s), "
+            f"cut off: {'yes' if slow['cut_off'] else 'NO'}, lost {shown(slow['lost'])}; server "
+            f"peak memory {shown(slow['peak_rss_kib'], ' KiB')} vs "
+            f"{shown(slow['baseline_peak_rss_kib'], ' KiB')}")
+    if "history" in results:
+        history = results["history"]
+        lines.append(
+            f"history in sqlite costs {shown(history['overhead_pct'], '%')} of fan-out "
+            f"throughput ({shown(history['with_history'])} vs {shown(history['without_history'])}"
+            " deliveries/s)")
+    for warning in results.get("warnings", []):
+        lines.append(f"WARNING: {warning}")
+    return lines
+
+
+def machine_summary() -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = os.cpu_count()
+    return {"python": platform.python_version(), "system": platform.platform(), "cpu": cpu,
+            "cores": cores,
+            "summary": f"{cores} cores, {cpu}, {platform.system()}, "
+                       f"Python {platform.python_version()}"}
+
+
+def impact(baseline: float, other: float) -> Optional[float]:
+    return round(100.0 * (baseline - other) / baseline, 1) if baseline else None
+
+
+def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
+    results: Dict[str, Any] = {"machine": machine_summary(), "settings": {
+        "fanout": options.fanout, "messages_per_sender": options.messages,
+        "text_size": options.text_size, "window": options.window, "workers": options.workers,
+        "repeat": options.repeat, "pairs": options.pairs,
+        "pinned": ServerUnderTest.cpus is not None}}
+    warnings: List[str] = []
+    loadgen_cores = min(options.workers, options.loadgen_cores)
+    with tempfile.TemporaryDirectory(prefix="bench_chat-") as db_dir:
+        if "startup" in options.scenarios:
+            results["startup"] = run_startup(options, db_dir)
+        runs = [tuple(int(n) for n in size.split("x")) for size in options.fanout.split(",")]
+        if "fanout" in options.scenarios:
+            results["fanout"] = [best_fanout(options, db_dir, *size) for size in runs]
+        if "latency" in options.scenarios:
+            results["latency"] = run_latency(options, db_dir)
+        if "idle" in options.scenarios:
+            results["idle"] = run_idle(options, db_dir)
+        if "slow" in options.scenarios:
+            plain, slow = compare_fanout(options, db_dir, *runs[0], stalled=True)
+            results["slow"] = {
+                "clients": runs[0][0], "baseline": plain["deliveries_per_s"],
+                "with_stalled": slow["deliveries_per_s"],
+                "impact_pct": impact(plain["deliveries_per_s"], slow["deliveries_per_s"]),
+                "cut_off": slow["stalled_cut_off"], "lost": slow["lost"],
+                "peak_rss_kib": slow["server_peak_rss_kib"],
+                "baseline_peak_rss_kib": plain["server_peak_rss_kib"]}
+        if "history" in options.scenarios:
+            stored, bare = compare_fanout(options, db_dir, *runs[0], history=False)
+            results["history"] = {
+                "clients": runs[0][0], "with_history": stored["deliveries_per_s"],
+                "without_history": bare["deliveries_per_s"],
+                "overhead_pct": impact(bare["deliveries_per_s"], stored["deliveries_per_s"])}
+    for run in results.get("fanout", []):
+        if run["lost"] or run["errors"]:
+            warnings.append(f"fanout {run['clients']}x{run['senders']}: {run['lost']} lost, "
+                            f"{run['errors']} error frames")
+        if (run["loadgen_cpu_pct"] or 0) > SATURATED * loadgen_cores:
+            warnings.append(f"fanout {run['clients']}x{run['senders']}: the load generator "
+                            f"used {run['loadgen_cpu_pct']}% of its {loadgen_cores} core(s); "
+                            "the server may be faster than measured")
+    if results.get("idle", {}).get("held", 0) < results.get("idle", {}).get("requested", 0):
+        warnings.append("not every idle client was held")
+    results["warnings"] = warnings
+    return results
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark socket_server.py on loopback: fan-out throughput, latency, "
+                    "idle clients, a slow reader, the cost of history, start-up time.")
+    parser.add_argument("--scenarios", default="startup,fanout,latency,idle,slow,history",
+                        help="comma-separated scenarios to run (default: all)")
+    parser.add_argument("--fanout", default=FANOUT_RUNS, metavar="CxS,...",
+                        help=f"fanout runs as CLIENTSxSENDERS; the first is also used by "
+                             f"'slow' and 'history' (default: {FANOUT_RUNS})")
+    parser.add_argument("--messages", type=int, default=MESSAGES_PER_SENDER, metavar="N",
+                        help=f"messages per sender in a fanout run "
+                             f"(default: {MESSAGES_PER_SENDER})")
+    parser.add_argument("--text-size", type=int, default=TEXT_SIZE, metavar="CHARS",
+                        help=f"characters per message (default: {TEXT_SIZE})")
+    parser.add_argument("--window", type=int, default=WINDOW, metavar="N",
+                        help=f"messages in flight at once in a fanout run (default: {WINDOW})")
+    parser.add_argument("--workers", type=int, default=WORKERS, metavar="N",
+                        help=f"load generator processes (default: {WORKERS})")
+    parser.add_argument("--repeat", type=int, default=REPEAT, metavar="N",
+                        help=f"runs of each fanout setting, the best counts (default: {REPEAT})")
+    parser.add_argument("--pairs", type=int, default=PAIRS, metavar="N",
+                        help=f"pairs of runs, plain and variant in turn, for 'slow' and "
+                             f"'history'; the best of each side counts (default: {PAIRS})")
+    parser.add_argument("--latency-clients", type=int, default=LATENCY_CLIENTS, metavar="N",
+                        help=f"clients in the latency run (default: {LATENCY_CLIENTS})")
+    parser.add_argument("--latency-rate", type=float, default=LATENCY_RATE, metavar="N",
+                        help=f"messages a second in the latency run (default: {LATENCY_RATE:g})")
+    parser.add_argument("--latency-seconds", type=float, default=LATENCY_SECONDS,
+                        metavar="S", help=f"length of the latency run (default: "
+                                          f"{LATENCY_SECONDS:g})")
+    parser.add_argument("--idle-clients", type=int, default=IDLE_CLIENTS, metavar="N",
+                        help=f"clients in the idle run (default: {IDLE_CLIENTS})")
+    parser.add_argument("--idle-hold", type=float, default=IDLE_HOLD, metavar="S",
+                        help=f"seconds the idle clients stay (default: {IDLE_HOLD:g})")
+    parser.add_argument("--startup-runs", type=int, default=STARTUP_RUNS, metavar="N",
+                        help=f"server starts timed (default: {STARTUP_RUNS})")
+    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT, metavar="S",
+                        help=f"seconds one run may take before it is abandoned and its "
+                             f"missing deliveries count as lost (default: {RUN_TIMEOUT:g})")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the system place server and load generator on any core "
+                             "(default: the server gets one core, the load generator the rest)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run each server under cProfile, writing DIR/server-*.prof "
+                             "(slower: compare profiles, not numbers)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: a smoke run of a few seconds")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the results as JSON to FILE ('-': stdout, instead "
+                             "of the table)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_arg_parser()
+    options = parser.parse_args(argv)
+    if options.quick:
+        for name, value in QUICK.items():
+            if getattr(options, name) == parser.get_default(name):
+                setattr(options, name, value)
+    options.scenarios = [name.strip() for name in options.scenarios.split(",") if name.strip()]
+    unknown = set(options.scenarios) - {"startup", "fanout", "latency", "idle", "slow",
+                                        "history"}
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", options.fanout) or any(
+            not 0 < int(s) < int(c) for c, s in (size.split("x")
+                                                 for size in options.fanout.split(","))):
+        parser.error("--fanout takes CLIENTSxSENDERS,..., with 0 < SENDERS < CLIENTS")
+    for name in ("messages", "text_size", "window", "workers", "repeat", "pairs",
+                 "latency_clients",
+                 "idle_clients", "startup_runs"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if options.latency_clients < 2 or options.latency_rate <= 0:
+        parser.error("the latency run needs at least 2 clients and a rate above 0")
+    cpus = None if options.no_pin else split_cpus()
+    options.loadgen_cores = len(cpus[1]) if cpus else os.cpu_count() or 1
+    if cpus:
+        ServerUnderTest.cpus = cpus[0]
+        os.sched_setaffinity(0, cpus[1])    # the workers inherit it
+    if options.profile:
+        os.makedirs(options.profile, exist_ok=True)
+        ServerUnderTest.profile_dir = os.path.abspath(options.profile)
+    if hasattr(signal, "SIGTERM"):     # stop as on Ctrl-C: every child is ended on the way out
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        results = run_scenarios(options)
+    except KeyboardInterrupt:
+        print("interrupted; every server and worker started is stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if options.json == "-":
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(report_lines(results)))
+        if options.json:
+            with open(options.json, "w", encoding="utf-8") as out:
+                json.dump(results, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
