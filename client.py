@@ -409,14 +409,14 @@ def terminal_is_capable(stream: TextIO) -> bool:
 #: Fields each server message must carry (see check_fields). Messages of a
 #: type not listed here come from a newer server and are ignored.
 SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
-    "welcome": {"name": str, "users": list, "ops?": list, "registered?": bool, "limits?": dict,
-                "resume?": str},
+    "welcome": {"name": str, "users": list, "count?": int, "ops?": list, "registered?": bool,
+                "limits?": dict, "resume?": str},
     "message": {"from": str, "text": str, "ts?": str, "action?": bool},
     "whisper": {"from": str, "to": str, "text": str, "ts?": str},
     "sent": {"text": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
     "join": {"name": str, "ts?": str},
     "leave": {"name": str, "reason?": str, "text?": str, "ts?": str},
-    "users": {"users": list, "ops?": list},
+    "users": {"users": list, "ops?": list, "count?": int},
     "announcement": {"from": str, "text": str, "ts?": str},
     "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
     "history_end": {"for": str, "count": int, "text?": str},
@@ -531,8 +531,10 @@ def _show_leave(message: dict, me: str) -> Line:
 
 def _show_users(message: dict, me: str) -> Line:
     users = message["users"]
-    return Line((("* ", "notice"),), ((f"{len(users)} here: ", "notice"),) +
-                names_list(users, message.get("ops")))
+    count = message.get("count", len(users))    # a big room lists only the first names
+    more = ((f" and {count - len(users)} more", "notice"),) if count > len(users) else ()
+    return Line((("* ", "notice"),), ((f"{count} here: ", "notice"),) +
+                names_list(users, message.get("ops")) + more)
 
 
 def _show_history(message: dict, me: str) -> Line:

@@ -2732,6 +2732,8 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
                              "me"), f"[{local}] * bob left")
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "* 2 here: a, b")
+        self.assertEqual(fmt({"type": "users", "users": ["a", "b"], "count": 1500}, "me"),
+                         "* 1500 here: a, b and 1498 more")
         self.assertIsNone(client.format_message({"type": "pong"}, "me"))
         # What the server sends is cleaned again before it reaches the terminal.
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
