@@ -105,7 +105,11 @@ MISSED_MAX = 200                    # most missed messages replayed to a returni
 SEARCH_RESULTS = 50                 # most messages one /search returns
 SEARCH_MAX_WORDS = 10
 SEARCH_WINDOW = 200_000             # /search looks through this many recent events
+QUERY_TIME_LIMIT = 0.1              # seconds one /search or /history may run in the loop
+SEARCH_SHARE = 0.2                  # at most this share of the loop's time goes to searching
 
+MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reason included
+MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see replying_to)
 MIN_PASSWORD_LENGTH = 8             # for registered names
 MAX_PASSWORD_LENGTH = 1024
 
@@ -117,6 +121,8 @@ LINGER_TIMEOUT = 2.0                # seconds to wait for a peer we closed on to
 MAX_LINGERING = 1000                # closing sockets kept waiting at once; past that, close now
 SHUTDOWN_FLUSH_TIMEOUT = 2.0        # seconds to deliver the shutdown notice
 ACCEPT_PAUSE = 1.0                  # seconds to stop accepting when out of file descriptors
+SELECT_SOCKET_LIMIT = 500           # sockets at once where select() is all there is (Windows)
+CONSOLE_RETRY = 1.0                 # seconds between console reads while in the background
 PASSWORD_WORKERS = 2                # threads hashing passwords
 MAX_PASSWORD_JOBS = 32              # password checks waiting at once; more get "busy"
 SCRYPT_COST = (2 ** 14, 8, 1)       # scrypt n, r, p: about 50 ms and 16 MiB per hash
@@ -362,9 +368,11 @@ class LoginGuard:
     """Failed logins per address: answered ever more slowly, then locked out.
 
     Each failure adds `delay` seconds (up to five times that) before the
-    answer goes out. After `max_failures` failures in a row the address is
-    refused for `lockout` seconds. A success, or a quiet `lockout` period,
-    clears the count. max_failures 0 turns lockouts off.
+    answer goes out. After `max_failures` failures, each within `lockout`
+    seconds of the one before, the address is refused for `lockout`
+    seconds. Only a quiet `lockout` period clears the count: a success
+    does not, or joining under a fresh name between guesses would reset
+    it. max_failures 0 turns lockouts off.
     """
 
     def __init__(self, max_failures: int, lockout: float, delay: float) -> None:
@@ -391,9 +399,6 @@ class LoginGuard:
             log.warning("%s locked out for %s after %d failed logins",
                         host, minutes(self.lockout), count)
         return self.delay * min(count, 5)
-
-    def succeeded(self, host: str) -> None:
-        self._failures.pop(host, None)
 
     def forget_old(self, now: float) -> None:
         """Drop expired entries, so that memory stays bounded."""
@@ -431,6 +436,29 @@ class TokenBucket:
             return True
         self.strikes += 1
         return False
+
+
+class TimeBudget:
+    """A share of the loop's time for costly work, such as searching history.
+
+    It fills at `share` seconds per second up to `most` seconds. Work may
+    start while some is left; its real cost is then spent, so a long piece
+    of work leaves the budget below zero and the next one waits longer.
+    """
+
+    def __init__(self, share: float, most: float, now: float) -> None:
+        self.share = share
+        self.most = most
+        self.level = most
+        self.updated = now
+
+    def available(self, now: float) -> bool:
+        self.level = min(self.most, self.level + (now - self.updated) * self.share)
+        self.updated = now
+        return self.level > 0
+
+    def spend(self, seconds: float) -> None:
+        self.level -= seconds
 
 
 def make_tls_context(cert_file: str, key_file: str) -> "ssl.SSLContext":
@@ -529,13 +557,13 @@ class Settings:
     host: str = ""                  # "" means every interface
     port: int = DEFAULT_PORT
     max_clients: int = DEFAULT_MAX_CLIENTS
-    max_per_address: int = 0        # the command line defaults to MAX_PER_ADDRESS
+    max_per_address: int = MAX_PER_ADDRESS
     hello_timeout: float = HELLO_TIMEOUT
     ping_after: float = PING_AFTER
     drop_after: float = DROP_AFTER
     max_backlog: int = MAX_BACKLOG
     max_length: int = MAX_TEXT_LENGTH
-    rate_limit: float = 0.0         # the command line defaults to RATE_LIMIT
+    rate_limit: float = RATE_LIMIT
     rate_burst: int = RATE_BURST
     password: Optional[str] = dataclasses.field(default=None, repr=False)   # the room
     max_failures: int = MAX_FAILURES
@@ -548,7 +576,7 @@ class Settings:
     no_whisper: bool = False
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
-    db: str = ":memory:"            # the command line defaults to DEFAULT_DB
+    db: str = DEFAULT_DB
     keep_history: bool = True       # False: record no messages (--no-history)
     history: int = HISTORY_REPLAY
     join_notices_up_to: int = JOIN_NOTICES_UP_TO
@@ -562,6 +590,10 @@ PUBLIC_KINDS = ("message", "action", "announcement")     # events everyone could
 
 class StoreError(Exception):
     """The database cannot be used; the text says why, for the user."""
+
+
+class QueryTooSlow(Exception):
+    """A read a client asked for ran past its time limit and was stopped."""
 
 
 class ChatStore:
@@ -615,6 +647,11 @@ class ChatStore:
             banned_by TEXT NOT NULL,
             PRIMARY KEY (kind, target)
         );
+        """,
+        # 4: an address ban made together with a name ban remembers the name, so
+        # that lifting the name's ban lifts both.
+        """
+        ALTER TABLE bans ADD COLUMN for_name TEXT NOT NULL DEFAULT '';
         """,
     ]
 
@@ -731,16 +768,32 @@ class ChatStore:
 
     # -- reading ---------------------------------------------------------
 
-    def _query(self, sql: str, parameters: tuple) -> List[tuple]:
-        """Rows for a read, oldest first; none when the store has failed."""
+    def _query(self, sql: str, parameters: tuple,
+               time_limit: Optional[float] = None) -> List[tuple]:
+        """Rows for a read, oldest first; none when the store has failed.
+
+        With a time limit (for reads a client asks for), a query that runs
+        longer is stopped and QueryTooSlow raised: the loop must not stall.
+        """
         if not self.working:
             return []
         self.commit()     # so a read sees everything already said
+        if time_limit is not None:
+            deadline = time.perf_counter() + time_limit
+            self.db.set_progress_handler(lambda: time.perf_counter() > deadline, 1000)
         try:
             rows = self.db.execute(sql, parameters).fetchall()
+        except sqlite3.OperationalError as exc:
+            if time_limit is not None and "interrupt" in str(exc):
+                raise QueryTooSlow() from None
+            log.error("history query failed: %s", exc)
+            return []
         except sqlite3.Error as exc:
             log.error("history query failed: %s", exc)
             return []
+        finally:
+            if time_limit is not None:
+                self.db.set_progress_handler(None, 0)
         rows.reverse()
         return rows
 
@@ -767,23 +820,24 @@ class ChatStore:
                 "AND id > ?))")
 
     def recent_for(self, name: str, limit: int, whispers_after: int) -> List[tuple]:
-        """The last `limit` messages `name` may see."""
+        """The last `limit` messages `name` may see. Raises QueryTooSlow."""
         return self._query(self._COLUMNS + f"WHERE {self._VISIBLE} ORDER BY id DESC LIMIT ?",
-                           (name, name, whispers_after, limit))
+                           (name, name, whispers_after, limit), QUERY_TIME_LIMIT)
 
     def search_for(self, name: str, words: List[str], limit: int,
                    whispers_after: int) -> List[tuple]:
         """Recent messages `name` may see that hold every word, in any case.
 
-        Only the last SEARCH_WINDOW events are searched, so that a search
-        never holds up the loop for long, however big the history grows.
+        Only the last SEARCH_WINDOW events are searched, and for at most
+        QUERY_TIME_LIMIT seconds (then QueryTooSlow), so that a search never
+        holds up the loop for long, however big the history grows.
         """
         matches = " AND ".join(["text LIKE ? ESCAPE '!'"] * len(words))
         patterns = tuple("%" + re.sub(r"([!%_])", r"!\1", word) + "%" for word in words)
         return self._query(
             self._COLUMNS + "WHERE id > (SELECT IFNULL(MAX(id), 0) FROM events) - ? "
             f"AND {self._VISIBLE} AND {matches} ORDER BY id DESC LIMIT ?",
-            (SEARCH_WINDOW, name, name, whispers_after) + patterns + (limit,))
+            (SEARCH_WINDOW, name, name, whispers_after) + patterns + (limit,), QUERY_TIME_LIMIT)
 
     def count_public_after(self, event_id: int) -> int:
         rows = self._query(f"SELECT COUNT(*) FROM events WHERE {self._PUBLIC} AND id > ?",
@@ -831,14 +885,15 @@ class ChatStore:
 
     def bans(self) -> List["Ban"]:
         now = time.time()
-        rows = self.db.execute("SELECT kind, target, until, reason, banned_by FROM bans").fetchall()
+        rows = self.db.execute(
+            "SELECT kind, target, until, reason, banned_by, for_name FROM bans").fetchall()
         return [Ban(*row) for row in rows if row[2] is None or row[2] > now]
 
     def save_ban(self, ban: "Ban") -> None:
         try:
-            self.db.execute("INSERT OR REPLACE INTO bans (kind, target, until, reason, banned_by) "
-                            "VALUES (?, ?, ?, ?, ?)",
-                            (ban.kind, ban.target, ban.until, ban.reason, ban.by))
+            self.db.execute("INSERT OR REPLACE INTO bans (kind, target, until, reason, banned_by, "
+                            "for_name) VALUES (?, ?, ?, ?, ?, ?)",
+                            (ban.kind, ban.target, ban.until, ban.reason, ban.by, ban.for_name))
         except sqlite3.Error as exc:
             log.error("cannot store the ban of %s: %s; it lasts until the server stops",
                       ban.target, exc)
@@ -951,6 +1006,9 @@ class SelectServer:
         self.tls_context = (make_tls_context(settings.tls_cert, settings.tls_key)
                             if settings.tls_cert else None)
         self.selector = selectors.DefaultSelector()
+        # Windows has only select(), which watches at most 512 sockets.
+        self.socket_limit = SELECT_SOCKET_LIMIT if isinstance(
+            self.selector, selectors.SelectSelector) else 0
         self.listeners: List[socket.socket] = []
         self.connections: Set[Connection] = set()   # open and closing
         self.open_count = 0
@@ -1054,7 +1112,15 @@ class SelectServer:
         except OSError:
             pass
         while self._calls:
-            self._calls.popleft()()
+            self._guarded(self._calls.popleft())
+
+    @staticmethod
+    def _guarded(function: Callable[[], None]) -> None:
+        """Run a callback; a bug in it is logged and costs that callback only."""
+        try:
+            function()
+        except Exception:
+            log.exception("error in a scheduled call")
 
     def _run_once(self) -> None:
         if self._to_flush:     # queued while flushing, e.g. the notice that someone was cut off
@@ -1076,11 +1142,11 @@ class SelectServer:
                 if mask & selectors.EVENT_WRITE:
                     self._to_flush.add(target)
         while self._timers and self._timers[0][0] <= self.now:
-            heapq.heappop(self._timers)[2]()
+            self._guarded(heapq.heappop(self._timers)[2])
         if self.now >= self._next_tick:
             self._next_tick = self.now + self._tick
             self._check_closing()
-            self.tick()
+            self._guarded(self.tick)
         self.end_of_pass()
         self._flush_all()
 
@@ -1130,6 +1196,11 @@ class SelectServer:
                 self._add_connection(sock, address)
 
     def _add_connection(self, sock: socket.socket, address: tuple) -> None:
+        if self.socket_limit and len(self.connections) + 2 >= self.socket_limit:
+            log.warning("refusing %s: this system's select() cannot watch more sockets",
+                        format_address(address))
+            sock.close()
+            return
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1142,14 +1213,18 @@ class SelectServer:
         self.open_count += 1
         from_here = self.per_address[conn.host] = self.per_address.get(conn.host, 0) + 1
         self.selector.register(sock, selectors.EVENT_READ, conn)
-        self.connection_made(conn)
-        limit = self.settings.max_per_address
-        if self.open_count > self.settings.max_clients:
-            self.refuse(conn, "server_full", f"The server is full "
-                        f"({self.settings.max_clients} connections). Try again later.")
-        elif limit and from_here > limit:
-            self.refuse(conn, "too_many_connections",
-                        f"Too many connections from your address (at most {limit}).")
+        try:
+            self.connection_made(conn)
+            limit = self.settings.max_per_address
+            if self.open_count > self.settings.max_clients:
+                self.refuse(conn, "server_full", f"The server is full "
+                            f"({self.settings.max_clients} connections). Try again later.")
+            elif limit and from_here > limit:
+                self.refuse(conn, "too_many_connections",
+                            f"Too many connections from your address (at most {limit}).")
+        except Exception:   # a bug: it costs this connection, never the server
+            log.exception("error while accepting %s", conn.address)
+            self.close(conn, "internal error", graceful=False)
 
     def _advance_tls(self, conn: Connection) -> None:
         """Take a TLS connection one step further, without ever waiting."""
@@ -1385,7 +1460,8 @@ class MessageRules:
                        key=len, reverse=True)
         # Whole words only: "ass" must not catch "class". Lookarounds instead of
         # \b, so that words starting or ending in punctuation work too.
-        self.blocked = (re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)",
+        phrases = [r"\s+".join(map(re.escape, word.split())) for word in words]
+        self.blocked = (re.compile(r"(?<!\w)(?:" + "|".join(phrases) + r")(?!\w)",
                                    re.IGNORECASE) if words else None)
 
     def check(self, text: str) -> str:
@@ -1427,6 +1503,7 @@ class Ban:
     until: Optional[float]      # Unix time it ends; None: until unbanned
     reason: str = ""
     by: str = "server"
+    for_name: str = ""          # an address ban made by banning this name
 
     def matches(self, name: Optional[str], host: str) -> bool:
         if self.kind == "name":
@@ -1511,8 +1588,13 @@ class Moderation:
         return left
 
     def run(self, actor: Optional[Connection], line: str) -> List[str]:
-        """Run one command line ("/kick bob spam" or "kick bob spam")."""
-        word, _, args = line.strip().lstrip("/\\").partition(" ")
+        """Run one command line ("/kick bob spam" or "kick bob spam").
+
+        The line is cleaned like any chat text first: reasons and names end
+        up in notices, the log and the history, for everyone's terminal.
+        """
+        line = clean_text(line)[:MAX_COMMAND_LENGTH]
+        word, _, args = line.lstrip("/\\").partition(" ")
         entry = self.COMMANDS.get(word.lower())
         if entry is None:
             raise ModerationError("unknown_command",
@@ -1577,7 +1659,7 @@ class Moderation:
                 raise ModerationError("bad_name", f'"{name}" is neither a name nor an address.')
             bans = [Ban("name", name, until, reason, by)]
             if member:
-                bans.append(Ban("address", member.host, until, reason, by))
+                bans.append(Ban("address", member.host, until, reason, by, for_name=name))
             victims = [member] if member else []
         for conn in victims:
             if actor is not None and conn.operator:
@@ -1599,7 +1681,8 @@ class Moderation:
         target = args.strip()
         if not target:
             raise ModerationError("usage", "Usage: /unban NAME|ADDRESS")
-        lifted = [ban for ban in self.bans if ban.target.lower() == target.lower()]
+        lifted = [ban for ban in self.bans
+                  if target.lower() in (ban.target.lower(), ban.for_name.lower())]
         if not lifted:
             raise ModerationError("not_banned", f"{target} is not banned. /bans lists the bans.")
         for ban in lifted:
@@ -1648,7 +1731,7 @@ class Moderation:
         if not text:
             raise ModerationError("usage", "Usage: /say TEXT")
         self.server.announce(self._name(actor), text[:self.server.settings.max_length])
-        return []
+        return [Public(f"announced: {text}")]
 
     def cmd_shutdown(self, actor: Optional[Connection], args: str) -> List[str]:
         self.server.shutdown_by = self._name(actor)
@@ -1742,6 +1825,7 @@ class ChatServer(SelectServer):
         self.rules = MessageRules(settings.blocked_words, settings.filter_action,
                                   settings.no_links, settings.no_whisper)
         self.moderation = Moderation(self)
+        self.reading_time = TimeBudget(SEARCH_SHARE, 2 * QUERY_TIME_LIMIT, self.now)
         self.shutdown_by: Optional[str] = None
         # The "id" of the message being handled, if it had one: echoed in the
         # acknowledgement or error it causes, so the client can match them up.
@@ -1803,6 +1887,13 @@ class ChatServer(SelectServer):
         self.store.commit()     # before the frames go out: nothing reaches anyone unstored
 
     def shutting_down(self) -> None:
+        # Everyone leaves: recorded, so that a returning registered name is told
+        # only what it really missed. Nobody is told: all get the shutdown notice.
+        timestamp = utc_timestamp()
+        for conn in list(self.members.values()):
+            self.store.record(timestamp, "leave", conn.name, None, "server shut down")
+            if conn.registered:
+                self.store.mark_left(conn.name)
         by = f" ({self.shutdown_by})" if self.shutdown_by not in (None, "server") else ""
         frame = encode_frame({"type": "shutdown", "text": f"The server is shutting down{by}."})
         for conn in self.connections:
@@ -1856,7 +1947,9 @@ class ChatServer(SelectServer):
             else:
                 self.reject(conn, "bad_message", problem)
             return
-        self.replying_to = message.get("id")
+        request_id = message.get("id")
+        self.replying_to = request_id if isinstance(request_id, str) and \
+            len(request_id) <= MAX_ID_LENGTH and request_id.isprintable() else None
         try:
             if conn.bucket is None or kind in self.UNMETERED or self.within_rate(conn):
                 handler(conn, message)
@@ -1960,7 +2053,6 @@ class ChatServer(SelectServer):
             conn.bucket = TokenBucket(self.settings.rate_burst, self.now)
         self.members[name.lower()] = conn
         bisect.insort(self.roster, name.lower())
-        self.guard.succeeded(conn.host)
         log.info("%s joined as %s%s", conn.address, name, " (registered)" if registered else "")
         limits = {"max_length": self.settings.max_length}
         if self.settings.rate_limit:
@@ -2044,16 +2136,38 @@ class ChatServer(SelectServer):
 
     def on_get_history(self, conn: Connection, message: dict) -> None:
         limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
-        rows = self.store.recent_for(conn.name, limit, conn.history_floor)
-        self.send_history(conn, "history", rows)
+        self.read_history(conn, "history", lambda: self.store.recent_for(
+            conn.name, limit, conn.history_floor))
 
     def on_search(self, conn: Connection, message: dict) -> None:
         words = clean_text(message["text"]).split()[:SEARCH_MAX_WORDS]
         if not words:
             self.send_error(conn, "empty_search", "Search for at least one word.")
             return
-        rows = self.store.search_for(conn.name, words, SEARCH_RESULTS, conn.history_floor)
-        self.send_history(conn, "search", rows)
+        self.read_history(conn, "search", lambda: self.store.search_for(
+            conn.name, words, SEARCH_RESULTS, conn.history_floor))
+
+    def read_history(self, conn: Connection, purpose: str, query: Callable[[], List[tuple]]
+                     ) -> None:
+        """Run a history read a client asked for, within the loop's reading budget.
+
+        Each read may take QUERY_TIME_LIMIT seconds at most, and all of them
+        together SEARCH_SHARE of the loop's time: so many clients searching
+        a big history at once slow down their own answers, not the chat.
+        """
+        if not self.reading_time.available(self.now):
+            self.send_error(conn, "busy", "The server is busy searching; try again in a moment.")
+            return
+        started = time.perf_counter()
+        try:
+            rows = query()
+        except QueryTooSlow:
+            self.send_error(conn, "too_slow", "That took too long to look up: try rarer "
+                            "words, or fewer messages.")
+            return
+        finally:
+            self.reading_time.spend(time.perf_counter() - started)
+        self.send_history(conn, purpose, rows)
 
     def on_register(self, conn: Connection, message: dict) -> None:
         if conn.name.lower() in self.accounts:
@@ -2117,10 +2231,10 @@ class ChatServer(SelectServer):
 
     def on_moderate(self, conn: Connection, message: dict) -> None:
         if not conn.operator:
-            self.send_error(conn, "not_operator", "Only operators can do that: /op PASSWORD.")
+            self.send_error(conn, "not_operator", "Only operators can do that (see /op).")
             return
         line = f"{message['command']} {message.get('args', '')}"
-        log.info("%s runs /%s", conn.name, message["command"])
+        log.info("%s runs /%s", conn.name, clean_text(message["command"])[:20])
         try:
             replies = self.moderation.run(conn, line)
         except ModerationError as exc:
@@ -2177,11 +2291,14 @@ class ChatServer(SelectServer):
         """A wrong password: counted per address, and answered after a growing delay."""
         delay = self.guard.failed(conn.host, self.now)
         log.warning("failed password from %s (%s)", conn.address, code)
+        locked = self.guard.locked_for(conn.host, self.now)
         if conn.state == JOINED:
-            if self.guard.locked_for(conn.host, self.now):
-                self.reject(conn, "locked_out", "Too many wrong passwords.")
+            if locked:
+                self.reject(conn, "locked_out", "Too many wrong passwords from your address: "
+                            f"try again in {minutes(locked)}.")
             else:
-                self.send_error(conn, code, text)
+                self.call_later(delay, lambda: self.send_error(conn, code, text)
+                                if conn.open else None)
             return
         conn.state = AUTHENTICATING
         self.pause_reading(conn)
@@ -2358,7 +2475,25 @@ class Console:
         self._thread = threading.Thread(target=self._read_lines, name="console", daemon=True)
 
     def start(self) -> None:
+        if hasattr(signal, "SIGTTIN"):  # sent to 'server &' reading its terminal: do not stop
+            signal.signal(signal.SIGTTIN, signal.SIG_IGN)
         self._thread.start()
+
+    @staticmethod
+    def possible(stream: TextIO) -> bool:
+        """Whether stream is a terminal this process may read: not when started with '&'."""
+        try:
+            if not stream.isatty():
+                return False
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            return False
+        if not hasattr(os, "tcgetpgrp"):
+            return True     # Windows: no job control
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:     # a terminal, but not our controlling one: it cannot stop us
+            return True
 
     def _read_lines(self) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -2366,7 +2501,10 @@ class Console:
         while True:
             try:
                 chunk = os.read(self.fd, 4096)
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.EIO:      # moved to the background: wait to come back
+                    time.sleep(CONSOLE_RETRY)
+                    continue
                 chunk = b""
             if not chunk:
                 return      # input closed: the server runs on without a console
@@ -2382,6 +2520,9 @@ class Console:
             replies = self.server.moderation.run(None, line)
         except ModerationError as exc:
             replies = [f"! {exc.text}"]
+        except Exception:   # a bug: the console says so, the server goes on
+            log.exception("error in console command %r", clean_text(line)[:40])
+            replies = ["! that command failed (a bug: the log has the details)"]
         for reply in replies:
             print(reply, file=self.out, flush=True)
 
@@ -2440,7 +2581,7 @@ def describe_reach(host: str, port: int, fingerprint: Optional[str] = None) -> L
         lines.append(firewall)
     else:
         lines.append("no network address found: find this machine's address with "
-                     "'ipconfig' (Windows) or 'ip addr' (Linux, macOS)")
+                     "'ipconfig' (Windows), 'ip addr' (Linux) or 'ipconfig getifaddr en0' (macOS)")
     lines.append(f"on this machine: {client_command('localhost', port, fingerprint)}")
     return lines
 
@@ -2642,8 +2783,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
     except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
         store.close()
+        hint = "" if settings.tls_key else " (is the key in that file? If not, give --tls-key)"
         print(f"error: cannot use the TLS certificate {settings.tls_cert}: "
-              f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+              f"{getattr(exc, 'strerror', None) or exc}{hint}", file=sys.stderr)
         return 1
     try:
         host, port = server.listen()
@@ -2663,10 +2805,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(line)
     if fingerprint:
         print(f"TLS only; certificate fingerprint: {fingerprint}")
+    if server.socket_limit and settings.max_clients > server.socket_limit:
+        print(f"note: on this system the server can hold about {server.socket_limit} "
+              "connections at once, whatever --max-clients says")
     if settings.password is not None:
         print("a room password is required to join")
     print(describe_store(store))
-    if sys.stdin.isatty():
+    if Console.possible(sys.stdin):
         Console(server, sys.stdin.fileno(), sys.stdout).start()
         print("type /help here for the moderation console; Ctrl-C stops the server", flush=True)
     else:

@@ -50,11 +50,19 @@ logging.getLogger("chat").propagate = False
 # Helpers
 # ---------------------------------------------------------------------------
 
+def settings_for_tests(**changes) -> "socket_server.Settings":
+    """Settings for a server under test: loopback, history in memory, and no flood or
+    per-address limits (every test client comes from 127.0.0.1), unless changed."""
+    values = dict(host="127.0.0.1", port=0, db=":memory:", rate_limit=0, max_per_address=0)
+    values.update(changes)
+    return socket_server.Settings(**values)
+
+
 class ServerThread:
     """A ChatServer on 127.0.0.1, on a free port, running in a thread."""
 
     def __init__(self, server_class=socket_server.ChatServer, **settings) -> None:
-        self.server = server_class(socket_server.Settings(host="127.0.0.1", port=0, **settings))
+        self.server = server_class(settings_for_tests(**settings))
         self.host, self.port = self.server.listen()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -187,6 +195,12 @@ def temp_dir(test: unittest.TestCase) -> str:
     directory = tempfile.TemporaryDirectory()
     test.addCleanup(directory.cleanup)
     return directory.name
+
+
+def ascii_frame(message: dict) -> bytes:
+    """A frame whose JSON escapes non-ASCII, so it can carry lone surrogates (\\ud800)."""
+    payload = json.dumps(message).encode("ascii")
+    return f"{len(payload):<10}".encode("ascii") + payload
 
 
 def free_port() -> int:
@@ -980,6 +994,28 @@ class HistoryTests(ChatTestCase):
         carol.send({"type": "search", "text": " \t"})
         self.assertEqual(carol.expect("error")["code"], "empty_search")
 
+    def test_searching_cannot_take_over_the_loop(self) -> None:
+        alice = self.peer("alice")
+        store = self.server.server.store
+
+        def fill() -> None:     # enough rows that sqlite checks the clock during a search
+            for number in range(5000):
+                store.record(T0, "message", "bob", None, f"filler {number}")
+            store.commit()
+
+        in_loop(self.server, fill)
+        saved = socket_server.QUERY_TIME_LIMIT
+        socket_server.QUERY_TIME_LIMIT = 1e-9     # every lookup is now too slow
+        try:
+            alice.send({"type": "search", "text": "something"})
+            self.assertEqual(alice.expect("error")["code"], "too_slow")
+        finally:
+            socket_server.QUERY_TIME_LIMIT = saved
+        in_loop(self.server, lambda: self.server.server.reading_time.spend(10))
+        alice.send({"type": "get_history"})
+        self.assertEqual(alice.expect("error")["code"], "busy")
+        alice.say("the chat goes on")
+
     def test_whispers_are_not_inherited_with_a_name(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
         alice.send({"type": "whisper", "to": "bob", "text": "for the first bob"})
@@ -1245,8 +1281,7 @@ class PasswordAndGuardTests(unittest.TestCase):
         self.assertEqual(guard.locked_for("other", 2), 0)
         self.assertEqual(guard.locked_for("h", 63), 0)
         guard.failed("x", 0)
-        guard.succeeded("x")
-        self.assertEqual(guard.failed("x", 1), 1.0)    # counting starts again
+        self.assertEqual(guard.failed("x", 100), 1.0)  # counting starts again after a quiet while
         guard.forget_old(1000)
         self.assertEqual((guard._failures, guard._locked_until), ({}, {}))
 
@@ -1322,6 +1357,44 @@ class RoomPasswordTests(ChatTestCase):
         self.assertIn("failed password", text)
         self.assertNotIn("wrong-guess-123", text)
         self.assertNotIn("sesame", text)
+
+
+class LockoutTests(ChatTestCase):
+    server_settings = {"admin_password": "op-secret", "max_failures": 3,
+                       "failure_delay": 0.2}
+
+    def test_joining_again_does_not_reset_the_count(self) -> None:
+        for name in ("guess1", "guess2", "guess3"):
+            peer = self.peer(name)
+            peer.send({"type": "op", "password": "wrong"})
+            if name == "guess3":
+                error = self.assert_rejected(peer, "locked_out")
+                self.assertIn("5 minutes", error["text"])
+            else:
+                started = time.monotonic()
+                self.assertEqual(peer.expect("error")["code"], "bad_admin_password")
+                self.assertGreaterEqual(time.monotonic() - started, 0.2)    # answered late
+                peer.close()
+
+    def test_a_shut_down_server_remembers_who_was_there(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        first = ServerThread(db=path)
+        alice, bob = Peer(first.port, "alice"), Peer(first.port, "bob")
+        alice.send({"type": "register", "password": "correct horse"})
+        alice.expect("notice")
+        bob.say("seen live by alice")
+        alice.expect("message")
+        first.stop()
+        alice.close()
+        bob.close()
+        second = ServerThread(db=path)
+        self.addCleanup(second.stop)
+        back = Peer(second.port)
+        self.addCleanup(back.close)
+        back.send({"type": "hello", "name": "alice", "name_password": "correct horse"})
+        back.expect("welcome")
+        replay = back.collect_history()
+        self.assertNotIn("notice", [m["type"] for m in replay])    # nothing new since
 
 
 class RegisteredNameTests(ChatTestCase):
@@ -1450,6 +1523,14 @@ class FloodTests(ChatTestCase):
         alice.send_raw(flood)
         self.assertEqual(alice.read_until_closed()[-1]["code"], "flooding")
         self.assertEqual(bob.expect("leave")["reason"].split(":")[0], "flooding")
+
+    def test_a_select_based_server_stays_under_its_socket_limit(self) -> None:
+        in_loop(self.server, lambda: setattr(self.server.server, "socket_limit", 5))
+        held = [self.peer(f"user{n}") for n in range(3)]
+        extra = self.peer()
+        extra.sock.settimeout(TIMEOUT)
+        self.assertEqual(extra.sock.recv(100), b"")     # closed at once, before any frame
+        held[0].say("the others are fine")
 
     def test_per_address_limit(self) -> None:
         server = ServerThread(max_per_address=2)
@@ -1851,6 +1932,13 @@ def have_extra_loopback() -> bool:
         return False
 
 
+class ConsoleTests(unittest.TestCase):
+    def test_no_console_without_a_terminal(self) -> None:
+        self.assertFalse(socket_server.Console.possible(WatchedOutput()))
+        with open(os.devnull) as devnull:
+            self.assertFalse(socket_server.Console.possible(devnull))
+
+
 class ModerationTests(ChatTestCase):
     server_settings = {"admin_password": "op-secret", "failure_delay": 0.01}
 
@@ -2020,7 +2108,7 @@ class ModerationTests(ChatTestCase):
 
     def test_announcements_reach_everyone_and_stay_in_history(self) -> None:
         alice = self.operator("alice")
-        self.assertEqual(self.console("/say coffee is ready"), [])
+        self.assertEqual(self.console("/say coffee is ready"), ["announced: coffee is ready"])
         announcement = alice.expect("announcement")
         self.assertEqual((announcement["from"], announcement["text"]), ("server", "coffee is ready"))
         alice.send({"type": "moderate", "command": "say", "args": "meeting at 3"})
@@ -2046,6 +2134,37 @@ class ModerationTests(ChatTestCase):
         self.server.thread.join(TIMEOUT)
         self.assertFalse(self.server.thread.is_alive())
 
+    def test_hostile_reasons_are_cleaned_and_cannot_crash_the_server(self) -> None:
+        alice, mallory = self.operator("alice"), self.peer("mallory")
+        alice.send_raw(ascii_frame({"type": "moderate", "command": "ban",
+                                    "args": "mallory 30 bad \ud800 \x1b[41mreason" + "x" * 9000}))
+        error = self.assert_rejected(mallory, "banned")
+        self.assertNotIn("\x1b", error["text"])
+        self.assertIn("bad [41mreason", error["text"])
+        self.assertLess(len(error["text"]), socket_server.MAX_COMMAND_LENGTH + 100)
+        again = self.peer()
+        again.send({"type": "hello", "name": "mallory"})
+        self.assert_rejected(again, "banned")
+        self.assertTrue(any("mallory (name)" in line for line in self.console("/bans")))
+        alice.say("the server is still here")     # (the ban covers 127.0.0.1: no newcomers)
+
+    def test_unban_of_a_name_lifts_the_address_ban_made_with_it(self) -> None:
+        self.peer("bob")
+        self.console("/ban bob")
+        self.assertEqual(self.console("/unban bob"),
+                         ["unbanned bob (name)", "unbanned 127.0.0.1 (address)"])
+        self.assertEqual(self.console("/bans"), ["nobody is banned"])
+
+    def test_a_bug_in_a_command_costs_only_that_command(self) -> None:
+        def broken(actor, args):
+            raise RuntimeError("bug")
+
+        in_loop(self.server, lambda: setattr(self.server.server.moderation, "cmd_bans", broken))
+        with self.assertLogs("chat", "ERROR"):
+            self.assertEqual(self.console("/bans"),
+                             ["! that command failed (a bug: the log has the details)"])
+        self.assertEqual(self.peer("alice").welcome["name"], "alice")
+
     def test_unknown_and_malformed_commands(self) -> None:
         self.assertEqual(self.console("/dance"),
                          ["! Unknown command /dance: /help lists the commands."])
@@ -2062,15 +2181,24 @@ class ModerationTests(ChatTestCase):
                                 stderr=subprocess.PIPE, cwd=HERE)
         os.close(slave)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        lines: "queue.Queue[bytes]" = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [
+            lines.put(b"")], daemon=True).start()
+
+        def next_line() -> str:
+            try:
+                line = lines.get(timeout=TIMEOUT).decode()
+            except queue.Empty:
+                self.fail("the server printed nothing in time")
+            self.assertTrue(line, "the server ended")
+            return line
+
         port = None
         while port is None:
-            line = proc.stdout.readline().decode()
-            self.assertTrue(line, "the server ended before listening")
-            match = re.match(r"listening on 127\.0\.0\.1:(\d+)", line)
+            match = re.match(r"listening on 127\.0\.0\.1:(\d+)", next_line())
             port = int(match.group(1)) if match else None
-        while "moderation console" not in line:
-            line = proc.stdout.readline().decode()
-            self.assertTrue(line)
+        while "moderation console" not in next_line():
+            pass
         alice = Peer(port, "alice")
         self.addCleanup(alice.close)
         os.write(master, b"/say hello from the console\n")
@@ -2079,7 +2207,6 @@ class ModerationTests(ChatTestCase):
         self.assertEqual(alice.read_until_closed()[-1]["type"], "shutdown")
         self.assertEqual(proc.wait(TIMEOUT), 0)
         errors = proc.stderr.read().decode()
-        proc.stdout.close()
         proc.stderr.close()
         self.assertNotIn("Fatal", errors)
         self.assertNotIn("Traceback", errors)
@@ -2106,6 +2233,11 @@ class MessageRuleTests(unittest.TestCase):
                 rules.check(text)
         for text in ("node.js is fine", "e.g. this", "version 1.2.3", "a.b", "dotted.name"):
             self.assertEqual(rules.check(text), text)
+
+    def test_phrases_match_across_any_spaces(self) -> None:
+        rules = self.rules()
+        self.assertEqual(rules.check("oh heck   no"), "oh ****   **")
+        self.assertEqual(rules.check("heck\tno"), "****\t**")
 
     def test_word_list_file(self) -> None:
         path = write_file(temp_dir(self), "words.txt", "# comment\nDarn\n\n  heck no \n")
@@ -2532,7 +2664,7 @@ class TerminalClientTests(ChatTestCase):
 class ReconnectTests(unittest.TestCase):
     def test_the_client_reconnects_to_a_restarted_server_and_sends_what_waited(self) -> None:
         port = free_port()      # fixed, so that the restarted server is at the same place
-        server = socket_server.ChatServer(socket_server.Settings(host="127.0.0.1", port=port))
+        server = socket_server.ChatServer(settings_for_tests(port=port))
         server.listen()
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -2545,7 +2677,7 @@ class ReconnectTests(unittest.TestCase):
         bot.proc.stdin.write(b"typed while the server was down\n")
         bot.proc.stdin.flush()
         bot.wait_for_line("will be sent when the connection is back")
-        restarted = socket_server.ChatServer(socket_server.Settings(host="127.0.0.1", port=port))
+        restarted = socket_server.ChatServer(settings_for_tests(port=port))
         restarted.listen()
         thread = threading.Thread(target=restarted.serve_forever, daemon=True)
         thread.start()
@@ -2564,8 +2696,7 @@ class ReconnectTests(unittest.TestCase):
         path = os.path.join(temp_dir(self), "chat.sqlite3")
 
         def start() -> "socket_server.ChatServer":
-            server = socket_server.ChatServer(socket_server.Settings(host="127.0.0.1",
-                                                                     port=port, db=path))
+            server = socket_server.ChatServer(settings_for_tests(port=port, db=path))
             server.listen()
             thread = threading.Thread(target=server.serve_forever, daemon=True)
             thread.start()
@@ -2629,6 +2760,14 @@ class ProtocolAdditionTests(ChatTestCase):
         message = bob.expect("message")
         self.assertEqual((message["text"], message.get("action")), ("waves", True))
         self.assertEqual(self.peer("carol").replay[0]["kind"], "action")
+
+    def test_only_sensible_ids_come_back(self) -> None:
+        alice = self.peer("alice")
+        alice.send({"type": "say", "text": "hi", "id": "x" * 65})
+        self.assertNotIn("id", alice.expect("sent"))
+        alice.send_raw(ascii_frame({"type": "who", "id": "\ud800"}))
+        self.assertNotIn("id", alice.expect("users"))
+        alice.say("still fine")
 
     def test_ids_come_back_with_acknowledgements_and_errors(self) -> None:
         alice = self.peer("alice")
@@ -2871,6 +3010,8 @@ def make_screen() -> "client.Screen":
 
 class ClientSessionTests(ChatTestCase):
     """ChatSession in this process, against a real server: commands and output."""
+
+    server_settings = {"failure_delay": 0.01}
 
     def session(self, name: str = "bot") -> "client.ChatSession":
         connection, welcome = client.join("127.0.0.1", self.port, name)
