@@ -1329,21 +1329,19 @@ class ConnectionLost(Exception):
 
 
 class Command(NamedTuple):
-    usage: str
+    usage: str          # what follows the command; [brackets] mark what may be left out
     summary: str
     run: Callable[["ChatSession", str], None]
     for_operators: bool = False
 
+    @property
+    def needs_argument(self) -> bool:
+        return bool(self.usage) and not self.usage.startswith("[")
 
-def moderation_command(name: str, usage: str = "") -> Callable[["ChatSession", str], None]:
-    """A client command that asks the server to run moderation command `name`.
 
-    With a usage, an empty argument is answered here, in the client's own words.
-    """
+def moderation_command(name: str) -> Callable[["ChatSession", str], None]:
+    """A client command that asks the server to run moderation command `name`."""
     def run(session: "ChatSession", argument: str) -> None:
-        if usage and not argument.strip():
-            session.warn(f"usage: {usage}")
-            return
         session.send({"type": "moderate", "command": name, "args": argument})
     return run
 
@@ -1647,12 +1645,15 @@ class ChatSession:
             if argument.strip() and self.fits(argument):
                 self.send({"type": "say", "text": argument})
             return
-        entry = COMMANDS.get(ALIASES.get(command, command))
+        name = ALIASES.get(command, command)
+        entry = COMMANDS.get(name)
         if entry is None:
             self.warn(f"unknown command /{command}: type /help for the list, "
                       "or start with // to send a line beginning with /")
-            return
-        entry.run(self, argument)
+        elif entry.needs_argument and not argument.strip():
+            self.warn(f"usage: /{name} {entry.usage}")
+        else:
+            entry.run(self, argument)
 
     def send(self, message: dict) -> bool:
         """Send now, within the server's rate; or keep a chat line until we are back.
@@ -1733,9 +1734,6 @@ class ChatSession:
             self.send({"type": "who"})
 
     def cmd_me(self, argument: str) -> None:
-        if not argument.strip():
-            self.warn("usage: /me ACTION, as in /me waves")
-            return
         if self.fits(argument):
             self.send({"type": "say", "text": argument, "action": True})
 
@@ -1765,9 +1763,6 @@ class ChatSession:
         self._ask_history(request, "--- history ---")
 
     def cmd_search(self, argument: str) -> None:
-        if not argument.strip():
-            self.warn("usage: /search WORDS")
-            return
         self._ask_history({"type": "search", "text": argument},
                           f"--- search: {argument.strip()} ---")
 
@@ -1872,19 +1867,15 @@ COMMANDS: Dict[str, Command] = {
     "op": Command("", "become an operator (asks for the operator password)",
                   ChatSession.cmd_op),
     "deop": Command("", "stop being an operator", ChatSession.cmd_deop, True),
-    "kick": Command("NAME [REASON]", "disconnect someone",
-                    moderation_command("kick", "/kick NAME [REASON]"), True),
+    "kick": Command("NAME [REASON]", "disconnect someone", moderation_command("kick"), True),
     "ban": Command("NAME|ADDRESS [MINUTES] [REASON]", "keep someone out",
-                   moderation_command("ban", "/ban NAME|ADDRESS [MINUTES] [REASON]"), True),
-    "unban": Command("NAME|ADDRESS", "lift a ban",
-                     moderation_command("unban", "/unban NAME|ADDRESS"), True),
+                   moderation_command("ban"), True),
+    "unban": Command("NAME|ADDRESS", "lift a ban", moderation_command("unban"), True),
     "bans": Command("", "list the bans", moderation_command("bans"), True),
     "mute": Command("NAME [MINUTES]", "let someone read but not send",
-                    moderation_command("mute", "/mute NAME [MINUTES]"), True),
-    "unmute": Command("NAME", "let them send again",
-                      moderation_command("unmute", "/unmute NAME"), True),
-    "announce": Command("TEXT", "an announcement to everyone",
-                        moderation_command("say", "/announce TEXT"), True),
+                    moderation_command("mute"), True),
+    "unmute": Command("NAME", "let them send again", moderation_command("unmute"), True),
+    "announce": Command("TEXT", "an announcement to everyone", moderation_command("say"), True),
     "shutdown": Command("", "stop the server", moderation_command("shutdown"), True),
 }
 ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit"}

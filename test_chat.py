@@ -2723,26 +2723,25 @@ class ReconnectTests(unittest.TestCase):
         self.assertEqual(bot.finish(), 0)
         self.assertEqual(bot.output().count("said before bot came"), 1)
 
-    def test_quitting_while_reconnecting_is_a_normal_exit(self) -> None:
+    def client_losing_its_server(self, *args: str) -> Process:
+        """client.py, joined to a server that then stops: it is now reconnecting."""
         server = ServerThread()
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot")
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot", *args)
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
         bot.wait_for_line("reconnecting")
+        return bot
+
+    def test_quitting_while_reconnecting_is_a_normal_exit(self) -> None:
+        bot = self.client_losing_its_server()
         bot.proc.stdin.write(b"/quit\n")
         bot.proc.stdin.close()
         self.assertEqual(bot.finish(), 0)
         self.assertNotIn("could not reconnect", bot.output())
 
     def test_gives_up_and_says_what_was_not_sent(self) -> None:
-        server = ServerThread()
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot",
-                      "--retries", "1")
-        self.addCleanup(bot.kill)
-        bot.wait_for_line("connected to")
-        server.stop()
-        bot.wait_for_line("reconnecting")
+        bot = self.client_losing_its_server("--retries", "1")
         bot.proc.stdin.write(b"lost cause\n")
         bot.proc.stdin.flush()
         self.assertEqual(bot.finish(), 1)
@@ -3109,8 +3108,11 @@ class ClientSessionTests(ChatTestCase):
         bot.out.wait_for("usage: /save -f FILE")
         bot.handle_line(f"/save {temp_dir(self)}")
         bot.out.wait_for("is a folder")
-        bot.handle_line("/announce")
-        bot.out.wait_for("usage: /announce TEXT")
+        for command, usage in (("/announce", "usage: /announce TEXT"),
+                               ("/msg", "usage: /w NAME TEXT"), ("/me  ", "usage: /me ACTION"),
+                               ("/search", "usage: /search WORDS")):
+            bot.handle_line(command)
+            bot.out.wait_for(usage)
 
     def test_lost_connection_calls_the_hook_once(self) -> None:
         bot = self.session()
