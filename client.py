@@ -1912,16 +1912,18 @@ def save_transcript(lines: List[str], path: Optional[str], overwrite: bool) -> s
         candidates = [f"{base}.txt"] + [f"{base}-{number}.txt" for number in range(2, 1000)]
     else:
         candidates = [os.path.expanduser(path)]
-    for candidate in candidates:
+    for candidate in candidates[:-1]:
         try:
-            with open(candidate, "w" if overwrite else "x", encoding="utf-8") as out:
-                out.write("\n".join(lines) + "\n")
-            return os.path.abspath(candidate)
+            return write_new_file(candidate, lines, overwrite)
         except FileExistsError:
-            if candidate is candidates[-1]:
-                raise
-    raise FileExistsError(path)
+            continue        # that name is taken: try the next one
+    return write_new_file(candidates[-1], lines, overwrite)
 
+
+def write_new_file(path: str, lines: List[str], overwrite: bool) -> str:
+    with open(path, "w" if overwrite else "x", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+    return os.path.abspath(path)
 
 
 def wake_main_thread() -> None:
