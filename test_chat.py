@@ -727,7 +727,7 @@ class SlowReaderTests(ChatTestCase):
 
 
 class PingTests(ChatTestCase):
-    server_settings = {"ping_after": 0.1, "drop_after": 0.5}
+    server_settings = {"ping_after": 0.1, "drop_after": 1.0}
 
     def test_silent_client_is_pinged_then_dropped(self) -> None:
         alice, ghost = self.peer("alice"), self.peer("ghost")
@@ -1323,7 +1323,7 @@ class RoomPasswordTests(ChatTestCase):
         self.assertIn("5 minutes", error["text"])
 
     def test_failures_are_answered_ever_more_slowly(self) -> None:
-        server = ServerThread(password="sesame", max_failures=0, failure_delay=0.15)
+        server = ServerThread(password="sesame", max_failures=0, failure_delay=0.08)
         self.addCleanup(server.stop)
         times = []
         for _ in range(3):
@@ -1333,8 +1333,8 @@ class RoomPasswordTests(ChatTestCase):
             self.assertEqual(peer.expect("error")["code"], "bad_password")
             times.append(time.monotonic() - started)
             peer.close()
-        self.assertGreaterEqual(times[0], 0.15)
-        self.assertGreaterEqual(times[2], 0.45)
+        self.assertGreaterEqual(times[0], 0.08)
+        self.assertGreaterEqual(times[2], 0.24)
 
     def test_a_slowed_answer_holds_up_nobody_else(self) -> None:
         server = ServerThread(password="sesame", max_failures=0, failure_delay=3)
@@ -1347,7 +1347,7 @@ class RoomPasswordTests(ChatTestCase):
         self.addCleanup(alice.close)
         alice.send({"type": "hello", "name": "alice", "password": "sesame"})
         alice.expect("welcome")
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 2.0)     # the guesser waits 3 s
 
     def test_passwords_never_reach_the_log(self) -> None:
         with self.assertLogs("chat", "DEBUG") as logs:
@@ -1595,8 +1595,8 @@ class TlsTests(unittest.TestCase):
     def tearDownClass(cls) -> None:
         cls._directory.cleanup()
 
-    def server(self, cert: tuple) -> ServerThread:
-        server = ServerThread(tls_cert=cert[0], tls_key=cert[1], hello_timeout=0.5,
+    def server(self, cert: tuple, hello_timeout: float = 3.0) -> ServerThread:
+        server = ServerThread(tls_cert=cert[0], tls_key=cert[1], hello_timeout=hello_timeout,
                               max_length=16000)
         self.addCleanup(server.stop)
         return server
@@ -1676,7 +1676,7 @@ class TlsTests(unittest.TestCase):
         self.assertIn("does not answer TLS", str(caught.exception))
 
     def test_stalled_handshakes_block_nobody(self) -> None:
-        server = self.server(self.self_signed)
+        server = self.server(self.self_signed, hello_timeout=1.2)
         stalled = []
         for _ in range(5):
             sock = socket.create_connection(("127.0.0.1", server.port))
@@ -1685,7 +1685,7 @@ class TlsTests(unittest.TestCase):
         self.addCleanup(lambda: [sock.close() for sock in stalled])
         started = time.monotonic()
         alice = self.join(server, "alice", self.options(insecure=True), [])
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, 1.0)     # before the stalled ones end
         alice.send({"type": "ping"})
         self.assertIn(alice.receive()["type"], ("history_end", "pong"))
         for sock in stalled:    # and the hello timeout ends them
@@ -3235,7 +3235,8 @@ class PerformanceTests(ChatTestCase):
         self.assertEqual(results["slow"]["lost"], 0)
         self.assertGreater(results["slow"]["with_stalled"], 0)
         self.assertGreater(results["history"]["without_history"], 0)
-        self.assertEqual(results["warnings"], [])
+        # A busy load generator is about speed, which this test does not judge.
+        self.assertEqual([w for w in results["warnings"] if "load generator" not in w], [])
 
     def test_joins_and_leaves_are_announced_only_in_a_small_room(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
