@@ -1151,8 +1151,14 @@ class SelectServer:
         self._flush_all()
 
     def _shut_down(self) -> None:
-        """Let the subclass say goodbye, give that a moment to leave, close all."""
+        """Stop accepting, let the subclass say goodbye, give that a moment to leave, close all."""
         log.info("shutting down: %d connection(s)", len(self.connections))
+        # Listeners go first: a client that reconnects as soon as it hears the goodbye
+        # must be refused, not parked in the backlog of a server that is going away,
+        # and a server restarted on the same port must find it free.
+        for sock in self.listeners:
+            self.selector.unregister(sock)
+            sock.close()
         self.shutting_down()
         self.end_of_pass()
         deadline = time.monotonic() + SHUTDOWN_FLUSH_TIMEOUT
@@ -1160,9 +1166,6 @@ class SelectServer:
             if not conn.tls_phase:
                 self._send_remaining(conn, deadline)
             self._close_socket(conn)
-        for sock in self.listeners:
-            self.selector.unregister(sock)
-            sock.close()
         self.selector.unregister(self._wake_reader)
         self._wake_reader.close()
         self._wake_writer.close()

@@ -634,6 +634,28 @@ class ChatTests(ChatTestCase):
         messages = alice.read_until_closed()
         self.assertEqual(messages[-1]["type"], "shutdown")
 
+    def test_a_stopping_server_refuses_connections_before_it_says_goodbye(self) -> None:
+        # Otherwise a client reconnecting at once is parked in a dying backlog, and a
+        # server restarted on the same port finds it still taken.
+        attempts = []
+
+        class Recorder(socket_server.ChatServer):
+            def shutting_down(self) -> None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+                    attempts.append("accepted")
+                except ConnectionRefusedError:
+                    attempts.append("refused")
+                super().shutting_down()
+
+        server = ServerThread(Recorder)
+        port = server.port
+        alice = Peer(port, "alice")
+        self.addCleanup(alice.close)
+        server.stop()
+        self.assertEqual(alice.read_until_closed()[-1]["type"], "shutdown")
+        self.assertEqual(attempts, ["refused"])
+
 
 class BadInputTests(ChatTestCase):
     """Each bad input costs its sender the connection and nobody else anything."""
@@ -2663,25 +2685,18 @@ class TerminalClientTests(ChatTestCase):
 
 class ReconnectTests(unittest.TestCase):
     def test_the_client_reconnects_to_a_restarted_server_and_sends_what_waited(self) -> None:
-        port = free_port()      # fixed, so that the restarted server is at the same place
-        server = socket_server.ChatServer(settings_for_tests(port=port))
-        server.listen()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+        server = ServerThread()
+        self.addCleanup(server.stop)
+        port = server.port      # the restarted server listens at the same place
         bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--retries", "5")
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
-        thread.join(TIMEOUT)
         bot.wait_for_line("reconnecting")
         bot.proc.stdin.write(b"typed while the server was down\n")
         bot.proc.stdin.flush()
         bot.wait_for_line("will be sent when the connection is back")
-        restarted = socket_server.ChatServer(settings_for_tests(port=port))
-        restarted.listen()
-        thread = threading.Thread(target=restarted.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(lambda: (restarted.stop(), thread.join(TIMEOUT)))
+        self.addCleanup(ServerThread(port=port).stop)
         alice = Peer(port, "alice")
         self.addCleanup(alice.close)
         bot.wait_for_line("reconnected to")
@@ -2692,19 +2707,10 @@ class ReconnectTests(unittest.TestCase):
         self.assertEqual(bot.finish(), 0)
 
     def test_after_a_reconnect_only_missed_messages_are_shown(self) -> None:
-        port = free_port()
         path = os.path.join(temp_dir(self), "chat.sqlite3")
-
-        def start() -> "socket_server.ChatServer":
-            server = socket_server.ChatServer(settings_for_tests(port=port, db=path))
-            server.listen()
-            thread = threading.Thread(target=server.serve_forever, daemon=True)
-            thread.start()
-            self.addCleanup(thread.join, TIMEOUT)
-            self.addCleanup(server.stop)
-            return server
-
-        first = start()
+        first = ServerThread(db=path)
+        self.addCleanup(first.stop)
+        port = first.port
         alice = Peer(port, "alice")
         alice.say("said before bot came")
         alice.close()
@@ -2713,7 +2719,7 @@ class ReconnectTests(unittest.TestCase):
         bot.wait_for_line("said before bot came")      # from the replay on joining
         first.stop()
         bot.wait_for_line("reconnecting")
-        start()
+        self.addCleanup(ServerThread(port=port, db=path).stop)
         carol = Peer(port, "carol")
         self.addCleanup(carol.close)
         carol.say("said while bot was away")
