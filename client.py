@@ -2105,8 +2105,6 @@ def configure_text_streams() -> None:
             pass
 
 
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -2115,6 +2113,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_text_streams()
     host, port, fingerprint = split_address(args.host, args.port)
     interactive = sys.stdin.isatty()
+    if interactive:
+        # Ctrl-C must leave even when a launcher started us with SIGINT ignored (a shell
+        # script's background job, some IDE consoles): Python raises KeyboardInterrupt
+        # only for a SIGINT it inherited as default.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     tls = None
     if args.tls or args.cafile or args.insecure or fingerprint:
         tls = TlsOptions(cafile=args.cafile, insecure=args.insecure, pinned=fingerprint,

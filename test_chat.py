@@ -27,7 +27,7 @@ import unicodedata
 import unittest
 import zlib
 from datetime import datetime
-from typing import List, Optional
+from typing import Any, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -2609,11 +2609,17 @@ class TerminalClientTests(ChatTestCase):
 
     COLUMNS, ROWS = 60, 16
 
-    def start_client(self, *args: str) -> "tuple":
+    def start_client(self, *args: str, sigint: Any = signal.SIG_DFL) -> "tuple":
+        """client.py on a new pseudo-terminal; `sigint` is how it inherits SIGINT."""
         import fcntl
         import pty
         import struct
         import termios
+
+        def become_a_terminal_session() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            signal.signal(signal.SIGINT, sigint)
+
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", self.ROWS, self.COLUMNS, 0, 0))
         env = dict(os.environ, TERM="xterm", COLUMNS=str(self.COLUMNS), LINES=str(self.ROWS),
@@ -2624,7 +2630,7 @@ class TerminalClientTests(ChatTestCase):
         proc = subprocess.Popen([sys.executable, CLIENT_SCRIPT, "127.0.0.1", str(self.port),
                                  *args], stdin=slave, stdout=slave, stderr=slave, env=env,
                                 close_fds=True, start_new_session=True,
-                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                preexec_fn=become_a_terminal_session)
         os.close(slave)
         self.addCleanup(os.close, master)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
@@ -2672,15 +2678,20 @@ class TerminalClientTests(ChatTestCase):
         self.assertEqual(alice.expect("leave")["reason"], "quit")
 
     def test_ctrl_c_leaves_cleanly(self) -> None:
+        # Also when started with SIGINT ignored, as a shell script's background job is.
         alice = self.peer("alice")
-        proc, master, screen = self.start_client("--name", "bob")
-        self.wait_for(master, screen, lambda s: ">" in s.lines)
-        alice.expect("join")
-        os.write(master, b"\x03")
-        self.assertEqual(proc.wait(TIMEOUT), 0)
-        self.assertEqual(alice.expect("leave")["reason"], "quit")
-        self.wait_for(master, screen, lambda s: "you left the chat" in s.text)
-        self.assertNotIn("Traceback", screen.text)
+        for number, inherited in enumerate((signal.SIG_DFL, signal.SIG_IGN)):
+            with self.subTest(sigint=inherited):
+                name = f"bob{number}"
+                proc, master, screen = self.start_client("--name", name, sigint=inherited)
+                self.wait_for(master, screen, lambda s: ">" in s.lines)
+                alice.expect("join")
+                os.write(master, b"\x03")
+                self.assertEqual(proc.wait(TIMEOUT), 0)
+                leave = alice.expect("leave")
+                self.assertEqual((leave["name"], leave["reason"]), (name, "quit"))
+                self.wait_for(master, screen, lambda s: "you left the chat" in s.text)
+                self.assertNotIn("Traceback", screen.text)
 
 
 class ReconnectTests(unittest.TestCase):
