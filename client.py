@@ -73,6 +73,7 @@ RECONNECT_TRIES = 6         # attempts after a dropped connection (--retries)
 RECONNECT_FIRST_DELAY = 0.5     # seconds before the first attempt; doubled each time
 RECONNECT_MAX_DELAY = 15.0
 MAX_QUEUED_LINES = 100      # lines typed while disconnected, kept to send later
+WAKE_RETRY = 0.1            # seconds between signals that wake the main thread (POSIX)
 TRANSCRIPT_LINES = 100_000  # lines of this session kept for /save
 INPUT_HISTORY = 500         # lines Up and Down can recall
 HISTORY_MAX = 200           # the most /history asks for (the server's limit too)
@@ -1408,7 +1409,7 @@ class ChatSession:
         self.name = welcome["name"]
         self.server = server                # HOST:PORT
         self.screen = screen or Screen(sys.stdout, terminal=False, colour=False)
-        self.on_lost = on_lost or wake_main_thread  # called when the session ends by itself
+        self.on_lost = on_lost or (lambda: None)  # called when the session ends by itself
         self.ask_secret = ask_secret        # prompts without echo; None when not on a terminal
         self.rejoin = rejoin
         self.retries = retries
@@ -1902,6 +1903,8 @@ def command_help_lines() -> List[str]:
             lines.append("  Backslash works as well as slash: \\quit, \\clients, ...")
             lines.append("  Keys: Up/Down recall lines, Tab completes names and commands.")
     return lines
+
+
 def save_transcript(lines: List[str], path: Optional[str], overwrite: bool) -> str:
     """Write lines to path, or to a new dated file here; return the absolute path.
 
@@ -1926,23 +1929,44 @@ def write_new_file(path: str, lines: List[str], overwrite: bool) -> str:
     return os.path.abspath(path)
 
 
-def wake_main_thread() -> None:
-    """Interrupt the main thread's blocking read so that it can exit.
+class MainThreadWaker:
+    """Get the main thread out of its blocking read when the connection is lost.
 
     POSIX: a signal aimed at the main thread makes its read raise
-    ConnectionLost (see main). Windows cannot interrupt a console read, so
-    there the process ends here, with everything printed.
+    ConnectionLost. A signal that lands after the thread has let go of the
+    interpreter but before its read has begun interrupts nothing, so it is
+    repeated until the handler has run. Windows cannot interrupt a console
+    read, so there the process ends at once, with everything printed.
     """
-    if hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1"):
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-    else:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
 
+    def __init__(self) -> None:
+        self._woken = threading.Event()
+        self._can_signal = hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1")
 
-def _raise_connection_lost(signum: int, frame: object) -> None:
-    raise ConnectionLost()
+    def install(self) -> None:
+        """Set the signal handler; main thread only."""
+        if self._can_signal:
+            signal.signal(signal.SIGUSR1, self._handle)
+
+    def wake(self) -> None:
+        """From another thread: make the main thread raise ConnectionLost."""
+        if not self._can_signal:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        main = threading.main_thread()
+        while main.is_alive():
+            try:
+                signal.pthread_kill(main.ident, signal.SIGUSR1)
+            except OSError:     # the main thread ended meanwhile
+                return
+            if self._woken.wait(WAKE_RETRY):
+                return
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self._woken.is_set():    # once: later signals must not break the exit
+            self._woken.set()
+            raise ConnectionLost()
 
 
 # ---------------------------------------------------------------------------
@@ -2156,11 +2180,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return join(host, port, welcome["name"], again, tls)
 
     terminal = open_terminal(sys.stdin) if interactive and styled else None
+    waker = MainThreadWaker()
+    waker.install()
     session = ChatSession(connection, welcome, join_address(host, port), screen,
+                          on_lost=waker.wake,
                           ask_secret=secret_prompt(terminal, screen) if interactive else None,
                           rejoin=rejoin, retries=args.retries, credentials=joiner.credentials)
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, _raise_connection_lost)
     session.show_banner(welcome)
     session.start()
     try:

@@ -2894,6 +2894,35 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
                               "ts": stamp}, "me"), f"[{local}] x[2J: hi")
 
+    @unittest.skipUnless(hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1"),
+                         "POSIX signals")
+    def test_a_lost_connection_wakes_the_main_thread_even_if_a_signal_misses(self) -> None:
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        waker = client.MainThreadWaker()
+        waker.install()
+        handler = signal.getsignal(signal.SIGUSR1)
+        signals = []
+
+        def first_one_missed(signum: int, frame: object) -> None:
+            # As if the first signal had landed just before the read began: taken, and
+            # nothing interrupted.
+            signals.append(signum)
+            if len(signals) > 1:
+                handler(signum, frame)
+
+        signal.signal(signal.SIGUSR1, first_one_missed)
+        reader, writer = os.pipe()
+        self.addCleanup(os.close, reader)
+        self.addCleanup(os.close, writer)
+        rescue = threading.Timer(TIMEOUT, os.write, (writer, b"!"))     # never hang the suite
+        rescue.start()
+        self.addCleanup(rescue.cancel)
+        threading.Thread(target=waker.wake, daemon=True).start()
+        with self.assertRaises(client.ConnectionLost):
+            os.read(reader, 1)      # the main thread's blocking read of what you type
+        self.assertEqual(len(signals), 2)
+        handler(signal.SIGUSR1, None)   # a late signal must not break the exit that follows
+
 
 class ClientProcessTests(ChatTestCase):
     """client.py as a user runs it, with its input piped in."""
