@@ -436,7 +436,7 @@ def local_time(timestamp: Optional[str], with_date: bool = False) -> str:
     """
     try:
         moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone()
-    except (AttributeError, ValueError):
+    except (AttributeError, ValueError, OverflowError):     # not a time, or not one we can show
         moment = datetime.now()
     if with_date and moment.date() != date.today():
         return moment.strftime("%b %d %H:%M")
@@ -613,6 +613,10 @@ class TlsOptions:
     insecure: bool = False              # check nothing (a warning says so)
     pinned: Optional[str] = None        # fingerprint from a HOST:PORT#FINGERPRINT join string
     known_hosts: str = KNOWN_HOSTS
+    # Asked before a certificate seen for the first time is trusted; None trusts it
+    # (input is piped: there is nobody to ask).
+    confirm: Optional[Callable[[str], bool]] = None
+    trusted: Optional[str] = None       # the fingerprint accepted earlier in this session
 
 
 @dataclasses.dataclass
@@ -631,7 +635,11 @@ def normalize_fingerprint(text: str) -> str:
 
 
 def read_known_hosts(path: str) -> Dict[str, str]:
-    """HOST:PORT -> fingerprint, from a file of "HOST:PORT FINGERPRINT" lines."""
+    """HOST:PORT -> fingerprint, from a file of "HOST:PORT FINGERPRINT" lines.
+
+    A file that exists but cannot be read raises CannotConnect: without it,
+    a changed certificate could not be told from a new one.
+    """
     known = {}
     try:
         with open(path, encoding="utf-8") as lines:
@@ -641,17 +649,33 @@ def read_known_hosts(path: str) -> Dict[str, str]:
                     known[fields[0]] = normalize_fingerprint(fields[1])
     except FileNotFoundError:
         pass
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CannotConnect(f"cannot read the known-hosts file {path}: "
+                            f"{getattr(exc, 'strerror', None) or exc}\n"
+                            "Fix or move it, or name another with --known-hosts.") from None
     return known
 
 
-def remember_host(path: str, where: str, fingerprint: str) -> None:
-    """Record (or replace) the fingerprint for HOST:PORT in the known-hosts file."""
+def remember_host(path: str, where: str, fingerprint: str,
+                  note: Callable[[str], None]) -> None:
+    """Record (or replace) the fingerprint for HOST:PORT in the known-hosts file.
+
+    Written to a new file that then replaces the old one, so a crash or a full
+    disk never leaves half a file. Failing to write costs only the memory.
+    """
     known = read_known_hosts(path)
     known[where] = fingerprint
-    with open(path, "w", encoding="utf-8") as out:
-        out.write("# Chat servers this client has met: HOST:PORT SHA256-FINGERPRINT\n")
-        for host, value in sorted(known.items()):
-            out.write(f"{host} {value}\n")
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.write("# Chat servers this client has met: HOST:PORT SHA256-FINGERPRINT\n")
+            for host, value in sorted(known.items()):
+                out.write(f"{host} {value}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        note(f"! cannot remember the fingerprint in {path}: {exc.strerror or exc}")
 
 
 def changed_certificate_warning(where: str, found: str, expected: str, source: str) -> str:
@@ -674,22 +698,29 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
     if tls.insecure or tls.cafile:
         return      # --insecure was warned about; with --cafile, ssl verified the chain
     found = hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
+    if tls.trusted is not None:     # reconnecting: the server must be the one we joined
+        if found != tls.trusted:
+            raise CannotConnect(changed_certificate_warning(
+                where, found, tls.trusted, "the server this session joined"))
+        return
     known = read_known_hosts(tls.known_hosts).get(where)
     if tls.pinned is not None:
         if normalize_fingerprint(tls.pinned) != found:
             raise CannotConnect(changed_certificate_warning(
                 where, found, normalize_fingerprint(tls.pinned), "the join string"))
         if known != found:
-            remember_host(tls.known_hosts, where, found)
-        return
-    if known is None:
-        remember_host(tls.known_hosts, where, found)
+            remember_host(tls.known_hosts, where, found, note)
+    elif known is None:
         note(f"* first TLS connection to {where}; its certificate fingerprint is\n"
-             f"*   {found}\n* check it against the one the server printed at start-up; "
-             f"it is remembered in {tls.known_hosts}")
+             f"*   {found}\n* check it against the one the server printed at start-up")
+        if tls.confirm is not None and not tls.confirm("trust this server and connect? [y/N] "):
+            raise CannotConnect("not connecting: the certificate was not trusted")
+        remember_host(tls.known_hosts, where, found, note)
+        note(f"* remembered in {tls.known_hosts}")
     elif known != found:
         raise CannotConnect(changed_certificate_warning(
             where, found, known, f"{tls.known_hosts} (from an earlier visit)"))
+    tls.trusted = found
 
 
 def start_tls(sock: socket.socket, host: str, where: str, tls: TlsOptions,
@@ -1041,6 +1072,9 @@ class LineEditor:
         self._browsing: Optional[int] = None    # index into history while using Up/Down
         self._draft = ""                # what was typed before browsing began
         self._cursor_row = 0            # rows from the top of the input area to the cursor
+        # Keys read but not yet handled: a paste brings many lines in one read, and
+        # those after the first Enter belong to the lines that follow.
+        self._pending: Deque[str] = deque()
         terminal.on_resume = self.redraw
 
     # -- for other threads ---------------------------------------------------
@@ -1071,11 +1105,14 @@ class LineEditor:
             self.out.flush()
         try:
             while True:
-                for key in self.terminal.read_keys():
-                    with self.lock:
-                        line = self._press(key)
-                        if line is not None:
-                            return line
+                if not self._pending:
+                    self._pending.extend(self.terminal.read_keys())
+                key = self._pending.popleft()
+                with self.lock:
+                    line = self._press(key)
+                    if line is not None:
+                        return line
+                    if not self._pending:   # a paste is drawn once, when all of it is in
                         self._render()
                         self.out.flush()
         finally:
@@ -1296,13 +1333,15 @@ class Screen:
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """Keep lines back while a prompt has the terminal, then show them."""
-        self._held = []
+        with self.lock:
+            self._held = []
         try:
             yield
         finally:
-            held, self._held = self._held, None
-            for line in held:
-                self.show(line)
+            with self.lock:     # in order: nothing arriving now may overtake them
+                held, self._held = self._held, None
+                for line in held:
+                    self.show(line)
 
     def write_raw(self, text: str) -> None:
         """Terminal control (clearing the screen), bypassing transcript and log."""
@@ -1486,37 +1525,51 @@ class ChatSession:
 
     def _receive_loop(self) -> None:
         try:
-            while True:
-                reason = self._receive_until_closed()
-                if self.leaving.is_set():
-                    return
-                with self._link:
-                    self.connected.clear()
-                    self.settled.clear()
-                self._report_unconfirmed()
-                if self._final or self.rejoin is None or not self.retries:
-                    break
-                self.warn(f"{reason}; reconnecting")
-                if self._reconnect():
-                    continue
-                if self.leaving.is_set():
-                    return      # /quit or Ctrl-C while reconnecting: an ordinary exit
-                reason = "could not reconnect"
-                break
+            reason = self._follow_connection()
+            if reason is None:
+                return
             self.lost_reason = reason
             self.warn(reason)
             self._report_queued()
-            self.settled.set()
-            if not self.leaving.is_set():
-                self.on_lost()
+        except Exception as exc:    # a receiver must never end quietly: main would wait forever
+            self.lost_reason = f"internal error: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                self.warn(self.lost_reason)
         finally:
+            self.settled.set()
             self.closed.set()
+        if not self.leaving.is_set():
+            self.on_lost()
+
+    def _follow_connection(self) -> Optional[str]:
+        """Receive, and reconnect when the link drops; why it ended, or None for a leave."""
+        while True:
+            reason = self._receive_until_closed()
+            if self.leaving.is_set():
+                return None
+            with self._link:
+                self.connected.clear()
+                self.settled.clear()
+            self._report_unconfirmed()
+            if self._final or self.rejoin is None or not self.retries:
+                return reason
+            self.warn(f"{reason}; reconnecting")
+            if self._reconnect():
+                continue
+            if self.leaving.is_set():
+                return None     # /quit or Ctrl-C while reconnecting: an ordinary exit
+            return "could not reconnect"
 
     def _receive_until_closed(self) -> str:
         """Handle messages until the connection ends; return why it ended."""
         try:
             while True:
-                self._handle_incoming(self.connection.receive())
+                message = self.connection.receive()
+                try:
+                    self._handle_incoming(message)
+                except Exception as exc:    # a bug must cost this message, not the session
+                    self.warn(f"could not show a {message['type']!r} message from the server "
+                              f"({type(exc).__name__}: {exc})")
         except ConnectionClosed:
             return "disconnected" if self._told_why else "connection to the server lost"
         except ProtocolError as exc:
@@ -1718,7 +1771,8 @@ class ChatSession:
         if first and word[:1] in ("/", "\\"):
             names = sorted(set(COMMANDS) | set(ALIASES))
             return [word[0] + name for name in names if name.startswith(word[1:].lower())]
-        return sorted((name for key, name in self.users.items()
+        users = list(self.users.items())    # the receiver thread changes it meanwhile
+        return sorted((name for key, name in users
                        if key.startswith(word.lower()) and key != self.name.lower()),
                       key=str.lower)
 
@@ -2145,7 +2199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     tls = None
     if args.tls or args.cafile or args.insecure or fingerprint:
         tls = TlsOptions(cafile=args.cafile, insecure=args.insecure, pinned=fingerprint,
-                         known_hosts=os.path.expanduser(args.known_hosts))
+                         known_hosts=os.path.expanduser(args.known_hosts),
+                         confirm=ask_yes_no if interactive else None)
     credentials = Credentials(password=args.password or os.environ.get("CHAT_PASSWORD"),
                               name_password=os.environ.get("CHAT_NAME_PASSWORD"))
     log_file = None
@@ -2208,6 +2263,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConnectionLost:
         return 1
     return 1 if session.lost_reason else 0
+
+
+def ask_yes_no(question: str) -> bool:
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        print()
+        return False
 
 
 def holds_password(line: str) -> bool:

@@ -7,6 +7,7 @@ that time out and with events, never with fixed sleeps.
 """
 
 import codecs
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -1656,11 +1657,50 @@ class TlsTests(unittest.TestCase):
             if message["type"] == "message":
                 break
         self.assertEqual(len(message["text"]), 15000)
-        client.remember_host(tls.known_hosts, f"127.0.0.1:{server.port}", "ab" * 32)
+        client.remember_host(tls.known_hosts, f"127.0.0.1:{server.port}", "ab" * 32,
+                             notes.append)
+        later_run = dataclasses.replace(tls, trusted=None)    # the client started again
         with self.assertRaises(client.CannotConnect) as caught:
-            client.ServerConnection.open("127.0.0.1", server.port, tls, note=notes.append)
+            client.ServerConnection.open("127.0.0.1", server.port, later_run, note=notes.append)
         self.assertIn("WARNING", str(caught.exception))
         self.assertIn(SELF_SIGNED_FINGERPRINT, str(caught.exception))
+
+    def test_first_contact_asks_before_trusting(self) -> None:
+        server = self.server(self.self_signed)
+        questions: List[str] = []
+        declined = self.options(confirm=lambda question: questions.append(question) or False)
+        notes: List[str] = []
+        with self.assertRaises(client.CannotConnect) as caught:
+            client.ServerConnection.open("127.0.0.1", server.port, declined, note=notes.append)
+        self.assertIn("not trusted", str(caught.exception))
+        self.assertIn(SELF_SIGNED_FINGERPRINT, notes[0])    # shown before the question
+        self.assertEqual(len(questions), 1)
+        self.assertFalse(os.path.exists(declined.known_hosts))
+        accepted = self.options(confirm=lambda question: True)
+        self.join(server, "alice", accepted)
+        with open(accepted.known_hosts, encoding="utf-8") as known:
+            self.assertIn(SELF_SIGNED_FINGERPRINT, known.read())
+
+    def test_a_session_keeps_its_server_even_when_nothing_can_be_remembered(self) -> None:
+        first, other = self.server(self.self_signed), self.server(self.ca_signed)
+        tls = self.options()
+        tls.known_hosts = os.path.join(temp_dir(self), "no such folder", "known")
+        notes: List[str] = []
+        self.join(first, "alice", tls, notes)
+        self.assertTrue(any("cannot remember" in note for note in notes), notes)
+        self.join(first, "bob", tls)        # reconnecting: the same certificate passes
+        with self.assertRaises(client.CannotConnect) as caught:
+            client.ServerConnection.open("127.0.0.1", other.port, tls, note=notes.append)
+        self.assertIn("the server this session joined", str(caught.exception))
+
+    def test_an_unreadable_known_hosts_file_is_one_line(self) -> None:
+        server = self.server(self.self_signed)
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--tls", "--name", "bot",
+                      "--known-hosts", temp_dir(self), stdin_data="hi\n")
+        self.addCleanup(bot.kill)
+        self.assertEqual(bot.finish(), 1)
+        self.assertIn("cannot read the known-hosts file", bot.output("stderr"))
+        self.assertNotIn("Traceback", bot.output("stderr"))
 
     def test_pinned_fingerprint(self) -> None:
         server = self.server(self.self_signed)
@@ -2532,6 +2572,12 @@ class LineEditorTests(unittest.TestCase):
         self.assertEqual(editor.read_line(), "Hello!")
         self.assertEqual(screen.text, "")       # the typed line is cleared once sent
 
+    def test_a_paste_of_several_lines_keeps_every_line(self) -> None:
+        # One read brings them all, as a paste or fast typing ahead does.
+        editor, _ = self.editor([list("one") + ["enter"] + list("two") + ["enter"] +
+                                 list("three") + ["enter"] + list("fo"), list("ur"), ["enter"]])
+        self.assertEqual([editor.read_line() for _ in range(4)], ["one", "two", "three", "four"])
+
     def test_kill_and_word_keys(self) -> None:
         keys = [list("one two three"), ["kill-word"], ["word-left", "kill-after"],
                 list("2"), ["home", "kill-before"], list("x"), ["enter"],
@@ -2894,6 +2940,20 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
                               "ts": stamp}, "me"), f"[{local}] x[2J: hi")
 
+    @unittest.skipUnless(hasattr(time, "tzset"), "needs time.tzset")
+    def test_local_time_of_a_stamp_at_the_edge_of_the_calendar(self) -> None:
+        old = os.environ.get("TZ")
+        os.environ["TZ"] = "Asia/Tokyo"     # 9999-12-31 23:59 UTC is past year 9999 there
+        time.tzset()
+        try:
+            self.assertRegex(client.local_time("9999-12-31T23:59:59.000Z"), r"^\d\d:\d\d$")
+        finally:
+            if old is None:
+                os.environ.pop("TZ")
+            else:
+                os.environ["TZ"] = old
+            time.tzset()
+
     @unittest.skipUnless(hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1"),
                          "POSIX signals")
     def test_a_lost_connection_wakes_the_main_thread_even_if_a_signal_misses(self) -> None:
@@ -3092,6 +3152,42 @@ class ClientSessionTests(ChatTestCase):
         out.wait_for("--- end of history ---")
         self.assertEqual(out.lines[-3], "--- history ---")
         self.assertIn("alice: lunch?", out.lines[-2])
+
+    def fragile_session(self, complaint: str) -> "client.ChatSession":
+        """A session whose screen fails on any line holding "poison"."""
+        class FragileScreen(client.Screen):
+            def show(self, line: "client.Line") -> None:
+                if "poison" in line.plain:
+                    raise RuntimeError(complaint)
+                super().show(line)
+
+        connection, welcome = client.join("127.0.0.1", self.port, "bot")
+        self.lost = threading.Event()
+        session = client.ChatSession(connection, welcome, f"127.0.0.1:{self.port}",
+                                     FragileScreen(WatchedOutput(), terminal=False,
+                                                   colour=False), on_lost=self.lost.set)
+        self.addCleanup(session.leave)
+        session.start()
+        return session
+
+    def test_a_message_that_cannot_be_shown_costs_only_itself(self) -> None:
+        alice = self.peer("alice")
+        bot = self.fragile_session("cannot draw this")
+        alice.expect("join")
+        alice.say("poison")
+        alice.say("and after")
+        bot.screen.out.wait_for("could not show a 'message' message from the server "
+                                "(RuntimeError: cannot draw this)")
+        bot.screen.out.wait_for("alice: and after")
+        self.assertFalse(self.lost.is_set())
+
+    def test_a_receiver_that_fails_ends_the_session_instead_of_hanging(self) -> None:
+        alice = self.peer("alice")
+        bot = self.fragile_session("poison again")  # so that even the warning fails
+        alice.expect("join")
+        alice.say("poison")
+        self.assertTrue(self.lost.wait(TIMEOUT), "the main thread was never told")
+        self.assertEqual(bot.lost_reason, "internal error: RuntimeError: poison again")
 
     def test_save_never_overwrites_unless_asked(self) -> None:
         directory = temp_dir(self)
