@@ -1071,7 +1071,11 @@ class LineEditor:
         self.history: Deque[str] = deque(maxlen=INPUT_HISTORY)
         self._browsing: Optional[int] = None    # index into history while using Up/Down
         self._draft = ""                # what was typed before browsing began
-        self._cursor_row = 0            # rows from the top of the input area to the cursor
+        # What the input area shows now: its characters and where the cursor is among
+        # them. Its rows are worked out again at each redraw, at the width of that
+        # moment, because a terminal that is resized re-wraps what it shows.
+        self._drawn: List[str] = []
+        self._drawn_cursor = 0
         # Keys read but not yet handled: a paste brings many lines in one read, and
         # those after the first Enter belong to the lines that follow.
         self._pending: Deque[str] = deque()
@@ -1222,7 +1226,7 @@ class LineEditor:
 
     def _redraw_screen(self) -> None:
         self.out.write("\033[2J\033[H")
-        self._cursor_row = 0
+        self._drawn, self._drawn_cursor = [], 0
 
     KEYS: Dict[str, Callable[["LineEditor"], Optional[str]]] = {
         "enter": _enter,
@@ -1250,35 +1254,48 @@ class LineEditor:
 
     def _clear(self) -> None:
         """Erase the input area; the cursor ends at its first column."""
-        up = f"\033[{self._cursor_row}A" if self._cursor_row else ""
+        (cursor_row, _), _, _ = self._layout(self._drawn, self._drawn_cursor)
+        up = f"\033[{cursor_row}A" if cursor_row else ""
         self.out.write("\r" + up + "\033[J")
-        self._cursor_row = 0
+        self._drawn, self._drawn_cursor = [], 0
 
     def _render(self) -> None:
         """Draw prompt and text, wrapped as the terminal wraps them, and place the cursor."""
         self._clear()
-        width = max(10, shutil.get_terminal_size().columns)
         chars = list(self.prompt) + self.buffer
         cursor_index = len(self.prompt) + self.cursor
+        (cursor_row, cursor_column), end_row, full = self._layout(chars, cursor_index)
+        self.out.write("".join(chars))
+        if full:    # the last row is exactly full: step onto the next, as the cursor will
+            self.out.write("\r\n")
+        up = end_row - cursor_row
+        self.out.write((f"\033[{up}A" if up else "") + "\r" +
+                       (f"\033[{cursor_column}C" if cursor_column else ""))
+        self._drawn, self._drawn_cursor = chars, cursor_index
+
+    @staticmethod
+    def _layout(chars: List[str], cursor_index: int) -> Tuple[Tuple[int, int], int, bool]:
+        """Where the cursor goes, the row where writing the text leaves off, and whether
+        the text exactly fills its last row; at the terminal's width now.
+
+        A character too wide for what is left of a row goes to the next one, as
+        terminals do.
+        """
+        width = max(10, shutil.get_terminal_size().columns)
         row = column = 0
         cursor_at = None
         for index, char in enumerate(chars):
             size = char_width(char)
-            if column + size > width:       # the terminal moves it to the next row
+            if column + size > width:
                 row, column = row + 1, 0
             if index == cursor_index:
                 cursor_at = (row, column)
             column += size
-        self.out.write("".join(chars))
-        if column >= width:     # a full last row: step onto the next one, as the cursor will
-            self.out.write("\r\n")
+        full = column >= width
+        if full:
             row, column = row + 1, 0
-        if cursor_at is None:
-            cursor_at = (row, column)
-        up = row - cursor_at[0]
-        self.out.write((f"\033[{up}A" if up else "") + "\r" +
-                       (f"\033[{cursor_at[1]}C" if cursor_at[1] else ""))
-        self._cursor_row = cursor_at[0]
+        return (cursor_at or (row, column)), row, full
+
 
 # ---------------------------------------------------------------------------
 # The screen: where shown lines go
@@ -2224,7 +2241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except GiveUp:
         return 1
     except EOFError:
-        print("no name given; leaving", file=sys.stderr)
+        print("\ninput ended before joining; leaving" if interactive else
+              "no name given; leaving", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
@@ -2285,13 +2303,20 @@ def wants_colour(no_color_flag: bool) -> bool:
 
 
 def secret_prompt(terminal: Optional[object], screen: Screen) -> Callable[[str], str]:
-    """getpass, with the terminal in its normal mode and messages held back meanwhile."""
+    """getpass, with the terminal in its normal mode and messages held back meanwhile.
+
+    Ctrl-C or Ctrl-D at the prompt cancels the command that asked (an empty answer).
+    """
     def ask(prompt: str) -> str:
+        mode = terminal.normal_mode() if terminal is not None else contextlib.nullcontext()
         with screen.held():
-            if terminal is None:
-                return getpass.getpass(prompt)
-            with terminal.normal_mode():
-                return getpass.getpass(prompt)
+            try:
+                with mode:
+                    return getpass.getpass(prompt)
+            except (EOFError, KeyboardInterrupt):   # cancels the command, not the chat
+                print()     # ends the prompt's line before the held-back lines come
+        screen.show(notice_line("cancelled"))
+        return ""
     return ask
 
 

@@ -2244,8 +2244,9 @@ class ModerationTests(ChatTestCase):
         os.close(slave)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         lines: "queue.Queue[bytes]" = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [
-            lines.put(b"")], daemon=True).start()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [
+            lines.put(b"")], daemon=True)
+        reader.start()
 
         def next_line() -> str:
             try:
@@ -2268,6 +2269,8 @@ class ModerationTests(ChatTestCase):
         os.write(master, b"/shutdown\n")
         self.assertEqual(alice.read_until_closed()[-1]["type"], "shutdown")
         self.assertEqual(proc.wait(TIMEOUT), 0)
+        reader.join(TIMEOUT)
+        proc.stdout.close()
         errors = proc.stderr.read().decode()
         proc.stderr.close()
         self.assertNotIn("Fatal", errors)
@@ -2578,6 +2581,22 @@ class LineEditorTests(unittest.TestCase):
                                  list("three") + ["enter"] + list("fo"), list("ur"), ["enter"]])
         self.assertEqual([editor.read_line() for _ in range(4)], ["one", "two", "three", "four"])
 
+    def test_after_a_resize_the_input_area_is_cleared_at_the_new_width(self) -> None:
+        # Terminals re-wrap what they show when resized: 42 characters take two rows
+        # at 30 columns and three at 15, and all three must be erased.
+        written: List[str] = []
+
+        def arrives_after_a_resize() -> List[str]:
+            os.environ["COLUMNS"] = "15"
+            del written[:]
+            editor.print_above("a message")
+            return ["enter"]
+
+        editor, screen = self.editor([list("x" * 40), arrives_after_a_resize])
+        screen.write = lambda text: (written.append(text), screen.feed(text))
+        editor.read_line()
+        self.assertTrue(written[0].startswith("\r\033[2A\033[J"), written)
+
     def test_kill_and_word_keys(self) -> None:
         keys = [list("one two three"), ["kill-word"], ["word-left", "kill-after"],
                 list("2"), ["home", "kill-before"], list("x"), ["enter"],
@@ -2739,6 +2758,21 @@ class TerminalClientTests(ChatTestCase):
                 self.wait_for(master, screen, lambda s: "you left the chat" in s.text)
                 self.assertNotIn("Traceback", screen.text)
 
+
+    def test_ctrl_c_at_a_password_prompt_cancels_the_command_only(self) -> None:
+        alice = self.peer("alice")
+        proc, master, screen = self.start_client("--name", "bob")
+        self.wait_for(master, screen, lambda s: ">" in s.lines)
+        alice.expect("join")
+        os.write(master, b"/op\r")
+        self.wait_for(master, screen, lambda s: "operator password:" in s.text)
+        os.write(master, b"\x03")
+        self.wait_for(master, screen, lambda s: "* cancelled" in s.lines)
+        self.assertIn("operator password:", screen.lines)     # the next line began anew
+        os.write(master, b"still here\r")
+        self.assertEqual(alice.expect("message")["text"], "still here")
+        os.write(master, b"\x04")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
 
 class ReconnectTests(unittest.TestCase):
     def test_the_client_reconnects_to_a_restarted_server_and_sends_what_waited(self) -> None:
