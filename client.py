@@ -689,20 +689,22 @@ def changed_certificate_warning(where: str, found: str, expected: str, source: s
 
 
 def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
-                      note: Callable[[str], None]) -> None:
+                      note: Callable[[str], None]) -> bool:
     """Trust on first use, like SSH, unless a CA file or a pinned fingerprint decides.
 
     Raises CannotConnect with a loud warning when the certificate is not
-    the one this client expected.
+    the one this client expected. True when it asked the user, who may have
+    taken longer to answer than the server waits for a hello.
     """
     if tls.insecure or tls.cafile:
-        return      # --insecure was warned about; with --cafile, ssl verified the chain
+        return False    # --insecure was warned about; with --cafile, ssl verified the chain
     found = hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
     if tls.trusted is not None:     # reconnecting: the server must be the one we joined
         if found != tls.trusted:
             raise CannotConnect(changed_certificate_warning(
                 where, found, tls.trusted, "the server this session joined"))
-        return
+        return False
+    asked = False
     known = read_known_hosts(tls.known_hosts).get(where)
     if tls.pinned is not None:
         if normalize_fingerprint(tls.pinned) != found:
@@ -713,18 +715,22 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
     elif known is None:
         note(f"* first TLS connection to {where}; its certificate fingerprint is\n"
              f"*   {found}\n* check it against the one the server printed at start-up")
-        if tls.confirm is not None and not tls.confirm("trust this server and connect? [y/N] "):
-            raise CannotConnect("not connecting: the certificate was not trusted")
+        if tls.confirm is not None:
+            asked = True
+            if not tls.confirm("trust this server and connect? [y/N] "):
+                raise CannotConnect("not connecting: the certificate was not trusted")
         remember_host(tls.known_hosts, where, found, note)
         note(f"* remembered in {tls.known_hosts}")
     elif known != found:
         raise CannotConnect(changed_certificate_warning(
             where, found, known, f"{tls.known_hosts} (from an earlier visit)"))
     tls.trusted = found
+    return asked
 
 
 def start_tls(sock: socket.socket, host: str, where: str, tls: TlsOptions,
-              note: Callable[[str], None]) -> socket.socket:
+              note: Callable[[str], None]) -> Tuple[socket.socket, bool]:
+    """The TLS connection, and whether the user was asked to trust the certificate."""
     if ssl is None:
         raise CannotConnect("this Python has no ssl module, so it cannot use --tls")
     if tls.cafile:
@@ -757,11 +763,31 @@ def start_tls(sock: socket.socket, host: str, where: str, tls: TlsOptions,
         raise CannotConnect(f"{where} does not answer TLS ({reason})"
                             "\nIs the server running with --tls-cert?") from None
     try:
-        check_certificate(secure, where, tls, note)
+        asked = check_certificate(secure, where, tls, note)
     except CannotConnect:
         secure.close()
         raise
-    return secure
+    return secure, asked
+
+
+def connect_tcp(host: str, port: int, where: str) -> socket.socket:
+    """A TCP connection to the server; CannotConnect names the likely causes."""
+    causes = ("Is the server running? Check the address and port, and that no "
+              "firewall blocks the port.")
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except socket.gaierror:
+        raise CannotConnect(f"cannot connect to {where}: unknown host {host!r}\n"
+                            "Check the spelling, or use the server's IP address.") from None
+    except ConnectionRefusedError:
+        raise CannotConnect(f"cannot connect to {where}: connection refused\n{causes}") from None
+    except socket.timeout:
+        raise CannotConnect(f"cannot connect to {where}: timed out\n{causes}") from None
+    except OSError as exc:
+        raise CannotConnect(f"cannot connect to {where}: {exc.strerror or exc}\n"
+                            f"{causes}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class ServerConnection:
@@ -781,23 +807,12 @@ class ServerConnection:
              note: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
              ) -> "ServerConnection":
         where = join_address(host, port)
-        causes = ("Is the server running? Check the address and port, and that no "
-                  "firewall blocks the port.")
-        try:
-            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-        except socket.gaierror:
-            raise CannotConnect(f"cannot connect to {where}: unknown host {host!r}\n"
-                                "Check the spelling, or use the server's IP address.") from None
-        except ConnectionRefusedError:
-            raise CannotConnect(f"cannot connect to {where}: connection refused\n{causes}") from None
-        except socket.timeout:
-            raise CannotConnect(f"cannot connect to {where}: timed out\n{causes}") from None
-        except OSError as exc:
-            raise CannotConnect(f"cannot connect to {where}: {exc.strerror or exc}\n"
-                                f"{causes}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = connect_tcp(host, port, where)
         if tls is not None:
-            sock = start_tls(sock, host, where, tls, note)
+            sock, asked = start_tls(sock, host, where, tls, note)
+            if asked:   # the server may have stopped waiting for our hello meanwhile
+                sock.close()
+                sock, _ = start_tls(connect_tcp(host, port, where), host, where, tls, note)
         return cls(sock)
 
     def send(self, message: dict) -> None:

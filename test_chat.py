@@ -1681,6 +1681,22 @@ class TlsTests(unittest.TestCase):
         with open(accepted.known_hosts, encoding="utf-8") as known:
             self.assertIn(SELF_SIGNED_FINGERPRINT, known.read())
 
+    def test_a_slow_answer_to_the_trust_question_still_joins(self) -> None:
+        gave_up = threading.Event()
+
+        class Impatient(socket_server.ChatServer):
+            def connection_closing(self, conn, reason: str) -> None:
+                if "hello" in reason:
+                    gave_up.set()
+                super().connection_closing(conn, reason)
+
+        server = ServerThread(Impatient, tls_cert=self.self_signed[0],
+                              tls_key=self.self_signed[1], hello_timeout=0.2)
+        self.addCleanup(server.stop)
+        # The user thinks until the server has given up waiting for a hello.
+        tls = self.options(confirm=lambda question: gave_up.wait(TIMEOUT))
+        self.join(server, "alice", tls)
+
     def test_a_session_keeps_its_server_even_when_nothing_can_be_remembered(self) -> None:
         first, other = self.server(self.self_signed), self.server(self.ca_signed)
         tls = self.options()
