@@ -685,7 +685,7 @@ def changed_certificate_warning(where: str, found: str, expected: str, source: s
             f"but {source} says\n  {expected}\n"
             "Someone may be intercepting this connection, or the server has a new "
             "certificate.\nNot connecting. If the server's owner confirms the new "
-            f"fingerprint, join with\n  python client.py '{where}#{found}' --tls")
+            f"fingerprint, join with\n  python client.py \"{where}#{found}\" --tls")
 
 
 def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,

@@ -2560,7 +2560,9 @@ def client_command(host: str, port: int, fingerprint: Optional[str]) -> str:
     if fingerprint is None:
         return f"python client.py {host} {port}"
     shown = f"[{host}]" if ":" in host else host
-    return f"python client.py '{shown}:{port}#{fingerprint}' --tls"
+    # Double quotes: the same in sh, cmd.exe and PowerShell (cmd.exe keeps single ones),
+    # and they keep IPv6 brackets from being taken as a file pattern.
+    return f'python client.py "{shown}:{port}#{fingerprint}" --tls'
 
 
 def describe_reach(host: str, port: int, fingerprint: Optional[str] = None) -> List[str]:

@@ -1787,7 +1787,7 @@ class TlsTests(unittest.TestCase):
         process, port = start_server_process("--tls-cert", self.self_signed[0],
                                              "--tls-key", self.self_signed[1])
         self.addCleanup(process.kill)
-        join_string = process.wait_for_line(r"join with: python client\.py '(.+)' --tls").group(1)
+        join_string = process.wait_for_line(r'join with: python client\.py "(.+)" --tls').group(1)
         self.assertEqual(join_string, f"127.0.0.1:{port}#{SELF_SIGNED_FINGERPRINT}")
         process.wait_for_line("certificate fingerprint: " + SELF_SIGNED_FINGERPRINT)
         watcher = client.ServerConnection.open("127.0.0.1", port, self.options(insecure=True),
