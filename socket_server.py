@@ -208,7 +208,8 @@ class FrameDecoder:
         """The length a header announces; None while the header is incomplete."""
         digits = header.strip(b" ")
         if digits and not digits.isdigit():
-            raise ProtocolError("bad_header", f"frame header {header!r} is not a decimal length")
+            shown = "".join(chr(byte) if 32 <= byte < 127 else f"\\x{byte:02x}" for byte in header)
+            raise ProtocolError("bad_header", f'frame header "{shown}" is not a decimal length')
         if len(header) < HEADER_LENGTH:
             return None
         if not digits:
@@ -243,8 +244,13 @@ def check_fields(message: dict, fields: Dict[str, type]) -> Optional[str]:
                 continue
             return f'"{message["type"]}" needs a "{field}" field'
         if not isinstance(message[field], kind):
-            return f'"{field}" must be a {kind.__name__}'
+            return f'"{field}" must be {JSON_KINDS.get(kind, kind.__name__)}'
     return None
+
+
+# How check_fields names each type to someone writing JSON.
+JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true or false",
+              list: "a list", dict: "an object"}
 
 
 def clean_text(text: str) -> str:

@@ -365,6 +365,17 @@ class FramingTests(unittest.TestCase):
                     next(decoder)
                 self.assertEqual(caught.exception.code, "bad_header")
 
+    def test_a_bad_header_is_shown_readably_and_safely(self) -> None:
+        # The text reaches the server's log and the peer: no control byte may pass.
+        decoder = FrameDecoder()
+        decoder.feed(b"\x1b[2J\xffab")
+        with self.assertRaises(ProtocolError) as caught:
+            next(decoder)
+        self.assertEqual(caught.exception.text,
+                         'frame header "\\x1b[2J\\xffab" is not a decimal length')
+        self.assertEqual(socket_server.check_fields({"type": "say", "text": 5}, {"text": str}),
+                         '"text" must be a string')
+
     def test_bad_header_is_caught_from_its_first_bytes(self) -> None:
         decoder = FrameDecoder()
         decoder.feed(b"GET")    # someone pointed a web browser at the server
