@@ -1021,7 +1021,7 @@ class SelectServer:
         self._next_tick = self.now + self._tick
         self._timers: List[Tuple[float, int, Callable[[], None]]] = []     # a heap
         self._timer_order = itertools.count()
-        self._accept_paused_until = 0.0
+        self._accepting = True      # listeners watched; False while out of file descriptors
         self._stopping = False
         self._calls: Deque[Callable[[], None]] = deque()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -1156,8 +1156,8 @@ class SelectServer:
         # Listeners go first: a client that reconnects as soon as it hears the goodbye
         # must be refused, not parked in the backlog of a server that is going away,
         # and a server restarted on the same port must find it free.
+        self._watch_listeners(False)
         for sock in self.listeners:
-            self.selector.unregister(sock)
             sock.close()
         self.shutting_down()
         self.end_of_pass()
@@ -1184,8 +1184,6 @@ class SelectServer:
     # -- accepting -------------------------------------------------------
 
     def _accept(self) -> None:
-        if self.now < self._accept_paused_until:
-            return
         for listener in self.listeners:
             for _ in range(ACCEPTS_PER_PASS):
                 try:
@@ -1194,9 +1192,30 @@ class SelectServer:
                     break
                 except OSError as exc:   # out of file descriptors, most likely
                     log.error("cannot accept connections: %s; pausing %.0f s", exc, ACCEPT_PAUSE)
-                    self._accept_paused_until = self.now + ACCEPT_PAUSE
+                    self._pause_accepting()
                     return
                 self._add_connection(sock, address)
+
+    def _pause_accepting(self) -> None:
+        """Stop watching the listeners for ACCEPT_PAUSE seconds.
+
+        The connection that could not be accepted is still waiting in the
+        backlog, so a listener left in the selector would be reported
+        readable on every pass: the loop would spin at full speed, doing
+        nothing, until the pause ended.
+        """
+        self._watch_listeners(False)
+        self.call_later(ACCEPT_PAUSE, lambda: self._watch_listeners(True))
+
+    def _watch_listeners(self, wanted: bool) -> None:
+        if self._accepting == wanted:
+            return
+        self._accepting = wanted
+        for sock in self.listeners:
+            if wanted:
+                self.selector.register(sock, selectors.EVENT_READ, self._accept)
+            else:
+                self.selector.unregister(sock)
 
     def _add_connection(self, sock: socket.socket, address: tuple) -> None:
         if self.socket_limit and len(self.connections) + 2 >= self.socket_limit:

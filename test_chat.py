@@ -29,6 +29,11 @@ import zlib
 from datetime import datetime
 from typing import Any, List, Optional
 
+try:
+    import resource
+except ImportError:     # Windows
+    resource = None  # type: ignore
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -847,6 +852,47 @@ class ServerProcessTests(unittest.TestCase):
                                 capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(result.returncode, 2)
         self.assertIn("--port", result.stderr)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far, from Linux's /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class OutOfFileDescriptorTests(unittest.TestCase):
+    FILE_LIMIT = 32         # the server's RLIMIT_NOFILE: room for about 25 connections
+    CONNECTIONS = 40        # more than fit, so accept() fails with EMFILE
+    # Start the server with its open-file limit lowered, as if the system had run out.
+    LIMITED = ("import resource, runpy, sys; "
+               "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard)); "
+               "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+    @unittest.skipUnless(resource is not None and os.path.exists("/proc/self/stat"),
+                         "needs the resource module and Linux's /proc")
+    def test_pause_after_emfile_does_not_spin_and_accepting_resumes(self) -> None:
+        process = Process("-c", self.LIMITED, str(self.FILE_LIMIT), SERVER_SCRIPT,
+                          "--host", "127.0.0.1", "--port", "0", "--no-history",
+                          "--max-per-address", "0")
+        self.addCleanup(process.kill)
+        port = int(process.wait_for_line(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
+        fillers = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                   for _ in range(self.CONNECTIONS)]
+        for sock in fillers:
+            self.addCleanup(sock.close)
+        # From one failed accept() to the next lies one whole pause.
+        process.wait_for_line("cannot accept connections", "stderr")
+        before = cpu_seconds(process.proc.pid)
+        process.wait_for_line("cannot accept connections", "stderr")
+        spent = cpu_seconds(process.proc.pid) - before
+        self.assertLess(spent, socket_server.ACCEPT_PAUSE / 4, "the loop spun while paused")
+        for sock in fillers:
+            sock.close()
+        late = Peer(port, "late")      # accepted once the pause is over
+        self.addCleanup(late.close)
+        self.assertEqual(late.welcome["name"], "late")
 
 
 class LanAddressTests(unittest.TestCase):
