@@ -109,6 +109,7 @@ QUERY_TIME_LIMIT = 0.1              # seconds one /search or /history may run in
 SEARCH_SHARE = 0.2                  # at most this share of the loop's time goes to searching
 
 MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reason included
+MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in minutes (19 years)
 MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see replying_to)
 MIN_PASSWORD_LENGTH = 8             # for registered names
 MAX_PASSWORD_LENGTH = 1024
@@ -1548,7 +1549,17 @@ def parse_minutes(word: str) -> Optional[float]:
         value = float(word)
     except ValueError:
         return None
-    return value if 0 < value < 10 ** 7 else None
+    return value if 0 < value < MAX_MINUTES else None   # False for nan too
+
+
+# A word meant as a number: it starts like one ("10", "-5", ".5", "10m") or is one of
+# the words float() takes for one ("nan", "inf").
+NUMBER_LIKE = re.compile(r"[-+]?(?:\.?\d.*|nan|inf|infinity)", re.IGNORECASE)
+
+
+def looks_like_number(word: str) -> bool:
+    """Whether a word is meant as a number, so that a bad one is an error, not a reason."""
+    return NUMBER_LIKE.fullmatch(word) is not None
 
 
 def looks_like_address(word: str) -> bool:
@@ -1663,9 +1674,9 @@ class Moderation:
         if not words:
             raise ModerationError("usage", "Usage: /ban NAME|ADDRESS [MINUTES] [REASON]")
         target, rest = words[0], words[1:]
-        length = parse_minutes(rest[0]) if rest else None
-        if length is not None:
-            rest = rest[1:]
+        length = None
+        if rest and looks_like_number(rest[0]):     # "/ban bob 0 spam" is no permanent ban
+            length = self._minutes(rest.pop(0), "ban")
         until = time.time() + length * 60 if length is not None else None
         reason, by = " ".join(rest), self._name(actor)
         how_long = f" for {minutes(length * 60)}" if length is not None else ""
@@ -1720,9 +1731,7 @@ class Moderation:
     def cmd_mute(self, actor: Optional[Connection], args: str) -> List[str]:
         name, _, length_word = args.partition(" ")
         target = self._member(actor, name, "/mute NAME [MINUTES]")
-        length = parse_minutes(length_word.strip()) if length_word.strip() else None
-        if length_word.strip() and length is None:
-            raise ModerationError("usage", "Usage: /mute NAME [MINUTES]")
+        length = self._minutes(length_word.strip(), "mute") if length_word.strip() else None
         until = time.time() + length * 60 if length is not None else None
         self.mutes[target.name.lower()] = until
         how_long = f" for {minutes(length * 60)}" if length is not None else ""
@@ -1765,6 +1774,15 @@ class Moderation:
     @staticmethod
     def _name(actor: Optional[Connection]) -> str:
         return actor.name if actor is not None else "server"
+
+    def _minutes(self, word: str, command: str) -> float:
+        """A command's MINUTES argument; a usage error unless it is a good length."""
+        length = parse_minutes(word)
+        if length is None:
+            raise ModerationError("usage", f"Usage: /{command} {self.COMMANDS[command][0]} "
+                                  f"(MINUTES: more than 0 and less than {MAX_MINUTES}, "
+                                  "such as 10 or 0.5)")
+        return length
 
     def _member(self, actor: Optional[Connection], name: str, usage: str,
                 must_be_here: bool = True) -> Optional[Connection]:

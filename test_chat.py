@@ -2150,6 +2150,25 @@ class ModerationTests(ChatTestCase):
         peer.send({"type": "hello", "name": "mallory"})
         self.assertIn("spam", self.assert_rejected(peer, "banned")["text"])
 
+    def test_a_length_that_looks_like_a_number_must_be_a_good_one(self) -> None:
+        bob = self.peer("bob")
+        for length in ("0", "-5", "10m", "nan", "inf", "-inf", "1e400", "99999999"):
+            for line in (f"/ban bob {length} reason", f"/ban 127.0.0.9 {length}",
+                         f"/mute bob {length}"):
+                with self.subTest(line=line):
+                    replies = self.console(line)
+                    self.assertEqual(len(replies), 1, replies)
+                    self.assertRegex(replies[0], r"^! Usage: /(ban|mute) .*MINUTES: more than 0")
+        self.assertEqual(self.console("/bans"), ["nobody is banned"])
+        self.assertNotIn("notice", [m["type"] for m in bob.sync()])     # not muted either
+        self.assertEqual(self.console("/ban bob 1.5 spam")[-1],
+                         "bob was banned by server for 2 minutes: spam")
+        self.assert_rejected(bob, "banned")
+        self.console("/unban bob")
+        self.peer("carol")
+        self.assertEqual(self.console("/ban carol nancy said so")[-1],    # a reason, no length
+                         "carol was banned by server: nancy said so")
+
     def test_mute_unmute_and_expiry(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
         self.console("/mute bob 10")
