@@ -2165,8 +2165,9 @@ class ChatServer(SelectServer):
         timestamp = utc_timestamp()
         conn.messages_sent += 1
         self.store.record(timestamp, "whisper", conn.name, target.name, text)
-        self.send(target, {"type": "whisper", "from": conn.name, "to": target.name,
-                           "text": text, "ts": timestamp})
+        if target is not conn:      # to oneself, the `sent` below is the one copy to show
+            self.send(target, {"type": "whisper", "from": conn.name, "to": target.name,
+                               "text": text, "ts": timestamp})
         self.acknowledge(conn, {"type": "sent", "to": target.name, "text": text, "ts": timestamp})
         log.debug("%s whispers to %s: %s", conn.name, target.name, text)
 

@@ -569,6 +569,17 @@ class ChatTests(ChatTestCase):
                          ("alice", "bob", "psst"))
         self.assertEqual([m for m in carol.sync() if m["type"] != "join"], [])
 
+    def test_whisper_to_yourself_arrives_once(self) -> None:
+        alice = self.peer("alice")
+        alice.send({"type": "whisper", "to": "ALICE", "text": "note to self"})
+        answers = alice.sync()
+        self.assertEqual([m["type"] for m in answers], ["sent"])    # no `whisper` copy too
+        self.assertEqual((answers[0]["to"], answers[0]["text"]), ("alice", "note to self"))
+        alice.send({"type": "get_history"})
+        history = [m for m in alice.collect_history() if m["type"] == "history"]
+        self.assertEqual([(m["kind"], m["from"], m["to"], m["text"]) for m in history],
+                         [("whisper", "alice", "alice", "note to self")])
+
     def test_whisper_to_nobody(self) -> None:
         alice = self.peer("alice")
         alice.send({"type": "whisper", "to": "ghost", "text": "hello?"})
