@@ -103,7 +103,7 @@ HISTORY_DEFAULT = 20                # messages /history returns when no number i
 HISTORY_MAX = 200                   # most messages one /history returns
 MISSED_MAX = 200                    # most missed messages replayed to a returning name
 SEARCH_RESULTS = 50                 # most messages one /search returns
-SEARCH_MAX_WORDS = 10
+SEARCH_MAX_WORDS = 10               # words in one /search; more are refused
 SEARCH_WINDOW = 200_000             # /search looks through this many recent events
 QUERY_TIME_LIMIT = 0.1              # seconds one /search or /history may run in the loop
 SEARCH_SHARE = 0.2                  # at most this share of the loop's time goes to searching
@@ -2181,9 +2181,13 @@ class ChatServer(SelectServer):
             conn.name, limit, conn.history_floor))
 
     def on_search(self, conn: Connection, message: dict) -> None:
-        words = clean_text(message["text"]).split()[:SEARCH_MAX_WORDS]
+        words = clean_text(message["text"]).split()
         if not words:
             self.send_error(conn, "empty_search", "Search for at least one word.")
+            return
+        if len(words) > SEARCH_MAX_WORDS:   # each is one more LIKE over the whole window
+            self.send_error(conn, "too_many_words", f"Search for at most {SEARCH_MAX_WORDS} "
+                            f"words at once; that had {len(words)}.")
             return
         self.read_history(conn, "search", lambda: self.store.search_for(
             conn.name, words, SEARCH_RESULTS, conn.history_floor))

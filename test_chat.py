@@ -1073,6 +1073,18 @@ class HistoryTests(ChatTestCase):
         carol.send({"type": "search", "text": " \t"})
         self.assertEqual(carol.expect("error")["code"], "empty_search")
 
+    def test_a_search_with_too_many_words_is_refused(self) -> None:
+        alice = self.peer("alice")
+        words = [f"word{number}" for number in range(socket_server.SEARCH_MAX_WORDS + 1)]
+        alice.say(" ".join(words[:-1]))
+        alice.send({"type": "search", "text": " ".join(words[:-1])})
+        self.assertEqual(alice.expect("history_end")["count"], 1)
+        alice.send({"type": "search", "text": " ".join(words)})
+        answers = alice.sync()
+        self.assertEqual([(m["type"], m.get("code")) for m in answers],
+                         [("error", "too_many_words")])
+        self.assertIn(f"at most {socket_server.SEARCH_MAX_WORDS} words", answers[0]["text"])
+
     def test_searching_cannot_take_over_the_loop(self) -> None:
         alice = self.peer("alice")
         store = self.server.server.store
