@@ -111,6 +111,7 @@ SEARCH_SHARE = 0.2                  # at most this share of the loop's time goes
 MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reason included
 MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in minutes (19 years)
 MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see replying_to)
+MAX_QUOTED_LENGTH = 40              # characters of a client's word quoted back (see quoted)
 MIN_PASSWORD_LENGTH = 8             # for registered names
 MAX_PASSWORD_LENGTH = 1024
 
@@ -303,6 +304,12 @@ def format_address(address: tuple) -> str:
     """HOST:PORT for logs."""
     host, port = client_host(address), address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def quoted(word: str) -> str:
+    """A word a client sent, in quotes, as an error or the log repeats it: cleaned
+    for the terminal and cut short, so a client cannot have a long text echoed."""
+    return f'"{clean_text(word)[:MAX_QUOTED_LENGTH]}"'
 
 
 def minutes(seconds: float) -> str:
@@ -1790,8 +1797,7 @@ class Moderation:
             raise ModerationError("usage", f"Usage: {usage}")
         member = self.server.members.get(name.lower())
         if member is None and must_be_here:
-            raise ModerationError("unknown_user", f'Nobody called "{clean_text(name)[:40]}" '
-                                  "is here.")
+            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is here.")
         if member is not None and actor is not None and member.operator and member is not actor:
             raise ModerationError("not_allowed", f"{member.name} is an operator too.")
         return member
@@ -1977,7 +1983,7 @@ class ChatServer(SelectServer):
             return
         entry = self._handlers.get(kind)
         if entry is None:
-            self.send_error(conn, "unknown_type", f'Unknown message type "{kind}".')
+            self.send_error(conn, "unknown_type", f"Unknown message type {quoted(kind)}.")
             return
         fields, handler = entry
         problem = check_fields(message, fields)
@@ -2156,8 +2162,7 @@ class ChatServer(SelectServer):
             return
         target = self.members.get(message["to"].lower())
         if target is None:
-            self.send_error(conn, "unknown_user",
-                            f'Nobody called "{clean_text(message["to"])[:40]}" is here.')
+            self.send_error(conn, "unknown_user", f'Nobody called {quoted(message["to"])} is here.')
             return
         text = self.checked_text(conn, message["text"])
         if text is None:
@@ -2566,7 +2571,7 @@ class Console:
         except ModerationError as exc:
             replies = [f"! {exc.text}"]
         except Exception:   # a bug: the console says so, the server goes on
-            log.exception("error in console command %r", clean_text(line)[:40])
+            log.exception("error in console command %s", quoted(line))
             replies = ["! that command failed (a bug: the log has the details)"]
         for reply in replies:
             print(reply, file=self.out, flush=True)

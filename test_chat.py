@@ -632,6 +632,14 @@ class ChatTests(ChatTestCase):
         alice.say("still here")
         self.assertEqual(bob.expect("message")["text"], "still here")
 
+    def test_an_unknown_type_is_quoted_back_cleaned_and_cut(self) -> None:
+        alice = self.peer("alice")
+        alice.send_raw(ascii_frame({"type": "\x1b[2J\ud800\u202e" + "x" * 5000}))
+        error = alice.expect("error")
+        self.assertEqual(error["code"], "unknown_type")
+        shown = "[2J" + "x" * (socket_server.MAX_QUOTED_LENGTH - 3)
+        self.assertEqual(error["text"], f'Unknown message type "{shown}".')
+
     def test_fifty_clients_at_once(self) -> None:
         peers = [self.peer(f"user{number}") for number in range(55)]
         for peer in peers:
