@@ -1093,6 +1093,14 @@ class HistoryTests(ChatTestCase):
                          [("error", "too_many_words")])
         self.assertIn(f"at most {socket_server.SEARCH_MAX_WORDS} words", answers[0]["text"])
 
+    def test_history_limit_is_capped(self) -> None:
+        alice = self.peer("alice")
+        alice.send_raw(b"".join(encode_frame({"type": "say", "text": f"line {number}"})
+                                for number in range(socket_server.HISTORY_MAX + 1)))
+        for limit, count in ((10 ** 9, socket_server.HISTORY_MAX), (0, 1), (-5, 1)):
+            alice.send({"type": "get_history", "limit": limit})
+            self.assertEqual(alice.expect("history_end")["count"], count, limit)
+
     def test_searching_cannot_take_over_the_loop(self) -> None:
         alice = self.peer("alice")
         store = self.server.server.store
@@ -3180,7 +3188,7 @@ class ClientSessionTests(ChatTestCase):
                                             out.wait_for("alice: the build is green")])
         bot.handle_line("/search nothing-like-it")
         out.wait_for("* no messages match")
-        for bad in ("/history 0", "/history x", "/history 999", "/search"):
+        for bad in ("/history 0", "/history x", "/history \u00b2", "/search"):
             del out.lines[:]
             bot.handle_line(bad)
             out.wait_for("usage:")
@@ -3188,6 +3196,10 @@ class ClientSessionTests(ChatTestCase):
         out.wait_for("--- end of history ---")
         self.assertEqual(out.lines[-3], "--- history ---")
         self.assertIn("alice: lunch?", out.lines[-2])
+        del out.lines[:]
+        bot.handle_line("/history 9999")    # more than there can be: capped, not refused
+        out.wait_for("--- end of history ---")
+        self.assertEqual(out.lines[0], "--- history ---")
 
     def test_save_never_overwrites_unless_asked(self) -> None:
         directory = temp_dir(self)
