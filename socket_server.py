@@ -2722,9 +2722,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     security.add_argument("--lockout", type=float, default=LOCKOUT, metavar="SECONDS",
                           help=f"how long a lockout lasts (default: {LOCKOUT:g})")
     moderation = parser.add_argument_group("moderation")
-    moderation.add_argument("--admin-password",
-                            help="lets a user become an operator with /op PASSWORD; safer in "
-                                 "the CHAT_ADMIN_PASSWORD environment variable")
+    moderation.add_argument("--admin-password", metavar="PASSWORD",
+                            help="lets a user become an operator: the client's /op asks for "
+                                 "this password (/op PASSWORD works too); safer in the "
+                                 "CHAT_ADMIN_PASSWORD environment variable")
     moderation.add_argument("--blocked-words", metavar="FILE",
                             help="words or phrases (one a line, any case, whole words) that "
                                  "messages may not contain")

@@ -914,6 +914,18 @@ class OutOfFileDescriptorTests(unittest.TestCase):
         self.assertEqual(late.welcome["name"], "late")
 
 
+class ArgumentTests(unittest.TestCase):
+    """The command line, parsed in this process."""
+
+    def help_text(self) -> str:
+        return " ".join(socket_server.build_arg_parser().format_help().split())
+
+    def test_admin_password_help_says_how_op_works(self) -> None:
+        text = self.help_text()
+        self.assertIn("--admin-password PASSWORD ", text)
+        self.assertIn("the client's /op asks for this password (/op PASSWORD works too)", text)
+
+
 class LanAddressTests(unittest.TestCase):
     def test_lan_addresses_are_real_non_loopback_addresses(self) -> None:
         for address in socket_server.lan_addresses():
