@@ -312,9 +312,16 @@ def quoted(word: str) -> str:
     return f'"{clean_text(word)[:MAX_QUOTED_LENGTH]}"'
 
 
-def minutes(seconds: float) -> str:
-    whole = max(1, round(seconds / 60))
-    return f"{whole} minute" if whole == 1 else f"{whole} minutes"
+def duration(seconds: float) -> str:
+    """A length of time for people: in seconds under a minute ("try again in 20
+    seconds", not "in 1 minute"), else in whole minutes."""
+    if round(seconds) < 60:
+        return count_of(max(1, round(seconds)), "second")
+    return count_of(round(seconds / 60), "minute")
+
+
+def count_of(number: int, unit: str) -> str:
+    return f"{number} {unit}" if number == 1 else f"{number} {unit}s"
 
 
 # ---------------------------------------------------------------------------
@@ -405,7 +412,7 @@ class LoginGuard:
             self._locked_until[host] = now + self.lockout
             del self._failures[host]
             log.warning("%s locked out for %s after %d failed logins",
-                        host, minutes(self.lockout), count)
+                        host, duration(self.lockout), count)
         return self.delay * min(count, 5)
 
     def forget_old(self, now: float) -> None:
@@ -1545,7 +1552,7 @@ class Ban:
 
     def describe(self, now: float) -> str:
         length = "until unbanned" if self.until is None else \
-            f"for {minutes(self.until - now)} more"
+            f"for {duration(self.until - now)} more"
         return f"{self.target} ({self.kind}) {length}, by {self.by}" + \
             (f": {self.reason}" if self.reason else "")
 
@@ -1686,7 +1693,7 @@ class Moderation:
             length = self._minutes(rest.pop(0), "ban")
         until = time.time() + length * 60 if length is not None else None
         reason, by = " ".join(rest), self._name(actor)
-        how_long = f" for {minutes(length * 60)}" if length is not None else ""
+        how_long = f" for {duration(length * 60)}" if length is not None else ""
         if looks_like_address(target):
             bans = [Ban("address", target, until, reason, by)]
             victims = [conn for conn in self.server.members.values()
@@ -1741,7 +1748,7 @@ class Moderation:
         length = self._minutes(length_word.strip(), "mute") if length_word.strip() else None
         until = time.time() + length * 60 if length is not None else None
         self.mutes[target.name.lower()] = until
-        how_long = f" for {minutes(length * 60)}" if length is not None else ""
+        how_long = f" for {duration(length * 60)}" if length is not None else ""
         text = f"{target.name} was muted by {self._name(actor)}{how_long}"
         self.server.notify_all("muted", text, exclude=target)
         self.server.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
@@ -1891,7 +1898,7 @@ class ChatServer(SelectServer):
             self.refuse(conn, "banned", self.ban_text(ban))
 
     def ban_text(self, ban: Ban) -> str:
-        length = "" if ban.until is None else f" for {minutes(ban.until - time.time())} more"
+        length = "" if ban.until is None else f" for {duration(ban.until - time.time())} more"
         return f"You are banned from this chat{length}" + \
             (f": {ban.reason}" if ban.reason else ".")
 
@@ -2027,7 +2034,7 @@ class ChatServer(SelectServer):
         locked = self.guard.locked_for(conn.host, self.now)
         if locked:
             self.reject(conn, "locked_out", "Too many failed logins from your address: "
-                        f"try again in {minutes(locked)}.")
+                        f"try again in {duration(locked)}.")
             return
         if self.settings.password is not None:
             given = message.get("password")
@@ -2345,7 +2352,7 @@ class ChatServer(SelectServer):
         if conn.state == JOINED:
             if locked:
                 self.reject(conn, "locked_out", "Too many wrong passwords from your address: "
-                            f"try again in {minutes(locked)}.")
+                            f"try again in {duration(locked)}.")
             else:
                 self.call_later(delay, lambda: self.send_error(conn, code, text)
                                 if conn.open else None)
@@ -2403,7 +2410,7 @@ class ChatServer(SelectServer):
         """
         muted = self.moderation.mute_left(conn.name)
         if muted is not None:
-            left = "until unmuted" if muted == float("inf") else f"for {minutes(muted)} more"
+            left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
             self.send_error(conn, "muted", f"You are muted {left}: you can read, but not send.")
             return None
         text = clean_text(text)

@@ -1495,6 +1495,21 @@ class LockoutTests(ChatTestCase):
                 self.assertGreaterEqual(time.monotonic() - started, 0.2)    # answered late
                 peer.close()
 
+    def test_a_lockout_under_a_minute_is_told_in_seconds(self) -> None:
+        server = ServerThread(admin_password="op-secret", max_failures=1, lockout=20,
+                              failure_delay=0.01)
+        self.addCleanup(server.stop)
+        peer = Peer(server.port, "guess")
+        self.addCleanup(peer.close)
+        peer.send({"type": "op", "password": "wrong"})
+        self.assertIn("try again in 20 seconds", self.assert_rejected(peer, "locked_out")["text"])
+
+    def test_durations_in_seconds_under_a_minute_else_in_minutes(self) -> None:
+        for seconds, text in ((0.2, "1 second"), (1, "1 second"), (20, "20 seconds"),
+                              (59.4, "59 seconds"), (59.6, "1 minute"), (89, "1 minute"),
+                              (300, "5 minutes"), (7200, "120 minutes")):
+            self.assertEqual(socket_server.duration(seconds), text, seconds)
+
     def test_a_shut_down_server_remembers_who_was_there(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
         first = ServerThread(db=path)
