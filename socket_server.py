@@ -52,6 +52,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -2785,26 +2786,34 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Refuse, with argparse's usage error, any setting outside its documented range."""
     if not 0 <= settings.port <= 65535:
         parser.error("--port must be between 0 and 65535")
-    for flag, value in (("--max-clients", settings.max_clients),
-                        ("--max-length", settings.max_length),
-                        ("--max-backlog", settings.max_backlog),
-                        ("--hello-timeout", settings.hello_timeout),
-                        ("--ping-after", settings.ping_after),
-                        ("--drop-after", settings.drop_after)):
+    more_than_zero = (("--max-clients", settings.max_clients),
+                      ("--max-length", settings.max_length),
+                      ("--max-backlog", settings.max_backlog),
+                      ("--hello-timeout", settings.hello_timeout),
+                      ("--ping-after", settings.ping_after),
+                      ("--drop-after", settings.drop_after),
+                      ("--lockout", settings.lockout))
+    zero_or_more = (("--history", settings.history), ("--rate-limit", settings.rate_limit),
+                    ("--join-notices-up-to", settings.join_notices_up_to),
+                    ("--max-per-address", settings.max_per_address),
+                    ("--max-failures", settings.max_failures))
+    for flag, value in more_than_zero + zero_or_more:
+        # float() takes "nan" and "inf": nan passes every comparison below (and would
+        # turn a timeout off), inf most of them. Compared, not math.isfinite(): an int
+        # flag may be too big to convert to a float.
+        if not -math.inf < value < math.inf:
+            parser.error(f"{flag} must be a finite number, not {value}")
+    for flag, value in more_than_zero:
         if value <= 0:
             parser.error(f"{flag} must be more than 0")
-    for flag, value in (("--history", settings.history), ("--rate-limit", settings.rate_limit),
-                        ("--join-notices-up-to", settings.join_notices_up_to),
-                        ("--max-per-address", settings.max_per_address),
-                        ("--max-failures", settings.max_failures)):
+    for flag, value in zero_or_more:
         if value < 0:
             parser.error(f"{flag} must be 0 or more")
     if settings.rate_limit and settings.rate_burst < 1:
         parser.error("--rate-burst must be at least 1")
-    if settings.lockout <= 0:
-        parser.error("--lockout must be more than 0")
     if settings.tls_key and not settings.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     if settings.max_length > MAX_TEXT_LIMIT:

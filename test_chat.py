@@ -7,7 +7,9 @@ that time out and with events, never with fixed sleeps.
 """
 
 import codecs
+import contextlib
 import hashlib
+import io
 import ipaddress
 import json
 import logging
@@ -924,6 +926,25 @@ class ArgumentTests(unittest.TestCase):
         text = self.help_text()
         self.assertIn("--admin-password PASSWORD ", text)
         self.assertIn("the client's /op asks for this password (/op PASSWORD works too)", text)
+
+    def refusal(self, *argv: str) -> str:
+        """The error line for settings that check_settings refuses (it starts no server)."""
+        parser = socket_server.build_arg_parser()
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), self.assertRaises(SystemExit) as stopped:
+            socket_server.check_settings(parser, socket_server.settings_from_args(
+                parser.parse_args(list(argv))))
+        self.assertEqual(stopped.exception.code, 2)
+        return stderr.getvalue().splitlines()[-1]
+
+    def test_float_flags_must_be_finite(self) -> None:
+        for flag in ("--hello-timeout", "--ping-after", "--drop-after", "--rate-limit",
+                     "--lockout"):
+            for value in ("nan", "inf", "-inf", "NaN"):
+                with self.subTest(flag=flag, value=value):
+                    self.assertIn(f"{flag} must be a finite number",
+                                  self.refusal(f"{flag}={value}"))
+        self.assertIn("--lockout must be more than 0", self.refusal("--lockout", "0"))
 
 
 class LanAddressTests(unittest.TestCase):
