@@ -2665,6 +2665,7 @@ def export_history(db_path: str, destination: str) -> int:
     try:
         if destination == "-":
             count = store.export(sys.stdout)
+            sys.stdout.flush()      # here, where a closed pipe is caught, not at exit
         else:
             with open(destination, "x", encoding="utf-8") as out:
                 count = store.export(out)
@@ -2672,6 +2673,17 @@ def export_history(db_path: str, destination: str) -> int:
     except FileExistsError:
         print(f"error: {destination} exists; choose a new file name", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader stopped early ("--export - | head"), as readers of pipes do: it
+        # has what it wanted, so that is no error. Status 0, not 141: Python ignores
+        # SIGPIPE, so nothing killed us, and 141 would fail a script's pipeline under
+        # "set -o pipefail". Unread output goes to the null device, or Python's own
+        # flush at exit would fail on the pipe again and print a warning.
+        if destination == "-":
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 0
     except OSError as exc:
         print(f"error: cannot write {destination}: {exc.strerror or exc}", file=sys.stderr)
         return 1

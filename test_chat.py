@@ -1309,6 +1309,23 @@ class HistoryProcessTests(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("no history database", result.stderr)
 
+    @unittest.skipUnless(POSIX, "a closed pipe is EPIPE on POSIX")
+    def test_export_to_a_pipe_closed_early_ends_quietly(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        store = socket_server.ChatStore(path)
+        for number in range(2000):      # 2 MB: far more than a pipe holds
+            store.record(T0, "message", "alice", None, f"{number} " + "x" * 1000)
+        store.close()
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--db", path, "--export", "-"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.assertIn("alice: 0 xxx", proc.stdout.readline().decode())
+        proc.stdout.close()     # like "| head -1"
+        errors = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(errors, "")
+
     def test_corrupt_database_is_a_one_line_error_at_start(self) -> None:
         path = os.path.join(temp_dir(self), "bad.sqlite3")
         with open(path, "wb") as out:
