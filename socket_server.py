@@ -2057,6 +2057,7 @@ class ChatServer(SelectServer):
         if ban is not None:
             self.reject(conn, "banned", self.ban_text(ban))
             return
+        rejoining = "resume" in message     # a client sends its token only to reconnect
         stored = self.accounts.get(key)
         if stored is None:
             earlier = self.members.get(key)
@@ -2065,7 +2066,7 @@ class ChatServer(SelectServer):
                 return
             if earlier is not None:     # our own dead connection, not yet noticed
                 self.close(earlier, "reconnected", graceful=False)
-            self.admit(conn, name, registered=False)
+            self.admit(conn, name, registered=False, rejoining=rejoining)
             return
         given = message.get("name_password")
         if given is None:
@@ -2074,7 +2075,8 @@ class ChatServer(SelectServer):
             return
         conn.state = AUTHENTICATING
         self.run_password_job(conn, lambda: verify_password(given, stored),
-                              lambda matched: self._protected_login(conn, name, matched))
+                              lambda matched: self._protected_login(conn, name, matched,
+                                                                    rejoining))
 
     @staticmethod
     def resuming(earlier: Connection, token: Optional[str]) -> bool:
@@ -2087,7 +2089,8 @@ class ChatServer(SelectServer):
         return token is not None and bool(earlier.resume_token) and \
             same_secret(token, earlier.resume_token)
 
-    def _protected_login(self, conn: Connection, name: str, matched: bool) -> None:
+    def _protected_login(self, conn: Connection, name: str, matched: bool,
+                         rejoining: bool) -> None:
         if not matched:
             self.login_failed(conn, "bad_name_password", f'Wrong password for "{name}".')
             return
@@ -2095,10 +2098,15 @@ class ChatServer(SelectServer):
         if earlier is not None:     # the owner is back, e.g. after a dropped connection
             self.send_error(earlier, "replaced", "You logged in again elsewhere.")
             self.close(earlier, "logged in again elsewhere")
-        self.admit(conn, name, registered=name.lower() in self.accounts)
+        self.admit(conn, name, registered=name.lower() in self.accounts, rejoining=rejoining)
 
-    def admit(self, conn: Connection, name: str, registered: bool) -> None:
-        """Let a client in: welcome, history, and a join notice for the others."""
+    def admit(self, conn: Connection, name: str, registered: bool,
+              rejoining: bool = False) -> None:
+        """Let a client in: welcome, history, and a join notice for the others.
+
+        rejoining: the client is back after a lost connection, and was already told
+        at its first join what this server keeps.
+        """
         conn.state = JOINED
         conn.name = name
         conn.registered = registered
@@ -2115,7 +2123,7 @@ class ChatServer(SelectServer):
                          "count": len(self.members), "ops": self.operator_names(),
                          "registered": registered, "limits": limits,
                          "resume": conn.resume_token})
-        self.replay_history(conn)
+        self.replay_history(conn, rejoining)
         timestamp = utc_timestamp()
         self.store.record(timestamp, "join", name)
         if self.announces_arrivals():
@@ -2131,7 +2139,7 @@ class ChatServer(SelectServer):
         """
         return len(self.members) <= self.settings.join_notices_up_to
 
-    def replay_history(self, conn: Connection) -> None:
+    def replay_history(self, conn: Connection, rejoining: bool) -> None:
         """Recent messages for a newcomer; a returning registered name gets what it missed."""
         count = self.settings.history
         missed_after = None
@@ -2146,7 +2154,7 @@ class ChatServer(SelectServer):
         else:
             conn.history_floor = self.store.last_id()
         rows = self.store.recent_public(count) if count else []
-        self.send_history(conn, "join", rows, missed_after)
+        self.send_history(conn, "join", rows, missed_after, say_if_none_kept=not rejoining)
 
     def on_say(self, conn: Connection, message: dict) -> None:
         text = self.checked_text(conn, message["text"])
@@ -2429,13 +2437,15 @@ class ChatServer(SelectServer):
             return None
 
     def send_history(self, conn: Connection, purpose: str, rows: List[tuple],
-                     missed_after: Optional[int] = None) -> None:
+                     missed_after: Optional[int] = None, say_if_none_kept: bool = True) -> None:
         """Past messages as `history` frames, then a `history_end` saying why they came.
 
         A batch stays under half the backlog limit (the oldest rows give
         way), so that it cannot get its reader cut off as too slow. With
         missed_after, a `notice` marks where the messages the reader missed
-        begin.
+        begin. say_if_none_kept: the `history_end` says so when no history
+        is kept (every answer to a request does; a replay after a reconnect
+        does not repeat it).
         """
         budget = self.settings.max_backlog // 2
         frames = []
@@ -2456,7 +2466,7 @@ class ChatServer(SelectServer):
                 missed_after = None
             self.send_frame(conn, frame)
         end = {"type": "history_end", "for": purpose, "count": len(frames)}
-        if not self.store.working or not self.store.keep_messages:
+        if say_if_none_kept and not (self.store.working and self.store.keep_messages):
             end["text"] = "The server keeps no history."
         self.send(conn, end)
 

@@ -1205,6 +1205,22 @@ class HistoryTests(ChatTestCase):
         self.assertEqual(bob.replay[-1]["count"], 0)
         self.assertIn("no history", bob.replay[-1]["text"])
 
+    def test_no_history_is_said_at_the_first_join_not_after_a_reconnect(self) -> None:
+        server = ServerThread(keep_history=False)
+        self.addCleanup(server.stop)
+        alice = Peer(server.port, "alice")
+        self.addCleanup(alice.close)
+        self.assertEqual(alice.replay[-1]["text"], "The server keeps no history.")
+        alice.reset()       # the network dropped; the client comes back with its token
+        back = Peer(server.port)
+        self.addCleanup(back.close)
+        back.send({"type": "hello", "name": "alice", "resume": alice.welcome["resume"]})
+        back.expect("welcome")
+        end = back.collect_history()[-1]
+        self.assertEqual((end["for"], end.get("text")), ("join", None))
+        back.send({"type": "get_history"})      # a question is still answered in full
+        self.assertEqual(back.collect_history()[-1]["text"], "The server keeps no history.")
+
     def test_chat_goes_on_when_the_disk_fills(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
         server = ServerThread(db=path)
