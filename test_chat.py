@@ -2191,6 +2191,14 @@ class ModerationTests(ChatTestCase):
                          "bob was kicked by alice: flooding")
         self.assertEqual(carol.expect("leave")["text"], "bob was kicked by alice: flooding")
 
+    def test_command_errors_keep_the_operator_connected(self) -> None:
+        alice = self.operator("alice")
+        for command, args, code in (("ban", "no/such/name", "bad_name"),
+                                    ("kick", "ghost", "unknown_user"),
+                                    ("mute", "ghost", "unknown_user")):
+            self.assertEqual(self.moderate(alice, command, args)["code"], code)
+        alice.say("still connected")
+
     def test_operators_cannot_act_on_each_other_but_the_console_can(self) -> None:
         alice, bob = self.operator("alice"), self.operator("bob")
         for command in ("kick", "mute", "ban"):
@@ -2966,6 +2974,10 @@ class ProtocolAdditionTests(ChatTestCase):
         alice = self.peer("alice")
         alice.send({"type": "say", "text": "hi", "id": "x" * 65})
         self.assertNotIn("id", alice.expect("sent"))
+        alice.send({"type": "say", "text": "hi", "id": "x" * socket_server.MAX_ID_LENGTH})
+        self.assertEqual(alice.expect("sent")["id"], "x" * socket_server.MAX_ID_LENGTH)
+        alice.send({"type": "search", "text": "", "id": "a\tb"})
+        self.assertNotIn("id", alice.expect("error"))
         alice.send_raw(ascii_frame({"type": "who", "id": "\ud800"}))
         self.assertNotIn("id", alice.expect("users"))
         alice.say("still fine")
