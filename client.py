@@ -1847,12 +1847,12 @@ class ChatSession:
         return True
 
     def cmd_history(self, argument: str) -> None:
-        if argument and not (argument.isdigit() and 1 <= int(argument) <= HISTORY_MAX):
-            self.warn(f"usage: /history [N], N from 1 to {HISTORY_MAX}")
+        if argument and not (argument.isdecimal() and int(argument) >= 1):
+            self.warn(f"usage: /history [N], N from 1 (at most {HISTORY_MAX} are shown)")
             return
         request = {"type": "get_history"}
         if argument:
-            request["limit"] = int(argument)
+            request["limit"] = min(int(argument), HISTORY_MAX)     # capped, as the server does
         self._ask_history(request, "--- history ---")
 
     def cmd_search(self, argument: str) -> None:

@@ -52,6 +52,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -103,13 +104,15 @@ HISTORY_DEFAULT = 20                # messages /history returns when no number i
 HISTORY_MAX = 200                   # most messages one /history returns
 MISSED_MAX = 200                    # most missed messages replayed to a returning name
 SEARCH_RESULTS = 50                 # most messages one /search returns
-SEARCH_MAX_WORDS = 10
+SEARCH_MAX_WORDS = 10               # words in one /search; more are refused
 SEARCH_WINDOW = 200_000             # /search looks through this many recent events
 QUERY_TIME_LIMIT = 0.1              # seconds one /search or /history may run in the loop
 SEARCH_SHARE = 0.2                  # at most this share of the loop's time goes to searching
 
 MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reason included
+MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in minutes (19 years)
 MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see replying_to)
+MAX_QUOTED_LENGTH = 40              # characters of a client's word quoted back (see quoted)
 MIN_PASSWORD_LENGTH = 8             # for registered names
 MAX_PASSWORD_LENGTH = 1024
 
@@ -310,9 +313,22 @@ def format_address(address: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def minutes(seconds: float) -> str:
-    whole = max(1, round(seconds / 60))
-    return f"{whole} minute" if whole == 1 else f"{whole} minutes"
+def quoted(word: str) -> str:
+    """A word a client sent, in quotes, as an error or the log repeats it: cleaned
+    for the terminal and cut short, so a client cannot have a long text echoed."""
+    return f'"{clean_text(word)[:MAX_QUOTED_LENGTH]}"'
+
+
+def duration(seconds: float) -> str:
+    """A length of time for people: in seconds under a minute ("try again in 20
+    seconds", not "in 1 minute"), else in whole minutes."""
+    if round(seconds) < 60:
+        return count_of(max(1, round(seconds)), "second")
+    return count_of(round(seconds / 60), "minute")
+
+
+def count_of(number: int, unit: str) -> str:
+    return f"{number} {unit}" if number == 1 else f"{number} {unit}s"
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +419,7 @@ class LoginGuard:
             self._locked_until[host] = now + self.lockout
             del self._failures[host]
             log.warning("%s locked out for %s after %d failed logins",
-                        host, minutes(self.lockout), count)
+                        host, duration(self.lockout), count)
         return self.delay * min(count, 5)
 
     def forget_old(self, now: float) -> None:
@@ -1027,7 +1043,7 @@ class SelectServer:
         self._next_tick = self.now + self._tick
         self._timers: List[Tuple[float, int, Callable[[], None]]] = []     # a heap
         self._timer_order = itertools.count()
-        self._accept_paused_until = 0.0
+        self._accepting = True      # listeners watched; False while out of file descriptors
         self._stopping = False
         self._calls: Deque[Callable[[], None]] = deque()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -1162,8 +1178,8 @@ class SelectServer:
         # Listeners go first: a client that reconnects as soon as it hears the goodbye
         # must be refused, not parked in the backlog of a server that is going away,
         # and a server restarted on the same port must find it free.
+        self._watch_listeners(False)
         for sock in self.listeners:
-            self.selector.unregister(sock)
             sock.close()
         self.shutting_down()
         self.end_of_pass()
@@ -1190,8 +1206,6 @@ class SelectServer:
     # -- accepting -------------------------------------------------------
 
     def _accept(self) -> None:
-        if self.now < self._accept_paused_until:
-            return
         for listener in self.listeners:
             for _ in range(ACCEPTS_PER_PASS):
                 try:
@@ -1200,9 +1214,30 @@ class SelectServer:
                     break
                 except OSError as exc:   # out of file descriptors, most likely
                     log.error("cannot accept connections: %s; pausing %.0f s", exc, ACCEPT_PAUSE)
-                    self._accept_paused_until = self.now + ACCEPT_PAUSE
+                    self._pause_accepting()
                     return
                 self._add_connection(sock, address)
+
+    def _pause_accepting(self) -> None:
+        """Stop watching the listeners for ACCEPT_PAUSE seconds.
+
+        The connection that could not be accepted is still waiting in the
+        backlog, so a listener left in the selector would be reported
+        readable on every pass: the loop would spin at full speed, doing
+        nothing, until the pause ended.
+        """
+        self._watch_listeners(False)
+        self.call_later(ACCEPT_PAUSE, lambda: self._watch_listeners(True))
+
+    def _watch_listeners(self, wanted: bool) -> None:
+        if self._accepting == wanted:
+            return
+        self._accepting = wanted
+        for sock in self.listeners:
+            if wanted:
+                self.selector.register(sock, selectors.EVENT_READ, self._accept)
+            else:
+                self.selector.unregister(sock)
 
     def _add_connection(self, sock: socket.socket, address: tuple) -> None:
         if self.socket_limit and len(self.connections) + 2 >= self.socket_limit:
@@ -1524,7 +1559,7 @@ class Ban:
 
     def describe(self, now: float) -> str:
         length = "until unbanned" if self.until is None else \
-            f"for {minutes(self.until - now)} more"
+            f"for {duration(self.until - now)} more"
         return f"{self.target} ({self.kind}) {length}, by {self.by}" + \
             (f": {self.reason}" if self.reason else "")
 
@@ -1535,7 +1570,17 @@ def parse_minutes(word: str) -> Optional[float]:
         value = float(word)
     except ValueError:
         return None
-    return value if 0 < value < 10 ** 7 else None
+    return value if 0 < value < MAX_MINUTES else None   # False for nan too
+
+
+# A word meant as a number: it starts like one ("10", "-5", ".5", "10m") or is one of
+# the words float() takes for one ("nan", "inf").
+NUMBER_LIKE = re.compile(r"[-+]?(?:\.?\d.*|nan|inf|infinity)", re.IGNORECASE)
+
+
+def looks_like_number(word: str) -> bool:
+    """Whether a word is meant as a number, so that a bad one is an error, not a reason."""
+    return NUMBER_LIKE.fullmatch(word) is not None
 
 
 def looks_like_address(word: str) -> bool:
@@ -1650,12 +1695,12 @@ class Moderation:
         if not words:
             raise ModerationError("usage", "Usage: /ban NAME|ADDRESS [MINUTES] [REASON]")
         target, rest = words[0], words[1:]
-        length = parse_minutes(rest[0]) if rest else None
-        if length is not None:
-            rest = rest[1:]
+        length = None
+        if rest and looks_like_number(rest[0]):     # "/ban bob 0 spam" is no permanent ban
+            length = self._minutes(rest.pop(0), "ban")
         until = time.time() + length * 60 if length is not None else None
         reason, by = " ".join(rest), self._name(actor)
-        how_long = f" for {minutes(length * 60)}" if length is not None else ""
+        how_long = f" for {duration(length * 60)}" if length is not None else ""
         if looks_like_address(target):
             bans = [Ban("address", target, until, reason, by)]
             victims = [conn for conn in self.server.members.values()
@@ -1707,12 +1752,10 @@ class Moderation:
     def cmd_mute(self, actor: Optional[Connection], args: str) -> List[str]:
         name, _, length_word = args.partition(" ")
         target = self._member(actor, name, "/mute NAME [MINUTES]")
-        length = parse_minutes(length_word.strip()) if length_word.strip() else None
-        if length_word.strip() and length is None:
-            raise ModerationError("usage", "Usage: /mute NAME [MINUTES]")
+        length = self._minutes(length_word.strip(), "mute") if length_word.strip() else None
         until = time.time() + length * 60 if length is not None else None
         self.mutes[target.name.lower()] = until
-        how_long = f" for {minutes(length * 60)}" if length is not None else ""
+        how_long = f" for {duration(length * 60)}" if length is not None else ""
         text = f"{target.name} was muted by {self._name(actor)}{how_long}"
         self.server.notify_all("muted", text, exclude=target)
         self.server.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
@@ -1753,14 +1796,22 @@ class Moderation:
     def _name(actor: Optional[Connection]) -> str:
         return actor.name if actor is not None else "server"
 
+    def _minutes(self, word: str, command: str) -> float:
+        """A command's MINUTES argument; a usage error unless it is a good length."""
+        length = parse_minutes(word)
+        if length is None:
+            raise ModerationError("usage", f"Usage: /{command} {self.COMMANDS[command][0]} "
+                                  f"(MINUTES: more than 0 and less than {MAX_MINUTES}, "
+                                  "such as 10 or 0.5)")
+        return length
+
     def _member(self, actor: Optional[Connection], name: str, usage: str,
                 must_be_here: bool = True) -> Optional[Connection]:
         if not name:
             raise ModerationError("usage", f"Usage: {usage}")
         member = self.server.members.get(name.lower())
         if member is None and must_be_here:
-            raise ModerationError("unknown_user", f'Nobody called "{clean_text(name)[:40]}" '
-                                  "is here.")
+            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is here.")
         if member is not None and actor is not None and member.operator and member is not actor:
             raise ModerationError("not_allowed", f"{member.name} is an operator too.")
         return member
@@ -1854,7 +1905,7 @@ class ChatServer(SelectServer):
             self.refuse(conn, "banned", self.ban_text(ban))
 
     def ban_text(self, ban: Ban) -> str:
-        length = "" if ban.until is None else f" for {minutes(ban.until - time.time())} more"
+        length = "" if ban.until is None else f" for {duration(ban.until - time.time())} more"
         return f"You are banned from this chat{length}" + \
             (f": {ban.reason}" if ban.reason else ".")
 
@@ -1946,7 +1997,7 @@ class ChatServer(SelectServer):
             return
         entry = self._handlers.get(kind)
         if entry is None:
-            self.send_error(conn, "unknown_type", f'Unknown message type "{kind}".')
+            self.send_error(conn, "unknown_type", f"Unknown message type {quoted(kind)}.")
             return
         fields, handler = entry
         problem = check_fields(message, fields)
@@ -1990,7 +2041,7 @@ class ChatServer(SelectServer):
         locked = self.guard.locked_for(conn.host, self.now)
         if locked:
             self.reject(conn, "locked_out", "Too many failed logins from your address: "
-                        f"try again in {minutes(locked)}.")
+                        f"try again in {duration(locked)}.")
             return
         if self.settings.password is not None:
             given = message.get("password")
@@ -2012,6 +2063,7 @@ class ChatServer(SelectServer):
         if ban is not None:
             self.reject(conn, "banned", self.ban_text(ban))
             return
+        rejoining = "resume" in message     # a client sends its token only to reconnect
         stored = self.accounts.get(key)
         if stored is None:
             earlier = self.members.get(key)
@@ -2020,7 +2072,7 @@ class ChatServer(SelectServer):
                 return
             if earlier is not None:     # our own dead connection, not yet noticed
                 self.close(earlier, "reconnected", graceful=False)
-            self.admit(conn, name, registered=False)
+            self.admit(conn, name, registered=False, rejoining=rejoining)
             return
         given = message.get("name_password")
         if given is None:
@@ -2029,7 +2081,8 @@ class ChatServer(SelectServer):
             return
         conn.state = AUTHENTICATING
         self.run_password_job(conn, lambda: verify_password(given, stored),
-                              lambda matched: self._protected_login(conn, name, matched))
+                              lambda matched: self._protected_login(conn, name, matched,
+                                                                    rejoining))
 
     @staticmethod
     def resuming(earlier: Connection, token: Optional[str]) -> bool:
@@ -2042,7 +2095,8 @@ class ChatServer(SelectServer):
         return token is not None and bool(earlier.resume_token) and \
             same_secret(token, earlier.resume_token)
 
-    def _protected_login(self, conn: Connection, name: str, matched: bool) -> None:
+    def _protected_login(self, conn: Connection, name: str, matched: bool,
+                         rejoining: bool) -> None:
         if not matched:
             self.login_failed(conn, "bad_name_password", f'Wrong password for "{name}".')
             return
@@ -2050,10 +2104,15 @@ class ChatServer(SelectServer):
         if earlier is not None:     # the owner is back, e.g. after a dropped connection
             self.send_error(earlier, "replaced", "You logged in again elsewhere.")
             self.close(earlier, "logged in again elsewhere")
-        self.admit(conn, name, registered=name.lower() in self.accounts)
+        self.admit(conn, name, registered=name.lower() in self.accounts, rejoining=rejoining)
 
-    def admit(self, conn: Connection, name: str, registered: bool) -> None:
-        """Let a client in: welcome, history, and a join notice for the others."""
+    def admit(self, conn: Connection, name: str, registered: bool,
+              rejoining: bool = False) -> None:
+        """Let a client in: welcome, history, and a join notice for the others.
+
+        rejoining: the client is back after a lost connection, and was already told
+        at its first join what this server keeps.
+        """
         conn.state = JOINED
         conn.name = name
         conn.registered = registered
@@ -2070,7 +2129,7 @@ class ChatServer(SelectServer):
                          "count": len(self.members), "ops": self.operator_names(),
                          "registered": registered, "limits": limits,
                          "resume": conn.resume_token})
-        self.replay_history(conn)
+        self.replay_history(conn, rejoining)
         timestamp = utc_timestamp()
         self.store.record(timestamp, "join", name)
         if self.announces_arrivals():
@@ -2086,7 +2145,7 @@ class ChatServer(SelectServer):
         """
         return len(self.members) <= self.settings.join_notices_up_to
 
-    def replay_history(self, conn: Connection) -> None:
+    def replay_history(self, conn: Connection, rejoining: bool) -> None:
         """Recent messages for a newcomer; a returning registered name gets what it missed."""
         count = self.settings.history
         missed_after = None
@@ -2101,7 +2160,7 @@ class ChatServer(SelectServer):
         else:
             conn.history_floor = self.store.last_id()
         rows = self.store.recent_public(count) if count else []
-        self.send_history(conn, "join", rows, missed_after)
+        self.send_history(conn, "join", rows, missed_after, say_if_none_kept=not rejoining)
 
     def on_say(self, conn: Connection, message: dict) -> None:
         text = self.checked_text(conn, message["text"])
@@ -2125,8 +2184,7 @@ class ChatServer(SelectServer):
             return
         target = self.members.get(message["to"].lower())
         if target is None:
-            self.send_error(conn, "unknown_user",
-                            f'Nobody called "{clean_text(message["to"])[:40]}" is here.')
+            self.send_error(conn, "unknown_user", f'Nobody called {quoted(message["to"])} is here.')
             return
         text = self.checked_text(conn, message["text"])
         if text is None:
@@ -2134,8 +2192,9 @@ class ChatServer(SelectServer):
         timestamp = utc_timestamp()
         conn.messages_sent += 1
         self.store.record(timestamp, "whisper", conn.name, target.name, text)
-        self.send(target, {"type": "whisper", "from": conn.name, "to": target.name,
-                           "text": text, "ts": timestamp})
+        if target is not conn:      # to oneself, the `sent` below is the one copy to show
+            self.send(target, {"type": "whisper", "from": conn.name, "to": target.name,
+                               "text": text, "ts": timestamp})
         self.acknowledge(conn, {"type": "sent", "to": target.name, "text": text, "ts": timestamp})
         log.debug("%s whispers to %s: %s", conn.name, target.name, text)
 
@@ -2149,9 +2208,13 @@ class ChatServer(SelectServer):
             conn.name, limit, conn.history_floor))
 
     def on_search(self, conn: Connection, message: dict) -> None:
-        words = clean_text(message["text"]).split()[:SEARCH_MAX_WORDS]
+        words = clean_text(message["text"]).split()
         if not words:
             self.send_error(conn, "empty_search", "Search for at least one word.")
+            return
+        if len(words) > SEARCH_MAX_WORDS:   # each is one more LIKE over the whole window
+            self.send_error(conn, "too_many_words", f"Search for at most {SEARCH_MAX_WORDS} "
+                            f"words at once; that had {len(words)}.")
             return
         self.read_history(conn, "search", lambda: self.store.search_for(
             conn.name, words, SEARCH_RESULTS, conn.history_floor))
@@ -2304,7 +2367,7 @@ class ChatServer(SelectServer):
         if conn.state == JOINED:
             if locked:
                 self.reject(conn, "locked_out", "Too many wrong passwords from your address: "
-                            f"try again in {minutes(locked)}.")
+                            f"try again in {duration(locked)}.")
             else:
                 self.call_later(delay, lambda: self.send_error(conn, code, text)
                                 if conn.open else None)
@@ -2362,7 +2425,7 @@ class ChatServer(SelectServer):
         """
         muted = self.moderation.mute_left(conn.name)
         if muted is not None:
-            left = "until unmuted" if muted == float("inf") else f"for {minutes(muted)} more"
+            left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
             self.send_error(conn, "muted", f"You are muted {left}: you can read, but not send.")
             return None
         text = clean_text(text)
@@ -2380,13 +2443,15 @@ class ChatServer(SelectServer):
             return None
 
     def send_history(self, conn: Connection, purpose: str, rows: List[tuple],
-                     missed_after: Optional[int] = None) -> None:
+                     missed_after: Optional[int] = None, say_if_none_kept: bool = True) -> None:
         """Past messages as `history` frames, then a `history_end` saying why they came.
 
         A batch stays under half the backlog limit (the oldest rows give
         way), so that it cannot get its reader cut off as too slow. With
         missed_after, a `notice` marks where the messages the reader missed
-        begin.
+        begin. say_if_none_kept: the `history_end` says so when no history
+        is kept (every answer to a request does; a replay after a reconnect
+        does not repeat it).
         """
         budget = self.settings.max_backlog // 2
         frames = []
@@ -2407,7 +2472,7 @@ class ChatServer(SelectServer):
                 missed_after = None
             self.send_frame(conn, frame)
         end = {"type": "history_end", "for": purpose, "count": len(frames)}
-        if not self.store.working or not self.store.keep_messages:
+        if say_if_none_kept and not (self.store.working and self.store.keep_messages):
             end["text"] = "The server keeps no history."
         self.send(conn, end)
 
@@ -2530,7 +2595,7 @@ class Console:
         except ModerationError as exc:
             replies = [f"! {exc.text}"]
         except Exception:   # a bug: the console says so, the server goes on
-            log.exception("error in console command %r", clean_text(line)[:40])
+            log.exception("error in console command %s", quoted(line))
             replies = ["! that command failed (a bug: the log has the details)"]
         for reply in replies:
             print(reply, file=self.out, flush=True)
@@ -2618,6 +2683,7 @@ def export_history(db_path: str, destination: str) -> int:
     try:
         if destination == "-":
             count = store.export(sys.stdout)
+            sys.stdout.flush()      # here, where a closed pipe is caught, not at exit
         else:
             with open(destination, "x", encoding="utf-8") as out:
                 count = store.export(out)
@@ -2625,6 +2691,17 @@ def export_history(db_path: str, destination: str) -> int:
     except FileExistsError:
         print(f"error: {destination} exists; choose a new file name", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader stopped early ("--export - | head"), as readers of pipes do: it
+        # has what it wanted, so that is no error. Status 0, not 141: Python ignores
+        # SIGPIPE, so nothing killed us, and 141 would fail a script's pipeline under
+        # "set -o pipefail". Unread output goes to the null device, or Python's own
+        # flush at exit would fail on the pipe again and print a warning.
+        if destination == "-":
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 0
     except OSError as exc:
         print(f"error: cannot write {destination}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -2683,9 +2760,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     security.add_argument("--lockout", type=float, default=LOCKOUT, metavar="SECONDS",
                           help=f"how long a lockout lasts (default: {LOCKOUT:g})")
     moderation = parser.add_argument_group("moderation")
-    moderation.add_argument("--admin-password",
-                            help="lets a user become an operator with /op PASSWORD; safer in "
-                                 "the CHAT_ADMIN_PASSWORD environment variable")
+    moderation.add_argument("--admin-password", metavar="PASSWORD",
+                            help="lets a user become an operator: the client's /op asks for "
+                                 "this password (/op PASSWORD works too); safer in the "
+                                 "CHAT_ADMIN_PASSWORD environment variable")
     moderation.add_argument("--blocked-words", metavar="FILE",
                             help="words or phrases (one a line, any case, whole words) that "
                                  "messages may not contain")
@@ -2738,26 +2816,34 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Refuse, with argparse's usage error, any setting outside its documented range."""
     if not 0 <= settings.port <= 65535:
         parser.error("--port must be between 0 and 65535")
-    for flag, value in (("--max-clients", settings.max_clients),
-                        ("--max-length", settings.max_length),
-                        ("--max-backlog", settings.max_backlog),
-                        ("--hello-timeout", settings.hello_timeout),
-                        ("--ping-after", settings.ping_after),
-                        ("--drop-after", settings.drop_after)):
+    more_than_zero = (("--max-clients", settings.max_clients),
+                      ("--max-length", settings.max_length),
+                      ("--max-backlog", settings.max_backlog),
+                      ("--hello-timeout", settings.hello_timeout),
+                      ("--ping-after", settings.ping_after),
+                      ("--drop-after", settings.drop_after),
+                      ("--lockout", settings.lockout))
+    zero_or_more = (("--history", settings.history), ("--rate-limit", settings.rate_limit),
+                    ("--join-notices-up-to", settings.join_notices_up_to),
+                    ("--max-per-address", settings.max_per_address),
+                    ("--max-failures", settings.max_failures))
+    for flag, value in more_than_zero + zero_or_more:
+        # float() takes "nan" and "inf": nan passes every comparison below (and would
+        # turn a timeout off), inf most of them. Compared, not math.isfinite(): an int
+        # flag may be too big to convert to a float.
+        if not -math.inf < value < math.inf:
+            parser.error(f"{flag} must be a finite number, not {value}")
+    for flag, value in more_than_zero:
         if value <= 0:
             parser.error(f"{flag} must be more than 0")
-    for flag, value in (("--history", settings.history), ("--rate-limit", settings.rate_limit),
-                        ("--join-notices-up-to", settings.join_notices_up_to),
-                        ("--max-per-address", settings.max_per_address),
-                        ("--max-failures", settings.max_failures)):
+    for flag, value in zero_or_more:
         if value < 0:
             parser.error(f"{flag} must be 0 or more")
     if settings.rate_limit and settings.rate_burst < 1:
         parser.error("--rate-burst must be at least 1")
-    if settings.lockout <= 0:
-        parser.error("--lockout must be more than 0")
     if settings.tls_key and not settings.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     if settings.max_length > MAX_TEXT_LIMIT:

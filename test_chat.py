@@ -7,8 +7,10 @@ that time out and with events, never with fixed sleeps.
 """
 
 import codecs
+import contextlib
 import dataclasses
 import hashlib
+import io
 import ipaddress
 import json
 import logging
@@ -29,6 +31,11 @@ import unittest
 import zlib
 from datetime import datetime
 from typing import Any, List, Optional
+
+try:
+    import resource
+except ImportError:     # Windows
+    resource = None  # type: ignore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -576,6 +583,17 @@ class ChatTests(ChatTestCase):
                          ("alice", "bob", "psst"))
         self.assertEqual([m for m in carol.sync() if m["type"] != "join"], [])
 
+    def test_whisper_to_yourself_arrives_once(self) -> None:
+        alice = self.peer("alice")
+        alice.send({"type": "whisper", "to": "ALICE", "text": "note to self"})
+        answers = alice.sync()
+        self.assertEqual([m["type"] for m in answers], ["sent"])    # no `whisper` copy too
+        self.assertEqual((answers[0]["to"], answers[0]["text"]), ("alice", "note to self"))
+        alice.send({"type": "get_history"})
+        history = [m for m in alice.collect_history() if m["type"] == "history"]
+        self.assertEqual([(m["kind"], m["from"], m["to"], m["text"]) for m in history],
+                         [("whisper", "alice", "alice", "note to self")])
+
     def test_whisper_to_nobody(self) -> None:
         alice = self.peer("alice")
         alice.send({"type": "whisper", "to": "ghost", "text": "hello?"})
@@ -627,6 +645,14 @@ class ChatTests(ChatTestCase):
         self.assertEqual(alice.expect("error")["code"], "bad_message")
         alice.say("still here")
         self.assertEqual(bob.expect("message")["text"], "still here")
+
+    def test_an_unknown_type_is_quoted_back_cleaned_and_cut(self) -> None:
+        alice = self.peer("alice")
+        alice.send_raw(ascii_frame({"type": "\x1b[2J\ud800\u202e" + "x" * 5000}))
+        error = alice.expect("error")
+        self.assertEqual(error["code"], "unknown_type")
+        shown = "[2J" + "x" * (socket_server.MAX_QUOTED_LENGTH - 3)
+        self.assertEqual(error["text"], f'Unknown message type "{shown}".')
 
     def test_fifty_clients_at_once(self) -> None:
         peers = [self.peer(f"user{number}") for number in range(55)]
@@ -861,6 +887,78 @@ class ServerProcessTests(unittest.TestCase):
         self.assertIn("--port", result.stderr)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far, from Linux's /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class OutOfFileDescriptorTests(unittest.TestCase):
+    FILE_LIMIT = 32         # the server's RLIMIT_NOFILE: room for about 25 connections
+    CONNECTIONS = 40        # more than fit, so accept() fails with EMFILE
+    # Start the server with its open-file limit lowered, as if the system had run out.
+    LIMITED = ("import resource, runpy, sys; "
+               "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard)); "
+               "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+    @unittest.skipUnless(resource is not None and os.path.exists("/proc/self/stat"),
+                         "needs the resource module and Linux's /proc")
+    def test_pause_after_emfile_does_not_spin_and_accepting_resumes(self) -> None:
+        process = Process("-c", self.LIMITED, str(self.FILE_LIMIT), SERVER_SCRIPT,
+                          "--host", "127.0.0.1", "--port", "0", "--no-history",
+                          "--max-per-address", "0")
+        self.addCleanup(process.kill)
+        port = int(process.wait_for_line(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
+        fillers = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                   for _ in range(self.CONNECTIONS)]
+        for sock in fillers:
+            self.addCleanup(sock.close)
+        # From one failed accept() to the next lies one whole pause.
+        process.wait_for_line("cannot accept connections", "stderr")
+        before = cpu_seconds(process.proc.pid)
+        process.wait_for_line("cannot accept connections", "stderr")
+        spent = cpu_seconds(process.proc.pid) - before
+        self.assertLess(spent, socket_server.ACCEPT_PAUSE / 4, "the loop spun while paused")
+        for sock in fillers:
+            sock.close()
+        late = Peer(port, "late")      # accepted once the pause is over
+        self.addCleanup(late.close)
+        self.assertEqual(late.welcome["name"], "late")
+
+
+class ArgumentTests(unittest.TestCase):
+    """The command line, parsed in this process."""
+
+    def help_text(self) -> str:
+        return " ".join(socket_server.build_arg_parser().format_help().split())
+
+    def test_admin_password_help_says_how_op_works(self) -> None:
+        text = self.help_text()
+        self.assertIn("--admin-password PASSWORD ", text)
+        self.assertIn("the client's /op asks for this password (/op PASSWORD works too)", text)
+
+    def refusal(self, *argv: str) -> str:
+        """The error line for settings that check_settings refuses (it starts no server)."""
+        parser = socket_server.build_arg_parser()
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), self.assertRaises(SystemExit) as stopped:
+            socket_server.check_settings(parser, socket_server.settings_from_args(
+                parser.parse_args(list(argv))))
+        self.assertEqual(stopped.exception.code, 2)
+        return stderr.getvalue().splitlines()[-1]
+
+    def test_float_flags_must_be_finite(self) -> None:
+        for flag in ("--hello-timeout", "--ping-after", "--drop-after", "--rate-limit",
+                     "--lockout"):
+            for value in ("nan", "inf", "-inf", "NaN"):
+                with self.subTest(flag=flag, value=value):
+                    self.assertIn(f"{flag} must be a finite number",
+                                  self.refusal(f"{flag}={value}"))
+        self.assertIn("--lockout must be more than 0", self.refusal("--lockout", "0"))
+
+
 class LanAddressTests(unittest.TestCase):
     def test_lan_addresses_are_real_non_loopback_addresses(self) -> None:
         for address in socket_server.lan_addresses():
@@ -1028,6 +1126,26 @@ class HistoryTests(ChatTestCase):
         carol.send({"type": "search", "text": " \t"})
         self.assertEqual(carol.expect("error")["code"], "empty_search")
 
+    def test_a_search_with_too_many_words_is_refused(self) -> None:
+        alice = self.peer("alice")
+        words = [f"word{number}" for number in range(socket_server.SEARCH_MAX_WORDS + 1)]
+        alice.say(" ".join(words[:-1]))
+        alice.send({"type": "search", "text": " ".join(words[:-1])})
+        self.assertEqual(alice.expect("history_end")["count"], 1)
+        alice.send({"type": "search", "text": " ".join(words)})
+        answers = alice.sync()
+        self.assertEqual([(m["type"], m.get("code")) for m in answers],
+                         [("error", "too_many_words")])
+        self.assertIn(f"at most {socket_server.SEARCH_MAX_WORDS} words", answers[0]["text"])
+
+    def test_history_limit_is_capped(self) -> None:
+        alice = self.peer("alice")
+        alice.send_raw(b"".join(encode_frame({"type": "say", "text": f"line {number}"})
+                                for number in range(socket_server.HISTORY_MAX + 1)))
+        for limit, count in ((10 ** 9, socket_server.HISTORY_MAX), (0, 1), (-5, 1)):
+            alice.send({"type": "get_history", "limit": limit})
+            self.assertEqual(alice.expect("history_end")["count"], count, limit)
+
     def test_searching_cannot_take_over_the_loop(self) -> None:
         alice = self.peer("alice")
         store = self.server.server.store
@@ -1098,6 +1216,22 @@ class HistoryTests(ChatTestCase):
         self.addCleanup(bob.close)
         self.assertEqual(bob.replay[-1]["count"], 0)
         self.assertIn("no history", bob.replay[-1]["text"])
+
+    def test_no_history_is_said_at_the_first_join_not_after_a_reconnect(self) -> None:
+        server = ServerThread(keep_history=False)
+        self.addCleanup(server.stop)
+        alice = Peer(server.port, "alice")
+        self.addCleanup(alice.close)
+        self.assertEqual(alice.replay[-1]["text"], "The server keeps no history.")
+        alice.reset()       # the network dropped; the client comes back with its token
+        back = Peer(server.port)
+        self.addCleanup(back.close)
+        back.send({"type": "hello", "name": "alice", "resume": alice.welcome["resume"]})
+        back.expect("welcome")
+        end = back.collect_history()[-1]
+        self.assertEqual((end["for"], end.get("text")), ("join", None))
+        back.send({"type": "get_history"})      # a question is still answered in full
+        self.assertEqual(back.collect_history()[-1]["text"], "The server keeps no history.")
 
     def test_chat_goes_on_when_the_disk_fills(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
@@ -1202,6 +1336,23 @@ class HistoryProcessTests(unittest.TestCase):
                                  "--export", "-"], capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(result.returncode, 1)
         self.assertIn("no history database", result.stderr)
+
+    @unittest.skipUnless(POSIX, "a closed pipe is EPIPE on POSIX")
+    def test_export_to_a_pipe_closed_early_ends_quietly(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        store = socket_server.ChatStore(path)
+        for number in range(2000):      # 2 MB: far more than a pipe holds
+            store.record(T0, "message", "alice", None, f"{number} " + "x" * 1000)
+        store.close()
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--db", path, "--export", "-"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.assertIn("alice: 0 xxx", proc.stdout.readline().decode())
+        proc.stdout.close()     # like "| head -1"
+        errors = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(errors, "")
 
     def test_corrupt_database_is_a_one_line_error_at_start(self) -> None:
         path = os.path.join(temp_dir(self), "bad.sqlite3")
@@ -1409,6 +1560,21 @@ class LockoutTests(ChatTestCase):
                 self.assertEqual(peer.expect("error")["code"], "bad_admin_password")
                 self.assertGreaterEqual(time.monotonic() - started, 0.2)    # answered late
                 peer.close()
+
+    def test_a_lockout_under_a_minute_is_told_in_seconds(self) -> None:
+        server = ServerThread(admin_password="op-secret", max_failures=1, lockout=20,
+                              failure_delay=0.01)
+        self.addCleanup(server.stop)
+        peer = Peer(server.port, "guess")
+        self.addCleanup(peer.close)
+        peer.send({"type": "op", "password": "wrong"})
+        self.assertIn("try again in 20 seconds", self.assert_rejected(peer, "locked_out")["text"])
+
+    def test_durations_in_seconds_under_a_minute_else_in_minutes(self) -> None:
+        for seconds, text in ((0.2, "1 second"), (1, "1 second"), (20, "20 seconds"),
+                              (59.4, "59 seconds"), (59.6, "1 minute"), (89, "1 minute"),
+                              (300, "5 minutes"), (7200, "120 minutes")):
+            self.assertEqual(socket_server.duration(seconds), text, seconds)
 
     def test_a_shut_down_server_remembers_who_was_there(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
@@ -2092,6 +2258,14 @@ class ModerationTests(ChatTestCase):
                          "bob was kicked by alice: flooding")
         self.assertEqual(carol.expect("leave")["text"], "bob was kicked by alice: flooding")
 
+    def test_command_errors_keep_the_operator_connected(self) -> None:
+        alice = self.operator("alice")
+        for command, args, code in (("ban", "no/such/name", "bad_name"),
+                                    ("kick", "ghost", "unknown_user"),
+                                    ("mute", "ghost", "unknown_user")):
+            self.assertEqual(self.moderate(alice, command, args)["code"], code)
+        alice.say("still connected")
+
     def test_operators_cannot_act_on_each_other_but_the_console_can(self) -> None:
         alice, bob = self.operator("alice"), self.operator("bob")
         for command in ("kick", "mute", "ban"):
@@ -2170,6 +2344,25 @@ class ModerationTests(ChatTestCase):
         self.addCleanup(peer.close)
         peer.send({"type": "hello", "name": "mallory"})
         self.assertIn("spam", self.assert_rejected(peer, "banned")["text"])
+
+    def test_a_length_that_looks_like_a_number_must_be_a_good_one(self) -> None:
+        bob = self.peer("bob")
+        for length in ("0", "-5", "10m", "nan", "inf", "-inf", "1e400", "99999999"):
+            for line in (f"/ban bob {length} reason", f"/ban 127.0.0.9 {length}",
+                         f"/mute bob {length}"):
+                with self.subTest(line=line):
+                    replies = self.console(line)
+                    self.assertEqual(len(replies), 1, replies)
+                    self.assertRegex(replies[0], r"^! Usage: /(ban|mute) .*MINUTES: more than 0")
+        self.assertEqual(self.console("/bans"), ["nobody is banned"])
+        self.assertNotIn("notice", [m["type"] for m in bob.sync()])     # not muted either
+        self.assertEqual(self.console("/ban bob 1.5 spam")[-1],
+                         "bob was banned by server for 2 minutes: spam")
+        self.assert_rejected(bob, "banned")
+        self.console("/unban bob")
+        self.peer("carol")
+        self.assertEqual(self.console("/ban carol nancy said so")[-1],    # a reason, no length
+                         "carol was banned by server: nancy said so")
 
     def test_mute_unmute_and_expiry(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
@@ -2888,6 +3081,10 @@ class ProtocolAdditionTests(ChatTestCase):
         alice = self.peer("alice")
         alice.send({"type": "say", "text": "hi", "id": "x" * 65})
         self.assertNotIn("id", alice.expect("sent"))
+        alice.send({"type": "say", "text": "hi", "id": "x" * socket_server.MAX_ID_LENGTH})
+        self.assertEqual(alice.expect("sent")["id"], "x" * socket_server.MAX_ID_LENGTH)
+        alice.send({"type": "search", "text": "", "id": "a\tb"})
+        self.assertNotIn("id", alice.expect("error"))
         alice.send_raw(ascii_frame({"type": "who", "id": "\ud800"}))
         self.assertNotIn("id", alice.expect("users"))
         alice.say("still fine")
@@ -3205,7 +3402,7 @@ class ClientSessionTests(ChatTestCase):
                                             out.wait_for("alice: the build is green")])
         bot.handle_line("/search nothing-like-it")
         out.wait_for("* no messages match")
-        for bad in ("/history 0", "/history x", "/history 999", "/search"):
+        for bad in ("/history 0", "/history x", "/history \u00b2", "/search"):
             del out.lines[:]
             bot.handle_line(bad)
             out.wait_for("usage:")
@@ -3213,6 +3410,10 @@ class ClientSessionTests(ChatTestCase):
         out.wait_for("--- end of history ---")
         self.assertEqual(out.lines[-3], "--- history ---")
         self.assertIn("alice: lunch?", out.lines[-2])
+        del out.lines[:]
+        bot.handle_line("/history 9999")    # more than there can be: capped, not refused
+        out.wait_for("--- end of history ---")
+        self.assertEqual(out.lines[0], "--- history ---")
 
     def fragile_session(self, complaint: str) -> "client.ChatSession":
         """A session whose screen fails on any line holding "poison"."""
