@@ -1509,10 +1509,11 @@ class ChatSession:
         self._told_why = False              # the last frame explains a close that follows
         self._final = False                 # ...and reconnecting would be refused again
         self._in_history = False            # between a first history frame and history_end
-        # A header for each batch of history frames still to come, in order: the server
-        # answers requests in order and ends every batch, even the join replay, with
-        # history_end.
-        self._history_headers: Deque[str] = deque()
+        # For each batch of history frames still to come, in order, the id of the request
+        # (None for the join replay) and its header: the server answers requests in order
+        # and ends every batch with history_end, or refuses the request with an error
+        # that carries its id.
+        self._history_headers: Deque[Tuple[Optional[str], str]] = deque()
         self._replay_after: Optional[str] = None    # after reconnecting: skip what we saw
         self._last_seen = ""                # ts of the newest message shown
         self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
@@ -1555,7 +1556,7 @@ class ChatSession:
         self.users = {str(user).lower(): clean_text(str(user)) for user in welcome["users"]}
         self.operator = False       # operator status does not survive a new connection
         # Requests in flight on an old connection get no answer: only the replay is due.
-        self._history_headers = deque([replay_header])
+        self._history_headers = deque([(None, replay_header)])
         self._in_history = False
         self._told_why = self._final = False
         self.connected.set()
@@ -1659,6 +1660,8 @@ class ChatSession:
         self._final = kind == "error" and message["code"] in FINAL_ERRORS
         if kind in ("sent", "error") and "id" in message:
             self.unconfirmed.pop(message["id"], None)
+            if kind == "error":
+                self._forget_history_request(message["id"])
         self._track_users(kind, message)
         if kind.startswith("history") and not self._show_history_frame(message):
             return
@@ -1694,7 +1697,7 @@ class ChatSession:
         After a reconnect, the replay repeats what was already on screen:
         only what came while we were away is shown.
         """
-        purpose = self._history_headers[0] if self._history_headers else "--- history ---"
+        purpose = self._history_headers[0][1] if self._history_headers else "--- history ---"
         if message["type"] == "history_end":
             shown_any, self._in_history = self._in_history, False
             if self._history_headers:
@@ -1768,8 +1771,7 @@ class ChatSession:
         """Write one message (called with _link held); chat lines get an id to be confirmed."""
         if message["type"] in ("say", "whisper"):
             if "id" not in message:
-                self._ids += 1
-                message["id"] = str(self._ids)
+                message["id"] = self._new_id()
             self.unconfirmed[message["id"]] = message["text"]   # before: the ack may be quick
         try:
             self.connection.send(message)
@@ -1782,6 +1784,12 @@ class ChatSession:
             self.connected.clear()
             return False
         return True
+
+    def _new_id(self) -> str:
+        """An id for a message, which the server's answer to it carries back."""
+        with self._link:
+            self._ids += 1
+            return str(self._ids)
 
     def leave(self) -> None:
         """Say goodbye, once the server has everything we typed, and close."""
@@ -1860,9 +1868,17 @@ class ChatSession:
                           f"--- search: {argument.strip()} ---")
 
     def _ask_history(self, request: dict, header: str) -> None:
-        self._history_headers.append(header)    # before: the answer may be quick
+        request["id"] = self._new_id()
+        entry = (request["id"], header)
+        self._history_headers.append(entry)     # before: the answer may be quick
         if not self.send(request):
-            self._history_headers.pop()
+            self._history_headers.remove(entry)
+
+    def _forget_history_request(self, request_id: str) -> None:
+        """A refused /history or /search: its header must not label the next batch."""
+        for entry in list(self._history_headers):
+            if entry[0] == request_id:
+                self._history_headers.remove(entry)
 
     def cmd_save(self, argument: str) -> None:
         overwrite = argument.startswith("-f ") or argument == "-f"

@@ -3415,6 +3415,19 @@ class ClientSessionTests(ChatTestCase):
         out.wait_for("--- end of history ---")
         self.assertEqual(out.lines[0], "--- history ---")
 
+    def test_a_refused_search_does_not_label_the_next_answer(self) -> None:
+        alice = self.peer("alice")
+        alice.say("lunch?")
+        bot = self.session()
+        out = bot.out
+        out.wait_for("--- end of history ---")
+        bot.handle_line("/search " + " ".join(f"w{number}" for number in range(11)))
+        out.wait_for("! Search for at most")
+        del out.lines[:]
+        bot.handle_line("/history 1")
+        out.wait_for("--- end of history ---")
+        self.assertEqual(out.lines[0], "--- history ---")
+
     def fragile_session(self, complaint: str) -> "client.ChatSession":
         """A session whose screen fails on any line holding "poison"."""
         class FragileScreen(client.Screen):
