@@ -25,6 +25,9 @@ What it measures
   reads: the others' throughput, and the server's peak memory, compared.
 - history: the first fanout run again with ``--no-history``: what writing
   every message to sqlite costs.
+- instructions (not run by default: it needs valgrind and takes minutes):
+  the history cost again, counted in instructions under valgrind's
+  callgrind, which a busy or throttled machine does not change.
 
 Every run starts its own server on 127.0.0.1 with ``--port 0``, a temporary
 database and every feature on, rate limits set high rather than off. CPU
@@ -63,6 +66,7 @@ import selectors
 import signal
 import socket
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +108,8 @@ STARTUP_RUNS = 5
 SATURATED = 75                  # % of its cores past which the load generator may be the limit
 RUN_TIMEOUT = 120.0             # seconds any one run may take before it is abandoned
 SETUP_TIMEOUT = 10.0            # seconds for a server to start or a client to join
+CALLGRIND_SIZES = (1_000, 5_000)    # messages per sender; the difference cancels start-up
+CALLGRIND_TIMEOUT = 600.0       # seconds for a run or a start under callgrind (~50x slower)
 
 # Server flags for every run: everything on, limits out of the benchmark's way.
 RATE_LIMIT = "1000000"          # high, not 0: the token bucket still runs
@@ -216,13 +222,16 @@ class ServerUnderTest:
     profile_dir: Optional[str] = None  # --profile: run each server under cProfile
     cpus: Optional[Set[int]] = None     # cores to pin the server to (see split_cpus)
 
-    def __init__(self, db_dir: str, history: bool = True, max_clients: int = 1000) -> None:
+    def __init__(self, db_dir: str, history: bool = True, max_clients: int = 1000,
+                 wrapper: Tuple[str, ...] = (), setup_timeout: float = SETUP_TIMEOUT) -> None:
         store = ["--db", os.path.join(db_dir, f"bench-{time.monotonic_ns()}.sqlite3")] \
             if history else ["--no-history"]
         profiler = [] if self.profile_dir is None else [
             "-m", "cProfile", "-o",
             os.path.join(self.profile_dir, f"server-{time.monotonic_ns()}.prof")]
-        self.command = [sys.executable, *profiler, SERVER_SCRIPT, "--host", LOOPBACK, "--port", "0",
+        self.setup_timeout = setup_timeout  # also how long it may take to stop
+        self.command = [*wrapper, sys.executable, *profiler, SERVER_SCRIPT,
+                        "--host", LOOPBACK, "--port", "0",
                         "--log-level", "warning", "--rate-limit", RATE_LIMIT,
                         "--rate-burst", RATE_LIMIT, "--max-per-address", "0",
                         "--max-clients", str(max_clients),
@@ -244,7 +253,7 @@ class ServerUnderTest:
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
                          daemon=True).start()
         try:
-            first = lines.get(timeout=SETUP_TIMEOUT)
+            first = lines.get(timeout=self.setup_timeout)
             self.startup = time.perf_counter() - spawned
             match = re.match(r"listening on 127\.0\.0\.1:(\d+)$", first or "")
             if not match:
@@ -279,7 +288,7 @@ class ServerUnderTest:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(5)
+            self.proc.wait(self.setup_timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -665,20 +674,23 @@ def percent(part: Optional[float], whole: float) -> Optional[float]:
 
 
 def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
-               history: bool = True, stalled: bool = False) -> Dict[str, Any]:
-    """One fanout run; see the module docstring."""
+               history: bool = True, stalled: bool = False,
+               wrapper: Tuple[str, ...] = (), setup_timeout: float = SETUP_TIMEOUT
+               ) -> Dict[str, Any]:
+    """One fanout run; see the module docstring. wrapper: a command the server runs under."""
     workers = max(1, min(options.workers, clients))
     plan = {"workers": workers, "per_sender": options.messages, "text_size": options.text_size,
             "names": [f"c{number}" for number in range(clients)],
             "senders": [f"c{number}" for number in range(senders)],
             "window": options.window, "timeout": options.timeout,
             "stalled": "stalled" if stalled else None}
-    with ServerUnderTest(db_dir, history=history) as server, Workers() as pool:
+    with ServerUnderTest(db_dir, history=history, wrapper=wrapper,
+                         setup_timeout=setup_timeout) as server, Workers() as pool:
         board = pool.context.RawArray("q", 2 * workers)
         start = pool.context.Event()
         for index in range(workers):
             pool.start(fanout_worker, index, server.port, plan, board, start)
-        pool.collect("ready", workers, SETUP_TIMEOUT * 3)
+        pool.collect("ready", workers, setup_timeout * 3)
         server_cpu = server.cpu()
         with MemorySampler(server.pid) as memory:
             began = time.monotonic()
@@ -790,6 +802,49 @@ def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
             "fd_limit_before": fd_before, "fd_limit": fd_now, "note": note}
 
 
+def run_instructions(options: argparse.Namespace, db_dir: str,
+                     clients: int, senders: int) -> Dict[str, Any]:
+    """The cost of history in instructions, which a noisy machine does not change.
+
+    The fanout run goes under valgrind's callgrind with and without history,
+    at two numbers of messages: the difference between the two cancels
+    start-up and shutdown, leaving the instructions one message costs. User
+    space only: the kernel's share of writing the database is not counted.
+    """
+    if shutil.which("valgrind") is None:
+        return {"note": "valgrind is not installed: not measured"}
+    small, large = CALLGRIND_SIZES
+    per_message = {}
+    for history in (True, False):
+        totals = []
+        for messages in (small, large):
+            out = os.path.join(db_dir, f"callgrind-{history}-{messages}.out")
+            sized = argparse.Namespace(**{**vars(options), "messages": messages,
+                                          "timeout": CALLGRIND_TIMEOUT})
+            run = run_fanout(sized, db_dir, clients, senders, history=history,
+                             wrapper=("valgrind", "--tool=callgrind",
+                                      f"--callgrind-out-file={out}"),
+                             setup_timeout=CALLGRIND_TIMEOUT)
+            if run["lost"] or not run["finished"]:
+                raise RuntimeError(f"a run under callgrind lost {run['lost']} deliveries")
+            totals.append(callgrind_total(out))
+        per_message[history] = (totals[1] - totals[0]) / ((large - small) * senders)
+    stored, bare = per_message[True], per_message[False]
+    return {"clients": clients, "senders": senders, "with_history": round(stored),
+            "without_history": round(bare), "overhead_pct": impact(1 / bare, 1 / stored),
+            "note": None}
+
+
+def callgrind_total(path: str) -> int:
+    """Instructions a program ran, from the summary line of its callgrind output."""
+    with open(path, encoding="utf-8", errors="replace") as out:
+        for line in out:
+            match = re.match(r"(?:summary|totals): (\d+)", line)
+            if match:
+                return int(match.group(1))
+    raise RuntimeError(f"no instruction total in {path}")
+
+
 def run_startup(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
     times = []
     for _ in range(options.startup_runs):
@@ -855,6 +910,15 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
             f"history in sqlite costs {shown(history['overhead_pct'], '%')} of fan-out "
             f"throughput ({shown(history['with_history'])} vs {shown(history['without_history'])}"
             " deliveries/s)")
+    if "instructions" in results:
+        counted = results["instructions"]
+        if counted["note"]:
+            lines.append(f"history in instructions: {counted['note']}")
+        else:
+            lines.append(
+                f"history in sqlite costs {shown(counted['overhead_pct'], '%')} of the "
+                f"instructions per message under callgrind ({shown(counted['with_history'])} vs "
+                f"{shown(counted['without_history'])}; user space only)")
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return lines
@@ -912,6 +976,8 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
                 "clients": runs[0][0], "with_history": stored["deliveries_per_s"],
                 "without_history": bare["deliveries_per_s"],
                 "overhead_pct": impact(bare["deliveries_per_s"], stored["deliveries_per_s"])}
+        if "instructions" in options.scenarios:
+            results["instructions"] = run_instructions(options, db_dir, *runs[0])
     for run in results.get("fanout", []):
         if run["lost"] or run["errors"]:
             warnings.append(f"fanout {run['clients']}x{run['senders']}: {run['lost']} lost, "
@@ -931,7 +997,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Benchmark socket_server.py on loopback: fan-out throughput, latency, "
                     "idle clients, a slow reader, the cost of history, start-up time.")
     parser.add_argument("--scenarios", default="startup,fanout,latency,idle,slow,history",
-                        help="comma-separated scenarios to run (default: all)")
+                        help="comma-separated scenarios to run (default: all but "
+                             "'instructions', which needs valgrind and takes minutes)")
     parser.add_argument("--fanout", default=FANOUT_RUNS, metavar="CxS,...",
                         help=f"fanout runs as CLIENTSxSENDERS; the first is also used by "
                              f"'slow' and 'history' (default: {FANOUT_RUNS})")
@@ -988,7 +1055,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 setattr(options, name, value)
     options.scenarios = [name.strip() for name in options.scenarios.split(",") if name.strip()]
     unknown = set(options.scenarios) - {"startup", "fanout", "latency", "idle", "slow",
-                                        "history"}
+                                        "history", "instructions"}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", options.fanout) or any(

@@ -3655,6 +3655,15 @@ class PerformanceTests(ChatTestCase):
         # A busy load generator is about speed, which this test does not judge.
         self.assertEqual([w for w in results["warnings"] if "load generator" not in w], [])
 
+    def test_benchmark_reads_instruction_totals_from_callgrind(self) -> None:
+        import bench_chat
+        path = write_file(temp_dir(self), "callgrind.out",
+                          "version: 1\ncmd: python socket_server.py\nevents: Ir\n"
+                          "fn=main\n3 7\nsummary: 1234567\ntotals: 1234567\n")
+        self.assertEqual(bench_chat.callgrind_total(path), 1234567)
+        with self.assertRaises(RuntimeError):
+            bench_chat.callgrind_total(write_file(temp_dir(self), "empty.out", "events: Ir\n"))
+
     def test_joins_and_leaves_are_announced_only_in_a_small_room(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
         server = ServerThread(join_notices_up_to=2, db=path)
