@@ -533,7 +533,7 @@ class Connection:
                  "tls_phase", "closing", "closed", "deadline", "peer_closed", "write_shut",
                  "connected_at", "last_heard", "last_ping",
                  "state", "name", "registered", "operator", "bucket", "messages_sent",
-                 "history_floor", "leave_text", "resume_token")
+                 "history_floor", "leave_text", "resume_token", "rejoining")
 
     def __init__(self, sock: socket.socket, address: tuple, now: float) -> None:
         # The transport: SelectServer's business.
@@ -563,6 +563,7 @@ class Connection:
         self.history_floor = 0          # whispers stored before this id are not its own
         self.leave_text: Optional[str] = None   # what others see when it goes, if not "left"
         self.resume_token = ""          # lets the same client take its name back (see on_hello)
+        self.rejoining = False          # back after a lost connection: told before what we keep
 
     @property
     def open(self) -> bool:
@@ -2063,7 +2064,7 @@ class ChatServer(SelectServer):
         if ban is not None:
             self.reject(conn, "banned", self.ban_text(ban))
             return
-        rejoining = "resume" in message     # a client sends its token only to reconnect
+        conn.rejoining = "resume" in message    # a client sends its token only to reconnect
         stored = self.accounts.get(key)
         if stored is None:
             earlier = self.members.get(key)
@@ -2072,7 +2073,7 @@ class ChatServer(SelectServer):
                 return
             if earlier is not None:     # our own dead connection, not yet noticed
                 self.close(earlier, "reconnected", graceful=False)
-            self.admit(conn, name, registered=False, rejoining=rejoining)
+            self.admit(conn, name, registered=False)
             return
         given = message.get("name_password")
         if given is None:
@@ -2081,8 +2082,7 @@ class ChatServer(SelectServer):
             return
         conn.state = AUTHENTICATING
         self.run_password_job(conn, lambda: verify_password(given, stored),
-                              lambda matched: self._protected_login(conn, name, matched,
-                                                                    rejoining))
+                              lambda matched: self._protected_login(conn, name, matched))
 
     @staticmethod
     def resuming(earlier: Connection, token: Optional[str]) -> bool:
@@ -2095,8 +2095,7 @@ class ChatServer(SelectServer):
         return token is not None and bool(earlier.resume_token) and \
             same_secret(token, earlier.resume_token)
 
-    def _protected_login(self, conn: Connection, name: str, matched: bool,
-                         rejoining: bool) -> None:
+    def _protected_login(self, conn: Connection, name: str, matched: bool) -> None:
         if not matched:
             self.login_failed(conn, "bad_name_password", f'Wrong password for "{name}".')
             return
@@ -2104,15 +2103,10 @@ class ChatServer(SelectServer):
         if earlier is not None:     # the owner is back, e.g. after a dropped connection
             self.send_error(earlier, "replaced", "You logged in again elsewhere.")
             self.close(earlier, "logged in again elsewhere")
-        self.admit(conn, name, registered=name.lower() in self.accounts, rejoining=rejoining)
+        self.admit(conn, name, registered=name.lower() in self.accounts)
 
-    def admit(self, conn: Connection, name: str, registered: bool,
-              rejoining: bool = False) -> None:
-        """Let a client in: welcome, history, and a join notice for the others.
-
-        rejoining: the client is back after a lost connection, and was already told
-        at its first join what this server keeps.
-        """
+    def admit(self, conn: Connection, name: str, registered: bool) -> None:
+        """Let a client in: welcome, history, and a join notice for the others."""
         conn.state = JOINED
         conn.name = name
         conn.registered = registered
@@ -2129,7 +2123,7 @@ class ChatServer(SelectServer):
                          "count": len(self.members), "ops": self.operator_names(),
                          "registered": registered, "limits": limits,
                          "resume": conn.resume_token})
-        self.replay_history(conn, rejoining)
+        self.replay_history(conn)
         timestamp = utc_timestamp()
         self.store.record(timestamp, "join", name)
         if self.announces_arrivals():
@@ -2145,7 +2139,7 @@ class ChatServer(SelectServer):
         """
         return len(self.members) <= self.settings.join_notices_up_to
 
-    def replay_history(self, conn: Connection, rejoining: bool) -> None:
+    def replay_history(self, conn: Connection) -> None:
         """Recent messages for a newcomer; a returning registered name gets what it missed."""
         count = self.settings.history
         missed_after = None
@@ -2160,7 +2154,7 @@ class ChatServer(SelectServer):
         else:
             conn.history_floor = self.store.last_id()
         rows = self.store.recent_public(count) if count else []
-        self.send_history(conn, "join", rows, missed_after, say_if_none_kept=not rejoining)
+        self.send_history(conn, "join", rows, missed_after, say_if_none_kept=not conn.rejoining)
 
     def on_say(self, conn: Connection, message: dict) -> None:
         text = self.checked_text(conn, message["text"])
