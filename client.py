@@ -13,29 +13,32 @@ Type a line and press Enter to send it to everyone. Commands start with "/"
 
 Design
 ------
-The main thread reads your lines and sends them; a second thread receives
-frames from the server and shows them the moment they arrive, so you never
-have to press Enter to see new messages. Both threads share one socket: the
-receiver only reads, sends are serialised by a lock.
+Data flows through the file in this order:
 
-On a terminal, input goes through a small line editor (:class:`LineEditor`)
-that keeps your prompt and half-typed text intact at the bottom while
-messages are printed above it, with history, Tab completion and the usual
-editing keys. Python's readline cannot do that from a second thread (it
-gives no way to restore the cursor inside the line), so the editor is our
-own: a raw-ish terminal on POSIX, msvcrt on Windows, and plain line input
-wherever neither works (pipes, dumb terminals).
-
-What is shown is built as styled segments (:class:`Line`), so the same line
-becomes coloured, wrapped text on a terminal and plain text in pipes,
-transcripts and logs.
-
-When the connection drops, the receiver reconnects with backoff under the
-same name; lines typed meanwhile wait and are sent once the connection is
-back, or you are told they were not. When it cannot reconnect, it wakes the
-main thread from its blocking read with a signal (on Windows, where that is
-impossible, it ends the process directly).
+1. **The connection** (:class:`ServerConnection`, :func:`join`): a TCP or
+   TLS socket that carries frames (the shared protocol block).
+2. **The link** (:class:`Link`): a receiver thread reads each frame the
+   moment it arrives, shows it, and reconnects with backoff under the same
+   name when the connection drops. Lines typed meanwhile wait and are sent
+   once it is back, or you are told they were not; a line that was on its
+   way and never confirmed is named. When it cannot reconnect, it wakes the
+   main thread from its blocking read with a signal (on Windows, where that
+   is impossible, it ends the process directly). Everything the two
+   threads share lives in the link, under one lock.
+3. **What is shown** is built as styled segments (:class:`Line`), so the
+   same line becomes coloured, wrapped text on a terminal (:class:`Screen`)
+   and plain text in pipes, transcripts and logs.
+4. **The input line** (:class:`LineEditor`) keeps your prompt and half-typed
+   text intact at the bottom while messages are printed above it, with
+   history, Tab completion and the usual editing keys. Python's readline
+   cannot do that from a second thread (it gives no way to restore the
+   cursor inside the line), so the editor is our own: a raw-ish terminal on
+   POSIX, msvcrt on Windows, and plain line input wherever neither works.
+5. **The commands** (:class:`ChatSession`): what each typed line does, on
+   the main thread; it sends through the link.
 """
+
+from __future__ import annotations     # the parts read in the order data flows, not defined
 
 import argparse
 import codecs
@@ -65,7 +68,6 @@ except ImportError:     # Python built without OpenSSL: everything but --tls sti
     ssl = None  # type: ignore
 
 DEFAULT_HOST = "localhost"
-DEFAULT_PORT = 5050
 CONNECT_TIMEOUT = 10.0      # seconds to reach the server
 HANDSHAKE_TIMEOUT = 10.0    # seconds for the server to answer hello
 LEAVE_TIMEOUT = 5.0         # seconds to wait for the server to confirm we left
@@ -76,20 +78,27 @@ MAX_QUEUED_LINES = 100      # lines typed while disconnected, kept to send later
 WAKE_RETRY = 0.1            # seconds between signals that wake the main thread (POSIX)
 TRANSCRIPT_LINES = 100_000  # lines of this session kept for /save
 INPUT_HISTORY = 500         # lines Up and Down can recall
-HISTORY_MAX = 200           # the most /history asks for (the server's limit too)
 RECV_SIZE = 64 * 1024
 KNOWN_HOSTS = os.path.join(os.path.expanduser("~"), ".chat_known_hosts")
 PROMPT = "> "
 
-# Errors after which reconnecting would only be refused again.
-FINAL_ERRORS = frozenset({"kicked", "banned", "replaced", "flooding", "locked_out"})
 
 
 # ---- begin shared protocol block: identical in socket_server.py and client.py ----
 # test_chat.py fails when the two copies differ: change both or neither.
 
+DEFAULT_PORT = 5050
 HEADER_LENGTH = 10          # bytes of ASCII decimal length before every payload
 MAX_PAYLOAD = 64 * 1024     # largest payload either side accepts, in bytes
+HISTORY_MAX = 200           # most messages one get_history answers with
+
+# Error codes a client acts on beyond showing their text (README.md lists every
+# code). After one of these, reconnecting would only be refused again:
+FINAL_ERRORS = frozenset({"kicked", "banned", "replaced", "flooding", "locked_out"})
+# These a client answers by asking its user again, for what the value names:
+ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
+             "password_required": "room password", "bad_password": "room password",
+             "name_protected": "name password", "bad_name_password": "name password"}
 
 
 class ProtocolError(Exception):
@@ -116,24 +125,34 @@ def encode_frame(message: dict) -> bytes:
 class FrameDecoder:
     """Cut a byte stream into payloads. Sans-IO: bytes in, payloads out.
 
-    ``feed()`` the bytes as they arrive, in chunks of any size, then iterate
-    to get each complete payload in order. Iteration stops when the next
-    frame is incomplete, and raises ProtocolError when the next frame breaks
-    the rules, so payloads before a bad frame are still delivered. A bad
-    header is caught as soon as its first wrong byte arrives. Memory stays
-    under HEADER_LENGTH + max_payload plus one chunk, whatever the peer sends.
+    ``feed()`` the bytes as they arrive, in chunks of any size, and call
+    ``feed_eof()`` when the stream ends (end of file is an input, as in
+    h11); then iterate to get each complete payload in order. Iteration stops when the next frame
+    is incomplete, and raises ProtocolError when the next frame breaks the
+    rules, so payloads before a bad frame are still delivered. A bad header
+    is caught as soon as its first wrong byte arrives; a stream that ends
+    in the middle of a frame is one more bad frame ("truncated"). Memory
+    stays under HEADER_LENGTH + max_payload plus one chunk, whatever the
+    peer sends.
     """
+
+    __slots__ = ("max_payload", "_buffer", "_start", "ended")
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
         self._buffer = bytearray()
         self._start = 0     # offset of the first byte not yet returned
+        self.ended = False  # the stream has ended: no more bytes will come
 
     def feed(self, data: bytes) -> None:
         if self._start:
             del self._buffer[:self._start]
             self._start = 0
         self._buffer += data
+
+    def feed_eof(self) -> None:
+        """No more bytes will come; a frame left incomplete is then an error."""
+        self.ended = True
 
     @property
     def buffered(self) -> int:
@@ -147,10 +166,11 @@ class FrameDecoder:
         buffer, start = self._buffer, self._start
         header = bytes(buffer[start:start + HEADER_LENGTH])
         length = self._payload_length(header)
-        if length is None:
-            raise StopIteration
-        end = start + HEADER_LENGTH + length
-        if end > len(buffer):
+        end = start + HEADER_LENGTH + (length or 0)
+        if length is None or end > len(buffer):
+            if self.ended and self.buffered:
+                raise ProtocolError("truncated",
+                                    "the connection closed in the middle of a message")
             raise StopIteration
         self._start = end
         return bytes(buffer[start + HEADER_LENGTH:end])
@@ -232,362 +252,6 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                            "\u2066\u2067\u2068\u2069")
 
 # ---- end shared protocol block ----
-
-# ---------------------------------------------------------------------------
-# Text on the terminal: widths, styles, colours, wrapping
-# ---------------------------------------------------------------------------
-
-# Characters that take no column: joiners and variation selectors glue
-# emoji sequences; combining marks sit on the character before them.
-ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufe0e\ufe0f")
-
-
-def char_width(char: str) -> int:
-    """Columns one character takes on a terminal: 0, 1, or 2 (CJK, most emoji)."""
-    if char in ZERO_WIDTH or unicodedata.combining(char):
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-
-
-def text_width(text: str) -> int:
-    if text.isascii():
-        return len(text)
-    return sum(map(char_width, text))
-
-
-Segment = Tuple[str, str]   # (text, style): see STYLES
-
-
-class Line(NamedTuple):
-    """One line to show: a head (time, name) and a body that wraps under itself.
-
-    `dim` greys the whole line out (history); `ring` asks for the bell
-    (a whisper, a mention of your name).
-    """
-
-    head: Tuple[Segment, ...]
-    body: Tuple[Segment, ...]
-    dim: bool = False
-    ring: bool = False
-
-    @property
-    def plain(self) -> str:
-        return "".join(text for text, _ in self.head + self.body)
-
-
-def plain_line(text: str, style: str = "") -> Line:
-    return Line((), ((text, style),))
-
-
-# Styles as SGR codes. "name" is special: its colour comes from the name.
-STYLES = {
-    "": "",
-    "time": "2",                # dim
-    "notice": "36",             # cyan: joins, leaves, information
-    "error": "1;31",            # bold red
-    "whisper": "1;35",          # bold magenta
-    "announcement": "1;33",     # bold yellow
-    "action": "3",              # italic
-    "mention": "1;7",           # bold, reversed
-    "marker": "2",              # dim separators
-}
-NAME_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
-
-
-def name_colour(name: str) -> str:
-    """A colour of its own for each name, the same on every machine and every run."""
-    return NAME_COLOURS[zlib.crc32(name.lower().encode("utf-8")) % len(NAME_COLOURS)]
-
-
-def paint(segments: Iterable[Segment], dim: bool = False) -> str:
-    """Segments as text with ANSI colour codes."""
-    out = []
-    for text, style in segments:
-        codes = name_colour(text) if style == "name" else STYLES.get(style, "")
-        if dim:
-            codes = "2;" + codes if codes else "2"
-        out.append(f"\033[{codes}m{text}\033[0m" if codes and text.strip() else text)
-    return "".join(out)
-
-
-def split_words(segments: Iterable[Segment]) -> List[Segment]:
-    """Segments cut into words and runs of spaces, each keeping its style."""
-    pieces = []
-    for text, style in segments:
-        pieces.extend((piece, style) for piece in re.findall(r" +|[^ ]+", text))
-    return pieces
-
-
-def fit(text: str, columns: int) -> int:
-    """How many leading characters of text fit in `columns` (at least one)."""
-    used = 0
-    for index, char in enumerate(text):
-        used += char_width(char)
-        if used > columns:
-            return max(index, 1)
-    return len(text)
-
-
-def wrap(line: Line, width: int) -> List[List[Segment]]:
-    """Rows of at most `width` columns; continuation rows keep the name column.
-
-        [14:05] alice: a long message goes on and on and
-                       carries on under the text, not the time
-    """
-    head = list(line.head)
-    indent = text_width("".join(text for text, _ in head))
-    if indent > width // 2:     # a very long name: a small indent reads better
-        indent = 2
-    rows: List[List[Segment]] = []
-    row, used = head, text_width("".join(text for text, _ in head))
-    for text, style in split_words(line.body):
-        if text.startswith(" "):
-            if used + len(text) <= width:
-                row.append((text, style))
-                used += len(text)
-            continue        # spaces where a row breaks are dropped
-        size = text_width(text)
-        if used + size > width and used > indent:
-            rows.append(row)
-            row, used = [(" " * indent, "")], indent
-        while used + size > width:      # a word longer than a whole row: cut it
-            cut = fit(text, width - used)
-            row.append((text[:cut], style))
-            rows.append(row)
-            row, used = [(" " * indent, "")], indent
-            text = text[cut:]
-            size = text_width(text)
-        row.append((text, style))
-        used += size
-    rows.append(row)
-    for each in rows:       # no trailing spaces
-        while each and not each[-1][0].strip() and len(each) > 1:
-            each.pop()
-    return rows
-
-
-def mentions(text: str, style: str, my_name: str) -> Tuple[Segment, ...]:
-    """Text cut into segments, with each whole-word mention of my name highlighted."""
-    if not my_name:
-        return ((text, style),)
-    pattern = re.compile(r"(?<![\w@])@?" + re.escape(my_name) + r"(?![\w])", re.IGNORECASE)
-    segments, start = [], 0
-    for match in pattern.finditer(text):
-        if match.start() > start:
-            segments.append((text[start:match.start()], style))
-        segments.append((match.group(), "mention"))
-        start = match.end()
-    if start < len(text):
-        segments.append((text[start:], style))
-    return tuple(segments) or ((text, style),)
-
-
-def enable_windows_colours() -> bool:
-    """Windows 10+: turn on the console's ANSI escape handling. False if it will not."""
-    try:
-        import ctypes
-        kernel32 = ctypes.windll.kernel32   # type: ignore[attr-defined]
-        handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
-        mode = ctypes.c_uint32()
-        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
-            return False
-        enable_virtual_terminal_processing = 0x0004
-        return bool(kernel32.SetConsoleMode(handle, mode.value | enable_virtual_terminal_processing))
-    except (AttributeError, OSError, ImportError):
-        return False
-
-
-def terminal_is_capable(stream: TextIO) -> bool:
-    """Whether stream is a terminal that understands ANSI escape codes."""
-    try:
-        if not stream.isatty():
-            return False
-    except (AttributeError, ValueError):
-        return False
-    if os.environ.get("TERM") == "dumb":
-        return False
-    return os.name != "nt" or enable_windows_colours()
-
-
-# ---------------------------------------------------------------------------
-# What the server may send, and how each message is shown
-# ---------------------------------------------------------------------------
-
-#: Fields each server message must carry (see check_fields). Messages of a
-#: type not listed here come from a newer server and are ignored.
-SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
-    "welcome": {"name": str, "users": list, "count?": int, "ops?": list, "registered?": bool,
-                "limits?": dict, "resume?": str},
-    "message": {"from": str, "text": str, "ts?": str, "action?": bool},
-    "whisper": {"from": str, "to": str, "text": str, "ts?": str},
-    "sent": {"text": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
-    "join": {"name": str, "ts?": str},
-    "leave": {"name": str, "reason?": str, "text?": str, "ts?": str},
-    "users": {"users": list, "ops?": list, "count?": int},
-    "announcement": {"from": str, "text": str, "ts?": str},
-    "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
-    "history_end": {"for": str, "count": int, "text?": str},
-    "error": {"code": str, "text": str, "id?": str},
-    "notice": {"code": str, "text": str},
-    "shutdown": {"text?": str},
-    "ping": {},
-    "pong": {},
-}
-
-
-def local_time(timestamp: Optional[str], with_date: bool = False) -> str:
-    """HH:MM in this machine's time zone, from the server's ISO-8601 UTC stamp.
-
-    with_date: put the date in front when it is not today (for history).
-    """
-    try:
-        moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone()
-    except (AttributeError, ValueError, OverflowError):     # not a time, or not one we can show
-        moment = datetime.now()
-    if with_date and moment.date() != date.today():
-        return moment.strftime("%b %d %H:%M")
-    return moment.strftime("%H:%M")
-
-
-def names_list(users: list, ops: Optional[list] = None) -> Tuple[Segment, ...]:
-    """Names, each in its colour, separated by commas; operators marked with @."""
-    operators = {str(name).lower() for name in ops or []}
-    segments: List[Segment] = []
-    for index, user in enumerate(users):
-        name = clean_text(str(user))
-        if index:
-            segments.append((", ", ""))
-        if name.lower() in operators:
-            segments.append(("@", ""))
-        segments.append((name, "name"))
-    return tuple(segments)
-
-
-def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message",
-              to: str = "", dim: bool = False) -> Line:
-    """A message, whisper, action or announcement, as it is shown.
-
-    `me` is the reader's name: mentions of it are highlighted, and whispers
-    read "to bob" or "from bob" depending on who sent them.
-    """
-    time_part = (f"[{stamp}] ", "time")
-    mine = sender.lower() == me.lower()
-    if kind == "whisper":
-        other = to if mine else sender
-        head = (time_part, ("[whisper to " if mine else "[whisper from ", "whisper"),
-                (other, "name"), ("] ", "whisper"))
-        return Line(head, ((text, ""),), dim, ring=not mine)
-    if kind == "action":
-        body = mentions(text, "action", "" if mine else me)
-        return Line((time_part, ("* ", "action"), (sender, "name"), (" ", "")), body, dim,
-                    ring=any(style == "mention" for _, style in body))
-    if kind == "announcement":
-        return Line((time_part, ("*** ", "announcement"), (sender, "name"),
-                     (": ", "announcement")), ((text, "announcement"),), dim)
-    body = mentions(text, "", "" if mine else me)
-    return Line((time_part, (sender, "name"), (": ", "")), body, dim,
-                ring=any(style == "mention" for _, style in body))
-
-
-def notice_line(text: str, stamp: Optional[str] = None) -> Line:
-    head = ((f"[{stamp}] ", "time"),) if stamp else ()
-    return Line(head + (("* ", "notice"),), ((text, "notice"),))
-
-
-def error_line(text: str) -> Line:
-    return Line((("! ", "error"),), ((text, "error"),))
-
-
-def format_message(message: dict, me: str) -> Optional[Line]:
-    """The line to show for a message from the server, or None to show nothing.
-
-    Every text from the server is cleaned again here: the server may be
-    someone else's, and must not be able to send escape codes to this
-    terminal.
-    """
-    formatter = FORMATTERS.get(message["type"])
-    return formatter(message, me) if formatter else None
-
-
-def _show_message(message: dict, me: str) -> Line:
-    return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
-                     clean_text(message["text"]), me,
-                     "action" if message.get("action") is True else "message")
-
-
-def _show_whisper(message: dict, me: str) -> Line:
-    return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
-                     clean_text(message["text"]), me, "whisper", to=me)
-
-
-def _show_sent(message: dict, me: str) -> Line:
-    kind = "whisper" if "to" in message else \
-        "action" if message.get("action") is True else "message"
-    return chat_line(local_time(message.get("ts")), me, clean_text(message["text"]), me, kind,
-                     to=clean_text(message.get("to", "")))
-
-
-def _show_leave(message: dict, me: str) -> Line:
-    stamp = local_time(message.get("ts"))
-    if "text" in message:       # kicked or banned: the server says how
-        return notice_line(clean_text(message["text"]), stamp)
-    reason = clean_text(str(message.get("reason", "")))
-    detail = "" if reason in ("", "quit") else f" ({reason})"
-    return notice_line(f"{clean_text(message['name'])} left{detail}", stamp)
-
-
-def _show_users(message: dict, me: str) -> Line:
-    users = message["users"]
-    count = message.get("count", len(users))    # a big room lists only the first names
-    more = ((f" and {count - len(users)} more", "notice"),) if count > len(users) else ()
-    return Line((("* ", "notice"),), ((f"{count} here: ", "notice"),) +
-                names_list(users, message.get("ops")) + more)
-
-
-def _show_history(message: dict, me: str) -> Line:
-    kind = message["kind"]
-    if kind not in ("message", "action", "whisper", "announcement"):
-        kind = "message"
-    return chat_line(local_time(message["ts"], with_date=True), clean_text(message["from"]),
-                     clean_text(message["text"]), me, kind,
-                     to=clean_text(str(message.get("to", ""))), dim=True)._replace(ring=False)
-
-
-def _show_history_end(message: dict, me: str) -> Optional[Line]:
-    if "text" in message:
-        return notice_line(clean_text(str(message["text"])))
-    purpose, count = message["for"], message["count"]
-    if purpose == "search":
-        return plain_line(f"--- {count} found ---", "marker") if count else \
-            notice_line("no messages match")
-    if not count:
-        return None if purpose == "join" else notice_line("no messages yet")
-    return plain_line("--- end of history ---", "marker")
-
-
-def _show_notice(message: dict, me: str) -> Line:
-    text = clean_text(message["text"])
-    if message["code"] == "new_since":
-        return plain_line(f"--- {text.lower()} ---", "marker")
-    return notice_line(text)
-
-
-FORMATTERS: Dict[str, Callable[[dict, str], Optional[Line]]] = {
-    "message": _show_message,
-    "whisper": _show_whisper,
-    "sent": _show_sent,
-    "join": lambda m, me: notice_line(f"{clean_text(m['name'])} joined", local_time(m.get("ts"))),
-    "leave": _show_leave,
-    "users": _show_users,
-    "announcement": lambda m, me: chat_line(local_time(m.get("ts")), clean_text(m["from"]),
-                                            clean_text(m["text"]), me, "announcement"),
-    "error": lambda m, me: error_line(clean_text(m["text"])),
-    "shutdown": lambda m, me: notice_line(clean_text(m.get("text",
-                                                           "The server is shutting down."))),
-    "history": _show_history,
-    "history_end": _show_history_end,
-    "notice": _show_notice,
-}
 
 # ---------------------------------------------------------------------------
 # The connection to the server
@@ -829,17 +493,21 @@ class ServerConnection:
     def receive(self) -> dict:
         """Block until the next message arrives.
 
-        Raises ConnectionClosed at EOF, ProtocolError on bad data, OSError
-        on a broken connection or a timeout set on the socket.
+        Raises ConnectionClosed at EOF, ProtocolError on bad data (a stream
+        that ends in the middle of a frame included), OSError on a broken
+        connection or a timeout set on the socket.
         """
         while True:
             payload = next(self.decoder, None)
             if payload is not None:
                 return decode_payload(payload)
-            data = self.sock.recv(RECV_SIZE)
-            if not data:
+            if self.decoder.ended:
                 raise ConnectionClosed()
-            self.decoder.feed(data)
+            data = self.sock.recv(RECV_SIZE)
+            if data:
+                self.decoder.feed(data)
+            else:
+                self.decoder.feed_eof()
 
     def finish_sending(self) -> None:
         """Tell the server we will send nothing more (TCP half-close).
@@ -908,6 +576,901 @@ def join_address(host: str, port: int) -> str:
     """HOST:PORT, with IPv6 addresses in brackets: the key for known hosts too."""
     return f"[{host}]:{port}" if ":" in host else f"{host.lower()}:{port}"
 
+
+
+# ---------------------------------------------------------------------------
+# The link: receiving, reconnecting, and what is in flight
+# ---------------------------------------------------------------------------
+
+class ConnectionLost(Exception):
+    """Raised in the main thread when the receiver thread finds the connection gone."""
+
+
+class Pacer:
+    """Keeps this client under the rate the server announced in its welcome.
+
+    Piped input can come faster than the server's flood control allows; the
+    pacer waits instead of letting lines be refused. A person typing never
+    notices it. It stays a little under the limit, for network jitter.
+    """
+
+    def __init__(self, limits: dict) -> None:
+        rate, burst = limits.get("rate"), limits.get("burst")
+        self.rate = float(rate) * 0.9 if isinstance(rate, (int, float)) and rate > 0 else 0.0
+        self.burst = max(1.0, float(burst) - 1) if isinstance(burst, (int, float)) else 1.0
+        self.tokens = self.burst
+        self.updated = time.monotonic()
+
+    def wait(self) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            time.sleep((1 - self.tokens) / self.rate)
+            self.tokens, self.updated = 1.0, time.monotonic()
+        self.tokens -= 1
+
+
+Rejoin = Callable[[Optional[str]], Tuple[ServerConnection, dict]]
+
+# How a message fared on its way out (Link._transmit).
+SENT, TOO_LONG, LOST, QUEUED = "sent", "too long", "lost", "queued"
+
+
+class Link:
+    """The connection to the server, as the two threads of a session use it.
+
+    The receiver thread (start) reads every frame the moment it arrives,
+    shows it, and reconnects with growing pauses when the connection drops:
+    rejoin(resume_token) connects and says hello again; without it, or with
+    retries=0, a dropped connection ends the session and on_lost() is
+    called. The main thread sends through send() and ask_history().
+
+    Everything both threads touch is under `lock`: the connection, the lines
+    waiting to be sent and those not yet confirmed, the labels of history
+    answers to come, who is here, our operator status and the password to
+    rejoin with. Nothing is shown while the lock is held, so the screen's
+    own lock is never taken inside it.
+    """
+
+    def __init__(self, connection: ServerConnection, welcome: dict, server: str,
+                 screen: "Screen", on_lost: Optional[Callable[[], None]] = None, rejoin: Optional[Rejoin] = None,
+                 retries: int = RECONNECT_TRIES,
+                 credentials: Optional[Credentials] = None) -> None:
+        self.name = welcome["name"]
+        self.server = server                # HOST:PORT
+        self.screen = screen
+        self.on_lost = on_lost or (lambda: None)    # called when the session ends by itself
+        self.rejoin = rejoin
+        self.retries = retries
+        self.lock = threading.RLock()
+        # Under the lock. The credentials are shared with rejoin: a password set with
+        # /register or /password must be the one used when reconnecting.
+        self.credentials = credentials or Credentials()
+        self.lost_reason: Optional[str] = None
+        self.queued: List[dict] = []        # typed while disconnected, sent on reconnecting
+        self.unconfirmed: Dict[str, str] = {}   # id -> text sent but not yet acknowledged
+        self._new_password: Optional[str] = None    # sent, not yet confirmed by the server
+        self._ids = 0
+        # For each batch of history frames still to come, in order, the id of the request
+        # (None for the join replay) and its header: the server answers requests in order
+        # and ends every batch with history_end, or refuses the request with an error
+        # that carries its id.
+        self._history_headers: Deque[Tuple[Optional[str], str]] = deque()
+        self._users: Dict[str, str] = {}    # lower-case name -> name, for Tab completion
+        self._operator = False              # the server accepted our /op
+        self._max_length = 0
+        # Thread-safe on their own.
+        self.leaving = threading.Event()    # we asked to leave: EOF is expected
+        self.connected = threading.Event()  # a live connection, ready to send on
+        self.settled = threading.Event()    # not in the middle of reconnecting
+        self.closed = threading.Event()     # the receiver thread has stopped
+        # The receiver thread's own.
+        self._told_why = False              # the last frame explains a close that follows
+        self._final = False                 # ...and reconnecting would be refused again
+        self._in_history = False            # between a first history frame and history_end
+        self._replay_after: Optional[str] = None    # after reconnecting: skip what we saw
+        self._last_seen = ""                # ts of the newest message shown
+        self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
+        self._joined(connection, welcome)
+
+    # -- for the main thread -------------------------------------------------
+
+    @property
+    def operator(self) -> bool:
+        with self.lock:
+            return self._operator
+
+    @property
+    def max_length(self) -> int:
+        """The server's longest message, in characters; 0 when it did not say."""
+        with self.lock:
+            return self._max_length
+
+    def names(self) -> List[str]:
+        """Who is here, as far as this client knows (for Tab completion)."""
+        with self.lock:
+            return list(self._users.values())
+
+    def expect_password(self, password: str) -> None:
+        """A new password is on its way: the one to rejoin with once it is confirmed."""
+        with self.lock:
+            self._new_password = password
+
+    def send(self, message: dict) -> bool:
+        """Send now, within the server's rate; or keep a chat line until we are back.
+
+        False when the message is not on its way (queued lines count as on it).
+        """
+        with self.lock:
+            pacer = self.pacer
+        pacer.wait()        # outside the lock: a reconnect must not wait on our pacing
+        with self.lock:
+            outcome = self._transmit(message) if self.connected.is_set() else LOST
+            if outcome == LOST and message["type"] in ("say", "whisper") and \
+                    len(self.queued) < MAX_QUEUED_LINES:
+                if message not in self.queued:
+                    self.queued.append(message)
+                outcome = QUEUED
+        if outcome == TOO_LONG:
+            self.screen.warn("not sent: far too long")
+        elif outcome == QUEUED:
+            self.screen.note("not connected: this will be sent when the connection is back")
+        elif outcome == LOST:
+            self.screen.warn("not connected: not sent")
+        return outcome != LOST
+
+    def ask_history(self, request: dict, header: str) -> None:
+        """Ask for history (or a search) whose answer is shown under `header`."""
+        with self.lock:
+            request["id"] = self._new_id()
+            entry = (request["id"], header)
+            self._history_headers.append(entry)     # before: the answer may be quick
+        if not self.send(request):
+            with self.lock:
+                if entry in self._history_headers:
+                    self._history_headers.remove(entry)
+
+    def leave(self) -> None:
+        """Say goodbye, once the server has everything we typed, and close."""
+        if self.leaving.is_set():
+            return
+        with self.lock:
+            waiting = bool(self.queued)
+        if waiting and not self.settled.is_set():
+            self.screen.note("waiting for the connection to come back, to send what you typed")
+            self.settled.wait(RECONNECT_MAX_DELAY * self.retries + CONNECT_TIMEOUT)
+        self.leaving.set()
+        with self.lock:
+            if self.connected.is_set():
+                try:
+                    self.connection.send({"type": "bye"})
+                    self.connection.finish_sending()
+                except OSError:
+                    pass
+        self.closed.wait(LEAVE_TIMEOUT)
+        with self.lock:
+            self.connection.close()
+        self._report_queued()
+
+    def _transmit(self, message: dict) -> str:
+        """Write one message (lock held); chat lines get an id, to be confirmed."""
+        if message["type"] in ("say", "whisper"):
+            if "id" not in message:
+                message["id"] = self._new_id()
+            self.unconfirmed[message["id"]] = message["text"]   # before: the ack may be quick
+        try:
+            self.connection.send(message)
+        except ValueError:  # over the protocol's frame size: nothing was sent
+            self.unconfirmed.pop(message.get("id", ""), None)
+            return TOO_LONG
+        except OSError:     # the receiver thread notices too, and reconnects
+            self.unconfirmed.pop(message.get("id", ""), None)
+            self.connected.clear()
+            return LOST
+        return SENT
+
+    def _new_id(self) -> str:
+        """An id for a message, which the server's answer to it carries back."""
+        with self.lock:
+            self._ids += 1
+            return str(self._ids)
+
+    # -- receiving and reconnecting (the receiver thread) ---------------------
+
+    def start(self) -> None:
+        self._receiver.start()
+
+    def _joined(self, connection: ServerConnection, welcome: dict,
+                replay_header: str = "--- earlier messages ---") -> None:
+        """Take a fresh connection into use."""
+        limits = welcome.get("limits") or {}
+        limit = limits.get("max_length")
+        with self.lock:
+            self.connection = connection
+            self.resume_token = welcome.get("resume")
+            self.pacer = Pacer(limits)
+            self._max_length = limit if isinstance(limit, int) and limit > 0 else 0
+            self._users = {str(user).lower(): clean_text(str(user)) for user in welcome["users"]}
+            self._operator = False  # operator status does not survive a new connection
+            # Requests in flight on an old connection get no answer: only the replay is due.
+            self._history_headers = deque([(None, replay_header)])
+        self._in_history = False
+        self._told_why = self._final = False
+        self.connected.set()
+        self.settled.set()
+
+    def _receive_loop(self) -> None:
+        try:
+            reason = self._follow_connection()
+            if reason is None:
+                return
+            self.lost_reason = reason
+            self.screen.warn(reason)
+            self._report_queued()
+        except Exception as exc:    # a receiver must never end quietly: main would wait forever
+            self.lost_reason = f"internal error: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                self.screen.warn(self.lost_reason)
+        finally:
+            self.settled.set()
+            self.closed.set()
+        if not self.leaving.is_set():
+            self.on_lost()
+
+    def _follow_connection(self) -> Optional[str]:
+        """Receive, and reconnect when the link drops; why it ended, or None for a leave."""
+        while True:
+            reason = self._receive_until_closed()
+            if self.leaving.is_set():
+                return None
+            with self.lock:
+                self.connected.clear()
+                self.settled.clear()
+            self._report_unconfirmed()
+            if self._final or self.rejoin is None or not self.retries:
+                return reason
+            self.screen.warn(f"{reason}; reconnecting")
+            if self._reconnect():
+                continue
+            if self.leaving.is_set():
+                return None     # /quit or Ctrl-C while reconnecting: an ordinary exit
+            return "could not reconnect"
+
+    def _receive_until_closed(self) -> str:
+        """Handle messages until the connection ends; return why it ended."""
+        try:
+            while True:
+                message = self.connection.receive()
+                try:
+                    self._handle_incoming(message)
+                except Exception as exc:    # a bug must cost this message, not the session
+                    self.screen.warn(f"could not show a {message['type']!r} message from the server "
+                              f"({type(exc).__name__}: {exc})")
+        except ConnectionClosed:
+            return "disconnected" if self._told_why else "connection to the server lost"
+        except ProtocolError as exc:
+            if exc.code == "truncated":
+                return "connection to the server lost in the middle of a message"
+            return f"connection closed: the server sent bad data ({exc.text})"
+        except OSError as exc:
+            return f"connection to the server lost ({exc.strerror or exc})"
+
+    def _reconnect(self) -> bool:
+        """Try to join again, with growing pauses; True once back."""
+        delay = RECONNECT_FIRST_DELAY
+        for attempt in range(1, self.retries + 1):
+            if self.leaving.wait(delay):
+                return False
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            try:
+                connection, welcome = self.rejoin(self.resume_token)
+            except JoinRefused as refused:
+                self.screen.warn(f"cannot rejoin: {refused.text}")
+                return False
+            except CannotConnect as exc:
+                self.screen.note(f"attempt {attempt} of {self.retries} failed: "
+                          f"{str(exc).splitlines()[0]}")
+                continue
+            with self.lock:
+                self._replay_after = self._last_seen
+                self._joined(connection, welcome, "--- while you were away ---")
+                queued, self.queued = self.queued, []
+                outcomes = [self._transmit(message) for message in queued]
+            self.screen.note(f"reconnected to {self.server} as {self.name}")
+            if queued:
+                self.screen.note(f"sent {len(queued)} line(s) typed while disconnected")
+            for outcome in outcomes:
+                if outcome == TOO_LONG:
+                    self.screen.warn("not sent: far too long")
+            return True
+        return False
+
+    def _handle_incoming(self, message: dict) -> None:
+        kind = message["type"]
+        fields = SERVER_MESSAGES.get(kind)
+        if fields is None:
+            return      # from a newer server; nothing we know how to show
+        problem = check_fields(message, fields)
+        if problem:
+            self.screen.warn(f"the server sent a malformed {kind!r} message ({problem})")
+            return
+        if kind == "ping":
+            self._send_quietly({"type": "pong"})
+            return
+        self._told_why = kind in ("shutdown", "error")  # in case the connection now closes
+        self._final = kind == "error" and message["code"] in FINAL_ERRORS
+        with self.lock:
+            if kind in ("sent", "error") and "id" in message:
+                self.unconfirmed.pop(message["id"], None)
+                if kind == "error":     # a refused /history or /search: its header must go
+                    self._history_headers = deque(
+                        entry for entry in self._history_headers if entry[0] != message["id"])
+            self._track_users(kind, message)
+            if kind == "notice":
+                effect = self.NOTICE_EFFECTS.get(message["code"])
+                if effect is not None:
+                    effect(self)
+        if kind.startswith("history") and not self._show_history_frame(message):
+            return
+        if kind in ("message", "sent", "whisper", "announcement", "history"):
+            self._last_seen = max(self._last_seen, str(message.get("ts", "")))
+        line = format_message(message, self.name)
+        if line is not None:
+            self.screen.show(line)
+
+    def _set_operator(self, operator: bool) -> None:
+        self._operator = operator
+
+    def _password_confirmed(self) -> None:
+        self.credentials.name_password = self._new_password
+
+    def _password_removed(self) -> None:
+        self.credentials.name_password = None
+
+    #: Notices that change what this client knows about itself (run with the lock held).
+    NOTICE_EFFECTS: Dict[str, Callable[["Link"], None]] = {
+        "op": lambda link: link._set_operator(True),
+        "deop": lambda link: link._set_operator(False),
+        "registered": _password_confirmed,
+        "password_changed": _password_confirmed,
+        "unregistered": _password_removed,
+    }
+
+    def _track_users(self, kind: str, message: dict) -> None:
+        """Keep the list of names that Tab completes (lock held)."""
+        if kind == "join":
+            self._users[message["name"].lower()] = clean_text(message["name"])
+        elif kind == "leave":
+            self._users.pop(message["name"].lower(), None)
+        elif kind == "users":
+            self._users = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
+
+    def _show_history_frame(self, message: dict) -> bool:
+        """Headers around each batch of history; False to show nothing for this frame.
+
+        After a reconnect, the replay repeats what was already on screen:
+        only what came while we were away is shown.
+        """
+        with self.lock:
+            headers = self._history_headers
+            header = headers[0][1] if headers else "--- history ---"
+            if message["type"] == "history_end" and headers:
+                headers.popleft()
+        if message["type"] == "history_end":
+            shown_any, self._in_history = self._in_history, False
+            if message["for"] == "join" and self._replay_after is not None:
+                self._replay_after = None
+                return shown_any
+            return True
+        if self._replay_after is not None and message["ts"] <= self._replay_after:
+            return False    # part of the replay after a reconnect, and already on screen
+        if not self._in_history:
+            self._in_history = True
+            self.screen.show(plain_line(header, "marker"))
+        return True
+
+    def _report_unconfirmed(self) -> None:
+        """Lines written to a connection that died before the server confirmed them."""
+        with self.lock:
+            lost, self.unconfirmed = list(self.unconfirmed.values()), {}
+        for text in lost:
+            self.screen.warn(f"may not have arrived (send it again if it matters): {text}")
+
+    def _report_queued(self) -> None:
+        with self.lock:
+            queued, self.queued = self.queued, []
+        for message in queued:
+            self.screen.warn(f"not sent: {message.get('text', '/' + message['type'])}")
+
+    def _send_quietly(self, message: dict) -> None:
+        try:
+            self.connection.send(message)
+        except OSError:
+            pass    # the receiver will see the connection go and say so
+
+
+class MainThreadWaker:
+    """Get the main thread out of its blocking read when the connection is lost.
+
+    POSIX: a signal aimed at the main thread makes its read raise
+    ConnectionLost. A signal that lands after the thread has let go of the
+    interpreter but before its read has begun interrupts nothing, so it is
+    repeated until the handler has run. Windows cannot interrupt a console
+    read, so there the process ends at once, with everything printed.
+    """
+
+    def __init__(self) -> None:
+        self._woken = threading.Event()
+        self._can_signal = hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1")
+
+    def install(self) -> None:
+        """Set the signal handler; main thread only."""
+        if self._can_signal:
+            signal.signal(signal.SIGUSR1, self._handle)
+
+    def wake(self) -> None:
+        """From another thread: make the main thread raise ConnectionLost."""
+        if not self._can_signal:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        main = threading.main_thread()
+        while main.is_alive():
+            try:
+                signal.pthread_kill(main.ident, signal.SIGUSR1)
+            except OSError:     # the main thread ended meanwhile
+                return
+            if self._woken.wait(WAKE_RETRY):
+                return
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self._woken.is_set():    # once: later signals must not break the exit
+            self._woken.set()
+            raise ConnectionLost()
+
+# ---------------------------------------------------------------------------
+# What the server sends, and how each message is shown
+# ---------------------------------------------------------------------------
+
+Segment = Tuple[str, str]   # (text, style): see STYLES
+
+
+class Line(NamedTuple):
+    """One line to show: a head (time, name) and a body that wraps under itself.
+
+    `dim` greys the whole line out (history); `ring` asks for the bell
+    (a whisper, a mention of your name).
+    """
+
+    head: Tuple[Segment, ...]
+    body: Tuple[Segment, ...]
+    dim: bool = False
+    ring: bool = False
+
+    @property
+    def plain(self) -> str:
+        return "".join(text for text, _ in self.head + self.body)
+
+
+def plain_line(text: str, style: str = "") -> Line:
+    return Line((), ((text, style),))
+
+
+#: Fields each server message must carry (see check_fields). Messages of a
+#: type not listed here come from a newer server and are ignored.
+SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
+    "welcome": {"name": str, "users": list, "count?": int, "ops?": list, "registered?": bool,
+                "limits?": dict, "resume?": str},
+    "message": {"from": str, "text": str, "ts?": str, "action?": bool},
+    "whisper": {"from": str, "to": str, "text": str, "ts?": str},
+    "sent": {"text": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
+    "join": {"name": str, "ts?": str},
+    "leave": {"name": str, "reason?": str, "text?": str, "ts?": str},
+    "users": {"users": list, "ops?": list, "count?": int},
+    "announcement": {"from": str, "text": str, "ts?": str},
+    "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
+    "history_end": {"for": str, "count": int, "text?": str},
+    "error": {"code": str, "text": str, "id?": str},
+    "notice": {"code": str, "text": str},
+    "shutdown": {"text?": str},
+    "ping": {},
+    "pong": {},
+}
+
+
+def local_time(timestamp: Optional[str], with_date: bool = False) -> str:
+    """HH:MM in this machine's time zone, from the server's ISO-8601 UTC stamp.
+
+    with_date: put the date in front when it is not today (for history).
+    """
+    try:
+        moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone()
+    except (AttributeError, ValueError, OverflowError):     # not a time, or not one we can show
+        moment = datetime.now()
+    if with_date and moment.date() != date.today():
+        return moment.strftime("%b %d %H:%M")
+    return moment.strftime("%H:%M")
+
+
+def names_list(users: list, ops: Optional[list] = None) -> Tuple[Segment, ...]:
+    """Names, each in its colour, separated by commas; operators marked with @."""
+    operators = {str(name).lower() for name in ops or []}
+    segments: List[Segment] = []
+    for index, user in enumerate(users):
+        name = clean_text(str(user))
+        if index:
+            segments.append((", ", ""))
+        if name.lower() in operators:
+            segments.append(("@", ""))
+        segments.append((name, "name"))
+    return tuple(segments)
+
+
+def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message",
+              to: str = "", dim: bool = False) -> Line:
+    """A message, whisper, action or announcement, as it is shown.
+
+    `me` is the reader's name: mentions of it are highlighted, and whispers
+    read "to bob" or "from bob" depending on who sent them.
+    """
+    time_part = (f"[{stamp}] ", "time")
+    mine = sender.lower() == me.lower()
+    if kind == "whisper":
+        other = to if mine else sender
+        head = (time_part, ("[whisper to " if mine else "[whisper from ", "whisper"),
+                (other, "name"), ("] ", "whisper"))
+        return Line(head, ((text, ""),), dim, ring=not mine)
+    if kind == "action":
+        body = mentions(text, "action", "" if mine else me)
+        return Line((time_part, ("* ", "action"), (sender, "name"), (" ", "")), body, dim,
+                    ring=any(style == "mention" for _, style in body))
+    if kind == "announcement":
+        return Line((time_part, ("*** ", "announcement"), (sender, "name"),
+                     (": ", "announcement")), ((text, "announcement"),), dim)
+    body = mentions(text, "", "" if mine else me)
+    return Line((time_part, (sender, "name"), (": ", "")), body, dim,
+                ring=any(style == "mention" for _, style in body))
+
+
+def notice_line(text: str, stamp: Optional[str] = None) -> Line:
+    head = ((f"[{stamp}] ", "time"),) if stamp else ()
+    return Line(head + (("* ", "notice"),), ((text, "notice"),))
+
+
+def error_line(text: str) -> Line:
+    return Line((("! ", "error"),), ((text, "error"),))
+
+
+def format_message(message: dict, me: str) -> Optional[Line]:
+    """The line to show for a message from the server, or None to show nothing.
+
+    Every text from the server is cleaned again here: the server may be
+    someone else's, and must not be able to send escape codes to this
+    terminal.
+    """
+    formatter = FORMATTERS.get(message["type"])
+    return formatter(message, me) if formatter else None
+
+
+def _show_message(message: dict, me: str) -> Line:
+    return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
+                     clean_text(message["text"]), me,
+                     "action" if message.get("action") is True else "message")
+
+
+def _show_whisper(message: dict, me: str) -> Line:
+    return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
+                     clean_text(message["text"]), me, "whisper", to=me)
+
+
+def _show_sent(message: dict, me: str) -> Line:
+    kind = "whisper" if "to" in message else \
+        "action" if message.get("action") is True else "message"
+    return chat_line(local_time(message.get("ts")), me, clean_text(message["text"]), me, kind,
+                     to=clean_text(message.get("to", "")))
+
+
+def _show_leave(message: dict, me: str) -> Line:
+    stamp = local_time(message.get("ts"))
+    if "text" in message:       # kicked or banned: the server says how
+        return notice_line(clean_text(message["text"]), stamp)
+    reason = clean_text(str(message.get("reason", "")))
+    detail = "" if reason in ("", "quit") else f" ({reason})"
+    return notice_line(f"{clean_text(message['name'])} left{detail}", stamp)
+
+
+def _show_users(message: dict, me: str) -> Line:
+    users = message["users"]
+    count = message.get("count", len(users))    # a big room lists only the first names
+    more = ((f" and {count - len(users)} more", "notice"),) if count > len(users) else ()
+    return Line((("* ", "notice"),), ((f"{count} here: ", "notice"),) +
+                names_list(users, message.get("ops")) + more)
+
+
+def _show_history(message: dict, me: str) -> Line:
+    kind = message["kind"]
+    if kind not in ("message", "action", "whisper", "announcement"):
+        kind = "message"
+    return chat_line(local_time(message["ts"], with_date=True), clean_text(message["from"]),
+                     clean_text(message["text"]), me, kind,
+                     to=clean_text(str(message.get("to", ""))), dim=True)._replace(ring=False)
+
+
+def _show_history_end(message: dict, me: str) -> Optional[Line]:
+    if "text" in message:
+        return notice_line(clean_text(str(message["text"])))
+    purpose, count = message["for"], message["count"]
+    if purpose == "search":
+        return plain_line(f"--- {count} found ---", "marker") if count else \
+            notice_line("no messages match")
+    if not count:
+        return None if purpose == "join" else notice_line("no messages yet")
+    return plain_line("--- end of history ---", "marker")
+
+
+def _show_notice(message: dict, me: str) -> Line:
+    text = clean_text(message["text"])
+    if message["code"] == "new_since":
+        return plain_line(f"--- {text.lower()} ---", "marker")
+    return notice_line(text)
+
+
+FORMATTERS: Dict[str, Callable[[dict, str], Optional[Line]]] = {
+    "message": _show_message,
+    "whisper": _show_whisper,
+    "sent": _show_sent,
+    "join": lambda m, me: notice_line(f"{clean_text(m['name'])} joined", local_time(m.get("ts"))),
+    "leave": _show_leave,
+    "users": _show_users,
+    "announcement": lambda m, me: chat_line(local_time(m.get("ts")), clean_text(m["from"]),
+                                            clean_text(m["text"]), me, "announcement"),
+    "error": lambda m, me: error_line(clean_text(m["text"])),
+    "shutdown": lambda m, me: notice_line(clean_text(m.get("text",
+                                                           "The server is shutting down."))),
+    "history": _show_history,
+    "history_end": _show_history_end,
+    "notice": _show_notice,
+}
+
+# ---------------------------------------------------------------------------
+# Text on the terminal: widths, styles, colours, wrapping
+# ---------------------------------------------------------------------------
+
+# Characters that take no column: joiners and variation selectors glue
+# emoji sequences; combining marks sit on the character before them.
+ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufe0e\ufe0f")
+
+
+def char_width(char: str) -> int:
+    """Columns one character takes on a terminal: 0, 1, or 2 (CJK, most emoji)."""
+    if char in ZERO_WIDTH or unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def text_width(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return sum(map(char_width, text))
+
+
+# Styles as SGR codes. "name" is special: its colour comes from the name.
+STYLES = {
+    "": "",
+    "time": "2",                # dim
+    "notice": "36",             # cyan: joins, leaves, information
+    "error": "1;31",            # bold red
+    "whisper": "1;35",          # bold magenta
+    "announcement": "1;33",     # bold yellow
+    "action": "3",              # italic
+    "mention": "1;7",           # bold, reversed
+    "marker": "2",              # dim separators
+}
+NAME_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
+
+
+def name_colour(name: str) -> str:
+    """A colour of its own for each name, the same on every machine and every run."""
+    return NAME_COLOURS[zlib.crc32(name.lower().encode("utf-8")) % len(NAME_COLOURS)]
+
+
+def paint(segments: Iterable[Segment], dim: bool = False) -> str:
+    """Segments as text with ANSI colour codes."""
+    out = []
+    for text, style in segments:
+        codes = name_colour(text) if style == "name" else STYLES.get(style, "")
+        if dim:
+            codes = "2;" + codes if codes else "2"
+        out.append(f"\033[{codes}m{text}\033[0m" if codes and text.strip() else text)
+    return "".join(out)
+
+
+def split_words(segments: Iterable[Segment]) -> List[Segment]:
+    """Segments cut into words and runs of spaces, each keeping its style."""
+    pieces = []
+    for text, style in segments:
+        pieces.extend((piece, style) for piece in re.findall(r" +|[^ ]+", text))
+    return pieces
+
+
+def fit(text: str, columns: int) -> int:
+    """How many leading characters of text fit in `columns` (at least one)."""
+    used = 0
+    for index, char in enumerate(text):
+        used += char_width(char)
+        if used > columns:
+            return max(index, 1)
+    return len(text)
+
+
+def wrap(line: Line, width: int) -> List[List[Segment]]:
+    """Rows of at most `width` columns; continuation rows keep the name column.
+
+        [14:05] alice: a long message goes on and on and
+                       carries on under the text, not the time
+    """
+    head = list(line.head)
+    indent = text_width("".join(text for text, _ in head))
+    if indent > width // 2:     # a very long name: a small indent reads better
+        indent = 2
+    rows: List[List[Segment]] = []
+    row, used = head, text_width("".join(text for text, _ in head))
+    for text, style in split_words(line.body):
+        if text.startswith(" "):
+            if used + len(text) <= width:
+                row.append((text, style))
+                used += len(text)
+            continue        # spaces where a row breaks are dropped
+        size = text_width(text)
+        if used + size > width and used > indent:
+            rows.append(row)
+            row, used = [(" " * indent, "")], indent
+        while used + size > width:      # a word longer than a whole row: cut it
+            cut = fit(text, width - used)
+            row.append((text[:cut], style))
+            rows.append(row)
+            row, used = [(" " * indent, "")], indent
+            text = text[cut:]
+            size = text_width(text)
+        row.append((text, style))
+        used += size
+    rows.append(row)
+    for each in rows:       # no trailing spaces
+        while each and not each[-1][0].strip() and len(each) > 1:
+            each.pop()
+    return rows
+
+
+def mentions(text: str, style: str, my_name: str) -> Tuple[Segment, ...]:
+    """Text cut into segments, with each whole-word mention of my name highlighted."""
+    if not my_name:
+        return ((text, style),)
+    pattern = re.compile(r"(?<![\w@])@?" + re.escape(my_name) + r"(?![\w])", re.IGNORECASE)
+    segments, start = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            segments.append((text[start:match.start()], style))
+        segments.append((match.group(), "mention"))
+        start = match.end()
+    if start < len(text):
+        segments.append((text[start:], style))
+    return tuple(segments) or ((text, style),)
+
+
+def enable_windows_colours() -> bool:
+    """Windows 10+: turn on the console's ANSI escape handling. False if it will not."""
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32   # type: ignore[attr-defined]
+        handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        enable_virtual_terminal_processing = 0x0004
+        return bool(kernel32.SetConsoleMode(handle, mode.value | enable_virtual_terminal_processing))
+    except (AttributeError, OSError, ImportError):
+        return False
+
+
+def terminal_is_capable(stream: TextIO) -> bool:
+    """Whether stream is a terminal that understands ANSI escape codes."""
+    try:
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError):
+        return False
+    if os.environ.get("TERM") == "dumb":
+        return False
+    return os.name != "nt" or enable_windows_colours()
+
+
+# ---------------------------------------------------------------------------
+# The screen: where shown lines go
+# ---------------------------------------------------------------------------
+
+class Screen:
+    """Shows lines: coloured and wrapped on a terminal, plain elsewhere.
+
+    Every line also goes, as plain text, to the transcript kept for /save
+    and to the --log file. With a line editor, lines are printed above the
+    input line.
+    """
+
+    def __init__(self, out: TextIO, terminal: bool, colour: bool, bell: bool = False,
+                 log_file: Optional[TextIO] = None) -> None:
+        self.out = out
+        self.terminal = terminal        # wrap to the terminal's width
+        self.colour = colour            # ANSI colours
+        self.bell = bell                # ring on whispers and mentions (--bell)
+        self.log_file = log_file
+        self.editor: Optional[LineEditor] = None
+        self.transcript: Deque[str] = deque(maxlen=TRANSCRIPT_LINES)
+        self.lock = threading.RLock()
+        self._held: Optional[List[Line]] = None     # lines kept back during a prompt
+
+    def show(self, line: Line) -> None:
+        text = line.plain
+        with self.lock:
+            if self._held is not None:
+                self._held.append(line)
+                return
+            self.transcript.append(text)
+            self._log(text)
+            rendered = self.render(line)
+            if line.ring and self.bell and self.terminal:
+                rendered += "\a"
+            if self.editor is not None:
+                self.editor.print_above(rendered)
+            else:
+                self.out.write(rendered + "\n")
+                self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.show(notice_line(text))
+
+    def warn(self, text: str) -> None:
+        self.show(error_line(text))
+
+    def render(self, line: Line) -> str:
+        if not self.terminal:
+            return line.plain
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        rows = wrap(line, width)
+        if self.colour:
+            return "\n".join(paint(row, line.dim) for row in rows)
+        return "\n".join("".join(text for text, _ in row) for row in rows)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep lines back while a prompt has the terminal, then show them."""
+        with self.lock:
+            self._held = []
+        try:
+            yield
+        finally:
+            with self.lock:     # in order: nothing arriving now may overtake them
+                held, self._held = self._held, None
+                for line in held:
+                    self.show(line)
+
+    def write_raw(self, text: str) -> None:
+        """Terminal control (clearing the screen), bypassing transcript and log."""
+        with self.lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def _log(self, text: str) -> None:
+        if self.log_file is None:
+            return
+        try:
+            self.log_file.write(text + "\n")
+            self.log_file.flush()
+        except OSError as exc:
+            self.log_file = None
+            self.out.write(f"! stopped writing the log: {exc.strerror or exc}\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1319,92 +1882,8 @@ class LineEditor:
 
 
 # ---------------------------------------------------------------------------
-# The screen: where shown lines go
+# The commands: what a typed line does
 # ---------------------------------------------------------------------------
-
-class Screen:
-    """Shows lines: coloured and wrapped on a terminal, plain elsewhere.
-
-    Every line also goes, as plain text, to the transcript kept for /save
-    and to the --log file. With a line editor, lines are printed above the
-    input line.
-    """
-
-    def __init__(self, out: TextIO, terminal: bool, colour: bool, bell: bool = False,
-                 log_file: Optional[TextIO] = None) -> None:
-        self.out = out
-        self.terminal = terminal        # wrap to the terminal's width
-        self.colour = colour            # ANSI colours
-        self.bell = bell                # ring on whispers and mentions (--bell)
-        self.log_file = log_file
-        self.editor: Optional[LineEditor] = None
-        self.transcript: Deque[str] = deque(maxlen=TRANSCRIPT_LINES)
-        self.lock = threading.RLock()
-        self._held: Optional[List[Line]] = None     # lines kept back during a prompt
-
-    def show(self, line: Line) -> None:
-        text = line.plain
-        with self.lock:
-            if self._held is not None:
-                self._held.append(line)
-                return
-            self.transcript.append(text)
-            self._log(text)
-            rendered = self.render(line)
-            if line.ring and self.bell and self.terminal:
-                rendered += "\a"
-            if self.editor is not None:
-                self.editor.print_above(rendered)
-            else:
-                self.out.write(rendered + "\n")
-                self.out.flush()
-
-    def render(self, line: Line) -> str:
-        if not self.terminal:
-            return line.plain
-        width = max(20, shutil.get_terminal_size().columns - 1)
-        rows = wrap(line, width)
-        if self.colour:
-            return "\n".join(paint(row, line.dim) for row in rows)
-        return "\n".join("".join(text for text, _ in row) for row in rows)
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Keep lines back while a prompt has the terminal, then show them."""
-        with self.lock:
-            self._held = []
-        try:
-            yield
-        finally:
-            with self.lock:     # in order: nothing arriving now may overtake them
-                held, self._held = self._held, None
-                for line in held:
-                    self.show(line)
-
-    def write_raw(self, text: str) -> None:
-        """Terminal control (clearing the screen), bypassing transcript and log."""
-        with self.lock:
-            self.out.write(text)
-            self.out.flush()
-
-    def _log(self, text: str) -> None:
-        if self.log_file is None:
-            return
-        try:
-            self.log_file.write(text + "\n")
-            self.log_file.flush()
-        except OSError as exc:
-            self.log_file = None
-            self.out.write(f"! stopped writing the log: {exc.strerror or exc}\n")
-
-
-# ---------------------------------------------------------------------------
-# The chat session: what you type, what arrives
-# ---------------------------------------------------------------------------
-
-class ConnectionLost(Exception):
-    """Raised in the main thread when the receiver thread finds the connection gone."""
-
 
 class Command(NamedTuple):
     usage: str          # what follows the command; [brackets] mark what may be left out
@@ -1440,38 +1919,10 @@ def parse_line(line: str) -> Tuple[str, str]:
     return "say", line
 
 
-class Pacer:
-    """Keeps this client under the rate the server announced in its welcome.
-
-    Piped input can come faster than the server's flood control allows; the
-    pacer waits instead of letting lines be refused. A person typing never
-    notices it. It stays a little under the limit, for network jitter.
-    """
-
-    def __init__(self, limits: dict) -> None:
-        rate, burst = limits.get("rate"), limits.get("burst")
-        self.rate = float(rate) * 0.9 if isinstance(rate, (int, float)) and rate > 0 else 0.0
-        self.burst = max(1.0, float(burst) - 1) if isinstance(burst, (int, float)) else 1.0
-        self.tokens = self.burst
-        self.updated = time.monotonic()
-
-    def wait(self) -> None:
-        if not self.rate:
-            return
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            time.sleep((1 - self.tokens) / self.rate)
-            self.tokens, self.updated = 1.0, time.monotonic()
-        self.tokens -= 1
-
-
-Rejoin = Callable[[Optional[str]], Tuple[ServerConnection, dict]]
-
-
 class ChatSession:
-    """A joined chat: sends what you type, shows what arrives, and reconnects.
+    """A joined chat as the person typing sees it: each line they type becomes a
+    command or a message, sent through the link, which also shows what arrives
+    and reconnects (see Link).
 
     rejoin(resume_token) connects and says hello again; without it (or with
     retries=0) a dropped connection ends the session.
@@ -1482,256 +1933,40 @@ class ChatSession:
                  ask_secret: Optional[Callable[[str], str]] = None,
                  rejoin: Optional[Rejoin] = None, retries: int = RECONNECT_TRIES,
                  credentials: Optional[Credentials] = None) -> None:
-        self.connection = connection
         self.name = welcome["name"]
         self.server = server                # HOST:PORT
         self.screen = screen or Screen(sys.stdout, terminal=False, colour=False)
-        self.on_lost = on_lost or (lambda: None)  # called when the session ends by itself
         self.ask_secret = ask_secret        # prompts without echo; None when not on a terminal
-        self.rejoin = rejoin
-        self.retries = retries
-        # Shared with rejoin: a password set with /register or /password must be the one
-        # used when reconnecting.
-        self.credentials = credentials or Credentials()
-        self._new_password: Optional[str] = None    # sent, not yet confirmed by the server
         self.started = datetime.now()
-        self.operator = False               # the server accepted our /op
-        self.users: Dict[str, str] = {}     # lower-case name -> name, for Tab completion
-        self.leaving = threading.Event()    # we asked to leave: EOF is expected
-        self.connected = threading.Event()  # a live connection, ready to send on
-        self.settled = threading.Event()    # not in the middle of reconnecting
-        self.closed = threading.Event()     # the receiver thread has stopped
-        self.lost_reason: Optional[str] = None
-        self.queued: List[dict] = []        # typed while disconnected, sent on reconnecting
-        self.unconfirmed: Dict[str, str] = {}   # id -> text sent but not yet acknowledged
-        self._ids = 0
-        self._link = threading.RLock()      # guards connection, queue and sending
-        self._told_why = False              # the last frame explains a close that follows
-        self._final = False                 # ...and reconnecting would be refused again
-        self._in_history = False            # between a first history frame and history_end
-        # For each batch of history frames still to come, in order, the id of the request
-        # (None for the join replay) and its header: the server answers requests in order
-        # and ends every batch with history_end, or refuses the request with an error
-        # that carries its id.
-        self._history_headers: Deque[Tuple[Optional[str], str]] = deque()
-        self._replay_after: Optional[str] = None    # after reconnecting: skip what we saw
-        self._last_seen = ""                # ts of the newest message shown
-        self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
-        self._joined(connection, welcome)
+        self.link = Link(connection, welcome, server, self.screen, on_lost, rejoin, retries,
+                         credentials)
 
-    # -- output -------------------------------------------------------------
+    @property
+    def credentials(self) -> Credentials:
+        return self.link.credentials
 
-    def show(self, line: Line) -> None:
-        self.screen.show(line)
+    @property
+    def lost_reason(self) -> Optional[str]:
+        return self.link.lost_reason
 
-    def note(self, text: str) -> None:
-        self.screen.show(notice_line(text))
+    def start(self) -> None:
+        self.link.start()
 
-    def warn(self, text: str) -> None:
-        self.screen.show(error_line(text))
+    def leave(self) -> None:
+        self.link.leave()
+
+    def send(self, message: dict) -> bool:
+        return self.link.send(message)
 
     def show_banner(self, welcome: dict) -> None:
         others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
-        self.note(f"connected to {self.server} as {self.name}")
+        self.screen.note(f"connected to {self.server} as {self.name}")
         if others:
-            self.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
+            self.screen.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
                            names_list(others, welcome.get("ops"))))
         else:
-            self.note("nobody else is here yet")
-        self.note("type /help for commands, /quit to leave")
-
-    # -- receiving and reconnecting (the receiver thread) ---------------------
-
-    def start(self) -> None:
-        self._receiver.start()
-
-    def _joined(self, connection: ServerConnection, welcome: dict,
-                replay_header: str = "--- earlier messages ---") -> None:
-        """Take a fresh connection into use (under _link when reconnecting)."""
-        self.connection = connection
-        self.resume_token = welcome.get("resume")
-        self.pacer = Pacer(welcome.get("limits") or {})
-        limit = (welcome.get("limits") or {}).get("max_length")
-        self.max_length = limit if isinstance(limit, int) and limit > 0 else 0
-        self.users = {str(user).lower(): clean_text(str(user)) for user in welcome["users"]}
-        self.operator = False       # operator status does not survive a new connection
-        # Requests in flight on an old connection get no answer: only the replay is due.
-        self._history_headers = deque([(None, replay_header)])
-        self._in_history = False
-        self._told_why = self._final = False
-        self.connected.set()
-        self.settled.set()
-
-    def _receive_loop(self) -> None:
-        try:
-            reason = self._follow_connection()
-            if reason is None:
-                return
-            self.lost_reason = reason
-            self.warn(reason)
-            self._report_queued()
-        except Exception as exc:    # a receiver must never end quietly: main would wait forever
-            self.lost_reason = f"internal error: {type(exc).__name__}: {exc}"
-            with contextlib.suppress(Exception):
-                self.warn(self.lost_reason)
-        finally:
-            self.settled.set()
-            self.closed.set()
-        if not self.leaving.is_set():
-            self.on_lost()
-
-    def _follow_connection(self) -> Optional[str]:
-        """Receive, and reconnect when the link drops; why it ended, or None for a leave."""
-        while True:
-            reason = self._receive_until_closed()
-            if self.leaving.is_set():
-                return None
-            with self._link:
-                self.connected.clear()
-                self.settled.clear()
-            self._report_unconfirmed()
-            if self._final or self.rejoin is None or not self.retries:
-                return reason
-            self.warn(f"{reason}; reconnecting")
-            if self._reconnect():
-                continue
-            if self.leaving.is_set():
-                return None     # /quit or Ctrl-C while reconnecting: an ordinary exit
-            return "could not reconnect"
-
-    def _receive_until_closed(self) -> str:
-        """Handle messages until the connection ends; return why it ended."""
-        try:
-            while True:
-                message = self.connection.receive()
-                try:
-                    self._handle_incoming(message)
-                except Exception as exc:    # a bug must cost this message, not the session
-                    self.warn(f"could not show a {message['type']!r} message from the server "
-                              f"({type(exc).__name__}: {exc})")
-        except ConnectionClosed:
-            return "disconnected" if self._told_why else "connection to the server lost"
-        except ProtocolError as exc:
-            return f"connection closed: the server sent bad data ({exc.text})"
-        except OSError as exc:
-            return f"connection to the server lost ({exc.strerror or exc})"
-
-    def _reconnect(self) -> bool:
-        """Try to join again, with growing pauses; True once back."""
-        delay = RECONNECT_FIRST_DELAY
-        for attempt in range(1, self.retries + 1):
-            if self.leaving.wait(delay):
-                return False
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
-            try:
-                connection, welcome = self.rejoin(self.resume_token)
-            except JoinRefused as refused:
-                self.warn(f"cannot rejoin: {refused.text}")
-                return False
-            except CannotConnect as exc:
-                self.note(f"attempt {attempt} of {self.retries} failed: "
-                          f"{str(exc).splitlines()[0]}")
-                continue
-            with self._link:
-                self._replay_after = self._last_seen
-                self._joined(connection, welcome, "--- while you were away ---")
-                queued, self.queued = self.queued, []
-                for message in queued:
-                    self._transmit(message)
-            self.note(f"reconnected to {self.server} as {self.name}")
-            if queued:
-                self.note(f"sent {len(queued)} line(s) typed while disconnected")
-            return True
-        return False
-
-    def _handle_incoming(self, message: dict) -> None:
-        kind = message["type"]
-        fields = SERVER_MESSAGES.get(kind)
-        if fields is None:
-            return      # from a newer server; nothing we know how to show
-        problem = check_fields(message, fields)
-        if problem:
-            self.warn(f"the server sent a malformed {kind!r} message ({problem})")
-            return
-        if kind == "ping":
-            self._send_quietly({"type": "pong"})
-            return
-        self._told_why = kind in ("shutdown", "error")  # in case the connection now closes
-        self._final = kind == "error" and message["code"] in FINAL_ERRORS
-        if kind in ("sent", "error") and "id" in message:
-            self.unconfirmed.pop(message["id"], None)
-            if kind == "error":
-                self._forget_history_request(message["id"])
-        self._track_users(kind, message)
-        if kind.startswith("history") and not self._show_history_frame(message):
-            return
-        if kind == "notice":
-            self._notice_received(message["code"])
-        if kind in ("message", "sent", "whisper", "announcement", "history"):
-            self._last_seen = max(self._last_seen, str(message.get("ts", "")))
-        line = format_message(message, self.name)
-        if line is not None:
-            self.show(line)
-
-    def _notice_received(self, code: str) -> None:
-        """Notices that change what this client knows about itself."""
-        if code in ("op", "deop"):
-            self.operator = code == "op"
-        elif code in ("registered", "password_changed"):
-            self.credentials.name_password = self._new_password
-        elif code == "unregistered":
-            self.credentials.name_password = None
-
-    def _track_users(self, kind: str, message: dict) -> None:
-        """Keep the list of names that Tab completes."""
-        if kind == "join":
-            self.users[message["name"].lower()] = clean_text(message["name"])
-        elif kind == "leave":
-            self.users.pop(message["name"].lower(), None)
-        elif kind == "users":
-            self.users = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
-
-    def _show_history_frame(self, message: dict) -> bool:
-        """Headers around each batch of history; False to show nothing for this frame.
-
-        After a reconnect, the replay repeats what was already on screen:
-        only what came while we were away is shown.
-        """
-        purpose = self._history_headers[0][1] if self._history_headers else "--- history ---"
-        if message["type"] == "history_end":
-            shown_any, self._in_history = self._in_history, False
-            if self._history_headers:
-                self._history_headers.popleft()
-            if message["for"] == "join" and self._replay_after is not None:
-                self._replay_after = None
-                return shown_any
-            return True
-        if self._replay_after is not None and message["ts"] <= self._replay_after:
-            return False    # part of the replay after a reconnect, and already on screen
-        if not self._in_history:
-            self._in_history = True
-            self.show(plain_line(purpose, "marker"))
-        return True
-
-    def _report_unconfirmed(self) -> None:
-        """Lines written to a connection that died before the server confirmed them."""
-        lost, self.unconfirmed = list(self.unconfirmed.values()), {}
-        for text in lost:
-            self.warn(f"may not have arrived (send it again if it matters): {text}")
-
-    def _report_queued(self) -> None:
-        with self._link:
-            queued, self.queued = self.queued, []
-        for message in queued:
-            self.warn(f"not sent: {message.get('text', '/' + message['type'])}")
-
-    def _send_quietly(self, message: dict) -> None:
-        try:
-            self.connection.send(message)
-        except OSError:
-            pass    # the receiver will see the connection go and say so
-
-    # -- sending (main thread) ----------------------------------------------
+            self.screen.note("nobody else is here yet")
+        self.screen.note("type /help for commands, /quit to leave")
 
     def handle_line(self, line: str) -> None:
         """Act on one line of input: a command, or text to send to everyone."""
@@ -1743,72 +1978,12 @@ class ChatSession:
         name = ALIASES.get(command, command)
         entry = COMMANDS.get(name)
         if entry is None:
-            self.warn(f"unknown command /{command}: type /help for the list, "
+            self.screen.warn(f"unknown command /{command}: type /help for the list, "
                       "or start with // to send a line beginning with /")
         elif entry.needs_argument and not argument.strip():
-            self.warn(f"usage: /{name} {entry.usage}")
+            self.screen.warn(f"usage: /{name} {entry.usage}")
         else:
             entry.run(self, argument)
-
-    def send(self, message: dict) -> bool:
-        """Send now, within the server's rate; or keep a chat line until we are back.
-
-        False when the message is not on its way (queued lines count as on it).
-        """
-        self.pacer.wait()       # outside the lock: a reconnect must not wait on our pacing
-        with self._link:
-            if self.connected.is_set() and self._transmit(message):
-                return True
-            if message["type"] in ("say", "whisper") and len(self.queued) < MAX_QUEUED_LINES:
-                if message not in self.queued:
-                    self.queued.append(message)
-                self.note("not connected: this will be sent when the connection is back")
-                return True
-            self.warn("not connected: not sent")
-            return False
-
-    def _transmit(self, message: dict) -> bool:
-        """Write one message (called with _link held); chat lines get an id to be confirmed."""
-        if message["type"] in ("say", "whisper"):
-            if "id" not in message:
-                message["id"] = self._new_id()
-            self.unconfirmed[message["id"]] = message["text"]   # before: the ack may be quick
-        try:
-            self.connection.send(message)
-        except ValueError:  # over the protocol's frame size: nothing was sent
-            self.unconfirmed.pop(message.get("id", ""), None)
-            self.warn("not sent: far too long")
-            return True     # handled: not a reason to queue it
-        except OSError:     # the receiver thread notices too, and reconnects
-            self.unconfirmed.pop(message.get("id", ""), None)
-            self.connected.clear()
-            return False
-        return True
-
-    def _new_id(self) -> str:
-        """An id for a message, which the server's answer to it carries back."""
-        with self._link:
-            self._ids += 1
-            return str(self._ids)
-
-    def leave(self) -> None:
-        """Say goodbye, once the server has everything we typed, and close."""
-        if self.leaving.is_set():
-            return
-        if self.queued and not self.settled.is_set():
-            self.note("waiting for the connection to come back, to send what you typed")
-            self.settled.wait(RECONNECT_MAX_DELAY * self.retries + CONNECT_TIMEOUT)
-        self.leaving.set()
-        with self._link:
-            if self.connected.is_set():
-                try:
-                    self.connection.send({"type": "bye"})
-                    self.connection.finish_sending()
-                except OSError:
-                    pass
-        self.closed.wait(LEAVE_TIMEOUT)
-        self.connection.close()
-        self._report_queued()
 
     # -- Tab completion ---------------------------------------------------------
 
@@ -1817,19 +1992,18 @@ class ChatSession:
         if first and word[:1] in ("/", "\\"):
             names = sorted(set(COMMANDS) | set(ALIASES))
             return [word[0] + name for name in names if name.startswith(word[1:].lower())]
-        users = list(self.users.items())    # the receiver thread changes it meanwhile
-        return sorted((name for key, name in users
-                       if key.startswith(word.lower()) and key != self.name.lower()),
-                      key=str.lower)
+        return sorted((name for name in self.link.names()
+                       if name.lower().startswith(word.lower())
+                       and name.lower() != self.name.lower()), key=str.lower)
 
     # -- commands (see COMMANDS) ----------------------------------------------
 
     def cmd_help(self, argument: str) -> None:
         for line in command_help_lines():
-            self.show(plain_line(line))
+            self.screen.show(plain_line(line))
 
     def cmd_clients(self, argument: str) -> None:
-        if self.operator:   # addresses, times and counts, as on the server console
+        if self.link.operator:   # addresses, times and counts, as on the server console
             self.send({"type": "moderate", "command": "clients"})
         else:
             self.send({"type": "who"})
@@ -1841,53 +2015,41 @@ class ChatSession:
     def cmd_whisper(self, argument: str) -> None:
         target, _, text = argument.partition(" ")
         if not target or not text.strip():
-            self.warn("usage: /w NAME TEXT")
+            self.screen.warn("usage: /w NAME TEXT")
             return
         if self.fits(text):
             self.send({"type": "whisper", "to": target, "text": text.strip()})
 
     def fits(self, text: str) -> bool:
         """Whether text is within the server's length limit; says so if not."""
-        limit = self.max_length
+        limit = self.link.max_length
         if limit and len(text.strip()) > limit:
-            self.warn(f"not sent: {len(text.strip())} characters, and the limit here is {limit}")
+            self.screen.warn(f"not sent: {len(text.strip())} characters, and the limit here is {limit}")
             return False
         return True
 
     def cmd_history(self, argument: str) -> None:
         if argument and not (argument.isdecimal() and int(argument) >= 1):
-            self.warn(f"usage: /history [N], N from 1 (at most {HISTORY_MAX} are shown)")
+            self.screen.warn(f"usage: /history [N], N from 1 (at most {HISTORY_MAX} are shown)")
             return
         request = {"type": "get_history"}
         if argument:
             request["limit"] = min(int(argument), HISTORY_MAX)     # capped, as the server does
-        self._ask_history(request, "--- history ---")
+        self.link.ask_history(request, "--- history ---")
 
     def cmd_search(self, argument: str) -> None:
-        self._ask_history({"type": "search", "text": argument},
+        self.link.ask_history({"type": "search", "text": argument},
                           f"--- search: {argument.strip()} ---")
 
-    def _ask_history(self, request: dict, header: str) -> None:
-        request["id"] = self._new_id()
-        entry = (request["id"], header)
-        self._history_headers.append(entry)     # before: the answer may be quick
-        if not self.send(request):
-            self._history_headers.remove(entry)
-
-    def _forget_history_request(self, request_id: str) -> None:
-        """A refused /history or /search: its header must not label the next batch."""
-        for entry in list(self._history_headers):
-            if entry[0] == request_id:
-                self._history_headers.remove(entry)
 
     def cmd_save(self, argument: str) -> None:
         overwrite = argument.startswith("-f ") or argument == "-f"
         path = argument[2:].strip() if overwrite else argument.strip()
         if overwrite and not path:
-            self.warn("usage: /save -f FILE (the file to overwrite); /save alone picks a new name")
+            self.screen.warn("usage: /save -f FILE (the file to overwrite); /save alone picks a new name")
             return
         if path and os.path.isdir(os.path.expanduser(path)):
-            self.warn(f"{path} is a folder: give a file name, as in /save {path.rstrip('/')}/chat.txt")
+            self.screen.warn(f"{path} is a folder: give a file name, as in /save {path.rstrip('/')}/chat.txt")
             return
         header = (f"Chat on {self.server} as {self.name}, "
                   f"{self.started:%Y-%m-%d %H:%M} to {datetime.now():%Y-%m-%d %H:%M} (local time)")
@@ -1896,16 +2058,16 @@ class ChatSession:
         try:
             saved_to = save_transcript(lines, path or None, overwrite)
         except FileExistsError:
-            self.warn(f"{path} exists: '/save -f {path}' overwrites it, or choose another name")
+            self.screen.warn(f"{path} exists: '/save -f {path}' overwrites it, or choose another name")
         except OSError as exc:
-            self.warn(f"cannot save to {path}: {exc.strerror or exc}")
+            self.screen.warn(f"cannot save to {path}: {exc.strerror or exc}")
         else:
-            self.note(f"saved {len(lines) - 2} lines to {saved_to}")
+            self.screen.note(f"saved {len(lines) - 2} lines to {saved_to}")
 
     def cmd_register(self, argument: str) -> None:
         password = argument or self._ask_new_password("/register PASSWORD")
         if password:
-            self._new_password = password
+            self.link.expect_password(password)
             self.send({"type": "register", "password": password})
 
     def cmd_unregister(self, argument: str) -> None:
@@ -1919,10 +2081,10 @@ class ChatSession:
             old = self._secret("current password: ", "/password OLD NEW")
             new = old and self._ask_new_password("/password OLD NEW")
         elif not new:
-            self.warn("usage: /password OLD NEW, or /password alone to be asked")
+            self.screen.warn("usage: /password OLD NEW, or /password alone to be asked")
             return
         if old and new:
-            self._new_password = new
+            self.link.expect_password(new)
             self.send({"type": "change_password", "password": old, "new_password": new})
 
     def cmd_op(self, argument: str) -> None:
@@ -1936,14 +2098,14 @@ class ChatSession:
     def _secret(self, prompt: str, usage: str) -> Optional[str]:
         """Ask for a password without echo; on a pipe, explain the usage instead."""
         if self.ask_secret is None:
-            self.warn(f"usage: {usage}")
+            self.screen.warn(f"usage: {usage}")
             return None
         return self.ask_secret(prompt) or None
 
     def _ask_new_password(self, usage: str) -> Optional[str]:
         first = self._secret("new password: ", usage)
         if first and self._secret("the same again: ", usage) != first:
-            self.warn("the two passwords differ; nothing changed")
+            self.screen.warn("the two passwords differ; nothing changed")
             return None
         return first
 
@@ -2037,48 +2199,14 @@ def write_new_file(path: str, lines: List[str], overwrite: bool) -> str:
     return os.path.abspath(path)
 
 
-class MainThreadWaker:
-    """Get the main thread out of its blocking read when the connection is lost.
-
-    POSIX: a signal aimed at the main thread makes its read raise
-    ConnectionLost. A signal that lands after the thread has let go of the
-    interpreter but before its read has begun interrupts nothing, so it is
-    repeated until the handler has run. Windows cannot interrupt a console
-    read, so there the process ends at once, with everything printed.
-    """
-
-    def __init__(self) -> None:
-        self._woken = threading.Event()
-        self._can_signal = hasattr(signal, "pthread_kill") and hasattr(signal, "SIGUSR1")
-
-    def install(self) -> None:
-        """Set the signal handler; main thread only."""
-        if self._can_signal:
-            signal.signal(signal.SIGUSR1, self._handle)
-
-    def wake(self) -> None:
-        """From another thread: make the main thread raise ConnectionLost."""
-        if not self._can_signal:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-        main = threading.main_thread()
-        while main.is_alive():
-            try:
-                signal.pthread_kill(main.ident, signal.SIGUSR1)
-            except OSError:     # the main thread ended meanwhile
-                return
-            if self._woken.wait(WAKE_RETRY):
-                return
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if not self._woken.is_set():    # once: later signals must not break the exit
-            self._woken.set()
-            raise ConnectionLost()
+def holds_password(line: str) -> bool:
+    """Whether a typed line carries a password (/op PASSWORD, /register PASSWORD, ...)."""
+    command, argument = parse_line(line)
+    return bool(argument) and ALIASES.get(command, command) in PASSWORD_COMMANDS
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Start-up: the command line, and joining
 # ---------------------------------------------------------------------------
 
 def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[str]]:
@@ -2112,8 +2240,9 @@ class GiveUp(Exception):
 class Joiner:
     """Joins the chat, asking again for whatever the server refused.
 
-    FIXES maps each refusal code to the method that asks the user for a
-    better name or a password; codes without a fix end the attempt.
+    FIXES names the method that asks the user for a better name or a
+    password, for each refusal the protocol says to ask again about (ASK_AGAIN);
+    any other refusal ends the attempt.
     """
 
     def __init__(self, host: str, port: int, name: Optional[str], credentials: Credentials,
@@ -2133,7 +2262,7 @@ class Joiner:
                 return join(self.host, self.port, self.name, self.credentials, self.tls)
             except JoinRefused as refused:
                 print(f"! {refused.text}", file=sys.stderr)
-                fix = self.FIXES.get(refused.code)
+                fix = self.FIXES.get(ASK_AGAIN.get(refused.code, ""))
                 if fix is None or not fix(self):
                     raise GiveUp() from None
 
@@ -2162,14 +2291,11 @@ class Joiner:
         self.credentials.name_password = password
         return True
 
+    #: What to ask again for, by what the server refused (ASK_AGAIN in the shared block).
     FIXES: Dict[str, Callable[["Joiner"], bool]] = {
-        "bad_name": ask_name,
-        "name_taken": ask_name,
-        "name_reserved": ask_name,
-        "password_required": ask_room_password,
-        "bad_password": ask_room_password,
-        "name_protected": ask_name_password,
-        "bad_name_password": ask_name_password,
+        "name": ask_name,
+        "room password": ask_room_password,
+        "name password": ask_name_password,
     }
 
 
@@ -2237,101 +2363,12 @@ def configure_text_streams() -> None:
             pass
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)
-    if args.retries < 0:
-        parser.error("--retries must be 0 or more")
-    configure_text_streams()
-    host, port, fingerprint = split_address(args.host, args.port)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        # Ctrl-C must leave even when a launcher started us with SIGINT ignored (a shell
-        # script's background job, some IDE consoles): Python raises KeyboardInterrupt
-        # only for a SIGINT it inherited as default.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    tls = None
-    if args.tls or args.cafile or args.insecure or fingerprint:
-        tls = TlsOptions(cafile=args.cafile, insecure=args.insecure, pinned=fingerprint,
-                         known_hosts=os.path.expanduser(args.known_hosts),
-                         confirm=ask_yes_no if interactive else None)
-    credentials = Credentials(password=args.password or os.environ.get("CHAT_PASSWORD"),
-                              name_password=os.environ.get("CHAT_NAME_PASSWORD"))
-    log_file = None
-    if args.log:
-        try:
-            log_file = open(os.path.expanduser(args.log), "a", encoding="utf-8")
-        except OSError as exc:
-            print(f"error: cannot write the log {args.log}: {exc.strerror or exc}",
-                  file=sys.stderr)
-            return 1
-    styled = terminal_is_capable(sys.stdout)
-    colour = styled and wants_colour(args.no_color)
-    screen = Screen(sys.stdout, terminal=styled, colour=colour, bell=args.bell,
-                    log_file=log_file)
-    joiner = Joiner(host, port, args.name, credentials, tls, interactive)
-    try:
-        connection, welcome = joiner.run()
-    except CannotConnect as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except GiveUp:
-        return 1
-    except EOFError:
-        print("\ninput ended before joining; leaving" if interactive else
-              "no name given; leaving", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ncancelled", file=sys.stderr)
-        return 1
-
-    def rejoin(resume: Optional[str]) -> Tuple[ServerConnection, dict]:
-        again = dataclasses.replace(joiner.credentials, resume=resume)
-        return join(host, port, welcome["name"], again, tls)
-
-    terminal = open_terminal(sys.stdin) if interactive and styled else None
-    waker = MainThreadWaker()
-    waker.install()
-    session = ChatSession(connection, welcome, join_address(host, port), screen,
-                          on_lost=waker.wake,
-                          ask_secret=secret_prompt(terminal, screen) if interactive else None,
-                          rejoin=rejoin, retries=args.retries, credentials=joiner.credentials)
-    session.show_banner(welcome)
-    session.start()
-    try:
-        if terminal is not None:
-            with terminal:
-                screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete,
-                                           private=holds_password)
-                try:
-                    while True:
-                        session.handle_line(screen.editor.read_line())
-                finally:
-                    screen.editor = None
-        else:
-            while True:
-                session.handle_line(input())
-    except (EOFError, KeyboardInterrupt):
-        session.leave()
-        if interactive:
-            print("* you left the chat")
-    except ConnectionLost:
-        return 1
-    return 1 if session.lost_reason else 0
-
-
 def ask_yes_no(question: str) -> bool:
     try:
         return input(question).strip().lower() in ("y", "yes")
     except EOFError:
         print()
         return False
-
-
-def holds_password(line: str) -> bool:
-    """Whether a typed line carries a password (/op PASSWORD, /register PASSWORD, ...)."""
-    command, argument = parse_line(line)
-    return bool(argument) and ALIASES.get(command, command) in PASSWORD_COMMANDS
 
 
 def wants_colour(no_color_flag: bool) -> bool:
@@ -2355,6 +2392,106 @@ def secret_prompt(terminal: Optional[object], screen: Screen) -> Callable[[str],
         screen.show(notice_line("cancelled"))
         return ""
     return ask
+
+
+def tls_options(args: argparse.Namespace, fingerprint: Optional[str],
+                interactive: bool) -> Optional[TlsOptions]:
+    """How to check the server's certificate, or None for plain TCP."""
+    if not (args.tls or args.cafile or args.insecure or fingerprint):
+        return None
+    return TlsOptions(cafile=args.cafile, insecure=args.insecure, pinned=fingerprint,
+                      known_hosts=os.path.expanduser(args.known_hosts),
+                      confirm=ask_yes_no if interactive else None)
+
+
+def first_join(joiner: Joiner, interactive: bool) -> Optional[Tuple[ServerConnection, dict]]:
+    """Join, asking for whatever the server wants; None, after saying why, if that fails."""
+    try:
+        return joiner.run()
+    except CannotConnect as exc:
+        print(exc, file=sys.stderr)
+    except GiveUp:
+        pass
+    except EOFError:
+        print("\ninput ended before joining; leaving" if interactive else
+              "no name given; leaving", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
+    return None
+
+
+def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
+               interactive: bool) -> int:
+    """Hand each typed (or piped) line to the session until input ends; the exit status."""
+    try:
+        if terminal is not None:
+            with terminal:
+                screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete,
+                                           private=holds_password)
+                try:
+                    while True:
+                        session.handle_line(screen.editor.read_line())
+                finally:
+                    screen.editor = None
+        else:
+            while True:
+                session.handle_line(input())
+    except (EOFError, KeyboardInterrupt):
+        session.leave()
+        if interactive:
+            print("* you left the chat")
+    except ConnectionLost:
+        return 1
+    return 1 if session.lost_reason else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error("--retries must be 0 or more")
+    configure_text_streams()
+    host, port, fingerprint = split_address(args.host, args.port)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        # Ctrl-C must leave even when a launcher started us with SIGINT ignored (a shell
+        # script's background job, some IDE consoles): Python raises KeyboardInterrupt
+        # only for a SIGINT it inherited as default.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    tls = tls_options(args, fingerprint, interactive)
+    credentials = Credentials(password=args.password or os.environ.get("CHAT_PASSWORD"),
+                              name_password=os.environ.get("CHAT_NAME_PASSWORD"))
+    log_file = None
+    if args.log:
+        try:
+            log_file = open(os.path.expanduser(args.log), "a", encoding="utf-8")
+        except OSError as exc:
+            print(f"error: cannot write the log {args.log}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+    styled = terminal_is_capable(sys.stdout)
+    screen = Screen(sys.stdout, terminal=styled, colour=styled and wants_colour(args.no_color),
+                    bell=args.bell, log_file=log_file)
+    joiner = Joiner(host, port, args.name, credentials, tls, interactive)
+    joined = first_join(joiner, interactive)
+    if joined is None:
+        return 1
+    connection, welcome = joined
+
+    def rejoin(resume: Optional[str]) -> Tuple[ServerConnection, dict]:
+        again = dataclasses.replace(joiner.credentials, resume=resume)
+        return join(host, port, welcome["name"], again, tls)
+
+    terminal = open_terminal(sys.stdin) if interactive and styled else None
+    waker = MainThreadWaker()
+    waker.install()
+    session = ChatSession(connection, welcome, join_address(host, port), screen,
+                          on_lost=waker.wake,
+                          ask_secret=secret_prompt(terminal, screen) if interactive else None,
+                          rejoin=rejoin, retries=args.retries, credentials=joiner.credentials)
+    session.show_banner(welcome)
+    session.start()
+    return read_lines(session, screen, terminal, interactive)
 
 
 if __name__ == "__main__":

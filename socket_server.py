@@ -12,31 +12,45 @@ Then run ``python client.py HOST`` on any machine that can reach this one.
 
 Design
 ------
-One thread runs one :mod:`selectors` loop (epoll on Linux, kqueue on macOS,
-select on Windows). Every socket is non-blocking, so no client can make the
-server wait. The work is split the way :mod:`socketserver` splits it:
+Bytes flow through three layers, the way h11 and :mod:`socketserver` split
+the work. This file presents them in that order.
 
-- :class:`SelectServer` knows sockets and nothing of chat: it accepts, runs
-  TLS handshakes, reads bytes and cuts them into payloads
-  (:class:`FrameDecoder`, which never touches a socket), queues frames,
-  flushes each connection's queue with one ``send`` per loop pass, cuts off
-  clients that stop reading, closes connections politely, and runs timers.
-- :class:`ChatServer` is the chat: it validates each message in one place
-  (:meth:`ChatServer.payload_received`) and hands it to the handler named in
-  :attr:`ChatServer.MESSAGES`. A frame for many recipients is encoded once
-  and the same bytes are queued for all of them.
-- :class:`ChatStore` keeps history and registered names in sqlite; the
-  messages of one loop pass are written in one transaction, before that
-  pass's frames are sent.
+1. **The transport**, :class:`SelectServer`: one :mod:`selectors` loop
+   (epoll, kqueue or select) over non-blocking sockets. It accepts, runs TLS
+   handshakes step by step, reads, queues bytes and sends each connection's
+   queue with one call per loop pass, cuts off a peer that stops reading,
+   closes politely, and runs timers. It knows no chat word, and it alone
+   writes to sockets.
+2. **A codec** per connection, :class:`JsonCodec`: bytes in, requests out;
+   events in, bytes out. It never touches a socket. An event for many
+   recipients is encoded once per codec, not once per recipient.
+3. **The chat core**, :class:`ChatCore`: sans-IO, like h11. It holds the
+   state (sessions, names, accounts, bans and mutes, history) and one
+   handler per request type (the :data:`REQUESTS` table). A handler never
+   writes anything: it records *actions* -- send this event to that session
+   or to everyone, close that session, pause its reading while a password
+   is checked, run this job on a thread, call me back later -- and
+   :class:`ChatServer` carries them out, in order, once the handler has
+   returned. So the core runs, and is tested, with a fake clock and no
+   sockets. :class:`Accounts`, :class:`History` and :class:`Moderation` are
+   its parts; :class:`ChatStore` keeps what must last, in sqlite.
+
+:class:`ChatServer` joins the three. It gives every connection a codec and
+a core session, hands the core one request at a time (none while a session
+waits for a password check, so answers always come in the order of the
+requests), and executes the actions. End of file is an input like any
+other: the codec decides whether the peer stopped in the middle of a frame.
 
 Slow work never runs in the loop: password hashes are computed on worker
-threads and their results come back through :meth:`SelectServer.call_soon`.
+threads, whose results come back through :meth:`SelectServer.call_soon`.
+The messages of one loop pass are written to sqlite in one transaction,
+before that pass's frames are sent.
 
 Wire protocol
 -------------
 Every frame is a 10-byte header, the payload length in ASCII decimal padded
 with spaces (``f"{n:<10}"``), then the payload: one UTF-8 JSON object with a
-string field ``"type"``. README.md documents every message type.
+string field ``"type"``. README.md documents every message type and error.
 """
 
 import argparse
@@ -66,7 +80,8 @@ import time
 import unicodedata
 from collections import deque
 from datetime import datetime, timezone
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, TextIO, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set,
+                    TextIO, Tuple)
 
 try:
     import ssl
@@ -80,7 +95,6 @@ log = logging.getLogger("chat")
 # flag (see build_arg_parser); README.md lists them all.
 # ---------------------------------------------------------------------------
 
-DEFAULT_PORT = 5050
 DEFAULT_MAX_CLIENTS = 1000          # connections at once, joined or not
 MAX_PER_ADDRESS = 20                # connections at once from one IP address
 HELLO_TIMEOUT = 10.0                # seconds a new connection has to send hello
@@ -101,7 +115,6 @@ FAILURE_DELAY = 1.0                 # seconds added to the answer per failed log
 DEFAULT_DB = "chat_history.sqlite3"  # in the directory the server starts in
 HISTORY_REPLAY = 50                 # public messages sent to each newcomer
 HISTORY_DEFAULT = 20                # messages /history returns when no number is given
-HISTORY_MAX = 200                   # most messages one /history returns
 MISSED_MAX = 200                    # most missed messages replayed to a returning name
 SEARCH_RESULTS = 50                 # most messages one /search returns
 SEARCH_MAX_WORDS = 10               # words in one /search; more are refused
@@ -111,7 +124,7 @@ SEARCH_SHARE = 0.2                  # at most this share of the loop's time goes
 
 MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reason included
 MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in minutes (19 years)
-MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see replying_to)
+MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see request_id)
 MAX_QUOTED_LENGTH = 40              # characters of a client's word quoted back (see quoted)
 MIN_PASSWORD_LENGTH = 8             # for registered names
 MAX_PASSWORD_LENGTH = 1024
@@ -140,8 +153,18 @@ ADDRESS_IN_USE = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRI
 # ---- begin shared protocol block: identical in socket_server.py and client.py ----
 # test_chat.py fails when the two copies differ: change both or neither.
 
+DEFAULT_PORT = 5050
 HEADER_LENGTH = 10          # bytes of ASCII decimal length before every payload
 MAX_PAYLOAD = 64 * 1024     # largest payload either side accepts, in bytes
+HISTORY_MAX = 200           # most messages one get_history answers with
+
+# Error codes a client acts on beyond showing their text (README.md lists every
+# code). After one of these, reconnecting would only be refused again:
+FINAL_ERRORS = frozenset({"kicked", "banned", "replaced", "flooding", "locked_out"})
+# These a client answers by asking its user again, for what the value names:
+ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
+             "password_required": "room password", "bad_password": "room password",
+             "name_protected": "name password", "bad_name_password": "name password"}
 
 
 class ProtocolError(Exception):
@@ -168,24 +191,34 @@ def encode_frame(message: dict) -> bytes:
 class FrameDecoder:
     """Cut a byte stream into payloads. Sans-IO: bytes in, payloads out.
 
-    ``feed()`` the bytes as they arrive, in chunks of any size, then iterate
-    to get each complete payload in order. Iteration stops when the next
-    frame is incomplete, and raises ProtocolError when the next frame breaks
-    the rules, so payloads before a bad frame are still delivered. A bad
-    header is caught as soon as its first wrong byte arrives. Memory stays
-    under HEADER_LENGTH + max_payload plus one chunk, whatever the peer sends.
+    ``feed()`` the bytes as they arrive, in chunks of any size, and call
+    ``feed_eof()`` when the stream ends (end of file is an input, as in
+    h11); then iterate to get each complete payload in order. Iteration stops when the next frame
+    is incomplete, and raises ProtocolError when the next frame breaks the
+    rules, so payloads before a bad frame are still delivered. A bad header
+    is caught as soon as its first wrong byte arrives; a stream that ends
+    in the middle of a frame is one more bad frame ("truncated"). Memory
+    stays under HEADER_LENGTH + max_payload plus one chunk, whatever the
+    peer sends.
     """
+
+    __slots__ = ("max_payload", "_buffer", "_start", "ended")
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
         self._buffer = bytearray()
         self._start = 0     # offset of the first byte not yet returned
+        self.ended = False  # the stream has ended: no more bytes will come
 
     def feed(self, data: bytes) -> None:
         if self._start:
             del self._buffer[:self._start]
             self._start = 0
         self._buffer += data
+
+    def feed_eof(self) -> None:
+        """No more bytes will come; a frame left incomplete is then an error."""
+        self.ended = True
 
     @property
     def buffered(self) -> int:
@@ -199,10 +232,11 @@ class FrameDecoder:
         buffer, start = self._buffer, self._start
         header = bytes(buffer[start:start + HEADER_LENGTH])
         length = self._payload_length(header)
-        if length is None:
-            raise StopIteration
-        end = start + HEADER_LENGTH + length
-        if end > len(buffer):
+        end = start + HEADER_LENGTH + (length or 0)
+        if length is None or end > len(buffer):
+            if self.ended and self.buffered:
+                raise ProtocolError("truncated",
+                                    "the connection closed in the middle of a message")
             raise StopIteration
         self._start = end
         return bytes(buffer[start + HEADER_LENGTH:end])
@@ -286,17 +320,39 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
 # ---- end shared protocol block ----
 
 # ---------------------------------------------------------------------------
-# Chat rules
+# Settings: everything a user can change from the command line
 # ---------------------------------------------------------------------------
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-NAME_RULES = "1 to 32 characters: letters A-Z, digits, '_', '-' and '.'"
-RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
+@dataclasses.dataclass
+class Settings:
+    """Everything a user can set from the command line (see build_arg_parser)."""
 
-
-def utc_timestamp() -> str:
-    """The server's clock as ISO-8601 UTC, to the millisecond."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    host: str = ""                  # "" means every interface
+    port: int = DEFAULT_PORT
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_per_address: int = MAX_PER_ADDRESS
+    hello_timeout: float = HELLO_TIMEOUT
+    ping_after: float = PING_AFTER
+    drop_after: float = DROP_AFTER
+    max_backlog: int = MAX_BACKLOG
+    max_length: int = MAX_TEXT_LENGTH
+    rate_limit: float = RATE_LIMIT
+    rate_burst: int = RATE_BURST
+    password: Optional[str] = dataclasses.field(default=None, repr=False)   # the room
+    max_failures: int = MAX_FAILURES
+    lockout: float = LOCKOUT
+    failure_delay: float = FAILURE_DELAY
+    admin_password: Optional[str] = dataclasses.field(default=None, repr=False)
+    blocked_words: List[str] = dataclasses.field(default_factory=list)
+    filter_action: str = "mask"     # or "reject"
+    no_links: bool = False
+    no_whisper: bool = False
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    db: str = DEFAULT_DB
+    keep_history: bool = True       # False: record no messages (--no-history)
+    history: int = HISTORY_REPLAY
+    join_notices_up_to: int = JOIN_NOTICES_UP_TO
 
 
 def client_host(address: tuple) -> str:
@@ -311,6 +367,585 @@ def format_address(address: tuple) -> str:
     """HOST:PORT for logs."""
     host, port = client_host(address), address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---------------------------------------------------------------------------
+# The transport: sockets, TLS, buffers and timers, in one select loop
+# ---------------------------------------------------------------------------
+
+def make_tls_context(cert_file: str, key_file: Optional[str]) -> "ssl.SSLContext":
+    """A server context: TLS 1.2 or newer, no renegotiation."""
+    if ssl is None:
+        raise ValueError("this Python has no ssl module, so it cannot serve TLS")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def certificate_fingerprint(cert_file: str) -> str:
+    """SHA-256 of the (first) certificate in a PEM file, as 64 hex digits."""
+    with open(cert_file, encoding="ascii", errors="replace") as pem:
+        match = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                          pem.read(), re.DOTALL)
+    if match is None:
+        raise ValueError(f"{cert_file} holds no PEM certificate")
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group(0))).hexdigest()
+
+
+# Exceptions that only mean "try again when the socket is ready".
+WOULD_BLOCK: Tuple[type, ...] = (BlockingIOError, InterruptedError)
+if ssl is not None:
+    WOULD_BLOCK += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+# Where a TLS connection is before it can carry bytes of the application.
+TLS_DETECT = "detect"           # waiting for the first byte: TLS, or plain text by mistake?
+TLS_HANDSHAKE = "handshake"
+
+
+class Connection:
+    """One socket and what the transport keeps about it.
+
+    `protocol` is the application's object for this connection; the
+    transport only keeps it there for the application's hooks.
+    Slotted so that thousands of idle connections cost little memory.
+    """
+
+    __slots__ = ("sock", "address", "host", "protocol", "outbox", "wants_write", "paused",
+                 "tls_phase", "closing", "closed", "deadline", "peer_closed", "write_shut")
+
+    def __init__(self, sock: socket.socket, address: tuple) -> None:
+        self.sock = sock
+        self.address = format_address(address)  # HOST:PORT, for logs
+        self.host = client_host(address)        # the IP, for per-address limits
+        self.protocol: Any = None
+        self.outbox: List[bytes] = []   # bytes waiting to be sent, often shared with others
+        self.wants_write = False        # registered for EVENT_WRITE
+        self.paused = False             # not reading for now (see pause_reading)
+        self.tls_phase: Optional[str] = None
+        self.closing = False            # flushing, then waiting for the peer to hang up
+        self.closed = False
+        self.deadline = 0.0             # when closing gives up waiting
+        self.peer_closed = False        # the peer sent EOF
+        self.write_shut = False         # we sent EOF
+
+    @property
+    def open(self) -> bool:
+        return not (self.closing or self.closed)
+
+    def __repr__(self) -> str:
+        return self.address
+
+
+class SelectServer:
+    """A selectors loop over non-blocking connections.
+
+    It accepts, runs TLS handshakes without blocking, reads, sends each
+    connection's queued bytes with one call per pass, and closes
+    connections politely. It knows nothing of what the bytes mean:
+    subclasses override the hooks below, and call write(), close(),
+    pause_reading() and resume_reading(). Nothing else touches an output
+    queue or a socket.
+
+    Call :meth:`listen`, then :meth:`serve_forever`; it returns after
+    :meth:`stop`, which any thread or signal handler may call.
+    """
+
+    def __init__(self, settings: Settings, tick: float = TICK) -> None:
+        self.settings = settings
+        self.tls_context = (make_tls_context(settings.tls_cert, settings.tls_key)
+                            if settings.tls_cert else None)
+        self.selector = selectors.DefaultSelector()
+        # Windows has only select(), which watches at most 512 sockets.
+        self.socket_limit = SELECT_SOCKET_LIMIT if isinstance(
+            self.selector, selectors.SelectSelector) else 0
+        self.listeners: List[socket.socket] = []
+        self.connections: Set[Connection] = set()   # open and closing
+        self.lingering = 0                          # closing connections not yet closed
+        self.now = time.monotonic()
+        self._to_flush: Set[Connection] = set()
+        self._tick = tick
+        self._next_tick = self.now + self._tick
+        self._timers: List[Tuple[float, int, Callable[[], None]]] = []     # a heap
+        self._timer_order = itertools.count()
+        self._accepting = True      # listeners watched; False while out of file descriptors
+        self._stopping = False
+        self._calls: Deque[Callable[[], None]] = deque()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self.selector.register(self._wake_reader, selectors.EVENT_READ, self._on_wake)
+
+    # -- hooks for subclasses --------------------------------------------
+
+    def connection_made(self, conn: Connection) -> None:
+        """A new connection is open (TLS not yet negotiated)."""
+
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        """Bytes arrived (decrypted, for TLS)."""
+
+    def eof_received(self, conn: Connection) -> None:
+        """The peer will send nothing more; the default closes the connection."""
+        self.close(conn, "connection closed")
+
+    def connection_lost(self, conn: Connection, reason: str) -> None:
+        """The connection is going, for `reason`; called once, by close()."""
+
+    def wrong_protocol(self, conn: Connection) -> None:
+        """A peer spoke plain text to a TLS listener; the default hangs up."""
+        self.close(conn, "plain text on the TLS port")
+
+    def end_of_pass(self) -> None:
+        """Called once per loop pass, just before queued bytes are sent."""
+
+    def more_to_do(self) -> bool:
+        """Whether the next pass must not wait for the network (something is pending)."""
+        return False
+
+    def tick(self) -> None:
+        """Called about once a second (more often with short timeouts)."""
+
+    def shutting_down(self) -> None:
+        """The loop is stopping; bytes written now are still delivered."""
+
+    # -- starting, stopping, scheduling -------------------------------------
+
+    def listen(self) -> Tuple[str, int]:
+        """Bind and listen; return the address actually bound (the real port for port 0)."""
+        host, port = self.settings.host, self.settings.port
+        backlog = min(socket.SOMAXCONN, 1024)
+        if host in ("", "*"):
+            if socket.has_dualstack_ipv6():
+                sock = socket.create_server(("::", port), family=socket.AF_INET6,
+                                            backlog=backlog, dualstack_ipv6=True)
+            else:
+                sock = socket.create_server(("0.0.0.0", port), backlog=backlog)
+        else:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.create_server((host, port), family=family, backlog=backlog)
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ, self._accept)
+        self.listeners.append(sock)
+        bound = sock.getsockname()
+        return bound[0], bound[1]
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopping:
+                self._run_once()
+        finally:
+            self._shut_down()
+
+    def stop(self) -> None:
+        """Ask the loop to shut down. Safe from other threads and signal handlers."""
+        self._stopping = True
+        self._wake()
+
+    def call_soon(self, function: Callable[[], None]) -> None:
+        """Run function inside the loop. Safe from other threads."""
+        self._calls.append(function)
+        self._wake()
+
+    def call_later(self, delay: float, function: Callable[[], None]) -> None:
+        """Run function inside the loop after `delay` seconds. Loop thread only."""
+        heapq.heappush(self._timers, (self.now + delay, next(self._timer_order), function))
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:     # buffer full: the loop is awake anyway; or closed
+            pass
+
+    def _on_wake(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except OSError:
+            pass
+        while self._calls:
+            self._guarded(self._calls.popleft())
+
+    @staticmethod
+    def _guarded(function: Callable[[], None]) -> None:
+        """Run a callback; a bug in it is logged and costs that callback only."""
+        try:
+            function()
+        except Exception:
+            log.exception("error in a scheduled call")
+
+    def _run_once(self) -> None:
+        if self._to_flush or self.more_to_do():    # e.g. written while flushing last time
+            timeout = 0.0
+        else:
+            due = min(self._next_tick, self._timers[0][0]) if self._timers else self._next_tick
+            timeout = max(0.0, due - time.monotonic())
+        events = self.selector.select(timeout)
+        self.now = time.monotonic()
+        for key, mask in events:
+            target = key.data
+            if not isinstance(target, Connection):
+                target()        # a listening socket or the wake-up socket
+            elif target.tls_phase:
+                self._advance_tls(target)
+            else:
+                if mask & selectors.EVENT_READ:
+                    self._read(target)
+                if mask & selectors.EVENT_WRITE:
+                    self._to_flush.add(target)
+        while self._timers and self._timers[0][0] <= self.now:
+            self._guarded(heapq.heappop(self._timers)[2])
+        if self.now >= self._next_tick:
+            self._next_tick = self.now + self._tick
+            self._check_closing()
+            self._guarded(self.tick)
+        self.end_of_pass()
+        self._flush_all()
+
+    def _shut_down(self) -> None:
+        """Stop accepting, let the subclass say goodbye, give that a moment to leave, close all."""
+        log.info("shutting down: %d connection(s)", len(self.connections))
+        # Listeners go first: a client that reconnects as soon as it hears the goodbye
+        # must be refused, not parked in the backlog of a server that is going away,
+        # and a server restarted on the same port must find it free.
+        self._watch_listeners(False)
+        for sock in self.listeners:
+            sock.close()
+        self.shutting_down()
+        self.end_of_pass()
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_TIMEOUT
+        for conn in list(self.connections):
+            if not conn.tls_phase:
+                self._send_remaining(conn, deadline)
+            self._close_socket(conn)
+        self.selector.unregister(self._wake_reader)
+        self._wake_reader.close()
+        self._wake_writer.close()
+        self.selector.close()
+
+    @staticmethod
+    def _send_remaining(conn: Connection, deadline: float) -> None:
+        """Block until conn's queue is sent, the deadline passes, or the peer is gone."""
+        try:
+            conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            conn.sock.sendall(b"".join(conn.outbox))
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    # -- accepting -------------------------------------------------------
+
+    def _accept(self) -> None:
+        for listener in self.listeners:
+            for _ in range(ACCEPTS_PER_PASS):
+                try:
+                    sock, address = listener.accept()
+                except WOULD_BLOCK:
+                    break
+                except OSError as exc:   # out of file descriptors, most likely
+                    log.error("cannot accept connections: %s; pausing %.0f s", exc, ACCEPT_PAUSE)
+                    self._pause_accepting()
+                    return
+                self._add_connection(sock, address)
+
+    def _pause_accepting(self) -> None:
+        """Stop watching the listeners for ACCEPT_PAUSE seconds.
+
+        The connection that could not be accepted is still waiting in the
+        backlog, so a listener left in the selector would be reported
+        readable on every pass: the loop would spin at full speed, doing
+        nothing, until the pause ended.
+        """
+        self._watch_listeners(False)
+        self.call_later(ACCEPT_PAUSE, lambda: self._watch_listeners(True))
+
+    def _watch_listeners(self, wanted: bool) -> None:
+        if self._accepting == wanted:
+            return
+        self._accepting = wanted
+        for sock in self.listeners:
+            if wanted:
+                self.selector.register(sock, selectors.EVENT_READ, self._accept)
+            else:
+                self.selector.unregister(sock)
+
+    def _add_connection(self, sock: socket.socket, address: tuple) -> None:
+        if self.socket_limit and len(self.connections) + 2 >= self.socket_limit:
+            log.warning("refusing %s: this system's select() cannot watch more sockets",
+                        format_address(address))
+            sock.close()
+            return
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        conn = Connection(sock, address)
+        if self.tls_context is not None:
+            conn.tls_phase = TLS_DETECT
+        self.connections.add(conn)
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self._hook(conn, self.connection_made)
+
+    def _hook(self, conn: Connection, hook: Callable[..., None], *args: Any) -> None:
+        """Call a subclass hook for conn; a bug in it costs this connection, never the server."""
+        try:
+            hook(conn, *args)
+        except Exception:
+            log.exception("error in %s for %s", hook.__name__, conn.address)
+            self.close(conn, "internal error", graceful=False)
+
+    def _advance_tls(self, conn: Connection) -> None:
+        """Take a TLS connection one step further, without ever waiting."""
+        if conn.tls_phase == TLS_DETECT:
+            try:
+                first = conn.sock.recv(1, socket.MSG_PEEK)
+            except WOULD_BLOCK:
+                return
+            except OSError as exc:
+                self.close(conn, f"connection lost ({exc.strerror or exc})", graceful=False)
+                return
+            if not first:
+                self.close(conn, "closed before TLS began", graceful=False)
+                return
+            if first != b"\x16":     # not a TLS handshake record: a plain-text client
+                conn.tls_phase = None
+                self._hook(conn, self.wrong_protocol)
+                return
+            self.selector.unregister(conn.sock)
+            conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
+                                                     do_handshake_on_connect=False)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.wants_write = False
+            conn.tls_phase = TLS_HANDSHAKE
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch_writable(conn, False)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch_writable(conn, True)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or exc
+            self.close(conn, f"TLS handshake failed ({reason})", graceful=False)
+            return
+        conn.tls_phase = None
+        self._watch_writable(conn, bool(conn.outbox))
+        if conn.outbox:     # written while the handshake ran (a refusal, say)
+            self._to_flush.add(conn)
+        self._read(conn)    # the first bytes may have come with the handshake
+
+    # -- reading ---------------------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+            pending = getattr(conn.sock, "pending", None)   # TLS: bytes already decrypted
+            while data and pending is not None and pending():
+                data += conn.sock.recv(RECV_SIZE)
+        except WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self.close(conn, f"connection lost ({getattr(exc, 'strerror', None) or exc})",
+                       graceful=False)
+            return
+        if not conn.open:
+            if not data:
+                self._close_socket(conn)
+            return      # closing: whatever the peer still sends is dropped
+        if not data:
+            conn.peer_closed = True
+            self._hook(conn, self.eof_received)
+        else:
+            self._hook(conn, self.data_received, data)
+
+    def pause_reading(self, conn: Connection) -> None:
+        """Stop reading from conn until resume_reading (while a password is checked)."""
+        if not conn.paused and not conn.closed:
+            conn.paused = True
+            self.selector.unregister(conn.sock)
+
+    def resume_reading(self, conn: Connection) -> None:
+        if conn.paused and not conn.closed:
+            conn.paused = False
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
+            self.selector.register(conn.sock, events, conn)
+
+    # -- writing ---------------------------------------------------------
+
+    def write(self, conn: Connection, data: bytes) -> None:
+        """Queue bytes for conn; they go out at the end of this loop pass.
+
+        Bytes for a connection that is closing are dropped: it has been
+        told everything it will be told.
+        """
+        if not (conn.closing or conn.closed):
+            conn.outbox.append(data)
+            self._to_flush.add(conn)
+
+    def write_many(self, conns: Iterable[Connection], data: bytes) -> None:
+        """The same bytes for many connections: one object, shared by their queues."""
+        to_flush = self._to_flush
+        for conn in conns:
+            if not (conn.closing or conn.closed):
+                conn.outbox.append(data)
+                to_flush.add(conn)
+
+    def _flush_all(self) -> None:
+        pending, self._to_flush = self._to_flush, set()
+        for conn in pending:
+            if not conn.closed and not conn.tls_phase:
+                self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        """Send what is queued with one call; keep the rest for when the socket is writable."""
+        outbox = conn.outbox
+        if outbox:
+            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+            try:
+                sent = conn.sock.send(data)
+            except WOULD_BLOCK:     # for TLS: retried later with the same bytes first
+                sent = 0
+            except OSError as exc:
+                self.close(conn, f"connection lost ({getattr(exc, 'strerror', None) or exc})",
+                           graceful=False)
+                return
+            if sent == len(data):
+                outbox.clear()
+            else:
+                rest = data[sent:]
+                if len(rest) > self.settings.max_backlog and conn.open:
+                    outbox.clear()
+                    self.close(conn, f"too slow: over {self.settings.max_backlog // 1024}"
+                               " KiB waiting to be read", graceful=False)
+                    return
+                conn.outbox = [rest]
+        self._watch_writable(conn, bool(conn.outbox))
+        if conn.closing and not conn.outbox:
+            self._finish_closing(conn)
+
+    def _watch_writable(self, conn: Connection, wanted: bool) -> None:
+        if conn.wants_write != wanted:
+            conn.wants_write = wanted
+            if not conn.paused:
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
+                self.selector.modify(conn.sock, events, conn)
+
+    # -- closing ---------------------------------------------------------
+
+    def close(self, conn: Connection, reason: str, graceful: bool = True) -> None:
+        """Close a connection for `reason`, telling the subclass first.
+
+        graceful: deliver what is queued first, then wait briefly for the
+        peer to hang up, so that a last error is not lost to a TCP reset.
+        Not graceful: the peer is gone or stuck; close at once.
+        """
+        if not conn.open:
+            if not graceful:
+                self._close_socket(conn)
+            return
+        conn.closing = True
+        self.resume_reading(conn)   # to see the peer hang up while lingering
+        self._hook(conn, self.connection_lost, reason)
+        if conn.closed:     # the hook failed, and that closed it
+            return
+        if graceful and not conn.tls_phase and self.lingering < MAX_LINGERING:
+            self.lingering += 1
+            conn.deadline = self.now + LINGER_TIMEOUT
+            self._to_flush.add(conn)
+        else:
+            self._close_socket(conn)
+
+    def _finish_closing(self, conn: Connection) -> None:
+        """Everything queued is sent: send EOF, and close once the peer does too."""
+        if conn.peer_closed:
+            self._close_socket(conn)
+        elif not conn.write_shut:
+            conn.write_shut = True
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close_socket(conn)
+
+    def _close_socket(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        if conn.deadline:       # it was lingering (see close)
+            self.lingering -= 1
+        conn.closed = True
+        self.connections.discard(conn)
+        self._to_flush.discard(conn)
+        if not conn.paused:
+            try:
+                self.selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        conn.sock.close()
+        conn.outbox = []
+
+    def _check_closing(self) -> None:
+        for conn in list(self.connections):
+            if conn.closing and self.now >= conn.deadline:
+                self._close_socket(conn)
+
+# ---------------------------------------------------------------------------
+# The codec: the chat's own wire format, per connection
+# ---------------------------------------------------------------------------
+
+class JsonCodec(FrameDecoder):
+    """Bytes to requests and events to bytes for one connection, as frames of
+    UTF-8 JSON (the shared block). Sans-IO, like the decoder it extends: feed
+    it bytes, take requests out; hand it an event, get bytes back.
+
+    `variant` says how an event meant for many is encoded: every codec of the
+    same variant turns it into the same bytes, so it is encoded once for all
+    of them (see ChatServer.deliver).
+    """
+
+    __slots__ = ("session",)
+    variant = "json"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: Optional["Session"] = None    # the core's side of this connection
+
+    def next_request(self) -> Optional[dict]:
+        """The next complete request, or None until more bytes come.
+
+        Raises ProtocolError for bytes that are no request (see decode_payload),
+        and for a stream that ended in the middle of a frame.
+        """
+        payload = next(self, None)
+        return None if payload is None else decode_payload(payload)
+
+    def encode(self, event: dict) -> bytes:
+        """An event for this connection alone."""
+        return encode_frame(event)
+
+    encode_shared = staticmethod(encode_frame)      # an event for every codec of this variant
+
+
+# ---------------------------------------------------------------------------
+# The chat core: who is here and what each request does, sans-IO
+# ---------------------------------------------------------------------------
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+NAME_RULES = "1 to 32 characters: letters A-Z, digits, '_', '-' and '.'"
+RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
+
+
+class Clock:
+    """Time as the core sees it; tests give the core a clock they move by hand."""
+
+    now = staticmethod(time.monotonic)      # for timeouts and rates
+    wall = staticmethod(time.time)          # for timestamps, bans and mutes
+
+
+def utc_timestamp(wall: float) -> str:
+    """A Unix time as ISO-8601 UTC, to the millisecond: 2026-11-25T14:05:09.120Z."""
+    moment = datetime.fromtimestamp(wall, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def quoted(word: str) -> str:
@@ -331,8 +966,665 @@ def count_of(number: int, unit: str) -> str:
     return f"{number} {unit}" if number == 1 else f"{number} {unit}s"
 
 
+class ErrorCode(NamedTuple):
+    closes: bool        # always ends the connection; any error in answer to a hello does too
+    meaning: str        # for README.md, whose table of codes must say the same
+
+
+#: Every error code the server sends. README.md lists them with the same meaning.
+ERRORS: Dict[str, ErrorCode] = {
+    "bad_header": ErrorCode(True, "the frame header is not a decimal length"),
+    "too_large": ErrorCode(True, "the frame is over 64 KiB"),
+    "truncated": ErrorCode(True, "the connection closed in the middle of a frame"),
+    "bad_utf8": ErrorCode(True, "the payload is not UTF-8"),
+    "bad_json": ErrorCode(True, "the payload is not JSON"),
+    "bad_message": ErrorCode(False, 'not an object with a string "type", or a field is '
+                                    "missing or of the wrong type"),
+    "hello_required": ErrorCode(True, "something other than hello came first"),
+    "hello_timeout": ErrorCode(True, "no hello in time"),
+    "password_required": ErrorCode(True, "the room has a password and hello had none"),
+    "bad_password": ErrorCode(True, "wrong room password (answered after a delay)"),
+    "locked_out": ErrorCode(True, "too many failed logins from this address"),
+    "name_protected": ErrorCode(True, "the name is registered and hello had no name_password"),
+    "bad_name_password": ErrorCode(False, "wrong password for the name"),
+    "tls_required": ErrorCode(True, "plain text sent to a TLS-only server"),
+    "too_many_connections": ErrorCode(True, "too many connections from this address"),
+    "server_full": ErrorCode(True, "too many connections"),
+    "banned": ErrorCode(True, "banned, when joining or by a moderator"),
+    "bad_name": ErrorCode(False, "a name that breaks the rules, or a /ban of something that "
+                                 "is neither a name nor an address"),
+    "name_taken": ErrorCode(False, "someone here has that name (in any case)"),
+    "name_reserved": ErrorCode(False, "the name is reserved"),
+    "already_joined": ErrorCode(False, "a second hello"),
+    "replaced": ErrorCode(True, "the owner of this registered name logged in elsewhere"),
+    "rate_limited": ErrorCode(False, "over the message rate; that message was dropped"),
+    "flooding": ErrorCode(True, "kept sending far over the rate"),
+    "weak_password": ErrorCode(False, "a new password is too short or too long"),
+    "already_registered": ErrorCode(False, "register on a registered name"),
+    "not_registered": ErrorCode(False, "unregister or change_password on a name that is not"),
+    "store_failed": ErrorCode(False, "the database could not save an account change"),
+    "busy": ErrorCode(False, "too many password checks, or searches, at once"),
+    "too_slow": ErrorCode(False, "a search or history request took too long and was stopped"),
+    "kicked": ErrorCode(True, "removed by a moderator"),
+    "muted": ErrorCode(False, "you are muted"),
+    "blocked_word": ErrorCode(False, "a blocked word (with --filter-action reject)"),
+    "no_links": ErrorCode(False, "a link (with --no-links)"),
+    "whispers_off": ErrorCode(False, "a whisper (with --no-whisper)"),
+    "no_operators": ErrorCode(False, "op on a server without an operator password"),
+    "bad_admin_password": ErrorCode(False, "a wrong operator password"),
+    "not_operator": ErrorCode(False, "a moderation command without op"),
+    "unknown_command": ErrorCode(False, "a moderation command that does not exist"),
+    "usage": ErrorCode(False, "a malformed moderation command"),
+    "not_allowed": ErrorCode(False, "a moderation command aimed at another operator"),
+    "not_banned": ErrorCode(False, "unban of something not banned"),
+    "not_muted": ErrorCode(False, "unmute of someone not muted"),
+    "unknown_type": ErrorCode(False, "a message type the server does not know"),
+    "empty_message": ErrorCode(False, "the text was empty after cleaning"),
+    "too_long": ErrorCode(False, "the text is over the length limit"),
+    "unknown_user": ErrorCode(False, "nobody of that name is here"),
+    "empty_search": ErrorCode(False, "a search with no words"),
+    "too_many_words": ErrorCode(False, "a search with too many words"),
+    "internal_error": ErrorCode(False, "the server failed on that message (a bug; it is "
+                                       "logged)"),
+}
+
+
+#: Every notice code: information for the client, which may act on some.
+NOTICES: Dict[str, str] = {
+    "registered": "your name is registered now",
+    "unregistered": "your name is no longer registered",
+    "password_changed": "your name's password is changed",
+    "op": "you are an operator now",
+    "deop": "you are no longer an operator",
+    "new_operator": "someone else became an operator",
+    "muted": "someone was muted (or you were)",
+    "unmuted": "someone was unmuted (or you were, or your mute ended)",
+    "moderation": "one line of a moderation command's answer, for the operator who ran it",
+    "new_since": "inside a replay: the messages a returning name missed begin here",
+}
+
+
+class RequestType(NamedTuple):
+    fields: Dict[str, type]     # field -> type; a trailing "?" marks an optional one
+    handler: str                # what answers it: a ChatCore method, or "part.method"
+    joined: bool = True         # only from a session in the chat; False: only before (hello)
+    metered: bool = True        # costs a flood-control token
+    fatal: bool = False         # an error in answer to it closes the connection
+
+
+#: Every request a client may send. Fields not listed are ignored, so newer
+#: clients can add some.
+REQUESTS: Dict[str, RequestType] = {
+    "hello": RequestType({"name": str, "password?": str, "name_password?": str,
+                          "resume?": str}, "on_hello", joined=False, metered=False, fatal=True),
+    "say": RequestType({"text": str, "action?": bool, "id?": str}, "on_say"),
+    "whisper": RequestType({"to": str, "text": str, "id?": str}, "on_whisper"),
+    "who": RequestType({}, "on_who"),
+    "get_history": RequestType({"limit?": int}, "history.on_get_history"),
+    "search": RequestType({"text": str}, "history.on_search"),
+    "register": RequestType({"password": str}, "accounts.on_register"),
+    "unregister": RequestType({"password": str}, "accounts.on_unregister"),
+    "change_password": RequestType({"password": str, "new_password": str},
+                                   "accounts.on_change_password"),
+    "op": RequestType({"password": str}, "moderation.on_op"),
+    "deop": RequestType({}, "moderation.on_deop"),
+    "moderate": RequestType({"command": str, "args?": str}, "moderation.on_moderate"),
+    "ping": RequestType({}, "on_ping"),
+    "pong": RequestType({}, "on_pong", metered=False),  # an answer to the server's ping
+    "bye": RequestType({}, "on_bye"),
+}
+
+# Where a session is in the chat.
+NEW = "new"                     # connected, no hello yet (or one being checked)
+JOINED = "joined"               # in the chat under a name
+
+
+class TokenBucket:
+    """Flood control for one client: `rate` messages a second, `burst` at once.
+
+    Each message takes a token; tokens come back at `rate` a second up to
+    `burst`. A message without a token is refused and adds a strike;
+    strikes drain at the same rate, so only a client that keeps sending
+    much faster than allowed piles them up.
+    """
+
+    __slots__ = ("tokens", "strikes", "updated")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = burst
+        self.strikes = 0.0
+        self.updated = now
+
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        refill = (now - self.updated) * rate
+        self.updated = now
+        self.tokens = min(burst, self.tokens + refill)
+        self.strikes = max(0.0, self.strikes - refill)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.strikes += 1
+        return False
+
+
+class Session:
+    """The chat's state for one connection; the transport keeps its own.
+
+    `link` is whatever the caller uses to reach the connection (ChatServer:
+    its transport Connection); the core only hands it back in actions.
+    """
+
+    __slots__ = ("link", "host", "address", "connected_at", "last_heard", "last_ping",
+                 "state", "name", "key", "registered", "operator", "bucket", "messages_sent",
+                 "history_floor", "leave_text", "resume_token", "rejoining", "waiting", "gone")
+
+    def __init__(self, link: Any, host: str, address: str, now: float) -> None:
+        self.link = link
+        self.host = host                # the IP, for bans and per-address limits
+        self.address = address          # HOST:PORT, for logs
+        self.connected_at = now
+        self.last_heard = now           # set by the caller whenever bytes arrive
+        self.last_ping = 0.0            # last time we pinged it
+        self.state = NEW
+        self.name: Optional[str] = None
+        self.key = ""                   # the name in lower case: names match without case
+        self.registered = False         # joined under a password-protected name
+        self.operator = False           # gave the admin password: may moderate
+        self.bucket: Optional[TokenBucket] = None
+        self.messages_sent = 0
+        self.history_floor = 0          # whispers stored before this id are not its own
+        self.leave_text: Optional[str] = None   # what others see when it goes, if not "left"
+        self.resume_token = ""          # lets the same client take its name back (see on_hello)
+        self.rejoining = False          # back after a lost connection: told before what we keep
+        self.waiting = False            # a password check or delay runs: take no request now
+        self.gone = False               # closed, or found closed: nothing more to do with it
+
+    def __repr__(self) -> str:
+        return self.name or self.address
+
+
+class Audience:
+    """The sessions one delivery reaches: everyone in the chat (and, with rooms, a
+    room's members). `version` changes whenever the members do, so that the
+    server batching deliveries knows whom a batch was made for."""
+
+    __slots__ = ("members", "version")
+
+    def __init__(self) -> None:
+        self.members: Dict[str, Session] = {}   # lower-case name -> session
+        self.version = 0
+
+    def add(self, session: Session) -> None:
+        self.members[session.key] = session
+        self.version += 1
+
+    def discard(self, session: Session) -> None:
+        if self.members.get(session.key) is session:
+            del self.members[session.key]
+            self.version += 1
+
+    def __contains__(self, session: object) -> bool:
+        return self.members.get(getattr(session, "key", None)) is session
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+def request_id(request: dict) -> Optional[str]:
+    """The id a request carries, if it may be echoed back: a short printable string."""
+    value = request.get("id")
+    if isinstance(value, str) and len(value) <= MAX_ID_LENGTH and value.isprintable():
+        return value
+    return None
+
+
+class ChatCore:
+    """The chat itself, sans-IO: who is here, and what each request does.
+
+    Inputs are method calls: connect, receive, protocol_error, peer_finished,
+    disconnected, tick, shutdown, and the callbacks of the jobs and timers
+    it asked for. Outputs are actions, appended to `actions` as tuples whose
+    first item names them ("send", "deliver", "close", "pause", "resume",
+    "job", "later", "stop"); whoever called carries them out in order (see
+    ChatServer.execute) before the next input. A "deliver" goes to the
+    members of its audience as they are when the handler returns.
+    """
+
+    def __init__(self, settings: Settings, store: "ChatStore",
+                 clock: Optional[Clock] = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock or Clock()
+        self.actions: List[tuple] = []
+        self.sessions: Set[Session] = set()         # every connected session, joined or not
+        self.per_address: Dict[str, int] = {}       # IP -> sessions from it
+        self.everyone = Audience()                  # every session in the chat
+        self.members = self.everyone.members        # lower-case name -> joined session
+        self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
+        self.operators: Set[Session] = set()        # members who are operators
+        self.rules = MessageRules(settings.blocked_words, settings.filter_action,
+                                  settings.no_links, settings.no_whisper)
+        self.accounts = Accounts(self)
+        self.history = History(self)
+        self.moderation = Moderation(self)
+        self.shutdown_by: Optional[str] = None
+        # The request being answered and its id: an error in answer to a fatal request
+        # closes the connection, and the answer carries the id back.
+        self.handling: Optional[RequestType] = None
+        self.replying_to: Optional[str] = None
+        self.handlers = {kind: (entry, self._handler(entry.handler))
+                         for kind, entry in REQUESTS.items()}
+
+    def _handler(self, path: str) -> Callable[[Session, dict], None]:
+        target: Any = self
+        for part in path.split("."):
+            target = getattr(target, part)
+        return target
+
+    # -- inputs: what happened ------------------------------------------------
+
+    def connect(self, link: Any, host: str, address: str) -> Session:
+        """A new connection; returns its session (which may be refused at once)."""
+        session = Session(link, host, address, self.clock.now())
+        self.sessions.add(session)
+        from_here = self.per_address[host] = self.per_address.get(host, 0) + 1
+        log.info("connection from %s", address)
+        ban = self.moderation.ban_for(None, host)
+        limit = self.settings.max_per_address
+        if ban is not None:
+            self.refuse(session, "banned", self.moderation.ban_text(ban))
+        elif len(self.sessions) > self.settings.max_clients:
+            self.refuse(session, "server_full", f"The server is full "
+                        f"({self.settings.max_clients} connections). Try again later.")
+        elif limit and from_here > limit:
+            self.refuse(session, "too_many_connections",
+                        f"Too many connections from your address (at most {limit}).")
+        return session
+
+    def receive(self, session: Session, request: dict) -> None:
+        """One request from a session's codec: metered, checked, then handled."""
+        kind = request["type"]
+        entry, handler = self.handlers.get(kind, (None, None))
+        if session.state == JOINED:
+            if (entry is None or entry.metered) and not self.within_rate(session):
+                return
+            if entry is None:
+                self.refuse(session, "unknown_type", f"Unknown message type {quoted(kind)}.")
+                return
+            if not entry.joined:
+                self.refuse(session, "already_joined", f"You are already here as {session.name}.")
+                return
+        elif entry is None or entry.joined:
+            self.refuse(session, "hello_required", 'The first message must be "hello".')
+            return
+        self.handling = entry
+        try:
+            problem = check_fields(request, entry.fields)
+            if problem:
+                self.refuse(session, "bad_message", problem)
+                return
+            self.replying_to = request_id(request)
+            handler(session, request)
+        except Exception:   # a bug must cost one message, not the whole server
+            log.exception("error while handling %r from %s", kind, session)
+            self.refuse(session, "internal_error", "The server failed on that message.")
+        finally:
+            self.handling = self.replying_to = None
+
+    def protocol_error(self, session: Session, error: ProtocolError) -> None:
+        """What arrived is no request at all: the stream cannot be trusted further."""
+        self.refuse(session, error.code, error.text, closes=True)
+
+    def peer_finished(self, session: Session) -> None:
+        """The peer will send nothing more, and everything it sent is handled."""
+        self.close(session, "connection closed")
+
+    def disconnected(self, session: Session, reason: str) -> None:
+        """The connection went without the core closing it (lost, too slow)."""
+        if not session.gone:
+            self._forget(session, reason)
+
+    def tick(self) -> None:
+        """About once a second: hello timeouts, pings to quiet clients, dead ones dropped."""
+        now, settings = self.clock.now(), self.settings
+        for session in list(self.sessions):
+            if session.state != JOINED:
+                if not session.waiting and now - session.connected_at >= settings.hello_timeout:
+                    self.refuse(session, "hello_timeout",
+                                f"No hello within {settings.hello_timeout:g} seconds.")
+                continue
+            quiet = now - session.last_heard
+            if quiet >= settings.drop_after:
+                self.close(session, f"no sign of life for {settings.drop_after:g} seconds",
+                           graceful=False)
+            elif quiet >= settings.ping_after and session.last_ping < session.last_heard:
+                session.last_ping = now
+                self.send(session, {"type": "ping"})
+        self.accounts.guard.forget_old(now)
+
+    def shutdown(self) -> None:
+        """The server stops: everyone is told, and their leaving recorded, not announced."""
+        # Recorded, so that a returning registered name is told only what it really missed.
+        timestamp = self.timestamp()
+        for session in list(self.members.values()):
+            self.store.record(timestamp, "leave", session.name, None, "server shut down")
+            if session.registered:
+                self.store.mark_left(session.name)
+        by = f" ({self.shutdown_by})" if self.shutdown_by not in (None, "server") else ""
+        notice = {"type": "shutdown", "text": f"The server is shutting down{by}."}
+        for session in self.sessions:
+            self.send(session, notice)
+
+    # -- outputs: what should happen (carried out by the caller, in order) ------
+
+    def send(self, session: Session, event: dict) -> None:
+        """One event for one session."""
+        self.actions.append(("send", session, event))
+
+    def deliver(self, audience: Audience, event: dict,
+                sender: Optional[Session] = None, echo: Optional[dict] = None) -> None:
+        """One event for every member of `audience` (as it is when the handler returns)
+        but `sender`, who gets `echo` instead, if anything."""
+        self.actions.append(("deliver", audience, event, sender, echo))
+
+    def close(self, session: Session, reason: str, graceful: bool = True) -> None:
+        """End a session: it leaves the chat now; its connection closes once what it
+        was sent is delivered (graceful), or at once."""
+        if not session.gone:
+            self._forget(session, reason)
+            self.actions.append(("close", session, reason, graceful))
+
+    def wait(self, session: Session) -> None:
+        """Take no more requests from session (and read nothing) until done_waiting."""
+        session.waiting = True
+        self.actions.append(("pause", session))
+
+    def done_waiting(self, session: Session) -> None:
+        session.waiting = False
+        self.actions.append(("resume", session))
+
+    def run_job(self, job: Callable[[], Any], then: Callable[[Callable[[], Any]], None]) -> None:
+        """Run job() on a worker thread; then(outcome) runs here afterwards, where
+        outcome() returns job's result or raises its exception."""
+        self.actions.append(("job", job, self.answering(then)))
+
+    def later(self, delay: float, function: Callable[[], None]) -> None:
+        self.actions.append(("later", delay, self.answering(function)))
+
+    def stop(self) -> None:
+        self.actions.append(("stop",))
+
+    def answering(self, function: Callable[..., None]) -> Callable[..., None]:
+        """function, run later as an answer to the request handled now: an error it
+        sends carries that request's id, and closes the connection if it was fatal."""
+        handling, replying_to = self.handling, self.replying_to
+
+        def run(*args: Any) -> None:
+            self.handling, self.replying_to = handling, replying_to
+            try:
+                function(*args)
+            finally:
+                self.handling = self.replying_to = None
+        return run
+
+    def refuse(self, session: Session, code: str, text: str,
+               closes: Optional[bool] = None) -> None:
+        """Say no: an error for the session, which also ends it when the code always
+        does, or when it answers a fatal request (a hello)."""
+        error = {"type": "error", "code": code, "text": text}
+        if self.replying_to is not None:
+            error["id"] = self.replying_to
+        self.send(session, error)
+        if closes is None:
+            closes = ERRORS[code].closes or (self.handling is not None and self.handling.fatal)
+        if closes:
+            self.close(session, f"{code}: {text}")
+
+    def acknowledge(self, session: Session, ack: dict) -> None:
+        """Tell a sender that its message went out, and as what (see replying_to)."""
+        if self.replying_to is not None:
+            ack["id"] = self.replying_to
+        self.send(session, ack)
+
+    def notify_all(self, code: str, text: str, exclude: Optional[Session] = None) -> None:
+        """A notice for everyone in the chat (but `exclude`), kept in the history too."""
+        self.store.record(self.timestamp(), "notice", "server", None, text)
+        self.deliver(self.everyone, {"type": "notice", "code": code, "text": text}, exclude)
+
+    def announce(self, by: str, text: str) -> None:
+        """An announcement from the console or an operator, to everyone."""
+        timestamp = self.timestamp()
+        self.store.record(timestamp, "announcement", by, None, text)
+        self.deliver(self.everyone, {"type": "announcement", "from": by, "text": text,
+                                    "ts": timestamp})
+
+    def timestamp(self) -> str:
+        return utc_timestamp(self.clock.wall())
+
+    # -- flood control -------------------------------------------------------
+
+    def within_rate(self, session: Session) -> bool:
+        """Flood control: False (after telling the client) when over the rate."""
+        if session.bucket is None:
+            return True
+        rate, burst = self.settings.rate_limit, self.settings.rate_burst
+        if session.bucket.take(self.clock.now(), rate, burst):
+            return True
+        if session.bucket.strikes > FLOOD_STRIKES:
+            self.refuse(session, "flooding", "Disconnected for sending too fast.")
+        else:
+            self.refuse(session, "rate_limited", f"Slow down: at most {rate:g} messages a "
+                        "second; that one was not sent.")
+        return False
+
+    # -- joining and leaving ---------------------------------------------------
+
+    def on_hello(self, session: Session, message: dict) -> None:
+        locked = self.accounts.guard.locked_for(session.host, self.clock.now())
+        if locked:
+            self.refuse(session, "locked_out", "Too many failed logins from your address: "
+                        f"try again in {duration(locked)}.")
+            return
+        if self.settings.password is not None:
+            given = message.get("password")
+            if given is None:
+                self.refuse(session, "password_required", "This chat needs a password.")
+                return
+            if not same_secret(given, self.settings.password):
+                self.accounts.wrong_password(session, "bad_password",
+                                             "Wrong password for this chat.")
+                return
+        name = message["name"]
+        if not NAME_PATTERN.fullmatch(name):
+            self.refuse(session, "bad_name", f"Names are {NAME_RULES}.")
+            return
+        key = name.lower()
+        if key in RESERVED_NAMES:
+            self.refuse(session, "name_reserved", f'The name "{name}" is reserved. Pick another.')
+            return
+        ban = self.moderation.ban_for(name, session.host)
+        if ban is not None:
+            self.refuse(session, "banned", self.moderation.ban_text(ban))
+            return
+        session.rejoining = "resume" in message     # a client sends its token only to reconnect
+        if self.accounts.is_registered(name):
+            self.accounts.log_in(session, name, message.get("name_password"))
+            return
+        earlier = self.members.get(key)
+        if earlier is not None and not self.resuming(earlier, message.get("resume")):
+            self.refuse(session, "name_taken", f'The name "{name}" is taken. Pick another.')
+            return
+        if earlier is not None:     # our own dead connection, not yet noticed
+            self.close(earlier, "reconnected", graceful=False)
+        self.admit(session, name, registered=False)
+
+    @staticmethod
+    def resuming(earlier: Session, token: Optional[str]) -> bool:
+        """Whether a hello carries the resume token of the session holding its name.
+
+        A client whose network dropped reconnects before the server notices
+        that its old connection is dead; the token from its welcome proves
+        that the name is its own.
+        """
+        return token is not None and bool(earlier.resume_token) and \
+            same_secret(token, earlier.resume_token)
+
+    def admit(self, session: Session, name: str, registered: bool) -> None:
+        """Let a client in: welcome, history, and a join notice for the others."""
+        session.state = JOINED
+        session.name = name
+        session.key = name.lower()
+        session.registered = registered
+        session.resume_token = secrets.token_urlsafe(16)
+        if self.settings.rate_limit:
+            session.bucket = TokenBucket(self.settings.rate_burst, self.clock.now())
+        self.everyone.add(session)
+        bisect.insort(self.roster, session.key)
+        log.info("%s joined as %s%s", session.address, name, " (registered)" if registered else "")
+        limits = {"max_length": self.settings.max_length}
+        if self.settings.rate_limit:
+            limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
+        self.send(session, {"type": "welcome", "name": name, "users": self.user_names(),
+                            "count": len(self.members), "ops": self.operator_names(),
+                            "registered": registered, "limits": limits,
+                            "resume": session.resume_token})
+        self.history.replay(session)
+        timestamp = self.timestamp()
+        self.store.record(timestamp, "join", name)
+        if self.announces_arrivals():
+            self.deliver(self.everyone, {"type": "join", "name": name, "ts": timestamp},
+                         sender=session)
+
+    def announces_arrivals(self) -> bool:
+        """Whether joins and leaves are broadcast: only while the room is small.
+
+        In a room of n people, n joins would mean n * n notices, most of
+        them to people who do not know the newcomer; big IRC channels and
+        Twitch chats stay quiet about arrivals for the same reason. The
+        history still records every join and leave.
+        """
+        return len(self.members) <= self.settings.join_notices_up_to
+
+    def _forget(self, session: Session, reason: str) -> None:
+        """A session ends: out of the chat, and the others told (while the room is small)."""
+        session.gone = True
+        self.sessions.discard(session)
+        remaining = self.per_address[session.host] - 1
+        if remaining:
+            self.per_address[session.host] = remaining
+        else:
+            del self.per_address[session.host]
+        if session.state != JOINED:
+            log.info("%s disconnected: %s", session.address, reason)
+            return
+        announce = self.announces_arrivals() or session.leave_text   # kicks and bans always
+        self.everyone.discard(session)
+        del self.roster[bisect.bisect_left(self.roster, session.key)]
+        self.operators.discard(session)
+        timestamp = self.timestamp()
+        self.store.record(timestamp, "leave", session.name, None, reason)
+        if session.registered:
+            self.store.mark_left(session.name)
+        if announce:
+            leave = {"type": "leave", "name": session.name, "reason": reason, "ts": timestamp}
+            if session.leave_text:
+                leave["text"] = session.leave_text
+            self.deliver(self.everyone, leave)
+        log.info("%s left: %s", session.name, reason)
+
+    def remove(self, session: Session, code: str, text: str) -> None:
+        """A moderator removes someone: they are told why, and everyone else the same."""
+        self.send(session, {"type": "error", "code": code, "text": text})
+        session.leave_text = text
+        self.close(session, text)
+
+    # -- talking ---------------------------------------------------------------
+
+    def on_say(self, session: Session, message: dict) -> None:
+        text = self.checked_text(session, message["text"])
+        if text is None:
+            return
+        timestamp = self.timestamp()
+        session.messages_sent += 1
+        said = {"type": "message", "from": session.name, "text": text, "ts": timestamp}
+        ack = {"type": "sent", "text": text, "ts": timestamp}
+        if message.get("action") is True:   # "/me waves": shown as "* alice waves"
+            said["action"] = ack["action"] = True
+        if self.replying_to is not None:
+            ack["id"] = self.replying_to
+        self.store.record(timestamp, "action" if "action" in said else "message", session.name,
+                          None, text)
+        self.deliver(self.everyone, said, sender=session, echo=ack)
+        log.debug("%s says: %s", session.name, text)
+
+    def on_whisper(self, session: Session, message: dict) -> None:
+        if self.rules.no_whisper:
+            self.refuse(session, "whispers_off", "Whispers are turned off on this server.")
+            return
+        target = self.members.get(message["to"].lower())
+        if target is None:
+            self.refuse(session, "unknown_user", f'Nobody called {quoted(message["to"])} is here.')
+            return
+        text = self.checked_text(session, message["text"])
+        if text is None:
+            return
+        timestamp = self.timestamp()
+        session.messages_sent += 1
+        self.store.record(timestamp, "whisper", session.name, target.name, text)
+        if target is not session:   # to oneself, the `sent` below is the one copy to show
+            self.send(target, {"type": "whisper", "from": session.name, "to": target.name,
+                               "text": text, "ts": timestamp})
+        self.acknowledge(session, {"type": "sent", "to": target.name, "text": text,
+                                   "ts": timestamp})
+        log.debug("%s whispers to %s: %s", session.name, target.name, text)
+
+    def checked_text(self, session: Session, text: str) -> Optional[str]:
+        """The text as it may be sent, or None after telling the sender why not.
+
+        Cleaned for display, within the length limit, through the message
+        rules (masked or refused), and not from someone muted.
+        """
+        muted = self.moderation.mute_left(session.name)
+        if muted is not None:
+            left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
+            self.refuse(session, "muted", f"You are muted {left}: you can read, but not send.")
+            return None
+        text = clean_text(text)
+        if not text:
+            self.refuse(session, "empty_message", "Empty messages are not sent.")
+            return None
+        if len(text) > self.settings.max_length:
+            self.refuse(session, "too_long", f"Not sent: messages are limited to "
+                        f"{self.settings.max_length} characters; yours had {len(text)}.")
+            return None
+        try:
+            return self.rules.check(text)
+        except ModerationError as exc:
+            self.refuse(session, exc.code, exc.text)
+            return None
+
+    def on_who(self, session: Session, message: dict) -> None:
+        self.send(session, {"type": "users", "users": self.user_names(),
+                            "count": len(self.members), "ops": self.operator_names()})
+
+    def user_names(self) -> List[str]:
+        """The first MAX_LISTED_NAMES names in the chat, alphabetically (any case)."""
+        return [self.members[key].name for key in self.roster[:MAX_LISTED_NAMES]]
+
+    def operator_names(self) -> List[str]:
+        return sorted((session.name for session in self.operators), key=str.lower)
+
+    def on_ping(self, session: Session, message: dict) -> None:
+        self.send(session, {"type": "pong"})
+
+    def on_pong(self, session: Session, message: dict) -> None:
+        pass    # hearing anything at all already counts as a sign of life
+
+    def on_bye(self, session: Session, message: dict) -> None:
+        self.close(session, "quit")
+
 # ---------------------------------------------------------------------------
-# Security: passwords, failed logins, flood control, TLS
+# Accounts: registered names, their passwords, and failed logins
 # ---------------------------------------------------------------------------
 
 def hash_password(password: str) -> str:
@@ -432,33 +1724,177 @@ class LoginGuard:
                 del self._failures[host]
 
 
-class TokenBucket:
-    """Flood control for one client: `rate` messages a second, `burst` at once.
+class Accounts:
+    """Registered names: logging in with a password, registering, changing and
+    removing it. Hashes are computed on worker threads (ChatCore.run_job); the
+    session waits meanwhile, so its later requests are answered after this one."""
 
-    Each message takes a token; tokens come back at `rate` a second up to
-    `burst`. A message without a token is refused and adds a strike;
-    strikes drain at the same rate, so only a client that keeps sending
-    much faster than allowed piles them up.
-    """
+    def __init__(self, core: ChatCore) -> None:
+        self.core = core
+        self.hashes: Dict[str, str] = core.store.accounts()    # lower-case name -> hash
+        settings = core.settings
+        self.guard = LoginGuard(settings.max_failures, settings.lockout, settings.failure_delay)
+        self.jobs = 0                   # password checks running or waiting for a worker
 
-    __slots__ = ("tokens", "strikes", "updated")
+    def is_registered(self, name: str) -> bool:
+        return name.lower() in self.hashes
 
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens = burst
-        self.strikes = 0.0
-        self.updated = now
+    def log_in(self, session: Session, name: str, given: Optional[str]) -> None:
+        """A hello for a registered name: let it in if the password matches."""
+        if given is None:
+            self.core.refuse(session, "name_protected", f'"{name}" is a registered name: give '
+                             "its password, or pick another name.")
+            return
+        stored = self.hashes[name.lower()]
+        self.run_password_job(session, lambda: verify_password(given, stored),
+                              lambda matched: self._logged_in(session, name, matched))
 
-    def take(self, now: float, rate: float, burst: float) -> bool:
-        refill = (now - self.updated) * rate
-        self.updated = now
-        self.tokens = min(burst, self.tokens + refill)
-        self.strikes = max(0.0, self.strikes - refill)
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        self.strikes += 1
-        return False
+    def _logged_in(self, session: Session, name: str, matched: bool) -> None:
+        if not matched:
+            self.wrong_password(session, "bad_name_password", f'Wrong password for "{name}".')
+            return
+        core = self.core
+        earlier = core.members.get(name.lower())
+        if earlier is not None:     # the owner is back, e.g. after a dropped connection
+            core.send(earlier, {"type": "error", "code": "replaced",
+                                "text": "You logged in again elsewhere."})
+            core.close(earlier, "logged in again elsewhere")
+        core.admit(session, name, registered=self.is_registered(name))
 
+    def on_register(self, session: Session, message: dict) -> None:
+        if self.is_registered(session.name):
+            self.core.refuse(session, "already_registered", f'"{session.name}" is already '
+                             "registered; /password changes its password.")
+            return
+        password = message["password"]
+        problem = password_problem(password)
+        if problem:
+            self.core.refuse(session, "weak_password", problem)
+            return
+        self.run_password_job(session, lambda: hash_password(password),
+                              lambda hashed: self._save(session, hashed, "registered"))
+
+    def on_unregister(self, session: Session, message: dict) -> None:
+        stored = self.hashes.get(session.name.lower())
+        if stored is None:
+            self.core.refuse(session, "not_registered", f'"{session.name}" is not registered.')
+            return
+        password = message["password"]
+        self.run_password_job(session, lambda: verify_password(password, stored),
+                              lambda matched: self._remove(session, matched))
+
+    def on_change_password(self, session: Session, message: dict) -> None:
+        stored = self.hashes.get(session.name.lower())
+        if stored is None:
+            self.core.refuse(session, "not_registered", f'"{session.name}" is not '
+                             "registered: /register protects it with a password.")
+            return
+        old, new = message["password"], message["new_password"]
+        problem = password_problem(new)
+        if problem:
+            self.core.refuse(session, "weak_password", problem)
+            return
+
+        def check_and_hash() -> Optional[str]:
+            return hash_password(new) if verify_password(old, stored) else None
+
+        self.run_password_job(session, check_and_hash,
+                              lambda hashed: self._save(session, hashed, "password_changed"))
+
+    def run_password_job(self, session: Session, job: Callable[[], Any],
+                         then: Callable[[Any], None]) -> None:
+        """Run a slow password hash on a worker thread, then `then(result)` in the loop.
+
+        The session waits meanwhile, so its messages keep their order; if it
+        is gone by the time the result is in, the result is dropped.
+        """
+        core = self.core
+        if self.jobs >= MAX_PASSWORD_JOBS:
+            core.refuse(session, "busy", "The server is busy; try again in a moment.")
+            return
+        self.jobs += 1
+        core.wait(session)
+
+        def finished(outcome: Callable[[], Any]) -> None:
+            self.jobs -= 1
+            if session.gone:
+                return
+            core.done_waiting(session)
+            try:
+                result = outcome()
+            except Exception:
+                log.exception("password check for %s failed", session)
+                core.refuse(session, "internal_error", "The server failed to check the password.")
+                return
+            then(result)
+
+        core.run_job(job, finished)
+
+    def wrong_password(self, session: Session, code: str, text: str) -> None:
+        """A wrong password: counted per address, and answered after a growing delay,
+        during which the session waits (its next requests are answered after this)."""
+        core = self.core
+        now = core.clock.now()
+        delay = self.guard.failed(session.host, now)
+        log.warning("failed password from %s (%s)", session.address, code)
+        locked = self.guard.locked_for(session.host, now)
+        if locked and session.state == JOINED:
+            core.refuse(session, "locked_out", "Too many wrong passwords from your address: "
+                        f"try again in {duration(locked)}.")
+            return
+        core.wait(session)
+
+        def answer() -> None:
+            if not session.gone:
+                core.done_waiting(session)
+                core.refuse(session, code, text)
+
+        core.later(delay, answer)
+
+    def _save(self, session: Session, hashed: Optional[str], outcome: str) -> None:
+        core = self.core
+        if hashed is None:
+            self.wrong_password(session, "bad_name_password", "Wrong password.")
+            return
+        try:
+            core.store.save_account(session.name, hashed)
+        except sqlite3.Error as exc:
+            log.error("cannot save the account of %s: %s", session.name, exc)
+            core.refuse(session, "store_failed", "The server could not save that: its "
+                        "database is not working.")
+            return
+        self.hashes[session.name.lower()] = hashed
+        session.registered = True
+        if outcome == "registered":
+            log.info("%s registered their name", session.name)
+            text = (f'"{session.name}" is registered: from now on, joining under this name '
+                    "needs your password.")
+        else:
+            log.info("%s changed their password", session.name)
+            text = "Your password is changed."
+        core.send(session, {"type": "notice", "code": outcome, "text": text})
+
+    def _remove(self, session: Session, matched: bool) -> None:
+        core = self.core
+        if not matched:
+            self.wrong_password(session, "bad_name_password", "Wrong password.")
+            return
+        try:
+            core.store.delete_account(session.name)
+        except sqlite3.Error as exc:
+            log.error("cannot delete the account of %s: %s", session.name, exc)
+            core.refuse(session, "store_failed", "The server could not do that: its "
+                        "database is not working.")
+            return
+        self.hashes.pop(session.name.lower(), None)
+        session.registered = False
+        log.info("%s unregistered their name", session.name)
+        core.send(session, {"type": "notice", "code": "unregistered",
+                            "text": f'"{session.name}" is no longer registered; anyone may use it.'})
+
+# ---------------------------------------------------------------------------
+# History: the replay for newcomers, /history and /search
+# ---------------------------------------------------------------------------
 
 class TimeBudget:
     """A share of the loop's time for costly work, such as searching history.
@@ -483,126 +1919,516 @@ class TimeBudget:
         self.level -= seconds
 
 
-def make_tls_context(cert_file: str, key_file: str) -> "ssl.SSLContext":
-    """A server context: TLS 1.2 or newer, no renegotiation."""
-    if ssl is None:
-        raise ValueError("this Python has no ssl module, so it cannot serve TLS")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    context.load_cert_chain(cert_file, key_file)
-    return context
+class History:
+    """What was said, read back from the store: the replay a newcomer gets, and
+    /history and /search, each within a time limit and all of them together
+    within a share of the loop's time."""
 
+    def __init__(self, core: ChatCore) -> None:
+        self.core = core
+        self.store = core.store
+        self.reading_time = TimeBudget(SEARCH_SHARE, 2 * QUERY_TIME_LIMIT, core.clock.now())
+        # A batch stays under half the backlog limit, or it could get its reader cut
+        # off as too slow.
+        self.batch_bytes = core.settings.max_backlog // 2
 
-def certificate_fingerprint(cert_file: str) -> str:
-    """SHA-256 of the (first) certificate in a PEM file, as 64 hex digits."""
-    with open(cert_file, encoding="ascii", errors="replace") as pem:
-        match = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-                          pem.read(), re.DOTALL)
-    if match is None:
-        raise ValueError(f"{cert_file} holds no PEM certificate")
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group(0))).hexdigest()
+    def replay(self, session: Session) -> None:
+        """Recent messages for a newcomer; a returning registered name gets what it missed."""
+        count = self.core.settings.history
+        missed_after = None
+        if session.registered:
+            created, left = self.store.account_marks(session.name)
+            session.history_floor = created
+            if left:
+                missed = self.store.count_public_after(left)
+                if missed:
+                    missed_after = left
+                    count = max(count, min(missed, MISSED_MAX))
+        else:
+            session.history_floor = self.store.last_id()
+        rows = self.store.recent_public(count) if count else []
+        self.send(session, "join", rows, missed_after, say_if_none_kept=not session.rejoining)
 
+    def on_get_history(self, session: Session, message: dict) -> None:
+        limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
+        self.read(session, "history", lambda: self.store.recent_for(
+            session.name, limit, session.history_floor))
 
-# Exceptions that only mean "try again when the socket is ready".
-WOULD_BLOCK: Tuple[type, ...] = (BlockingIOError, InterruptedError)
-if ssl is not None:
-    WOULD_BLOCK += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    def on_search(self, session: Session, message: dict) -> None:
+        words = clean_text(message["text"]).split()
+        if not words:
+            self.core.refuse(session, "empty_search", "Search for at least one word.")
+            return
+        if len(words) > SEARCH_MAX_WORDS:   # each is one more LIKE over the whole window
+            self.core.refuse(session, "too_many_words", f"Search for at most {SEARCH_MAX_WORDS}"
+                             f" words at once; that had {len(words)}.")
+            return
+        self.read(session, "search", lambda: self.store.search_for(
+            session.name, words, SEARCH_RESULTS, session.history_floor))
+
+    def read(self, session: Session, purpose: str, query: Callable[[], List[tuple]]) -> None:
+        """Run a history read a client asked for, within the loop's reading budget.
+
+        Each read may take QUERY_TIME_LIMIT seconds at most, and all of them
+        together SEARCH_SHARE of the loop's time: so many clients searching
+        a big history at once slow down their own answers, not the chat.
+        """
+        if not self.reading_time.available(self.core.clock.now()):
+            self.core.refuse(session, "busy", "The server is busy searching; try again in a "
+                             "moment.")
+            return
+        started = time.perf_counter()
+        try:
+            rows = query()
+        except QueryTooSlow:
+            self.core.refuse(session, "too_slow", "That took too long to look up: try rarer "
+                             "words, or fewer messages.")
+            return
+        finally:
+            self.reading_time.spend(time.perf_counter() - started)
+        self.send(session, purpose, rows)
+
+    def send(self, session: Session, purpose: str, rows: List[tuple],
+             missed_after: Optional[int] = None, say_if_none_kept: bool = True) -> None:
+        """Past messages as `history` events, then a `history_end` saying why they came.
+
+        A batch stays within batch_bytes (the oldest rows give way). With
+        missed_after, a `notice` marks where the messages the reader missed
+        begin. say_if_none_kept: the `history_end` says so when no history
+        is kept (every answer to a request does; a replay after a reconnect
+        does not repeat it).
+        """
+        budget = self.batch_bytes
+        entries = []
+        for row_id, ts, kind, sender, recipient, text in reversed(rows):
+            entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
+            if recipient is not None:
+                entry["to"] = recipient
+            # About what a frame of it takes; JSON's escapes may add a little.
+            budget -= 100 + len(text.encode("utf-8")) + len(sender) + len(recipient or "")
+            if budget < 0:
+                break
+            entries.append((row_id, entry))
+        entries.reverse()
+        for row_id, entry in entries:
+            if missed_after is not None and row_id > missed_after:
+                self.core.send(session, {"type": "notice", "code": "new_since",
+                                         "text": "New since you were last here"})
+                missed_after = None
+            self.core.send(session, entry)
+        end = {"type": "history_end", "for": purpose, "count": len(entries)}
+        if say_if_none_kept and not (self.store.working and self.store.keep_messages):
+            end["text"] = "The server keeps no history."
+        self.core.send(session, end)
+
 
 # ---------------------------------------------------------------------------
-# Connections and settings
+# Moderation: message rules, bans, mutes, and the commands that run them
 # ---------------------------------------------------------------------------
 
-# Where a client is in the chat.
-NEW = "new"                     # connected, no hello yet
-AUTHENTICATING = "authenticating"   # hello received, a password check or delay is running
-JOINED = "joined"               # in the chat under a name
+class MessageRules:
+    """What may be said, beyond length: blocked words, links, whispers.
 
-# Where a TLS connection is before it can carry frames.
-TLS_DETECT = "detect"           # waiting for the first byte: TLS, or plain text by mistake?
-TLS_HANDSHAKE = "handshake"
-
-
-class Connection:
-    """One client socket and what the server keeps about it.
-
-    Slotted so that thousands of idle clients cost little memory.
+    check() returns the text to send (masked, perhaps) or raises
+    ModerationError naming the rule that refused it.
     """
 
-    __slots__ = ("sock", "address", "host", "decoder", "outbox", "wants_write", "paused",
-                 "tls_phase", "closing", "closed", "deadline", "peer_closed", "write_shut",
-                 "connected_at", "last_heard", "last_ping",
-                 "state", "name", "registered", "operator", "bucket", "messages_sent",
-                 "history_floor", "leave_text", "resume_token", "rejoining")
+    # A scheme (http://, ftp://, ...), "www.", or a bare domain with a common ending.
+    LINK = re.compile(
+        r"(?i)\b[a-z][a-z0-9+.-]*://\S|\bwww\.\S|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*"
+        r"\.(?:com|net|org|io|dev|app|co|info|biz|me|ly|gg|tv|xyz|edu|gov|uk|de|fr|nl|ru|cn)"
+        r"\b(?![.-]\w)")
 
-    def __init__(self, sock: socket.socket, address: tuple, now: float) -> None:
-        # The transport: SelectServer's business.
-        self.sock = sock
-        self.address = format_address(address)  # HOST:PORT, for logs
-        self.host = client_host(address)        # the IP, for per-address limits
-        self.decoder = FrameDecoder()
-        self.outbox: List[bytes] = []   # frames waiting to be sent, often shared with others
-        self.wants_write = False        # registered for EVENT_WRITE
-        self.paused = False             # not reading for now (see pause_reading)
-        self.tls_phase: Optional[str] = None
-        self.closing = False            # flushing, then waiting for the peer to hang up
-        self.closed = False
-        self.deadline = 0.0             # when closing gives up waiting
-        self.peer_closed = False        # the peer sent EOF
-        self.write_shut = False         # we sent EOF
-        self.connected_at = now
-        self.last_heard = now           # last time any bytes arrived
-        self.last_ping = 0.0            # last time we pinged it
-        # The chat: ChatServer's business.
-        self.state = NEW
-        self.name: Optional[str] = None
-        self.registered = False         # joined under a password-protected name
-        self.operator = False           # gave the admin password: may moderate
-        self.bucket: Optional[TokenBucket] = None
-        self.messages_sent = 0
-        self.history_floor = 0          # whispers stored before this id are not its own
-        self.leave_text: Optional[str] = None   # what others see when it goes, if not "left"
-        self.resume_token = ""          # lets the same client take its name back (see on_hello)
-        self.rejoining = False          # back after a lost connection: told before what we keep
+    def __init__(self, blocked_words: List[str], action: str, no_links: bool,
+                 no_whisper: bool) -> None:
+        self.action = action            # "mask" or "reject"
+        self.no_links = no_links
+        self.no_whisper = no_whisper
+        words = sorted({word.strip() for word in blocked_words if word.strip()},
+                       key=len, reverse=True)
+        # Whole words only: "ass" must not catch "class". Lookarounds instead of
+        # \b, so that words starting or ending in punctuation work too.
+        phrases = [r"\s+".join(map(re.escape, word.split())) for word in words]
+        self.blocked = (re.compile(r"(?<!\w)(?:" + "|".join(phrases) + r")(?!\w)",
+                                   re.IGNORECASE) if words else None)
 
-    @property
-    def open(self) -> bool:
-        return not (self.closing or self.closed)
+    def check(self, text: str) -> str:
+        if self.no_links and self.LINK.search(text):
+            raise ModerationError("no_links", "Not sent: links are not allowed here.")
+        if self.blocked is not None and self.blocked.search(text):
+            if self.action == "reject":
+                raise ModerationError("blocked_word", "Not sent: it contains a blocked word.")
+            text = self.blocked.sub(lambda match: re.sub(r"\S", "*", match.group()), text)
+        return text
 
-    def __repr__(self) -> str:
-        return self.name or self.address
+
+def read_word_list(path: str) -> List[str]:
+    """--blocked-words: one word or phrase a line; blank lines and #comments skipped."""
+    with open(path, encoding="utf-8") as lines:
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+class Public(str):
+    """A reply line that everyone in the chat has already seen as a notice.
+
+    The console prints it; an operator, who saw the notice, is not sent it again.
+    """
+
+
+class ModerationError(Exception):
+    """A moderation command or rule said no; code and text go to whoever asked."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
 
 
 @dataclasses.dataclass
-class Settings:
-    """Everything a user can set from the command line (see build_arg_parser)."""
+class Ban:
+    kind: str                   # "name" or "address"
+    target: str                 # a name, an IP address, or a network like 192.168.1.0/24
+    until: Optional[float]      # Unix time it ends; None: until unbanned
+    reason: str = ""
+    by: str = "server"
+    for_name: str = ""          # an address ban made by banning this name
 
-    host: str = ""                  # "" means every interface
-    port: int = DEFAULT_PORT
-    max_clients: int = DEFAULT_MAX_CLIENTS
-    max_per_address: int = MAX_PER_ADDRESS
-    hello_timeout: float = HELLO_TIMEOUT
-    ping_after: float = PING_AFTER
-    drop_after: float = DROP_AFTER
-    max_backlog: int = MAX_BACKLOG
-    max_length: int = MAX_TEXT_LENGTH
-    rate_limit: float = RATE_LIMIT
-    rate_burst: int = RATE_BURST
-    password: Optional[str] = dataclasses.field(default=None, repr=False)   # the room
-    max_failures: int = MAX_FAILURES
-    lockout: float = LOCKOUT
-    failure_delay: float = FAILURE_DELAY
-    admin_password: Optional[str] = dataclasses.field(default=None, repr=False)
-    blocked_words: List[str] = dataclasses.field(default_factory=list)
-    filter_action: str = "mask"     # or "reject"
-    no_links: bool = False
-    no_whisper: bool = False
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    db: str = DEFAULT_DB
-    keep_history: bool = True       # False: record no messages (--no-history)
-    history: int = HISTORY_REPLAY
-    join_notices_up_to: int = JOIN_NOTICES_UP_TO
+    def matches(self, name: Optional[str], host: str) -> bool:
+        if self.kind == "name":
+            return name is not None and name.lower() == self.target.lower()
+        try:
+            return ipaddress.ip_address(host) in ipaddress.ip_network(self.target, strict=False)
+        except ValueError:
+            return False
+
+    def describe(self, now: float) -> str:
+        length = "until unbanned" if self.until is None else \
+            f"for {duration(self.until - now)} more"
+        return f"{self.target} ({self.kind}) {length}, by {self.by}" + \
+            (f": {self.reason}" if self.reason else "")
+
+
+def parse_minutes(word: str) -> Optional[float]:
+    """A duration argument in minutes ("10", "0.5"), or None if the word is not one."""
+    try:
+        value = float(word)
+    except ValueError:
+        return None
+    return value if 0 < value < MAX_MINUTES else None   # False for nan too
+
+
+# A word meant as a number: it starts like one ("10", "-5", ".5", "10m") or is one of
+# the words float() takes for one ("nan", "inf").
+NUMBER_LIKE = re.compile(r"[-+]?(?:\.?\d.*|nan|inf|infinity)", re.IGNORECASE)
+
+
+def looks_like_number(word: str) -> bool:
+    """Whether a word is meant as a number, so that a bad one is an error, not a reason."""
+    return NUMBER_LIKE.fullmatch(word) is not None
+
+
+def looks_like_address(word: str) -> bool:
+    try:
+        ipaddress.ip_network(word, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+class Moderation:
+    """Bans, mutes and the moderation commands.
+
+    The server console and operators in the chat run the same commands
+    from the same table; `actor` is the operator's session, or None for
+    the console. Each command returns lines to show whoever ran it, or
+    raises ModerationError. Operators' requests (op, deop, moderate) are
+    answered here too.
+    """
+
+    COMMANDS: Dict[str, Tuple[str, str, str]] = {
+        "help": ("", "this list", "cmd_help"),
+        "clients": ("", "who is connected: address, since when, messages sent", "cmd_clients"),
+        "kick": ("NAME [REASON]", "disconnect someone", "cmd_kick"),
+        "ban": ("NAME|ADDRESS [MINUTES] [REASON]", "keep a name or an address (or network) "
+                "out, for good or for MINUTES", "cmd_ban"),
+        "unban": ("NAME|ADDRESS", "lift a ban", "cmd_unban"),
+        "bans": ("", "list the bans", "cmd_bans"),
+        "mute": ("NAME [MINUTES]", "let someone read but not send", "cmd_mute"),
+        "unmute": ("NAME", "let them send again", "cmd_unmute"),
+        "say": ("TEXT", "an announcement to everyone", "cmd_say"),
+        "shutdown": ("", "stop the server", "cmd_shutdown"),
+    }
+
+    def __init__(self, core: ChatCore) -> None:
+        self.core = core
+        self.bans: List[Ban] = core.store.bans()
+        self.mutes: Dict[str, Optional[float]] = {}    # lower-case name -> until (None: always)
+
+    # -- what the rest of the server asks ------------------------------------
+
+    def ban_for(self, name: Optional[str], host: str) -> Optional[Ban]:
+        now = self.core.clock.wall()
+        expired = [ban for ban in self.bans if ban.until is not None and ban.until <= now]
+        for ban in expired:
+            self._lift(ban)
+        return next((ban for ban in self.bans if ban.matches(name, host)), None)
+
+    def mute_left(self, name: str) -> Optional[float]:
+        """Seconds of mute left for a name (inf: until unmuted), or None."""
+        if name.lower() not in self.mutes:
+            return None
+        until = self.mutes[name.lower()]
+        if until is None:
+            return float("inf")
+        left = until - self.core.clock.wall()
+        if left <= 0:
+            del self.mutes[name.lower()]
+            return None
+        return left
+
+    def ban_text(self, ban: Ban) -> str:
+        """What a banned person is told."""
+        left = "" if ban.until is None else \
+            f" for {duration(ban.until - self.core.clock.wall())} more"
+        return f"You are banned from this chat{left}" + (f": {ban.reason}" if ban.reason else ".")
+
+    # -- requests from operators (see REQUESTS) ----------------------------------
+
+    def on_op(self, session: Session, message: dict) -> None:
+        core = self.core
+        if core.settings.admin_password is None:
+            core.refuse(session, "no_operators", "This server has no operator password.")
+        elif not same_secret(message["password"], core.settings.admin_password):
+            core.accounts.wrong_password(session, "bad_admin_password",
+                                         "Wrong operator password.")
+        elif not session.operator:
+            session.operator = True
+            core.operators.add(session)
+            log.info("%s is now an operator", session.name)
+            core.send(session, {"type": "notice", "code": "op", "text": "You are an operator "
+                                "now: /help lists the moderation commands."})
+            core.notify_all("new_operator", f"{session.name} is now an operator",
+                            exclude=session)
+
+    def on_deop(self, session: Session, message: dict) -> None:
+        if session.operator:
+            session.operator = False
+            self.core.operators.discard(session)
+            self.core.send(session, {"type": "notice", "code": "deop",
+                                     "text": "You are no longer an operator."})
+
+    def on_moderate(self, session: Session, message: dict) -> None:
+        if not session.operator:
+            self.core.refuse(session, "not_operator", "Only operators can do that (see /op).")
+            return
+        line = f"{message['command']} {message.get('args', '')}"
+        log.info("%s runs /%s", session.name, clean_text(message["command"])[:20])
+        try:
+            replies = self.run(session, line)
+        except ModerationError as exc:
+            self.core.refuse(session, exc.code, exc.text)
+            return
+        if not session.gone:
+            for reply in replies:
+                if not isinstance(reply, Public):
+                    self.core.send(session, {"type": "notice", "code": "moderation",
+                                             "text": reply})
+
+    # -- the commands ----------------------------------------------------------
+
+    def run(self, actor: Optional[Session], line: str) -> List[str]:
+        """Run one command line ("/kick bob spam" or "kick bob spam").
+
+        The line is cleaned like any chat text first: reasons and names end
+        up in notices, the log and the history, for everyone's terminal.
+        """
+        line = clean_text(line)[:MAX_COMMAND_LENGTH]
+        word, _, args = line.lstrip("/\\").partition(" ")
+        entry = self.COMMANDS.get(word.lower())
+        if entry is None:
+            raise ModerationError("unknown_command",
+                                  f"Unknown command /{word}: /help lists the commands.")
+        return getattr(self, entry[2])(actor, args.strip())
+
+    def cmd_help(self, actor: Optional[Session], args: str) -> List[str]:
+        lines = []
+        for name, (usage, summary, _) in self.COMMANDS.items():
+            label = f"/{name} {usage}".strip()
+            if len(label) > 18:     # a long usage gets a line of its own
+                lines.append(label)
+                label = ""
+            lines.append(f"{label:<19}{summary}")
+        return lines
+
+    def cmd_clients(self, actor: Optional[Session], args: str) -> List[str]:
+        now, wall = self.core.clock.now(), self.core.clock.wall()
+        lines = []
+        for member in sorted(self.core.members.values(), key=lambda m: m.name.lower()):
+            since = datetime.fromtimestamp(wall - (now - member.connected_at)).strftime("%H:%M")
+            flags = [flag for flag, on in (("operator", member.operator),
+                                           ("registered", member.registered),
+                                           ("muted", self.mute_left(member.name) is not None))
+                     if on]
+            lines.append(f"{member.name:<20} {member.address:<28} since {since}  "
+                         f"{member.messages_sent} sent  {' '.join(flags)}".rstrip())
+        waiting = sum(1 for session in self.core.sessions if session.state != JOINED)
+        lines.append(f"{len(lines)} in the chat" + (f", {waiting} connecting" if waiting else ""))
+        return lines
+
+    def cmd_kick(self, actor: Optional[Session], args: str) -> List[str]:
+        name, _, reason = args.partition(" ")
+        target = self._member(actor, name, "/kick NAME [REASON]")
+        text = f"{target.name} was kicked by {self._name(actor)}" + \
+            (f": {reason.strip()}" if reason.strip() else "")
+        self.core.remove(target, "kicked", text)
+        return [Public(text)]
+
+    def cmd_ban(self, actor: Optional[Session], args: str) -> List[str]:
+        words = args.split()
+        if not words:
+            raise ModerationError("usage", "Usage: /ban NAME|ADDRESS [MINUTES] [REASON]")
+        target, rest = words[0], words[1:]
+        length = None
+        if rest and looks_like_number(rest[0]):     # "/ban bob 0 spam" is no permanent ban
+            length = self._minutes(rest.pop(0), "ban")
+        until = self.core.clock.wall() + length * 60 if length is not None else None
+        reason, by = " ".join(rest), self._name(actor)
+        how_long = f" for {duration(length * 60)}" if length is not None else ""
+        if looks_like_address(target):
+            bans = [Ban("address", target, until, reason, by)]
+            victims = [member for member in self.core.members.values()
+                       if bans[0].matches(None, member.host)]
+        else:
+            member = self._member(actor, target, "/ban NAME|ADDRESS [MINUTES] [REASON]",
+                                  must_be_here=False)
+            name = member.name if member else target
+            if not NAME_PATTERN.fullmatch(name):
+                raise ModerationError("bad_name", f'"{name}" is neither a name nor an address.')
+            bans = [Ban("name", name, until, reason, by)]
+            if member:
+                bans.append(Ban("address", member.host, until, reason, by, for_name=name))
+            victims = [member] if member else []
+        for victim in victims:
+            if actor is not None and victim.operator:
+                raise ModerationError("not_allowed", f"{victim.name} is an operator too.")
+        for ban in bans:
+            self._add(ban)
+        lines = [f"banned {ban.target} ({ban.kind}){how_long}" for ban in bans]
+        if actor is not None and any(ban.matches(None, actor.host) for ban in bans
+                                     if ban.kind == "address"):
+            lines.append(f"note: that includes your own address, {actor.host}: you could not "
+                         "come back from it until the ban ends or someone lifts it")
+        for victim in victims:
+            text = f"{victim.name} was banned by {by}{how_long}" + (f": {reason}" if reason else "")
+            self.core.remove(victim, "banned", text)
+            lines.append(Public(text))
+        return lines
+
+    def cmd_unban(self, actor: Optional[Session], args: str) -> List[str]:
+        target = args.strip()
+        if not target:
+            raise ModerationError("usage", "Usage: /unban NAME|ADDRESS")
+        lifted = [ban for ban in self.bans
+                  if target.lower() in (ban.target.lower(), ban.for_name.lower())]
+        if not lifted:
+            raise ModerationError("not_banned", f"{target} is not banned. /bans lists the bans.")
+        for ban in lifted:
+            self._lift(ban)
+        self.core.store.record(self.core.timestamp(), "notice", self._name(actor), None,
+                               f"{target} was unbanned by {self._name(actor)}")
+        return [f"unbanned {ban.target} ({ban.kind})" for ban in lifted]
+
+    def cmd_bans(self, actor: Optional[Session], args: str) -> List[str]:
+        self.ban_for(None, "")      # drops the expired ones
+        now = self.core.clock.wall()
+        return [ban.describe(now) for ban in self.bans] or ["nobody is banned"]
+
+    def cmd_mute(self, actor: Optional[Session], args: str) -> List[str]:
+        name, _, length_word = args.partition(" ")
+        target = self._member(actor, name, "/mute NAME [MINUTES]")
+        length = self._minutes(length_word.strip(), "mute") if length_word.strip() else None
+        until = self.core.clock.wall() + length * 60 if length is not None else None
+        self.mutes[target.name.lower()] = until
+        how_long = f" for {duration(length * 60)}" if length is not None else ""
+        text = f"{target.name} was muted by {self._name(actor)}{how_long}"
+        self.core.notify_all("muted", text, exclude=target)
+        self.core.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
+                                  f"{self._name(actor)}{how_long}: you can read, but not send."})
+        if length is not None:
+            self.core.later(length * 60, lambda: self._mute_over(target.name, until))
+        return [Public(text)]
+
+    def cmd_unmute(self, actor: Optional[Session], args: str) -> List[str]:
+        name = args.strip()
+        if not name or name.lower() not in self.mutes:
+            raise ModerationError("not_muted", f"{name or 'Nobody'} is not muted.")
+        del self.mutes[name.lower()]
+        member = self.core.members.get(name.lower())
+        shown = member.name if member else name
+        text = f"{shown} was unmuted by {self._name(actor)}"
+        self.core.notify_all("unmuted", text, exclude=member)
+        if member is not None:
+            self.core.send(member, {"type": "notice", "code": "unmuted",
+                                      "text": f"You were unmuted by {self._name(actor)}."})
+        return [Public(text)]
+
+    def cmd_say(self, actor: Optional[Session], args: str) -> List[str]:
+        text = clean_text(args)
+        if not text:
+            raise ModerationError("usage", "Usage: /say TEXT")
+        self.core.announce(self._name(actor), text[:self.core.settings.max_length])
+        return [Public(f"announced: {text}")]
+
+    def cmd_shutdown(self, actor: Optional[Session], args: str) -> List[str]:
+        self.core.shutdown_by = self._name(actor)
+        self.core.stop()
+        return ["shutting down"]
+
+    # -- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _name(actor: Optional[Session]) -> str:
+        return actor.name if actor is not None else "server"
+
+    def _minutes(self, word: str, command: str) -> float:
+        """A command's MINUTES argument; a usage error unless it is a good length."""
+        length = parse_minutes(word)
+        if length is None:
+            raise ModerationError("usage", f"Usage: /{command} {self.COMMANDS[command][0]} "
+                                  f"(MINUTES: more than 0 and less than {MAX_MINUTES}, "
+                                  "such as 10 or 0.5)")
+        return length
+
+    def _member(self, actor: Optional[Session], name: str, usage: str,
+                must_be_here: bool = True) -> Optional[Session]:
+        if not name:
+            raise ModerationError("usage", f"Usage: {usage}")
+        member = self.core.members.get(name.lower())
+        if member is None and must_be_here:
+            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is here.")
+        if member is not None and actor is not None and member.operator and member is not actor:
+            raise ModerationError("not_allowed", f"{member.name} is an operator too.")
+        return member
+
+    def _add(self, ban: Ban) -> None:
+        self.bans = [old for old in self.bans
+                     if (old.kind, old.target.lower()) != (ban.kind, ban.target.lower())]
+        self.bans.append(ban)
+        self.core.store.save_ban(ban)
+
+    def _lift(self, ban: Ban) -> None:
+        self.bans.remove(ban)
+        self.core.store.delete_ban(ban)
+
+    def _mute_over(self, name: str, until: Optional[float]) -> None:
+        if self.mutes.get(name.lower(), "gone") != until:
+            return      # unmuted, or muted again since
+        del self.mutes[name.lower()]
+        member = self.core.members.get(name.lower())
+        if member is not None:
+            self.core.send(member, {"type": "notice", "code": "unmuted",
+                                      "text": "Your mute is over: you can send again."})
+
 
 # ---------------------------------------------------------------------------
 # The store: history, accounts and bans, in sqlite
@@ -881,7 +2707,7 @@ class ChatStore:
         if not changed:
             self.db.execute("INSERT INTO accounts (name, password_hash, created, created_id) "
                             "VALUES (?, ?, ?, ?)",
-                            (name, password_hash, utc_timestamp(), self.last_id()))
+                            (name, password_hash, utc_timestamp(time.time()), self.last_id()))
 
     def delete_account(self, name: str) -> None:
         self.db.execute("DELETE FROM accounts WHERE name = ?", (name,))
@@ -1007,1520 +2833,259 @@ def format_event_line(row: tuple) -> str:
     return f"{when}  {sender}: {text}"
 
 
-
 # ---------------------------------------------------------------------------
-# The select loop
+# The server: the core, served over the transport through codecs
 # ---------------------------------------------------------------------------
 
-class SelectServer:
-    """A selectors loop over non-blocking connections that carry frames.
+class Batch:
+    """The events for one audience in one loop pass, written together at its end.
 
-    It accepts, runs TLS handshakes without blocking, reads and decodes,
-    sends each connection's queued frames with one call per pass, and
-    closes connections politely. It knows nothing of chat: subclasses
-    override the hooks below.
-
-    Call :meth:`listen`, then :meth:`serve_forever`; it returns after
-    :meth:`stop`, which any thread or signal handler may call.
+    Each event is encoded once per codec variant. Every recipient that sent
+    none of them gets the same joined bytes; each sender gets its own view,
+    with its echo (if any) where its own events are. `recipients` are the
+    audience's members when the batch began; a change of members begins a
+    new batch, so nobody gets what was said before they came.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.tls_context = (make_tls_context(settings.tls_cert, settings.tls_key)
-                            if settings.tls_cert else None)
-        self.selector = selectors.DefaultSelector()
-        # Windows has only select(), which watches at most 512 sockets.
-        self.socket_limit = SELECT_SOCKET_LIMIT if isinstance(
-            self.selector, selectors.SelectSelector) else 0
-        self.listeners: List[socket.socket] = []
-        self.connections: Set[Connection] = set()   # open and closing
-        self.open_count = 0
-        self.per_address: Dict[str, int] = {}       # IP -> open connections from it
-        self.lingering = 0                          # closing connections not yet closed
-        self.now = time.monotonic()
-        self._to_flush: Set[Connection] = set()
-        # Check timers often enough that no timeout overshoots by more than a quarter.
-        self._tick = min(TICK, settings.hello_timeout / 4, settings.ping_after / 4)
-        self._next_tick = self.now + self._tick
-        self._timers: List[Tuple[float, int, Callable[[], None]]] = []     # a heap
-        self._timer_order = itertools.count()
-        self._accepting = True      # listeners watched; False while out of file descriptors
-        self._stopping = False
-        self._calls: Deque[Callable[[], None]] = deque()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
-        self.selector.register(self._wake_reader, selectors.EVENT_READ, self._on_wake)
+    __slots__ = ("audience", "version", "recipients", "entries")
 
-    # -- hooks for subclasses --------------------------------------------
+    def __init__(self, audience: Audience) -> None:
+        self.audience = audience
+        self.version = audience.version
+        self.recipients = list(audience.members.values())
+        self.entries: List[Tuple[dict, Optional[Session], Optional[dict]]] = []
 
-    def connection_made(self, conn: Connection) -> None:
-        """A new connection is open (TLS not yet negotiated)."""
-
-    def refuse(self, conn: Connection, code: str, text: str) -> None:
-        """Turn away a connection over a limit; the default just closes it."""
-        self.close(conn, f"{code}: {text}")
-
-    def payload_received(self, conn: Connection, payload: bytes) -> None:
-        """One complete payload arrived."""
-
-    def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
-        """The peer broke the framing; the default closes the connection."""
-        self.close(conn, error.text)
-
-    def connection_closing(self, conn: Connection, reason: str) -> None:
-        """The connection is about to go, for `reason`; it can still be sent to."""
-
-    def end_of_pass(self) -> None:
-        """Called once per loop pass, just before queued frames are sent."""
-
-    def tick(self) -> None:
-        """Called about once a second (more often with short timeouts)."""
-
-    def shutting_down(self) -> None:
-        """The loop is stopping; frames queued now are still delivered."""
-
-    # -- starting, stopping, scheduling -------------------------------------
-
-    def listen(self) -> Tuple[str, int]:
-        """Bind and listen; return the address actually bound (the real port for port 0)."""
-        host, port = self.settings.host, self.settings.port
-        backlog = min(socket.SOMAXCONN, 1024)
-        if host in ("", "*"):
-            if socket.has_dualstack_ipv6():
-                sock = socket.create_server(("::", port), family=socket.AF_INET6,
-                                            backlog=backlog, dualstack_ipv6=True)
-            else:
-                sock = socket.create_server(("0.0.0.0", port), backlog=backlog)
-        else:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-            sock = socket.create_server((host, port), family=family, backlog=backlog)
-        sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ, self._accept)
-        self.listeners.append(sock)
-        bound = sock.getsockname()
-        return bound[0], bound[1]
-
-    def serve_forever(self) -> None:
-        try:
-            while not self._stopping:
-                self._run_once()
-        finally:
-            self._shut_down()
-
-    def stop(self) -> None:
-        """Ask the loop to shut down. Safe from other threads and signal handlers."""
-        self._stopping = True
-        self._wake()
-
-    def call_soon(self, function: Callable[[], None]) -> None:
-        """Run function inside the loop. Safe from other threads."""
-        self._calls.append(function)
-        self._wake()
-
-    def call_later(self, delay: float, function: Callable[[], None]) -> None:
-        """Run function inside the loop after `delay` seconds. Loop thread only."""
-        heapq.heappush(self._timers, (self.now + delay, next(self._timer_order), function))
-
-    def _wake(self) -> None:
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:     # buffer full: the loop is awake anyway; or closed
-            pass
-
-    def _on_wake(self) -> None:
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except OSError:
-            pass
-        while self._calls:
-            self._guarded(self._calls.popleft())
-
-    @staticmethod
-    def _guarded(function: Callable[[], None]) -> None:
-        """Run a callback; a bug in it is logged and costs that callback only."""
-        try:
-            function()
-        except Exception:
-            log.exception("error in a scheduled call")
-
-    def _run_once(self) -> None:
-        if self._to_flush:     # queued while flushing, e.g. the notice that someone was cut off
-            timeout = 0.0
-        else:
-            due = min(self._next_tick, self._timers[0][0]) if self._timers else self._next_tick
-            timeout = max(0.0, due - time.monotonic())
-        events = self.selector.select(timeout)
-        self.now = time.monotonic()
-        for key, mask in events:
-            target = key.data
-            if not isinstance(target, Connection):
-                target()        # a listening socket or the wake-up socket
-            elif target.tls_phase:
-                self._advance_tls(target)
-            else:
-                if mask & selectors.EVENT_READ:
-                    self._read(target)
-                if mask & selectors.EVENT_WRITE:
-                    self._to_flush.add(target)
-        while self._timers and self._timers[0][0] <= self.now:
-            self._guarded(heapq.heappop(self._timers)[2])
-        if self.now >= self._next_tick:
-            self._next_tick = self.now + self._tick
-            self._check_closing()
-            self._guarded(self.tick)
-        self.end_of_pass()
-        self._flush_all()
-
-    def _shut_down(self) -> None:
-        """Stop accepting, let the subclass say goodbye, give that a moment to leave, close all."""
-        log.info("shutting down: %d connection(s)", len(self.connections))
-        # Listeners go first: a client that reconnects as soon as it hears the goodbye
-        # must be refused, not parked in the backlog of a server that is going away,
-        # and a server restarted on the same port must find it free.
-        self._watch_listeners(False)
-        for sock in self.listeners:
-            sock.close()
-        self.shutting_down()
-        self.end_of_pass()
-        deadline = time.monotonic() + SHUTDOWN_FLUSH_TIMEOUT
-        for conn in list(self.connections):
-            if not conn.tls_phase:
-                self._send_remaining(conn, deadline)
-            self._close_socket(conn)
-        self.selector.unregister(self._wake_reader)
-        self._wake_reader.close()
-        self._wake_writer.close()
-        self.selector.close()
-
-    @staticmethod
-    def _send_remaining(conn: Connection, deadline: float) -> None:
-        """Block until conn's queue is sent, the deadline passes, or the peer is gone."""
-        try:
-            conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            conn.sock.sendall(b"".join(conn.outbox))
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    # -- accepting -------------------------------------------------------
-
-    def _accept(self) -> None:
-        for listener in self.listeners:
-            for _ in range(ACCEPTS_PER_PASS):
-                try:
-                    sock, address = listener.accept()
-                except WOULD_BLOCK:
-                    break
-                except OSError as exc:   # out of file descriptors, most likely
-                    log.error("cannot accept connections: %s; pausing %.0f s", exc, ACCEPT_PAUSE)
-                    self._pause_accepting()
-                    return
-                self._add_connection(sock, address)
-
-    def _pause_accepting(self) -> None:
-        """Stop watching the listeners for ACCEPT_PAUSE seconds.
-
-        The connection that could not be accepted is still waiting in the
-        backlog, so a listener left in the selector would be reported
-        readable on every pass: the loop would spin at full speed, doing
-        nothing, until the pause ended.
-        """
-        self._watch_listeners(False)
-        self.call_later(ACCEPT_PAUSE, lambda: self._watch_listeners(True))
-
-    def _watch_listeners(self, wanted: bool) -> None:
-        if self._accepting == wanted:
-            return
-        self._accepting = wanted
-        for sock in self.listeners:
-            if wanted:
-                self.selector.register(sock, selectors.EVENT_READ, self._accept)
-            else:
-                self.selector.unregister(sock)
-
-    def _add_connection(self, sock: socket.socket, address: tuple) -> None:
-        if self.socket_limit and len(self.connections) + 2 >= self.socket_limit:
-            log.warning("refusing %s: this system's select() cannot watch more sockets",
-                        format_address(address))
-            sock.close()
-            return
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        conn = Connection(sock, address, self.now)
-        if self.tls_context is not None:
-            conn.tls_phase = TLS_DETECT
-        self.connections.add(conn)
-        self.open_count += 1
-        from_here = self.per_address[conn.host] = self.per_address.get(conn.host, 0) + 1
-        self.selector.register(sock, selectors.EVENT_READ, conn)
-        try:
-            self.connection_made(conn)
-            limit = self.settings.max_per_address
-            if self.open_count > self.settings.max_clients:
-                self.refuse(conn, "server_full", f"The server is full "
-                            f"({self.settings.max_clients} connections). Try again later.")
-            elif limit and from_here > limit:
-                self.refuse(conn, "too_many_connections",
-                            f"Too many connections from your address (at most {limit}).")
-        except Exception:   # a bug: it costs this connection, never the server
-            log.exception("error while accepting %s", conn.address)
-            self.close(conn, "internal error", graceful=False)
-
-    def _advance_tls(self, conn: Connection) -> None:
-        """Take a TLS connection one step further, without ever waiting."""
-        if conn.tls_phase == TLS_DETECT:
-            try:
-                first = conn.sock.recv(1, socket.MSG_PEEK)
-            except WOULD_BLOCK:
-                return
-            except OSError as exc:
-                self.close(conn, f"connection lost ({exc.strerror or exc})", graceful=False)
-                return
-            if not first:
-                self.close(conn, "closed before TLS began", graceful=False)
-                return
-            if first != b"\x16":     # not a TLS handshake record: a plain-text client
-                conn.tls_phase = None
-                self.plain_text_on_tls(conn)
-                return
-            self.selector.unregister(conn.sock)
-            conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
-                                                     do_handshake_on_connect=False)
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-            conn.wants_write = False
-            conn.tls_phase = TLS_HANDSHAKE
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._watch_writable(conn, False)
-            return
-        except ssl.SSLWantWriteError:
-            self._watch_writable(conn, True)
-            return
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc.strerror or exc
-            self.close(conn, f"TLS handshake failed ({reason})", graceful=False)
-            return
-        conn.tls_phase = None
-        self._watch_writable(conn, bool(conn.outbox))
-        self._read(conn)    # the first frames may have come with the handshake
-
-    def plain_text_on_tls(self, conn: Connection) -> None:
-        """A client spoke plain text to a TLS server; the default hangs up."""
-        self.close(conn, "plain text on the TLS port")
-
-    # -- reading ---------------------------------------------------------
-
-    def _read(self, conn: Connection) -> None:
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-            pending = getattr(conn.sock, "pending", None)   # TLS: bytes already decrypted
-            while data and pending is not None and pending():
-                data += conn.sock.recv(RECV_SIZE)
-        except WOULD_BLOCK:
-            return
-        except OSError as exc:
-            self.close(conn, f"connection lost ({getattr(exc, 'strerror', None) or exc})",
-                       graceful=False)
-            return
-        if not conn.open:
-            if not data:
-                self._close_socket(conn)
-            return      # closing: whatever the peer still sends is dropped
-        if not data:
-            conn.peer_closed = True
-            if conn.decoder.buffered:
-                self.close(conn, "connection closed in the middle of a message")
-            else:
-                self.close(conn, "connection closed")
-            return
-        conn.last_heard = self.now
-        conn.decoder.feed(data)
-        self._deliver(conn)
-
-    def _deliver(self, conn: Connection) -> None:
-        """Hand complete payloads to payload_received, in order, while it wants them."""
-        try:
-            while conn.open and not conn.paused:
-                payload = next(conn.decoder, None)
-                if payload is None:
-                    break
-                self.payload_received(conn, payload)
-        except ProtocolError as exc:
-            self.protocol_error(conn, exc)
-        except Exception:   # a bug: it costs this connection, never the server
-            log.exception("error while reading from %s", conn)
-            self.close(conn, "internal error", graceful=False)
-
-    def pause_reading(self, conn: Connection) -> None:
-        """Stop reading from conn until resume_reading (while a password is checked)."""
-        if not conn.paused and not conn.closed:
-            conn.paused = True
-            self.selector.unregister(conn.sock)
-
-    def resume_reading(self, conn: Connection) -> None:
-        if conn.paused and not conn.closed:
-            conn.paused = False
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
-            self.selector.register(conn.sock, events, conn)
-            self._deliver(conn)     # frames that arrived together with the one that paused
-
-    # -- writing ---------------------------------------------------------
-
-    def send_frame(self, conn: Connection, frame: bytes) -> None:
-        """Queue a frame; it goes out at the end of this loop pass."""
-        conn.outbox.append(frame)
-        self._to_flush.add(conn)
-
-    def _flush_all(self) -> None:
-        pending, self._to_flush = self._to_flush, set()
-        for conn in pending:
-            if not conn.closed and not conn.tls_phase:
-                self._flush(conn)
-
-    def _flush(self, conn: Connection) -> None:
-        """Send what is queued with one call; keep the rest for when the socket is writable."""
-        outbox = conn.outbox
-        if outbox:
-            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
-            try:
-                sent = conn.sock.send(data)
-            except WOULD_BLOCK:     # for TLS: retried later with the same bytes first
-                sent = 0
-            except OSError as exc:
-                self.close(conn, f"connection lost ({getattr(exc, 'strerror', None) or exc})",
-                           graceful=False)
-                return
-            if sent == len(data):
-                outbox.clear()
-            else:
-                rest = data[sent:]
-                if len(rest) > self.settings.max_backlog and conn.open:
-                    outbox.clear()
-                    self.close(conn, f"too slow: over {self.settings.max_backlog // 1024}"
-                               " KiB waiting to be read", graceful=False)
-                    return
-                conn.outbox = [rest]
-        self._watch_writable(conn, bool(conn.outbox))
-        if conn.closing and not conn.outbox:
-            self._finish_closing(conn)
-
-    def _watch_writable(self, conn: Connection, wanted: bool) -> None:
-        if conn.wants_write != wanted:
-            conn.wants_write = wanted
-            if not conn.paused:
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
-                self.selector.modify(conn.sock, events, conn)
-
-    # -- closing ---------------------------------------------------------
-
-    def close(self, conn: Connection, reason: str, graceful: bool = True) -> None:
-        """Close a connection for `reason`, telling the subclass first.
-
-        graceful: deliver what is queued first, then wait briefly for the
-        peer to hang up, so that a final error frame is not lost to a TCP
-        reset. Not graceful: the peer is gone or stuck; close at once.
-        """
-        if not conn.open:
-            if not graceful:
-                self._close_socket(conn)
-            return
-        conn.closing = True
-        self.open_count -= 1
-        remaining = self.per_address[conn.host] - 1
-        if remaining:
-            self.per_address[conn.host] = remaining
-        else:
-            del self.per_address[conn.host]
-        self.resume_reading(conn)
-        self.connection_closing(conn, reason)
-        if graceful and not conn.tls_phase and self.lingering < MAX_LINGERING:
-            self.lingering += 1
-            conn.deadline = self.now + LINGER_TIMEOUT
-            self._to_flush.add(conn)
-        else:
-            self._close_socket(conn)
-
-    def _finish_closing(self, conn: Connection) -> None:
-        """Everything queued is sent: send EOF, and close once the peer does too."""
-        if conn.peer_closed:
-            self._close_socket(conn)
-        elif not conn.write_shut:
-            conn.write_shut = True
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._close_socket(conn)
-
-    def _close_socket(self, conn: Connection) -> None:
-        if conn.closed:
-            return
-        if conn.deadline:       # it was lingering (see close)
-            self.lingering -= 1
-        conn.closed = True
-        self.connections.discard(conn)
-        self._to_flush.discard(conn)
-        if not conn.paused:
-            try:
-                self.selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-        conn.sock.close()
-        conn.outbox = []
-
-    def _check_closing(self) -> None:
-        for conn in list(self.connections):
-            if conn.closing and self.now >= conn.deadline:
-                self._close_socket(conn)
-
-
-# ---------------------------------------------------------------------------
-# Moderation: message rules, bans, mutes, and the commands that run them
-# ---------------------------------------------------------------------------
-
-class MessageRules:
-    """What may be said, beyond length: blocked words, links, whispers.
-
-    check() returns the text to send (masked, perhaps) or raises
-    ModerationError naming the rule that refused it.
-    """
-
-    # A scheme (http://, ftp://, ...), "www.", or a bare domain with a common ending.
-    LINK = re.compile(
-        r"(?i)\b[a-z][a-z0-9+.-]*://\S|\bwww\.\S|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*"
-        r"\.(?:com|net|org|io|dev|app|co|info|biz|me|ly|gg|tv|xyz|edu|gov|uk|de|fr|nl|ru|cn)"
-        r"\b(?![.-]\w)")
-
-    def __init__(self, blocked_words: List[str], action: str, no_links: bool,
-                 no_whisper: bool) -> None:
-        self.action = action            # "mask" or "reject"
-        self.no_links = no_links
-        self.no_whisper = no_whisper
-        words = sorted({word.strip() for word in blocked_words if word.strip()},
-                       key=len, reverse=True)
-        # Whole words only: "ass" must not catch "class". Lookarounds instead of
-        # \b, so that words starting or ending in punctuation work too.
-        phrases = [r"\s+".join(map(re.escape, word.split())) for word in words]
-        self.blocked = (re.compile(r"(?<!\w)(?:" + "|".join(phrases) + r")(?!\w)",
-                                   re.IGNORECASE) if words else None)
-
-    def check(self, text: str) -> str:
-        if self.no_links and self.LINK.search(text):
-            raise ModerationError("no_links", "Not sent: links are not allowed here.")
-        if self.blocked is not None and self.blocked.search(text):
-            if self.action == "reject":
-                raise ModerationError("blocked_word", "Not sent: it contains a blocked word.")
-            text = self.blocked.sub(lambda match: re.sub(r"\S", "*", match.group()), text)
-        return text
-
-
-def read_word_list(path: str) -> List[str]:
-    """--blocked-words: one word or phrase a line; blank lines and #comments skipped."""
-    with open(path, encoding="utf-8") as lines:
-        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-
-class Public(str):
-    """A reply line that everyone in the chat has already seen as a notice.
-
-    The console prints it; an operator, who saw the notice, is not sent it again.
-    """
-
-
-class ModerationError(Exception):
-    """A moderation command or rule said no; code and text go to whoever asked."""
-
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
-
-
-@dataclasses.dataclass
-class Ban:
-    kind: str                   # "name" or "address"
-    target: str                 # a name, an IP address, or a network like 192.168.1.0/24
-    until: Optional[float]      # Unix time it ends; None: until unbanned
-    reason: str = ""
-    by: str = "server"
-    for_name: str = ""          # an address ban made by banning this name
-
-    def matches(self, name: Optional[str], host: str) -> bool:
-        if self.kind == "name":
-            return name is not None and name.lower() == self.target.lower()
-        try:
-            return ipaddress.ip_address(host) in ipaddress.ip_network(self.target, strict=False)
-        except ValueError:
-            return False
-
-    def describe(self, now: float) -> str:
-        length = "until unbanned" if self.until is None else \
-            f"for {duration(self.until - now)} more"
-        return f"{self.target} ({self.kind}) {length}, by {self.by}" + \
-            (f": {self.reason}" if self.reason else "")
-
-
-def parse_minutes(word: str) -> Optional[float]:
-    """A duration argument in minutes ("10", "0.5"), or None if the word is not one."""
-    try:
-        value = float(word)
-    except ValueError:
-        return None
-    return value if 0 < value < MAX_MINUTES else None   # False for nan too
-
-
-# A word meant as a number: it starts like one ("10", "-5", ".5", "10m") or is one of
-# the words float() takes for one ("nan", "inf").
-NUMBER_LIKE = re.compile(r"[-+]?(?:\.?\d.*|nan|inf|infinity)", re.IGNORECASE)
-
-
-def looks_like_number(word: str) -> bool:
-    """Whether a word is meant as a number, so that a bad one is an error, not a reason."""
-    return NUMBER_LIKE.fullmatch(word) is not None
-
-
-def looks_like_address(word: str) -> bool:
-    try:
-        ipaddress.ip_network(word, strict=False)
-        return True
-    except ValueError:
-        return False
-
-
-class Moderation:
-    """Bans, mutes and the moderation commands.
-
-    The server console and operators in the chat run the same commands
-    from the same table; `actor` is the operator's connection, or None for
-    the console. Each command returns lines to show whoever ran it, or
-    raises ModerationError.
-    """
-
-    COMMANDS: Dict[str, Tuple[str, str, str]] = {
-        "help": ("", "this list", "cmd_help"),
-        "clients": ("", "who is connected: address, since when, messages sent", "cmd_clients"),
-        "kick": ("NAME [REASON]", "disconnect someone", "cmd_kick"),
-        "ban": ("NAME|ADDRESS [MINUTES] [REASON]", "keep a name or an address (or network) "
-                "out, for good or for MINUTES", "cmd_ban"),
-        "unban": ("NAME|ADDRESS", "lift a ban", "cmd_unban"),
-        "bans": ("", "list the bans", "cmd_bans"),
-        "mute": ("NAME [MINUTES]", "let someone read but not send", "cmd_mute"),
-        "unmute": ("NAME", "let them send again", "cmd_unmute"),
-        "say": ("TEXT", "an announcement to everyone", "cmd_say"),
-        "shutdown": ("", "stop the server", "cmd_shutdown"),
-    }
-
-    def __init__(self, server: "ChatServer") -> None:
-        self.server = server
-        self.bans: List[Ban] = server.store.bans()
-        self.mutes: Dict[str, Optional[float]] = {}    # lower-case name -> until (None: always)
-
-    # -- what the rest of the server asks ------------------------------------
-
-    def ban_for(self, name: Optional[str], host: str) -> Optional[Ban]:
-        now = time.time()
-        expired = [ban for ban in self.bans if ban.until is not None and ban.until <= now]
-        for ban in expired:
-            self._lift(ban)
-        return next((ban for ban in self.bans if ban.matches(name, host)), None)
-
-    def mute_left(self, name: str) -> Optional[float]:
-        """Seconds of mute left for a name (inf: until unmuted), or None."""
-        if name.lower() not in self.mutes:
-            return None
-        until = self.mutes[name.lower()]
-        if until is None:
-            return float("inf")
-        left = until - time.time()
-        if left <= 0:
-            del self.mutes[name.lower()]
-            return None
-        return left
-
-    def run(self, actor: Optional[Connection], line: str) -> List[str]:
-        """Run one command line ("/kick bob spam" or "kick bob spam").
-
-        The line is cleaned like any chat text first: reasons and names end
-        up in notices, the log and the history, for everyone's terminal.
-        """
-        line = clean_text(line)[:MAX_COMMAND_LENGTH]
-        word, _, args = line.lstrip("/\\").partition(" ")
-        entry = self.COMMANDS.get(word.lower())
-        if entry is None:
-            raise ModerationError("unknown_command",
-                                  f"Unknown command /{word}: /help lists the commands.")
-        return getattr(self, entry[2])(actor, args.strip())
-
-    # -- the commands ----------------------------------------------------------
-
-    def cmd_help(self, actor: Optional[Connection], args: str) -> List[str]:
-        lines = []
-        for name, (usage, summary, _) in self.COMMANDS.items():
-            label = f"/{name} {usage}".strip()
-            if len(label) > 18:     # a long usage gets a line of its own
-                lines.append(label)
-                label = ""
-            lines.append(f"{label:<19}{summary}")
-        return lines
-
-    def cmd_clients(self, actor: Optional[Connection], args: str) -> List[str]:
-        now, wall = self.server.now, time.time()
-        lines = []
-        for conn in sorted(self.server.members.values(), key=lambda c: c.name.lower()):
-            since = datetime.fromtimestamp(wall - (now - conn.connected_at)).strftime("%H:%M")
-            flags = [flag for flag, on in (("operator", conn.operator),
-                                           ("registered", conn.registered),
-                                           ("muted", self.mute_left(conn.name) is not None))
-                     if on]
-            lines.append(f"{conn.name:<20} {conn.address:<28} since {since}  "
-                         f"{conn.messages_sent} sent  {' '.join(flags)}".rstrip())
-        waiting = sum(1 for conn in self.server.connections if conn.open and conn.state != JOINED)
-        lines.append(f"{len(lines)} in the chat" + (f", {waiting} connecting" if waiting else ""))
-        return lines
-
-    def cmd_kick(self, actor: Optional[Connection], args: str) -> List[str]:
-        name, _, reason = args.partition(" ")
-        target = self._member(actor, name, "/kick NAME [REASON]")
-        text = f"{target.name} was kicked by {self._name(actor)}" + \
-            (f": {reason.strip()}" if reason.strip() else "")
-        self._remove(target, "kicked", text)
-        return [Public(text)]
-
-    def cmd_ban(self, actor: Optional[Connection], args: str) -> List[str]:
-        words = args.split()
-        if not words:
-            raise ModerationError("usage", "Usage: /ban NAME|ADDRESS [MINUTES] [REASON]")
-        target, rest = words[0], words[1:]
-        length = None
-        if rest and looks_like_number(rest[0]):     # "/ban bob 0 spam" is no permanent ban
-            length = self._minutes(rest.pop(0), "ban")
-        until = time.time() + length * 60 if length is not None else None
-        reason, by = " ".join(rest), self._name(actor)
-        how_long = f" for {duration(length * 60)}" if length is not None else ""
-        if looks_like_address(target):
-            bans = [Ban("address", target, until, reason, by)]
-            victims = [conn for conn in self.server.members.values()
-                       if bans[0].matches(None, conn.host)]
-        else:
-            member = self._member(actor, target, "/ban NAME|ADDRESS [MINUTES] [REASON]",
-                                  must_be_here=False)
-            name = member.name if member else target
-            if not NAME_PATTERN.fullmatch(name):
-                raise ModerationError("bad_name", f'"{name}" is neither a name nor an address.')
-            bans = [Ban("name", name, until, reason, by)]
-            if member:
-                bans.append(Ban("address", member.host, until, reason, by, for_name=name))
-            victims = [member] if member else []
-        for conn in victims:
-            if actor is not None and conn.operator:
-                raise ModerationError("not_allowed", f"{conn.name} is an operator too.")
-        for ban in bans:
-            self._add(ban)
-        lines = [f"banned {ban.target} ({ban.kind}){how_long}" for ban in bans]
-        if actor is not None and any(ban.matches(None, actor.host) for ban in bans
-                                     if ban.kind == "address"):
-            lines.append(f"note: that includes your own address, {actor.host}: you could not "
-                         "come back from it until the ban ends or someone lifts it")
-        for conn in victims:
-            text = f"{conn.name} was banned by {by}{how_long}" + (f": {reason}" if reason else "")
-            self._remove(conn, "banned", text)
-            lines.append(Public(text))
-        return lines
-
-    def cmd_unban(self, actor: Optional[Connection], args: str) -> List[str]:
-        target = args.strip()
-        if not target:
-            raise ModerationError("usage", "Usage: /unban NAME|ADDRESS")
-        lifted = [ban for ban in self.bans
-                  if target.lower() in (ban.target.lower(), ban.for_name.lower())]
-        if not lifted:
-            raise ModerationError("not_banned", f"{target} is not banned. /bans lists the bans.")
-        for ban in lifted:
-            self._lift(ban)
-        self.server.record_notice(actor, f"{target} was unbanned by {self._name(actor)}")
-        return [f"unbanned {ban.target} ({ban.kind})" for ban in lifted]
-
-    def cmd_bans(self, actor: Optional[Connection], args: str) -> List[str]:
-        self.ban_for(None, "")      # drops the expired ones
-        now = time.time()
-        return [ban.describe(now) for ban in self.bans] or ["nobody is banned"]
-
-    def cmd_mute(self, actor: Optional[Connection], args: str) -> List[str]:
-        name, _, length_word = args.partition(" ")
-        target = self._member(actor, name, "/mute NAME [MINUTES]")
-        length = self._minutes(length_word.strip(), "mute") if length_word.strip() else None
-        until = time.time() + length * 60 if length is not None else None
-        self.mutes[target.name.lower()] = until
-        how_long = f" for {duration(length * 60)}" if length is not None else ""
-        text = f"{target.name} was muted by {self._name(actor)}{how_long}"
-        self.server.notify_all("muted", text, exclude=target)
-        self.server.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
-                                  f"{self._name(actor)}{how_long}: you can read, but not send."})
-        if length is not None:
-            self.server.call_later(length * 60, lambda: self._mute_over(target.name, until))
-        return [Public(text)]
-
-    def cmd_unmute(self, actor: Optional[Connection], args: str) -> List[str]:
-        name = args.strip()
-        if not name or name.lower() not in self.mutes:
-            raise ModerationError("not_muted", f"{name or 'Nobody'} is not muted.")
-        del self.mutes[name.lower()]
-        member = self.server.members.get(name.lower())
-        shown = member.name if member else name
-        text = f"{shown} was unmuted by {self._name(actor)}"
-        self.server.notify_all("unmuted", text, exclude=member)
-        if member is not None:
-            self.server.send(member, {"type": "notice", "code": "unmuted",
-                                      "text": f"You were unmuted by {self._name(actor)}."})
-        return [Public(text)]
-
-    def cmd_say(self, actor: Optional[Connection], args: str) -> List[str]:
-        text = clean_text(args)
-        if not text:
-            raise ModerationError("usage", "Usage: /say TEXT")
-        self.server.announce(self._name(actor), text[:self.server.settings.max_length])
-        return [Public(f"announced: {text}")]
-
-    def cmd_shutdown(self, actor: Optional[Connection], args: str) -> List[str]:
-        self.server.shutdown_by = self._name(actor)
-        self.server.stop()
-        return ["shutting down"]
-
-    # -- helpers ----------------------------------------------------------------
-
-    @staticmethod
-    def _name(actor: Optional[Connection]) -> str:
-        return actor.name if actor is not None else "server"
-
-    def _minutes(self, word: str, command: str) -> float:
-        """A command's MINUTES argument; a usage error unless it is a good length."""
-        length = parse_minutes(word)
-        if length is None:
-            raise ModerationError("usage", f"Usage: /{command} {self.COMMANDS[command][0]} "
-                                  f"(MINUTES: more than 0 and less than {MAX_MINUTES}, "
-                                  "such as 10 or 0.5)")
-        return length
-
-    def _member(self, actor: Optional[Connection], name: str, usage: str,
-                must_be_here: bool = True) -> Optional[Connection]:
-        if not name:
-            raise ModerationError("usage", f"Usage: {usage}")
-        member = self.server.members.get(name.lower())
-        if member is None and must_be_here:
-            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is here.")
-        if member is not None and actor is not None and member.operator and member is not actor:
-            raise ModerationError("not_allowed", f"{member.name} is an operator too.")
-        return member
-
-    def _remove(self, conn: Connection, code: str, text: str) -> None:
-        """Tell someone why they must go, and everyone else the same, then close."""
-        self.server.send_error(conn, code, text)
-        conn.leave_text = text
-        self.server.close(conn, text)
-
-    def _add(self, ban: Ban) -> None:
-        self.bans = [old for old in self.bans
-                     if (old.kind, old.target.lower()) != (ban.kind, ban.target.lower())]
-        self.bans.append(ban)
-        self.server.store.save_ban(ban)
-
-    def _lift(self, ban: Ban) -> None:
-        self.bans.remove(ban)
-        self.server.store.delete_ban(ban)
-
-    def _mute_over(self, name: str, until: Optional[float]) -> None:
-        if self.mutes.get(name.lower(), "gone") != until:
-            return      # unmuted, or muted again since
-        del self.mutes[name.lower()]
-        member = self.server.members.get(name.lower())
-        if member is not None:
-            self.server.send(member, {"type": "notice", "code": "unmuted",
-                                      "text": "Your mute is over: you can send again."})
-
-
-# ---------------------------------------------------------------------------
-# The chat
-# ---------------------------------------------------------------------------
 
 class ChatServer(SelectServer):
-    """The chat protocol: names, messages, whispers, history, accounts."""
+    """Joins the layers: each connection gets a codec and a core session; the
+    codec's requests go to the core one at a time; the core's actions are
+    carried out here, in order, as soon as each input has been handled.
 
-    #: Every message a client may send: its fields (name -> type, a trailing
-    #: "?" marks an optional one) and the method that handles it. Fields not
-    #: listed are ignored, so newer clients can add some.
-    MESSAGES: Dict[str, Tuple[Dict[str, type], str]] = {
-        "hello": ({"name": str, "password?": str, "name_password?": str, "resume?": str},
-                  "on_hello"),
-        "say": ({"text": str, "action?": bool, "id?": str}, "on_say"),
-        "whisper": ({"to": str, "text": str, "id?": str}, "on_whisper"),
-        "who": ({}, "on_who"),
-        "get_history": ({"limit?": int}, "on_get_history"),
-        "search": ({"text": str}, "on_search"),
-        "register": ({"password": str}, "on_register"),
-        "unregister": ({"password": str}, "on_unregister"),
-        "change_password": ({"password": str, "new_password": str}, "on_change_password"),
-        "op": ({"password": str}, "on_op"),
-        "deop": ({}, "on_deop"),
-        "moderate": ({"command": str, "args?": str}, "on_moderate"),
-        "ping": ({}, "on_ping"),
-        "pong": ({}, "on_pong"),
-        "bye": ({}, "on_bye"),
-    }
+    Deliveries to an audience are batched for the loop pass (see Batch), so
+    a message costs the same however many receive it; what one session is
+    sent alone first waits for the batches it is in, so that every session
+    gets its events in the order the core made them.
+    """
 
-    #: Messages that cost no rate-limit token: answers to the server.
-    UNMETERED = frozenset({"pong"})
+    core_class = ChatCore
 
-    def __init__(self, settings: Settings, store: Optional[ChatStore] = None) -> None:
-        super().__init__(settings)
-        self.store = store or ChatStore(settings.db, settings.keep_history)
-        self.members: Dict[str, Connection] = {}    # lower-case name -> joined connection
-        self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
-        self.operators: Set[Connection] = set()     # members who are operators
-        self.accounts: Dict[str, str] = self.store.accounts()  # lower-case name -> hash
-        self.guard = LoginGuard(settings.max_failures, settings.lockout, settings.failure_delay)
-        self.rules = MessageRules(settings.blocked_words, settings.filter_action,
-                                  settings.no_links, settings.no_whisper)
-        self.moderation = Moderation(self)
-        self.reading_time = TimeBudget(SEARCH_SHARE, 2 * QUERY_TIME_LIMIT, self.now)
-        self.shutdown_by: Optional[str] = None
-        # The "id" of the message being handled, if it had one: echoed in the
-        # acknowledgement or error it causes, so the client can match them up.
-        self.replying_to: Optional[str] = None
+    def __init__(self, settings: Settings, store: Optional[ChatStore] = None,
+                 clock: Optional[Clock] = None) -> None:
+        # Tick often enough that no timeout overshoots by more than a quarter.
+        super().__init__(settings, tick=min(TICK, settings.hello_timeout / 4,
+                                            settings.ping_after / 4))
+        self.core = self.core_class(settings, store or ChatStore(settings.db, settings.keep_history),
+                             clock)
         self._workers = concurrent.futures.ThreadPoolExecutor(
             PASSWORD_WORKERS, thread_name_prefix="password")
-        self._password_jobs = 0
-        self._handlers = {kind: (fields, getattr(self, method))
-                          for kind, (fields, method) in self.MESSAGES.items()}
+        self._executing = False
+        self._to_drain: List[Connection] = []   # resumed while executing: their turn after
+        self._batches: List[Batch] = []         # this pass's, in the order they began
+        self._open: Dict[int, Batch] = {}       # id(audience) -> its batch taking events
+        self._carry_out: Dict[str, Callable[..., None]] = {
+            "send": self.send, "deliver": self.deliver, "close": self._close,
+            "pause": lambda session: self.pause_reading(session.link),
+            "resume": self._resume, "job": self._run_job, "later": self._later,
+            "stop": self.stop,
+        }
 
-    # -- connections coming and going ---------------------------------------
+    # -- from the transport, to the core --------------------------------------
 
     def connection_made(self, conn: Connection) -> None:
-        log.info("connection from %s", conn.address)
-        ban = self.moderation.ban_for(None, conn.host)
-        if ban is not None:
-            self.refuse(conn, "banned", self.ban_text(ban))
+        codec = conn.protocol = JsonCodec()
+        codec.session = self.core.connect(conn, conn.host, conn.address)
+        self.execute()
 
-    def ban_text(self, ban: Ban) -> str:
-        length = "" if ban.until is None else f" for {duration(ban.until - time.time())} more"
-        return f"You are banned from this chat{length}" + \
-            (f": {ban.reason}" if ban.reason else ".")
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        codec = conn.protocol
+        codec.session.last_heard = self.now
+        codec.feed(data)
+        self.drain(conn)
 
-    def refuse(self, conn: Connection, code: str, text: str) -> None:
-        if conn.tls_phase:     # it expects TLS; a plain-text error frame would be noise
-            self.close(conn, f"{code}: {text}", graceful=False)
-        else:
-            self.reject(conn, code, text)
+    def eof_received(self, conn: Connection) -> None:
+        conn.protocol.feed_eof()
+        self.drain(conn)
 
-    def plain_text_on_tls(self, conn: Connection) -> None:
-        self.reject(conn, "tls_required",
-                    "This server only accepts TLS: run the client with --tls.")
+    def drain(self, conn: Connection) -> None:
+        """Give the core the requests that have arrived, one at a time, while it takes them.
 
-    def connection_closing(self, conn: Connection, reason: str) -> None:
-        if conn.state != JOINED:
-            log.info("%s disconnected: %s", conn.address, reason)
-            return
-        announce = self.announces_arrivals() or conn.leave_text   # kicks and bans always
-        key = conn.name.lower()
-        del self.members[key]
-        del self.roster[bisect.bisect_left(self.roster, key)]
-        self.operators.discard(conn)
-        conn.state = NEW
-        timestamp = utc_timestamp()
-        self.store.record(timestamp, "leave", conn.name, None, reason)
-        if conn.registered:
-            self.store.mark_left(conn.name)
-        if announce:
-            leave = {"type": "leave", "name": conn.name, "reason": reason, "ts": timestamp}
-            if conn.leave_text:
-                leave["text"] = conn.leave_text
-            self.broadcast(leave)
-        log.info("%s left: %s", conn.name, reason)
+        A session that waits (for a password check) takes none: its requests
+        stay in the codec, and its reading is paused, until the wait is over.
+        """
+        codec, core = conn.protocol, self.core
+        session = codec.session
+        while not (session.waiting or session.gone):
+            try:
+                request = codec.next_request()
+            except ProtocolError as error:
+                core.protocol_error(session, error)
+                self.execute()
+                continue
+            if request is None:
+                if codec.ended:     # everything the peer sent before it hung up is handled
+                    core.peer_finished(session)
+                    self.execute()
+                return
+            core.receive(session, request)
+            self.execute()
 
-    def protocol_error(self, conn: Connection, error: ProtocolError) -> None:
-        self.reject(conn, error.code, error.text)
+    def connection_lost(self, conn: Connection, reason: str) -> None:
+        self.core.disconnected(conn.protocol.session, reason)
+        self.execute()
+
+    def wrong_protocol(self, conn: Connection) -> None:
+        self.core.refuse(conn.protocol.session, "tls_required",
+                         "This server only accepts TLS: run the client with --tls.")
+        self.execute()
+
+    def tick(self) -> None:
+        self.core.tick()
+        self.execute()
 
     def end_of_pass(self) -> None:
-        self.store.commit()     # before the frames go out: nothing reaches anyone unstored
+        self.core.store.commit()    # before the bytes go out: nothing reaches anyone unstored
+        self.deliver_batches()
+
+    def more_to_do(self) -> bool:
+        return bool(self._batches)
 
     def shutting_down(self) -> None:
-        # Everyone leaves: recorded, so that a returning registered name is told
-        # only what it really missed. Nobody is told: all get the shutdown notice.
-        timestamp = utc_timestamp()
-        for conn in list(self.members.values()):
-            self.store.record(timestamp, "leave", conn.name, None, "server shut down")
-            if conn.registered:
-                self.store.mark_left(conn.name)
-        by = f" ({self.shutdown_by})" if self.shutdown_by not in (None, "server") else ""
-        frame = encode_frame({"type": "shutdown", "text": f"The server is shutting down{by}."})
-        for conn in self.connections:
-            if conn.open and not conn.tls_phase:
-                conn.outbox.append(frame)
+        self.core.shutdown()
+        self.execute()
         self._workers.shutdown(wait=False)
 
     def serve_forever(self) -> None:
         try:
             super().serve_forever()
         finally:
-            self.store.close()
+            self.core.store.close()
             log.info("server stopped")
 
-    def tick(self) -> None:
-        now, settings = self.now, self.settings
-        for conn in list(self.connections):
-            if not conn.open:
-                continue
-            if conn.state == NEW:
-                if now - conn.connected_at >= settings.hello_timeout:
-                    self.reject(conn, "hello_timeout",
-                                f"No hello within {settings.hello_timeout:g} seconds.")
-            elif conn.state == JOINED:
-                quiet = now - conn.last_heard
-                if quiet >= settings.drop_after:
-                    self.close(conn, f"no sign of life for {settings.drop_after:g} seconds",
-                               graceful=False)
-                elif quiet >= settings.ping_after and conn.last_ping < conn.last_heard:
-                    conn.last_ping = now
-                    self.send(conn, {"type": "ping"})
-        self.guard.forget_old(now)
-
-    # -- one place that validates what comes off the wire -------------------
-
-    def payload_received(self, conn: Connection, payload: bytes) -> None:
-        message = decode_payload(payload)
-        kind = message["type"]
-        if conn.state != JOINED and kind != "hello":
-            self.reject(conn, "hello_required", 'The first message must be "hello".')
-            return
-        entry = self._handlers.get(kind)
-        if entry is None:
-            self.send_error(conn, "unknown_type", f"Unknown message type {quoted(kind)}.")
-            return
-        fields, handler = entry
-        problem = check_fields(message, fields)
-        if problem:
-            if conn.state == JOINED:
-                self.send_error(conn, "bad_message", problem)
-            else:
-                self.reject(conn, "bad_message", problem)
-            return
-        request_id = message.get("id")
-        self.replying_to = request_id if isinstance(request_id, str) and \
-            len(request_id) <= MAX_ID_LENGTH and request_id.isprintable() else None
+    def run_command(self, line: str) -> List[str]:
+        """A console command line, run by the core; the lines to show."""
         try:
-            if conn.bucket is None or kind in self.UNMETERED or self.within_rate(conn):
-                handler(conn, message)
-        except Exception:   # a bug must cost one message, not the whole server
-            log.exception("error while handling %r from %s", kind, conn)
-            self.send_error(conn, "internal_error", "The server failed on that message.")
+            replies = self.core.moderation.run(None, line)
+        except ModerationError as exc:
+            replies = [f"! {exc.text}"]
+        self.execute()
+        return replies
+
+    # -- from the core, to the transport --------------------------------------
+
+    def execute(self) -> None:
+        """Carry out the core's actions, in order; a failing one costs only itself."""
+        if self._executing:     # an action led back here: the loop below takes the rest
+            return
+        self._executing = True
+        actions = self.core.actions
+        try:
+            index = 0
+            while index < len(actions):
+                action = actions[index]
+                index += 1
+                try:
+                    self._carry_out[action[0]](*action[1:])
+                except Exception:
+                    log.exception("error while carrying out %r", action[0])
+            actions.clear()
         finally:
-            self.replying_to = None
+            self._executing = False
+        while self._to_drain:
+            self.drain(self._to_drain.pop())
 
-    def within_rate(self, conn: Connection) -> bool:
-        """Flood control: False (after telling the client) when over the rate."""
-        rate, burst = self.settings.rate_limit, self.settings.rate_burst
-        if conn.bucket.take(self.now, rate, burst):
-            return True
-        if conn.bucket.strikes > FLOOD_STRIKES:
-            self.reject(conn, "flooding", "Disconnected for sending too fast.")
-        else:
-            self.send_error(conn, "rate_limited",
-                            f"Slow down: at most {rate:g} messages a second; that one was "
-                            "not sent.")
-        return False
+    def send(self, session: Session, event: dict) -> None:
+        if self._open and any(session in batch.audience for batch in self._open.values()):
+            self.deliver_batches()      # what it has coming in batches goes first
+        conn = session.link
+        self.write(conn, conn.protocol.encode(event))
 
-    # -- handlers: one per message type (see MESSAGES) ---------------------
+    def deliver(self, audience: Audience, event: dict, sender: Optional[Session],
+                echo: Optional[dict]) -> None:
+        batch = self._open.get(id(audience))
+        if batch is None or batch.version != audience.version:
+            batch = self._open[id(audience)] = Batch(audience)
+            self._batches.append(batch)
+        batch.entries.append((event, sender, echo))
 
-    def on_hello(self, conn: Connection, message: dict) -> None:
-        if conn.state != NEW:
-            self.send_error(conn, "already_joined", f"You are already here as {conn.name}.")
-            return
-        locked = self.guard.locked_for(conn.host, self.now)
-        if locked:
-            self.reject(conn, "locked_out", "Too many failed logins from your address: "
-                        f"try again in {duration(locked)}.")
-            return
-        if self.settings.password is not None:
-            given = message.get("password")
-            if given is None:
-                self.reject(conn, "password_required", "This chat needs a password.")
-                return
-            if not same_secret(given, self.settings.password):
-                self.login_failed(conn, "bad_password", "Wrong password for this chat.")
-                return
-        name = message["name"]
-        if not NAME_PATTERN.fullmatch(name):
-            self.reject(conn, "bad_name", f"Names are {NAME_RULES}.")
-            return
-        key = name.lower()
-        if key in RESERVED_NAMES:
-            self.reject(conn, "name_reserved", f'The name "{name}" is reserved. Pick another.')
-            return
-        ban = self.moderation.ban_for(name, conn.host)
-        if ban is not None:
-            self.reject(conn, "banned", self.ban_text(ban))
-            return
-        conn.rejoining = "resume" in message    # a client sends its token only to reconnect
-        stored = self.accounts.get(key)
-        if stored is None:
-            earlier = self.members.get(key)
-            if earlier is not None and not self.resuming(earlier, message.get("resume")):
-                self.reject(conn, "name_taken", f'The name "{name}" is taken. Pick another.')
-                return
-            if earlier is not None:     # our own dead connection, not yet noticed
-                self.close(earlier, "reconnected", graceful=False)
-            self.admit(conn, name, registered=False)
-            return
-        given = message.get("name_password")
-        if given is None:
-            self.reject(conn, "name_protected", f'"{name}" is a registered name: give its '
-                        "password, or pick another name.")
-            return
-        conn.state = AUTHENTICATING
-        self.run_password_job(conn, lambda: verify_password(given, stored),
-                              lambda matched: self._protected_login(conn, name, matched))
+    def deliver_batches(self) -> None:
+        """Write every batch of this pass, in order."""
+        batches, self._batches = self._batches, []
+        self._open.clear()
+        for batch in batches:
+            try:
+                self._write_batch(batch)
+            except Exception:
+                log.exception("error while delivering %d events", len(batch.entries))
+
+    def _write_batch(self, batch: Batch) -> None:
+        senders = {sender for _, sender, _ in batch.entries if sender is not None}
+        groups: Dict[str, List[Connection]] = {}    # variant -> recipients who sent nothing
+        sending: List[Session] = []                 # recipients who sent something
+        for session in batch.recipients:
+            if session.gone:
+                continue
+            if session in senders:
+                sending.append(session)
+                continue
+            conn = session.link
+            group = groups.get(conn.protocol.variant)
+            if group is None:
+                group = groups[conn.protocol.variant] = []
+            group.append(conn)
+        encoded: Dict[str, List[bytes]] = {}        # variant -> each event's bytes
+        for variant, conns in groups.items():
+            encoded[variant] = self._encode_batch(conns[0].protocol, batch)
+            self.write_many(conns, b"".join(encoded[variant]))
+        for session in senders:
+            codec = session.link.protocol
+            if session not in sending:      # not among the recipients: its echoes only
+                own = [codec.encode(echo) for _, sender, echo in batch.entries
+                       if sender is session and echo is not None]
+            else:
+                if codec.variant not in encoded:
+                    encoded[codec.variant] = self._encode_batch(codec, batch)
+                own = [data if sender is not session else
+                       codec.encode(echo) if echo is not None else b""
+                       for (_, sender, echo), data in zip(batch.entries, encoded[codec.variant])]
+            data = b"".join(own)
+            if data and not session.gone:
+                self.write(session.link, data)
 
     @staticmethod
-    def resuming(earlier: Connection, token: Optional[str]) -> bool:
-        """Whether a hello carries the resume token of the connection holding its name.
-
-        A client whose network dropped reconnects before the server notices
-        that its old connection is dead; the token from its welcome proves
-        that the name is its own.
-        """
-        return token is not None and bool(earlier.resume_token) and \
-            same_secret(token, earlier.resume_token)
-
-    def _protected_login(self, conn: Connection, name: str, matched: bool) -> None:
-        if not matched:
-            self.login_failed(conn, "bad_name_password", f'Wrong password for "{name}".')
-            return
-        earlier = self.members.get(name.lower())
-        if earlier is not None:     # the owner is back, e.g. after a dropped connection
-            self.send_error(earlier, "replaced", "You logged in again elsewhere.")
-            self.close(earlier, "logged in again elsewhere")
-        self.admit(conn, name, registered=name.lower() in self.accounts)
-
-    def admit(self, conn: Connection, name: str, registered: bool) -> None:
-        """Let a client in: welcome, history, and a join notice for the others."""
-        conn.state = JOINED
-        conn.name = name
-        conn.registered = registered
-        conn.resume_token = secrets.token_urlsafe(16)
-        if self.settings.rate_limit:
-            conn.bucket = TokenBucket(self.settings.rate_burst, self.now)
-        self.members[name.lower()] = conn
-        bisect.insort(self.roster, name.lower())
-        log.info("%s joined as %s%s", conn.address, name, " (registered)" if registered else "")
-        limits = {"max_length": self.settings.max_length}
-        if self.settings.rate_limit:
-            limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
-        self.send(conn, {"type": "welcome", "name": name, "users": self.user_names(),
-                         "count": len(self.members), "ops": self.operator_names(),
-                         "registered": registered, "limits": limits,
-                         "resume": conn.resume_token})
-        self.replay_history(conn)
-        timestamp = utc_timestamp()
-        self.store.record(timestamp, "join", name)
-        if self.announces_arrivals():
-            self.broadcast({"type": "join", "name": name, "ts": timestamp}, exclude=conn)
-
-    def announces_arrivals(self) -> bool:
-        """Whether joins and leaves are broadcast: only while the room is small.
-
-        In a room of n people, n joins would mean n * n notices, most of
-        them to people who do not know the newcomer; big IRC channels and
-        Twitch chats stay quiet about arrivals for the same reason. The
-        history still records every join and leave.
-        """
-        return len(self.members) <= self.settings.join_notices_up_to
-
-    def replay_history(self, conn: Connection) -> None:
-        """Recent messages for a newcomer; a returning registered name gets what it missed."""
-        count = self.settings.history
-        missed_after = None
-        if conn.registered:
-            created, left = self.store.account_marks(conn.name)
-            conn.history_floor = created
-            if left:
-                missed = self.store.count_public_after(left)
-                if missed:
-                    missed_after = left
-                    count = max(count, min(missed, MISSED_MAX))
-        else:
-            conn.history_floor = self.store.last_id()
-        rows = self.store.recent_public(count) if count else []
-        self.send_history(conn, "join", rows, missed_after, say_if_none_kept=not conn.rejoining)
-
-    def on_say(self, conn: Connection, message: dict) -> None:
-        text = self.checked_text(conn, message["text"])
-        if text is None:
-            return
-        timestamp = utc_timestamp()
-        conn.messages_sent += 1
-        said = {"type": "message", "from": conn.name, "text": text, "ts": timestamp}
-        ack = {"type": "sent", "text": text, "ts": timestamp}
-        if message.get("action") is True:   # "/me waves": shown as "* alice waves"
-            said["action"] = ack["action"] = True
-        self.store.record(timestamp, "action" if "action" in said else "message", conn.name,
-                          None, text)
-        self.broadcast(said, exclude=conn)
-        self.acknowledge(conn, ack)
-        log.debug("%s says: %s", conn.name, text)
-
-    def on_whisper(self, conn: Connection, message: dict) -> None:
-        if self.rules.no_whisper:
-            self.send_error(conn, "whispers_off", "Whispers are turned off on this server.")
-            return
-        target = self.members.get(message["to"].lower())
-        if target is None:
-            self.send_error(conn, "unknown_user", f'Nobody called {quoted(message["to"])} is here.')
-            return
-        text = self.checked_text(conn, message["text"])
-        if text is None:
-            return
-        timestamp = utc_timestamp()
-        conn.messages_sent += 1
-        self.store.record(timestamp, "whisper", conn.name, target.name, text)
-        if target is not conn:      # to oneself, the `sent` below is the one copy to show
-            self.send(target, {"type": "whisper", "from": conn.name, "to": target.name,
-                               "text": text, "ts": timestamp})
-        self.acknowledge(conn, {"type": "sent", "to": target.name, "text": text, "ts": timestamp})
-        log.debug("%s whispers to %s: %s", conn.name, target.name, text)
-
-    def on_who(self, conn: Connection, message: dict) -> None:
-        self.send(conn, {"type": "users", "users": self.user_names(),
-                         "count": len(self.members), "ops": self.operator_names()})
-
-    def on_get_history(self, conn: Connection, message: dict) -> None:
-        limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
-        self.read_history(conn, "history", lambda: self.store.recent_for(
-            conn.name, limit, conn.history_floor))
-
-    def on_search(self, conn: Connection, message: dict) -> None:
-        words = clean_text(message["text"]).split()
-        if not words:
-            self.send_error(conn, "empty_search", "Search for at least one word.")
-            return
-        if len(words) > SEARCH_MAX_WORDS:   # each is one more LIKE over the whole window
-            self.send_error(conn, "too_many_words", f"Search for at most {SEARCH_MAX_WORDS} "
-                            f"words at once; that had {len(words)}.")
-            return
-        self.read_history(conn, "search", lambda: self.store.search_for(
-            conn.name, words, SEARCH_RESULTS, conn.history_floor))
-
-    def read_history(self, conn: Connection, purpose: str, query: Callable[[], List[tuple]]
-                     ) -> None:
-        """Run a history read a client asked for, within the loop's reading budget.
-
-        Each read may take QUERY_TIME_LIMIT seconds at most, and all of them
-        together SEARCH_SHARE of the loop's time: so many clients searching
-        a big history at once slow down their own answers, not the chat.
-        """
-        if not self.reading_time.available(self.now):
-            self.send_error(conn, "busy", "The server is busy searching; try again in a moment.")
-            return
-        started = time.perf_counter()
-        try:
-            rows = query()
-        except QueryTooSlow:
-            self.send_error(conn, "too_slow", "That took too long to look up: try rarer "
-                            "words, or fewer messages.")
-            return
-        finally:
-            self.reading_time.spend(time.perf_counter() - started)
-        self.send_history(conn, purpose, rows)
-
-    def on_register(self, conn: Connection, message: dict) -> None:
-        if conn.name.lower() in self.accounts:
-            self.send_error(conn, "already_registered", f'"{conn.name}" is already registered; '
-                            "/password changes its password.")
-            return
-        password = message["password"]
-        problem = password_problem(password)
-        if problem:
-            self.send_error(conn, "weak_password", problem)
-            return
-        self.run_password_job(conn, lambda: hash_password(password),
-                              lambda hashed: self._save_account(conn, hashed, "registered"))
-
-    def on_unregister(self, conn: Connection, message: dict) -> None:
-        stored = self.accounts.get(conn.name.lower())
-        if stored is None:
-            self.send_error(conn, "not_registered", f'"{conn.name}" is not registered.')
-            return
-        password = message["password"]
-        self.run_password_job(conn, lambda: verify_password(password, stored),
-                              lambda matched: self._forget_account(conn, matched))
-
-    def on_change_password(self, conn: Connection, message: dict) -> None:
-        stored = self.accounts.get(conn.name.lower())
-        if stored is None:
-            self.send_error(conn, "not_registered", f'"{conn.name}" is not registered: '
-                            "/register protects it with a password.")
-            return
-        old, new = message["password"], message["new_password"]
-        problem = password_problem(new)
-        if problem:
-            self.send_error(conn, "weak_password", problem)
-            return
-
-        def check_and_hash() -> Optional[str]:
-            return hash_password(new) if verify_password(old, stored) else None
-
-        self.run_password_job(conn, check_and_hash,
-                              lambda hashed: self._save_account(conn, hashed, "password_changed"))
-
-    def on_op(self, conn: Connection, message: dict) -> None:
-        if self.settings.admin_password is None:
-            self.send_error(conn, "no_operators", "This server has no operator password.")
-        elif not same_secret(message["password"], self.settings.admin_password):
-            self.login_failed(conn, "bad_admin_password", "Wrong operator password.")
-        elif not conn.operator:
-            conn.operator = True
-            self.operators.add(conn)
-            log.info("%s is now an operator", conn.name)
-            self.send(conn, {"type": "notice", "code": "op", "text": "You are an operator now: "
-                             "/help lists the moderation commands."})
-            self.notify_all("new_operator", f"{conn.name} is now an operator", exclude=conn)
-
-    def on_deop(self, conn: Connection, message: dict) -> None:
-        if conn.operator:
-            conn.operator = False
-            self.operators.discard(conn)
-            self.send(conn, {"type": "notice", "code": "deop",
-                             "text": "You are no longer an operator."})
-
-    def on_moderate(self, conn: Connection, message: dict) -> None:
-        if not conn.operator:
-            self.send_error(conn, "not_operator", "Only operators can do that (see /op).")
-            return
-        line = f"{message['command']} {message.get('args', '')}"
-        log.info("%s runs /%s", conn.name, clean_text(message["command"])[:20])
-        try:
-            replies = self.moderation.run(conn, line)
-        except ModerationError as exc:
-            self.send_error(conn, exc.code, exc.text)
-            return
-        if conn.open:
-            for reply in replies:
-                if not isinstance(reply, Public):
-                    self.send(conn, {"type": "notice", "code": "moderation", "text": reply})
-
-    def on_ping(self, conn: Connection, message: dict) -> None:
-        self.send(conn, {"type": "pong"})
-
-    def on_pong(self, conn: Connection, message: dict) -> None:
-        pass    # hearing anything at all already counts as a sign of life
-
-    def on_bye(self, conn: Connection, message: dict) -> None:
-        self.close(conn, "quit")
-
-    # -- accounts and passwords ----------------------------------------------
-
-    def run_password_job(self, conn: Connection, job: Callable[[], Any],
-                         then: Callable[[Any], None]) -> None:
-        """Run a slow password hash on a worker thread, then `then(result)` in the loop.
-
-        The connection stops being read meanwhile, so its messages keep
-        their order; if it is gone by the time the result is in, the result
-        is dropped.
-        """
-        if self._password_jobs >= MAX_PASSWORD_JOBS:
-            if conn.state == JOINED:
-                self.send_error(conn, "busy", "The server is busy; try again in a moment.")
-            else:
-                self.reject(conn, "busy", "The server is busy; try again in a moment.")
-            return
-        self._password_jobs += 1
-        self.pause_reading(conn)
-
-        def finish(future: "concurrent.futures.Future") -> None:
-            self._password_jobs -= 1
-            if not conn.open:
-                return
-            self.resume_reading(conn)
+    def _encode_batch(codec: Any, batch: Batch) -> List[bytes]:
+        """Each event of the batch, as every codec of this one's variant encodes it."""
+        encoded = []
+        for event, _, _ in batch.entries:
             try:
-                then(future.result())
-            except Exception:
-                log.exception("password check for %s failed", conn)
-                self.reject(conn, "internal_error", "The server failed to check the password.")
+                encoded.append(codec.encode_shared(event))
+            except ValueError:      # over the frame limit: a bug upstream, but only this event
+                log.exception("cannot encode a %r event", event.get("type"))
+                encoded.append(b"")
+        return encoded
 
-        future = self._workers.submit(job)
-        future.add_done_callback(lambda done: self.call_soon(lambda: finish(done)))
+    def _close(self, session: Session, reason: str, graceful: bool) -> None:
+        if self._batches:   # what it has coming goes out before it closes
+            self.deliver_batches()
+        self.close(session.link, reason, graceful)
 
-    def login_failed(self, conn: Connection, code: str, text: str) -> None:
-        """A wrong password: counted per address, and answered after a growing delay."""
-        delay = self.guard.failed(conn.host, self.now)
-        log.warning("failed password from %s (%s)", conn.address, code)
-        locked = self.guard.locked_for(conn.host, self.now)
-        if conn.state == JOINED:
-            if locked:
-                self.reject(conn, "locked_out", "Too many wrong passwords from your address: "
-                            f"try again in {duration(locked)}.")
-            else:
-                self.call_later(delay, lambda: self.send_error(conn, code, text)
-                                if conn.open else None)
-            return
-        conn.state = AUTHENTICATING
-        self.pause_reading(conn)
-        self.call_later(delay, lambda: self.reject(conn, code, text) if conn.open else None)
+    def _resume(self, session: Session) -> None:
+        self.resume_reading(session.link)
+        self._to_drain.append(session.link)     # what arrived meanwhile waits in its codec
 
-    def _save_account(self, conn: Connection, hashed: Optional[str], outcome: str) -> None:
-        if hashed is None:
-            self.login_failed(conn, "bad_name_password", "Wrong password.")
-            return
+    def _run_job(self, job: Callable[[], Any], then: Callable[[Callable[[], Any]], None]) -> None:
+        def finished(future: "concurrent.futures.Future") -> None:
+            self.call_soon(lambda: self._core_callback(then, future.result))
+        self._workers.submit(job).add_done_callback(finished)
+
+    def _later(self, delay: float, function: Callable[[], None]) -> None:
+        self.call_later(delay, lambda: self._core_callback(function))
+
+    def _core_callback(self, function: Callable[..., None], *args: Any) -> None:
+        """A job or timer the core asked for is due: run it, then what it says."""
         try:
-            self.store.save_account(conn.name, hashed)
-        except sqlite3.Error as exc:
-            log.error("cannot save the account of %s: %s", conn.name, exc)
-            self.send_error(conn, "store_failed", "The server could not save that: its "
-                            "database is not working.")
-            return
-        self.accounts[conn.name.lower()] = hashed
-        conn.registered = True
-        if outcome == "registered":
-            log.info("%s registered their name", conn.name)
-            text = (f'"{conn.name}" is registered: from now on, joining under this name '
-                    "needs your password.")
-        else:
-            log.info("%s changed their password", conn.name)
-            text = "Your password is changed."
-        self.send(conn, {"type": "notice", "code": outcome, "text": text})
-
-    def _forget_account(self, conn: Connection, matched: bool) -> None:
-        if not matched:
-            self.login_failed(conn, "bad_name_password", "Wrong password.")
-            return
-        try:
-            self.store.delete_account(conn.name)
-        except sqlite3.Error as exc:
-            log.error("cannot delete the account of %s: %s", conn.name, exc)
-            self.send_error(conn, "store_failed", "The server could not do that: its "
-                            "database is not working.")
-            return
-        self.accounts.pop(conn.name.lower(), None)
-        conn.registered = False
-        log.info("%s unregistered their name", conn.name)
-        self.send(conn, {"type": "notice", "code": "unregistered",
-                         "text": f'"{conn.name}" is no longer registered; anyone may use it.'})
-
-    # -- helpers for handlers ----------------------------------------------
-
-    def checked_text(self, conn: Connection, text: str) -> Optional[str]:
-        """The text as it may be sent, or None after telling the sender why not.
-
-        Cleaned for display, within the length limit, through the message
-        rules (masked or refused), and not from someone muted.
-        """
-        muted = self.moderation.mute_left(conn.name)
-        if muted is not None:
-            left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
-            self.send_error(conn, "muted", f"You are muted {left}: you can read, but not send.")
-            return None
-        text = clean_text(text)
-        if not text:
-            self.send_error(conn, "empty_message", "Empty messages are not sent.")
-            return None
-        if len(text) > self.settings.max_length:
-            self.send_error(conn, "too_long", f"Not sent: messages are limited to "
-                            f"{self.settings.max_length} characters; yours had {len(text)}.")
-            return None
-        try:
-            return self.rules.check(text)
-        except ModerationError as exc:
-            self.send_error(conn, exc.code, exc.text)
-            return None
-
-    def send_history(self, conn: Connection, purpose: str, rows: List[tuple],
-                     missed_after: Optional[int] = None, say_if_none_kept: bool = True) -> None:
-        """Past messages as `history` frames, then a `history_end` saying why they came.
-
-        A batch stays under half the backlog limit (the oldest rows give
-        way), so that it cannot get its reader cut off as too slow. With
-        missed_after, a `notice` marks where the messages the reader missed
-        begin. say_if_none_kept: the `history_end` says so when no history
-        is kept (every answer to a request does; a replay after a reconnect
-        does not repeat it).
-        """
-        budget = self.settings.max_backlog // 2
-        frames = []
-        for row_id, ts, kind, sender, recipient, text in reversed(rows):
-            entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
-            if recipient is not None:
-                entry["to"] = recipient
-            frame = encode_frame(entry)
-            budget -= len(frame)
-            if budget < 0:
-                break
-            frames.append((row_id, frame))
-        frames.reverse()
-        for row_id, frame in frames:
-            if missed_after is not None and row_id > missed_after:
-                self.send(conn, {"type": "notice", "code": "new_since",
-                                 "text": "New since you were last here"})
-                missed_after = None
-            self.send_frame(conn, frame)
-        end = {"type": "history_end", "for": purpose, "count": len(frames)}
-        if say_if_none_kept and not (self.store.working and self.store.keep_messages):
-            end["text"] = "The server keeps no history."
-        self.send(conn, end)
-
-    def user_names(self) -> List[str]:
-        """The first MAX_LISTED_NAMES names in the chat, alphabetically (any case)."""
-        return [self.members[key].name for key in self.roster[:MAX_LISTED_NAMES]]
-
-    def operator_names(self) -> List[str]:
-        return sorted((conn.name for conn in self.operators), key=str.lower)
-
-    def notify_all(self, code: str, text: str, exclude: Optional[Connection] = None) -> None:
-        """A notice for everyone in the chat (but `exclude`), kept in the history too."""
-        self.store.record(utc_timestamp(), "notice", "server", None, text)
-        self.broadcast({"type": "notice", "code": code, "text": text}, exclude=exclude)
-
-    def record_notice(self, actor: Optional[Connection], text: str) -> None:
-        self.store.record(utc_timestamp(), "notice", actor.name if actor else "server", None,
-                          text)
-
-    def announce(self, by: str, text: str) -> None:
-        """An announcement from the console or an operator, to everyone."""
-        timestamp = utc_timestamp()
-        self.store.record(timestamp, "announcement", by, None, text)
-        self.broadcast({"type": "announcement", "from": by, "text": text, "ts": timestamp})
-
-    # -- sending -----------------------------------------------------------
-
-    def send(self, conn: Connection, message: dict) -> None:
-        self.send_frame(conn, encode_frame(message))
-
-    def send_error(self, conn: Connection, code: str, text: str) -> None:
-        error = {"type": "error", "code": code, "text": text}
-        if self.replying_to is not None:
-            error["id"] = self.replying_to
-        self.send(conn, error)
-
-    def acknowledge(self, conn: Connection, ack: dict) -> None:
-        """Tell a sender that its message went out, and as what (see replying_to)."""
-        if self.replying_to is not None:
-            ack["id"] = self.replying_to
-        self.send(conn, ack)
-
-    def broadcast(self, message: dict, exclude: Optional[Connection] = None) -> None:
-        """Queue one message for every joined client but `exclude`, encoded once."""
-        frame = encode_frame(message)
-        for conn in self.members.values():
-            if conn is not exclude:
-                conn.outbox.append(frame)
-        self._to_flush.update(self.members.values())
-
-    def reject(self, conn: Connection, code: str, text: str) -> None:
-        """Send an error, then close the connection once it has gone out."""
-        self.send_error(conn, code, text)
-        self.close(conn, f"{code}: {text}")
+            function(*args)
+        finally:
+            self.execute()
 
 # ---------------------------------------------------------------------------
 # The server console
@@ -2585,9 +3150,7 @@ class Console:
     def run(self, line: str) -> None:
         """Run one console line, in the loop, and print what it says."""
         try:
-            replies = self.server.moderation.run(None, line)
-        except ModerationError as exc:
-            replies = [f"! {exc.text}"]
+            replies = self.server.run_command(line)
         except Exception:   # a bug: the console says so, the server goes on
             log.exception("error in console command %s", quoted(line))
             replies = ["! that command failed (a bug: the log has the details)"]
@@ -2846,6 +3409,55 @@ def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error("--drop-after must be longer than --ping-after")
 
 
+class CannotStart(Exception):
+    """The server cannot start; the text says why, in one line."""
+
+
+def open_server(settings: Settings) -> Tuple[ChatServer, str, int, Optional[str]]:
+    """The server, listening: itself, the host and port bound, and its certificate's
+    fingerprint (None without TLS). Raises CannotStart."""
+    try:
+        store = ChatStore(settings.db, settings.keep_history)
+    except StoreError as exc:
+        raise CannotStart(f"{exc}; choose another file with --db, or use --no-history") from None
+    try:
+        server = ChatServer(settings, store)
+        fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
+    except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
+        store.close()
+        hint = "" if settings.tls_key else " (is the key in that file? If not, give --tls-key)"
+        raise CannotStart(f"cannot use the TLS certificate {settings.tls_cert}: "
+                          f"{getattr(exc, 'strerror', None) or exc}{hint}") from None
+    try:
+        host, port = server.listen()
+    except OSError as exc:
+        store.close()
+        if exc.errno in ADDRESS_IN_USE:
+            raise CannotStart(f"port {settings.port} is already in use (another server "
+                              "running?); pick another with --port") from None
+        raise CannotStart(f"cannot listen on {settings.host or 'all interfaces'} port "
+                          f"{settings.port}: {exc.strerror or exc}") from None
+    return server, host, port, fingerprint
+
+
+def print_start(server: ChatServer, host: str, port: int, fingerprint: Optional[str]) -> None:
+    """What a user needs to know once the server listens; the first line is always
+    'listening on HOST:PORT', for scripts."""
+    settings = server.settings
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening on {shown}:{port}", flush=True)
+    for line in describe_reach(host, port, fingerprint):
+        print(line)
+    if fingerprint:
+        print(f"TLS only; certificate fingerprint: {fingerprint}")
+    if server.socket_limit and settings.max_clients > server.socket_limit:
+        print(f"note: on this system the server can hold about {server.socket_limit} "
+              "connections at once, whatever --max-clients says")
+    if settings.password is not None:
+        print("a room password is required to join")
+    print(describe_store(server.core.store))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -2860,54 +3472,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(message)s")
-
     if args.export:
         return export_history(settings.db, args.export)
     try:
-        store = ChatStore(settings.db, settings.keep_history)
-    except StoreError as exc:
-        print(f"error: {exc}; choose another file with --db, or use --no-history",
-              file=sys.stderr)
+        server, host, port, fingerprint = open_server(settings)
+    except CannotStart as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    try:
-        server = ChatServer(settings, store)
-        fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
-    except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
-        store.close()
-        hint = "" if settings.tls_key else " (is the key in that file? If not, give --tls-key)"
-        print(f"error: cannot use the TLS certificate {settings.tls_cert}: "
-              f"{getattr(exc, 'strerror', None) or exc}{hint}", file=sys.stderr)
-        return 1
-    try:
-        host, port = server.listen()
-    except OSError as exc:
-        store.close()
-        if exc.errno in ADDRESS_IN_USE:
-            print(f"error: port {settings.port} is already in use (another server running?); "
-                  "pick another with --port", file=sys.stderr)
-        else:
-            print(f"error: cannot listen on {settings.host or 'all interfaces'} port "
-                  f"{settings.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-
-    shown = f"[{host}]" if ":" in host else host
-    print(f"listening on {shown}:{port}", flush=True)
-    for line in describe_reach(host, port, fingerprint):
-        print(line)
-    if fingerprint:
-        print(f"TLS only; certificate fingerprint: {fingerprint}")
-    if server.socket_limit and settings.max_clients > server.socket_limit:
-        print(f"note: on this system the server can hold about {server.socket_limit} "
-              "connections at once, whatever --max-clients says")
-    if settings.password is not None:
-        print("a room password is required to join")
-    print(describe_store(store))
+    print_start(server, host, port, fingerprint)
     if Console.possible(sys.stdin):
         Console(server, sys.stdin.fileno(), sys.stdout).start()
         print("type /help here for the moderation console; Ctrl-C stops the server", flush=True)
     else:
         print("press Ctrl-C to stop", flush=True)
-
     for signal_name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, signal_name):
             signal.signal(getattr(signal, signal_name), lambda signum, frame: server.stop())

@@ -48,6 +48,10 @@ SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
 CLIENT_SCRIPT = os.path.join(HERE, "client.py")
 TIMEOUT = 5.0       # longest wait for anything that should happen
 POSIX = os.name == "posix"
+# Long runs (the benchmark's smoke run, the full fuzz run, waits of whole seconds) only
+# when CHAT_LONG_TESTS is set: .ci/run sets it, so CI runs everything.
+LONG_TESTS = bool(os.environ.get("CHAT_LONG_TESTS"))
+long_test = unittest.skipUnless(LONG_TESTS, "a long run: set CHAT_LONG_TESTS=1 to include it")
 
 # The server under test logs through "chat"; keep test output clean.
 logging.getLogger("chat").addHandler(logging.NullHandler())
@@ -323,6 +327,30 @@ class FramingTests(unittest.TestCase):
                 self.assertEqual(self.decode_chunks([stream[:i], stream[i:j], stream[j:]]),
                                  self.MESSAGES)
 
+    def test_end_of_stream_is_an_input(self) -> None:
+        frame = encode_frame({"type": "who"})
+        decoder = FrameDecoder()
+        decoder.feed(frame + frame[:5])
+        decoder.feed_eof()
+        self.assertEqual(decode_payload(next(decoder)), {"type": "who"})  # complete: delivered
+        with self.assertRaises(ProtocolError) as caught:
+            next(decoder)
+        self.assertEqual(caught.exception.code, "truncated")
+        clean = FrameDecoder()
+        clean.feed(frame)
+        clean.feed_eof()
+        self.assertEqual(len(list(clean)), 1)   # ends quietly at a frame boundary
+
+    def test_the_client_tells_a_stream_cut_mid_frame_from_a_clean_close(self) -> None:
+        for cut, expected in ((5, client.ProtocolError), (0, client.ConnectionClosed)):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+            connection = client.ServerConnection(ours)
+            theirs.sendall(encode_frame({"type": "who"})[:cut])
+            theirs.close()
+            with self.assertRaises(expected):
+                connection.receive()
+
     def test_one_byte_at_a_time(self) -> None:
         stream = b"".join(encode_frame(m) for m in self.MESSAGES)
         chunks = [stream[i:i + 1] for i in range(len(stream))]
@@ -432,6 +460,236 @@ class FramingTests(unittest.TestCase):
         self.assertIn("must be", socket_server.check_fields({"type": "t", "name": 1}, fields))
         self.assertIn("must be", socket_server.check_fields(
             {"type": "t", "name": "a", "password": None}, fields))
+
+
+# ---------------------------------------------------------------------------
+# The chat core, sans-IO: requests in, actions out, a clock moved by hand
+# ---------------------------------------------------------------------------
+
+class FakeClock:
+    """The core's clock, moved by the test: both the monotonic and the wall time."""
+
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+        self.unix = 1_780_000_000.0
+
+    def now(self) -> float:
+        return self.seconds
+
+    def wall(self) -> float:
+        return self.unix
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.unix += seconds
+
+
+class CoreHarness:
+    """A ChatCore with an in-memory store and a fake clock; links are just names.
+
+    The harness plays the part ChatServer plays over sockets: it collects the
+    actions and can carry out jobs and timers when the test says so.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.clock = FakeClock()
+        values = dict(rate_limit=0, max_per_address=0)
+        values.update(settings)
+        self.core = socket_server.ChatCore(settings_for_tests(**values),
+                                           socket_server.ChatStore(":memory:"), self.clock)
+        self.log: List[tuple] = []      # every action so far
+        self.jobs: List[tuple] = []
+        self.timers: List[tuple] = []   # (due, function)
+
+    def connect(self, link: str = "peer", host: str = "10.0.0.1") -> "socket_server.Session":
+        session = self.core.connect(link, host, f"{host}:4000")
+        self.collect()
+        return session
+
+    def join(self, name: str) -> "socket_server.Session":
+        session = self.connect(name)
+        self.request(session, {"type": "hello", "name": name})
+        return session
+
+    def request(self, session: "socket_server.Session", request: dict) -> List[tuple]:
+        self.core.receive(session, request)
+        return self.collect()
+
+    def collect(self) -> List[tuple]:
+        actions, self.core.actions[:] = list(self.core.actions), []
+        for action in actions:
+            if action[0] == "job":
+                self.jobs.append(action)
+            elif action[0] == "later":
+                self.timers.append((self.clock.now() + action[1], action[2]))
+        self.log.extend(actions)
+        return actions
+
+    def finish_jobs(self) -> List[tuple]:
+        jobs, self.jobs = self.jobs, []
+        for _, job, then in jobs:
+            then(lambda job=job: job())
+        return self.collect()
+
+    def advance(self, seconds: float) -> List[tuple]:
+        """Move the clock; run the timers that fall due, and a tick."""
+        self.clock.advance(seconds)
+        due = [timer for timer in self.timers if timer[0] <= self.clock.now()]
+        self.timers = [timer for timer in self.timers if timer[0] > self.clock.now()]
+        for _, function in due:
+            function()
+        self.core.tick()
+        return self.collect()
+
+    def received(self, session: "socket_server.Session",
+                 actions: Optional[List[tuple]] = None) -> List[dict]:
+        """The events these actions (by default, all so far) bring to session, in order."""
+        events = []
+        for action in self.log if actions is None else actions:
+            if action[0] == "send" and action[1] is session:
+                events.append(action[2])
+            elif action[0] == "deliver":
+                _, audience, event, sender, echo = action
+                if session is sender:
+                    if echo is not None:
+                        events.append(echo)
+                elif session in audience:
+                    events.append(event)
+        return events
+
+    def closed(self, session: "socket_server.Session") -> bool:
+        return any(action[0] == "close" and action[1] is session for action in self.log)
+
+
+class CoreTests(unittest.TestCase):
+    """The chat's rules without a socket: what each request makes happen."""
+
+    def test_hello_say_and_bye(self) -> None:
+        chat = CoreHarness()
+        alice = chat.join("alice")
+        kinds = [event["type"] for event in chat.received(alice)]
+        self.assertEqual(kinds, ["welcome", "history_end"])
+        bob = chat.join("bob")
+        self.assertEqual(chat.received(alice)[-1]["name"], "bob")      # bob's join
+        said = chat.request(alice, {"type": "say", "text": "  hi\tbob ", "id": "7"})
+        self.assertEqual(chat.received(bob, said)[0]["text"], "hi bob")
+        self.assertEqual(chat.received(alice, said), [
+            {"type": "sent", "text": "hi bob", "ts": "2026-05-28T20:26:40.000Z", "id": "7"}])
+        left = chat.request(bob, {"type": "bye"})
+        self.assertTrue(chat.closed(bob))
+        self.assertEqual(chat.received(alice, left)[0]["reason"], "quit")
+        self.assertEqual(list(chat.core.members), ["alice"])
+
+    def test_the_first_request_must_be_a_hello(self) -> None:
+        chat = CoreHarness()
+        session = chat.connect()
+        actions = chat.request(session, {"type": "say", "text": "hi"})
+        self.assertEqual(chat.received(session, actions)[0]["code"], "hello_required")
+        self.assertTrue(chat.closed(session))
+
+    def test_an_error_in_answer_to_a_hello_closes_elsewhere_it_does_not(self) -> None:
+        chat = CoreHarness()
+        chat.join("alice")
+        taken = chat.connect()
+        chat.request(taken, {"type": "hello", "name": "ALICE"})
+        self.assertEqual(chat.received(taken)[-1]["code"], "name_taken")
+        self.assertTrue(chat.closed(taken))
+        bob = chat.join("bob")
+        chat.request(bob, {"type": "whisper", "to": "nobody", "text": "hi"})
+        self.assertEqual(chat.received(bob)[-1]["code"], "unknown_user")
+        self.assertFalse(chat.closed(bob))
+
+    def test_every_request_of_a_member_is_metered(self) -> None:
+        chat = CoreHarness(rate_limit=1, rate_burst=2)
+        alice = chat.join("alice")
+        for _ in range(2):
+            chat.request(alice, {"type": "nonsense"})
+        actions = chat.request(alice, {"type": "also nonsense"})
+        self.assertEqual(chat.received(alice, actions)[0]["code"], "rate_limited")
+        chat.clock.advance(1)   # one token back
+        actions = chat.request(alice, {"type": "say", "text": "hi"})
+        self.assertEqual(chat.received(alice, actions)[0]["type"], "sent")
+        for _ in range(socket_server.FLOOD_STRIKES + 1):
+            chat.request(alice, {"type": "nonsense"})
+        self.assertEqual(chat.received(alice)[-1]["code"], "flooding")
+        self.assertTrue(chat.closed(alice))
+
+    def test_a_registered_name_waits_for_its_password_check(self) -> None:
+        chat = CoreHarness(failure_delay=2)
+        chat.core.accounts.hashes["alice"] = socket_server.hash_password("correct horse")
+        session = chat.connect()
+        actions = chat.request(session, {"type": "hello", "name": "alice",
+                                         "name_password": "wrong horse"})
+        self.assertEqual([action[0] for action in actions], ["pause", "job"])
+        self.assertTrue(session.waiting)
+        actions = chat.finish_jobs()            # the hash says no: answered after a delay
+        self.assertEqual([action[0] for action in actions], ["resume", "pause", "later"])
+        self.assertEqual(chat.advance(1.9), [])
+        actions = chat.advance(0.2)
+        self.assertEqual(chat.received(session, actions)[0]["code"], "bad_name_password")
+        self.assertTrue(chat.closed(session))
+        again = chat.connect()
+        chat.request(again, {"type": "hello", "name": "alice", "name_password": "correct horse"})
+        actions = chat.finish_jobs()
+        self.assertEqual(actions[0][0], "resume")
+        self.assertTrue(chat.received(again, actions)[0]["registered"])
+
+    def test_timeouts_and_pings_follow_the_clock(self) -> None:
+        chat = CoreHarness(hello_timeout=10, ping_after=60, drop_after=120)
+        silent, alice = chat.connect("silent"), chat.join("alice")
+        chat.advance(9)
+        self.assertFalse(chat.closed(silent))
+        chat.advance(1)
+        self.assertEqual(chat.received(silent)[-1]["code"], "hello_timeout")
+        actions = chat.advance(50)
+        self.assertEqual(chat.received(alice, actions), [{"type": "ping"}])
+        self.assertEqual(chat.advance(30), [])      # pinged once, not again
+        alice.last_heard = chat.clock.now()         # it answered: bytes arrived
+        chat.advance(119)
+        self.assertFalse(chat.closed(alice))
+        chat.advance(1)
+        self.assertTrue(chat.closed(alice))
+
+    def test_a_mute_ends_on_time(self) -> None:
+        chat = CoreHarness()
+        bob = chat.join("bob")
+        self.assertEqual(chat.core.moderation.run(None, "/mute bob 1"),
+                         ["bob was muted by server for 1 minute"])
+        chat.collect()
+        chat.request(bob, {"type": "say", "text": "hi"})
+        self.assertEqual(chat.received(bob)[-1]["code"], "muted")
+        actions = chat.advance(60)
+        self.assertEqual(chat.received(bob, actions)[0]["code"], "unmuted")
+        chat.request(bob, {"type": "say", "text": "free"})
+        self.assertEqual(chat.received(bob)[-1]["type"], "sent")
+
+    def test_a_protocol_error_ends_the_session(self) -> None:
+        chat = CoreHarness()
+        alice, bob = chat.join("alice"), chat.join("bob")
+        chat.core.protocol_error(bob, socket_server.ProtocolError("bad_json", "not JSON"))
+        chat.collect()
+        self.assertEqual(chat.received(bob)[-1]["code"], "bad_json")
+        self.assertTrue(chat.closed(bob))
+        self.assertEqual(chat.received(alice)[-1]["type"], "leave")
+
+    def test_every_code_the_core_names_is_in_its_tables(self) -> None:
+        with open(SERVER_SCRIPT, encoding="utf-8") as script:
+            source = script.read()
+        refused = set(re.findall(r'refuse\(\s*\w+,\s*"(\w+)"', source))
+        refused |= set(re.findall(r'ModerationError\(\s*"(\w+)"', source))
+        refused |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', source))
+        refused |= set(re.findall(r'"type": "error", "code": "(\w+)"', source))
+        self.assertEqual(refused - set(socket_server.ERRORS), set())
+        self.assertGreater(len(refused), 30)
+        noticed = set(re.findall(r'"type": "notice", "code": "(\w+)"', source))
+        noticed |= set(re.findall(r'notify_all\(\s*"(\w+)"', source))
+        noticed |= {"registered", "password_changed"}   # sent as `outcome` (Accounts._save)
+        self.assertEqual(noticed, set(socket_server.NOTICES))
+
+    def test_the_client_acts_only_on_codes_the_server_sends(self) -> None:
+        named = set(client.FINAL_ERRORS) | set(client.ASK_AGAIN)
+        self.assertEqual(named - set(socket_server.ERRORS), set())
+        self.assertEqual(set(client.Link.NOTICE_EFFECTS) - set(socket_server.NOTICES), set())
 
 
 class SharedBlockTests(unittest.TestCase):
@@ -730,6 +988,14 @@ class BadInputTests(ChatTestCase):
         self.assertIn("middle of a message", leave["reason"])
         self.assertNotIn("message", [m["type"] for m in alice.sync()])
 
+    def test_a_peer_that_stops_mid_frame_is_told_so(self) -> None:
+        alice, mallory = self.peer("alice"), self.peer("mallory")
+        mallory.send_raw(encode_frame({"type": "say", "text": "never finished"})[:15])
+        mallory.sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(self.assert_rejected(mallory, "truncated")["text"],
+                         "the connection closed in the middle of a message")
+        self.assertIn("middle of a message", alice.expect("leave")["reason"])
+
     def test_half_closed_client_is_seen_leaving(self) -> None:
         alice, mallory = self.peer("alice"), self.peer("mallory")
         mallory.sock.shutdown(socket.SHUT_WR)
@@ -737,9 +1003,12 @@ class BadInputTests(ChatTestCase):
         mallory.read_until_closed()
 
     def test_bug_in_a_handler_costs_one_message(self) -> None:
-        class BrokenServer(socket_server.ChatServer):
-            def on_who(self, conn, message):
+        class BrokenCore(socket_server.ChatCore):
+            def on_who(self, session, message):
                 raise RuntimeError("bug")
+
+        class BrokenServer(socket_server.ChatServer):
+            core_class = BrokenCore
 
         server = ServerThread(BrokenServer)
         self.addCleanup(server.stop)
@@ -787,7 +1056,7 @@ class SlowReaderTests(ChatTestCase):
 
 
 class PingTests(ChatTestCase):
-    server_settings = {"ping_after": 0.1, "drop_after": 1.0}
+    server_settings = {"ping_after": 0.1, "drop_after": 0.5}
 
     def test_silent_client_is_pinged_then_dropped(self) -> None:
         alice, ghost = self.peer("alice"), self.peer("ghost")
@@ -903,6 +1172,7 @@ class OutOfFileDescriptorTests(unittest.TestCase):
                "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard)); "
                "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
+    @long_test
     @unittest.skipUnless(resource is not None and os.path.exists("/proc/self/stat"),
                          "needs the resource module and Linux's /proc")
     def test_pause_after_emfile_does_not_spin_and_accepting_resumes(self) -> None:
@@ -1148,7 +1418,7 @@ class HistoryTests(ChatTestCase):
 
     def test_searching_cannot_take_over_the_loop(self) -> None:
         alice = self.peer("alice")
-        store = self.server.server.store
+        store = self.server.server.core.store
 
         def fill() -> None:     # enough rows that sqlite checks the clock during a search
             for number in range(5000):
@@ -1163,7 +1433,7 @@ class HistoryTests(ChatTestCase):
             self.assertEqual(alice.expect("error")["code"], "too_slow")
         finally:
             socket_server.QUERY_TIME_LIMIT = saved
-        in_loop(self.server, lambda: self.server.server.reading_time.spend(10))
+        in_loop(self.server, lambda: self.server.server.core.history.reading_time.spend(10))
         alice.send({"type": "get_history"})
         self.assertEqual(alice.expect("error")["code"], "busy")
         alice.say("the chat goes on")
@@ -1196,7 +1466,7 @@ class HistoryTests(ChatTestCase):
 
     def test_group_commit_writes_a_burst_in_few_transactions(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
-        store = self.server.server.store
+        store = self.server.server.core.store
         before = store.commits
         burst = b"".join(encode_frame({"type": "say", "text": f"burst {n}"}) for n in range(500))
         alice.send_raw(burst)
@@ -1243,7 +1513,7 @@ class HistoryTests(ChatTestCase):
         filled = threading.Event()
 
         def fill_the_disk() -> None:
-            db = server.server.store.db
+            db = server.server.core.store.db
             db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
             filled.set()
 
@@ -1254,7 +1524,7 @@ class HistoryTests(ChatTestCase):
                 alice.send({"type": "say", "text": f"{number} " + "x" * 1900})
             for number in range(300):
                 self.assertEqual(bob.expect("message")["text"].split()[0], str(number))
-        self.assertFalse(server.server.store.working)
+        self.assertFalse(server.server.core.store.working)
         alice.say("still chatting")
         self.assertEqual(bob.expect("message")["text"], "still chatting")
 
@@ -1623,6 +1893,32 @@ class RegisteredNameTests(ChatTestCase):
         back = self.login("alice", "correct horse")
         self.assertTrue(back.expect("welcome")["registered"])
 
+    def test_a_hello_checked_on_a_thread_is_answered_before_what_came_with_it(self) -> None:
+        alice = self.peer("alice")
+        self.register(alice)
+        alice.send({"type": "bye"})
+        alice.read_until_closed()
+        back = self.peer()
+        back.send_raw(encode_frame({"type": "hello", "name": "alice",
+                                    "name_password": "correct horse"}) +
+                      encode_frame({"type": "say", "text": "first words"}))
+        self.assertEqual(back.receive()["type"], "welcome")
+        self.assertEqual(back.expect("sent")["text"], "first words")
+
+    def test_answers_come_in_the_order_of_the_requests(self) -> None:
+        alice = self.peer("alice")
+        alice.send_raw(encode_frame({"type": "register", "password": "correct horse"}) +
+                       encode_frame({"type": "say", "text": "now registered"}))
+        first, second = alice.receive(), alice.receive()
+        self.assertEqual((first["type"], first.get("code")), ("notice", "registered"))
+        self.assertEqual((second["type"], second["text"]), ("sent", "now registered"))
+        # A wrong password is answered after a delay; what follows waits for it.
+        alice.send_raw(encode_frame({"type": "unregister", "password": "wrong horse"}) +
+                       encode_frame({"type": "say", "text": "after the mistake"}))
+        first, second = alice.receive(), alice.receive()
+        self.assertEqual((first["type"], first.get("code")), ("error", "bad_name_password"))
+        self.assertEqual((second["type"], second["text"]), ("sent", "after the mistake"))
+
     def test_password_rules_and_double_registration(self) -> None:
         alice = self.peer("alice")
         alice.send({"type": "register", "password": "short"})
@@ -1724,6 +2020,15 @@ class FloodTests(ChatTestCase):
         self.assertEqual(alice.read_until_closed()[-1]["code"], "flooding")
         self.assertEqual(bob.expect("leave")["reason"].split(":")[0], "flooding")
 
+    def test_every_frame_is_metered_even_those_of_unknown_types(self) -> None:
+        mallory, bob = self.peer("mallory"), self.peer("bob")
+        mallory.send_raw(b"".join(encode_frame({"type": "nonsense"}) for _ in range(500)))
+        codes = [m["code"] for m in mallory.read_until_closed() if m["type"] == "error"]
+        self.assertLessEqual(codes.count("unknown_type"), 5)    # the burst, and a refill
+        self.assertIn("rate_limited", codes)
+        self.assertEqual(codes[-1], "flooding")
+        self.assertEqual(bob.expect("leave")["reason"].split(":")[0], "flooding")
+
     def test_a_select_based_server_stays_under_its_socket_limit(self) -> None:
         in_loop(self.server, lambda: setattr(self.server.server, "socket_limit", 5))
         held = [self.peer(f"user{n}") for n in range(3)]
@@ -1777,7 +2082,7 @@ class FloodTests(ChatTestCase):
         alice, bob = people
         alice.say("still reachable")
         self.assertEqual(bob.expect("message")["text"], "still reachable")
-        self.assertLessEqual(server.server.open_count, 22)
+        self.assertLessEqual(len(server.server.core.sessions), 22)
 
 
 class TlsTests(unittest.TestCase):
@@ -1862,10 +2167,10 @@ class TlsTests(unittest.TestCase):
         gave_up = threading.Event()
 
         class Impatient(socket_server.ChatServer):
-            def connection_closing(self, conn, reason: str) -> None:
+            def connection_lost(self, conn, reason: str) -> None:
                 if "hello" in reason:
                     gave_up.set()
-                super().connection_closing(conn, reason)
+                super().connection_lost(conn, reason)
 
         server = ServerThread(Impatient, tls_cert=self.self_signed[0],
                               tls_key=self.self_signed[1], hello_timeout=0.2)
@@ -2014,7 +2319,8 @@ class FuzzTests(unittest.TestCase):
 
     SEED = int(os.environ.get("CHAT_FUZZ_SEED", "20261125"))
     ATTACKERS = 4
-    FRAMES_EACH = int(os.environ.get("CHAT_FUZZ_FRAMES", "800"))   # per attacker
+    FRAMES_EACH = int(os.environ.get("CHAT_FUZZ_FRAMES",            # per attacker
+                                     "800" if LONG_TESTS else "150"))
     TYPES = ["hello", "say", "whisper", "who", "get_history", "search", "ping", "pong", "bye",
              "register", "unregister", "change_password", "nonsense", ""]
 
@@ -2140,7 +2446,7 @@ class FuzzTests(unittest.TestCase):
             if message["from"] == "alice":
                 break
         self.assertEqual(message["text"], "after the storm")
-        buffered = sum(conn.decoder.buffered + sum(map(len, conn.outbox))
+        buffered = sum(conn.protocol.buffered + sum(map(len, conn.outbox))
                        for conn in list(server.server.connections))
         self.assertLess(buffered, 8 * 1024 * 1024, f"CHAT_FUZZ_SEED={self.SEED}")
 
@@ -2286,7 +2592,7 @@ class ModerationTests(ChatTestCase):
         self.assertTrue(any("bob (name)" in line for line in self.console("/bans")))
 
         def expire() -> None:
-            for ban in self.server.server.moderation.bans:
+            for ban in self.server.server.core.moderation.bans:
                 ban.until = time.time() - 1
 
         in_loop(self.server, expire)
@@ -2336,7 +2642,7 @@ class ModerationTests(ChatTestCase):
     def test_bans_survive_a_restart(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
         first = ServerThread(db=path)
-        in_loop(first, lambda: first.server.moderation.run(None, "/ban mallory 60 spam"))
+        in_loop(first, lambda: first.server.run_command("/ban mallory 60 spam"))
         first.stop()
         second = ServerThread(db=path)
         self.addCleanup(second.stop)
@@ -2441,7 +2747,7 @@ class ModerationTests(ChatTestCase):
         def broken(actor, args):
             raise RuntimeError("bug")
 
-        in_loop(self.server, lambda: setattr(self.server.server.moderation, "cmd_bans", broken))
+        in_loop(self.server, lambda: setattr(self.server.server.core.moderation, "cmd_bans", broken))
         with self.assertLogs("chat", "ERROR"):
             self.assertEqual(self.console("/bans"),
                              ["! that command failed (a bug: the log has the details)"])
@@ -3325,9 +3631,12 @@ class ClientProcessTests(ChatTestCase):
     def test_client_answers_pings(self) -> None:
         pong = threading.Event()
 
-        class WatchedServer(socket_server.ChatServer):
-            def on_pong(self, conn, message):
+        class WatchedCore(socket_server.ChatCore):
+            def on_pong(self, session, message):
                 pong.set()
+
+        class WatchedServer(socket_server.ChatServer):
+            core_class = WatchedCore
 
         server = ServerThread(WatchedServer, ping_after=0.1, drop_after=10)
         self.addCleanup(server.stop)
@@ -3628,6 +3937,7 @@ class PerformanceTests(ChatTestCase):
         self.addCleanup(setattr, socket_server, name, getattr(socket_server, name))
         setattr(socket_server, name, value)
 
+    @long_test
     def test_benchmark_quick_run_gives_sane_numbers(self) -> None:
         bench = subprocess.run(
             [sys.executable, os.path.join(HERE, "bench_chat.py"), "--quick", "--json", "-"],
