@@ -692,6 +692,31 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(set(client.Link.NOTICE_EFFECTS) - set(socket_server.NOTICES), set())
 
 
+class CodeShapeTests(unittest.TestCase):
+    """What keeps the code easy to change: small pieces, and layers that stay apart."""
+
+    def test_no_class_over_500_lines_and_no_function_over_60(self) -> None:
+        import ast
+        for script in (SERVER_SCRIPT, CLIENT_SCRIPT):
+            with open(script, encoding="utf-8") as source:
+                tree = ast.parse(source.read())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                    size = node.end_lineno - node.lineno + 1
+                    limit = 500 if isinstance(node, ast.ClassDef) else 60
+                    if "arg_parser" not in node.name:
+                        self.assertLessEqual(size, limit, f"{script}: {node.name}")
+
+    def test_the_transport_names_no_chat_concept(self) -> None:
+        import inspect
+        source = inspect.getsource(socket_server.SelectServer) + \
+            inspect.getsource(socket_server.Connection)
+        for word in ("chat", "hello", "session", "member", "room", "name", "message",
+                     "user", "nick", "codec", "core", "frame", "join"):
+            found = re.search(rf"(?i)(?<!\.)\b{word}\w*", source)   # str.join is no chat word
+            self.assertIsNone(found, found and found.group())
+
+
 class SharedBlockTests(unittest.TestCase):
     """The protocol block is copied into both scripts; the copies must not drift."""
 
