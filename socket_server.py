@@ -104,6 +104,11 @@ MAX_BACKLOG = 512 * 1024            # bytes queued for one client before it is c
 MAX_TEXT_LENGTH = 2000              # characters in one chat message
 MAX_TEXT_LIMIT = 16000              # highest --max-length: 4 UTF-8 bytes each still fit a frame
 JOIN_NOTICES_UP_TO = 1000           # room size above which joins and leaves are not announced
+DEFAULT_MAX_ROOMS = 1000            # rooms that may exist at once (--max-rooms)
+MAX_ROOMS_PER_PERSON = 100          # rooms one person may be in at once
+MAX_TOPIC_LENGTH = 300              # characters of a room's topic, a part or kick message
+MAX_AWAY_LENGTH = 200               # characters of an away message
+ROOMS_PER_FRAME = 100               # rooms listed in one `rooms` answer; more follow in others
 MAX_LISTED_NAMES = 1000             # names in a welcome or users list; 1000 x 35 bytes fit a frame
 RATE_LIMIT = 5.0                    # messages a second, on average, per client
 RATE_BURST = 20                     # messages a client may send at once
@@ -353,6 +358,8 @@ class Settings:
     keep_history: bool = True       # False: record no messages (--no-history)
     history: int = HISTORY_REPLAY
     join_notices_up_to: int = JOIN_NOTICES_UP_TO
+    max_rooms: int = DEFAULT_MAX_ROOMS
+    max_room_size: int = 0          # 0: as many as can join the server
 
 
 def client_host(address: tuple) -> str:
@@ -931,8 +938,14 @@ class JsonCodec(FrameDecoder):
 # ---------------------------------------------------------------------------
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-NAME_RULES = "1 to 32 characters: letters A-Z, digits, '_', '-' and '.'"
+NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', with at least one "
+              "letter or digit")
 RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
+
+
+def valid_name(name: str) -> bool:
+    """Whether a name keeps the rules: no look-alike letters, no name of only dots."""
+    return NAME_PATTERN.fullmatch(name) is not None and any(char.isalnum() for char in name)
 
 
 class Clock:
@@ -985,7 +998,8 @@ ERRORS: Dict[str, ErrorCode] = {
     "password_required": ErrorCode(True, "the room has a password and hello had none"),
     "bad_password": ErrorCode(True, "wrong room password (answered after a delay)"),
     "locked_out": ErrorCode(True, "too many failed logins from this address"),
-    "name_protected": ErrorCode(True, "the name is registered and hello had no name_password"),
+    "name_protected": ErrorCode(False, "the name is registered and hello (or nick) had no "
+                                       "name_password"),
     "bad_name_password": ErrorCode(False, "wrong password for the name"),
     "tls_required": ErrorCode(True, "plain text sent to a TLS-only server"),
     "too_many_connections": ErrorCode(True, "too many connections from this address"),
@@ -993,6 +1007,17 @@ ERRORS: Dict[str, ErrorCode] = {
     "banned": ErrorCode(True, "banned, when joining or by a moderator"),
     "bad_name": ErrorCode(False, "a name that breaks the rules, or a /ban of something that "
                                  "is neither a name nor an address"),
+    "name_banned": ErrorCode(False, "nick to a name that is banned"),
+    "bad_room": ErrorCode(False, "not a room's name"),
+    "no_such_room": ErrorCode(False, "there is no room of that name"),
+    "not_in_room": ErrorCode(False, "you are not in that room"),
+    "not_room_operator": ErrorCode(False, "only the room's operators (and server operators) "
+                                          "can do that"),
+    "bad_key": ErrorCode(False, "the room needs a key, the key is wrong, or a new key breaks "
+                                "the rules"),
+    "room_full": ErrorCode(False, "the room has --max-room-size people"),
+    "too_many_rooms": ErrorCode(False, "the server has --max-rooms rooms: no new one"),
+    "room_limit": ErrorCode(False, "you are in as many rooms as one person may be"),
     "name_taken": ErrorCode(False, "someone here has that name (in any case)"),
     "name_reserved": ErrorCode(False, "the name is reserved"),
     "already_joined": ErrorCode(False, "a second hello"),
@@ -1041,6 +1066,7 @@ NOTICES: Dict[str, str] = {
     "unmuted": "someone was unmuted (or you were, or your mute ended)",
     "moderation": "one line of a moderation command's answer, for the operator who ran it",
     "new_since": "inside a replay: the messages a returning name missed begin here",
+    "away": "the one you whispered to is away (name, away: why)",
 }
 
 
@@ -1056,12 +1082,22 @@ class RequestType(NamedTuple):
 #: clients can add some.
 REQUESTS: Dict[str, RequestType] = {
     "hello": RequestType({"name": str, "password?": str, "name_password?": str,
-                          "resume?": str}, "on_hello", joined=False, metered=False, fatal=True),
-    "say": RequestType({"text": str, "action?": bool, "id?": str}, "on_say"),
+                          "resume?": str, "rooms?": list}, "on_hello", joined=False,
+                         metered=False, fatal=True),
+    "say": RequestType({"text": str, "room?": str, "action?": bool, "id?": str}, "on_say"),
     "whisper": RequestType({"to": str, "text": str, "id?": str}, "on_whisper"),
-    "who": RequestType({}, "on_who"),
-    "get_history": RequestType({"limit?": int}, "history.on_get_history"),
-    "search": RequestType({"text": str}, "history.on_search"),
+    "join": RequestType({"room": str, "key?": str}, "rooms.on_join"),
+    "part": RequestType({"room": str, "text?": str}, "rooms.on_part"),
+    "rooms": RequestType({}, "rooms.on_rooms"),
+    "topic": RequestType({"room": str, "text?": str}, "rooms.on_topic"),
+    "kick": RequestType({"room": str, "name": str, "text?": str}, "rooms.on_kick"),
+    "key": RequestType({"room": str, "key": str}, "rooms.on_key"),
+    "room_op": RequestType({"room": str, "name": str, "op?": bool}, "rooms.on_room_op"),
+    "who": RequestType({"room?": str}, "people.on_who"),
+    "nick": RequestType({"name": str, "name_password?": str}, "people.on_nick"),
+    "away": RequestType({"text?": str}, "people.on_away"),
+    "get_history": RequestType({"limit?": int, "room?": str}, "history.on_get_history"),
+    "search": RequestType({"text": str, "room?": str, "all?": bool}, "history.on_search"),
     "register": RequestType({"password": str}, "accounts.on_register"),
     "unregister": RequestType({"password": str}, "accounts.on_unregister"),
     "change_password": RequestType({"password": str, "new_password": str},
@@ -1116,7 +1152,8 @@ class Session:
 
     __slots__ = ("link", "host", "address", "connected_at", "last_heard", "last_ping",
                  "state", "name", "key", "registered", "operator", "bucket", "messages_sent",
-                 "history_floor", "leave_text", "resume_token", "rejoining", "waiting", "gone")
+                 "history_floor", "leave_text", "resume_token", "rejoining", "waiting", "gone",
+                 "rooms", "away", "told_no_history")
 
     def __init__(self, link: Any, host: str, address: str, now: float) -> None:
         self.link = link
@@ -1138,6 +1175,9 @@ class Session:
         self.rejoining = False          # back after a lost connection: told before what we keep
         self.waiting = False            # a password check or delay runs: take no request now
         self.gone = False               # closed, or found closed: nothing more to do with it
+        self.rooms: Dict[str, "Room"] = {}  # lower-case name -> a room it is in
+        self.away: Optional[str] = None     # why it is away, while it is
+        self.told_no_history = False    # that the server keeps none (said once)
 
     def __repr__(self) -> str:
         return self.name or self.address
@@ -1207,6 +1247,8 @@ class ChatCore:
         self.accounts = Accounts(self)
         self.history = History(self)
         self.moderation = Moderation(self)
+        self.people = People(self)
+        self.rooms = Rooms(self)
         self.shutdown_by: Optional[str] = None
         # The request being answered and its id: an error in answer to a fatal request
         # closes the connection, and the answer carries the id back.
@@ -1388,13 +1430,15 @@ class ChatCore:
 
     def notify_all(self, code: str, text: str, exclude: Optional[Session] = None) -> None:
         """A notice for everyone in the chat (but `exclude`), kept in the history too."""
-        self.store.record(self.timestamp(), "notice", "server", None, text)
-        self.deliver(self.everyone, {"type": "notice", "code": code, "text": text}, exclude)
+        timestamp = self.timestamp()
+        self.store.record(timestamp, "notice", "server", None, text)
+        self.deliver(self.everyone, {"type": "notice", "code": code, "text": text,
+                                     "ts": timestamp}, exclude)
 
     def announce(self, by: str, text: str) -> None:
         """An announcement from the console or an operator, to everyone."""
         timestamp = self.timestamp()
-        self.store.record(timestamp, "announcement", by, None, text)
+        self.store.record(timestamp, "announcement", by, None, text, room=EVERY_ROOM)
         self.deliver(self.everyone, {"type": "announcement", "from": by, "text": text,
                                     "ts": timestamp})
 
@@ -1435,28 +1479,20 @@ class ChatCore:
                                              "Wrong password for this chat.")
                 return
         name = message["name"]
-        if not NAME_PATTERN.fullmatch(name):
-            self.refuse(session, "bad_name", f"Names are {NAME_RULES}.")
-            return
-        key = name.lower()
-        if key in RESERVED_NAMES:
-            self.refuse(session, "name_reserved", f'The name "{name}" is reserved. Pick another.')
-            return
-        ban = self.moderation.ban_for(name, session.host)
-        if ban is not None:
-            self.refuse(session, "banned", self.moderation.ban_text(ban))
+        if not self.people.name_allowed(session, name):
             return
         session.rejoining = "resume" in message     # a client sends its token only to reconnect
+        rooms = message.get("rooms", [LOBBY])
         if self.accounts.is_registered(name):
-            self.accounts.log_in(session, name, message.get("name_password"))
+            self.accounts.log_in(session, name, message.get("name_password"), rooms)
             return
-        earlier = self.members.get(key)
+        earlier = self.members.get(name.lower())
         if earlier is not None and not self.resuming(earlier, message.get("resume")):
             self.refuse(session, "name_taken", f'The name "{name}" is taken. Pick another.')
             return
         if earlier is not None:     # our own dead connection, not yet noticed
             self.close(earlier, "reconnected", graceful=False)
-        self.admit(session, name, registered=False)
+        self.admit(session, name, registered=False, rooms=rooms)
 
     @staticmethod
     def resuming(earlier: Session, token: Optional[str]) -> bool:
@@ -1469,8 +1505,9 @@ class ChatCore:
         return token is not None and bool(earlier.resume_token) and \
             same_secret(token, earlier.resume_token)
 
-    def admit(self, session: Session, name: str, registered: bool) -> None:
-        """Let a client in: welcome, history, and a join notice for the others."""
+    def admit(self, session: Session, name: str, registered: bool, rooms: list) -> None:
+        """Let a client in: a welcome, then each room it asked for (the lobby, if it
+        named none): what the room is, and its history; the members are told."""
         session.state = JOINED
         session.name = name
         session.key = name.lower()
@@ -1480,33 +1517,30 @@ class ChatCore:
             session.bucket = TokenBucket(self.settings.rate_burst, self.clock.now())
         self.everyone.add(session)
         bisect.insort(self.roster, session.key)
+        self.history.whispers_from(session)
         log.info("%s joined as %s%s", session.address, name, " (registered)" if registered else "")
         limits = {"max_length": self.settings.max_length}
         if self.settings.rate_limit:
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
-        self.send(session, {"type": "welcome", "name": name, "users": self.user_names(),
-                            "count": len(self.members), "ops": self.operator_names(),
+        self.send(session, {"type": "welcome", "name": name, "users": self.people.listed(),
+                            "count": len(self.members), "ops": self.people.operator_names(),
                             "registered": registered, "limits": limits,
                             "resume": session.resume_token})
-        self.history.replay(session)
-        timestamp = self.timestamp()
-        self.store.record(timestamp, "join", name)
-        if self.announces_arrivals():
-            self.deliver(self.everyone, {"type": "join", "name": name, "ts": timestamp},
-                         sender=session)
-
-    def announces_arrivals(self) -> bool:
-        """Whether joins and leaves are broadcast: only while the room is small.
-
-        In a room of n people, n joins would mean n * n notices, most of
-        them to people who do not know the newcomer; big IRC channels and
-        Twitch chats stay quiet about arrivals for the same reason. The
-        history still records every join and leave.
-        """
-        return len(self.members) <= self.settings.join_notices_up_to
+        # A room the client cannot enter now (a key changed, say) costs that room only.
+        self.handling = REQUESTS["join"]
+        for wanted in rooms:
+            room, key = (wanted, None) if not isinstance(wanted, dict) else \
+                (wanted.get("room"), wanted.get("key"))
+            if isinstance(room, str) and (key is None or isinstance(key, str)):
+                self.rooms.on_join(session, {"type": "join", "room": room, "key": key}
+                                   if key is not None else {"type": "join", "room": room})
+            else:
+                self.refuse(session, "bad_message", 'each of "rooms" must be a room\'s name, '
+                            'or {"room": NAME, "key": KEY}')
 
     def _forget(self, session: Session, reason: str) -> None:
-        """A session ends: out of the chat, and the others told (while the room is small)."""
+        """A session ends: out of the chat, and those who shared a room with it told
+        (where the room is small enough for comings and goings to be announced)."""
         session.gone = True
         self.sessions.discard(session)
         remaining = self.per_address[session.host] - 1
@@ -1517,19 +1551,18 @@ class ChatCore:
         if session.state != JOINED:
             log.info("%s disconnected: %s", session.address, reason)
             return
-        announce = self.announces_arrivals() or session.leave_text   # kicks and bans always
+        told = self.rooms.leave_all(session, reason)
         self.everyone.discard(session)
         del self.roster[bisect.bisect_left(self.roster, session.key)]
         self.operators.discard(session)
-        timestamp = self.timestamp()
-        self.store.record(timestamp, "leave", session.name, None, reason)
         if session.registered:
             self.store.mark_left(session.name)
-        if announce:
-            leave = {"type": "leave", "name": session.name, "reason": reason, "ts": timestamp}
+        if len(told):
+            leave = {"type": "leave", "name": session.name, "reason": reason,
+                     "ts": self.timestamp()}
             if session.leave_text:
                 leave["text"] = session.leave_text
-            self.deliver(self.everyone, leave)
+            self.deliver(told, leave)
         log.info("%s left: %s", session.name, reason)
 
     def remove(self, session: Session, code: str, text: str) -> None:
@@ -1541,21 +1574,29 @@ class ChatCore:
     # -- talking ---------------------------------------------------------------
 
     def on_say(self, session: Session, message: dict) -> None:
+        try:
+            room = self.rooms.of(session, message.get("room", LOBBY))
+        except ModerationError as exc:
+            self.refuse(session, exc.code, exc.text)
+            return
         text = self.checked_text(session, message["text"])
         if text is None:
             return
         timestamp = self.timestamp()
         session.messages_sent += 1
-        said = {"type": "message", "from": session.name, "text": text, "ts": timestamp}
-        ack = {"type": "sent", "text": text, "ts": timestamp}
+        said = {"type": "message", "room": room.name, "from": session.name, "text": text,
+                "ts": timestamp}
+        ack = {"type": "sent", "room": room.name, "text": text, "ts": timestamp}
         if message.get("action") is True:   # "/me waves": shown as "* alice waves"
             said["action"] = ack["action"] = True
         if self.replying_to is not None:
             ack["id"] = self.replying_to
         self.store.record(timestamp, "action" if "action" in said else "message", session.name,
-                          None, text)
-        self.deliver(self.everyone, said, sender=session, echo=ack)
-        log.debug("%s says: %s", session.name, text)
+                          None, text, room=room.name)
+        if session.away is not None:    # saying something ends being away
+            self.people.set_away(session, None)
+        self.deliver(room, said, sender=session, echo=ack)
+        log.debug("%s says in #%s: %s", session.name, room.name, text)
 
     def on_whisper(self, session: Session, message: dict) -> None:
         if self.rules.no_whisper:
@@ -1571,11 +1612,17 @@ class ChatCore:
         timestamp = self.timestamp()
         session.messages_sent += 1
         self.store.record(timestamp, "whisper", session.name, target.name, text)
+        if session.away is not None:
+            self.people.set_away(session, None)
         if target is not session:   # to oneself, the `sent` below is the one copy to show
             self.send(target, {"type": "whisper", "from": session.name, "to": target.name,
                                "text": text, "ts": timestamp})
         self.acknowledge(session, {"type": "sent", "to": target.name, "text": text,
                                    "ts": timestamp})
+        if target.away is not None and target is not session:
+            self.send(session, {"type": "notice", "code": "away", "name": target.name,
+                                "away": target.away,
+                                "text": f"{target.name} is away: {target.away}"})
         log.debug("%s whispers to %s: %s", session.name, target.name, text)
 
     def checked_text(self, session: Session, text: str) -> Optional[str]:
@@ -1603,17 +1650,6 @@ class ChatCore:
             self.refuse(session, exc.code, exc.text)
             return None
 
-    def on_who(self, session: Session, message: dict) -> None:
-        self.send(session, {"type": "users", "users": self.user_names(),
-                            "count": len(self.members), "ops": self.operator_names()})
-
-    def user_names(self) -> List[str]:
-        """The first MAX_LISTED_NAMES names in the chat, alphabetically (any case)."""
-        return [self.members[key].name for key in self.roster[:MAX_LISTED_NAMES]]
-
-    def operator_names(self) -> List[str]:
-        return sorted((session.name for session in self.operators), key=str.lower)
-
     def on_ping(self, session: Session, message: dict) -> None:
         self.send(session, {"type": "pong"})
 
@@ -1622,6 +1658,464 @@ class ChatCore:
 
     def on_bye(self, session: Session, message: dict) -> None:
         self.close(session, "quit")
+
+
+# ---------------------------------------------------------------------------
+# People: who is here, names and their changes, being away
+# ---------------------------------------------------------------------------
+
+class People:
+    """Who is in the chat, and what people do about their own presence: their
+    names (taken on hello, changed with nick) and being away."""
+
+    def __init__(self, core: ChatCore) -> None:
+        self.core = core
+
+    def listed(self) -> List[str]:
+        """The first MAX_LISTED_NAMES names in the chat, alphabetically (any case)."""
+        members = self.core.members
+        return [members[key].name for key in self.core.roster[:MAX_LISTED_NAMES]]
+
+    def operator_names(self) -> List[str]:
+        return sorted((session.name for session in self.core.operators), key=str.lower)
+
+    def name_allowed(self, session: Session, name: str) -> bool:
+        """Whether session may take this name (for hello or nick); refuses if not."""
+        core = self.core
+        if not valid_name(name):
+            core.refuse(session, "bad_name", f"Names are {NAME_RULES}.")
+        elif name.lower() in RESERVED_NAMES:
+            core.refuse(session, "name_reserved", f'The name "{name}" is reserved. Pick another.')
+        elif core.moderation.ban_for(name, session.host) is not None:
+            ban = core.moderation.ban_for(name, session.host)
+            code = "banned" if session.state != JOINED else "name_banned"
+            core.refuse(session, code, core.moderation.ban_text(ban))
+        else:
+            return True
+        return False
+
+    def on_who(self, session: Session, message: dict) -> None:
+        core = self.core
+        if "room" not in message:
+            listed, count, ops = self.listed(), len(core.members), self.operator_names()
+            members, answer = core.members, {}
+        else:
+            room = core.rooms._or_refuse(session, lambda: core.rooms.existing(message["room"]))
+            if room is None:
+                return
+            listed, count, ops = room.listed(), len(room), room.operators_here()
+            members, answer = room.members, {"room": room.name}
+        away = [name for name in listed if members[name.lower()].away is not None]
+        answer.update(type="users", users=listed, count=count, ops=ops, away=away)
+        core.send(session, answer)
+
+    def on_nick(self, session: Session, message: dict) -> None:
+        core, name = self.core, message["name"]
+        if name == session.name or not self.name_allowed(session, name):
+            return
+        holder = core.members.get(name.lower())
+        if holder is not None and holder is not session:
+            core.refuse(session, "name_taken", f'The name "{name}" is taken. Pick another.')
+        elif name.lower() != session.key and core.accounts.is_registered(name):
+            core.accounts.check_name_password(session, name, message.get("name_password"),
+                                              lambda: self.rename(session, name, True))
+        else:   # a new name, or the same in other letter cases
+            self.rename(session, name, session.registered and name.lower() == session.key)
+
+    def rename(self, session: Session, name: str, registered: bool) -> None:
+        """Session is called `name` from now on; whoever shares a room with it is told."""
+        core = self.core
+        holder = core.members.get(name.lower())
+        if holder is not None and holder is not session:    # taken while a password was checked
+            core.refuse(session, "name_taken", f'The name "{name}" is taken. Pick another.')
+            return
+        old, old_key, was_registered = session.name, session.key, session.registered
+        if was_registered:
+            core.store.mark_left(old)
+        core.everyone.discard(session)
+        del core.roster[bisect.bisect_left(core.roster, old_key)]
+        session.name, session.key, session.registered = name, name.lower(), registered
+        core.everyone.add(session)
+        bisect.insort(core.roster, session.key)
+        core.rooms.renamed(session, old_key, was_registered)
+        core.moderation.renamed(old, name)
+        if registered and not was_registered:
+            core.history.whispers_from(session)
+        timestamp = core.timestamp()
+        core.store.record(timestamp, "nick", old, None, name)
+        core.deliver(core.rooms.shared_with(session), {"type": "nick", "name": old, "new": name,
+                                                      "ts": timestamp})
+        log.info("%s is now known as %s", old, name)
+
+    def on_away(self, session: Session, message: dict) -> None:
+        text = clean_text(message.get("text", ""))[:MAX_AWAY_LENGTH]
+        self.set_away(session, text or None)
+
+    def set_away(self, session: Session, text: Optional[str]) -> None:
+        """Mark session away (text) or back (None); it and those sharing a room are told."""
+        session.away = text
+        self.core.deliver(self.core.rooms.shared_with(session),
+                          {"type": "away", "name": session.name, "text": text})
+
+
+# ---------------------------------------------------------------------------
+# Rooms: where people talk, each with its members, topic, key and operators
+# ---------------------------------------------------------------------------
+
+LOBBY = "lobby"                     # everyone's first room
+ROOM_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+ROOM_RULES = "1 to 32 characters of A-Z, a-z, 0-9, '_', '-' and '.', with a letter or a digit"
+KEY_PATTERN = re.compile(r"[^\s,]{1,32}")   # printable, no spaces or commas, as IRC keys
+
+
+def room_name(word: str) -> Optional[str]:
+    """The room someone means ("#dev" or "dev"), or None if it cannot be a room's name."""
+    name = word[1:] if word.startswith("#") else word
+    if ROOM_PATTERN.fullmatch(name) and any(char.isalnum() for char in name):
+        return name
+    return None
+
+
+class Room(Audience):
+    """A room: its members (an Audience, so a message costs only them), what a
+    newcomer is shown, and who runs it. Rooms last: one nobody is in stays,
+    with its history, and rooms are kept in the store across restarts."""
+
+    __slots__ = ("name", "ident", "topic", "topic_by", "topic_ts", "key", "ops", "roster",
+                 "created", "created_by")
+
+    def __init__(self, name: str, created: str, created_by: str) -> None:
+        super().__init__()
+        self.name = name                # as whoever made it spelled it
+        self.ident = name.lower()       # rooms match without case
+        self.topic = ""
+        self.topic_by = ""
+        self.topic_ts = ""
+        self.key = ""                   # joining needs it, when set
+        self.ops: Set[str] = set()      # lower-case names of its operators
+        self.roster: List[str] = []     # the members' lower-case names, kept sorted
+        self.created = created
+        self.created_by = created_by
+
+    def add(self, session: Session) -> None:
+        super().add(session)
+        bisect.insort(self.roster, session.key)
+
+    def discard(self, session: Session) -> None:
+        if session in self:
+            super().discard(session)
+            del self.roster[bisect.bisect_left(self.roster, session.key)]
+
+    def listed(self) -> List[str]:
+        """The first MAX_LISTED_NAMES members' names, alphabetically (any case)."""
+        return [self.members[key].name for key in self.roster[:MAX_LISTED_NAMES]]
+
+    def operators_here(self) -> List[str]:
+        return sorted((self.members[key].name for key in self.ops if key in self.members),
+                      key=str.lower)
+
+
+class Rooms:
+    """The rooms of the chat: joining and parting, topics, keys, room operators
+    and kicks from a room.
+
+    Whoever makes a room is its operator. An operator's status lasts, in the
+    store, for a registered name; for a name anyone may take, only while its
+    holder stays in the room. Server operators and the console may do
+    everything in every room. Operations that a session and the console share
+    raise ModerationError; the request handlers (on_*) turn that into an error.
+    """
+
+    def __init__(self, core: ChatCore) -> None:
+        self.core = core
+        self.all: Dict[str, Room] = {}      # lower-case name -> room
+        store = core.store
+        for name, topic, topic_by, topic_ts, key, created, created_by in store.rooms():
+            room = self.all[name.lower()] = Room(name, created, created_by)
+            room.topic, room.topic_by, room.topic_ts, room.key = topic, topic_by, topic_ts, key
+        if LOBBY not in self.all:
+            self._create(LOBBY, "server")
+        for room_ident, name in store.room_ops():
+            room = self.all.get(room_ident.lower())
+            if room is not None and core.accounts.is_registered(name):
+                room.ops.add(name.lower())
+            else:   # it lasted while its holder was here; the server stopped first
+                store.delete_room_op(room_ident, name)
+
+    @property
+    def lobby(self) -> Room:
+        return self.all[LOBBY]
+
+    def _create(self, name: str, by: str) -> Room:
+        room = self.all[name.lower()] = Room(name, self.core.timestamp(), by)
+        self.core.store.save_room(room)
+        if by != "server":
+            log.info("%s made the room #%s", by, name)
+        return room
+
+    # -- finding a room -------------------------------------------------------
+
+    def existing(self, word: str) -> Room:
+        """The room a word names. Raises ModerationError if there is none."""
+        name = room_name(word)
+        if name is None:
+            raise ModerationError("bad_room", f"Room names are {ROOM_RULES}.")
+        room = self.all.get(name.lower())
+        if room is None:
+            raise ModerationError("no_such_room", f"There is no room #{name}: /rooms lists "
+                                  "them, /join makes one.")
+        return room
+
+    def of(self, session: Session, word: str) -> Room:
+        """A room the session is in. Raises ModerationError if it is not."""
+        room = self.existing(word)
+        if session.key not in room.members:
+            raise ModerationError("not_in_room", f"You are not in #{room.name}: /join "
+                                  f"#{room.name} first.")
+        return room
+
+    def may_run(self, actor: Optional[Session], room: Room) -> None:
+        """Raises ModerationError unless actor may run the room: the console, a server
+        operator, or one of the room's operators in it."""
+        if actor is None or actor.operator or (actor.key in room.ops and actor in room):
+            return
+        raise ModerationError("not_room_operator", f"Only the operators of #{room.name} can "
+                              "do that.")
+
+    def shared_with(self, session: Session, small_only: bool = False) -> Audience:
+        """Everyone who shares a room with session, session included (small_only: only
+        the rooms small enough for comings and goings to be announced)."""
+        audience = Audience()
+        audience.members[session.key] = session
+        for room in session.rooms.values():
+            if not small_only or len(room) <= self.core.settings.join_notices_up_to:
+                audience.members.update(room.members)
+        return audience
+
+    # -- coming and going -------------------------------------------------------
+
+    def enter(self, session: Session, word: str, key: Optional[str] = None) -> Room:
+        """Put session in a room (made on first use): it gets the room, its topic, who
+        is there and its history; the members are told. Raises ModerationError."""
+        core, settings = self.core, self.core.settings
+        name = room_name(word)
+        if name is None:
+            raise ModerationError("bad_room", f"Room names are {ROOM_RULES}.")
+        room = self.all.get(name.lower())
+        if room is not None and session in room:
+            return room     # nothing to do; a client switches rooms on its own
+        if len(session.rooms) >= MAX_ROOMS_PER_PERSON:
+            raise ModerationError("room_limit", f"You are in {MAX_ROOMS_PER_PERSON} rooms "
+                                  "already: /part one first.")
+        if room is None:
+            if len(self.all) >= settings.max_rooms:
+                raise ModerationError("too_many_rooms", f"This server has {len(self.all)} "
+                                      "rooms, its limit: join one of them (see /rooms).")
+            room = self._create(name, session.name)
+            self._set_op(room, session.key, True, session.registered)
+        elif room.key and (key is None or not same_secret(key, room.key)):
+            raise ModerationError("bad_key", f"#{room.name} needs a key: /join #{room.name} KEY"
+                                  if key is None else f"Wrong key for #{room.name}.")
+        elif settings.max_room_size and len(room) >= settings.max_room_size and \
+                room is not self.lobby:
+            raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
+        room.add(session)
+        session.rooms[room.ident] = room
+        core.send(session, self.described(room))
+        core.history.replay(session, room)
+        timestamp = core.timestamp()
+        core.store.record(timestamp, "join", session.name, room=room.name)
+        if len(room) <= settings.join_notices_up_to:
+            core.deliver(room, {"type": "join", "room": room.name, "name": session.name,
+                                "ts": timestamp}, sender=session)
+        return room
+
+    def described(self, room: Room) -> dict:
+        """The `room` event a newcomer gets: the room as it is now."""
+        event = {"type": "room", "room": room.name, "topic": room.topic, "users": room.listed(),
+                 "count": len(room), "ops": room.operators_here()}
+        if room.topic:
+            event.update(topic_by=room.topic_by, topic_ts=room.topic_ts)
+        if room.key:
+            event["key"] = room.key     # its members may see it, as on IRC
+        return event
+
+    def leave(self, session: Session, room: Room, reason: str, **details: str) -> None:
+        """Take session out of one room (a part, or a kick, with its details): it and
+        the room's members are told."""
+        self._take_out(session, room, reason if reason != "part" else details.get("comment", ""))
+        event = {"type": "leave", "room": room.name, "name": session.name, "reason": reason,
+                 "ts": self.core.timestamp(), **details}
+        self.core.send(session, event)
+        if len(room) < self.core.settings.join_notices_up_to or reason == "kicked":
+            self.core.deliver(room, event)
+
+    def leave_all(self, session: Session, reason: str) -> Audience:
+        """Session leaves the chat: out of every room. Returns whom to tell (those who
+        shared a room with it, if that room is small; everyone there, if it was made
+        to go)."""
+        audience = self.shared_with(session, small_only=not session.leave_text)
+        audience.members.pop(session.key, None)
+        for room in list(session.rooms.values()):
+            self._take_out(session, room, reason)
+        return audience
+
+    def _take_out(self, session: Session, room: Room, why: str) -> None:
+        room.discard(session)
+        del session.rooms[room.ident]
+        if session.key in room.ops and not session.registered:
+            self._set_op(room, session.key, False, False)   # lasted while it was here
+        self.core.store.record(self.core.timestamp(), "leave", session.name, None, why,
+                               room=room.name)
+
+    def renamed(self, session: Session, old_key: str, was_registered: bool) -> None:
+        """Session's name changed from old_key: its rooms and room operator status follow."""
+        for room in session.rooms.values():
+            room.members.pop(old_key, None)
+            del room.roster[bisect.bisect_left(room.roster, old_key)]
+            room.add(session)
+            if old_key in room.ops:
+                self._set_op(room, session.key, True, session.registered)
+                if not was_registered:
+                    self._set_op(room, old_key, False, False)
+
+    def _set_op(self, room: Room, key: str, op: bool, lasting: bool) -> None:
+        if op:
+            room.ops.add(key)
+            if lasting:
+                self.core.store.save_room_op(room.name, key)
+        else:
+            room.ops.discard(key)
+            self.core.store.delete_room_op(room.name, key)
+
+    # -- requests (see REQUESTS) ------------------------------------------------
+
+    def on_join(self, session: Session, message: dict) -> None:
+        key = message.get("key")
+        try:
+            self.enter(session, message["room"], key)
+        except ModerationError as exc:
+            if exc.code == "bad_key" and key is not None:   # a wrong key: a failed login
+                self.core.accounts.wrong_password(session, exc.code, exc.text)
+            else:
+                self.core.refuse(session, exc.code, exc.text)
+
+    def on_part(self, session: Session, message: dict) -> None:
+        room = self._or_refuse(session, lambda: self.of(session, message["room"]))
+        if room is not None:
+            comment = clean_text(message.get("text", ""))[:MAX_TOPIC_LENGTH]
+            self.leave(session, room, "part", **({"comment": comment} if comment else {}))
+
+    def on_rooms(self, session: Session, message: dict) -> None:
+        rooms = sorted(self.all.values(), key=lambda room: room.ident)
+        listed = [{"room": room.name, "count": len(room), "topic": room.topic} for room in rooms]
+        for start in range(0, max(len(listed), 1), ROOMS_PER_FRAME):
+            event = {"type": "rooms", "rooms": listed[start:start + ROOMS_PER_FRAME]}
+            if start + ROOMS_PER_FRAME < len(listed):
+                event["more"] = True    # the list goes on in the next one
+            self.core.send(session, event)
+
+    def on_topic(self, session: Session, message: dict) -> None:
+        room = self._or_refuse(session, lambda: self.existing(message["room"]))
+        if room is None:
+            return
+        if "text" not in message:
+            self.core.send(session, {"type": "topic", "room": room.name, "topic": room.topic,
+                                     "by": room.topic_by, "ts": room.topic_ts})
+            return
+        self._or_refuse(session, lambda: self.set_topic(session, room, message["text"]))
+
+    def on_kick(self, session: Session, message: dict) -> None:
+        self._or_refuse(session, lambda: self.kick(
+            session, self.existing(message["room"]), message["name"], message.get("text", "")))
+
+    def on_key(self, session: Session, message: dict) -> None:
+        self._or_refuse(session, lambda: self.set_key(
+            session, self.existing(message["room"]), message["key"]))
+
+    def on_room_op(self, session: Session, message: dict) -> None:
+        self._or_refuse(session, lambda: self.set_operator(
+            session, self.existing(message["room"]), message["name"],
+            message.get("op", True) is not False))
+
+    def _or_refuse(self, session: Session, operation: Callable[[], Any]) -> Any:
+        """operation's result, or None after refusing with its ModerationError."""
+        try:
+            return operation()
+        except ModerationError as exc:
+            self.core.refuse(session, exc.code, exc.text)
+            return None
+
+    # -- what room operators (and the console) do ----------------------------------
+
+    def set_topic(self, actor: Optional[Session], room: Room, text: str) -> str:
+        self.may_run(actor, room)
+        topic = clean_text(text)
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ModerationError("too_long", f"Topics are limited to {MAX_TOPIC_LENGTH} "
+                                  f"characters; that one had {len(topic)}.")
+        by = actor.name if actor is not None else "server"
+        room.topic, room.topic_by, room.topic_ts = topic, by, self.core.timestamp()
+        self.core.store.save_room(room)
+        self.core.store.record(room.topic_ts, "topic", by, None, topic, room=room.name)
+        self.core.deliver(room, {"type": "topic", "room": room.name, "topic": topic, "by": by,
+                                 "ts": room.topic_ts})
+        return f"#{room.name}: topic set" if topic else f"#{room.name}: topic removed"
+
+    def kick(self, actor: Optional[Session], room: Room, name: str, comment: str) -> str:
+        self.may_run(actor, room)
+        target = room.members.get(name.lower())
+        if target is None:
+            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is in "
+                                  f"#{room.name}.")
+        if actor is not None and target.operator and target is not actor:
+            raise ModerationError("not_allowed", f"{target.name} is a server operator.")
+        by = actor.name if actor is not None else "server"
+        comment = clean_text(comment)[:MAX_TOPIC_LENGTH]
+        text = f"{target.name} was kicked from #{room.name} by {by}" + \
+            (f": {comment}" if comment else "")
+        self.leave(target, room, "kicked", by=by, text=text,
+                   **({"comment": comment} if comment else {}))
+        return text
+
+    def set_key(self, actor: Optional[Session], room: Room, key: str) -> str:
+        self.may_run(actor, room)
+        if key and not KEY_PATTERN.fullmatch(key):
+            raise ModerationError("bad_key", "A key is 1 to 32 characters without spaces or "
+                                  "commas.")
+        if key and room is self.lobby:
+            raise ModerationError("not_allowed", "The lobby is for everyone: it takes no key.")
+        by = actor.name if actor is not None else "server"
+        room.key = key
+        self.core.store.save_room(room)
+        self.core.deliver(room, {"type": "key", "room": room.name, "key": key, "by": by,
+                                 "ts": self.core.timestamp()})
+        return f"#{room.name}: key set" if key else f"#{room.name}: key removed"
+
+    def set_operator(self, actor: Optional[Session], room: Room, name: str, op: bool) -> str:
+        self.may_run(actor, room)
+        target = room.members.get(name.lower())
+        if target is None:
+            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is in "
+                                  f"#{room.name}.")
+        if (target.key in room.ops) == op:
+            return f"{target.name} {'is' if op else 'is not'} an operator of #{room.name}"
+        self._set_op(room, target.key, op, target.registered)
+        by = actor.name if actor is not None else "server"
+        self.core.deliver(room, {"type": "room_op", "room": room.name, "name": target.name,
+                                 "op": op, "by": by, "ts": self.core.timestamp()})
+        return f"{target.name} {'is now' if op else 'is no longer'} an operator of #{room.name}"
+
+    def drop(self, room: Room) -> str:
+        """The console or a server operator removes a room; its members are parted."""
+        if room is self.lobby:
+            raise ModerationError("not_allowed", "The lobby stays.")
+        for member in list(room.members.values()):
+            self.leave(member, room, "kicked", by="server",
+                       text=f"#{room.name} was removed by the server")
+        del self.all[room.ident]
+        self.core.store.delete_room(room.name)
+        return f"#{room.name} removed"
 
 # ---------------------------------------------------------------------------
 # Accounts: registered names, their passwords, and failed logins
@@ -1739,27 +2233,36 @@ class Accounts:
     def is_registered(self, name: str) -> bool:
         return name.lower() in self.hashes
 
-    def log_in(self, session: Session, name: str, given: Optional[str]) -> None:
+    def log_in(self, session: Session, name: str, given: Optional[str], rooms: list) -> None:
         """A hello for a registered name: let it in if the password matches."""
-        if given is None:
-            self.core.refuse(session, "name_protected", f'"{name}" is a registered name: give '
-                             "its password, or pick another name.")
-            return
-        stored = self.hashes[name.lower()]
-        self.run_password_job(session, lambda: verify_password(given, stored),
-                              lambda matched: self._logged_in(session, name, matched))
+        self.check_name_password(session, name, given,
+                                 lambda: self._logged_in(session, name, rooms))
 
-    def _logged_in(self, session: Session, name: str, matched: bool) -> None:
-        if not matched:
-            self.wrong_password(session, "bad_name_password", f'Wrong password for "{name}".')
-            return
+    def _logged_in(self, session: Session, name: str, rooms: list) -> None:
         core = self.core
         earlier = core.members.get(name.lower())
         if earlier is not None:     # the owner is back, e.g. after a dropped connection
             core.send(earlier, {"type": "error", "code": "replaced",
                                 "text": "You logged in again elsewhere."})
             core.close(earlier, "logged in again elsewhere")
-        core.admit(session, name, registered=self.is_registered(name))
+        core.admit(session, name, registered=self.is_registered(name), rooms=rooms)
+
+    def check_name_password(self, session: Session, name: str, given: Optional[str],
+                            then: Callable[[], None]) -> None:
+        """then() once `given` proves to be the password of registered `name`."""
+        if given is None:
+            self.core.refuse(session, "name_protected", f'"{name}" is a registered name: give '
+                             "its password, or pick another name.")
+            return
+        stored = self.hashes[name.lower()]
+
+        def checked(matched: bool) -> None:
+            if matched:
+                then()
+            else:
+                self.wrong_password(session, "bad_name_password", f'Wrong password for "{name}".')
+
+        self.run_password_job(session, lambda: verify_password(given, stored), checked)
 
     def on_register(self, session: Session, message: dict) -> None:
         if self.is_registered(session.name):
@@ -1932,27 +2435,37 @@ class History:
         # off as too slow.
         self.batch_bytes = core.settings.max_backlog // 2
 
-    def replay(self, session: Session) -> None:
-        """Recent messages for a newcomer; a returning registered name gets what it missed."""
+    def replay(self, session: Session, room: "Room") -> None:
+        """A room's recent messages for a newcomer; a returning registered name gets
+        what it missed there."""
         count = self.core.settings.history
         missed_after = None
         if session.registered:
-            created, left = self.store.account_marks(session.name)
-            session.history_floor = created
-            if left:
-                missed = self.store.count_public_after(left)
-                if missed:
-                    missed_after = left
-                    count = max(count, min(missed, MISSED_MAX))
-        else:
-            session.history_floor = self.store.last_id()
-        rows = self.store.recent_public(count) if count else []
-        self.send(session, "join", rows, missed_after, say_if_none_kept=not session.rejoining)
+            left = self.store.account_marks(session.name)[1]
+            missed = self.store.count_public_after(room.name, left) if left else 0
+            if missed:
+                missed_after = left
+                count = max(count, min(missed, MISSED_MAX))
+        rows = self.store.recent_public(room.name, count) if count else []
+        say_if_none_kept = not (session.rejoining or session.told_no_history)
+        session.told_no_history = True
+        self.send(session, "join", rows, missed_after, say_if_none_kept, room)
+
+    def whispers_from(self, session: Session) -> None:
+        """Which whispers session may read back: a registered name, those since it was
+        registered; any other, only those of this visit (someone who takes a free name
+        later must not read the previous owner's)."""
+        session.history_floor = self.store.account_marks(session.name)[0] \
+            if session.registered else self.store.last_id()
 
     def on_get_history(self, session: Session, message: dict) -> None:
+        room = self.core.rooms._or_refuse(
+            session, lambda: self.core.rooms.of(session, message.get("room", LOBBY)))
+        if room is None:
+            return
         limit = max(1, min(int(message.get("limit", HISTORY_DEFAULT)), HISTORY_MAX))
         self.read(session, "history", lambda: self.store.recent_for(
-            session.name, limit, session.history_floor))
+            session.name, room.name, limit, session.history_floor), room)
 
     def on_search(self, session: Session, message: dict) -> None:
         words = clean_text(message["text"]).split()
@@ -1963,10 +2476,19 @@ class History:
             self.core.refuse(session, "too_many_words", f"Search for at most {SEARCH_MAX_WORDS}"
                              f" words at once; that had {len(words)}.")
             return
+        if message.get("all") is True:
+            rooms, room = [room.name for room in session.rooms.values()], None
+        else:
+            room = self.core.rooms._or_refuse(
+                session, lambda: self.core.rooms.of(session, message.get("room", LOBBY)))
+            if room is None:
+                return
+            rooms = [room.name]
         self.read(session, "search", lambda: self.store.search_for(
-            session.name, words, SEARCH_RESULTS, session.history_floor))
+            session.name, rooms, words, SEARCH_RESULTS, session.history_floor), room)
 
-    def read(self, session: Session, purpose: str, query: Callable[[], List[tuple]]) -> None:
+    def read(self, session: Session, purpose: str, query: Callable[[], List[tuple]],
+             room: Optional["Room"]) -> None:
         """Run a history read a client asked for, within the loop's reading budget.
 
         Each read may take QUERY_TIME_LIMIT seconds at most, and all of them
@@ -1986,10 +2508,11 @@ class History:
             return
         finally:
             self.reading_time.spend(time.perf_counter() - started)
-        self.send(session, purpose, rows)
+        self.send(session, purpose, rows, room=room)
 
     def send(self, session: Session, purpose: str, rows: List[tuple],
-             missed_after: Optional[int] = None, say_if_none_kept: bool = True) -> None:
+             missed_after: Optional[int] = None, say_if_none_kept: bool = True,
+             room: Optional["Room"] = None) -> None:
         """Past messages as `history` events, then a `history_end` saying why they came.
 
         A batch stays within batch_bytes (the oldest rows give way). With
@@ -2000,10 +2523,12 @@ class History:
         """
         budget = self.batch_bytes
         entries = []
-        for row_id, ts, kind, sender, recipient, text in reversed(rows):
+        for row_id, ts, kind, sender, recipient, text, in_room in reversed(rows):
             entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
             if recipient is not None:
                 entry["to"] = recipient
+            if in_room:     # not for a whisper, nor an announcement (it was for every room)
+                entry["room"] = in_room
             # About what a frame of it takes; JSON's escapes may add a little.
             budget -= 100 + len(text.encode("utf-8")) + len(sender) + len(recipient or "")
             if budget < 0:
@@ -2017,6 +2542,8 @@ class History:
                 missed_after = None
             self.core.send(session, entry)
         end = {"type": "history_end", "for": purpose, "count": len(entries)}
+        if room is not None:
+            end["room"] = room.name
         if say_if_none_kept and not (self.store.working and self.store.keep_messages):
             end["text"] = "The server keeps no history."
         self.core.send(session, end)
@@ -2148,7 +2675,8 @@ class Moderation:
     COMMANDS: Dict[str, Tuple[str, str, str]] = {
         "help": ("", "this list", "cmd_help"),
         "clients": ("", "who is connected: address, since when, messages sent", "cmd_clients"),
-        "kick": ("NAME [REASON]", "disconnect someone", "cmd_kick"),
+        "kick": ("[#ROOM] NAME [REASON]", "disconnect someone; with #ROOM, put them out of "
+                 "that room", "cmd_kick"),
         "ban": ("NAME|ADDRESS [MINUTES] [REASON]", "keep a name or an address (or network) "
                 "out, for good or for MINUTES", "cmd_ban"),
         "unban": ("NAME|ADDRESS", "lift a ban", "cmd_unban"),
@@ -2156,6 +2684,12 @@ class Moderation:
         "mute": ("NAME [MINUTES]", "let someone read but not send", "cmd_mute"),
         "unmute": ("NAME", "let them send again", "cmd_unmute"),
         "say": ("TEXT", "an announcement to everyone", "cmd_say"),
+        "rooms": ("", "the rooms, with how many are in each", "cmd_rooms"),
+        "topic": ("#ROOM [TEXT]", "show or set a room's topic", "cmd_topic"),
+        "key": ("#ROOM [KEY]", "give a room a key joining needs; no KEY: remove it", "cmd_key"),
+        "roomop": ("#ROOM NAME", "make someone an operator of a room", "cmd_roomop"),
+        "roomdeop": ("#ROOM NAME", "take that away", "cmd_roomdeop"),
+        "droproom": ("#ROOM", "remove a room; its members are put out", "cmd_droproom"),
         "shutdown": ("", "stop the server", "cmd_shutdown"),
     }
 
@@ -2172,6 +2706,11 @@ class Moderation:
         for ban in expired:
             self._lift(ban)
         return next((ban for ban in self.bans if ban.matches(name, host)), None)
+
+    def renamed(self, old: str, new: str) -> None:
+        """A mute follows its person to a new name (or a /nick would end it)."""
+        if old.lower() in self.mutes:
+            self.mutes[new.lower()] = self.mutes.pop(old.lower())
 
     def mute_left(self, name: str) -> Optional[float]:
         """Seconds of mute left for a name (inf: until unmuted), or None."""
@@ -2276,6 +2815,12 @@ class Moderation:
         return lines
 
     def cmd_kick(self, actor: Optional[Session], args: str) -> List[str]:
+        if args.startswith("#"):
+            room, rest = self._room(args, "kick")
+            name, _, reason = rest.partition(" ")
+            if not name:
+                raise ModerationError("usage", f"Usage: /kick {self.COMMANDS['kick'][0]}")
+            return [self.core.rooms.kick(actor, room, name, reason)]
         name, _, reason = args.partition(" ")
         target = self._member(actor, name, "/kick NAME [REASON]")
         text = f"{target.name} was kicked by {self._name(actor)}" + \
@@ -2379,6 +2924,41 @@ class Moderation:
         self.core.announce(self._name(actor), text[:self.core.settings.max_length])
         return [Public(f"announced: {text}")]
 
+    def cmd_rooms(self, actor: Optional[Session], args: str) -> List[str]:
+        rooms = sorted(self.core.rooms.all.values(), key=lambda room: room.ident)
+        return [f"#{room.name:<33} {len(room):>5} here" + (f"  {room.topic}" if room.topic else "")
+                for room in rooms]
+
+    def cmd_topic(self, actor: Optional[Session], args: str) -> List[str]:
+        room, text = self._room(args, "topic")
+        if not text:
+            return [f"#{room.name}: {room.topic} (set by {room.topic_by})" if room.topic
+                    else f"#{room.name} has no topic"]
+        return [self.core.rooms.set_topic(actor, room, text)]
+
+    def cmd_key(self, actor: Optional[Session], args: str) -> List[str]:
+        room, key = self._room(args, "key")
+        return [self.core.rooms.set_key(actor, room, key)]
+
+    def cmd_roomop(self, actor: Optional[Session], args: str) -> List[str]:
+        room, name = self._room(args, "roomop", needs_more=True)
+        return [self.core.rooms.set_operator(actor, room, name, True)]
+
+    def cmd_roomdeop(self, actor: Optional[Session], args: str) -> List[str]:
+        room, name = self._room(args, "roomdeop", needs_more=True)
+        return [self.core.rooms.set_operator(actor, room, name, False)]
+
+    def cmd_droproom(self, actor: Optional[Session], args: str) -> List[str]:
+        room, _ = self._room(args, "droproom")
+        return [self.core.rooms.drop(room)]
+
+    def _room(self, args: str, command: str, needs_more: bool = False) -> Tuple["Room", str]:
+        """A command's #ROOM, which must exist, and the rest of its arguments."""
+        word, _, rest = args.partition(" ")
+        if not word or (needs_more and not rest.strip()):
+            raise ModerationError("usage", f"Usage: /{command} {self.COMMANDS[command][0]}")
+        return self.core.rooms.existing(word), rest.strip()
+
     def cmd_shutdown(self, actor: Optional[Session], args: str) -> List[str]:
         self.core.shutdown_by = self._name(actor)
         self.core.stop()
@@ -2435,6 +3015,8 @@ class Moderation:
 # ---------------------------------------------------------------------------
 
 PUBLIC_KINDS = ("message", "action", "announcement")     # events everyone could see
+SAID_KINDS = ("message", "action")      # said in one room (the events' room column)
+EVERY_ROOM = ""     # the room of an announcement: it was for every room
 
 
 class StoreError(Exception):
@@ -2502,6 +3084,30 @@ class ChatStore:
         """
         ALTER TABLE bans ADD COLUMN for_name TEXT NOT NULL DEFAULT '';
         """,
+        # 5: rooms. Each event says where it happened: a room's name, '' for an
+        # announcement (every room), NULL for whispers and notices. Everything before
+        # rooms happened in the lobby.
+        """
+        ALTER TABLE events ADD COLUMN room TEXT COLLATE NOCASE;
+        UPDATE events SET room = CASE WHEN kind = 'announcement' THEN ''
+                                      WHEN kind IN ('message', 'action', 'join', 'leave')
+                                      THEN 'lobby' END;
+        CREATE INDEX events_by_room ON events (room, id);
+        CREATE TABLE rooms (
+            name TEXT PRIMARY KEY COLLATE NOCASE,   -- as whoever made it spelled it
+            topic TEXT NOT NULL DEFAULT '',
+            topic_by TEXT NOT NULL DEFAULT '',
+            topic_ts TEXT NOT NULL DEFAULT '',
+            key TEXT NOT NULL DEFAULT '',           -- '' when joining needs no key
+            created TEXT NOT NULL,
+            created_by TEXT NOT NULL DEFAULT ''
+        );
+        CREATE TABLE room_ops (
+            room TEXT NOT NULL COLLATE NOCASE,
+            name TEXT NOT NULL COLLATE NOCASE,
+            PRIMARY KEY (room, name)
+        );
+        """,
     ]
 
     def __init__(self, path: str, keep_messages: bool = True) -> None:
@@ -2511,9 +3117,9 @@ class ChatStore:
         self.commits = 0
         self._pending: List[tuple] = []
         self._busy_since: Optional[float] = None
-        # recent_public() answers by limit, until the next public event: a burst
-        # of joins replays the same history without asking sqlite each time.
-        self._recent_public: Dict[int, List[tuple]] = {}
+        # recent_public() answers by room and limit, until that room's next public
+        # event: a burst of joins replays the same history without asking sqlite.
+        self._recent_public: Dict[Tuple[str, int], List[tuple]] = {}
         self.db = self._open(path)
         self._checkpointer = Checkpointer(path) if self.on_disk else None
 
@@ -2563,12 +3169,16 @@ class ChatStore:
     # -- writing ---------------------------------------------------------
 
     def record(self, ts: str, kind: str, sender: str, recipient: Optional[str] = None,
-               text: str = "") -> None:
-        """Queue an event; it is written at the next commit()."""
+               text: str = "", room: Optional[str] = None) -> None:
+        """Queue an event; it is written at the next commit(). `room`: where it
+        happened (EVERY_ROOM for an announcement, None for a whisper or a notice)."""
         if self.working and self.keep_messages:
-            self._pending.append((ts, kind, sender, recipient, text))
-            if kind in PUBLIC_KINDS:
+            self._pending.append((ts, kind, sender, recipient, text, room))
+            if kind == "announcement":
                 self._recent_public.clear()
+            elif kind in SAID_KINDS and room:
+                for key in [key for key in self._recent_public if key[0] == room.lower()]:
+                    del self._recent_public[key]
 
     def commit(self) -> None:
         """Write everything recorded since the last commit in one transaction."""
@@ -2577,7 +3187,8 @@ class ChatStore:
         try:
             self.db.execute("BEGIN")
             self.db.executemany(
-                "INSERT INTO events (ts, kind, sender, recipient, text) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO events (ts, kind, sender, recipient, text, room) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 self._pending)
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -2646,36 +3257,48 @@ class ChatStore:
         rows.reverse()
         return rows
 
-    _COLUMNS = "SELECT id, ts, kind, sender, recipient, text FROM events "
+    _COLUMNS = "SELECT id, ts, kind, sender, recipient, text, room FROM events "
 
-    _PUBLIC = f"kind IN {PUBLIC_KINDS}"
+    # What was said in room ?, and the announcements (which were for every room).
+    _PUBLIC = f"((room = ? AND kind IN {SAID_KINDS}) OR room = '{EVERY_ROOM}')"
 
-    def recent_public(self, limit: int) -> List[tuple]:
-        """The last `limit` public messages and announcements."""
+    def recent_public(self, room: str, limit: int) -> List[tuple]:
+        """The last `limit` messages of a room, announcements included.
+
+        Two index scans, merged here: one query with an OR would make sqlite
+        walk the whole log back for a quiet room.
+        """
         if not self.working:
             return []
-        if limit not in self._recent_public:
-            self._recent_public[limit] = self._query(
-                self._COLUMNS + f"WHERE {self._PUBLIC} ORDER BY id DESC LIMIT ?", (limit,))
-        return self._recent_public[limit]
+        key = (room.lower(), limit)
+        if key not in self._recent_public:
+            said = self._query(self._COLUMNS + f"WHERE room = ? AND kind IN {SAID_KINDS} "
+                               "ORDER BY id DESC LIMIT ?", (room, limit))
+            announced = self._query(self._COLUMNS + f"WHERE room = '{EVERY_ROOM}' "
+                                    "ORDER BY id DESC LIMIT ?", (limit,))
+            self._recent_public[key] = sorted(said + announced)[-limit:]
+        return self._recent_public[key]
 
     def last_id(self) -> int:
         """The id of the newest event stored; later events have higher ids."""
         rows = self._query("SELECT IFNULL(MAX(id), 0) FROM events", ())
         return rows[0][0] if rows else 0
 
-    # Public messages, and whispers to or from one name after a given event.
-    _VISIBLE = (f"({_PUBLIC} OR (kind = 'whisper' AND (sender = ? OR recipient = ?) "
-                "AND id > ?))")
+    # Whispers to or from one name after a given event.
+    _WHISPERS = "(kind = 'whisper' AND (sender = ? OR recipient = ?) AND id > ?)"
 
-    def recent_for(self, name: str, limit: int, whispers_after: int) -> List[tuple]:
-        """The last `limit` messages `name` may see. Raises QueryTooSlow."""
-        return self._query(self._COLUMNS + f"WHERE {self._VISIBLE} ORDER BY id DESC LIMIT ?",
-                           (name, name, whispers_after, limit), QUERY_TIME_LIMIT)
-
-    def search_for(self, name: str, words: List[str], limit: int,
+    def recent_for(self, name: str, room: str, limit: int,
                    whispers_after: int) -> List[tuple]:
-        """Recent messages `name` may see that hold every word, in any case.
+        """The last `limit` messages of a room that `name` may see, its own whispers
+        among them. Raises QueryTooSlow."""
+        whispers = self._query(self._COLUMNS + f"WHERE {self._WHISPERS} ORDER BY id DESC "
+                               "LIMIT ?", (name, name, whispers_after, limit), QUERY_TIME_LIMIT)
+        return sorted(self.recent_public(room, limit) + whispers)[-limit:]
+
+    def search_for(self, name: str, rooms: List[str], words: List[str], limit: int,
+                   whispers_after: int) -> List[tuple]:
+        """Recent messages of these rooms, and whispers, that `name` may see and that
+        hold every word, in any case.
 
         Only the last SEARCH_WINDOW events are searched, and for at most
         QUERY_TIME_LIMIT seconds (then QueryTooSlow), so that a search never
@@ -2683,14 +3306,19 @@ class ChatStore:
         """
         matches = " AND ".join(["text LIKE ? ESCAPE '!'"] * len(words))
         patterns = tuple("%" + re.sub(r"([!%_])", r"!\1", word) + "%" for word in words)
+        in_rooms = ", ".join("?" * len(rooms))
+        visible = (f"((room IN ({in_rooms}) AND kind IN {SAID_KINDS}) "
+                   f"OR room = '{EVERY_ROOM}' OR {self._WHISPERS})")
         return self._query(
             self._COLUMNS + "WHERE id > (SELECT IFNULL(MAX(id), 0) FROM events) - ? "
-            f"AND {self._VISIBLE} AND {matches} ORDER BY id DESC LIMIT ?",
-            (SEARCH_WINDOW, name, name, whispers_after) + patterns + (limit,), QUERY_TIME_LIMIT)
+            f"AND {visible} AND {matches} ORDER BY id DESC LIMIT ?",
+            (SEARCH_WINDOW, *rooms, name, name, whispers_after) + patterns + (limit,),
+            QUERY_TIME_LIMIT)
 
-    def count_public_after(self, event_id: int) -> int:
+    def count_public_after(self, room: str, event_id: int) -> int:
+        """How many messages of a room (announcements included) came after an event."""
         rows = self._query(f"SELECT COUNT(*) FROM events WHERE {self._PUBLIC} AND id > ?",
-                           (event_id,))
+                           (room, event_id))
         return rows[0][0] if rows else 0
 
     # -- accounts: written at once, they are rare and must not be lost ----
@@ -2739,20 +3367,50 @@ class ChatStore:
         return [Ban(*row) for row in rows if row[2] is None or row[2] > now]
 
     def save_ban(self, ban: "Ban") -> None:
-        try:
-            self.db.execute("INSERT OR REPLACE INTO bans (kind, target, until, reason, banned_by, "
-                            "for_name) VALUES (?, ?, ?, ?, ?, ?)",
-                            (ban.kind, ban.target, ban.until, ban.reason, ban.by, ban.for_name))
-        except sqlite3.Error as exc:
-            log.error("cannot store the ban of %s: %s; it lasts until the server stops",
-                      ban.target, exc)
+        self._write("INSERT OR REPLACE INTO bans (kind, target, until, reason, banned_by, "
+                    "for_name) VALUES (?, ?, ?, ?, ?, ?)",
+                    (ban.kind, ban.target, ban.until, ban.reason, ban.by, ban.for_name),
+                    f"the ban of {ban.target}")
 
     def delete_ban(self, ban: "Ban") -> None:
+        self._write("DELETE FROM bans WHERE kind = ? AND target = ?", (ban.kind, ban.target),
+                    f"the lifting of the ban of {ban.target}")
+
+    # -- rooms: written at once, like bans ---------------------------------
+
+    def rooms(self) -> List[tuple]:
+        """Every room: (name, topic, topic_by, topic_ts, key, created, created_by)."""
+        return self.db.execute("SELECT name, topic, topic_by, topic_ts, key, created, "
+                               "created_by FROM rooms").fetchall()
+
+    def room_ops(self) -> List[Tuple[str, str]]:
+        """(room, name) for every room operator."""
+        return self.db.execute("SELECT room, name FROM room_ops").fetchall()
+
+    def save_room(self, room: "Room") -> None:
+        self._write("INSERT OR REPLACE INTO rooms (name, topic, topic_by, topic_ts, key, "
+                    "created, created_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (room.name, room.topic, room.topic_by, room.topic_ts, room.key,
+                     room.created, room.created_by), f"the room #{room.name}")
+
+    def delete_room(self, name: str) -> None:
+        self._write("DELETE FROM rooms WHERE name = ?", (name,), f"the room #{name}")
+        self._write("DELETE FROM room_ops WHERE room = ?", (name,), f"the room #{name}")
+
+    def save_room_op(self, room: str, name: str) -> None:
+        self._write("INSERT OR IGNORE INTO room_ops (room, name) VALUES (?, ?)", (room, name),
+                    f"{name} as operator of #{room}")
+
+    def delete_room_op(self, room: str, name: str) -> None:
+        self._write("DELETE FROM room_ops WHERE room = ? AND name = ?", (room, name),
+                    f"{name} as operator of #{room}")
+
+    def _write(self, sql: str, parameters: tuple, what: str) -> None:
+        """A change that must last (rooms, bans); a failure costs only its lasting."""
         try:
-            self.db.execute("DELETE FROM bans WHERE kind = ? AND target = ?",
-                            (ban.kind, ban.target))
+            self.db.execute(sql, parameters)
         except sqlite3.Error as exc:
-            log.error("cannot delete the ban of %s: %s", ban.target, exc)
+            log.error("cannot store %s: %s; it lasts until the server stops", what, exc)
 
     def export(self, out: TextIO) -> int:
         """Write the whole history as readable text; return the number of lines."""
@@ -2815,8 +3473,10 @@ class Checkpointer:
 
 def format_event_line(row: tuple) -> str:
     """One stored event as a line of text, for --export."""
-    _, ts, kind, sender, recipient, text = row
+    _, ts, kind, sender, recipient, text, room = row
     when = ts.replace("T", " ").split(".")[0].rstrip("Z") + " UTC"
+    if room:
+        when += f"  #{room}"
     if kind == "whisper":
         return f"{when}  [whisper {sender} -> {recipient}] {text}"
     if kind == "join":
@@ -3340,6 +4000,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         metavar="N",
                         help="announce joins and leaves only while at most N people are in "
                              f"the chat; 0 never announces them (default: {JOIN_NOTICES_UP_TO})")
+    parser.add_argument("--max-rooms", type=int, default=DEFAULT_MAX_ROOMS, metavar="N",
+                        help="rooms that may exist at once; rooms last until removed with "
+                             f"/droproom (default: {DEFAULT_MAX_ROOMS})")
+    parser.add_argument("--max-room-size", type=int, default=0, metavar="N",
+                        help="people in one room at once, the lobby aside; 0 for no limit "
+                             "(default: 0)")
     parser.add_argument("--history", type=int, default=HISTORY_REPLAY, metavar="N",
                         help="public messages replayed to each newcomer; 0 for none "
                              f"(default: {HISTORY_REPLAY})")
@@ -3361,6 +4027,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     db=":memory:" if args.no_history else args.db,
                     keep_history=not args.no_history, history=args.history,
                     join_notices_up_to=args.join_notices_up_to,
+                    max_rooms=args.max_rooms, max_room_size=args.max_room_size,
                     password=args.password or os.environ.get("CHAT_PASSWORD") or None,
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
@@ -3382,11 +4049,13 @@ def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
                       ("--hello-timeout", settings.hello_timeout),
                       ("--ping-after", settings.ping_after),
                       ("--drop-after", settings.drop_after),
-                      ("--lockout", settings.lockout))
+                      ("--lockout", settings.lockout),
+                      ("--max-rooms", settings.max_rooms))
     zero_or_more = (("--history", settings.history), ("--rate-limit", settings.rate_limit),
                     ("--join-notices-up-to", settings.join_notices_up_to),
                     ("--max-per-address", settings.max_per_address),
-                    ("--max-failures", settings.max_failures))
+                    ("--max-failures", settings.max_failures),
+                    ("--max-room-size", settings.max_room_size))
     for flag, value in more_than_zero + zero_or_more:
         # float() takes "nan" and "inf": nan passes every comparison below (and would
         # turn a timeout off), inf most of them. Compared, not math.isfinite(): an int

@@ -98,6 +98,7 @@ class Peer:
         self.sock.connect((host, port))
         self.decoder = FrameDecoder()
         self.welcome = None
+        self.room: Optional[dict] = None    # the last `room` frame, for the room just joined
         self.replay: List[dict] = []    # history sent after the welcome
         if name:
             self.send({"type": "hello", "name": name})
@@ -105,11 +106,16 @@ class Peer:
             self.replay = self.collect_history()
 
     def collect_history(self) -> List[dict]:
-        """The history frames up to and including the closing history_end."""
+        """The history frames up to and including the closing history_end; the `room`
+        frame that comes before a room's replay is kept in self.room."""
         frames = []
         while True:
-            frames.append(self.receive())
-            if frames[-1]["type"] == "history_end":
+            frame = self.receive()
+            if frame["type"] == "room":
+                self.room = frame
+                continue
+            frames.append(frame)
+            if frame["type"] == "history_end":
                 return frames
 
     def send(self, message: dict) -> None:
@@ -139,6 +145,13 @@ class Peer:
         while True:
             message = self.receive()
             if message["type"] == kind:
+                return message
+
+    def expect_next_of(self, kind: str, **fields: Any) -> dict:
+        """Read until a message of this type with these fields arrives; others are dropped."""
+        while True:
+            message = self.expect(kind)
+            if all(message.get(field) == value for field, value in fields.items()):
                 return message
 
     def sync(self) -> List[dict]:
@@ -568,13 +581,14 @@ class CoreTests(unittest.TestCase):
         chat = CoreHarness()
         alice = chat.join("alice")
         kinds = [event["type"] for event in chat.received(alice)]
-        self.assertEqual(kinds, ["welcome", "history_end"])
+        self.assertEqual(kinds, ["welcome", "room", "history_end"])
         bob = chat.join("bob")
         self.assertEqual(chat.received(alice)[-1]["name"], "bob")      # bob's join
         said = chat.request(alice, {"type": "say", "text": "  hi\tbob ", "id": "7"})
         self.assertEqual(chat.received(bob, said)[0]["text"], "hi bob")
         self.assertEqual(chat.received(alice, said), [
-            {"type": "sent", "text": "hi bob", "ts": "2026-05-28T20:26:40.000Z", "id": "7"}])
+            {"type": "sent", "room": "lobby", "text": "hi bob", "ts": "2026-05-28T20:26:40.000Z",
+             "id": "7"}])
         left = chat.request(bob, {"type": "bye"})
         self.assertTrue(chat.closed(bob))
         self.assertEqual(chat.received(alice, left)[0]["reason"], "quit")
@@ -671,6 +685,30 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(chat.received(bob)[-1]["code"], "bad_json")
         self.assertTrue(chat.closed(bob))
         self.assertEqual(chat.received(alice)[-1]["type"], "leave")
+
+    def test_a_room_message_goes_to_one_batch_of_its_members(self) -> None:
+        chat = CoreHarness()
+        alice, bob, carol = chat.join("alice"), chat.join("bob"), chat.join("carol")
+        chat.request(alice, {"type": "join", "room": "dev"})
+        chat.request(bob, {"type": "join", "room": "dev"})
+        actions = chat.request(alice, {"type": "say", "room": "dev", "text": "hi"})
+        self.assertEqual([action[0] for action in actions], ["deliver"])
+        room = actions[0][1]
+        self.assertEqual(sorted(room.members), ["alice", "bob"])
+        self.assertEqual(chat.received(carol, actions), [])
+        self.assertEqual(chat.received(bob, actions)[0]["room"], "dev")
+
+    def test_a_nick_change_reaches_those_sharing_a_room_and_keeps_operator_status(self) -> None:
+        chat = CoreHarness()
+        alice, bob = chat.join("alice"), chat.join("bob")
+        chat.request(alice, {"type": "join", "room": "dev"})
+        actions = chat.request(alice, {"type": "nick", "name": "alicia"})
+        self.assertEqual(chat.received(bob, actions)[0]["new"], "alicia")
+        self.assertIn("alicia", chat.core.rooms.all["dev"].ops)
+        self.assertNotIn("alice", chat.core.rooms.all["dev"].ops)
+        chat.core.moderation.run(None, "/mute alicia")
+        chat.request(alice, {"type": "nick", "name": "free"})   # a mute follows its person
+        self.assertIsNotNone(chat.core.moderation.mute_left("free"))
 
     def test_every_code_the_core_names_is_in_its_tables(self) -> None:
         with open(SERVER_SCRIPT, encoding="utf-8") as script:
@@ -1029,7 +1067,7 @@ class BadInputTests(ChatTestCase):
 
     def test_bug_in_a_handler_costs_one_message(self) -> None:
         class BrokenCore(socket_server.ChatCore):
-            def on_who(self, session, message):
+            def on_ping(self, session, message):
                 raise RuntimeError("bug")
 
         class BrokenServer(socket_server.ChatServer):
@@ -1038,7 +1076,7 @@ class BadInputTests(ChatTestCase):
         server = ServerThread(BrokenServer)
         self.addCleanup(server.stop)
         alice, bob = Peer(server.port, "alice"), Peer(server.port, "bob")
-        alice.send({"type": "who"})
+        alice.send({"type": "ping"})
         self.assertEqual(alice.expect("error")["code"], "internal_error")
         alice.say("after the bug")
         self.assertEqual(bob.expect("message")["text"], "after the bug")
@@ -1285,33 +1323,44 @@ class ChatStoreTests(unittest.TestCase):
     def test_recent_public_messages_in_order(self) -> None:
         store = self.store()
         for number in range(10):
-            store.record(T0, "message", "alice", None, f"m{number}")
+            store.record(T0, "message", "alice", None, f"m{number}", room="lobby")
         store.record(T0, "whisper", "alice", "bob", "secret")
-        store.record(T0, "join", "carol")
-        rows = store.recent_public(3)
+        store.record(T0, "join", "carol", room="lobby")
+        store.record(T0, "message", "bob", None, "elsewhere", room="dev")
+        rows = store.recent_public("LOBBY", 3)
         self.assertEqual([row[5] for row in rows], ["m7", "m8", "m9"])
+        store.record(T1, "announcement", "server", None, "for every room", room="")
+        self.assertEqual([row[5] for row in store.recent_public("dev", 3)],
+                         ["elsewhere", "for every room"])
+        self.assertEqual(store.recent_public("lobby", 2)[-1][5], "for every room")
 
     def test_whispers_only_for_their_parties_and_only_after_joining(self) -> None:
         store = self.store()
         store.record(T0, "whisper", "alice", "bob", "old, to the previous bob")
-        store.record(T1, "message", "alice", None, "public")
+        store.record(T1, "message", "alice", None, "public", room="lobby")
         store.record(T2, "whisper", "alice", "BOB", "to this bob")
         store.record(T2, "whisper", "bob", "alice", "from this bob")
         store.record(T2, "whisper", "alice", "carol", "to carol")
-        texts = [row[5] for row in store.recent_for("bob", 50, whispers_after=2)]
+        texts = [row[5] for row in store.recent_for("bob", "lobby", 50, whispers_after=2)]
         self.assertEqual(texts, ["public", "to this bob", "from this bob"])
-        texts = [row[5] for row in store.recent_for("dave", 50, whispers_after=0)]
+        texts = [row[5] for row in store.recent_for("dave", "lobby", 50, whispers_after=0)]
         self.assertEqual(texts, ["public"])
+        texts = [row[5] for row in store.recent_for("dave", "dev", 50, whispers_after=0)]
+        self.assertEqual(texts, [])
 
     def test_search_needs_every_word_in_any_case_and_wildcards_are_literal(self) -> None:
         store = self.store()
-        store.record(T0, "message", "alice", None, "Lunch at noon?")
-        store.record(T0, "message", "bob", None, "no lunch today")
-        store.record(T0, "message", "bob", None, "100% sure")
-        store.record(T0, "message", "bob", None, "1000 sure")
+        store.record(T0, "message", "alice", None, "Lunch at noon?", room="lobby")
+        store.record(T0, "message", "bob", None, "no lunch today", room="lobby")
+        store.record(T0, "message", "bob", None, "100% sure", room="lobby")
+        store.record(T0, "message", "bob", None, "1000 sure", room="lobby")
         store.record(T0, "whisper", "bob", "carol", "lunch secret")
-        search = lambda *words: [row[5] for row in store.search_for("alice", list(words), 50, 0)]
+        store.record(T0, "message", "bob", None, "lunch in #dev", room="dev")
+        search = lambda *words: [row[5] for row in store.search_for("alice", ["lobby"],
+                                                                     list(words), 50, 0)]
         self.assertEqual(search("LUNCH"), ["Lunch at noon?", "no lunch today"])
+        everywhere = store.search_for("alice", ["lobby", "dev"], ["lunch"], 50, 0)
+        self.assertEqual(len(everywhere), 3)
         self.assertEqual(search("lunch", "noon"), ["Lunch at noon?"])
         self.assertEqual(search("0%"), ["100% sure"])
         self.assertEqual(search("_"), [])
@@ -1327,13 +1376,14 @@ class ChatStoreTests(unittest.TestCase):
                     MIGRATIONS = socket_server.ChatStore.MIGRATIONS[:version]
 
                 old = OldStore(path)
-                if version >= 1:
-                    old.record(T0, "message", "alice", None, "from an old server")
+                if version >= 1:    # as the server of that version wrote it
+                    old.db.execute("INSERT INTO events (ts, kind, sender, text) "
+                                   "VALUES (?, 'message', 'alice', 'from an old server')", (T0,))
                 old.close()
                 store = self.store(path)
                 self.assertEqual(store.db.execute("PRAGMA user_version").fetchone()[0], latest)
-                if version >= 1:
-                    self.assertEqual(store.recent_public(5)[0][5], "from an old server")
+                if version >= 1:    # from before rooms: in the lobby
+                    self.assertEqual(store.recent_public("lobby", 5)[0][5], "from an old server")
 
     def test_database_from_a_newer_server_is_refused(self) -> None:
         path = os.path.join(temp_dir(self), "new.sqlite3")
@@ -1369,12 +1419,12 @@ class ChatStoreTests(unittest.TestCase):
         with self.assertLogs("chat", "ERROR") as logs:
             for _ in range(20):
                 for number in range(200):
-                    store.record(T0, "message", "alice", None, "x" * 1000)
+                    store.record(T0, "message", "alice", None, "x" * 1000, room="lobby")
                 store.commit()
         self.assertFalse(store.working)
         self.assertIn("without history", logs.output[0])
-        self.assertEqual(store.recent_public(5), [])
-        store.record(T0, "message", "alice", None, "ignored")   # no error, no growth
+        self.assertEqual(store.recent_public("lobby", 5), [])
+        store.record(T0, "message", "alice", None, "ignored", room="lobby")   # no error, no growth
         self.assertEqual(store._pending, [])
 
 
@@ -1389,7 +1439,8 @@ class HistoryTests(ChatTestCase):
         history = [m for m in carol.replay if m["type"] == "history"]
         self.assertEqual([(m["from"], m["text"]) for m in history],
                          [("alice", "before 0"), ("alice", "before 1"), ("alice", "before 2")])
-        self.assertEqual(carol.replay[-1], {"type": "history_end", "for": "join", "count": 3})
+        self.assertEqual(carol.replay[-1], {"type": "history_end", "for": "join", "count": 3,
+                                            "room": "lobby"})
 
     def test_replay_length_is_a_setting(self) -> None:
         for replay, expected in ((2, ["m3", "m4"]), (0, [])):
@@ -1447,7 +1498,7 @@ class HistoryTests(ChatTestCase):
 
         def fill() -> None:     # enough rows that sqlite checks the clock during a search
             for number in range(5000):
-                store.record(T0, "message", "bob", None, f"filler {number}")
+                store.record(T0, "message", "bob", None, f"filler {number}", room="lobby")
             store.commit()
 
         in_loop(self.server, fill)
@@ -1623,7 +1674,7 @@ class HistoryProcessTests(unittest.TestCase):
                 self.assertIn("exists", result.stderr)
         with open(out, encoding="utf-8") as exported:
             text = exported.read()
-        self.assertRegex(text, r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC  \* alice joined")
+        self.assertRegex(text, r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC  #lobby  \* alice joined")
         self.assertIn("alice: hello bob", text)
         self.assertIn("[whisper alice -> bob] psst", text)
         self.assertIn("* alice left (connection closed)", text)
@@ -2272,7 +2323,7 @@ class TlsTests(unittest.TestCase):
         alice = self.join(server, "alice", self.options(insecure=True), [])
         self.assertLess(time.monotonic() - started, 1.0)     # before the stalled ones end
         alice.send({"type": "ping"})
-        self.assertIn(alice.receive()["type"], ("history_end", "pong"))
+        self.assertIn(alice.receive()["type"], ("room", "history_end", "pong"))
         for sock in stalled:    # and the hello timeout ends them
             sock.settimeout(TIMEOUT)
             self.assertIn(sock.recv(100), (b"",))
@@ -2501,7 +2552,7 @@ def loopback_peer(port: int, source: str, name: Optional[str] = None) -> Peer:
     peer = Peer.__new__(Peer)
     peer.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
                                          source_address=(source, 0))
-    peer.decoder, peer.welcome, peer.replay = FrameDecoder(), None, []
+    peer.decoder, peer.welcome, peer.replay, peer.room = FrameDecoder(), None, [], None
     if name:
         peer.send({"type": "hello", "name": name})
         peer.welcome = peer.expect("welcome")
@@ -2555,7 +2606,7 @@ class ModerationTests(ChatTestCase):
         socket_server.Console(self.server.server, read_end, out).start()
         self.addCleanup(os.close, read_end)
         os.write(write_end, "/help\nkick nobody\n".encode())
-        out.wait_for("/kick NAME [REASON]")
+        out.wait_for("/kick [#ROOM] NAME [REASON]")
         out.wait_for('Nobody called "nobody" is here.')
         os.close(write_end)     # input ends: the server runs on
         alice = self.peer("alice")
@@ -3397,6 +3448,322 @@ class ReconnectTests(unittest.TestCase):
         self.assertIn("attempt 1 of 1 failed", output)
         self.assertIn("could not reconnect", output)
         self.assertIn("not sent: lost cause", output)
+
+
+# ---------------------------------------------------------------------------
+# Rooms, and the habits of IRC users: /nick, /away
+# ---------------------------------------------------------------------------
+
+def enter(peer: Peer, room: str, key: Optional[str] = None) -> dict:
+    """Join a room: its `room` frame (the replay that follows lands in peer.replay)."""
+    request = {"type": "join", "room": room}
+    if key is not None:
+        request["key"] = key
+    peer.send(request)
+    peer.room = None
+    peer.replay = peer.collect_history()
+    return peer.room
+
+
+class RoomTests(ChatTestCase):
+    server_settings = {"failure_delay": 0.01}
+
+    def test_a_room_is_made_on_first_use_and_only_its_members_hear_it(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        self.assertEqual(alice.room["room"], "lobby")   # everyone starts in the lobby
+        room = enter(alice, "#Dev")
+        self.assertEqual((room["room"], room["users"], room["ops"], room["count"], room["topic"]),
+                         ("Dev", ["alice"], ["alice"], 1, ""))
+        self.assertEqual(alice.replay[-1], {"type": "history_end", "for": "join", "count": 0,
+                                            "room": "Dev"})
+        self.assertEqual(enter(bob, "dev")["users"], ["alice", "bob"])  # matched without case
+        self.assertEqual(alice.expect_next_of("join", room="Dev")["name"], "bob")
+        alice.send({"type": "say", "room": "dev", "text": "in dev"})
+        self.assertEqual(alice.expect("sent")["room"], "Dev")
+        said = bob.expect("message")
+        self.assertEqual((said["room"], said["from"], said["text"]), ("Dev", "alice", "in dev"))
+        self.assertNotIn("message", [m["type"] for m in carol.sync()])
+        self.assertNotIn("join", [m["type"] for m in carol.sync()])
+
+    def test_a_client_that_knows_nothing_of_rooms_lives_in_the_lobby(self) -> None:
+        old, new = self.peer("old"), self.peer("new")
+        enter(new, "dev")
+        old.send({"type": "say", "text": "no room named"})
+        heard = new.expect("message")
+        self.assertEqual((heard["room"], heard["text"]), ("lobby", "no room named"))
+        new.send({"type": "say", "room": "dev", "text": "elsewhere"})
+        new.send({"type": "say", "text": "in the lobby"})
+        self.assertEqual(old.expect("message")["text"], "in the lobby")
+
+    def test_part_tells_the_room_and_the_one_who_left(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        enter(alice, "dev")
+        enter(bob, "dev")
+        bob.send({"type": "part", "room": "#dev", "text": "lunch"})
+        mine = bob.expect("leave")
+        self.assertEqual((mine["room"], mine["name"], mine["reason"], mine["comment"]),
+                         ("dev", "bob", "part", "lunch"))
+        theirs = alice.expect_next_of("leave", room="dev")
+        self.assertEqual(theirs["name"], "bob")
+        bob.send({"type": "say", "room": "dev", "text": "still here?"})
+        self.assertEqual(bob.expect("error")["code"], "not_in_room")
+        bob.send({"type": "part", "room": "lobby"})     # even the lobby, leaving none
+        self.assertEqual(bob.expect("leave")["room"], "lobby")
+        bob.send({"type": "whisper", "to": "alice", "text": "whispers still work"})
+        self.assertEqual(alice.expect("whisper")["text"], "whispers still work")
+
+    def test_bad_names_missing_rooms_and_rooms_not_joined(self) -> None:
+        alice = self.peer("alice")
+        for word in ("", "#", "...", "a b", "x" * 33, "d\u00e9v", "#-"):
+            with self.subTest(word=word):
+                alice.send({"type": "join", "room": word})
+                self.assertEqual(alice.expect("error")["code"], "bad_room")
+        for request in ({"type": "topic", "room": "nowhere"}, {"type": "part", "room": "x"},
+                        {"type": "who", "room": "nowhere"}):
+            alice.send(request)
+            self.assertIn(alice.expect("error")["code"], ("no_such_room",))
+        bob = self.peer("bob")
+        enter(bob, "secret")
+        for request in ({"type": "say", "room": "secret", "text": "hi"},
+                        {"type": "get_history", "room": "secret"},
+                        {"type": "search", "room": "secret", "text": "hi"}):
+            alice.send(request)
+            self.assertEqual(alice.expect("error")["code"], "not_in_room")
+
+    def test_topics_are_set_by_operators_and_shown_to_newcomers(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        enter(alice, "dev")
+        enter(bob, "dev")
+        bob.send({"type": "topic", "room": "dev", "text": "mine now"})
+        self.assertEqual(bob.expect("error")["code"], "not_room_operator")
+        alice.send({"type": "topic", "room": "dev", "text": "  release\tfriday "})
+        topic = bob.expect("topic")
+        self.assertEqual((topic["room"], topic["topic"], topic["by"]), ("dev", "release friday",
+                                                                        "alice"))
+        carol = self.peer("carol")
+        carol.send({"type": "topic", "room": "dev"})    # asking needs no membership
+        self.assertEqual(carol.expect("topic")["topic"], "release friday")
+        room = enter(carol, "dev")
+        self.assertEqual((room["topic"], room["topic_by"]), ("release friday", "alice"))
+        alice.send({"type": "topic", "room": "dev", "text": "x" * 301})
+        self.assertEqual(alice.expect("error")["code"], "too_long")
+        carol.send({"type": "rooms"})
+        listed = {entry["room"]: entry for entry in carol.expect("rooms")["rooms"]}
+        self.assertEqual((listed["dev"]["count"], listed["dev"]["topic"]), (3, "release friday"))
+        self.assertEqual(listed["lobby"]["count"], 3)
+
+    def test_a_key_keeps_a_room_closed(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        enter(alice, "ops")
+        alice.send({"type": "key", "room": "ops", "key": "s3cret"})
+        self.assertEqual(alice.expect("key")["key"], "s3cret")
+        bob.send({"type": "join", "room": "ops"})
+        self.assertIn("needs a key", bob.expect("error")["text"])
+        bob.send({"type": "join", "room": "ops", "key": "guess"})
+        self.assertEqual(bob.expect("error")["code"], "bad_key")
+        self.assertEqual(enter(bob, "ops", "s3cret")["key"], "s3cret")
+        alice.send({"type": "key", "room": "lobby", "key": "nope"})
+        self.assertEqual(alice.expect("error")["code"], "not_room_operator")
+        alice.send({"type": "key", "room": "ops", "key": "has space"})
+        self.assertEqual(alice.expect("error")["code"], "bad_key")
+        alice.send({"type": "key", "room": "ops", "key": ""})
+        self.assertEqual(bob.expect_next_of("key", room="ops")["key"], "")
+
+    def test_operators_pass_their_status_on_and_kick(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        for peer in (alice, bob, carol):
+            enter(peer, "dev")
+        carol.send({"type": "kick", "room": "dev", "name": "bob"})
+        self.assertEqual(carol.expect("error")["code"], "not_room_operator")
+        alice.send({"type": "room_op", "room": "dev", "name": "carol"})
+        self.assertEqual(bob.expect_next_of("room_op", room="dev")["name"], "carol")
+        carol.send({"type": "kick", "room": "dev", "name": "BOB", "text": "off topic"})
+        kicked = bob.expect_next_of("leave", room="dev")
+        self.assertEqual((kicked["reason"], kicked["by"], kicked["comment"], kicked["text"]),
+                         ("kicked", "carol", "off topic",
+                          "bob was kicked from #dev by carol: off topic"))
+        self.assertEqual(alice.expect_next_of("leave", room="dev")["name"], "bob")
+        bob.say("still in the chat")    # a room kick is no disconnect
+        alice.send({"type": "room_op", "room": "dev", "name": "carol", "op": False})
+        alice.expect_next_of("room_op", room="dev")
+        carol.send({"type": "topic", "room": "dev", "text": "no longer"})
+        self.assertEqual(carol.expect("error")["code"], "not_room_operator")
+        alice.send({"type": "kick", "room": "dev", "name": "nobody"})
+        self.assertEqual(alice.expect("error")["code"], "unknown_user")
+
+    def test_history_is_per_room_and_search_can_span_them(self) -> None:
+        alice = self.peer("alice")
+        enter(alice, "dev")
+        alice.send({"type": "say", "room": "dev", "text": "deploy at noon"})
+        alice.send({"type": "say", "room": "lobby", "text": "lunch at noon"})
+        alice.expect("sent")
+        alice.expect("sent")
+        bob = self.peer("bob")
+        lobby_replay = [m["text"] for m in bob.replay if m["type"] == "history"]
+        self.assertEqual(lobby_replay, ["lunch at noon"])
+        enter(bob, "dev")
+        self.assertEqual([(m["room"], m["text"]) for m in bob.replay if m["type"] == "history"],
+                         [("dev", "deploy at noon")])
+        bob.send({"type": "get_history", "room": "dev"})
+        batch = bob.collect_history()
+        self.assertEqual([m["text"] for m in batch[:-1]], ["deploy at noon"])
+        self.assertEqual(batch[-1]["room"], "dev")
+        bob.send({"type": "search", "text": "noon", "room": "dev"})
+        self.assertEqual([m["text"] for m in bob.collect_history()[:-1]], ["deploy at noon"])
+        bob.send({"type": "search", "text": "noon", "all": True})
+        self.assertEqual(len(bob.collect_history()[:-1]), 2)
+
+    def test_a_quit_is_one_leave_for_those_who_shared_a_room(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        for room in ("one", "two"):
+            enter(alice, room)
+            enter(bob, room)
+        carol.send({"type": "part", "room": "lobby"})
+        carol.expect("leave")
+        bob.send({"type": "bye"})
+        leaves = [m for m in alice.sync() + alice.sync()
+                  if m["type"] == "leave" and m["name"] == "bob"]
+        self.assertEqual(len(leaves), 1)
+        self.assertEqual((leaves[0]["name"], leaves[0]["reason"]), ("bob", "quit"))
+        self.assertNotIn("room", leaves[0])     # out of every room at once
+        self.assertNotIn("leave", [m["type"] for m in carol.sync()])     # shared none
+
+    def test_room_limits(self) -> None:
+        server = ServerThread(max_rooms=2, max_room_size=1)
+        self.addCleanup(server.stop)
+        alice, bob = Peer(server.port, "alice"), Peer(server.port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        enter(alice, "only")
+        alice.send({"type": "join", "room": "another"})
+        self.assertEqual(alice.expect("error")["code"], "too_many_rooms")
+        bob.send({"type": "join", "room": "only"})
+        self.assertEqual(bob.expect("error")["code"], "room_full")
+
+    def test_hello_can_name_the_rooms_to_be_in(self) -> None:
+        alice = self.peer("alice")
+        enter(alice, "ops")
+        alice.send({"type": "key", "room": "ops", "key": "k"})
+        bob = self.peer()
+        bob.send({"type": "hello", "name": "bob", "rooms": ["dev", {"room": "ops", "key": "k"},
+                                                            {"room": "bad name"}, 7]})
+        bob.expect("welcome")
+        rooms = [m for m in bob.sync() if m["type"] in ("room", "error")]
+        self.assertEqual([m.get("room") or m["code"] for m in rooms],
+                         ["dev", "ops", "bad_room", "bad_message"])
+        quiet = self.peer()
+        quiet.send({"type": "hello", "name": "irc_like", "rooms": []})
+        quiet.expect("welcome")
+        self.assertEqual([m["type"] for m in quiet.sync()], [])    # in no room at all
+
+    def test_rooms_topics_keys_and_operators_outlast_a_restart(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        first = ServerThread(db=path, failure_delay=0.01)
+        owner, guest = Peer(first.port, "owner"), Peer(first.port, "guest")
+        owner.send({"type": "register", "password": "correct horse"})
+        owner.expect("notice")
+        enter(owner, "dev")
+        enter(guest, "dev")
+        owner.send({"type": "room_op", "room": "dev", "name": "guest"})
+        owner.send({"type": "topic", "room": "dev", "text": "kept"})
+        owner.send({"type": "key", "room": "dev", "key": "k"})
+        owner.send({"type": "say", "room": "dev", "text": "remember me"})
+        owner.expect("sent")
+        for peer in (owner, guest):
+            peer.close()
+        first.stop()
+        second = ServerThread(db=path, failure_delay=0.01, port=first.port)
+        self.addCleanup(second.stop)
+        back = Peer(second.port)
+        self.addCleanup(back.close)
+        back.send({"type": "hello", "name": "owner", "name_password": "correct horse"})
+        back.expect("welcome")
+        back.collect_history()
+        room = enter(back, "dev", "k")
+        self.assertEqual((room["topic"], room["ops"]), ("kept", ["owner"]))
+        self.assertIn("remember me", [m.get("text") for m in back.replay])
+        guest = Peer(second.port, "guest")      # a name anyone may take: no lasting status
+        self.addCleanup(guest.close)
+        self.assertEqual(enter(guest, "dev", "k")["ops"], ["owner"])
+
+
+class NickAndAwayTests(ChatTestCase):
+    server_settings = {"failure_delay": 0.01}
+
+    def test_nick_renames_and_the_rooms_hear_it(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        enter(alice, "dev")
+        enter(bob, "dev")
+        carol.send({"type": "part", "room": "lobby"})
+        carol.expect("leave")
+        alice.send({"type": "nick", "name": "alicia"})
+        change = bob.expect("nick")
+        self.assertEqual((change["name"], change["new"]), ("alice", "alicia"))
+        self.assertEqual(alice.expect("nick")["new"], "alicia")     # and she is told
+        self.assertEqual([m["type"] for m in carol.sync()], [])     # shares no room
+        bob.send({"type": "whisper", "to": "alicia", "text": "found you"})
+        self.assertEqual(alice.expect("whisper")["text"], "found you")
+        bob.send({"type": "nick", "name": "ALICIA"})
+        self.assertEqual(bob.expect("error")["code"], "name_taken")
+        alice.send({"type": "nick", "name": "Alicia"})     # her own, in other letters
+        self.assertEqual(bob.expect("nick")["new"], "Alicia")
+        for bad, code in (("no spaces", "bad_name"), ("...", "bad_name"),
+                          ("Server", "name_reserved")):
+            alice.send({"type": "nick", "name": bad})
+            self.assertEqual(alice.expect("error")["code"], code)
+        alice.send({"type": "who", "room": "dev"})
+        self.assertEqual(alice.expect("users")["users"], ["Alicia", "bob"])
+
+    def test_a_registered_name_needs_its_password(self) -> None:
+        dave = self.peer("dave")
+        dave.send({"type": "register", "password": "correct horse"})
+        dave.expect("notice")
+        dave.send({"type": "bye"})
+        dave.read_until_closed()
+        eve = self.peer("eve")
+        eve.send({"type": "nick", "name": "dave"})
+        self.assertEqual(eve.expect("error")["code"], "name_protected")
+        eve.send({"type": "nick", "name": "dave", "name_password": "wrong horse"})
+        self.assertEqual(eve.expect("error")["code"], "bad_name_password")
+        eve.send({"type": "nick", "name": "dave", "name_password": "correct horse"})
+        self.assertEqual(eve.expect("nick")["new"], "dave")
+
+    def test_two_taking_the_same_name_at_once_one_gets_it(self) -> None:
+        first, second = self.peer("first"), self.peer("second")
+        both = encode_frame({"type": "nick", "name": "wanted"})
+        first.send_raw(both)
+        second.send_raw(both)
+        outcomes = []
+        for peer, own in ((first, "first"), (second, "second")):
+            for message in peer.sync():
+                if message["type"] == "nick" and message["name"] == own:
+                    outcomes.append("renamed")
+                elif message["type"] == "error":
+                    outcomes.append(message["code"])
+        self.assertEqual(sorted(outcomes), ["name_taken", "renamed"])
+        names = set()
+        for peer in (first, second):
+            peer.send({"type": "who"})
+            names.update(peer.expect("users")["users"])
+        self.assertEqual(len(names), 2)
+        self.assertIn("wanted", names)
+
+    def test_away_is_shown_and_answers_whispers_until_you_speak(self) -> None:
+        alice, bob = self.peer("alice"), self.peer("bob")
+        bob.send({"type": "away", "text": "at lunch"})
+        self.assertEqual(alice.expect("away"), {"type": "away", "name": "bob",
+                                                "text": "at lunch"})
+        alice.send({"type": "who"})
+        self.assertEqual(alice.expect("users")["away"], ["bob"])
+        alice.send({"type": "whisper", "to": "bob", "text": "ping?"})
+        alice.expect("sent")
+        notice = alice.expect("notice")
+        self.assertEqual((notice["code"], notice["name"], notice["away"], notice["text"]),
+                         ("away", "bob", "at lunch", "bob is away: at lunch"))
+        bob.say("back")
+        self.assertEqual(alice.expect("away")["text"], None)
+        alice.send({"type": "who"})
+        self.assertEqual(alice.expect("users")["away"], [])
 
 
 class ProtocolAdditionTests(ChatTestCase):
