@@ -724,6 +724,19 @@ class CoreTests(unittest.TestCase):
         noticed |= {"registered", "password_changed"}   # sent as `outcome` (Accounts._save)
         self.assertEqual(noticed, set(socket_server.NOTICES))
 
+    def test_the_readme_lists_every_error_code_as_the_server_closes_on_it(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        table = text[text.index("**Error codes**"):text.index("## Performance")]
+        documented = {}
+        for row in re.findall(r"^\| (`.+?) \| (.+?) \|", table, re.MULTILINE):
+            for code in re.findall(r"`(\w+)`", row[0]):
+                documented[code] = row[1]
+        self.assertEqual(set(documented), set(socket_server.ERRORS))
+        for code, closes in documented.items():
+            always = socket_server.ERRORS[code].closes
+            self.assertEqual(closes == "yes", always, f"{code}: README says {closes!r}")
+
     def test_the_client_acts_only_on_codes_the_server_sends(self) -> None:
         named = set(client.FINAL_ERRORS) | set(client.ASK_AGAIN)
         self.assertEqual(named - set(socket_server.ERRORS), set())
