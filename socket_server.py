@@ -54,6 +54,7 @@ string field ``"type"``. README.md documents every message type and error.
 """
 
 import argparse
+import binascii
 import bisect
 import codecs
 import concurrent.futures
@@ -360,6 +361,8 @@ class Settings:
     join_notices_up_to: int = JOIN_NOTICES_UP_TO
     max_rooms: int = DEFAULT_MAX_ROOMS
     max_room_size: int = 0          # 0: as many as can join the server
+    irc_port: Optional[int] = None  # None: no IRC listener
+    server_name: str = "chat.lan"   # the server's name in IRC; no one may take it as a name
 
 
 def client_host(address: tuple) -> str:
@@ -468,6 +471,7 @@ class SelectServer:
         self.socket_limit = SELECT_SOCKET_LIMIT if isinstance(
             self.selector, selectors.SelectSelector) else 0
         self.listeners: List[socket.socket] = []
+        self._factories: Dict[socket.socket, Callable[[], Any]] = {}  # listener -> protocol
         self.connections: Set[Connection] = set()   # open and closing
         self.lingering = 0                          # closing connections not yet closed
         self.now = time.monotonic()
@@ -518,9 +522,10 @@ class SelectServer:
 
     # -- starting, stopping, scheduling -------------------------------------
 
-    def listen(self) -> Tuple[str, int]:
-        """Bind and listen; return the address actually bound (the real port for port 0)."""
-        host, port = self.settings.host, self.settings.port
+    def listen_on(self, port: int, factory: Callable[[], Any]) -> Tuple[str, int]:
+        """Bind and listen on settings.host; each connection accepted there gets
+        factory() as its protocol. Returns the address bound (the real port for 0)."""
+        host = self.settings.host
         backlog = min(socket.SOMAXCONN, 1024)
         if host in ("", "*"):
             if socket.has_dualstack_ipv6():
@@ -534,6 +539,7 @@ class SelectServer:
         sock.setblocking(False)
         self.selector.register(sock, selectors.EVENT_READ, self._accept)
         self.listeners.append(sock)
+        self._factories[sock] = factory
         bound = sock.getsockname()
         return bound[0], bound[1]
 
@@ -653,7 +659,7 @@ class SelectServer:
                     log.error("cannot accept connections: %s; pausing %.0f s", exc, ACCEPT_PAUSE)
                     self._pause_accepting()
                     return
-                self._add_connection(sock, address)
+                self._add_connection(sock, address, self._factories[listener])
 
     def _pause_accepting(self) -> None:
         """Stop watching the listeners for ACCEPT_PAUSE seconds.
@@ -676,7 +682,8 @@ class SelectServer:
             else:
                 self.selector.unregister(sock)
 
-    def _add_connection(self, sock: socket.socket, address: tuple) -> None:
+    def _add_connection(self, sock: socket.socket, address: tuple,
+                        factory: Callable[[], Any]) -> None:
         if self.socket_limit and len(self.connections) + 2 >= self.socket_limit:
             log.warning("refusing %s: this system's select() cannot watch more sockets",
                         format_address(address))
@@ -688,6 +695,7 @@ class SelectServer:
         except OSError:
             pass
         conn = Connection(sock, address)
+        conn.protocol = factory()
         if self.tls_context is not None:
             conn.tls_phase = TLS_DETECT
         self.connections.add(conn)
@@ -900,6 +908,11 @@ class SelectServer:
 # The codec: the chat's own wire format, per connection
 # ---------------------------------------------------------------------------
 
+class BadInput(ProtocolError):
+    """What the peer sent cannot be used, but the stream is intact and goes on (an
+    overlong IRC line, say): that piece is refused, and the connection stays."""
+
+
 class JsonCodec(FrameDecoder):
     """Bytes to requests and events to bytes for one connection, as frames of
     UTF-8 JSON (the shared block). Sans-IO, like the decoder it extends: feed
@@ -912,10 +925,19 @@ class JsonCodec(FrameDecoder):
 
     __slots__ = ("session",)
     variant = "json"
+    metered = True      # every frame costs a flood-control token
 
     def __init__(self) -> None:
         super().__init__()
         self.session: Optional["Session"] = None    # the core's side of this connection
+
+    @staticmethod
+    def take_output() -> bytes:
+        return b""      # the core answers everything: nothing is answered here
+
+    @staticmethod
+    def wants_turn() -> bool:
+        return False
 
     def next_request(self) -> Optional[dict]:
         """The next complete request, or None until more bytes come.
@@ -931,6 +953,882 @@ class JsonCodec(FrameDecoder):
         return encode_frame(event)
 
     encode_shared = staticmethod(encode_frame)      # an event for every codec of this variant
+
+
+# ---------------------------------------------------------------------------
+# The IRC codec: the same chat for irssi, WeeChat, HexChat and bots
+# ---------------------------------------------------------------------------
+
+IRC_LINE_MAX = 512          # bytes of a line, CRLF included, not counting its tags (RFC 1459)
+IRC_TAGS_MAX = 8191         # bytes of a line's tags, '@' and the space after them included
+IRC_TEXT_BYTES = 400        # bytes of text per PRIVMSG we send: room for the longest prefix
+IRC_ASKED = 128             # requests remembered, to know what an answer or error is about
+IRC_CAPS = ("away-notify", "echo-message", "message-tags", "multi-prefix", "sasl",
+            "server-time")
+IRC_VERSION = "socket_server-irc-1"
+IRC_FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}"
+                            r"(?:,[0-9a-fA-F]{6})?)?|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+IRC_UNSAFE = re.compile(r"[\r\n\0]")    # never inside a parameter: a line must stay one line
+
+
+class IrcMessage(NamedTuple):
+    command: str                # in upper case
+    params: List[str]           # the trailing one last, its ':' taken off
+
+
+def parse_irc_line(line: bytes) -> Optional[IrcMessage]:
+    """One line as the client sent it (without its line end), None for a blank one.
+
+    Raises BadInput for a line that cannot be used (too long, not UTF-8, a NUL):
+    it is answered, and the connection goes on. Tags and a client's own prefix
+    are read past: nothing here needs them.
+    """
+    if line.startswith(b"@"):
+        tags, _, line = line.partition(b" ")
+        if len(tags) + 1 > IRC_TAGS_MAX:
+            raise BadInput("bad_line", "Input line was too long (its tags)")
+    if len(line) + 2 > IRC_LINE_MAX:
+        raise BadInput("bad_line", "Input line was too long")
+    if b"\0" in line:
+        raise BadInput("bad_line", "A line may not hold a NUL byte; it was dropped")
+    try:
+        text = line.decode("utf-8").lstrip(" ")
+    except UnicodeDecodeError:
+        raise BadInput("bad_line", "Lines must be UTF-8; that one was dropped") from None
+    if text.startswith(":"):
+        text = text.partition(" ")[2]
+    text, colon, trailing = text.partition(" :")
+    words = text.split()
+    if not words:
+        return None
+    return IrcMessage(words[0].upper(), words[1:] + ([trailing] if colon else []))
+
+
+def irc_text(text: str) -> str:
+    """Text an IRC client sent, without its bold, colours and the like (the core
+    cleans the rest: no control character reaches anyone's terminal)."""
+    return IRC_FORMATTING.sub("", text)
+
+
+def irc_time(timestamp: str) -> int:
+    """A server timestamp (ISO-8601 UTC) as Unix seconds, as IRC numerics give them."""
+    try:
+        return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+@dataclasses.dataclass
+class IrcInfo:
+    """What every IRC connection of one server says about it."""
+
+    server_name: str
+    network: str = "LANchat"
+    started: str = ""                       # for 003, in words
+    isupport: List[str] = dataclasses.field(default_factory=list)
+    motd: List[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> "IrcInfo":
+        tokens = ["CASEMAPPING=ascii", "CHANTYPES=#", "PREFIX=(o)@", "CHANMODES=b,k,,t",
+                  "MODES=4", "NETWORK=LANchat", "NICKLEN=32", "CHANNELLEN=33",
+                  f"TOPICLEN={MAX_TOPIC_LENGTH}", f"KICKLEN={MAX_TOPIC_LENGTH}",
+                  f"AWAYLEN={MAX_AWAY_LENGTH}", f"CHANLIMIT=#:{MAX_ROOMS_PER_PERSON}",
+                  "TARGMAX=PRIVMSG:4,NOTICE:4,JOIN:,PART:,KICK:1,NAMES:1,WHOIS:1", "SAFELIST"]
+        motd = [f"Welcome to the chat on {settings.server_name}.",
+                "Its rooms are channels here: /join #lobby, where everyone starts;",
+                "/list shows the others. People using client.py are in the same rooms.",
+                "Registered names log in with SASL PLAIN, or PASS name:password."]
+        started = datetime.now(timezone.utc).strftime("%a %b %d %Y at %H:%M:%S UTC")
+        return cls(settings.server_name, started=started, isupport=tokens, motd=motd)
+
+
+class IrcInput:
+    """The IRC codec's input half: lines in, requests out.
+
+    Registration (CAP, PASS, NICK, USER, SASL) is assembled here into one
+    hello; the commands after it become the core's requests, and the core's
+    events become the replies, numerics and relayed lines an IRC client
+    expects. Each request carries an id of ours, so that an error or an answer
+    (a WHO or a NAMES are both the core's `who`) can be told apart. Replies the
+    core has no part in (CAP, PING, MOTD, ...) are answered here, in order,
+    through take_output().
+    """
+
+    __slots__ = ()
+
+    # -- bytes in -------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def feed_eof(self) -> None:
+        self.ended = True
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def wants_turn(self) -> bool:
+        """Whether requests wait here that no new bytes would bring out (a hello that
+        became possible when a SASL answer came)."""
+        return bool(self._requests)
+
+    def next_request(self) -> Optional[dict]:
+        """The next request, or None until more lines come. Raises BadInput for a line
+        that cannot be used, ProtocolError for a stream that cannot go on."""
+        while not self._requests:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > IRC_TAGS_MAX + IRC_LINE_MAX:
+                    raise ProtocolError("too_large", "Input buffer exceeded: no line end")
+                return None     # an unfinished line at the end of the stream is dropped
+            line = bytes(self._buffer[:end]).rstrip(b"\r")
+            del self._buffer[:end + 1]
+            message = parse_irc_line(line)
+            if message is not None:
+                self._command(message)
+        request, self.metered = self._requests.popleft()
+        return request
+
+    def take_output(self) -> bytes:
+        """What was answered here, without the core, since the last call."""
+        output, self._output = b"".join(self._output), []
+        return output
+
+    def _command(self, message: IrcMessage) -> None:
+        table = self.COMMANDS if self.registered else self.REGISTERING
+        entry = table.get(message.command)
+        if entry is None:
+            if self.registered or message.command in self.COMMANDS:
+                self._reply("421" if self.registered else "451", message.command,
+                            "Unknown command" if self.registered else "You have not registered")
+            else:
+                self._reply("451", "You have not registered")
+            return
+        method, least = entry
+        if len(message.params) < least:
+            self._reply("461", message.command, "Not enough parameters")
+            return
+        method(self, *message.params)
+
+    def _ask(self, request: dict, command: str, *arguments: str, metered: bool = True) -> None:
+        """Hand the core a request, remembering what it was for."""
+        self._ids += 1
+        request["id"] = request_key = f"i{self._ids}"
+        self.asked[request_key] = (command, arguments)
+        if len(self.asked) > IRC_ASKED:
+            del self.asked[next(iter(self.asked))]
+        self._requests.append((request, metered))
+
+    # -- registration ---------------------------------------------------------
+
+    def _cap(self, subcommand: str, *rest: str) -> None:
+        subcommand = subcommand.upper()
+        if subcommand == "LS":
+            self.negotiating = not self.registered
+            offered = [("sasl=PLAIN" if cap == "sasl" and rest and rest[0] >= "302" else cap)
+                       for cap in IRC_CAPS]
+            self._raw("CAP", self.nick or "*", "LS", " ".join(offered))
+        elif subcommand == "REQ":
+            self.negotiating = not self.registered
+            wanted = (rest[0] if rest else "").split()
+            names = [cap.lstrip("-") for cap in wanted]
+            if not wanted or any(name not in IRC_CAPS for name in names):
+                self._raw("CAP", self.nick or "*", "NAK", " ".join(wanted))
+                return
+            for cap in wanted:
+                (self.caps.discard if cap.startswith("-") else self.caps.add)(cap.lstrip("-"))
+            self.variant = "irc" + "".join(f"+{cap}" for cap in ("server-time", "away-notify")
+                                           if cap in self.caps)
+            self._raw("CAP", self.nick or "*", "ACK", " ".join(wanted))
+        elif subcommand == "LIST":
+            self._raw("CAP", self.nick or "*", "LIST", " ".join(sorted(self.caps)))
+        elif subcommand == "END":
+            self.negotiating = False
+            self._register()
+        else:
+            self._reply("410", subcommand, "Invalid CAP command")
+
+    def _pass(self, password: str, *rest: str) -> None:
+        self.password = password
+
+    def _nick_before(self, nick: str, *rest: str) -> None:
+        self.nick = nick
+        self._register()
+
+    def _user(self, user: str, mode: str, unused: str, realname: str, *rest: str) -> None:
+        self.user, self.realname = user, realname
+        self._register()
+
+    def _authenticate(self, data: str, *rest: str) -> None:
+        """SASL PLAIN: the mechanism, then the credentials in 400-byte base64 pieces."""
+        if "sasl" not in self.caps:
+            self._reply("904", "SASL authentication failed")
+        elif self.sasl is None:
+            if data.upper() == "PLAIN":
+                self.sasl = []
+                self._raw("AUTHENTICATE", "+")
+            else:
+                self._reply("908", "PLAIN", "are available SASL mechanisms")
+                self._reply("904", "SASL authentication failed")
+        elif data == "*":
+            self.sasl = None
+            self._reply("906", "SASL authentication aborted")
+        else:
+            if data != "+":
+                self.sasl.append(data)
+            if len(data) == 400:
+                return      # more to come
+            chunks, self.sasl = self.sasl, None
+            try:
+                _, name, password = binascii.a2b_base64("".join(chunks)).decode(
+                    "utf-8").split("\0")
+            except (ValueError, binascii.Error):
+                self._reply("904", "SASL authentication failed")
+                return
+            self.sasl = ["waiting"]     # for the core's answer, before registering
+            self._ask({"type": "authenticate", "name": name, "password": password},
+                      "AUTHENTICATE", name)
+
+    def _register(self) -> None:
+        """Once NICK, USER and any CAP and SASL are done: say hello to the core."""
+        if self.registered or self.hello_sent or not (self.nick and self.user) or \
+                self.negotiating or self.sasl is not None:
+            return
+        hello = {"type": "hello", "name": self.nick, "rooms": [], "retry": True}
+        password, name_password = self._passwords()
+        if password is not None:
+            hello["password"] = password
+        if name_password is not None:
+            hello["name_password"] = name_password
+        self.hello_sent = True
+        self._ask(hello, "NICK", self.nick)
+
+    def _passwords(self) -> Tuple[Optional[str], Optional[str]]:
+        """PASS as (the chat's password, the name's): "PASS secret", "PASS nick:its
+        password", or both, "PASS secret:nick:its password"."""
+        if self.password is None:
+            return None, None
+        head, _, tail = self.password.partition(":")
+        if tail and head.lower() == self.nick.lower():
+            return None, tail
+        name, _, name_password = tail.partition(":")
+        if name_password and name.lower() == self.nick.lower():
+            return head, name_password
+        return self.password, None
+
+    def _quit(self, *reason: str) -> None:
+        self._ask({"type": "bye", "text": irc_text(reason[0]) if reason else ""}, "QUIT")
+
+    def _ping(self, *tokens: str) -> None:
+        if not tokens:
+            self._reply("409", "No origin specified")
+        else:
+            self._raw("PONG", self.info.server_name, tokens[0], prefix=self.info.server_name)
+
+    def _ignore(self, *params: str) -> None:
+        pass
+
+    # -- commands after registration ------------------------------------------
+
+    def _privmsg(self, targets: str, text: str, *rest: str, command: str = "PRIVMSG") -> None:
+        action = False
+        if text.startswith("\x01"):     # CTCP: only ACTION (/me) means something here
+            inner = text.strip("\x01")
+            if not inner.upper().startswith("ACTION "):
+                return
+            text, action = inner[len("ACTION "):], True
+        text = irc_text(text)
+        for number, target in enumerate(targets.split(",")[:4]):
+            if target.startswith("#"):
+                request = {"type": "say", "room": target, "text": text}
+                if action:
+                    request["action"] = True
+            else:
+                request = {"type": "whisper", "to": target, "text": text}
+            self._ask(request, command, target, metered=number == 0)
+
+    def _notice(self, targets: str, text: str, *rest: str) -> None:
+        self._privmsg(targets, text, command="NOTICE")
+
+    def _join(self, channels: str, keys: str = "", *rest: str) -> None:
+        if channels == "0":     # leave every channel
+            for number, room in enumerate(sorted(self.rooms)):
+                self._ask({"type": "part", "room": room}, "PART", room, metered=number == 0)
+            return
+        keys_given = keys.split(",")
+        for number, channel in enumerate(channels.split(",")):
+            request = {"type": "join", "room": channel}
+            if number < len(keys_given) and keys_given[number]:
+                request["key"] = keys_given[number]
+            self._ask(request, "JOIN", channel, metered=number == 0)
+
+    def _part(self, channels: str, reason: str = "", *rest: str) -> None:
+        for number, channel in enumerate(channels.split(",")):
+            self._ask({"type": "part", "room": channel, "text": irc_text(reason)}, "PART",
+                      channel, metered=number == 0)
+
+    def _topic(self, channel: str, *text: str) -> None:
+        request = {"type": "topic", "room": channel}
+        if text:
+            request["text"] = irc_text(text[0])
+        self._ask(request, "TOPIC", channel)
+
+    def _names(self, *channels: str) -> None:
+        if not channels:
+            self._reply("366", "*", "End of /NAMES list")
+        else:
+            self._ask({"type": "who", "room": channels[0].split(",")[0]}, "NAMES", channels[0])
+
+    def _list(self, *channels: str) -> None:
+        self._ask({"type": "rooms"}, "LIST", *(channels[0].split(",") if channels else ()))
+
+    def _who(self, *mask: str) -> None:
+        target = mask[0] if mask else "*"
+        if target.startswith("#"):
+            self._ask({"type": "who", "room": target}, "WHO", target)
+        elif target in ("*", "0"):
+            self._reply("315", target, "End of /WHO list")
+        else:
+            self._ask({"type": "whois", "name": target}, "WHO", target)
+
+    def _whois(self, *names: str) -> None:
+        name = names[-1].split(",")[0]
+        self._ask({"type": "whois", "name": name}, "WHOIS", name)
+
+    def _mode(self, target: str, *changes: str) -> None:
+        if not target.startswith("#"):
+            if target.lower() != self.nick.lower():
+                self._reply("502", "Can't change mode for other users")
+            elif changes:   # +i and the like: nothing to change here; say it is done
+                self._raw("MODE", self.nick, changes[0], prefix=self._mask(self.nick))
+            else:
+                self._reply("221", "+i")
+            return
+        if not changes:
+            self._ask({"type": "topic", "room": target}, "MODE", target)
+            return
+        modes, arguments, sign = changes[0], list(changes[1:]), "+"
+        for letter in modes:
+            if letter in "+-":
+                sign = letter
+            elif letter == "b" and (sign == "+" and not arguments):
+                self._reply("368", target, "End of channel ban list")
+            elif letter == "o" and arguments:
+                self._ask({"type": "room_op", "room": target, "name": arguments.pop(0),
+                           "op": sign == "+"}, "MODE", target)
+            elif letter == "k":
+                key = arguments.pop(0) if sign == "+" and arguments else ""
+                if sign == "-" and arguments:
+                    arguments.pop(0)
+                self._ask({"type": "key", "room": target, "key": key}, "MODE", target)
+            elif letter not in "t":     # +t always holds: only operators set topics
+                self._reply("472", letter, "is unknown mode char to me")
+
+    def _kick(self, channel: str, names: str, reason: str = "", *rest: str) -> None:
+        self._ask({"type": "kick", "room": channel, "name": names.split(",")[0],
+                   "text": irc_text(reason)}, "KICK", channel, names.split(",")[0])
+
+    def _away(self, *text: str) -> None:
+        self._ask({"type": "away", "text": irc_text(text[0]) if text else ""}, "AWAY")
+
+    def _nick_after(self, nick: str, *rest: str) -> None:
+        self._ask({"type": "nick", "name": nick}, "NICK", nick)
+
+    def _oper(self, name: str, password: str, *rest: str) -> None:
+        self._ask({"type": "op", "password": password}, "OPER")
+
+    def _kill(self, name: str, reason: str = "", *rest: str) -> None:
+        self._ask({"type": "moderate", "command": "kick", "args": f"{name} {irc_text(reason)}"},
+                  "KILL", name)
+
+    def _online(self, *names: str) -> None:
+        """ISON, USERHOST and LUSERS: answered from the list of who is here."""
+        command = "ISON" if names and names[0] == "ISON" else names[0] if names else "LUSERS"
+        self._ask({"type": "who"}, command, *" ".join(names[1:]).split())
+
+    def _motd(self, *unused: str) -> None:
+        self._reply("375", f"- {self.info.server_name} Message of the day -")
+        for line in self.info.motd:
+            self._reply("372", f"- {line}")
+        self._reply("376", "End of /MOTD command.")
+
+    def _version(self, *unused: str) -> None:
+        self._reply("351", IRC_VERSION, self.info.server_name, "a LAN chat, standard library only")
+        self._isupport()
+
+    def _time(self, *unused: str) -> None:
+        self._reply("391", self.info.server_name,
+                    datetime.now(timezone.utc).strftime("%A %B %d %Y -- %H:%M:%S +00:00"))
+
+    def _again(self, *unused: str) -> None:
+        self._reply("462", "You may not reregister")
+
+    REGISTERING: Dict[str, Tuple[Callable[..., None], int]] = {
+        "CAP": (_cap, 1), "PASS": (_pass, 1), "NICK": (_nick_before, 1), "USER": (_user, 4),
+        "AUTHENTICATE": (_authenticate, 1), "PING": (_ping, 0), "PONG": (_ignore, 0),
+        "QUIT": (_quit, 0),
+    }
+    COMMANDS: Dict[str, Tuple[Callable[..., None], int]] = {
+        "PRIVMSG": (_privmsg, 2), "NOTICE": (_notice, 2), "JOIN": (_join, 1),
+        "PART": (_part, 1), "TOPIC": (_topic, 1), "NAMES": (_names, 0), "LIST": (_list, 0),
+        "WHO": (_who, 0), "WHOIS": (_whois, 1), "MODE": (_mode, 1), "KICK": (_kick, 2),
+        "AWAY": (_away, 0), "NICK": (_nick_after, 1), "OPER": (_oper, 2), "KILL": (_kill, 1),
+        "ISON": (lambda self, *names: self._online("ISON", *names), 1),
+        "USERHOST": (lambda self, *names: self._online("USERHOST", *names), 1),
+        "LUSERS": (lambda self, *unused: self._online("LUSERS"), 0),
+        "MOTD": (_motd, 0), "VERSION": (_version, 0), "TIME": (_time, 0),
+        "PING": (_ping, 0), "PONG": (_ignore, 0), "QUIT": (_quit, 0), "CAP": (_cap, 1),
+        "USER": (_again, 0), "PASS": (_again, 0), "AUTHENTICATE": (_again, 0),
+        "TAGMSG": (_ignore, 0),
+    }
+
+    def _raw(self, command: str, *params: str, prefix: str = "") -> None:
+        self._output.append(self._line(prefix or self.info.server_name, command, *params))
+
+    def _reply(self, numeric: str, *params: str) -> None:
+        """A numeric to this client, answered here (see take_output)."""
+        self._output.append(self._numeric(numeric, *params))
+
+    def _isupport(self) -> None:
+        tokens = self.info.isupport
+        for start in range(0, len(tokens), 12):
+            self._reply("005", *tokens[start:start + 12], "are supported by this server")
+
+
+#: The numeric for each error code, and what its parameter names: the target of
+#: the request refused (a nick or a channel), or nothing. Any other code is a NOTICE.
+IRC_ERRORS: Dict[str, Tuple[str, bool]] = {
+    "unknown_user": ("401", True), "no_such_room": ("403", True), "bad_room": ("403", True),
+    "not_in_room": ("442", True), "not_room_operator": ("482", True), "bad_key": ("475", True),
+    "room_full": ("471", True), "too_many_rooms": ("405", True), "room_limit": ("405", True),
+    "name_taken": ("433", True), "name_protected": ("433", True), "bad_name": ("432", True),
+    "name_reserved": ("432", True), "name_banned": ("432", True),
+    "password_required": ("464", False), "bad_password": ("464", False),
+    "bad_name_password": ("464", False), "bad_admin_password": ("464", False),
+    "no_operators": ("491", False), "not_operator": ("481", False), "banned": ("465", False),
+    "empty_message": ("412", False), "already_joined": ("462", False),
+    "bad_line": ("417", False),
+}
+# Refusals of a name: the client may try another.
+IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
+                             "name_banned"})
+# Refusals of a message: 404, naming where it was going.
+IRC_NOT_SENT = frozenset({"muted", "too_long", "blocked_word", "no_links", "whispers_off",
+                          "rate_limited"})
+
+
+class IrcOutput:
+    """The IRC codec's output half: each event as the lines an IRC client expects.
+
+    SHARED renders what many connections get (a message in a channel, a join,
+    a nick change): it depends only on the codec's variant (its caps), so it is
+    rendered once for all of that variant. RENDER renders what one connection
+    gets alone (numerics name their recipient first).
+    """
+
+    __slots__ = ()
+
+    # -- pieces of lines -----------------------------------------------------------
+
+    def _mask(self, nick: str) -> str:
+        """How a person is named in a line's prefix: nick!user@host (the server's host)."""
+        return f"{nick}!{nick}@{self.info.server_name}"
+
+    def _line(self, prefix: str, command: str, *params: str, tags: str = "") -> bytes:
+        """One line: every parameter kept to one line, the last one after ':'."""
+        safe = [IRC_UNSAFE.sub(" ", param) for param in params]
+        if safe:
+            safe[-1] = ":" + safe[-1]
+        text = " ".join([f":{prefix}", command] + safe) if prefix else " ".join([command] + safe)
+        return (f"@{tags} " if tags else "").encode("utf-8") + \
+            text.encode("utf-8")[:IRC_LINE_MAX - 2] + b"\r\n"
+
+    def _numeric(self, numeric: str, *params: str) -> bytes:
+        return self._line(self.info.server_name, numeric, self.nick or "*", *params)
+
+    def _peer(self) -> str:
+        return self.session.host if self.session is not None else "unknown"
+
+    def _from(self, name: str) -> str:
+        """The prefix for something a person, or the server, did."""
+        return self.info.server_name if name == "server" else self._mask(name)
+
+    def _tags(self, event: dict) -> str:
+        stamp = event.get("ts")
+        return f"time={stamp}" if stamp and "server-time" in self.variant else ""
+
+    def _said(self, sender: str, target: str, text: str, action: bool, tags: str,
+              command: str = "PRIVMSG") -> List[bytes]:
+        """A message as one or more lines: long ones (a client.py user may send 2000
+        characters) are cut between words into pieces IRC can carry."""
+        lines = []
+        for piece in split_utf8(text, IRC_TEXT_BYTES):
+            body = f"\x01ACTION {piece}\x01" if action else piece
+            lines.append(self._line(self._from(sender), command, target, body, tags=tags))
+        return lines
+
+    def _show_names(self, channel: str, users: List[str], ops: List[str]) -> List[bytes]:
+        operators = {name.lower() for name in ops}
+        names = [("@" if name.lower() in operators else "") + name for name in users]
+        lines, row = [], []
+        for name in names + [None]:
+            if name is None or sum(len(each) + 1 for each in row) + len(name) > IRC_TEXT_BYTES:
+                if row:
+                    lines.append(self._numeric("353", "=", channel, " ".join(row)))
+                row = []
+            if name is not None:
+                row.append(name)
+        return lines + [self._numeric("366", channel, "End of /NAMES list")]
+
+    def _asked(self, event: dict) -> Tuple[str, Tuple[str, ...]]:
+        """What command the event answers, and its arguments (see IrcInput._ask)."""
+        return self.asked.get(event.get("id", ""), ("", ()))
+
+    # -- what many get (SHARED) -------------------------------------------------------
+
+    def _show_message(self, event: dict) -> List[bytes]:
+        return self._said(event["from"], "#" + event["room"], event["text"],
+                          event.get("action") is True, self._tags(event))
+
+    def _show_join(self, event: dict) -> List[bytes]:
+        return [self._line(self._mask(event["name"]), "JOIN", "#" + event["room"],
+                           tags=self._tags(event))]
+
+    def _show_leave(self, event: dict) -> List[bytes]:
+        tags, name = self._tags(event), event["name"]
+        if "room" not in event:     # out of the chat, and so of every channel
+            if event.get("reason") == "quit":
+                why = f"Quit: {event['comment']}" if event.get("comment") else "Quit"
+            else:
+                why = event.get("text") or event.get("reason", "")
+            return [self._line(self._mask(name), "QUIT", why, tags=tags)]
+        channel = "#" + event["room"]
+        if event["reason"] == "kicked":
+            return [self._line(self._from(event.get("by", "server")), "KICK", channel, name,
+                               event.get("comment") or event.get("text", ""), tags=tags)]
+        return [self._line(self._mask(name), "PART", channel, event.get("comment", ""),
+                           tags=tags)]
+
+    def _show_topic_set(self, event: dict) -> List[bytes]:
+        return [self._line(self._from(event["by"]), "TOPIC", "#" + event["room"], event["topic"],
+                           tags=self._tags(event))]
+
+    def _show_key(self, event: dict) -> List[bytes]:
+        change = ("+k", event["key"]) if event["key"] else ("-k", "*")
+        return [self._line(self._from(event["by"]), "MODE", "#" + event["room"], *change,
+                           tags=self._tags(event))]
+
+    def _show_room_op(self, event: dict) -> List[bytes]:
+        return [self._line(self._from(event["by"]), "MODE", "#" + event["room"],
+                           "+o" if event["op"] else "-o", event["name"], tags=self._tags(event))]
+
+    def _show_nick(self, event: dict) -> List[bytes]:
+        return [self._line(self._mask(event["name"]), "NICK", event["new"],
+                           tags=self._tags(event))]
+
+    def _show_away_notify(self, event: dict) -> List[bytes]:
+        if "away-notify" not in self.variant:
+            return []
+        text = event.get("text")
+        params = (text,) if text else ()
+        return [self._line(self._mask(event["name"]), "AWAY", *params)]
+
+    def _show_server_notice(self, event: dict) -> List[bytes]:
+        text = event["text"] if event["type"] != "announcement" else \
+            f"[announcement from {event['from']}] {event['text']}"
+        return self._said("server", "*", text, False, self._tags(event), "NOTICE")
+
+    SHARED: Dict[str, Callable[["IrcOutput", dict], List[bytes]]] = {
+        "message": _show_message, "join": _show_join, "leave": _show_leave,
+        "topic": _show_topic_set, "key": _show_key, "room_op": _show_room_op,
+        "nick": _show_nick, "away": _show_away_notify, "announcement": _show_server_notice,
+        "notice": _show_server_notice,
+    }
+
+    # -- what one gets (RENDER) -------------------------------------------------------
+
+    def _show_welcome(self, event: dict) -> List[bytes]:
+        self.registered, self.nick = True, event["name"]
+        info = self.info
+        lines = [self._numeric("001", f"Welcome to the {info.network} IRC network, "
+                                      f"{self._mask(self.nick)}"),
+                 self._numeric("002", f"Your host is {info.server_name}, running version "
+                                      f"{IRC_VERSION}"),
+                 self._numeric("003", f"This server was started {info.started}"),
+                 self._numeric("004", info.server_name, IRC_VERSION, "io", "bkot", "bko")]
+        tokens = info.isupport
+        for start in range(0, len(tokens), 12):
+            lines.append(self._numeric("005", *tokens[start:start + 12],
+                                       "are supported by this server"))
+        lines.append(self._numeric("251", f"There are {event.get('count', 1)} users on 1 "
+                                          "server"))
+        lines.append(self._numeric("375", f"- {info.server_name} Message of the day -"))
+        lines.extend(self._numeric("372", f"- {line}") for line in info.motd)
+        lines.append(self._numeric("376", "End of /MOTD command."))
+        return lines
+
+    def _show_room(self, event: dict) -> List[bytes]:
+        channel = "#" + event["room"]
+        self.rooms.add(event["room"].lower())
+        lines = [self._line(self._mask(self.nick), "JOIN", channel)]
+        if event.get("topic"):
+            lines.append(self._numeric("332", channel, event["topic"]))
+            lines.append(self._numeric("333", channel, event.get("topic_by", "server"),
+                                       str(irc_time(event.get("topic_ts", "")))))
+        return lines + self._show_names(channel, event["users"], event.get("ops", []))
+
+    def _show_history(self, event: dict) -> List[bytes]:
+        """One message of a replay (the history of a channel just joined)."""
+        lines = []
+        channel = "#" + event["room"] if "room" in event else self._replay
+        if channel and not self._replay:
+            self._replay = channel
+            lines.append(self._line(self.info.server_name, "NOTICE", channel,
+                                    "--- earlier messages ---"))
+        text = event["text"]
+        if "server-time" not in self.caps:     # then the time is not in a tag: in the text
+            text = f"[{event['ts'][:16].replace('T', ' ')} UTC] {text}"
+        if event["kind"] == "whisper":
+            return lines + self._said(event["from"], self.nick, text, False, self._tags(event))
+        if event["kind"] == "announcement" or not channel:
+            return lines + self._said("server", channel or self.nick, f"[announcement from "
+                                      f"{event['from']}] {text}", False, self._tags(event),
+                                      "NOTICE")
+        return lines + self._said(event["from"], channel, text, event["kind"] == "action",
+                                  self._tags(event))
+
+    def _show_history_end(self, event: dict) -> List[bytes]:
+        channel, self._replay = self._replay, ""
+        lines = []
+        if channel:
+            lines.append(self._line(self.info.server_name, "NOTICE", channel,
+                                    "--- end of earlier messages ---"))
+        if "text" in event:
+            lines.append(self._line(self.info.server_name, "NOTICE", self.nick, event["text"]))
+        return lines
+
+    def _show_users(self, event: dict) -> List[bytes]:
+        command, arguments = self._asked(event)
+        users, away = event["users"], set(event.get("away", []))
+        if command == "NAMES":
+            return self._show_names("#" + event.get("room", ""), users, event.get("ops", []))
+        if command == "WHO":
+            channel, operators = "#" + event.get("room", ""), {n.lower() for n in event["ops"]}
+            return [self._numeric("352", channel, name, self.info.server_name,
+                                  self.info.server_name, name,
+                                  ("G" if name in away else "H") +
+                                  ("@" if name.lower() in operators else ""), f"0 {name}")
+                    for name in users] + [self._numeric("315", channel, "End of /WHO list")]
+        here = {name.lower(): name for name in users}
+        if command == "ISON":
+            return [self._numeric("303", " ".join(here[name.lower()] for name in arguments
+                                                   if name.lower() in here))]
+        if command == "USERHOST":
+            return [self._numeric("302", " ".join(
+                f"{here[name.lower()]}={'-' if here[name.lower()] in away else '+'}"
+                f"{here[name.lower()]}@{self.info.server_name}"
+                for name in arguments if name.lower() in here))]
+        return [self._numeric("251", f"There are {event['count']} users on 1 server"),
+                self._numeric("255", f"I have {event['count']} clients and 0 servers")]
+
+    def _show_rooms(self, event: dict) -> List[bytes]:
+        command, wanted = self._asked(event)
+        lines = [] if self._listing else [self._numeric("321", "Channel", "Users Name")]
+        self._listing = bool(event.get("more"))
+        wanted_rooms = {name.lstrip("#").lower() for name in wanted}
+        for entry in event["rooms"]:
+            if not wanted_rooms or entry["room"].lower() in wanted_rooms:
+                lines.append(self._numeric("322", "#" + entry["room"], str(entry["count"]),
+                                           entry["topic"]))
+        if event.get("more"):   # the next frame goes on with the list
+            return lines
+        return lines + [self._numeric("323", "End of /LIST")]
+
+    def _show_topic(self, event: dict) -> List[bytes]:
+        command, _ = self._asked(event)
+        channel = "#" + event["room"]
+        if command == "MODE":
+            modes = "+tk" if event.get("key") else "+t"
+            return [self._numeric("324", channel, modes, *([event["key"]] if event.get("key")
+                                                          else [])),
+                    self._numeric("329", channel, str(irc_time(event.get("created", ""))))]
+        if command == "TOPIC" and event["topic"]:
+            return [self._numeric("332", channel, event["topic"]),
+                    self._numeric("333", channel, event["by"] or "server",
+                                  str(irc_time(event["ts"])))]
+        if command == "TOPIC":
+            return [self._numeric("331", channel, "No topic is set")]
+        return self._show_topic_set(event)     # a change, delivered to this connection alone
+
+    def _show_whois(self, event: dict) -> List[bytes]:
+        command, _ = self._asked(event)
+        name, server = event["name"], self.info.server_name
+        if command == "WHO":
+            return [self._numeric("352", "*", name, server, server, name,
+                                  "G" if event.get("away") else "H", f"0 {name}"),
+                    self._numeric("315", name, "End of /WHO list")]
+        lines = [self._numeric("311", name, name, server, "*", name)]
+        if event["rooms"]:
+            lines.append(self._numeric("319", name, " ".join("#" + room
+                                                            for room in event["rooms"])))
+        lines.append(self._numeric("312", name, server, "a LAN chat"))
+        if event.get("operator"):
+            lines.append(self._numeric("313", name, "is a server operator"))
+        if event.get("away"):
+            lines.append(self._numeric("301", name, event["away"]))
+        lines.append(self._numeric("317", name, str(event.get("idle", 0)),
+                                   str(irc_time(event.get("since", ""))),
+                                   "seconds idle, signon time"))
+        if event.get("registered"):
+            lines.append(self._numeric("330", name, name, "is logged in as"))
+        return lines + [self._numeric("318", name, "End of /WHOIS list")]
+
+    def _show_error(self, event: dict) -> List[bytes]:
+        command, arguments = self._asked(event)
+        code, text = event["code"], event["text"]
+        lines: List[bytes] = []
+        if command == "AUTHENTICATE":
+            self.sasl = None
+            lines.append(self._numeric("904", "SASL authentication failed"))
+        elif command == "NOTICE":
+            pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
+        elif command == "NICK" and code in IRC_NAME_ERRORS:
+            if not self.registered:     # a refused hello: the client tries another name
+                self.hello_sent = False
+            if code == "name_protected":
+                text += " (log in with SASL, or PASS name:password)"
+            lines.append(self._numeric(IRC_ERRORS[code][0], arguments[0] if arguments else "*",
+                                       text))
+        elif code in IRC_NOT_SENT and command == "PRIVMSG":
+            lines.append(self._numeric("404", arguments[0] if arguments else "*", text))
+        elif code in IRC_ERRORS:
+            numeric, names_target = IRC_ERRORS[code]
+            target = (arguments[-1] if command == "KICK" and code == "unknown_user"
+                      else arguments[0]) if arguments and names_target else None
+            lines.append(self._numeric(numeric, *([target] if target else []), text))
+        else:
+            lines.append(self._line(self.info.server_name, "NOTICE", self.nick or "*", text))
+        if event.get("closing"):
+            lines.append(self._line("", "ERROR", f"Closing Link: {self._peer()} ({text})"))
+        return lines
+
+    def _show_notice(self, event: dict) -> List[bytes]:
+        code = event["code"]
+        if code == "authenticated":
+            self.sasl = None
+            name = event.get("name", self.nick)
+            lines = [self._numeric("900", f"{name}!{name}@{self.info.server_name}", name,
+                                   f"You are now logged in as {name}"),
+                     self._numeric("903", "SASL authentication successful")]
+            self._register()    # if the client finished CAP already, registration can go on
+            return lines
+        if code == "away":
+            return [self._numeric("301", event["name"], event["away"])]
+        if code == "op":
+            return [self._numeric("381", "You are now an IRC operator")]
+        if code == "new_since" and self._replay:
+            return [self._line(self.info.server_name, "NOTICE", self._replay,
+                               "--- new since you were last here ---")]
+        return [self._line(self.info.server_name, "NOTICE", self.nick, event["text"])]
+
+    def _show_whisper(self, event: dict) -> List[bytes]:
+        return self._said(event["from"], self.nick, event["text"], False, self._tags(event))
+
+    def _show_sent(self, event: dict) -> List[bytes]:
+        if "echo-message" not in self.caps:
+            return []
+        target = "#" + event["room"] if "room" in event else event["to"]
+        return self._said(self.nick, target, event["text"], event.get("action") is True,
+                          self._tags(event))
+
+    def _show_leave_self(self, event: dict) -> List[bytes]:
+        """Our own part or kick (the room's members get the same, shared)."""
+        if "room" in event:
+            self.rooms.discard(event["room"].lower())
+        return self._show_leave(event)
+
+    def _show_nick_self(self, event: dict) -> List[bytes]:
+        """Our own change of name (those who share a room get the same, shared)."""
+        lines = self._show_nick(event)
+        self.nick = event["new"]
+        return lines
+
+    def _show_away_self(self, event: dict) -> List[bytes]:
+        if event.get("text"):
+            return [self._numeric("306", "You have been marked as being away")]
+        return [self._numeric("305", "You are no longer marked as being away")]
+
+    def _show_shutdown(self, event: dict) -> List[bytes]:
+        return [self._line("", "ERROR", f"Closing Link: {self._peer()} "
+                                        f"({event.get('text', 'server shutting down')})")]
+
+    RENDER: Dict[str, Callable[["IrcOutput", dict], List[bytes]]] = {
+        "welcome": _show_welcome, "room": _show_room, "history": _show_history,
+        "history_end": _show_history_end, "users": _show_users, "rooms": _show_rooms,
+        "topic": _show_topic, "whois": _show_whois, "error": _show_error,
+        "notice": _show_notice, "whisper": _show_whisper, "sent": _show_sent,
+        "away": _show_away_self, "leave": _show_leave_self, "nick": _show_nick_self,
+        "shutdown": _show_shutdown,
+        "ping": lambda self, event: [self._line("", "PING", self.info.server_name)],
+        "pong": lambda self, event: [],
+    }
+
+    def encode(self, event: dict) -> bytes:
+        """An event for this connection alone."""
+        render = self.RENDER.get(event["type"]) or self.SHARED.get(event["type"])
+        return b"".join(render(self, event)) if render is not None else b""
+
+    def encode_shared(self, event: dict) -> bytes:
+        """An event for every IRC connection of this variant (see ChatServer.deliver)."""
+        render = self.SHARED.get(event["type"])
+        return b"".join(render(self, event)) if render is not None else b""
+
+
+def split_utf8(text: str, most: int) -> List[str]:
+    """text in pieces of at most `most` UTF-8 bytes, cut between words where it can be."""
+    pieces = []
+    while len(text.encode("utf-8")) > most:
+        cut = len(text.encode("utf-8")[:most].decode("utf-8", "ignore"))
+        space = text.rfind(" ", 0, cut)
+        cut = space if space > cut // 2 else cut
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip(" ")
+    return pieces + [text]
+
+
+class IrcCodec(IrcInput, IrcOutput):
+    """IRC for one connection, both ways (see IrcInput and IrcOutput)."""
+
+    __slots__ = ("info", "session", "ended", "metered", "variant", "nick", "user",
+                 "realname", "password", "registered", "hello_sent", "negotiating", "caps",
+                 "sasl", "asked", "rooms", "_buffer", "_output", "_requests", "_ids",
+                 "_replay", "_listing")
+
+    def __init__(self, info: IrcInfo) -> None:
+        self.info = info
+        self.session: Optional["Session"] = None
+        self.ended = False
+        self.metered = True             # whether the request just handed over costs a token
+        self.variant = "irc"            # how shared lines come out: depends on caps
+        self.nick = ""                  # asked for, then given by the welcome
+        self.user = ""
+        self.realname = ""
+        self.password: Optional[str] = None     # PASS
+        self.registered = False
+        self.hello_sent = False
+        self.negotiating = False        # CAP LS or REQ seen: registration waits for CAP END
+        self.caps: Set[str] = set()
+        self.sasl: Optional[List[str]] = None   # AUTHENTICATE chunks while it runs
+        self.asked: Dict[str, Tuple[str, Tuple[str, ...]]] = {}  # id -> (command, arguments)
+        self.rooms: Set[str] = set()    # lower-case names of the channels we are in
+        self._buffer = bytearray()
+        self._output: List[bytes] = []
+        self._requests: Deque[Tuple[dict, bool]] = deque()
+        self._ids = 0
+        self._replay = ""               # the channel whose history is being replayed
+        self._listing = False           # in the middle of a LIST answered in several frames
 
 
 # ---------------------------------------------------------------------------
@@ -1067,13 +1965,14 @@ NOTICES: Dict[str, str] = {
     "moderation": "one line of a moderation command's answer, for the operator who ran it",
     "new_since": "inside a replay: the messages a returning name missed begin here",
     "away": "the one you whispered to is away (name, away: why)",
+    "authenticated": "answer to authenticate: you proved the name is yours",
 }
 
 
 class RequestType(NamedTuple):
     fields: Dict[str, type]     # field -> type; a trailing "?" marks an optional one
     handler: str                # what answers it: a ChatCore method, or "part.method"
-    joined: bool = True         # only from a session in the chat; False: only before (hello)
+    joined: Optional[bool] = True   # only in the chat; False: only before (hello); None: both
     metered: bool = True        # costs a flood-control token
     fatal: bool = False         # an error in answer to it closes the connection
 
@@ -1082,8 +1981,10 @@ class RequestType(NamedTuple):
 #: clients can add some.
 REQUESTS: Dict[str, RequestType] = {
     "hello": RequestType({"name": str, "password?": str, "name_password?": str,
-                          "resume?": str, "rooms?": list}, "on_hello", joined=False,
-                         metered=False, fatal=True),
+                          "resume?": str, "rooms?": list, "retry?": bool}, "on_hello",
+                         joined=False, metered=False, fatal=True),
+    "authenticate": RequestType({"name": str, "password": str}, "accounts.on_authenticate",
+                                joined=False, metered=False),
     "say": RequestType({"text": str, "room?": str, "action?": bool, "id?": str}, "on_say"),
     "whisper": RequestType({"to": str, "text": str, "id?": str}, "on_whisper"),
     "join": RequestType({"room": str, "key?": str}, "rooms.on_join"),
@@ -1094,6 +1995,7 @@ REQUESTS: Dict[str, RequestType] = {
     "key": RequestType({"room": str, "key": str}, "rooms.on_key"),
     "room_op": RequestType({"room": str, "name": str, "op?": bool}, "rooms.on_room_op"),
     "who": RequestType({"room?": str}, "people.on_who"),
+    "whois": RequestType({"name": str}, "people.on_whois"),
     "nick": RequestType({"name": str, "name_password?": str}, "people.on_nick"),
     "away": RequestType({"text?": str}, "people.on_away"),
     "get_history": RequestType({"limit?": int, "room?": str}, "history.on_get_history"),
@@ -1107,7 +2009,7 @@ REQUESTS: Dict[str, RequestType] = {
     "moderate": RequestType({"command": str, "args?": str}, "moderation.on_moderate"),
     "ping": RequestType({}, "on_ping"),
     "pong": RequestType({}, "on_pong", metered=False),  # an answer to the server's ping
-    "bye": RequestType({}, "on_bye"),
+    "bye": RequestType({"text?": str}, "on_bye", joined=None),
 }
 
 # Where a session is in the chat.
@@ -1153,7 +2055,7 @@ class Session:
     __slots__ = ("link", "host", "address", "connected_at", "last_heard", "last_ping",
                  "state", "name", "key", "registered", "operator", "bucket", "messages_sent",
                  "history_floor", "leave_text", "resume_token", "rejoining", "waiting", "gone",
-                 "rooms", "away", "told_no_history")
+                 "rooms", "away", "told_no_history", "account", "comment", "last_spoke")
 
     def __init__(self, link: Any, host: str, address: str, now: float) -> None:
         self.link = link
@@ -1178,6 +2080,9 @@ class Session:
         self.rooms: Dict[str, "Room"] = {}  # lower-case name -> a room it is in
         self.away: Optional[str] = None     # why it is away, while it is
         self.told_no_history = False    # that the server keeps none (said once)
+        self.account: Optional[str] = None  # a registered name it proved before hello
+        self.comment = ""               # its last word, when it leaves the chat
+        self.last_spoke = now           # for whois: how long it has been quiet
 
     def __repr__(self) -> str:
         return self.name or self.address
@@ -1283,20 +2188,24 @@ class ChatCore:
                         f"Too many connections from your address (at most {limit}).")
         return session
 
-    def receive(self, session: Session, request: dict) -> None:
-        """One request from a session's codec: metered, checked, then handled."""
+    def receive(self, session: Session, request: dict, metered: bool = True) -> None:
+        """One request from a session's codec: metered, checked, then handled.
+
+        metered=False: the codec made it from the same line as the one before (an
+        IRC JOIN of several channels), which already cost its token.
+        """
         kind = request["type"]
         entry, handler = self.handlers.get(kind, (None, None))
         if session.state == JOINED:
-            if (entry is None or entry.metered) and not self.within_rate(session):
+            if metered and (entry is None or entry.metered) and not self.within_rate(session):
                 return
             if entry is None:
                 self.refuse(session, "unknown_type", f"Unknown message type {quoted(kind)}.")
                 return
-            if not entry.joined:
+            if entry.joined is False:
                 self.refuse(session, "already_joined", f"You are already here as {session.name}.")
                 return
-        elif entry is None or entry.joined:
+        elif entry is None or entry.joined is True:
             self.refuse(session, "hello_required", 'The first message must be "hello".')
             return
         self.handling = entry
@@ -1314,8 +2223,15 @@ class ChatCore:
             self.handling = self.replying_to = None
 
     def protocol_error(self, session: Session, error: ProtocolError) -> None:
-        """What arrived is no request at all: the stream cannot be trusted further."""
-        self.refuse(session, error.code, error.text, closes=True)
+        """What arrived is no request at all. After BadInput the stream goes on: the
+        piece costs a flood-control token, like any request; after any other
+        ProtocolError the stream cannot be trusted further."""
+        if not isinstance(error, BadInput):
+            self.refuse(session, error.code, error.text, closes=True)
+        elif session.state != JOINED:
+            self.refuse(session, error.code, error.text)
+        elif self.within_rate(session):
+            self.refuse(session, error.code, error.text)
 
     def peer_finished(self, session: Session) -> None:
         """The peer will send nothing more, and everything it sent is handled."""
@@ -1413,20 +2329,23 @@ class ChatCore:
                closes: Optional[bool] = None) -> None:
         """Say no: an error for the session, which also ends it when the code always
         does, or when it answers a fatal request (a hello)."""
+        if closes is None:
+            closes = ERRORS[code].closes or (self.handling is not None and self.handling.fatal)
         error = {"type": "error", "code": code, "text": text}
         if self.replying_to is not None:
             error["id"] = self.replying_to
+        if closes:
+            error["closing"] = True     # the connection closes once this is delivered
         self.send(session, error)
-        if closes is None:
-            closes = ERRORS[code].closes or (self.handling is not None and self.handling.fatal)
         if closes:
             self.close(session, f"{code}: {text}")
 
-    def acknowledge(self, session: Session, ack: dict) -> None:
-        """Tell a sender that its message went out, and as what (see replying_to)."""
+    def answer(self, session: Session, event: dict) -> None:
+        """An answer to the request handled now: it carries the request's id back, so
+        that a client can tell which of its requests it answers."""
         if self.replying_to is not None:
-            ack["id"] = self.replying_to
-        self.send(session, ack)
+            event["id"] = self.replying_to
+        self.send(session, event)
 
     def notify_all(self, code: str, text: str, exclude: Optional[Session] = None) -> None:
         """A notice for everyone in the chat (but `exclude`), kept in the history too."""
@@ -1479,6 +2398,8 @@ class ChatCore:
                                              "Wrong password for this chat.")
                 return
         name = message["name"]
+        if message.get("retry") is True:    # another hello may follow a refused name (IRC)
+            self.handling = self.handling._replace(fatal=False)
         if not self.people.name_allowed(session, name):
             return
         session.rejoining = "resume" in message     # a client sends its token only to reconnect
@@ -1562,12 +2483,14 @@ class ChatCore:
                      "ts": self.timestamp()}
             if session.leave_text:
                 leave["text"] = session.leave_text
+            if session.comment:
+                leave["comment"] = session.comment
             self.deliver(told, leave)
         log.info("%s left: %s", session.name, reason)
 
     def remove(self, session: Session, code: str, text: str) -> None:
         """A moderator removes someone: they are told why, and everyone else the same."""
-        self.send(session, {"type": "error", "code": code, "text": text})
+        self.send(session, {"type": "error", "code": code, "text": text, "closing": True})
         session.leave_text = text
         self.close(session, text)
 
@@ -1584,6 +2507,7 @@ class ChatCore:
             return
         timestamp = self.timestamp()
         session.messages_sent += 1
+        session.last_spoke = self.clock.now()
         said = {"type": "message", "room": room.name, "from": session.name, "text": text,
                 "ts": timestamp}
         ack = {"type": "sent", "room": room.name, "text": text, "ts": timestamp}
@@ -1611,13 +2535,14 @@ class ChatCore:
             return
         timestamp = self.timestamp()
         session.messages_sent += 1
+        session.last_spoke = self.clock.now()
         self.store.record(timestamp, "whisper", session.name, target.name, text)
         if session.away is not None:
             self.people.set_away(session, None)
         if target is not session:   # to oneself, the `sent` below is the one copy to show
             self.send(target, {"type": "whisper", "from": session.name, "to": target.name,
                                "text": text, "ts": timestamp})
-        self.acknowledge(session, {"type": "sent", "to": target.name, "text": text,
+        self.answer(session, {"type": "sent", "to": target.name, "text": text,
                                    "ts": timestamp})
         if target.away is not None and target is not session:
             self.send(session, {"type": "notice", "code": "away", "name": target.name,
@@ -1651,12 +2576,13 @@ class ChatCore:
             return None
 
     def on_ping(self, session: Session, message: dict) -> None:
-        self.send(session, {"type": "pong"})
+        self.answer(session, {"type": "pong"})
 
     def on_pong(self, session: Session, message: dict) -> None:
         pass    # hearing anything at all already counts as a sign of life
 
     def on_bye(self, session: Session, message: dict) -> None:
+        session.comment = clean_text(message.get("text", ""))[:MAX_TOPIC_LENGTH]
         self.close(session, "quit")
 
 
@@ -1684,7 +2610,7 @@ class People:
         core = self.core
         if not valid_name(name):
             core.refuse(session, "bad_name", f"Names are {NAME_RULES}.")
-        elif name.lower() in RESERVED_NAMES:
+        elif name.lower() in RESERVED_NAMES or name.lower() == core.settings.server_name.lower():
             core.refuse(session, "name_reserved", f'The name "{name}" is reserved. Pick another.')
         elif core.moderation.ban_for(name, session.host) is not None:
             ban = core.moderation.ban_for(name, session.host)
@@ -1707,7 +2633,22 @@ class People:
             members, answer = room.members, {"room": room.name}
         away = [name for name in listed if members[name.lower()].away is not None]
         answer.update(type="users", users=listed, count=count, ops=ops, away=away)
-        core.send(session, answer)
+        core.answer(session, answer)
+
+    def on_whois(self, session: Session, message: dict) -> None:
+        core = self.core
+        target = core.members.get(message["name"].lower())
+        if target is None:
+            core.refuse(session, "unknown_user", f'Nobody called {quoted(message["name"])} is '
+                        "here.")
+            return
+        now, wall = core.clock.now(), core.clock.wall()
+        rooms = sorted((room.name for room in target.rooms.values()), key=str.lower)
+        core.answer(session, {"type": "whois", "name": target.name, "rooms": rooms,
+                              "away": target.away, "operator": target.operator,
+                              "registered": target.registered,
+                              "idle": int(now - target.last_spoke),
+                              "since": utc_timestamp(wall - (now - target.connected_at))})
 
     def on_nick(self, session: Session, message: dict) -> None:
         core, name = self.core, message["name"]
@@ -1743,8 +2684,8 @@ class People:
             core.history.whispers_from(session)
         timestamp = core.timestamp()
         core.store.record(timestamp, "nick", old, None, name)
-        core.deliver(core.rooms.shared_with(session), {"type": "nick", "name": old, "new": name,
-                                                      "ts": timestamp})
+        change = {"type": "nick", "name": old, "new": name, "ts": timestamp}
+        core.deliver(core.rooms.shared_with(session), change, sender=session, echo=change)
         log.info("%s is now known as %s", old, name)
 
     def on_away(self, session: Session, message: dict) -> None:
@@ -1754,8 +2695,9 @@ class People:
     def set_away(self, session: Session, text: Optional[str]) -> None:
         """Mark session away (text) or back (None); it and those sharing a room are told."""
         session.away = text
-        self.core.deliver(self.core.rooms.shared_with(session),
-                          {"type": "away", "name": session.name, "text": text})
+        change = {"type": "away", "name": session.name, "text": text}
+        self.core.deliver(self.core.rooms.shared_with(session), change, sender=session,
+                          echo=change)
 
 
 # ---------------------------------------------------------------------------
@@ -2013,15 +2955,18 @@ class Rooms:
             event = {"type": "rooms", "rooms": listed[start:start + ROOMS_PER_FRAME]}
             if start + ROOMS_PER_FRAME < len(listed):
                 event["more"] = True    # the list goes on in the next one
-            self.core.send(session, event)
+            self.core.answer(session, event)
 
     def on_topic(self, session: Session, message: dict) -> None:
         room = self._or_refuse(session, lambda: self.existing(message["room"]))
         if room is None:
             return
         if "text" not in message:
-            self.core.send(session, {"type": "topic", "room": room.name, "topic": room.topic,
-                                     "by": room.topic_by, "ts": room.topic_ts})
+            answer = {"type": "topic", "room": room.name, "topic": room.topic,
+                      "by": room.topic_by, "ts": room.topic_ts, "created": room.created}
+            if room.key and session in room:
+                answer["key"] = room.key
+            self.core.answer(session, answer)
             return
         self._or_refuse(session, lambda: self.set_topic(session, room, message["text"]))
 
@@ -2250,6 +3195,9 @@ class Accounts:
     def check_name_password(self, session: Session, name: str, given: Optional[str],
                             then: Callable[[], None]) -> None:
         """then() once `given` proves to be the password of registered `name`."""
+        if session.account == name.lower():     # proved already (authenticate)
+            then()
+            return
         if given is None:
             self.core.refuse(session, "name_protected", f'"{name}" is a registered name: give '
                              "its password, or pick another name.")
@@ -2263,6 +3211,21 @@ class Accounts:
                 self.wrong_password(session, "bad_name_password", f'Wrong password for "{name}".')
 
         self.run_password_job(session, lambda: verify_password(given, stored), checked)
+
+    def on_authenticate(self, session: Session, message: dict) -> None:
+        """Before hello: prove a registered name is yours (IRC's SASL), so that a hello
+        under it needs no password."""
+        name, core = message["name"], self.core
+        if not self.is_registered(name):
+            core.refuse(session, "not_registered", f"{quoted(name)} is not a registered name.")
+            return
+
+        def proved() -> None:
+            session.account = name.lower()
+            core.answer(session, {"type": "notice", "code": "authenticated", "name": name,
+                                  "text": f"You are logged in as {name}."})
+
+        self.check_name_password(session, name, message["password"], proved)
 
     def on_register(self, session: Session, message: dict) -> None:
         if self.is_registered(session.name):
@@ -2546,7 +3509,7 @@ class History:
             end["room"] = room.name
         if say_if_none_kept and not (self.store.working and self.store.keep_messages):
             end["text"] = "The server keeps no history."
-        self.core.send(session, end)
+        self.core.answer(session, end)
 
 
 # ---------------------------------------------------------------------------
@@ -3540,6 +4503,7 @@ class ChatServer(SelectServer):
             PASSWORD_WORKERS, thread_name_prefix="password")
         self._executing = False
         self._to_drain: List[Connection] = []   # resumed while executing: their turn after
+        self.irc_address: Optional[Tuple[str, int]] = None     # where IRC listens, if it does
         self._batches: List[Batch] = []         # this pass's, in the order they began
         self._open: Dict[int, Batch] = {}       # id(audience) -> its batch taking events
         self._carry_out: Dict[str, Callable[..., None]] = {
@@ -3551,8 +4515,17 @@ class ChatServer(SelectServer):
 
     # -- from the transport, to the core --------------------------------------
 
+    def listen(self) -> Tuple[str, int]:
+        """Listen on the chat's port, and on the IRC port if there is one; the chat
+        port's address (irc_address has the other)."""
+        address = self.listen_on(self.settings.port, JsonCodec)
+        if self.settings.irc_port is not None:
+            info = IrcInfo.for_settings(self.settings)
+            self.irc_address = self.listen_on(self.settings.irc_port, lambda: IrcCodec(info))
+        return address
+
     def connection_made(self, conn: Connection) -> None:
-        codec = conn.protocol = JsonCodec()
+        codec = conn.protocol
         codec.session = self.core.connect(conn, conn.host, conn.address)
         self.execute()
 
@@ -3578,15 +4551,17 @@ class ChatServer(SelectServer):
             try:
                 request = codec.next_request()
             except ProtocolError as error:
+                self.write_alone(session, codec.take_output())
                 core.protocol_error(session, error)
                 self.execute()
                 continue
+            self.write_alone(session, codec.take_output())  # what the codec answered itself
             if request is None:
                 if codec.ended:     # everything the peer sent before it hung up is handled
                     core.peer_finished(session)
                     self.execute()
                 return
-            core.receive(session, request)
+            core.receive(session, request, codec.metered)
             self.execute()
 
     def connection_lost(self, conn: Connection, reason: str) -> None:
@@ -3654,10 +4629,18 @@ class ChatServer(SelectServer):
             self.drain(self._to_drain.pop())
 
     def send(self, session: Session, event: dict) -> None:
+        codec = session.link.protocol
+        self.write_alone(session, codec.encode(event))
+        if codec.wants_turn():      # the answer let the codec make a request (IRC's SASL)
+            self._to_drain.append(session.link)
+
+    def write_alone(self, session: Session, data: bytes) -> None:
+        """Bytes for one session: what it has coming in this pass's batches goes first."""
+        if not data:
+            return
         if self._open and any(session in batch.audience for batch in self._open.values()):
-            self.deliver_batches()      # what it has coming in batches goes first
-        conn = session.link
-        self.write(conn, conn.protocol.encode(event))
+            self.deliver_batches()
+        self.write(session.link, data)
 
     def deliver(self, audience: Audience, event: dict, sender: Optional[Session],
                 echo: Optional[dict]) -> None:
@@ -3853,30 +4836,53 @@ def client_command(host: str, port: int, fingerprint: Optional[str]) -> str:
     return f'python client.py "{shown}:{port}#{fingerprint}" --tls'
 
 
-def describe_reach(host: str, port: int, fingerprint: Optional[str] = None) -> List[str]:
-    """Lines telling the user who can reach the server and how."""
+def irc_commands(host: str, port: int, tls: bool) -> str:
+    """How to join with irssi and with WeeChat."""
+    shown = f"[{host}]" if ":" in host else host
+    irssi = f"/connect {'-tls ' if tls else ''}{host} {port}"
+    weechat = f"/server add lan {shown}/{port}{' -tls' if tls else ''}"
+    return f"{irssi} (irssi), {weechat} then /connect lan (WeeChat)"
+
+
+def describe_reach(host: str, port: int, fingerprint: Optional[str] = None,
+                   irc_port: Optional[int] = None) -> List[str]:
+    """Lines telling the user who can reach the server and how (with irc_port: with an
+    IRC client, too)."""
     try:
         ip = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         ip = None
-    firewall = f"(allow incoming TCP port {port} in this machine's firewall)"
+    ports = f"ports {port} and {irc_port}" if irc_port else f"port {port}"
+    firewall = f"(allow incoming TCP {ports} in this machine's firewall)"
+
+    def ways(address: str, indent: str = "  ") -> List[str]:
+        lines = [f"{indent}{client_command(address, port, fingerprint)}"]
+        if irc_port:
+            lines.append(f"{indent}IRC: {irc_commands(address, irc_port, bool(fingerprint))}")
+        return lines
+
+    def join_with(heading: str, address: str) -> List[str]:
+        if not irc_port:
+            return [f"{heading} {client_command(address, port, fingerprint)}"]
+        return [heading] + ways(address)
+
     if ip is not None and ip.is_loopback:
         return ["bound to loopback only: other machines cannot reach this server",
-                "(leave out --host to accept connections from your network)",
-                f"join with: {client_command(host, port, fingerprint)}"]
+                "(leave out --host to accept connections from your network)"] + \
+            join_with("join with:", host)
     if ip is not None and not ip.is_unspecified:
-        return [f"clients join with: {client_command(host, port, fingerprint)}", firewall]
+        return join_with("clients join with:", host) + [firewall]
     lines = []
     addresses = lan_addresses()
     if addresses:
         lines.append("other machines on your network join with:")
-        lines.extend(f"  {client_command(address, port, fingerprint)}" for address in addresses)
+        for address in addresses:
+            lines.extend(ways(address))
         lines.append(firewall)
     else:
         lines.append("no network address found: find this machine's address with "
                      "'ipconfig' (Windows), 'ip addr' (Linux) or 'ipconfig getifaddr en0' (macOS)")
-    lines.append(f"on this machine: {client_command('localhost', port, fingerprint)}")
-    return lines
+    return lines + join_with("on this machine:", "localhost")
 
 
 def describe_store(store: ChatStore) -> str:
@@ -3991,6 +4997,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             help="refuse messages that contain links")
     moderation.add_argument("--no-whisper", action="store_true",
                             help="turn whispers (direct messages) off")
+    irc = parser.add_argument_group("IRC (irssi, WeeChat, HexChat and bots join the same rooms)")
+    irc.add_argument("--irc-port", type=int, metavar="PORT",
+                     help="also listen for IRC clients on this port, on the same addresses "
+                          "(6667 is usual; 6697 with TLS: with --tls-cert it speaks TLS too); "
+                          "off by default")
+    irc.add_argument("--server-name", metavar="NAME",
+                     help="the server's name in IRC (prefixes, numerics, PONG), with a dot in "
+                          "it; nobody may take it as a name (default: this machine's host "
+                          "name, with .lan added when it has no dot)")
     parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
                         help="sqlite file for history; ':memory:' keeps it only while the "
                              f"server runs (default: {DEFAULT_DB} in the current directory)")
@@ -4019,6 +5034,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVER_NAME = re.compile(r"(?=.{3,63}$)[A-Za-z0-9][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)+")
+
+
+def default_server_name() -> str:
+    """This machine's host name as an IRC server's name (no DNS query: gethostname)."""
+    name = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname()).strip(".-")[:59] or "chat"
+    name = re.sub(r"\.{2,}", ".", name)
+    return name if "." in name else f"{name}.lan"
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(host=args.host, port=args.port, max_clients=args.max_clients,
                     hello_timeout=args.hello_timeout, ping_after=args.ping_after,
@@ -4028,6 +5053,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     keep_history=not args.no_history, history=args.history,
                     join_notices_up_to=args.join_notices_up_to,
                     max_rooms=args.max_rooms, max_room_size=args.max_room_size,
+                    irc_port=args.irc_port, server_name=args.server_name or default_server_name(),
                     password=args.password or os.environ.get("CHAT_PASSWORD") or None,
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
@@ -4076,6 +5102,13 @@ def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error(f"--max-length can be at most {MAX_TEXT_LIMIT}, so a message fits in a frame")
     if settings.drop_after <= settings.ping_after:
         parser.error("--drop-after must be longer than --ping-after")
+    if settings.irc_port is not None and not 0 <= settings.irc_port <= 65535:
+        parser.error("--irc-port must be between 0 and 65535")
+    if settings.irc_port is not None and settings.irc_port == settings.port != 0:
+        parser.error("--irc-port must differ from --port")
+    if not SERVER_NAME.fullmatch(settings.server_name):
+        parser.error("--server-name must be letters, digits, '-' and '.', with a dot in it, "
+                     "up to 63 characters")
 
 
 class CannotStart(Exception):
@@ -4115,7 +5148,11 @@ def print_start(server: ChatServer, host: str, port: int, fingerprint: Optional[
     settings = server.settings
     shown = f"[{host}]" if ":" in host else host
     print(f"listening on {shown}:{port}", flush=True)
-    for line in describe_reach(host, port, fingerprint):
+    irc_port = server.irc_address[1] if settings.irc_port is not None else None
+    if irc_port is not None:
+        print(f"IRC listening on {shown}:{irc_port}, as the server {settings.server_name}",
+              flush=True)
+    for line in describe_reach(host, port, fingerprint, irc_port):
         print(line)
     if fingerprint:
         print(f"TLS only; certificate fingerprint: {fingerprint}")
