@@ -986,9 +986,9 @@ def parse_irc_line(line: bytes) -> Optional[IrcMessage]:
     if line.startswith(b"@"):
         tags, _, line = line.partition(b" ")
         if len(tags) + 1 > IRC_TAGS_MAX:
-            raise BadInput("bad_line", "Input line was too long (its tags)")
+            raise BadInput("line_too_long", "Input line was too long (its tags)")
     if len(line) + 2 > IRC_LINE_MAX:
-        raise BadInput("bad_line", "Input line was too long")
+        raise BadInput("line_too_long", "Input line was too long")
     if b"\0" in line:
         raise BadInput("bad_line", "A line may not hold a NUL byte; it was dropped")
     try:
@@ -1168,7 +1168,7 @@ class IrcInput:
         elif self.sasl is None:
             if data.upper() == "PLAIN":
                 self.sasl = []
-                self._raw("AUTHENTICATE", "+")
+                self._output.append(b"AUTHENTICATE +\r\n")
             else:
                 self._reply("908", "PLAIN", "are available SASL mechanisms")
                 self._reply("904", "SASL authentication failed")
@@ -1219,7 +1219,10 @@ class IrcInput:
         return self.password, None
 
     def _quit(self, *reason: str) -> None:
-        self._ask({"type": "bye", "text": irc_text(reason[0]) if reason else ""}, "QUIT")
+        said = irc_text(reason[0]) if reason else ""
+        self._output.append(self._line("", "ERROR", f"Closing Link: {self._peer()} "
+                                                    f"(Quit{': ' + said if said else ''})"))
+        self._ask({"type": "bye", "text": said}, "QUIT")
 
     def _ping(self, *tokens: str) -> None:
         if not tokens:
@@ -1409,7 +1412,7 @@ IRC_ERRORS: Dict[str, Tuple[str, bool]] = {
     "bad_name_password": ("464", False), "bad_admin_password": ("464", False),
     "no_operators": ("491", False), "not_operator": ("481", False), "banned": ("465", False),
     "empty_message": ("412", False), "already_joined": ("462", False),
-    "bad_line": ("417", False),
+    "line_too_long": ("417", False),
 }
 # Refusals of a name: the client may try another.
 IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
@@ -1446,7 +1449,9 @@ class IrcOutput:
             text.encode("utf-8")[:IRC_LINE_MAX - 2] + b"\r\n"
 
     def _numeric(self, numeric: str, *params: str) -> bytes:
-        return self._line(self.info.server_name, numeric, self.nick or "*", *params)
+        """A numeric for this client: its nick first, or '*' until it is registered."""
+        return self._line(self.info.server_name, numeric,
+                          self.nick if self.registered else "*", *params)
 
     def _peer(self) -> str:
         return self.session.host if self.session is not None else "unknown"
@@ -1903,6 +1908,10 @@ ERRORS: Dict[str, ErrorCode] = {
     "too_many_connections": ErrorCode(True, "too many connections from this address"),
     "server_full": ErrorCode(True, "too many connections"),
     "banned": ErrorCode(True, "banned, when joining or by a moderator"),
+    "line_too_long": ErrorCode(False, "an IRC line over 512 bytes (its tags over 8191); it was "
+                                      "dropped"),
+    "bad_line": ErrorCode(False, "an IRC line that is not UTF-8 or holds a NUL byte; it was "
+                                 "dropped"),
     "bad_name": ErrorCode(False, "a name that breaks the rules, or a /ban of something that "
                                  "is neither a name nor an address"),
     "name_banned": ErrorCode(False, "nick to a name that is banned"),
@@ -2197,8 +2206,13 @@ class ChatCore:
         kind = request["type"]
         entry, handler = self.handlers.get(kind, (None, None))
         if session.state == JOINED:
-            if metered and (entry is None or entry.metered) and not self.within_rate(session):
-                return
+            if metered and (entry is None or entry.metered):
+                self.replying_to = request_id(request) if entry is not None else None
+                try:
+                    if not self.within_rate(session):
+                        return
+                finally:
+                    self.replying_to = None
             if entry is None:
                 self.refuse(session, "unknown_type", f"Unknown message type {quoted(kind)}.")
                 return

@@ -3779,6 +3779,449 @@ class NickAndAwayTests(ChatTestCase):
         self.assertEqual(alice.expect("users")["away"], [])
 
 
+# ---------------------------------------------------------------------------
+# IRC: any IRC client joins the same rooms
+# ---------------------------------------------------------------------------
+
+class IrcPeer:
+    """A test IRC client: lines in and out over a blocking socket with a timeout."""
+
+    def __init__(self, port: int, nick: Optional[str] = None, caps: str = "",
+                 password: Optional[str] = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.buffer = b""
+        self.syncs = 0
+        if nick:
+            self.register(nick, caps, password)
+
+    def register(self, nick: str, caps: str = "", password: Optional[str] = None) -> List[str]:
+        """Log in; the lines up to the end of the MOTD."""
+        if caps:
+            self.send("CAP LS 302")
+            self.expect(r" CAP \* LS ")
+            self.send(f"CAP REQ :{caps}")
+            self.expect(r" CAP \S+ ACK ")
+        if password is not None:
+            self.send(f"PASS {password}")
+        self.send(f"NICK {nick}")
+        self.send(f"USER {nick} 0 * :{nick} the tester")
+        if caps:
+            self.send("CAP END")
+        return self.until(r" 376 ")
+
+    def send(self, line: str) -> None:
+        self.sock.sendall(line.encode("utf-8") + b"\r\n")
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> str:
+        while b"\r\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("connection closed while a line was expected")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        self.assertable(line)
+        return line.decode("utf-8")
+
+    @staticmethod
+    def assertable(line: bytes) -> None:
+        if len(line.split(b" ", 1)[1] if line.startswith(b"@") else line) + 2 > 512:
+            raise AssertionError(f"a line of over 512 bytes: {line[:80]!r}...")
+
+    def expect(self, pattern: str) -> re.Match:
+        """Read until a line matches; the others are dropped."""
+        while True:
+            line = self.line()
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def until(self, pattern: str) -> List[str]:
+        """The lines up to and including the first that matches."""
+        lines = []
+        while True:
+            lines.append(self.line())
+            if re.search(pattern, lines[-1]):
+                return lines
+
+    def sync(self) -> List[str]:
+        """Everything that arrives before the answer to a PING of ours."""
+        self.syncs += 1
+        self.send(f"PING :sync{self.syncs}")
+        lines = self.until(rf"PONG \S+ :sync{self.syncs}$")
+        return lines[:-1]
+
+    def read_until_closed(self) -> List[str]:
+        lines = []
+        while True:
+            try:
+                lines.append(self.line())
+            except (AssertionError, ConnectionResetError):
+                return lines
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class IrcTests(ChatTestCase):
+    server_settings = {"irc_port": 0, "server_name": "test.lan", "failure_delay": 0.01}
+
+    def irc(self, nick: Optional[str] = None, **options: Any) -> IrcPeer:
+        peer = IrcPeer(self.server.server.irc_address[1], nick, **options)
+        self.addCleanup(peer.close)
+        return peer
+
+    def test_registration_without_cap_and_what_comes_before_it(self) -> None:
+        alice = self.irc()
+        alice.send("JOIN :")    # irssi's probe while it negotiates
+        self.assertEqual(alice.line(), ":test.lan 451 * JOIN :You have not registered")
+        alice.send("PRIVMSG #lobby :too early")
+        alice.expect(" 451 ")
+        lines = alice.register("alice")
+        self.assertTrue(lines[0].startswith(":test.lan 001 alice :Welcome"), lines[0])
+        numerics = [line.split()[1] for line in lines]
+        for numeric in ("002", "003", "004", "005", "375", "372", "376"):
+            self.assertIn(numeric, numerics)
+        isupport = " ".join(line for line in lines if " 005 " in line)
+        for token in ("CHANTYPES=#", "PREFIX=(o)@", "CASEMAPPING=ascii", "NICKLEN=32",
+                      "CHANNELLEN=33", "TOPICLEN=300", "NETWORK="):
+            self.assertIn(token, isupport)
+        self.assertEqual(alice.sync(), [])      # in no channel: nothing forced on it
+        alice.send("NICK")
+        alice.expect(r" 461 alice NICK ")
+        alice.send("FROBNICATE now")
+        alice.expect(r" 421 alice FROBNICATE ")
+
+    def test_cap_negotiation_holds_registration_until_end(self) -> None:
+        alice = self.irc()
+        alice.send("CAP LS 302")
+        offered = alice.expect(r" CAP \* LS :(.*)$").group(1).split()
+        for cap in ("server-time", "message-tags", "echo-message", "away-notify",
+                    "multi-prefix", "sasl=PLAIN"):
+            self.assertIn(cap, offered)
+        alice.send("NICK alice")
+        alice.send("USER alice 0 * :Alice")
+        alice.send("CAP REQ :server-time bogus-cap")
+        alice.expect(r" CAP \S+ NAK :server-time bogus-cap")
+        alice.send("CAP REQ :server-time multi-prefix")
+        alice.expect(r" CAP \S+ ACK :server-time multi-prefix")
+        self.assertNotIn(" 001 ", " ".join(alice.sync()))   # still negotiating
+        alice.send("CAP END")
+        alice.expect(" 001 alice ")
+        alice.send("CAP LIST")
+        self.assertIn("multi-prefix server-time", alice.expect(" CAP alice LIST ").string)
+
+    def test_a_refused_nick_can_be_replaced_on_the_same_connection(self) -> None:
+        self.peer("alice")
+        taken = self.irc()
+        taken.send("NICK ALICE")
+        taken.send("USER x 0 * :x")
+        self.assertEqual(taken.line(), ':test.lan 433 * ALICE :The name "ALICE" is taken. '
+                                       "Pick another.")
+        taken.send("NICK bad!name")
+        taken.expect(r" 432 \* bad!name ")
+        taken.send("NICK test.lan")     # the server's own name
+        taken.expect(r" 432 \* test.lan ")
+        taken.send("NICK alice_")
+        taken.expect(" 001 alice_ ")
+
+    def test_channels_are_rooms_and_both_sides_see_each_other(self) -> None:
+        bob = self.peer("bob")          # a client.py user, in the lobby
+        alice = self.irc("alice")
+        alice.send("JOIN #lobby,#dev")
+        lobby = alice.until(r" 366 alice #lobby ")
+        self.assertEqual(lobby[0], ":alice!alice@test.lan JOIN :#lobby")
+        names = next(line for line in lobby if " 353 " in line)
+        self.assertEqual(names, ":test.lan 353 alice = #lobby :alice bob")
+        dev = alice.until(r" 366 alice #dev ")
+        self.assertIn(":test.lan 353 alice = #dev :@alice", dev)     # its maker is its op
+        self.assertEqual(bob.expect("join")["name"], "alice")
+        alice.send("PRIVMSG #lobby :hello \x02bold\x02 \x0304,02coloured\x03 world")
+        said = bob.expect("message")
+        self.assertEqual((said["room"], said["from"], said["text"]),
+                         ("lobby", "alice", "hello bold coloured world"))
+        bob.send({"type": "say", "text": "hi alice"})
+        self.assertEqual(alice.expect(r"PRIVMSG #lobby").string,
+                         ":bob!bob@test.lan PRIVMSG #lobby :hi alice")
+        alice.send("PRIVMSG #lobby :\x01ACTION waves\x01")
+        self.assertEqual((bob.expect("message")["text"]), "waves")
+        bob.send({"type": "say", "text": "waves back", "action": True})
+        alice.expect("PRIVMSG #lobby :\x01ACTION waves back\x01")
+        alice.send("PRIVMSG bob :psst")
+        self.assertEqual(bob.expect("whisper")["text"], "psst")
+        bob.send({"type": "whisper", "to": "alice", "text": "psst back"})
+        alice.expect(r"^:bob!bob@test.lan PRIVMSG alice :psst back$")
+        alice.send("PRIVMSG #dev :only dev")
+        self.assertNotIn("message", [m["type"] for m in bob.sync()])
+
+    def test_queries_and_their_numerics(self) -> None:
+        bob = self.peer("bob")
+        bob.send({"type": "away", "text": "lunch"})
+        alice = self.irc("alice")
+        alice.send("JOIN #dev")
+        alice.until(" 366 ")
+        alice.send("TOPIC #dev")
+        alice.expect(r" 331 alice #dev :No topic is set")
+        alice.send("TOPIC #dev :release friday")
+        self.assertEqual(alice.line(), ":alice!alice@test.lan TOPIC #dev :release friday")
+        alice.send("TOPIC #dev")
+        alice.expect(r" 332 alice #dev :release friday")
+        alice.expect(r" 333 alice #dev alice :\d+")
+        alice.send("MODE #dev")
+        alice.expect(r" 324 alice #dev :\+t")
+        alice.expect(r" 329 alice #dev :\d+")
+        alice.send("MODE #dev b")
+        alice.expect(r" 368 alice #dev ")
+        alice.send("MODE alice")
+        alice.expect(r" 221 alice :\+i")
+        alice.send("WHO #dev")
+        alice.expect(r" 352 alice #dev alice test.lan test.lan alice H@ :0 alice")
+        alice.expect(r" 315 alice #dev ")
+        alice.send("NAMES #lobby")
+        alice.expect(r" 353 alice = #lobby :bob")
+        alice.expect(r" 366 alice #lobby ")
+        alice.send("LIST")
+        listed = alice.until(r" 323 ")
+        self.assertIn(":test.lan 322 alice #dev 1 :release friday", listed)
+        self.assertTrue(any(" 321 " in line for line in listed))
+        alice.send("WHOIS bob")
+        whois = alice.until(r" 318 ")
+        self.assertIn(":test.lan 319 alice bob :#lobby", whois)
+        self.assertIn(":test.lan 301 alice bob :lunch", whois)
+        alice.send("WHOIS nobody")
+        alice.expect(r" 401 alice nobody ")
+        alice.send("PRIVMSG bob :are you there?")
+        alice.expect(r" 301 alice bob :lunch")
+        alice.send("ISON bob nobody alice")
+        alice.expect(r" 303 alice :bob alice")
+        alice.send("PART #nowhere")
+        alice.expect(r" 403 alice #nowhere ")
+        alice.send("PART #lobby")
+        alice.expect(r" 442 alice #lobby ")
+        alice.send("PRIVMSG #lobby :not in it")
+        alice.expect(r" 442 alice #lobby ")
+
+    def test_operators_keys_kicks_and_modes_cross_over(self) -> None:
+        alice = self.irc("alice")
+        alice.send("JOIN #ops")
+        alice.until(" 366 ")
+        bob = self.peer("bob")
+        enter(bob, "ops")
+        alice.send("MODE #ops +k s3cret")
+        self.assertEqual(alice.expect("MODE").string, ":alice!alice@test.lan MODE #ops +k :s3cret")
+        self.assertEqual(bob.expect("key")["key"], "s3cret")
+        carol = self.irc("carol")
+        carol.send("JOIN #ops")
+        carol.expect(r" 475 carol #ops ")
+        carol.send("JOIN #ops wrong")
+        carol.expect(r" 475 carol #ops ")
+        carol.send("JOIN #ops s3cret")
+        carol.until(" 366 ")
+        carol.send("KICK #ops bob :no")
+        carol.expect(r" 482 carol #ops ")
+        alice.send("MODE #ops +o carol")
+        carol.expect(r":alice!alice@test.lan MODE #ops \+o :carol")
+        self.assertEqual(bob.expect("room_op")["name"], "carol")
+        carol.send("KICK #ops bob :out you go")
+        kicked = bob.expect_next_of("leave", room="ops")
+        self.assertEqual((kicked["reason"], kicked["by"], kicked["comment"]),
+                         ("kicked", "carol", "out you go"))
+        alice.expect(r":carol!carol@test.lan KICK #ops bob :out you go")
+        bob.send({"type": "join", "room": "ops", "key": "s3cret"})
+        carol.expect(r":bob!bob@test.lan JOIN :#ops")
+        bob.send({"type": "kick", "room": "ops", "name": "carol"})
+        self.assertEqual(bob.expect("error")["code"], "not_room_operator")
+        alice.send("KICK #ops carol :bye")
+        carol.expect(r":alice!alice@test.lan KICK #ops carol :bye")
+        alice.send("MODE #ops +x")
+        alice.expect(r" 472 alice x ")
+
+    def test_history_on_join_with_server_time_and_without(self) -> None:
+        bob = self.peer("bob")
+        bob.say("said before")
+        tagged = self.irc("tagged", caps="server-time")
+        tagged.send("JOIN #lobby")
+        lines = tagged.until("end of earlier messages")
+        replayed = next(line for line in lines if "said before" in line)
+        self.assertRegex(replayed, r"^@time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
+                                   r":bob!bob@test.lan PRIVMSG #lobby :said before$")
+        plain = self.irc("plain")
+        plain.send("JOIN #lobby")
+        lines = plain.until("end of earlier messages")
+        replayed = next(line for line in lines if "said before" in line)
+        self.assertRegex(replayed, r"^:bob!bob@test.lan PRIVMSG #lobby :\[\d{4}-\d\d-\d\d "
+                                   r"\d\d:\d\d UTC\] said before$")
+        bob.say("live")
+        self.assertTrue(tagged.expect("live").string.startswith("@time="))
+        self.assertEqual(plain.expect("live").string, ":bob!bob@test.lan PRIVMSG #lobby :live")
+
+    def test_nick_away_part_and_quit_cross_over(self) -> None:
+        bob = self.peer("bob")
+        alice = self.irc("alice", caps="away-notify")
+        alice.send("JOIN #lobby")
+        alice.until(" 366 ")
+        alice.send("NICK alicia")
+        self.assertEqual(alice.line(), ":alice!alice@test.lan NICK :alicia")
+        change = bob.expect("nick")
+        self.assertEqual((change["name"], change["new"]), ("alice", "alicia"))
+        bob.send({"type": "nick", "name": "robert"})
+        alice.expect(r"^:bob!bob@test.lan NICK :robert$")
+        alice.send("AWAY :gone fishing")
+        alice.expect(r" 306 alicia ")
+        self.assertEqual(bob.expect("away")["text"], "gone fishing")
+        bob.send({"type": "away", "text": "me too"})
+        alice.expect(r"^:robert!robert@test.lan AWAY :me too$")
+        alice.send("AWAY")
+        alice.expect(r" 305 alicia ")
+        alice.send("PART #lobby :later")
+        alice.expect(r"^:alicia!alicia@test.lan PART #lobby :later$")
+        self.assertEqual(bob.expect_next_of("leave", room="lobby")["comment"], "later")
+        alice.send("JOIN #lobby")
+        alice.until(" 366 ")
+        alice.send("QUIT :see you")
+        self.assertEqual(alice.read_until_closed()[-1],
+                         "ERROR :Closing Link: 127.0.0.1 (Quit: see you)")
+        left = bob.expect_next_of("leave", name="alicia")
+        self.assertEqual((left["reason"], left["comment"]), ("quit", "see you"))
+        carol = self.irc("carol")
+        carol.send("JOIN #lobby")
+        carol.until(" 366 ")
+        bob.send({"type": "bye"})
+        carol.expect(r"^:robert!robert@test.lan QUIT :Quit$")
+
+    def test_room_password_sasl_pass_and_oper(self) -> None:
+        server = ServerThread(irc_port=0, server_name="test.lan", password="room pw",
+                              admin_password="op pw", failure_delay=0.01, max_failures=0)
+        self.addCleanup(server.stop)
+        port = server.server.irc_address[1]
+        owner = Peer(server.port)
+        self.addCleanup(owner.close)
+        owner.send({"type": "hello", "name": "dave", "password": "room pw"})
+        owner.expect("welcome")
+        owner.send({"type": "register", "password": "dave's secret"})
+        owner.expect("notice")
+        owner.send({"type": "bye"})
+        owner.read_until_closed()
+        wrong = IrcPeer(port)
+        self.addCleanup(wrong.close)
+        wrong.send("PASS nope")
+        wrong.send("NICK eve")
+        wrong.send("USER eve 0 * :Eve")
+        closing = wrong.read_until_closed()
+        self.assertTrue(any(" 464 " in line for line in closing), closing)
+        self.assertTrue(closing[-1].startswith("ERROR :Closing Link: 127.0.0.1"), closing)
+        sasl = IrcPeer(port)
+        self.addCleanup(sasl.close)
+        sasl.send("CAP LS 302")
+        sasl.send("CAP REQ :sasl")
+        sasl.expect(" ACK ")
+        sasl.send("AUTHENTICATE PLAIN")
+        sasl.expect(r"^AUTHENTICATE \+|AUTHENTICATE :\+")
+        sasl.send("AUTHENTICATE " + binascii_b64("dave\0dave\0wrong secret"))
+        sasl.expect(r" 904 ")
+        sasl.send("AUTHENTICATE PLAIN")
+        sasl.expect("AUTHENTICATE")
+        sasl.send("AUTHENTICATE " + binascii_b64("dave\0dave\0dave's secret"))
+        sasl.expect(r" 900 \* dave!dave@test.lan dave ")
+        sasl.expect(r" 903 ")
+        sasl.send("PASS :room pw")
+        sasl.send("NICK dave")
+        sasl.send("USER dave 0 * :Dave")
+        sasl.send("CAP END")
+        sasl.expect(" 001 dave ")
+        sasl.send("QUIT")
+        sasl.read_until_closed()
+        plain = IrcPeer(port)
+        self.addCleanup(plain.close)
+        plain.send("PASS :room pw:dave:dave's secret")
+        plain.send("NICK dave")
+        plain.send("USER dave 0 * :Dave")
+        plain.expect(" 001 dave ")
+        plain.send("OPER dave wrong")
+        plain.expect(r" 464 dave ")
+        plain.send("OPER dave :op pw")
+        plain.expect(r" 381 dave ")
+        protected = IrcPeer(port)
+        self.addCleanup(protected.close)
+        protected.send("PASS :room pw")
+        protected.send("NICK dave")
+        protected.send("USER x 0 * :x")
+        protected.expect(r" 433 \* dave :.*registered.*SASL")
+
+    def test_bans_and_flood_control_apply_to_irc_users(self) -> None:
+        server = ServerThread(irc_port=0, server_name="test.lan", rate_limit=5, rate_burst=3)
+        self.addCleanup(server.stop)
+        port = server.server.irc_address[1]
+        flooder = IrcPeer(port, "flooder")
+        self.addCleanup(flooder.close)
+        flooder.send("JOIN #lobby")
+        flooder.until(" 366 ")
+        flooder.send_raw(b"".join(b"PRIVMSG #lobby :spam\r\n" for _ in range(60)))
+        lines = flooder.read_until_closed()
+        self.assertTrue(any(" 404 flooder #lobby :Slow down" in line for line in lines), lines)
+        self.assertTrue(lines[-1].startswith("ERROR :Closing Link"), lines[-1])
+        in_loop(server, lambda: server.server.run_command("/ban 127.0.0.1 1 testing"))
+        banned = IrcPeer(port)
+        self.addCleanup(banned.close)
+        lines = banned.read_until_closed()
+        self.assertTrue(any(" 465 " in line for line in lines), lines)
+        self.assertIn("ERROR :Closing Link", lines[-1])
+
+    def test_hostile_lines_cost_themselves_only(self) -> None:
+        bob = self.peer("bob")
+        alice = self.irc("alice")
+        alice.send("JOIN #lobby")
+        alice.until(" 366 ")
+        alice.send("PRIVMSG #lobby :" + "x" * 600)
+        alice.expect(r" 417 alice :Input line was too long")
+        alice.send_raw(b"PRIVMSG #lobby :caf\xe9\r\n")
+        alice.expect(r"NOTICE alice :Lines must be UTF-8")
+        alice.send_raw(b"PRIVMSG #lobby :nul\x00byte\r\n")
+        alice.expect(r"NOTICE alice :A line may not hold a NUL")
+        alice.send_raw(b"PRIVMSG #lobby :lf only\n")
+        self.assertEqual(bob.expect("message")["text"], "lf only")
+        bob.send({"type": "say", "text": "nice\r\nQUIT :pwned\r\nPRIVMSG #lobby :x"})
+        line = alice.expect("PRIVMSG #lobby :nice")
+        self.assertEqual(line.string, ":bob!bob@test.lan PRIVMSG #lobby :nice  QUIT :pwned  "
+                                      "PRIVMSG #lobby :x")      # one line: CR LF are spaces
+        bob.send({"type": "say", "text": "long " * 399})
+        pieces = [line for line in alice.sync() if "PRIVMSG #lobby :long" in line]
+        self.assertEqual(len(pieces), 5)    # each under 512 bytes (IrcPeer.line checks)
+        self.assertEqual(" ".join(line.split(" :", 1)[1] for line in pieces),
+                         ("long " * 399).strip())
+        alice.send("NOTICE nobody :no error for a notice")
+        self.assertNotIn(" 401 ", " ".join(alice.sync()))
+        alice.send_raw(b"x" * 9000)
+        closing = alice.read_until_closed()
+        self.assertIn("ERROR :Closing Link", closing[-1])
+        bob.say("the others carry on")
+
+    def test_an_irc_client_that_never_registers_is_dropped(self) -> None:
+        server = ServerThread(irc_port=0, server_name="test.lan", hello_timeout=0.3)
+        self.addCleanup(server.stop)
+        silent = IrcPeer(server.server.irc_address[1])
+        self.addCleanup(silent.close)
+        silent.send("NICK halfway")
+        lines = silent.read_until_closed()
+        self.assertIn("ERROR :Closing Link: 127.0.0.1 (No hello within 0.3 seconds.)", lines)
+
+    def test_the_server_pings_a_quiet_irc_client(self) -> None:
+        server = ServerThread(irc_port=0, server_name="test.lan", ping_after=0.1,
+                              drop_after=5)
+        self.addCleanup(server.stop)
+        alice = IrcPeer(server.server.irc_address[1], "alice")
+        self.addCleanup(alice.close)
+        self.assertEqual(alice.expect("PING").string, "PING :test.lan")
+        alice.send("PONG :test.lan")
+
+
+def binascii_b64(text: str) -> str:
+    import base64
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
 class ProtocolAdditionTests(ChatTestCase):
     def test_actions(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
