@@ -100,7 +100,7 @@ LATENCY_RATE = 200.0            # messages a second, all senders together
 LATENCY_SECONDS = 5.0
 IDLE_CLIENTS = 10_000
 IDLE_HOLD = 2.0                 # seconds the idle clients stay before they are counted
-IDLE_CONNECTING = 200           # idle clients connecting at once, per worker
+IDLE_CONNECTING = 400           # idle clients connecting at once, per worker (backlog: 1024)
 WORKERS = 2                     # load generator processes for fanout and idle runs
 REPEAT = 2                      # runs of each fanout setting; the best one counts
 PAIRS = 3                       # plain and variant runs in turn for 'slow' and 'history'
@@ -563,19 +563,44 @@ def latency_worker(index: int, results: Any, port: int, plan: Dict[str, Any]) ->
             "messages": total}
 
 
-def idle_worker(index: int, results: Any, port: int, names: List[str],
+def idle_worker(index: int, results: Any, port: int, names: List[str], start: Any,
                 hold: Any) -> Dict[str, Any]:
-    """Join clients a batch at a time, then only read and answer pings until `hold` is set."""
+    """Join clients many at a time, then only read and answer pings until `hold` is set.
+
+    Connections are opened without waiting for each (non-blocking connect), up
+    to IDLE_CONNECTING at once, each saying hello as soon as it is connected:
+    what is timed is the server taking them in, not this process dialling.
+    """
     selector = selectors.DefaultSelector()
     buffer = bytearray(RECV_SIZE)
     counters: Dict[socket.socket, Tuple[FrameCounter, FrameCounter, FrameCounter]] = {}
+    hellos: Dict[socket.socket, bytes] = {}     # connecting: the hello to send once connected
     connecting = joined = closed = 0
+    waiting = list(reversed(names))
+    results.put(("ready", index, None))
+    start.wait(SETUP_TIMEOUT * 3)
     cpu_start = time.process_time()
     deadline = time.monotonic() + RUN_TIMEOUT
-    waiting = list(reversed(names))
+
+    def drop(sock: socket.socket) -> None:
+        nonlocal closed, connecting
+        closed += 1     # a refused join, or the server hung up
+        welcome = counters.pop(sock)[0]
+        connecting -= 0 if welcome.count else 1
+        hellos.pop(sock, None)
+        selector.unregister(sock)
+        sock.close()
 
     def read(sock: socket.socket) -> None:
-        nonlocal joined, closed, connecting
+        nonlocal joined, connecting
+        if sock in hellos:      # connected (or refused): say hello, then only read
+            try:
+                sock.send(hellos.pop(sock))
+            except OSError:
+                drop(sock)
+                return
+            selector.modify(sock, selectors.EVENT_READ)
+            return
         welcome, pings, errors = counters[sock]
         try:
             size = sock.recv_into(buffer)
@@ -584,11 +609,7 @@ def idle_worker(index: int, results: Any, port: int, names: List[str],
         except OSError:
             size = 0
         if not size or (errors.feed(buffer, size) and not welcome.count):
-            closed += 1     # a refused join, or the server hung up
-            connecting -= 0 if welcome.count else 1
-            selector.unregister(sock)
-            sock.close()
-            del counters[sock]
+            drop(sock)
             return
         if welcome.feed(buffer, size) and welcome.count == 1:
             joined += 1
@@ -598,12 +619,14 @@ def idle_worker(index: int, results: Any, port: int, names: List[str],
 
     while (waiting or connecting) and time.monotonic() < deadline:
         while waiting and connecting < IDLE_CONNECTING:
-            sock = socket.create_connection((LOOPBACK, port), timeout=SETUP_TIMEOUT)
-            sock.sendall(encode_frame({"type": "hello", "name": waiting.pop()}))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
+            sock.connect_ex((LOOPBACK, port))
+            hellos[sock] = encode_frame({"type": "hello", "name": waiting.pop(),
+                                         "rooms": ["lobby"]})     # as client.py says it
             counters[sock] = (FrameCounter(HISTORY_END_MARK), FrameCounter(PING_MARK),
                               FrameCounter(ERROR_MARK))
-            selector.register(sock, selectors.EVENT_READ)
+            selector.register(sock, selectors.EVENT_WRITE)
             connecting += 1
         for key, _ in selector.select(0.01):
             read(key.fileobj)
@@ -782,12 +805,16 @@ def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
     names = [f"i{number}" for number in range(wanted)]
     with ServerUnderTest(db_dir, max_clients=wanted + 10) as server, Workers() as pool:
         before = server.memory()
-        hold = pool.context.Event()
-        began = time.monotonic()
+        hold, start = pool.context.Event(), pool.context.Event()
         for index in range(workers):
-            pool.start(idle_worker, index, server.port, names[index::workers], hold)
+            pool.start(idle_worker, index, server.port, names[index::workers], start, hold)
+        pool.collect("ready", workers, SETUP_TIMEOUT * 3)
+        cpu_before = server.cpu()
+        began = time.monotonic()
+        start.set()
         joins = pool.collect("joined", workers, RUN_TIMEOUT + SETUP_TIMEOUT)
         join_seconds = time.monotonic() - began
+        cpu_after = server.cpu()
         time.sleep(options.idle_hold)   # the clients stay idle for a while: is anyone dropped?
         after = server.memory()
         hold.set()
@@ -795,8 +822,12 @@ def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
     held = sum(end["held"] for end in ends)
     joined = sum(report["joined"] for report in joins)
     grown = None if before is None or after is None else after - before
+    join_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     return {"requested": options.idle_clients, "joined": joined, "held": held,
             "join_seconds": round(join_seconds, 2),
+            "join_server_cpu_pct": percent(join_cpu, join_seconds),
+            "join_loadgen_cpu_pct": percent(sum(report["cpu"] for report in joins),
+                                            join_seconds),
             "server_rss_kib_before": before, "server_rss_kib_after": after,
             "kib_per_client": round(grown / held, 2) if grown is not None and held else None,
             "fd_limit_before": fd_before, "fd_limit": fd_now, "note": note}
@@ -891,7 +922,10 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
         idle = results["idle"]
         lines.append(
             f"idle clients: {shown(idle['held'])} of {shown(idle['requested'])} held "
-            f"(joined in {idle['join_seconds']} s), {shown(idle['kib_per_client'], ' KiB')} "
+            f"(joined in {idle['join_seconds']} s; CPU server "
+            f"{shown(idle['join_server_cpu_pct'], '%')}, load generator "
+            f"{shown(idle['join_loadgen_cpu_pct'], '%')}), "
+            f"{shown(idle['kib_per_client'], ' KiB')} "
             f"of server memory each; open-file limit {shown(idle['fd_limit_before'])}"
             f" -> {shown(idle['fd_limit'])}")
         if idle["note"]:

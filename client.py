@@ -60,7 +60,7 @@ import zlib
 from collections import deque
 from datetime import date, datetime
 from typing import (Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional,
-                    TextIO, Tuple)
+                    TextIO, Tuple, Union)
 
 try:
     import ssl
@@ -140,11 +140,16 @@ class FrameDecoder:
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self._buffer = bytearray()
-        self._start = 0     # offset of the first byte not yet returned
+        # What has arrived and is not yet returned, from _start on. b"" while nothing
+        # waits, so that a quiet connection keeps no buffer at all.
+        self._buffer: Union[bytes, bytearray] = b""
+        self._start = 0
         self.ended = False  # the stream has ended: no more bytes will come
 
     def feed(self, data: bytes) -> None:
+        if not self._buffer:
+            self._buffer = bytearray(data)
+            return
         if self._start:
             del self._buffer[:self._start]
             self._start = 0
@@ -172,8 +177,12 @@ class FrameDecoder:
                 raise ProtocolError("truncated",
                                     "the connection closed in the middle of a message")
             raise StopIteration
-        self._start = end
-        return bytes(buffer[start + HEADER_LENGTH:end])
+        payload = bytes(buffer[start + HEADER_LENGTH:end])
+        if end == len(buffer):      # all taken: let the buffer go
+            self._buffer, self._start = b"", 0
+        else:
+            self._start = end
+        return payload
 
     def _payload_length(self, header: bytes) -> Optional[int]:
         """The length a header announces; None while the header is incomplete."""

@@ -82,7 +82,7 @@ import unicodedata
 from collections import deque
 from datetime import datetime, timezone
 from typing import (Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set,
-                    TextIO, Tuple)
+                    TextIO, Tuple, Union)
 
 try:
     import ssl
@@ -212,11 +212,16 @@ class FrameDecoder:
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self._buffer = bytearray()
-        self._start = 0     # offset of the first byte not yet returned
+        # What has arrived and is not yet returned, from _start on. b"" while nothing
+        # waits, so that a quiet connection keeps no buffer at all.
+        self._buffer: Union[bytes, bytearray] = b""
+        self._start = 0
         self.ended = False  # the stream has ended: no more bytes will come
 
     def feed(self, data: bytes) -> None:
+        if not self._buffer:
+            self._buffer = bytearray(data)
+            return
         if self._start:
             del self._buffer[:self._start]
             self._start = 0
@@ -244,8 +249,12 @@ class FrameDecoder:
                 raise ProtocolError("truncated",
                                     "the connection closed in the middle of a message")
             raise StopIteration
-        self._start = end
-        return bytes(buffer[start + HEADER_LENGTH:end])
+        payload = bytes(buffer[start + HEADER_LENGTH:end])
+        if end == len(buffer):      # all taken: let the buffer go
+            self._buffer, self._start = b"", 0
+        else:
+            self._start = end
+        return payload
 
     def _payload_length(self, header: bytes) -> Optional[int]:
         """The length a header announces; None while the header is incomplete."""
@@ -366,11 +375,15 @@ class Settings:
 
 
 def client_host(address: tuple) -> str:
-    """The peer's IP address; IPv4 clients of a dual-stack socket as plain IPv4."""
+    """The peer's IP address; IPv4 clients of a dual-stack socket as plain IPv4.
+
+    Interned: the many connections from one address (a NAT, one machine) share
+    one string, as the per-address counts do.
+    """
     host = address[0]
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:"):]
-    return host
+    return sys.intern(host)
 
 
 def format_address(address: tuple) -> str:
@@ -430,7 +443,7 @@ class Connection:
         self.address = format_address(address)  # HOST:PORT, for logs
         self.host = client_host(address)        # the IP, for per-address limits
         self.protocol: Any = None
-        self.outbox: List[bytes] = []   # bytes waiting to be sent, often shared with others
+        self.outbox: Any = ()           # bytes waiting to be sent (a list), often shared with others
         self.wants_write = False        # registered for EVENT_WRITE
         self.paused = False             # not reading for now (see pause_reading)
         self.tls_phase: Optional[str] = None
@@ -796,7 +809,10 @@ class SelectServer:
         told everything it will be told.
         """
         if not (conn.closing or conn.closed):
-            conn.outbox.append(data)
+            if conn.outbox:
+                conn.outbox.append(data)
+            else:           # () while nothing waits: a quiet connection keeps no list
+                conn.outbox = [data]
             self._to_flush.add(conn)
 
     def write_many(self, conns: Iterable[Connection], data: bytes) -> None:
@@ -804,7 +820,10 @@ class SelectServer:
         to_flush = self._to_flush
         for conn in conns:
             if not (conn.closing or conn.closed):
-                conn.outbox.append(data)
+                if conn.outbox:
+                    conn.outbox.append(data)
+                else:
+                    conn.outbox = [data]
                 to_flush.add(conn)
 
     def _flush_all(self) -> None:
@@ -827,11 +846,11 @@ class SelectServer:
                            graceful=False)
                 return
             if sent == len(data):
-                outbox.clear()
+                conn.outbox = ()
             else:
                 rest = data[sent:]
                 if len(rest) > self.settings.max_backlog and conn.open:
-                    outbox.clear()
+                    conn.outbox = ()
                     self.close(conn, f"too slow: over {self.settings.max_backlog // 1024}"
                                " KiB waiting to be read", graceful=False)
                     return
@@ -897,7 +916,7 @@ class SelectServer:
             except (KeyError, ValueError):
                 pass
         conn.sock.close()
-        conn.outbox = []
+        conn.outbox = ()
 
     def _check_closing(self) -> None:
         for conn in list(self.connections):
@@ -949,8 +968,23 @@ class JsonCodec(FrameDecoder):
         return None if payload is None else decode_payload(payload)
 
     def encode(self, event: dict) -> bytes:
-        """An event for this connection alone."""
-        return encode_frame(event)
+        """An event for this connection alone.
+
+        A Listing (the names of a room, in a welcome, a `room` or a `users`
+        event) keeps its JSON: while the room does not change, it is written
+        out as it is, not encoded for each newcomer again.
+        """
+        listing = event.get("users")
+        if type(listing) is not Listing:
+            return encode_frame(event)
+        if listing.encoded is None:
+            listing.encoded = json.dumps(listing, ensure_ascii=False, separators=(",", ":"))
+        rest = json.dumps({key: value for key, value in event.items() if key != "users"},
+                          ensure_ascii=False, separators=(",", ":"))
+        payload = f'{rest[:-1]},"users":{listing.encoded}}}'.encode("utf-8")
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"payload of {len(payload)} bytes is over the limit")
+        return f"{len(payload):<{HEADER_LENGTH}}".encode("ascii") + payload
 
     encode_shared = staticmethod(encode_frame)      # an event for every codec of this variant
 
@@ -2086,7 +2120,7 @@ class Session:
         self.rejoining = False          # back after a lost connection: told before what we keep
         self.waiting = False            # a password check or delay runs: take no request now
         self.gone = False               # closed, or found closed: nothing more to do with it
-        self.rooms: Dict[str, "Room"] = {}  # lower-case name -> a room it is in
+        self.rooms: Tuple["Room", ...] = ()    # the rooms it is in
         self.away: Optional[str] = None     # why it is away, while it is
         self.told_no_history = False    # that the server keeps none (said once)
         self.account: Optional[str] = None  # a registered name it proved before hello
@@ -2097,25 +2131,66 @@ class Session:
         return self.name or self.address
 
 
-class Audience:
-    """The sessions one delivery reaches: everyone in the chat (and, with rooms, a
-    room's members). `version` changes whenever the members do, so that the
-    server batching deliveries knows whom a batch was made for."""
+class Listing(list):
+    """The first names of an audience, alphabetically: the same object for as long
+    as the audience does not change, so that a codec may keep its encoding with
+    it (see JsonCodec.encode) and a burst of joins does not encode it each time."""
 
-    __slots__ = ("members", "version")
+    __slots__ = ("encoded",)
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__(names)
+        self.encoded: Optional[str] = None
+
+
+class Audience:
+    """The sessions one delivery reaches: everyone in the chat, or a room's members.
+    `version` changes whenever the members do, so that the server batching
+    deliveries knows whom a batch was made for. The roster keeps their names
+    sorted, as listed() gives them."""
+
+    __slots__ = ("members", "version", "roster", "_listing")
 
     def __init__(self) -> None:
         self.members: Dict[str, Session] = {}   # lower-case name -> session
         self.version = 0
+        self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
+        self._listing: Optional[Listing] = None
 
     def add(self, session: Session) -> None:
         self.members[session.key] = session
+        place = bisect.bisect_left(self.roster, session.key)
+        self.roster.insert(place, session.key)
         self.version += 1
+        if place < MAX_LISTED_NAMES and self._listing is not None:  # the listing changes:
+            listing = Listing(self._listing)    # a new one (events may hold the old)
+            listing.insert(place, session.name)
+            del listing[MAX_LISTED_NAMES:]
+            self._listing = listing
 
     def discard(self, session: Session) -> None:
         if self.members.get(session.key) is session:
             del self.members[session.key]
+            place = bisect.bisect_left(self.roster, session.key)
+            del self.roster[place]
             self.version += 1
+            if place < MAX_LISTED_NAMES:
+                self._listing = None
+
+    def rename(self, old_key: str, session: Session) -> None:
+        """A member's name changed from old_key (session.key is the new one)."""
+        del self.members[old_key]
+        del self.roster[bisect.bisect_left(self.roster, old_key)]
+        self._listing = None
+        self.add(session)
+
+    def listed(self) -> Listing:
+        """The first MAX_LISTED_NAMES members' names, alphabetically (any case)."""
+        if self._listing is None:
+            members = self.members
+            self._listing = Listing([members[key].name
+                                     for key in self.roster[:MAX_LISTED_NAMES]])
+        return self._listing
 
     def __contains__(self, session: object) -> bool:
         return self.members.get(getattr(session, "key", None)) is session
@@ -2150,11 +2225,10 @@ class ChatCore:
         self.store = store
         self.clock = clock or Clock()
         self.actions: List[tuple] = []
-        self.sessions: Set[Session] = set()         # every connected session, joined or not
+        self.arriving: Set[Session] = set()         # connected, not yet in the chat
         self.per_address: Dict[str, int] = {}       # IP -> sessions from it
         self.everyone = Audience()                  # every session in the chat
         self.members = self.everyone.members        # lower-case name -> joined session
-        self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
         self.operators: Set[Session] = set()        # members who are operators
         self.rules = MessageRules(settings.blocked_words, settings.filter_action,
                                   settings.no_links, settings.no_whisper)
@@ -2182,14 +2256,14 @@ class ChatCore:
     def connect(self, link: Any, host: str, address: str) -> Session:
         """A new connection; returns its session (which may be refused at once)."""
         session = Session(link, host, address, self.clock.now())
-        self.sessions.add(session)
+        self.arriving.add(session)
         from_here = self.per_address[host] = self.per_address.get(host, 0) + 1
         log.info("connection from %s", address)
         ban = self.moderation.ban_for(None, host)
         limit = self.settings.max_per_address
         if ban is not None:
             self.refuse(session, "banned", self.moderation.ban_text(ban))
-        elif len(self.sessions) > self.settings.max_clients:
+        elif self.connected() > self.settings.max_clients:
             self.refuse(session, "server_full", f"The server is full "
                         f"({self.settings.max_clients} connections). Try again later.")
         elif limit and from_here > limit:
@@ -2259,12 +2333,11 @@ class ChatCore:
     def tick(self) -> None:
         """About once a second: hello timeouts, pings to quiet clients, dead ones dropped."""
         now, settings = self.clock.now(), self.settings
-        for session in list(self.sessions):
-            if session.state != JOINED:
-                if not session.waiting and now - session.connected_at >= settings.hello_timeout:
-                    self.refuse(session, "hello_timeout",
-                                f"No hello within {settings.hello_timeout:g} seconds.")
-                continue
+        for session in list(self.arriving):
+            if not session.waiting and now - session.connected_at >= settings.hello_timeout:
+                self.refuse(session, "hello_timeout",
+                            f"No hello within {settings.hello_timeout:g} seconds.")
+        for session in list(self.members.values()):
             quiet = now - session.last_heard
             if quiet >= settings.drop_after:
                 self.close(session, f"no sign of life for {settings.drop_after:g} seconds",
@@ -2284,8 +2357,12 @@ class ChatCore:
                 self.store.mark_left(session.name)
         by = f" ({self.shutdown_by})" if self.shutdown_by not in (None, "server") else ""
         notice = {"type": "shutdown", "text": f"The server is shutting down{by}."}
-        for session in self.sessions:
+        for session in list(self.arriving) + list(self.members.values()):
             self.send(session, notice)
+
+    def connected(self) -> int:
+        """How many sessions there are, joined or not."""
+        return len(self.arriving) + len(self.members)
 
     # -- outputs: what should happen (carried out by the caller, in order) ------
 
@@ -2382,9 +2459,11 @@ class ChatCore:
 
     def within_rate(self, session: Session) -> bool:
         """Flood control: False (after telling the client) when over the rate."""
-        if session.bucket is None:
-            return True
         rate, burst = self.settings.rate_limit, self.settings.rate_burst
+        if not rate:
+            return True
+        if session.bucket is None:      # made when first needed: an idle client has none
+            session.bucket = TokenBucket(burst, self.clock.now())
         if session.bucket.take(self.clock.now(), rate, burst):
             return True
         if session.bucket.strikes > FLOOD_STRIKES:
@@ -2417,7 +2496,7 @@ class ChatCore:
         if not self.people.name_allowed(session, name):
             return
         session.rejoining = "resume" in message     # a client sends its token only to reconnect
-        rooms = message.get("rooms", [LOBBY])
+        rooms = message.get("rooms", None)
         if self.accounts.is_registered(name):
             self.accounts.log_in(session, name, message.get("name_password"), rooms)
             return
@@ -2440,30 +2519,37 @@ class ChatCore:
         return token is not None and bool(earlier.resume_token) and \
             same_secret(token, earlier.resume_token)
 
-    def admit(self, session: Session, name: str, registered: bool, rooms: list) -> None:
-        """Let a client in: a welcome, then each room it asked for (the lobby, if it
-        named none): what the room is, and its history; the members are told."""
+    def admit(self, session: Session, name: str, registered: bool,
+              rooms: Optional[list]) -> None:
+        """Let a client in: a welcome, then each room it asked for (None: the lobby):
+        what the room is, and its history; the members are told.
+
+        A client that names its rooms knows them: it finds who is there in each
+        `room` event, and its welcome does not list everyone again.
+        """
         session.state = JOINED
+        self.arriving.discard(session)
         session.name = name
         session.key = name.lower()
+        if session.key == name:
+            session.key = name      # one string for both, when they are the same
         session.registered = registered
         session.resume_token = secrets.token_urlsafe(16)
-        if self.settings.rate_limit:
-            session.bucket = TokenBucket(self.settings.rate_burst, self.clock.now())
         self.everyone.add(session)
-        bisect.insort(self.roster, session.key)
         self.history.whispers_from(session)
         log.info("%s joined as %s%s", session.address, name, " (registered)" if registered else "")
         limits = {"max_length": self.settings.max_length}
         if self.settings.rate_limit:
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
-        self.send(session, {"type": "welcome", "name": name, "users": self.people.listed(),
-                            "count": len(self.members), "ops": self.people.operator_names(),
-                            "registered": registered, "limits": limits,
-                            "resume": session.resume_token})
+        welcome = {"type": "welcome", "name": name, "count": len(self.members),
+                   "ops": self.people.operator_names(), "registered": registered,
+                   "limits": limits, "resume": session.resume_token}
+        if rooms is None:
+            welcome["users"] = self.people.listed()
+        self.send(session, welcome)
         # A room the client cannot enter now (a key changed, say) costs that room only.
         self.handling = REQUESTS["join"]
-        for wanted in rooms:
+        for wanted in [LOBBY] if rooms is None else rooms:
             room, key = (wanted, None) if not isinstance(wanted, dict) else \
                 (wanted.get("room"), wanted.get("key"))
             if isinstance(room, str) and (key is None or isinstance(key, str)):
@@ -2477,7 +2563,7 @@ class ChatCore:
         """A session ends: out of the chat, and those who shared a room with it told
         (where the room is small enough for comings and goings to be announced)."""
         session.gone = True
-        self.sessions.discard(session)
+        self.arriving.discard(session)
         remaining = self.per_address[session.host] - 1
         if remaining:
             self.per_address[session.host] = remaining
@@ -2488,7 +2574,6 @@ class ChatCore:
             return
         told = self.rooms.leave_all(session, reason)
         self.everyone.discard(session)
-        del self.roster[bisect.bisect_left(self.roster, session.key)]
         self.operators.discard(session)
         if session.registered:
             self.store.mark_left(session.name)
@@ -2611,10 +2696,9 @@ class People:
     def __init__(self, core: ChatCore) -> None:
         self.core = core
 
-    def listed(self) -> List[str]:
+    def listed(self) -> Listing:
         """The first MAX_LISTED_NAMES names in the chat, alphabetically (any case)."""
-        members = self.core.members
-        return [members[key].name for key in self.core.roster[:MAX_LISTED_NAMES]]
+        return self.core.everyone.listed()
 
     def operator_names(self) -> List[str]:
         return sorted((session.name for session in self.core.operators), key=str.lower)
@@ -2657,7 +2741,7 @@ class People:
                         "here.")
             return
         now, wall = core.clock.now(), core.clock.wall()
-        rooms = sorted((room.name for room in target.rooms.values()), key=str.lower)
+        rooms = sorted((room.name for room in target.rooms), key=str.lower)
         core.answer(session, {"type": "whois", "name": target.name, "rooms": rooms,
                               "away": target.away, "operator": target.operator,
                               "registered": target.registered,
@@ -2687,11 +2771,8 @@ class People:
         old, old_key, was_registered = session.name, session.key, session.registered
         if was_registered:
             core.store.mark_left(old)
-        core.everyone.discard(session)
-        del core.roster[bisect.bisect_left(core.roster, old_key)]
         session.name, session.key, session.registered = name, name.lower(), registered
-        core.everyone.add(session)
-        bisect.insort(core.roster, session.key)
+        core.everyone.rename(old_key, session)
         core.rooms.renamed(session, old_key, was_registered)
         core.moderation.renamed(old, name)
         if registered and not was_registered:
@@ -2737,8 +2818,8 @@ class Room(Audience):
     newcomer is shown, and who runs it. Rooms last: one nobody is in stays,
     with its history, and rooms are kept in the store across restarts."""
 
-    __slots__ = ("name", "ident", "topic", "topic_by", "topic_ts", "key", "ops", "roster",
-                 "created", "created_by")
+    __slots__ = ("name", "ident", "topic", "topic_by", "topic_ts", "key", "ops", "created",
+                 "created_by")
 
     def __init__(self, name: str, created: str, created_by: str) -> None:
         super().__init__()
@@ -2749,22 +2830,8 @@ class Room(Audience):
         self.topic_ts = ""
         self.key = ""                   # joining needs it, when set
         self.ops: Set[str] = set()      # lower-case names of its operators
-        self.roster: List[str] = []     # the members' lower-case names, kept sorted
         self.created = created
         self.created_by = created_by
-
-    def add(self, session: Session) -> None:
-        super().add(session)
-        bisect.insort(self.roster, session.key)
-
-    def discard(self, session: Session) -> None:
-        if session in self:
-            super().discard(session)
-            del self.roster[bisect.bisect_left(self.roster, session.key)]
-
-    def listed(self) -> List[str]:
-        """The first MAX_LISTED_NAMES members' names, alphabetically (any case)."""
-        return [self.members[key].name for key in self.roster[:MAX_LISTED_NAMES]]
 
     def operators_here(self) -> List[str]:
         return sorted((self.members[key].name for key in self.ops if key in self.members),
@@ -2843,7 +2910,7 @@ class Rooms:
         the rooms small enough for comings and goings to be announced)."""
         audience = Audience()
         audience.members[session.key] = session
-        for room in session.rooms.values():
+        for room in session.rooms:
             if not small_only or len(room) <= self.core.settings.join_notices_up_to:
                 audience.members.update(room.members)
         return audience
@@ -2876,7 +2943,7 @@ class Rooms:
                 room is not self.lobby:
             raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
         room.add(session)
-        session.rooms[room.ident] = room
+        session.rooms += (room,)
         core.send(session, self.described(room))
         core.history.replay(session, room)
         timestamp = core.timestamp()
@@ -2912,13 +2979,13 @@ class Rooms:
         to go)."""
         audience = self.shared_with(session, small_only=not session.leave_text)
         audience.members.pop(session.key, None)
-        for room in list(session.rooms.values()):
+        for room in session.rooms:
             self._take_out(session, room, reason)
         return audience
 
     def _take_out(self, session: Session, room: Room, why: str) -> None:
         room.discard(session)
-        del session.rooms[room.ident]
+        session.rooms = tuple(other for other in session.rooms if other is not room)
         if session.key in room.ops and not session.registered:
             self._set_op(room, session.key, False, False)   # lasted while it was here
         self.core.store.record(self.core.timestamp(), "leave", session.name, None, why,
@@ -2926,10 +2993,8 @@ class Rooms:
 
     def renamed(self, session: Session, old_key: str, was_registered: bool) -> None:
         """Session's name changed from old_key: its rooms and room operator status follow."""
-        for room in session.rooms.values():
-            room.members.pop(old_key, None)
-            del room.roster[bisect.bisect_left(room.roster, old_key)]
-            room.add(session)
+        for room in session.rooms:
+            room.rename(old_key, session)
             if old_key in room.ops:
                 self._set_op(room, session.key, True, session.registered)
                 if not was_registered:
@@ -3454,7 +3519,7 @@ class History:
                              f" words at once; that had {len(words)}.")
             return
         if message.get("all") is True:
-            rooms, room = [room.name for room in session.rooms.values()], None
+            rooms, room = [room.name for room in session.rooms], None
         else:
             room = self.core.rooms._or_refuse(
                 session, lambda: self.core.rooms.of(session, message.get("room", LOBBY)))
@@ -3787,7 +3852,7 @@ class Moderation:
                      if on]
             lines.append(f"{member.name:<20} {member.address:<28} since {since}  "
                          f"{member.messages_sent} sent  {' '.join(flags)}".rstrip())
-        waiting = sum(1 for session in self.core.sessions if session.state != JOINED)
+        waiting = len(self.core.arriving)
         lines.append(f"{len(lines)} in the chat" + (f", {waiting} connecting" if waiting else ""))
         return lines
 
@@ -4093,6 +4158,7 @@ class ChatStore:
         self.working = True
         self.commits = 0
         self._pending: List[tuple] = []
+        self._committed_id: Optional[int] = None    # the newest id written (see last_id)
         self._busy_since: Optional[float] = None
         # recent_public() answers by room and limit, until that room's next public
         # event: a burst of joins replays the same history without asking sqlite.
@@ -4172,6 +4238,8 @@ class ChatStore:
             self._rollback()
             self._write_failed(exc)
             return
+        if self._committed_id is not None:
+            self._committed_id += len(self._pending)
         self._pending.clear()
         self._busy_since = None
         self.commits += 1
@@ -4257,9 +4325,13 @@ class ChatStore:
         return self._recent_public[key]
 
     def last_id(self) -> int:
-        """The id of the newest event stored; later events have higher ids."""
-        rows = self._query("SELECT IFNULL(MAX(id), 0) FROM events", ())
-        return rows[0][0] if rows else 0
+        """The id of the newest event stored, or recorded to be (those get the next
+        ids at the commit); later events have higher ids. Asked once, then counted:
+        every join asks, and a query each time would cost more than the join."""
+        if self._committed_id is None:
+            rows = self._query("SELECT IFNULL(MAX(id), 0) FROM events", ())  # commits first
+            self._committed_id = rows[0][0] if rows else 0
+        return self._committed_id + len(self._pending)
 
     # Whispers to or from one name after a given event.
     _WHISPERS = "(kind = 'whisper' AND (sender = ? OR recipient = ?) AND id > ?)"
