@@ -1903,19 +1903,25 @@ def moderation_command(name: str) -> Callable[["ChatSession", str], None]:
     return run
 
 
+# After a backslash, a word of letters is a command (\qiut is a typo to catch, not
+# chat); anything else is chat (\o/, \(^_^)/).
+BACKSLASH_COMMAND = re.compile(r"\\[A-Za-z]+(?: |$)")
+
+
 def parse_line(line: str) -> Tuple[str, str]:
     """Split an input line into (command, argument); plain text is ("say", text).
 
-    "/name args" and "\\name args" are commands; "//text" sends "/text".
-    Backslash only counts for known commands, so "\\o/" is still chat.
+    "/word args" is a command, whatever the word. "\\word args" is one too when
+    the word is letters only, known or not, so that a mistyped "\\qiut" is
+    caught instead of sent; anything else after a backslash ("\\o/",
+    "\\(^_^)/") is chat. A doubled first character sends the rest as typed:
+    "//etc" sends "/etc", "\\\\quit" sends "\\quit".
     """
-    if line.startswith("//"):
+    if line.startswith(("//", "\\\\")):
         return "say", line[1:]
-    if line.startswith("/") or line.startswith("\\"):
+    if line.startswith("/") or BACKSLASH_COMMAND.match(line):
         word, _, rest = line[1:].partition(" ")
-        word = word.lower()
-        if line.startswith("/") or word in COMMANDS or word in ALIASES:
-            return word, rest.strip()
+        return word.lower(), rest.strip()
     return "say", line
 
 
@@ -1978,8 +1984,9 @@ class ChatSession:
         name = ALIASES.get(command, command)
         entry = COMMANDS.get(name)
         if entry is None:
-            self.screen.warn(f"unknown command /{command}: type /help for the list, "
-                      "or start with // to send a line beginning with /")
+            prefix = line[:1]   # "/" or "\\", as typed
+            self.screen.warn(f"unknown command {prefix}{command}: type /help for the list, "
+                             f"or start with {prefix * 2} to send a line beginning with {prefix}")
         elif entry.needs_argument and not argument.strip():
             self.screen.warn(f"usage: /{name} {entry.usage}")
         else:
@@ -2169,8 +2176,9 @@ def command_help_lines() -> List[str]:
                 label = ""
             lines.append(f"  {label:<18} {command.summary}{also}")
         if not operators:
-            lines.append(f"  {'//text':<18} send a line that starts with /")
-            lines.append("  Backslash works as well as slash: \\quit, \\clients, ...")
+            lines.append(f"  {'//text':<18} send a line that starts with /; \\\\text, one with \\")
+            lines.append("  Backslash works as well as slash (\\quit, \\clients); after a backslash,")
+            lines.append("  a word of letters is always a command, anything else (\\o/) is chat.")
             lines.append("  Keys: Up/Down recall lines, Tab completes names and commands.")
     return lines
 

@@ -3458,6 +3458,15 @@ class ClientUnitTests(unittest.TestCase):
             "\\o/": ("say", "\\o/"),
             "/nope": ("nope", ""),
             "/": ("", ""),
+            # A backslash and a word of letters is a command, known or not; anything
+            # else after a backslash is chat, and a doubled one sends the rest as typed.
+            "\\bogus": ("bogus", ""),
+            "\\qiut now": ("qiut", "now"),
+            "\\(^_^)/": ("say", "\\(^_^)/"),
+            "\\o/ yay": ("say", "\\o/ yay"),
+            "\\_x": ("say", "\\_x"),
+            "\\\\quit": ("say", "\\quit"),
+            "\\": ("say", "\\"),
         }
         for line, expected in cases.items():
             with self.subTest(line=line):
@@ -3864,6 +3873,19 @@ class ClientSessionTests(ChatTestCase):
                                ("/search", "usage: /search WORDS")):
             bot.handle_line(command)
             bot.out.wait_for(usage)
+
+    def test_an_unknown_backslash_command_is_caught_like_a_slash_one(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        alice.expect("join")
+        for typo in ("\\qiut", "\\bogus some words"):
+            bot.handle_line(typo)
+            bot.out.wait_for(f"unknown command {typo.split()[0]}: type /help for the list, "
+                             "or start with \\\\ to send a line beginning with \\")
+        bot.handle_line("\\o/")
+        bot.handle_line("\\\\qiut")
+        self.assertEqual(alice.expect("message")["text"], "\\o/")  # nothing came before it
+        self.assertEqual(alice.expect("message")["text"], "\\qiut")
 
     def test_lost_connection_calls_the_hook_once(self) -> None:
         bot = self.session()
