@@ -2232,11 +2232,10 @@ def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[
     return host, DEFAULT_PORT if port is None else port, fingerprint or None
 
 
-def read_name(interactive: bool) -> str:
-    """Ask for a name on the terminal, or take the next input line when piped."""
+def read_name() -> str:
+    """Ask for a name on the terminal (piped input must give one with --name)."""
     while True:
-        line = input("your name: " if interactive else "")
-        name = line.strip()
+        name = input("your name: ").strip()
         if name:
             return name
 
@@ -2264,7 +2263,7 @@ class Joiner:
 
     def run(self) -> Tuple[ServerConnection, dict]:
         if not self.name:
-            self.name = read_name(self.interactive)
+            self.name = read_name()
         while True:
             try:
                 return join(self.host, self.port, self.name, self.credentials, self.tls)
@@ -2277,7 +2276,7 @@ class Joiner:
     def ask_name(self) -> bool:
         if not self.interactive:    # the next input line is chat, not a better name
             return False
-        self.name = read_name(self.interactive)
+        self.name = read_name()
         self.credentials.name_password = os.environ.get("CHAT_NAME_PASSWORD")
         return True
 
@@ -2320,7 +2319,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "line and exits once the server has them all.",
         epilog="commands in the chat:\n" + "\n".join(command_help_lines()) +
                "\n\nexit status: 0 after /quit or the end of input; 1 when the\n"
-               "connection fails or is lost.",
+               "connection fails or is lost; 2 for a usage error (a bad option,\n"
+               "piped input without --name).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("host", nargs="?", default=DEFAULT_HOST,
                         help=f"server name or IP address; HOST:PORT works too, and so does "
@@ -2329,7 +2329,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("port", nargs="?", type=port_number, default=None,
                         help=f"server port (default: {DEFAULT_PORT})")
     parser.add_argument("--name", help="your name in the chat: 1 to 32 letters, digits, "
-                                       "'_', '-' or '.' (asked for when not given)")
+                                       "'_', '-' or '.' (asked for when not given; "
+                                       "required when input is piped)")
     parser.add_argument("--log", metavar="FILE",
                         help="append every line shown to FILE as plain text")
     parser.add_argument("--no-color", action="store_true",
@@ -2412,7 +2413,7 @@ def tls_options(args: argparse.Namespace, fingerprint: Optional[str],
                       confirm=ask_yes_no if interactive else None)
 
 
-def first_join(joiner: Joiner, interactive: bool) -> Optional[Tuple[ServerConnection, dict]]:
+def first_join(joiner: Joiner) -> Optional[Tuple[ServerConnection, dict]]:
     """Join, asking for whatever the server wants; None, after saying why, if that fails."""
     try:
         return joiner.run()
@@ -2420,9 +2421,8 @@ def first_join(joiner: Joiner, interactive: bool) -> Optional[Tuple[ServerConnec
         print(exc, file=sys.stderr)
     except GiveUp:
         pass
-    except EOFError:
-        print("\ninput ended before joining; leaving" if interactive else
-              "no name given; leaving", file=sys.stderr)
+    except EOFError:    # Ctrl-D at a question (piped input is never asked anything)
+        print("\ninput ended before joining; leaving", file=sys.stderr)
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
     return None
@@ -2453,6 +2453,12 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
     return 1 if session.lost_reason else 0
 
 
+def usage_error(parser: argparse.ArgumentParser, text: str) -> int:
+    """A mistake in how the client was started: one line, and argparse's exit status."""
+    print(f"{parser.prog}: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -2461,6 +2467,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_text_streams()
     host, port, fingerprint = split_address(args.host, args.port)
     interactive = sys.stdin.isatty()
+    if not interactive and not args.name:   # the first line is chat, not a name
+        return usage_error(parser, "with input piped in, give a name with --name "
+                                   "(there is nobody to ask)")
     if interactive:
         # Ctrl-C must leave even when a launcher started us with SIGINT ignored (a shell
         # script's background job, some IDE consoles): Python raises KeyboardInterrupt
@@ -2481,7 +2490,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     screen = Screen(sys.stdout, terminal=styled, colour=styled and wants_colour(args.no_color),
                     bell=args.bell, log_file=log_file)
     joiner = Joiner(host, port, args.name, credentials, tls, interactive)
-    joined = first_join(joiner, interactive)
+    joined = first_join(joiner)
     if joined is None:
         return 1
     connection, welcome = joined

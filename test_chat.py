@@ -3616,15 +3616,15 @@ class ClientProcessTests(ChatTestCase):
         self.assertIn("unknown command /nope", output)
         self.assertEqual(bot.output("stderr"), "")
 
-    def test_name_from_the_first_line_and_no_second_guess_when_piped(self) -> None:
+    def test_piped_input_without_a_name_is_a_usage_error(self) -> None:
         alice = self.peer("alice")
-        bot = self.run_client(stdin_data="bot2\nhi\n")
-        self.assertEqual(bot.finish(), 0)
-        message = alice.expect("message")
-        self.assertEqual((message["from"], message["text"]), ("bot2", "hi"))
-        taken = self.run_client(stdin_data="alice\nthis is chat, not a name\n")
-        self.assertEqual(taken.finish(), 1)     # piped lines are chat: no guessing names
-        self.assertIn("taken", taken.output("stderr"))
+        bot = self.run_client(stdin_data="build finished\nhi\n")
+        self.assertEqual(bot.finish(), 2)
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ["client.py: error: with input piped in, give a name with --name "
+                          "(there is nobody to ask)"])
+        self.assertEqual(bot.output(), "")
+        self.assertEqual(alice.sync(), [])      # it never joined: no line became a name
 
     def test_taken_name_from_flag_without_terminal_exits(self) -> None:
         self.peer("alice")
