@@ -913,13 +913,14 @@ class Link:
                 effect = self.NOTICE_EFFECTS.get(message["code"])
                 if effect is not None:
                     effect(self)
-        if kind.startswith("history") and not self._show_history_frame(message):
+        batch_role = self._show_history_frame(message) if kind.startswith("history") else ""
+        if batch_role is None:
             return
         if kind in ("message", "sent", "whisper", "announcement", "history"):
             self._last_seen = max(self._last_seen, str(message.get("ts", "")))
         line = format_message(message, self.name)
         if line is not None:
-            self.screen.show(line)
+            self.screen.show(line._replace(role=batch_role) if batch_role else line)
 
     def _set_operator(self, operator: bool) -> None:
         self._operator = operator
@@ -948,29 +949,32 @@ class Link:
         elif kind == "users":
             self._users = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
 
-    def _show_history_frame(self, message: dict) -> bool:
-        """Headers around each batch of history; False to show nothing for this frame.
+    def _show_history_frame(self, message: dict) -> Optional[str]:
+        """Headers around each batch of history; the role of this frame's line, or
+        None to show nothing for it.
 
-        After a reconnect, the replay repeats what was already on screen:
-        only what came while we were away is shown.
+        The replay after a welcome is chat; a batch this client asked for is
+        an answer. After a reconnect, the replay repeats what was already on
+        screen: only what came while we were away is shown.
         """
         with self.lock:
             headers = self._history_headers
-            header = headers[0][1] if headers else "--- history ---"
+            request, header = headers[0] if headers else ("?", "--- history ---")
             if message["type"] == "history_end" and headers:
                 headers.popleft()
+        role = CHAT if request is None else ANSWER      # the replay has no request id
         if message["type"] == "history_end":
             shown_any, self._in_history = self._in_history, False
             if message["for"] == "join" and self._replay_after is not None:
                 self._replay_after = None
-                return shown_any
-            return True
+                return role if shown_any else None
+            return role
         if self._replay_after is not None and message["ts"] <= self._replay_after:
-            return False    # part of the replay after a reconnect, and already on screen
+            return None     # part of the replay after a reconnect, and already on screen
         if not self._in_history:
             self._in_history = True
-            self.screen.show(plain_line(header, "marker"))
-        return True
+            self.screen.show(plain_line(header, "marker", role))
+        return role
 
     def _report_unconfirmed(self) -> None:
         """Lines written to a connection that died before the server confirmed them."""
@@ -1037,26 +1041,38 @@ class MainThreadWaker:
 
 Segment = Tuple[str, str]   # (text, style): see STYLES
 
+# What a line is to its reader, which decides where it goes (Screen.routes). On
+# a terminal everything is shown. With input piped in, a script sees on stdout
+# only the answers to its own commands, and on stderr its errors and the
+# connection's notes; the chat itself (and the banner) only with --show-chat,
+# and hints for people never.
+CHAT = "chat"           # the conversation: messages, joins, the replay, the banner
+ANSWER = "answer"       # the answer to a command: /who, /history, /search, /help, ...
+ERROR = "error"         # "!" lines: what went wrong
+NOTE = "note"           # the connection's own news: reconnecting, lines kept to send
+HINT = "hint"           # advice for a person: "type /help for commands"
+
 
 class Line(NamedTuple):
     """One line to show: a head (time, name) and a body that wraps under itself.
 
     `dim` greys the whole line out (history); `ring` asks for the bell
-    (a whisper, a mention of your name).
+    (a whisper, a mention of your name); `role` is what the line is (CHAT, ...).
     """
 
     head: Tuple[Segment, ...]
     body: Tuple[Segment, ...]
     dim: bool = False
     ring: bool = False
+    role: str = CHAT
 
     @property
     def plain(self) -> str:
         return "".join(text for text, _ in self.head + self.body)
 
 
-def plain_line(text: str, style: str = "") -> Line:
-    return Line((), ((text, style),))
+def plain_line(text: str, style: str = "", role: str = CHAT) -> Line:
+    return Line((), ((text, style),), role=role)
 
 
 #: Fields each server message must carry (see check_fields). Messages of a
@@ -1135,13 +1151,13 @@ def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message"
                 ring=any(style == "mention" for _, style in body))
 
 
-def notice_line(text: str, stamp: Optional[str] = None) -> Line:
+def notice_line(text: str, stamp: Optional[str] = None, role: str = CHAT) -> Line:
     head = ((f"[{stamp}] ", "time"),) if stamp else ()
-    return Line(head + (("* ", "notice"),), ((text, "notice"),))
+    return Line(head + (("* ", "notice"),), ((text, "notice"),), role=role)
 
 
 def error_line(text: str) -> Line:
-    return Line((("! ", "error"),), ((text, "error"),))
+    return Line((("! ", "error"),), ((text, "error"),), role=ERROR)
 
 
 def format_message(message: dict, me: str) -> Optional[Line]:
@@ -1152,7 +1168,25 @@ def format_message(message: dict, me: str) -> Optional[Line]:
     terminal.
     """
     formatter = FORMATTERS.get(message["type"])
-    return formatter(message, me) if formatter else None
+    line = formatter(message, me) if formatter else None
+    if line is None:
+        return None
+    role = NOTICE_ROLES.get(message["code"], CHAT) if message["type"] == "notice" else \
+        MESSAGE_ROLES.get(message["type"], CHAT)
+    return line._replace(role=role)
+
+
+#: What each message is to the reader when it is not chat (see CHAT). A batch of
+#: history is an answer, but for the replay that follows a welcome (see Link).
+MESSAGE_ROLES: Dict[str, str] = {
+    "users": ANSWER, "history": ANSWER, "history_end": ANSWER, "error": ERROR,
+    "shutdown": NOTE,
+}
+#: The notices that answer this client's own commands; the others are chat.
+NOTICE_ROLES: Dict[str, str] = {
+    "registered": ANSWER, "unregistered": ANSWER, "password_changed": ANSWER,
+    "op": ANSWER, "deop": ANSWER, "moderation": ANSWER,
+}
 
 
 def _show_message(message: dict, me: str) -> Line:
@@ -1400,8 +1434,12 @@ class Screen:
     """
 
     def __init__(self, out: TextIO, terminal: bool, colour: bool, bell: bool = False,
-                 log_file: Optional[TextIO] = None) -> None:
+                 log_file: Optional[TextIO] = None,
+                 routes: Optional[Dict[str, Optional[TextIO]]] = None) -> None:
         self.out = out
+        # Where each role of line goes (piped_routes); out when not listed, nowhere
+        # when None. Lines for another stream (stderr) are written as plain text.
+        self.routes = routes or {}
         self.terminal = terminal        # wrap to the terminal's width
         self.colour = colour            # ANSI colours
         self.bell = bell                # ring on whispers and mentions (--bell)
@@ -1419,6 +1457,12 @@ class Screen:
                 return
             self.transcript.append(text)
             self._log(text)
+            stream = self.routes.get(line.role, self.out)
+            if stream is not self.out:
+                if stream is not None:
+                    stream.write(text + "\n")
+                    stream.flush()
+                return
             rendered = self.render(line)
             if line.ring and self.bell and self.terminal:
                 rendered += "\a"
@@ -1428,8 +1472,8 @@ class Screen:
                 self.out.write(rendered + "\n")
                 self.out.flush()
 
-    def note(self, text: str) -> None:
-        self.show(notice_line(text))
+    def note(self, text: str, role: str = NOTE) -> None:
+        self.show(notice_line(text, role=role))
 
     def warn(self, text: str) -> None:
         self.show(error_line(text))
@@ -1470,7 +1514,8 @@ class Screen:
             self.log_file.flush()
         except OSError as exc:
             self.log_file = None
-            self.out.write(f"! stopped writing the log: {exc.strerror or exc}\n")
+            stream = self.routes.get(ERROR, self.out) or self.out
+            stream.write(f"! stopped writing the log: {exc.strerror or exc}\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1966,13 +2011,13 @@ class ChatSession:
 
     def show_banner(self, welcome: dict) -> None:
         others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
-        self.screen.note(f"connected to {self.server} as {self.name}")
+        self.screen.note(f"connected to {self.server} as {self.name}", CHAT)
         if others:
             self.screen.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
-                           names_list(others, welcome.get("ops"))))
+                                  names_list(others, welcome.get("ops"))))
         else:
-            self.screen.note("nobody else is here yet")
-        self.screen.note("type /help for commands, /quit to leave")
+            self.screen.note("nobody else is here yet", CHAT)
+        self.screen.note("type /help for commands, /quit to leave", HINT)
 
     def handle_line(self, line: str) -> None:
         """Act on one line of input: a command, or text to send to everyone."""
@@ -2007,7 +2052,7 @@ class ChatSession:
 
     def cmd_help(self, argument: str) -> None:
         for line in command_help_lines():
-            self.screen.show(plain_line(line))
+            self.screen.show(plain_line(line, role=ANSWER))
 
     def cmd_clients(self, argument: str) -> None:
         if self.link.operator:   # addresses, times and counts, as on the server console
@@ -2069,7 +2114,7 @@ class ChatSession:
         except OSError as exc:
             self.screen.warn(f"cannot save to {path}: {exc.strerror or exc}")
         else:
-            self.screen.note(f"saved {len(lines) - 2} lines to {saved_to}")
+            self.screen.note(f"saved {len(lines) - 2} lines to {saved_to}", ANSWER)
 
     def cmd_register(self, argument: str) -> None:
         password = argument or self._ask_new_password("/register PASSWORD")
@@ -2316,7 +2361,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Terminal chat client. Type a line to send it to everyone; lines\n"
                     "starting with / are commands. With input piped in, it sends each\n"
-                    "line and exits once the server has them all.",
+                    "line and exits once the server has them all, printing only the\n"
+                    "answers to its commands (errors on stderr) unless --show-chat.",
         epilog="commands in the chat:\n" + "\n".join(command_help_lines()) +
                "\n\nexit status: 0 after /quit or the end of input; 1 when the\n"
                "connection fails or is lost; 2 for a usage error (a bad option,\n"
@@ -2331,6 +2377,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="your name in the chat: 1 to 32 letters, digits, "
                                        "'_', '-' or '.' (asked for when not given; "
                                        "required when input is piped)")
+    parser.add_argument("--show-chat", action="store_true",
+                        help="with input piped in, print the whole chat on stdout (the "
+                             "history replay, messages, joins and leaves), not only the "
+                             "answers to the commands piped in; errors go to stderr either way")
     parser.add_argument("--log", metavar="FILE",
                         help="append every line shown to FILE as plain text")
     parser.add_argument("--no-color", action="store_true",
@@ -2398,7 +2448,7 @@ def secret_prompt(terminal: Optional[object], screen: Screen) -> Callable[[str],
                     return getpass.getpass(prompt)
             except (EOFError, KeyboardInterrupt):   # cancels the command, not the chat
                 print()     # ends the prompt's line before the held-back lines come
-        screen.show(notice_line("cancelled"))
+        screen.show(notice_line("cancelled", role=ANSWER))
         return ""
     return ask
 
@@ -2453,6 +2503,12 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
     return 1 if session.lost_reason else 0
 
 
+def piped_routes(show_chat: bool) -> Dict[str, Optional[TextIO]]:
+    """Where each role of line goes when a script pipes its input in (see CHAT)."""
+    return {CHAT: sys.stdout if show_chat else None, ANSWER: sys.stdout,
+            ERROR: sys.stderr, NOTE: sys.stderr, HINT: None}
+
+
 def usage_error(parser: argparse.ArgumentParser, text: str) -> int:
     """A mistake in how the client was started: one line, and argparse's exit status."""
     print(f"{parser.prog}: error: {text}", file=sys.stderr)
@@ -2488,7 +2544,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
     styled = terminal_is_capable(sys.stdout)
     screen = Screen(sys.stdout, terminal=styled, colour=styled and wants_colour(args.no_color),
-                    bell=args.bell, log_file=log_file)
+                    bell=args.bell, log_file=log_file,
+                    routes=None if interactive else piped_routes(args.show_chat))
     joiner = Joiner(host, port, args.name, credentials, tls, interactive)
     joined = first_join(joiner)
     if joined is None:

@@ -3330,18 +3330,19 @@ class ReconnectTests(unittest.TestCase):
         server = ServerThread()
         self.addCleanup(server.stop)
         port = server.port      # the restarted server listens at the same place
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--retries", "5")
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--retries", "5",
+                      "--show-chat")
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
-        bot.wait_for_line("reconnecting")
+        bot.wait_for_line("reconnecting", "stderr")
         bot.proc.stdin.write(b"typed while the server was down\n")
         bot.proc.stdin.flush()
-        bot.wait_for_line("will be sent when the connection is back")
+        bot.wait_for_line("will be sent when the connection is back", "stderr")
         self.addCleanup(ServerThread(port=port).stop)
         alice = Peer(port, "alice")
         self.addCleanup(alice.close)
-        bot.wait_for_line("reconnected to")
+        bot.wait_for_line("reconnected to", "stderr")
         self.assertEqual(alice.expect("message")["text"], "typed while the server was down")
         bot.proc.stdin.write(b"and after\n")
         bot.proc.stdin.close()
@@ -3356,16 +3357,16 @@ class ReconnectTests(unittest.TestCase):
         alice = Peer(port, "alice")
         alice.say("said before bot came")
         alice.close()
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot")
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--show-chat")
         self.addCleanup(bot.kill)
         bot.wait_for_line("said before bot came")      # from the replay on joining
         first.stop()
-        bot.wait_for_line("reconnecting")
+        bot.wait_for_line("reconnecting", "stderr")
         self.addCleanup(ServerThread(port=port, db=path).stop)
         carol = Peer(port, "carol")
         self.addCleanup(carol.close)
         carol.say("said while bot was away")
-        bot.wait_for_line("reconnected")
+        bot.wait_for_line("reconnected", "stderr")
         bot.wait_for_line("said while bot was away")
         bot.proc.stdin.close()
         self.assertEqual(bot.finish(), 0)
@@ -3374,11 +3375,12 @@ class ReconnectTests(unittest.TestCase):
     def client_losing_its_server(self, *args: str) -> Process:
         """client.py, joined to a server that then stops: it is now reconnecting."""
         server = ServerThread()
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot", *args)
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot",
+                      "--show-chat", *args)
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
-        bot.wait_for_line("reconnecting")
+        bot.wait_for_line("reconnecting", "stderr")
         return bot
 
     def test_quitting_while_reconnecting_is_a_normal_exit(self) -> None:
@@ -3386,14 +3388,14 @@ class ReconnectTests(unittest.TestCase):
         bot.proc.stdin.write(b"/quit\n")
         bot.proc.stdin.close()
         self.assertEqual(bot.finish(), 0)
-        self.assertNotIn("could not reconnect", bot.output())
+        self.assertNotIn("could not reconnect", bot.output("stderr"))
 
     def test_gives_up_and_says_what_was_not_sent(self) -> None:
         bot = self.client_losing_its_server("--retries", "1")
         bot.proc.stdin.write(b"lost cause\n")
         bot.proc.stdin.flush()
         self.assertEqual(bot.finish(), 1)
-        output = bot.output()
+        output = bot.output("stderr")
         self.assertIn("attempt 1 of 1 failed", output)
         self.assertIn("could not reconnect", output)
         self.assertIn("not sent: lost cause", output)
@@ -3595,7 +3597,8 @@ class ClientProcessTests(ChatTestCase):
         alice = self.peer("alice")
         lines = ["hello everyone", "/w alice psst", "/clients", "/nope", "//slash", "\\o/",
                  "/who", "", "last line"]
-        bot = self.run_client("--name", "bot", stdin_data="\n".join(lines) + "\n")
+        bot = self.run_client("--name", "bot", "--show-chat",
+                              stdin_data="\n".join(lines) + "\n")
         self.assertEqual(bot.finish(), 0)
         received = []
         while True:
@@ -3613,8 +3616,40 @@ class ClientProcessTests(ChatTestCase):
         self.assertIn("bot: hello everyone", output)
         self.assertIn("[whisper to alice] psst", output)
         self.assertIn("2 here: alice, bot", output)
-        self.assertIn("unknown command /nope", output)
-        self.assertEqual(bot.output("stderr"), "")
+        self.assertNotIn("unknown command", output)     # errors go to stderr
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ["! unknown command /nope: type /help for the list, or start with "
+                          "// to send a line beginning with /"])
+
+    def test_a_script_sees_only_the_answers_to_its_commands(self) -> None:
+        alice = self.peer("alice")
+        alice.say("the build is green")
+        bot = self.run_client("--name", "bot",
+                              stdin_data="/who\nbuild finished\n/nope\n/search green\n")
+        self.assertEqual(bot.finish(), 0)
+        self.assertEqual(alice.expect("message")["text"], "build finished")
+        lines = bot.output().splitlines()   # no banner, replay, hints or chat: answers only
+        self.assertEqual(lines[:2], ["* 2 here: alice, bot", "--- search: green ---"])
+        self.assertRegex(lines[2], r"^\[\d\d:\d\d\] alice: the build is green$")
+        self.assertEqual(lines[3:], ["--- 1 found ---"])
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ["! unknown command /nope: type /help for the list, or start with "
+                          "// to send a line beginning with /"])
+
+    def test_show_chat_prints_the_whole_chat_for_a_log(self) -> None:
+        alice = self.peer("alice")
+        alice.say("the build is green")
+        bot = self.run_client("--name", "bot", "--show-chat",
+                              stdin_data="build finished\n/whisper nobody x\n")
+        self.assertEqual(bot.finish(), 0)
+        output = bot.output()
+        for expected in (f"* connected to 127.0.0.1:{self.port} as bot", "* here now: alice",
+                         "--- earlier messages ---", "alice: the build is green",
+                         "bot: build finished"):
+            self.assertIn(expected, output)
+        self.assertNotIn("/help", output)       # hints are for people at a terminal
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ['! Nobody called "nobody" is here.'])
 
     def test_piped_input_without_a_name_is_a_usage_error(self) -> None:
         alice = self.peer("alice")
@@ -3641,7 +3676,8 @@ class ClientProcessTests(ChatTestCase):
         self.assertEqual(bot.finish(), 0)
         with open(log_path, encoding="utf-8") as log_file:
             logged = log_file.read()
-        self.assertEqual(logged.splitlines(), bot.output().splitlines())
+        self.assertIn("* connected to", logged)   # the whole session, not only what is shown
+        self.assertIn(bot.output(), logged)
         self.assertIn("alice: the build is green", logged)
         self.assertIn("bot: hi there", logged)
         self.assertIn("--- 1 found ---", logged)
@@ -3659,8 +3695,8 @@ class ClientProcessTests(ChatTestCase):
         alice.expect("join")
         self.server.stop()
         self.assertEqual(bot.finish(), 1)
-        self.assertIn("* The server is shutting down.\n! disconnected", bot.output())
-        self.assertNotIn("Traceback", bot.output("stderr"))
+        self.assertEqual(bot.output(), "")
+        self.assertEqual(bot.output("stderr"), "* The server is shutting down.\n! disconnected")
 
     def test_client_answers_pings(self) -> None:
         pong = threading.Event()
