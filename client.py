@@ -100,6 +100,18 @@ ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
              "password_required": "room password", "bad_password": "room password",
              "name_protected": "name password", "bad_name_password": "name password"}
 
+MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
+MAX_PASSWORD_LENGTH = 1024
+
+
+def password_problem(password: str) -> Optional[str]:
+    """Why a new password is not acceptable, or None (the client asks before sending)."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Passwords need at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return f"Passwords may have at most {MAX_PASSWORD_LENGTH} characters."
+    return None
+
 
 class ProtocolError(Exception):
     """The peer broke the wire format; the connection cannot continue."""
@@ -2117,7 +2129,7 @@ class ChatSession:
             self.screen.note(f"saved {len(lines) - 2} lines to {saved_to}", ANSWER)
 
     def cmd_register(self, argument: str) -> None:
-        password = argument or self._ask_new_password("/register PASSWORD")
+        password = self._new_password(argument, "/register PASSWORD")
         if password:
             self.link.expect_password(password)
             self.send({"type": "register", "password": password})
@@ -2131,10 +2143,12 @@ class ChatSession:
         old, _, new = argument.partition(" ")
         if not argument:
             old = self._secret("current password: ", "/password OLD NEW")
-            new = old and self._ask_new_password("/password OLD NEW")
+            new = old and self._new_password("", "/password OLD NEW")
         elif not new:
             self.screen.warn("usage: /password OLD NEW, or /password alone to be asked")
             return
+        else:
+            new = self._new_password(new, "/password OLD NEW")
         if old and new:
             self.link.expect_password(new)
             self.send({"type": "change_password", "password": old, "new_password": new})
@@ -2154,12 +2168,22 @@ class ChatSession:
             return None
         return self.ask_secret(prompt) or None
 
-    def _ask_new_password(self, usage: str) -> Optional[str]:
-        first = self._secret("new password: ", usage)
-        if first and self._secret("the same again: ", usage) != first:
+    def _new_password(self, given: str, usage: str) -> Optional[str]:
+        """A new password: the one given on the command line, or asked for twice.
+
+        None, after saying why, when it is missing, mistyped, or too short or
+        long: that is checked before asking again (password_problem, the
+        server's own rule, in the shared block).
+        """
+        password = given or self._secret("new password: ", usage)
+        problem = password and password_problem(password)
+        if problem:
+            self.screen.warn(problem)
+            return None
+        if password and not given and self._secret("the same again: ", usage) != password:
             self.screen.warn("the two passwords differ; nothing changed")
             return None
-        return first
+        return password
 
     def cmd_clear(self, argument: str) -> None:
         if not self.screen.terminal:
@@ -2182,12 +2206,15 @@ COMMANDS: Dict[str, Command] = {
     "search": Command("WORDS", "find messages holding all the words", ChatSession.cmd_search),
     "save": Command("[FILE]", "save this session as text; -f overwrites",
                     ChatSession.cmd_save),
-    "register": Command("", "protect your name with a password", ChatSession.cmd_register),
-    "unregister": Command("", "remove your name's password", ChatSession.cmd_unregister),
-    "password": Command("", "change your name's password", ChatSession.cmd_password),
+    # Password commands ask for what is left out, without echo; scripts give it inline.
+    "register": Command("[PASSWORD]", "protect your name with a password (8 or more "
+                        "characters)", ChatSession.cmd_register),
+    "unregister": Command("[PASSWORD]", "remove your name's password",
+                          ChatSession.cmd_unregister),
+    "password": Command("[OLD NEW]", "change your name's password", ChatSession.cmd_password),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
     "quit": Command("", "leave the chat; so does Ctrl-D", ChatSession.cmd_quit),
-    "op": Command("", "become an operator (asks for the operator password)",
+    "op": Command("[PASSWORD]", "become an operator with the operator password",
                   ChatSession.cmd_op),
     "deop": Command("", "stop being an operator", ChatSession.cmd_deop, True),
     "kick": Command("NAME [REASON]", "disconnect someone", moderation_command("kick"), True),
@@ -2216,14 +2243,15 @@ def command_help_lines() -> List[str]:
             aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
             label = f"/{name} {command.usage}".strip()
             also = f" (also {', '.join(aliases)})" if aliases else ""
-            if len(label) > 18:     # a long usage gets a line of its own
+            if len(label) > 20:     # a long usage gets a line of its own
                 lines.append(f"  {label}")
                 label = ""
-            lines.append(f"  {label:<18} {command.summary}{also}")
+            lines.append(f"  {label:<20} {command.summary}{also}")
         if not operators:
-            lines.append(f"  {'//text':<18} send a line that starts with /; \\\\text, one with \\")
+            lines.append(f"  {'//text':<20} send a line that starts with /; \\\\text, one with \\")
             lines.append("  Backslash works as well as slash (\\quit, \\clients); after a backslash,")
             lines.append("  a word of letters is always a command, anything else (\\o/) is chat.")
+            lines.append("  A password left out is asked for, and not shown; a new one twice.")
             lines.append("  Keys: Up/Down recall lines, Tab completes names and commands.")
     return lines
 

@@ -126,8 +126,6 @@ MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reas
 MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in minutes (19 years)
 MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see request_id)
 MAX_QUOTED_LENGTH = 40              # characters of a client's word quoted back (see quoted)
-MIN_PASSWORD_LENGTH = 8             # for registered names
-MAX_PASSWORD_LENGTH = 1024
 
 # Internal tuning, not worth a flag.
 RECV_SIZE = 256 * 1024              # bytes read per socket per loop pass
@@ -165,6 +163,18 @@ FINAL_ERRORS = frozenset({"kicked", "banned", "replaced", "flooding", "locked_ou
 ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
              "password_required": "room password", "bad_password": "room password",
              "name_protected": "name password", "bad_name_password": "name password"}
+
+MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
+MAX_PASSWORD_LENGTH = 1024
+
+
+def password_problem(password: str) -> Optional[str]:
+    """Why a new password is not acceptable, or None (the client asks before sending)."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Passwords need at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return f"Passwords may have at most {MAX_PASSWORD_LENGTH} characters."
+    return None
 
 
 class ProtocolError(Exception):
@@ -1667,15 +1677,6 @@ def same_secret(given: str, expected: str) -> bool:
     """Compare two secrets in constant time, without revealing their lengths."""
     digest = lambda text: hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return hmac.compare_digest(digest(given), digest(expected))
-
-
-def password_problem(password: str) -> Optional[str]:
-    """Why a new password is not acceptable, or None."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        return f"Passwords need at least {MIN_PASSWORD_LENGTH} characters."
-    if len(password) > MAX_PASSWORD_LENGTH:
-        return f"Passwords may have at most {MAX_PASSWORD_LENGTH} characters."
-    return None
 
 
 class LoginGuard:

@@ -3960,6 +3960,26 @@ class ClientAccountCommandTests(ChatTestCase):
         bot.out.wait_for("no longer registered")
         self.assertEqual(answers, [])
 
+    def test_a_short_new_password_is_refused_after_the_first_prompt(self) -> None:
+        answers = ["short", "short", "first pass", "short", "short"]
+        bot = self.session(answers)
+        bot.handle_line("/register")
+        bot.out.wait_for("Passwords need at least 8 characters.")
+        self.assertEqual(answers, ["short", "first pass", "short", "short"])  # asked once
+        answers.pop(0)
+        bot.handle_line("/password")     # the current password, then the new one, once
+        self.assertIn("! Passwords need at least 8 characters.", bot.out.lines[-1:])
+        self.assertEqual(answers, ["short"])
+
+    def test_a_short_inline_password_is_refused_before_sending(self) -> None:
+        bot = self.session([])
+        for line in ("/register short", "/password first-password short"):
+            del bot.out.lines[:]
+            bot.handle_line(line)   # refused here, at once: no answer from the server needed
+            self.assertEqual(bot.out.lines, ["! Passwords need at least 8 characters."])
+        bot.handle_line("/register " + "x" * (client.MAX_PASSWORD_LENGTH + 1))
+        self.assertEqual(bot.out.lines[-1], "! Passwords may have at most 1024 characters.")
+
     def test_without_a_terminal_passwords_come_as_arguments(self) -> None:
         connection, welcome = client.join("127.0.0.1", self.port, "bot")
         bot = client.ChatSession(connection, welcome, "x", make_screen(), on_lost=lambda: None)
