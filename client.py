@@ -1518,11 +1518,26 @@ class Screen:
             self.out.write(text)
             self.out.flush()
 
-    def _log(self, text: str) -> None:
+    def begin_log(self, header: str) -> None:
+        """Start this session in the --log file: a blank line after an earlier
+        session, then who, where and when, as at the top of a /save file."""
         if self.log_file is None:
             return
         try:
-            self.log_file.write(text + "\n")
+            earlier = self.log_file.tell() > 0
+        except (OSError, ValueError):   # a pipe or a device: nothing earlier to set apart
+            earlier = False
+        with self.lock:
+            self._write_log(("\n" if earlier else "") + header + "\n")
+
+    def _log(self, text: str) -> None:
+        # Each line dated in full: a line found by grep says when it was shown.
+        if self.log_file is not None:
+            self._write_log(f"{datetime.now():%Y-%m-%d %H:%M:%S} {text}\n")
+
+    def _write_log(self, text: str) -> None:
+        try:
+            self.log_file.write(text)
             self.log_file.flush()
         except OSError as exc:
             self.log_file = None
@@ -2003,6 +2018,7 @@ class ChatSession:
         self.started = datetime.now()
         self.link = Link(connection, welcome, server, self.screen, on_lost, rejoin, retries,
                          credentials)
+        self.screen.begin_log(self.header())
 
     @property
     def credentials(self) -> Credentials:
@@ -2017,6 +2033,12 @@ class ChatSession:
 
     def leave(self) -> None:
         self.link.leave()
+
+    def header(self, until: Optional[datetime] = None) -> str:
+        """Who, where and when: the first line of a /save file and of a --log session."""
+        span = f"{self.started:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M}" if until else \
+            f"from {self.started:%Y-%m-%d %H:%M}"
+        return f"Chat on {self.server} as {self.name}, {span} (local time)"
 
     def send(self, message: dict) -> bool:
         return self.link.send(message)
@@ -2115,10 +2137,8 @@ class ChatSession:
         if path and os.path.isdir(os.path.expanduser(path)):
             self.screen.warn(f"{path} is a folder: give a file name, as in /save {path.rstrip('/')}/chat.txt")
             return
-        header = (f"Chat on {self.server} as {self.name}, "
-                  f"{self.started:%Y-%m-%d %H:%M} to {datetime.now():%Y-%m-%d %H:%M} (local time)")
         with self.screen.lock:
-            lines = [header, ""] + list(self.screen.transcript)
+            lines = [self.header(until=datetime.now()), ""] + list(self.screen.transcript)
         try:
             saved_to = save_transcript(lines, path or None, overwrite)
         except FileExistsError:
@@ -2410,7 +2430,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "history replay, messages, joins and leaves), not only the "
                              "answers to the commands piped in; errors go to stderr either way")
     parser.add_argument("--log", metavar="FILE",
-                        help="append every line shown to FILE as plain text")
+                        help="append every line of the session to FILE as plain text, "
+                             "each dated, under a header saying who, where and when")
     parser.add_argument("--no-color", action="store_true",
                         help="no colours (also when the NO_COLOR environment variable is set, "
                              "or output is not a terminal)")

@@ -3667,20 +3667,28 @@ class ClientProcessTests(ChatTestCase):
         self.assertEqual(bot.finish(), 1)
         self.assertIn("taken", bot.output("stderr"))
 
-    def test_log_file_gets_every_line(self) -> None:
+    def test_log_file_gets_every_line_dated_under_a_session_header(self) -> None:
         log_path = os.path.join(temp_dir(self), "log.txt")
         alice = self.peer("alice")
         alice.say("the build is green")
-        bot = self.run_client("--name", "bot", "--log", log_path,
-                              stdin_data="hi there\n/search build\n")
-        self.assertEqual(bot.finish(), 0)
+        for number, script in enumerate(("hi there\n/search build\n", "again\n")):
+            bot = self.run_client("--name", f"bot{number}", "--log", log_path,
+                                  stdin_data=script)
+            self.assertEqual(bot.finish(), 0)
         with open(log_path, encoding="utf-8") as log_file:
-            logged = log_file.read()
-        self.assertIn("* connected to", logged)   # the whole session, not only what is shown
-        self.assertIn(bot.output(), logged)
-        self.assertIn("alice: the build is green", logged)
-        self.assertIn("bot: hi there", logged)
-        self.assertIn("--- 1 found ---", logged)
+            first, second = log_file.read().split("\n\n")   # a blank line between sessions
+        when = r"\d{4}-\d\d-\d\d \d\d:\d\d"
+        for number, session in enumerate((first, second)):
+            header, *lines = session.splitlines()
+            self.assertRegex(header, rf"^Chat on 127\.0\.0\.1:{self.port} as bot{number}, "
+                                     rf"from {when} \(local time\)$")
+            for line in lines:
+                self.assertRegex(line, rf"^{when}:\d\d ")    # each line dated, for grep
+        logged = [line[20:] for line in first.splitlines()[1:]]
+        self.assertIn(f"* connected to 127.0.0.1:{self.port} as bot0", logged)
+        self.assertIn("--- 1 found ---", logged)    # the whole session, not only what is shown
+        self.assertTrue(any(line.endswith("] alice: the build is green") for line in logged))
+        self.assertTrue(any(line.endswith("] bot0: hi there") for line in logged))
 
     def test_unwritable_log_is_a_one_line_error(self) -> None:
         bot = self.run_client("--name", "bot", "--log", os.path.join(HERE, "no", "dir", "x.log"),
