@@ -100,6 +100,11 @@ ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
              "password_required": "room password", "bad_password": "room password",
              "name_protected": "name password", "bad_name_password": "name password"}
 
+# Names are ASCII, so that look-alike letters cannot impersonate anyone, and hold
+# a letter or a digit: ".", ".." or "-" name nobody.
+NAME_PATTERN = re.compile(r"(?=[_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,32}")     # fullmatch
+NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', "
+              "with a letter or digit")
 MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
 MAX_PASSWORD_LENGTH = 1024
 
@@ -2326,11 +2331,14 @@ def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[
 
 
 def read_name() -> str:
-    """Ask for a name on the terminal (piped input must give one with --name)."""
+    """Ask for a name on the terminal (piped input must give one with --name) until
+    it follows the server's rules (NAME_PATTERN, in the shared block)."""
     while True:
         name = input("your name: ").strip()
-        if name:
+        if NAME_PATTERN.fullmatch(name):
             return name
+        if name:
+            print(f"! Names are {NAME_RULES}.", file=sys.stderr)
 
 
 class GiveUp(Exception):
@@ -2399,6 +2407,12 @@ class Joiner:
     }
 
 
+def name_argument(text: str) -> str:
+    if not NAME_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name: names are {NAME_RULES}")
+    return text
+
+
 def port_number(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
@@ -2422,9 +2436,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              f"--tls (default: {DEFAULT_HOST})")
     parser.add_argument("port", nargs="?", type=port_number, default=None,
                         help=f"server port (default: {DEFAULT_PORT})")
-    parser.add_argument("--name", help="your name in the chat: 1 to 32 letters, digits, "
-                                       "'_', '-' or '.' (asked for when not given; "
-                                       "required when input is piped)")
+    parser.add_argument("--name", type=name_argument,
+                        help=f"your name in the chat: {NAME_RULES} (asked for when not "
+                             "given; required when input is piped)")
     parser.add_argument("--show-chat", action="store_true",
                         help="with input piped in, print the whole chat on stdout (the "
                              "history replay, messages, joins and leaves), not only the "

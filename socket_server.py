@@ -164,6 +164,11 @@ ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
              "password_required": "room password", "bad_password": "room password",
              "name_protected": "name password", "bad_name_password": "name password"}
 
+# Names are ASCII, so that look-alike letters cannot impersonate anyone, and hold
+# a letter or a digit: ".", ".." or "-" name nobody.
+NAME_PATTERN = re.compile(r"(?=[_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,32}")     # fullmatch
+NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', "
+              "with a letter or digit")
 MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
 MAX_PASSWORD_LENGTH = 1024
 
@@ -940,8 +945,6 @@ class JsonCodec(FrameDecoder):
 # The chat core: who is here and what each request does, sans-IO
 # ---------------------------------------------------------------------------
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-NAME_RULES = "1 to 32 characters: letters A-Z, digits, '_', '-' and '.'"
 RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
 
 

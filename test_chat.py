@@ -757,15 +757,17 @@ class HandshakeTests(ChatTestCase):
         self.assertNotIn("join", [m["type"] for m in bob.sync()])
 
     def test_bad_names_are_refused(self) -> None:
-        for name in ["", "x" * 33, "two words", "ünïcode", "tab\t", "esc\x1b[2J", "a/b"]:
+        for name in ["", "x" * 33, "two words", "ünïcode", "tab\t", "esc\x1b[2J", "a/b",
+                     ".", "..", "-", "_", "._-"]:
             with self.subTest(name=name):
                 peer = self.peer()
                 peer.send({"type": "hello", "name": name})
                 error = self.assert_rejected(peer, "bad_name")
                 self.assertIn("1 to 32", error["text"])
+                self.assertIn("with a letter or digit", error["text"])
 
     def test_edge_names_are_accepted(self) -> None:
-        for name in ["a", "x" * 32, "A.b-c_9"]:
+        for name in ["a", "x" * 32, "A.b-c_9", "_7", "...x", "-" * 31 + "0"]:
             self.assertEqual(self.peer(name).welcome["name"], name)
 
     def test_taken_name_is_refused_whatever_its_case(self) -> None:
@@ -3503,6 +3505,26 @@ class ClientUnitTests(unittest.TestCase):
             screen.show(client.plain_line("arrived during the prompt"))
             self.assertEqual(out.lines, [])
         self.assertEqual(out.lines, ["arrived during the prompt"])
+
+    def test_names_are_checked_before_anything_is_sent(self) -> None:
+        # Asked for at the terminal: asked again at once, with the server's rule.
+        stderr = io.StringIO()
+        answers = iter(["..", "two words", "-", "ok.name"])
+        with contextlib.redirect_stderr(stderr):
+            import builtins
+            saved, builtins.input = builtins.input, lambda prompt: next(answers)
+            try:
+                self.assertEqual(client.read_name(), "ok.name")
+            finally:
+                builtins.input = saved
+        self.assertEqual(stderr.getvalue().splitlines(),
+                         [f"! Names are {client.NAME_RULES}."] * 3)
+        # Given with --name: a usage error, like a bad port.
+        with contextlib.redirect_stderr(io.StringIO()) as stderr, \
+                self.assertRaises(SystemExit) as stopped:
+            client.build_arg_parser().parse_args(["--name", "."])
+        self.assertEqual(stopped.exception.code, 2)
+        self.assertIn("'.' is not a name: names are 1 to 32", stderr.getvalue())
 
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
