@@ -59,8 +59,8 @@ import unicodedata
 import zlib
 from collections import deque
 from datetime import date, datetime
-from typing import (Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional,
-                    TextIO, Tuple)
+from typing import (Callable, Deque, Dict, Iterable, Iterator, List, Mapping, NamedTuple,
+                    Optional, TextIO, Tuple)
 
 try:
     import ssl
@@ -1320,19 +1320,50 @@ STYLES = {
     "mention": "1;7",           # bold, reversed
     "marker": "2",              # dim separators
 }
-NAME_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
+# Colours for names. None is the notices' cyan or the errors' red, or near them;
+# they are spread round the colour wheel, each readable on a dark and on a light
+# background. 256-colour codes where the terminal has them (colour_depth), eight
+# of the basic ones elsewhere. The order is arbitrary but fixed: changing it
+# would give everyone another colour.
+NAME_COLOURS_256 = tuple(f"38;5;{code}" for code in (
+    166,    # orange        #d75f00
+    64,     # olive         #5f8700
+    35,     # sea green     #00af5f
+    63,     # blue          #5f5fff
+    165,    # violet        #d700ff
+    162,    # deep pink     #d70087
+    136,    # dark gold     #af8700
+    34,     # green         #00af00
+    33,     # azure         #0087ff
+    135,    # purple        #af5fff
+    163,    # magenta       #d700af
+))
+NAME_COLOURS_16 = ("32", "95", "93", "34", "92", "35", "94", "33")   # no 31/91 red, 36/96 cyan
 
 
-def name_colour(name: str) -> str:
+def name_colour(name: str, palette: Tuple[str, ...] = NAME_COLOURS_256) -> str:
     """A colour of its own for each name, the same on every machine and every run."""
-    return NAME_COLOURS[zlib.crc32(name.lower().encode("utf-8")) % len(NAME_COLOURS)]
+    return palette[zlib.crc32(name.lower().encode("utf-8")) % len(palette)]
 
 
-def paint(segments: Iterable[Segment], dim: bool = False) -> str:
-    """Segments as text with ANSI colour codes."""
+def colour_depth(environ: Mapping[str, str] = os.environ) -> int:
+    """256 where the terminal says it has them (most do today), else the basic 16.
+
+    Windows 10's console has 256 once its ANSI handling is on (terminal_is_capable).
+    """
+    if os.name == "nt":
+        return 256
+    if "256" in environ.get("TERM", "") or environ.get("COLORTERM") in ("truecolor", "24bit"):
+        return 256
+    return 16
+
+
+def paint(segments: Iterable[Segment], dim: bool = False,
+          name_colours: Tuple[str, ...] = NAME_COLOURS_256) -> str:
+    """Segments as text with ANSI colour codes; names in colours from name_colours."""
     out = []
     for text, style in segments:
-        codes = name_colour(text) if style == "name" else STYLES.get(style, "")
+        codes = name_colour(text, name_colours) if style == "name" else STYLES.get(style, "")
         if dim:
             codes = "2;" + codes if codes else "2"
         out.append(f"\033[{codes}m{text}\033[0m" if codes and text.strip() else text)
@@ -1452,8 +1483,10 @@ class Screen:
 
     def __init__(self, out: TextIO, terminal: bool, colour: bool, bell: bool = False,
                  log_file: Optional[TextIO] = None,
-                 routes: Optional[Dict[str, Optional[TextIO]]] = None) -> None:
+                 routes: Optional[Dict[str, Optional[TextIO]]] = None,
+                 name_colours: Tuple[str, ...] = NAME_COLOURS_256) -> None:
         self.out = out
+        self.name_colours = name_colours
         # Where each role of line goes (piped_routes); out when not listed, nowhere
         # when None. Lines for another stream (stderr) are written as plain text.
         self.routes = routes or {}
@@ -1501,7 +1534,7 @@ class Screen:
         width = max(20, shutil.get_terminal_size().columns - 1)
         rows = wrap(line, width)
         if self.colour:
-            return "\n".join(paint(row, line.dim) for row in rows)
+            return "\n".join(paint(row, line.dim, self.name_colours) for row in rows)
         return "\n".join("".join(text for text, _ in row) for row in rows)
 
     @contextlib.contextmanager
@@ -2608,7 +2641,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     styled = terminal_is_capable(sys.stdout)
     screen = Screen(sys.stdout, terminal=styled, colour=styled and wants_colour(args.no_color),
                     bell=args.bell, log_file=log_file,
-                    routes=None if interactive else piped_routes(args.show_chat))
+                    routes=None if interactive else piped_routes(args.show_chat),
+                    name_colours=NAME_COLOURS_256 if colour_depth() >= 256 else NAME_COLOURS_16)
     joiner = Joiner(host, port, args.name, credentials, tls, interactive)
     joined = first_join(joiner)
     if joined is None:

@@ -7,6 +7,7 @@ that time out and with events, never with fixed sleeps.
 """
 
 import codecs
+import colorsys
 import contextlib
 import dataclasses
 import hashlib
@@ -3002,12 +3003,43 @@ class RenderingTests(unittest.TestCase):
         self.assertEqual(client.text_width("🎉"), 2)
         self.assertEqual(client.text_width("👨\u200d👩\u200d👧"), 6)    # joiners take no column
 
-    def test_name_colours_are_stable_and_spread(self) -> None:
-        self.assertEqual(client.name_colour("alice"), client.name_colour("ALICE"))
-        self.assertEqual(client.name_colour("alice"), client.NAME_COLOURS[
-            zlib.crc32(b"alice") % len(client.NAME_COLOURS)])
-        colours = {client.name_colour(f"user{n}") for n in range(40)}
-        self.assertGreater(len(colours), 6)
+    def test_name_colours_leave_out_notices_and_errors_and_spread_names(self) -> None:
+        # Issue 14's trial: alice and carol both got bright cyan, next to the notices' cyan.
+        trio = [client.name_colour(name) for name in ("alice", "bob", "carol")]
+        self.assertEqual(len(set(trio)), 3, trio)
+        taken = {"31", "91", "36", "96", "38;5;6", "38;5;14", "38;5;1", "38;5;9"}
+        for palette in (client.NAME_COLOURS_256, client.NAME_COLOURS_16):
+            with self.subTest(colours=len(palette)):
+                self.assertFalse(taken & set(palette))
+                self.assertNotIn(client.STYLES["notice"], palette)
+                self.assertEqual(len(set(palette)), len(palette))
+                self.assertEqual(len({client.name_colour(name, palette)
+                                      for name in ("alice", "bob", "carol")}), 3)
+                # The same everywhere: crc32 of the name in lower case picks the entry.
+                self.assertEqual(client.name_colour("ALICE", palette), palette[
+                    zlib.crc32(b"alice") % len(palette)])
+        # On the 256-colour cube: far from red (0 degrees) and cyan (180), and apart.
+        levels = (0, 95, 135, 175, 215, 255)
+        hues = []
+        for code in client.NAME_COLOURS_256:
+            index = int(code.split(";")[-1]) - 16
+            rgb = [levels[part] / 255 for part in (index // 36, index // 6 % 6, index % 6)]
+            hue = colorsys.rgb_to_hls(*rgb)[0] * 360
+            for avoided in (0, 180, 360):
+                self.assertGreaterEqual(abs(hue - avoided), 25, code)
+            hues.append(hue)
+        hues.sort()
+        self.assertGreaterEqual(min(b - a for a, b in zip(hues, hues[1:])), 10)
+
+    @unittest.skipUnless(POSIX, "Windows consoles with ANSI have 256 colours")
+    def test_256_colours_where_the_terminal_says_so(self) -> None:
+        for environ, depth in (({"TERM": "xterm-256color"}, 256), ({"TERM": "xterm"}, 16),
+                               ({"TERM": "xterm", "COLORTERM": "truecolor"}, 256),
+                               ({"TERM": "linux"}, 16), ({}, 16)):
+            self.assertEqual(client.colour_depth(environ), depth, environ)
+        painted = client.paint([("bob", "name")], name_colours=client.NAME_COLOURS_16)
+        self.assertEqual(painted, f"\x1b[{client.name_colour('bob', client.NAME_COLOURS_16)}mbob"
+                                  "\x1b[0m")
 
     def test_paint_and_plain(self) -> None:
         line = client.chat_line("14:05", "bob", "hi alice", "alice")
