@@ -1107,7 +1107,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
     "history_end": {"for": str, "count": int, "text?": str},
     "error": {"code": str, "text": str, "id?": str},
-    "notice": {"code": str, "text": str},
+    "notice": {"code": str, "text": str, "ts?": str},
     "shutdown": {"text?": str},
     "ping": {},
     "pong": {},
@@ -1266,7 +1266,7 @@ def _show_notice(message: dict, me: str) -> Line:
     text = clean_text(message["text"])
     if message["code"] == "new_since":
         return plain_line(f"--- {text.lower()} ---", "marker")
-    return notice_line(text)
+    return notice_line(text, local_time(message["ts"]) if "ts" in message else None)
 
 
 FORMATTERS: Dict[str, Callable[[dict, str], Optional[Line]]] = {

@@ -1401,8 +1401,10 @@ class ChatCore:
 
     def notify_all(self, code: str, text: str, exclude: Optional[Session] = None) -> None:
         """A notice for everyone in the chat (but `exclude`), kept in the history too."""
-        self.store.record(self.timestamp(), "notice", "server", None, text)
-        self.deliver(self.everyone, {"type": "notice", "code": code, "text": text}, exclude)
+        timestamp = self.timestamp()
+        self.store.record(timestamp, "notice", "server", None, text)
+        self.deliver(self.everyone, {"type": "notice", "code": code, "text": text,
+                                    "ts": timestamp}, exclude)
 
     def announce(self, by: str, text: str) -> None:
         """An announcement from the console or an operator, to everyone."""
@@ -2357,7 +2359,8 @@ class Moderation:
         text = f"{target.name} was muted by {self._name(actor)}{how_long}"
         self.core.notify_all("muted", text, exclude=target)
         self.core.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
-                                  f"{self._name(actor)}{how_long}: you can read, but not send."})
+                                  f"{self._name(actor)}{how_long}: you can read, but not send.",
+                                "ts": self.core.timestamp()})
         if length is not None:
             self.core.later(length * 60, lambda: self._mute_over(target.name, until))
         return [Public(text)]
@@ -2373,7 +2376,8 @@ class Moderation:
         self.core.notify_all("unmuted", text, exclude=member)
         if member is not None:
             self.core.send(member, {"type": "notice", "code": "unmuted",
-                                      "text": f"You were unmuted by {self._name(actor)}."})
+                                      "text": f"You were unmuted by {self._name(actor)}.",
+                                      "ts": self.core.timestamp()})
         return [Public(text)]
 
     def cmd_say(self, actor: Optional[Session], args: str) -> List[str]:
@@ -2431,7 +2435,8 @@ class Moderation:
         member = self.core.members.get(name.lower())
         if member is not None:
             self.core.send(member, {"type": "notice", "code": "unmuted",
-                                      "text": "Your mute is over: you can send again."})
+                                      "text": "Your mute is over: you can send again.",
+                                      "ts": self.core.timestamp()})
 
 
 # ---------------------------------------------------------------------------

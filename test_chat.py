@@ -2700,10 +2700,15 @@ class ModerationTests(ChatTestCase):
 
     def test_mute_unmute_and_expiry(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
+        stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"   # as joins have, so clients show it
         self.console("/mute bob 10")
-        self.assertEqual(alice.expect("notice")["text"], "bob was muted by server for 10 minutes")
-        self.assertEqual(bob.expect("notice")["text"],
+        notice = alice.expect("notice")
+        self.assertEqual(notice["text"], "bob was muted by server for 10 minutes")
+        self.assertRegex(notice["ts"], stamp)
+        notice = bob.expect("notice")
+        self.assertEqual(notice["text"],
                          "You were muted by server for 10 minutes: you can read, but not send.")
+        self.assertRegex(notice["ts"], stamp)
         bob.send({"type": "say", "text": "let me speak"})
         error = bob.expect("error")
         self.assertEqual(error["code"], "muted")
@@ -2714,12 +2719,16 @@ class ModerationTests(ChatTestCase):
         self.assertEqual(bob.expect("message")["text"], "you can still read")
         self.assertNotIn("message", [m["type"] for m in alice.sync()])
         self.console("/unmute bob")
-        self.assertEqual(alice.expect("notice")["text"], "bob was unmuted by server")
-        self.assertEqual(bob.expect("notice")["text"], "You were unmuted by server.")
+        self.assertRegex(alice.expect("notice")["ts"], stamp)
+        notice = bob.expect("notice")
+        self.assertEqual(notice["text"], "You were unmuted by server.")
+        self.assertRegex(notice["ts"], stamp)
         bob.say("free again")
         self.console("/mute bob 0.003")    # about 0.2 s
         self.assertEqual(bob.expect("notice")["code"], "muted")
-        self.assertEqual(bob.expect("notice")["code"], "unmuted")
+        notice = bob.expect("notice")
+        self.assertEqual(notice["code"], "unmuted")
+        self.assertRegex(notice["ts"], stamp)
         bob.say("and again")
 
     def test_announcements_reach_everyone_and_stay_in_history(self) -> None:
@@ -3587,6 +3596,10 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
                              "me"), f"[{local}] * bob left")
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "* 2 here: a, b")
+        self.assertEqual(fmt({"type": "notice", "code": "muted", "text": "bob was muted",
+                              "ts": stamp}, "me"), f"[{local}] * bob was muted")
+        self.assertEqual(fmt({"type": "notice", "code": "op", "text": "You are an operator"},
+                             "me"), "* You are an operator")    # no time, none shown
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"], "count": 1500}, "me"),
                          "* 1500 here: a, b and 1498 more")
         self.assertIsNone(client.format_message({"type": "pong"}, "me"))
