@@ -630,6 +630,28 @@ class Pacer:
         self.tokens -= 1
 
 
+def reconnect_delays(retries: int) -> Iterator[float]:
+    """The pause before each reconnect attempt: 0.5 s, doubled each time, at most 15 s."""
+    delay = RECONNECT_FIRST_DELAY
+    for _ in range(retries):
+        yield delay
+        delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+
+def reconnect_time(retries: int) -> float:
+    """The pauses of all the attempts together (without adding up a huge --retries)."""
+    total = 0.0
+    for done, delay in enumerate(reconnect_delays(retries)):
+        if delay >= RECONNECT_MAX_DELAY:
+            return total + (retries - done) * RECONNECT_MAX_DELAY
+        total += delay
+    return total
+
+
+def rough_time(seconds: float) -> str:
+    return f"{max(1, round(seconds))} s" if seconds < 120 else f"{round(seconds / 60)} minutes"
+
+
 Rejoin = Callable[[Optional[str]], Tuple[ServerConnection, dict]]
 
 # How a message fared on its way out (Link._transmit).
@@ -687,6 +709,7 @@ class Link:
         # The receiver thread's own.
         self._told_why = False              # the last frame explains a close that follows
         self._final = False                 # ...and reconnecting would be refused again
+        self._shut_down = False             # ...or it was the server's "shutting down"
         self._in_history = False            # between a first history frame and history_end
         self._replay_after: Optional[str] = None    # after reconnecting: skip what we saw
         self._last_seen = ""                # ts of the newest message shown
@@ -815,7 +838,7 @@ class Link:
             # Requests in flight on an old connection get no answer: only the replay is due.
             self._history_headers = deque([(None, replay_header)])
         self._in_history = False
-        self._told_why = self._final = False
+        self._told_why = self._final = self._shut_down = False
         self.connected.set()
         self.settled.set()
 
@@ -849,12 +872,17 @@ class Link:
             self._report_unconfirmed()
             if self._final or self.rejoin is None or not self.retries:
                 return reason
-            self.screen.warn(f"{reason}; reconnecting")
-            if self._reconnect():
+            trying = f"trying to reconnect for about {rough_time(reconnect_time(self.retries))}"
+            if self._shut_down:     # said why: no alarm, but what happens now
+                self.screen.note(f"the server shut down (it may be restarting); {trying}")
+            else:
+                self.screen.warn(f"{reason}; {trying}")
+            why_not = self._reconnect()
+            if why_not is None:
                 continue
             if self.leaving.is_set():
                 return None     # /quit or Ctrl-C while reconnecting: an ordinary exit
-            return "could not reconnect"
+            return why_not
 
     def _receive_until_closed(self) -> str:
         """Handle messages until the connection ends; return why it ended."""
@@ -875,21 +903,25 @@ class Link:
         except OSError as exc:
             return f"connection to the server lost ({exc.strerror or exc})"
 
-    def _reconnect(self) -> bool:
-        """Try to join again, with growing pauses; True once back."""
-        delay = RECONNECT_FIRST_DELAY
-        for attempt in range(1, self.retries + 1):
+    def _reconnect(self) -> Optional[str]:
+        """Try to join again, with growing pauses; None once back, else why not.
+
+        A failed attempt is shown only when its reason is new: the same
+        "connection refused" six times over tells nothing.
+        """
+        last_failure = None
+        for attempt, delay in enumerate(reconnect_delays(self.retries), 1):
             if self.leaving.wait(delay):
-                return False
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                return "left while reconnecting"
             try:
                 connection, welcome = self.rejoin(self.resume_token)
             except JoinRefused as refused:
-                self.screen.warn(f"cannot rejoin: {refused.text}")
-                return False
+                return f"cannot rejoin: {refused.text}"
             except CannotConnect as exc:
-                self.screen.note(f"attempt {attempt} of {self.retries} failed: "
-                          f"{str(exc).splitlines()[0]}")
+                failure = str(exc).splitlines()[0]
+                if failure != last_failure:
+                    self.screen.note(f"attempt {attempt} of {self.retries} failed: {failure}")
+                last_failure = failure
                 continue
             with self.lock:
                 self._replay_after = self._last_seen
@@ -902,8 +934,10 @@ class Link:
             for outcome in outcomes:
                 if outcome == TOO_LONG:
                     self.screen.warn("not sent: far too long")
-            return True
-        return False
+            return None
+        attempts = f"{self.retries} attempt{'s' if self.retries > 1 else ''}"
+        return f"could not reconnect ({attempts} over about " \
+               f"{rough_time(reconnect_time(self.retries))})"
 
     def _handle_incoming(self, message: dict) -> None:
         kind = message["type"]
@@ -919,6 +953,7 @@ class Link:
             return
         self._told_why = kind in ("shutdown", "error")  # in case the connection now closes
         self._final = kind == "error" and message["code"] in FINAL_ERRORS
+        self._shut_down = kind == "shutdown"
         with self.lock:
             if kind in ("sent", "error") and "id" in message:
                 self.unconfirmed.pop(message["id"], None)

@@ -3378,7 +3378,7 @@ class ReconnectTests(unittest.TestCase):
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
-        bot.wait_for_line("reconnecting", "stderr")
+        bot.wait_for_line("trying to reconnect", "stderr")
         bot.proc.stdin.write(b"typed while the server was down\n")
         bot.proc.stdin.flush()
         bot.wait_for_line("will be sent when the connection is back", "stderr")
@@ -3404,7 +3404,7 @@ class ReconnectTests(unittest.TestCase):
         self.addCleanup(bot.kill)
         bot.wait_for_line("said before bot came")      # from the replay on joining
         first.stop()
-        bot.wait_for_line("reconnecting", "stderr")
+        bot.wait_for_line("trying to reconnect", "stderr")
         self.addCleanup(ServerThread(port=port, db=path).stop)
         carol = Peer(port, "carol")
         self.addCleanup(carol.close)
@@ -3423,7 +3423,7 @@ class ReconnectTests(unittest.TestCase):
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
-        bot.wait_for_line("reconnecting", "stderr")
+        bot.wait_for_line("trying to reconnect", "stderr")
         return bot
 
     def test_quitting_while_reconnecting_is_a_normal_exit(self) -> None:
@@ -3434,14 +3434,20 @@ class ReconnectTests(unittest.TestCase):
         self.assertNotIn("could not reconnect", bot.output("stderr"))
 
     def test_gives_up_and_says_what_was_not_sent(self) -> None:
-        bot = self.client_losing_its_server("--retries", "1")
+        bot = self.client_losing_its_server("--retries", "2")
         bot.proc.stdin.write(b"lost cause\n")
         bot.proc.stdin.flush()
         self.assertEqual(bot.finish(), 1)
-        output = bot.output("stderr")
-        self.assertIn("attempt 1 of 1 failed", output)
-        self.assertIn("could not reconnect", output)
-        self.assertIn("not sent: lost cause", output)
+        lines = bot.output("stderr").splitlines()
+        # Why it reconnects, and for how long (0.5 + 1 s); one line per new reason only.
+        self.assertEqual(lines[:2], ["* The server is shutting down.",
+                                     "* the server shut down (it may be restarting); trying "
+                                     "to reconnect for about 2 s"])
+        attempts = [line for line in lines if line.startswith("* attempt")]
+        self.assertEqual(len(attempts), 1, lines)
+        self.assertRegex(attempts[0], r"^\* attempt 1 of 2 failed: cannot connect to .*refused$")
+        self.assertIn("! could not reconnect (2 attempts over about 2 s)", lines)
+        self.assertIn("! not sent: lost cause", lines)
 
 
 class ProtocolAdditionTests(ChatTestCase):
