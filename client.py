@@ -2176,6 +2176,9 @@ class ChatSession:
         if not target or not text.strip():
             self.screen.warn("usage: /w NAME TEXT")
             return
+        if not NAME_PATTERN.fullmatch(target):     # nobody can be called that: do not ask
+            self.screen.warn(f"not sent: {target!r} is not a name (names are {NAME_RULES})")
+            return
         if self.fits(text):
             self.send({"type": "whisper", "to": target, "text": text.strip()})
 
@@ -2341,10 +2344,11 @@ def command_help_lines() -> List[str]:
                 label = ""
             lines.append(f"  {label:<20} {command.summary}{also}")
         if not operators:
-            lines.append(f"  {'//text':<20} send a line that starts with /; \\\\text, one with \\")
-            lines.append("  Backslash works as well as slash (\\quit, \\clients); after a backslash,")
-            lines.append("  a word of letters is always a command, anything else (\\o/) is chat.")
-            lines.append("  A password left out is asked for, and not shown; a new one twice.")
+            lines += [
+                f"  {'//text':<20} send a line that starts with /; \\\\text, one with \\",
+                "  Backslash works as well as slash (\\quit, \\clients); after a backslash,",
+                "  a word of letters is always a command, anything else (\\o/) is chat.",
+                "  A password left out is asked for, and not shown; a new one twice."]
             lines.append("  Keys: Up/Down recall lines, Tab completes names and commands.")
     return lines
 

@@ -963,8 +963,17 @@ def utc_timestamp(wall: float) -> str:
 
 def quoted(word: str) -> str:
     """A word a client sent, in quotes, as an error or the log repeats it: cleaned
-    for the terminal and cut short, so a client cannot have a long text echoed."""
-    return f'"{clean_text(word)[:MAX_QUOTED_LENGTH]}"'
+    for the terminal and cut short, so a client cannot have a long text echoed.
+
+    The quotes never clash with the word: "bob", but '"bob' for a word holding a
+    double quote, and "\\"bob's" (escaped) for one holding both kinds.
+    """
+    word = clean_text(word)[:MAX_QUOTED_LENGTH]
+    if '"' not in word:
+        return f'"{word}"'
+    if "'" not in word:
+        return f"'{word}'"
+    return '"' + word.replace('"', '\\"') + '"'
 
 
 def duration(seconds: float) -> str:
@@ -2309,7 +2318,8 @@ class Moderation:
                                   must_be_here=False)
             name = member.name if member else target
             if not NAME_PATTERN.fullmatch(name):
-                raise ModerationError("bad_name", f'"{name}" is neither a name nor an address.')
+                raise ModerationError("bad_name",
+                                      f"{quoted(name)} is neither a name nor an address.")
             bans = [Ban("name", name, until, reason, by)]
             if member:
                 bans.append(Ban("address", member.host, until, reason, by, for_name=name))

@@ -940,6 +940,21 @@ class ChatTests(ChatTestCase):
         shown = "[2J" + "x" * (socket_server.MAX_QUOTED_LENGTH - 3)
         self.assertEqual(error["text"], f'Unknown message type "{shown}".')
 
+    def test_a_quoted_word_never_doubles_its_quotes(self) -> None:
+        alice = self.peer("alice")
+        alice.send({"type": "whisper", "to": '"bad', "text": "x"})
+        self.assertEqual(alice.expect("error")["text"], """Nobody called '"bad' is here.""")
+        quoted = socket_server.quoted
+        self.assertEqual(quoted("bob"), '"bob"')
+        self.assertEqual(quoted("bob's"), '"bob\'s"')
+        self.assertEqual(quoted('say "hi"'), """'say "hi"'""")
+        self.assertEqual(quoted('"it\'s"'), '"\\"it\'s\\""')     # both kinds: escaped
+        for word in ('"', "'", '""', "'\"'", '"x"', "x" * 39 + '"', '\\"'):
+            with self.subTest(word=word):
+                shown = quoted(word)
+                inner = shown[1:-1].replace('\\"', "")
+                self.assertNotIn(shown[0], inner)     # the quote mark never inside, bare
+
     def test_fifty_clients_at_once(self) -> None:
         peers = [self.peer(f"user{number}") for number in range(55)]
         for peer in peers:
@@ -3990,6 +4005,17 @@ class ClientSessionTests(ChatTestCase):
                                ("/search", "usage: /search WORDS")):
             bot.handle_line(command)
             bot.out.wait_for(usage)
+
+    def test_a_whisper_to_something_that_cannot_be_a_name_is_refused_here(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        alice.expect("join")
+        del bot.out.lines[:]
+        bot.handle_line('/whisper "bad name" x')
+        self.assertEqual(bot.out.lines, [      # at once, before anything is sent
+            f"! not sent: '\"bad' is not a name (names are {client.NAME_RULES})"])
+        bot.handle_line("/w alice fine")
+        self.assertEqual(alice.expect("whisper")["text"], "fine")   # nothing came before it
 
     def test_an_unknown_backslash_command_is_caught_like_a_slash_one(self) -> None:
         alice = self.peer("alice")
