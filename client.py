@@ -1778,22 +1778,26 @@ def open_terminal(stdin: TextIO) -> Optional[object]:
 class LineEditor:
     """An input line that stays intact at the bottom while messages print above it.
 
-    One lock covers the screen: the main thread edits under it, the receiver
-    thread calls print_above under it, which clears the input area, prints,
-    and draws the prompt, the half-typed text and the cursor again. Keys:
+    One lock covers the screen, the Screen's own (`lock`): the main thread
+    edits under it, the receiver thread calls print_above under it, which
+    clears the input area, prints, and draws the prompt, the half-typed text
+    and the cursor again. Because it is the Screen's, a line the receiver
+    began to write before the editor took over is finished before the prompt
+    is first drawn (else the prompt and that line share a row). Keys:
     arrows, Home/End, Backspace/Delete, Ctrl-A/E/U/K/W/L, Up/Down for
     earlier lines, Tab to complete commands and names, Ctrl-D to leave.
     """
 
     def __init__(self, terminal: object, out: TextIO, prompt: str = PROMPT,
                  complete: Callable[[str, bool], List[str]] = lambda word, first: [],
-                 private: Callable[[str], bool] = lambda line: False) -> None:
+                 private: Callable[[str], bool] = lambda line: False,
+                 lock: Optional[threading.RLock] = None) -> None:
         self.terminal = terminal
         self.out = out
         self.prompt = prompt
         self.complete = complete        # (word, is it the first word?) -> candidates
         self.private = private          # lines never to keep for Up/Down (passwords)
-        self.lock = threading.RLock()
+        self.lock = lock if lock is not None else threading.RLock()
         self.buffer: List[str] = []
         self.cursor = 0                 # index into buffer
         self.active = False             # reading a line now: the input area is on screen
@@ -2620,7 +2624,7 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
         if terminal is not None:
             with terminal:
                 screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete,
-                                           private=holds_password)
+                                           private=holds_password, lock=screen.lock)
                 try:
                     while True:
                         session.handle_line(screen.editor.read_line())

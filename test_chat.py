@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import unittest
 import zlib
@@ -2924,7 +2925,9 @@ class VirtualScreen:
     the bottom), BS, bell, and the CSI sequences the client uses: cursor
     up/down/forward/back, erase line and erase display; colours are
     ignored. Like xterm, a character written in the last column leaves the
-    cursor there until the next character wraps it.
+    cursor there until the next character wraps it. LF also returns to the
+    first column, as the terminal driver makes it (ONLCR, which the
+    client's cbreak mode keeps).
     """
 
     def __init__(self, width: int = 40, height: int = 12) -> None:
@@ -2989,7 +2992,7 @@ class VirtualScreen:
         if char == "\r":
             self.column, self.wrap_pending = 0, False
         elif char == "\n":
-            self.wrap_pending = False
+            self.column, self.wrap_pending = 0, False
             self._line_feed()
         elif char == "\b":
             self.column = max(0, self.column - 1)
@@ -3156,11 +3159,43 @@ class ScriptedTerminal:
         self.batches = batches
         self.on_resume = lambda: None
 
+    def __enter__(self) -> "ScriptedTerminal":     # as a real terminal is used
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
     def read_keys(self) -> List[str]:
         if not self.batches:
             return ["eof"]
         batch = self.batches.pop(0)
         return batch() if callable(batch) else batch
+
+
+class ContendedLock:
+    """An RLock that tells when some thread has had to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.waited = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        if not blocking:
+            return False
+        self.waited.set()
+        return self._lock.acquire(True, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "ContendedLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 class LineEditorTests(unittest.TestCase):
@@ -3258,6 +3293,53 @@ class LineEditorTests(unittest.TestCase):
         self.assertEqual(editor.read_line(), long_text)
         self.assertEqual([line for line in screen.lines if line],
                          ["[14:05] bob: hello there", "[14:05] bob: and again"])
+
+    def test_a_burst_of_joins_as_the_prompt_first_appears(self) -> None:
+        # Issue 14: once, during a burst of joins, the prompt stayed on the replay's
+        # first line ("> --- earlier messages ---"). The receiver thread was writing
+        # that line (the editor not yet there) when the main thread drew its prompt:
+        # here the receiver waits, in mid-write, until the main thread has either
+        # drawn the prompt or is waiting for the screen, whichever it does.
+        vt = VirtualScreen(60, 40)
+        screen = client.Screen(vt, terminal=True, colour=False)
+        screen.lock = ContendedLock()
+        main_moved = screen.lock.waited     # set when main waits for the screen, or writes
+        receiver_writing = threading.Event()
+
+        def write(text: str) -> None:
+            if threading.current_thread() is threading.main_thread():
+                main_moved.set()
+            elif "earlier messages" in text and not receiver_writing.is_set():
+                receiver_writing.set()
+                self.assertTrue(main_moved.wait(TIMEOUT))
+            vt.feed(text)
+
+        vt.write, vt.flush = write, lambda: None
+        os.environ["COLUMNS"] = "60"
+        self.addCleanup(os.environ.pop, "COLUMNS", None)
+
+        def receive() -> None:
+            screen.show(client.plain_line("--- earlier messages ---", "marker"))
+            for number in range(20):
+                screen.show(client.notice_line(f"user{number} joined", "14:05"))
+
+        receiver = threading.Thread(target=receive)
+        seen: List[str] = []
+
+        def after_the_burst() -> List[str]:
+            receiver.join(TIMEOUT)
+            seen.extend(line for line in vt.lines if line)
+            return ["eof"]
+
+        session = types.SimpleNamespace(complete=lambda word, first: [], lost_reason=None,
+                                        handle_line=print, leave=lambda: None)
+        receiver.start()
+        self.assertTrue(receiver_writing.wait(TIMEOUT))
+        with contextlib.redirect_stdout(vt):
+            client.read_lines(session, screen, ScriptedTerminal([after_the_burst]), True)
+        self.assertEqual(seen[0], "--- earlier messages ---")
+        self.assertEqual(seen[1:-1], [f"[14:05] * user{number} joined" for number in range(20)])
+        self.assertEqual(seen[-1], ">")     # the prompt, alone on the last line
 
     def test_wide_characters_and_an_exactly_full_row(self) -> None:
         text = "日本語" * 4 + "x" * 4      # 28 columns after the 2-column prompt: exactly full
