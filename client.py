@@ -292,6 +292,10 @@ class CannotConnect(Exception):
     """The server could not be reached, or not safely; the text is for the user."""
 
 
+class CertificateChanged(CannotConnect):
+    """The server showed another certificate than expected: trying again cannot help."""
+
+
 @dataclasses.dataclass
 class TlsOptions:
     """How to check the server's certificate (see check_certificate)."""
@@ -319,6 +323,10 @@ def normalize_fingerprint(text: str) -> str:
     if text.startswith("sha256:"):
         text = text[len("sha256:"):]
     return text.replace(":", "")
+
+
+def certificate_fingerprint(sock: "ssl.SSLSocket") -> str:
+    return hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
 
 
 def read_known_hosts(path: str) -> Dict[str, str]:
@@ -385,17 +393,17 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
     """
     if tls.insecure or tls.cafile:
         return False    # --insecure was warned about; with --cafile, ssl verified the chain
-    found = hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
+    found = certificate_fingerprint(sock)
     if tls.trusted is not None:     # reconnecting: the server must be the one we joined
         if found != tls.trusted:
-            raise CannotConnect(changed_certificate_warning(
+            raise CertificateChanged(changed_certificate_warning(
                 where, found, tls.trusted, "the server this session joined"))
         return False
     asked = False
     known = read_known_hosts(tls.known_hosts).get(where)
     if tls.pinned is not None:
         if normalize_fingerprint(tls.pinned) != found:
-            raise CannotConnect(changed_certificate_warning(
+            raise CertificateChanged(changed_certificate_warning(
                 where, found, normalize_fingerprint(tls.pinned), "the join string"))
         if known != found:
             remember_host(tls.known_hosts, where, found, note)
@@ -409,7 +417,7 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
         remember_host(tls.known_hosts, where, found, note)
         note(f"* remembered in {tls.known_hosts}")
     elif known != found:
-        raise CannotConnect(changed_certificate_warning(
+        raise CertificateChanged(changed_certificate_warning(
             where, found, known, f"{tls.known_hosts} (from an earlier visit)"))
     tls.trusted = found
     return asked
@@ -917,6 +925,9 @@ class Link:
                 connection, welcome = self.rejoin(self.resume_token)
             except JoinRefused as refused:
                 return f"cannot rejoin: {refused.text}"
+            except CertificateChanged as exc:   # the whole warning, once: no retry can pass
+                self.screen.warn(str(exc))
+                return "not reconnecting: the server's certificate has changed"
             except CannotConnect as exc:
                 failure = str(exc).splitlines()[0]
                 if failure != last_failure:
@@ -1210,6 +1221,13 @@ def notice_line(text: str, stamp: Optional[str] = None, role: str = CHAT) -> Lin
 
 def error_line(text: str) -> Line:
     return Line((("! ", "error"),), ((text, "error"),), role=ERROR)
+
+
+def error_lines(text: str) -> List[Line]:
+    """An error of several lines: "!" on the first, the explanation indented under it."""
+    first, *explanation = text.splitlines() or [""]
+    return [error_line(first)] + [Line((("  ", ""),), ((line, "error"),), role=ERROR)
+                                  for line in explanation]
 
 
 def format_message(message: dict, me: str) -> Optional[Line]:
@@ -1561,7 +1579,8 @@ class Screen:
         self.show(notice_line(text, role=role))
 
     def warn(self, text: str) -> None:
-        self.show(error_line(text))
+        for line in error_lines(text):
+            self.show(line)
 
     def render(self, line: Line) -> str:
         if not self.terminal:
@@ -2607,7 +2626,7 @@ def first_join(joiner: Joiner) -> Optional[Tuple[ServerConnection, dict]]:
     try:
         return joiner.run()
     except CannotConnect as exc:
-        print(exc, file=sys.stderr)
+        print("\n".join(line.plain for line in error_lines(str(exc))), file=sys.stderr)
     except GiveUp:
         pass
     except EOFError:    # Ctrl-D at a question (piped input is never asked anything)

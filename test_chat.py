@@ -2235,6 +2235,32 @@ class TlsTests(unittest.TestCase):
             client.ServerConnection.open("127.0.0.1", other.port, tls, note=notes.append)
         self.assertIn("the server this session joined", str(caught.exception))
 
+    def test_a_certificate_changed_while_away_is_shown_once_and_ends_the_session(self) -> None:
+        first = self.server(self.self_signed)
+        port = first.port
+        tls = self.options(pinned=SELF_SIGNED_FINGERPRINT)
+
+        def rejoin(resume: Optional[str]):
+            return client.join("127.0.0.1", port, "bot", client.Credentials(resume=resume), tls)
+
+        connection, welcome = rejoin(None)
+        lost = threading.Event()
+        session = client.ChatSession(connection, welcome, f"127.0.0.1:{port}", make_screen(),
+                                     on_lost=lost.set, rejoin=rejoin)
+        self.addCleanup(session.leave)
+        session.start()
+        first.stop()        # and the server comes back at once, with another certificate
+        self.addCleanup(ServerThread(tls_cert=self.ca_signed[0], tls_key=self.ca_signed[1],
+                                     port=port).stop)
+        self.assertTrue(lost.wait(TIMEOUT), "it kept trying what cannot succeed")
+        lines = session.screen.out.lines
+        self.assertEqual(sum("WARNING" in line for line in lines), 1, lines)   # once, whole
+        self.assertIn("  Someone may be intercepting this connection, or the server has a "
+                      "new certificate.", lines)
+        self.assertIn(f'    python client.py "127.0.0.1:{port}#', "\n".join(lines))
+        self.assertFalse([line for line in lines if "attempt 2" in line], lines)
+        self.assertEqual(lines[-1], "! not reconnecting: the server's certificate has changed")
+
     def test_an_unreadable_known_hosts_file_is_one_line(self) -> None:
         server = self.server(self.self_signed)
         bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--tls", "--name", "bot",
@@ -4184,6 +4210,19 @@ class ClientAccountCommandTests(ChatTestCase):
 
 
 class ClientConnectErrorTests(unittest.TestCase):
+    def test_errors_before_joining_start_with_an_exclamation_mark(self) -> None:
+        for text, shown in (("not connecting: the certificate was not trusted",
+                             ["! not connecting: the certificate was not trusted"]),
+                            ("cannot connect to x: refused\nIs the server running?",
+                             ["! cannot connect to x: refused", "  Is the server running?"])):
+            def run(text: str = text) -> None:
+                raise client.CannotConnect(text)
+
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                self.assertIsNone(client.first_join(types.SimpleNamespace(run=run)))
+            self.assertEqual(stderr.getvalue().splitlines(), shown)
+
     def test_port_out_of_range(self) -> None:
         result = subprocess.run([sys.executable, CLIENT_SCRIPT, "127.0.0.1", "99999"],
                                 capture_output=True, text=True, timeout=TIMEOUT)
@@ -4197,9 +4236,9 @@ class ClientConnectErrorTests(unittest.TestCase):
         self.assertEqual(process.finish(), 1)
         lines = process.output("stderr").splitlines()
         self.assertEqual(len(lines), 2, lines)
-        self.assertIn(f"127.0.0.1:{port}", lines[0])
+        self.assertTrue(lines[0].startswith(f"! cannot connect to 127.0.0.1:{port}: "), lines)
         self.assertIn("refused", lines[0])
-        self.assertIn("server running", lines[1])
+        self.assertIn("  Is the server running?", lines[1])
 
     def test_not_a_chat_server(self) -> None:
         with socket.socket() as fake:
