@@ -325,6 +325,11 @@ def normalize_fingerprint(text: str) -> str:
     return text.replace(":", "")
 
 
+def is_fingerprint(text: str) -> bool:
+    """Whether text can be a SHA-256 certificate fingerprint: 64 hex digits, as printed."""
+    return re.fullmatch(r"[0-9a-f]{64}", normalize_fingerprint(text)) is not None
+
+
 def certificate_fingerprint(sock: "ssl.SSLSocket") -> str:
     return hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
 
@@ -2411,8 +2416,11 @@ def holds_password(line: str) -> bool:
 # ---------------------------------------------------------------------------
 
 def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[str]]:
-    """HOST, HOST:PORT or [IPv6]:PORT, with an optional #FINGERPRINT, and maybe a PORT."""
-    target, _, fingerprint = target.partition("#")
+    """HOST, HOST:PORT or [IPv6]:PORT, with an optional #FINGERPRINT, and maybe a PORT.
+
+    The fingerprint is "" for a "#" with nothing after it (an error, not plain TCP).
+    """
+    target, hash_sign, fingerprint = target.partition("#")
     host = target
     if target.startswith("[") and "]" in target:
         host, _, after = target[1:].partition("]")
@@ -2422,7 +2430,7 @@ def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[
         name, _, maybe_port = target.partition(":")
         if maybe_port.isdigit() and port is None:
             host, port = name, int(maybe_port)
-    return host, DEFAULT_PORT if port is None else port, fingerprint or None
+    return host, DEFAULT_PORT if port is None else port, fingerprint if hash_sign else None
 
 
 def read_name() -> str:
@@ -2523,7 +2531,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="commands in the chat:\n" + "\n".join(command_help_lines()) +
                "\n\nexit status: 0 after /quit or the end of input; 1 when the\n"
                "connection fails or is lost; 2 for a usage error (a bad option,\n"
-               "piped input without --name).",
+               "piped input without --name, a join string without a fingerprint).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("host", nargs="?", default=DEFAULT_HOST,
                         help=f"server name or IP address; HOST:PORT works too, and so does "
@@ -2667,6 +2675,14 @@ def piped_routes(show_chat: bool) -> Dict[str, Optional[TextIO]]:
             ERROR: sys.stderr, NOTE: sys.stderr, HINT: None}
 
 
+def join_string_problem(target: str, fingerprint: str) -> str:
+    """Why HOST:PORT#FINGERPRINT cannot be used: found before anything is sent."""
+    what = f'"{fingerprint}" is not 64 hexadecimal digits' if fingerprint else \
+        "nothing is there"
+    return (f'the join string "{target}" has no certificate fingerprint after "#" ({what}); '
+            "copy the whole join string the server printed")
+
+
 def usage_error(parser: argparse.ArgumentParser, text: str) -> int:
     """A mistake in how the client was started: one line, and argparse's exit status."""
     print(f"{parser.prog}: error: {text}", file=sys.stderr)
@@ -2684,6 +2700,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not interactive and not args.name:   # the first line is chat, not a name
         return usage_error(parser, "with input piped in, give a name with --name "
                                    "(there is nobody to ask)")
+    if fingerprint is not None and not is_fingerprint(fingerprint):
+        return usage_error(parser, join_string_problem(args.host, fingerprint))
     if interactive:
         # Ctrl-C must leave even when a launcher started us with SIGINT ignored (a shell
         # script's background job, some IDE consoles): Python raises KeyboardInterrupt

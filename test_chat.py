@@ -2261,6 +2261,20 @@ class TlsTests(unittest.TestCase):
         self.assertFalse([line for line in lines if "attempt 2" in line], lines)
         self.assertEqual(lines[-1], "! not reconnecting: the server's certificate has changed")
 
+    def test_a_join_string_without_a_possible_fingerprint_is_a_usage_error(self) -> None:
+        port = free_port()      # nothing listens: connecting would be refused
+        for target, shown in ((f"127.0.0.1:{port}#abc", '"abc" is not'),
+                              (f"127.0.0.1:{port}#", "nothing")):
+            with self.subTest(target=target):
+                bot = Process(CLIENT_SCRIPT, target, "--name", "bot", stdin_data="hi\n")
+                self.addCleanup(bot.kill)
+                self.assertEqual(bot.finish(), 2)
+                lines = bot.output("stderr").splitlines()
+                self.assertEqual(len(lines), 1, lines)
+                self.assertTrue(lines[0].startswith(f'client.py: error: the join string '
+                                                    f'"{target}" has '), lines)
+                self.assertIn(shown, lines[0])
+
     def test_an_unreadable_known_hosts_file_is_one_line(self) -> None:
         server = self.server(self.self_signed)
         bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--tls", "--name", "bot",
@@ -3706,7 +3720,8 @@ class ClientUnitTests(unittest.TestCase):
                  ("[::1]:6000", None): ("::1", 6000, None), ("::1", None): ("::1", 5050, None),
                  ("[fe80::1]", 9): ("fe80::1", 9, None),
                  ("10.0.0.5:6000#AB:cd", None): ("10.0.0.5", 6000, "AB:cd"),
-                 ("[::1]:6000#abcd", None): ("::1", 6000, "abcd")}
+                 ("[::1]:6000#abcd", None): ("::1", 6000, "abcd"),
+                 ("host:6000#", None): ("host", 6000, "")}     # a '#' with nothing after
         for (host, port), expected in cases.items():
             self.assertEqual(client.split_address(host, port), expected)
 
