@@ -334,6 +334,14 @@ def certificate_fingerprint(sock: "ssl.SSLSocket") -> str:
     return hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
 
 
+def tls_summary(sock: "ssl.SSLSocket", tls: TlsOptions) -> str:
+    """What the banner says about a TLS connection: encrypted, and to whom."""
+    if tls.insecure:
+        return "encrypted with TLS, but the server's identity is not checked (--insecure)"
+    verified = f", verified with {tls.cafile}" if tls.cafile else ""
+    return f"encrypted with TLS; certificate fingerprint: {certificate_fingerprint(sock)}{verified}"
+
+
 def read_known_hosts(path: str) -> Dict[str, str]:
     """HOST:PORT -> fingerprint, from a file of "HOST:PORT FINGERPRINT" lines.
 
@@ -497,8 +505,9 @@ class ServerConnection:
     frames from two threads never interleave.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, encryption: Optional[str] = None) -> None:
         self.sock = sock
+        self.encryption = encryption    # for the banner: how it is encrypted; None: not
         self.decoder = FrameDecoder()
         self._send_lock = threading.Lock()
 
@@ -508,12 +517,13 @@ class ServerConnection:
              ) -> "ServerConnection":
         where = join_address(host, port)
         sock = connect_tcp(host, port, where)
-        if tls is not None:
-            sock, asked = start_tls(sock, host, where, tls, note)
-            if asked:   # the server may have stopped waiting for our hello meanwhile
-                sock.close()
-                sock, _ = start_tls(connect_tcp(host, port, where), host, where, tls, note)
-        return cls(sock)
+        if tls is None:
+            return cls(sock)
+        sock, asked = start_tls(sock, host, where, tls, note)
+        if asked:   # the server may have stopped waiting for our hello meanwhile
+            sock.close()
+            sock, _ = start_tls(connect_tcp(host, port, where), host, where, tls, note)
+        return cls(sock, tls_summary(sock, tls))
 
     def send(self, message: dict) -> None:
         frame = encode_frame(message)
@@ -2147,6 +2157,8 @@ class ChatSession:
     def show_banner(self, welcome: dict) -> None:
         others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
         self.screen.note(f"connected to {self.server} as {self.name}", CHAT)
+        if self.link.connection.encryption:
+            self.screen.note(self.link.connection.encryption, CHAT)
         if others:
             self.screen.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
                                   names_list(others, welcome.get("ops"))))

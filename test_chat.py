@@ -2304,8 +2304,17 @@ class TlsTests(unittest.TestCase):
 
     def test_insecure_warns(self) -> None:
         notes: List[str] = []
-        self.join(self.server(self.self_signed), "alice", self.options(insecure=True), notes)
+        connection = self.join(self.server(self.self_signed), "alice",
+                               self.options(insecure=True), notes)
         self.assertIn("WARNING", notes[0])
+        self.assertEqual(connection.encryption, "encrypted with TLS, but the server's identity "
+                         "is not checked (--insecure)")
+
+    def test_ca_verified_connections_say_so(self) -> None:
+        connection = self.join(self.server(self.ca_signed), "alice",
+                               self.options(cafile=self.ca_file))
+        self.assertRegex(connection.encryption, r"^encrypted with TLS; certificate fingerprint: "
+                                                r"[0-9a-f]{64}, verified with .*ca\.crt$")
 
     def test_wrong_side_plain_text_or_tls(self) -> None:
         server = self.server(self.self_signed)
@@ -2361,9 +2370,11 @@ class TlsTests(unittest.TestCase):
         self.addCleanup(watcher.close)
         watcher.send({"type": "hello", "name": "watcher"})
         bot = Process(CLIENT_SCRIPT, join_string, "--name", "bot", "--known-hosts",
-                      os.path.join(directory, "known"), stdin_data="over TLS\n")
+                      os.path.join(directory, "known"), "--show-chat", stdin_data="over TLS\n")
         self.addCleanup(bot.kill)
         self.assertEqual(bot.finish(), 0, bot.output("stderr"))
+        self.assertIn(f"* encrypted with TLS; certificate fingerprint: {SELF_SIGNED_FINGERPRINT}",
+                      bot.output().splitlines())     # said once, when joining
         while True:
             message = watcher.receive()
             if message["type"] == "message":
