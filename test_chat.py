@@ -3582,20 +3582,43 @@ class ReconnectTests(unittest.TestCase):
         self.assertNotIn("could not reconnect", bot.output("stderr"))
 
     def test_gives_up_and_says_what_was_not_sent(self) -> None:
-        bot = self.client_losing_its_server("--retries", "2")
+        bot = self.client_losing_its_server("--retries", "1")
         bot.proc.stdin.write(b"lost cause\n")
         bot.proc.stdin.flush()
         self.assertEqual(bot.finish(), 1)
         lines = bot.output("stderr").splitlines()
-        # Why it reconnects, and for how long (0.5 + 1 s); one line per new reason only.
+        # Why it reconnects, and for how long; then why it stopped.
         self.assertEqual(lines[:2], ["* The server is shutting down.",
                                      "* the server shut down (it may be restarting); trying "
-                                     "to reconnect for about 2 s"])
+                                     "to reconnect for about 1 s"])
         attempts = [line for line in lines if line.startswith("* attempt")]
         self.assertEqual(len(attempts), 1, lines)
-        self.assertRegex(attempts[0], r"^\* attempt 1 of 2 failed: cannot connect to .*refused$")
-        self.assertIn("! could not reconnect (2 attempts over about 2 s)", lines)
+        self.assertRegex(attempts[0], r"^\* attempt 1 of 1 failed: cannot connect to .*refused$")
+        self.assertIn("! could not reconnect (1 attempt over about 1 s)", lines)
         self.assertIn("! not sent: lost cause", lines)
+
+    def test_a_failed_attempt_is_shown_only_when_its_reason_is_new(self) -> None:
+        self.addCleanup(setattr, client, "RECONNECT_FIRST_DELAY", client.RECONNECT_FIRST_DELAY)
+        client.RECONNECT_FIRST_DELAY = 0.001    # six attempts in a moment
+        server = ServerThread()
+        self.addCleanup(server.stop)
+        reasons = ["connection refused"] * 3 + ["timed out"] * 2 + ["connection refused"]
+
+        def rejoin(resume: Optional[str]):
+            raise client.CannotConnect(f"cannot connect: {reasons.pop(0)}\nIs it running?")
+
+        connection, welcome = client.join("127.0.0.1", server.port, "bot")
+        lost = threading.Event()
+        session = client.ChatSession(connection, welcome, "here", make_screen(),
+                                     on_lost=lost.set, rejoin=rejoin, retries=6)
+        session.start()
+        server.stop()
+        self.assertTrue(lost.wait(TIMEOUT))
+        self.assertEqual([line for line in session.screen.out.lines if "attempt" in line],
+                         ["* attempt 1 of 6 failed: cannot connect: connection refused",
+                          "* attempt 4 of 6 failed: cannot connect: timed out",
+                          "* attempt 6 of 6 failed: cannot connect: connection refused",
+                          "! could not reconnect (6 attempts over about 1 s)"])
 
 
 class ProtocolAdditionTests(ChatTestCase):
