@@ -27,7 +27,10 @@ Data flows through the file in this order:
    threads share lives in the link, under one lock.
 3. **What is shown** is built as styled segments (:class:`Line`), so the
    same line becomes coloured, wrapped text on a terminal (:class:`Screen`)
-   and plain text in pipes, transcripts and logs.
+   and plain text in pipes, transcripts and logs. Each line has a role
+   (chat, an answer to a command, an error, a note, a hint), which decides
+   where it goes when input is piped: a script sees only its answers, and
+   its errors on stderr, unless --show-chat.
 4. **The input line** (:class:`LineEditor`) keeps your prompt and half-typed
    text intact at the bottom while messages are printed above it, with
    history, Tab completion and the usual editing keys. Python's readline
