@@ -1040,7 +1040,8 @@ class Link:
         """
         with self.lock:
             headers = self._history_headers
-            request, header = headers[0] if headers else ("?", "--- history ---")
+            # (the request's id, its header); a batch nobody asked for is shown as an answer
+            request, header = headers[0] if headers else ("unasked", "--- history ---")
             if message["type"] == "history_end" and headers:
                 headers.popleft()
         role = CHAT if request is None else ANSWER      # the replay has no request id
