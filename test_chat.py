@@ -3611,6 +3611,7 @@ class ReconnectTests(unittest.TestCase):
         lost = threading.Event()
         session = client.ChatSession(connection, welcome, "here", make_screen(),
                                      on_lost=lost.set, rejoin=rejoin, retries=6)
+        self.addCleanup(session.leave)
         session.start()
         server.stop()
         self.assertTrue(lost.wait(TIMEOUT))
