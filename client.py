@@ -27,7 +27,10 @@ Data flows through the file in this order:
    threads share lives in the link, under one lock.
 3. **What is shown** is built as styled segments (:class:`Line`), so the
    same line becomes coloured, wrapped text on a terminal (:class:`Screen`)
-   and plain text in pipes, transcripts and logs.
+   and plain text in pipes, transcripts and logs. Each line has a role
+   (chat, an answer to a command, an error, a note, a hint), which decides
+   where it goes when input is piped: a script sees only its answers, and
+   its errors on stderr, unless --show-chat.
 4. **The input line** (:class:`LineEditor`) keeps your prompt and half-typed
    text intact at the bottom while messages are printed above it, with
    history, Tab completion and the usual editing keys. Python's readline
@@ -59,8 +62,8 @@ import unicodedata
 import zlib
 from collections import deque
 from datetime import date, datetime
-from typing import (Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional,
-                    TextIO, Tuple, Union)
+from typing import (Callable, Deque, Dict, Iterable, Iterator, List, Mapping, NamedTuple,
+                    Optional, TextIO, Tuple, Union)
 
 try:
     import ssl
@@ -99,6 +102,23 @@ FINAL_ERRORS = frozenset({"kicked", "banned", "replaced", "flooding", "locked_ou
 ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
              "password_required": "room password", "bad_password": "room password",
              "name_protected": "name password", "bad_name_password": "name password"}
+
+# Names are ASCII, so that look-alike letters cannot impersonate anyone, and hold
+# a letter or a digit: ".", ".." or "-" name nobody.
+NAME_PATTERN = re.compile(r"(?=[_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,32}")     # fullmatch
+NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', "
+              "with a letter or digit")
+MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
+MAX_PASSWORD_LENGTH = 1024
+
+
+def password_problem(password: str) -> Optional[str]:
+    """Why a new password is not acceptable, or None (the client asks before sending)."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Passwords need at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return f"Passwords may have at most {MAX_PASSWORD_LENGTH} characters."
+    return None
 
 
 class ProtocolError(Exception):
@@ -284,6 +304,10 @@ class CannotConnect(Exception):
     """The server could not be reached, or not safely; the text is for the user."""
 
 
+class CertificateChanged(CannotConnect):
+    """The server showed another certificate than expected: trying again cannot help."""
+
+
 @dataclasses.dataclass
 class TlsOptions:
     """How to check the server's certificate (see check_certificate)."""
@@ -311,6 +335,23 @@ def normalize_fingerprint(text: str) -> str:
     if text.startswith("sha256:"):
         text = text[len("sha256:"):]
     return text.replace(":", "")
+
+
+def is_fingerprint(text: str) -> bool:
+    """Whether text can be a SHA-256 certificate fingerprint: 64 hex digits, as printed."""
+    return re.fullmatch(r"[0-9a-f]{64}", normalize_fingerprint(text)) is not None
+
+
+def certificate_fingerprint(sock: "ssl.SSLSocket") -> str:
+    return hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
+
+
+def tls_summary(sock: "ssl.SSLSocket", tls: TlsOptions) -> str:
+    """What the banner says about a TLS connection: encrypted, and to whom."""
+    if tls.insecure:
+        return "encrypted with TLS, but the server's identity is not checked (--insecure)"
+    verified = f", verified with {tls.cafile}" if tls.cafile else ""
+    return f"encrypted with TLS; certificate fingerprint: {certificate_fingerprint(sock)}{verified}"
 
 
 def read_known_hosts(path: str) -> Dict[str, str]:
@@ -377,17 +418,17 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
     """
     if tls.insecure or tls.cafile:
         return False    # --insecure was warned about; with --cafile, ssl verified the chain
-    found = hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
+    found = certificate_fingerprint(sock)
     if tls.trusted is not None:     # reconnecting: the server must be the one we joined
         if found != tls.trusted:
-            raise CannotConnect(changed_certificate_warning(
+            raise CertificateChanged(changed_certificate_warning(
                 where, found, tls.trusted, "the server this session joined"))
         return False
     asked = False
     known = read_known_hosts(tls.known_hosts).get(where)
     if tls.pinned is not None:
         if normalize_fingerprint(tls.pinned) != found:
-            raise CannotConnect(changed_certificate_warning(
+            raise CertificateChanged(changed_certificate_warning(
                 where, found, normalize_fingerprint(tls.pinned), "the join string"))
         if known != found:
             remember_host(tls.known_hosts, where, found, note)
@@ -401,7 +442,7 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
         remember_host(tls.known_hosts, where, found, note)
         note(f"* remembered in {tls.known_hosts}")
     elif known != found:
-        raise CannotConnect(changed_certificate_warning(
+        raise CertificateChanged(changed_certificate_warning(
             where, found, known, f"{tls.known_hosts} (from an earlier visit)"))
     tls.trusted = found
     return asked
@@ -476,8 +517,9 @@ class ServerConnection:
     frames from two threads never interleave.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, encryption: Optional[str] = None) -> None:
         self.sock = sock
+        self.encryption = encryption    # for the banner: how it is encrypted; None: not
         self.decoder = FrameDecoder()
         self._send_lock = threading.Lock()
 
@@ -487,12 +529,13 @@ class ServerConnection:
              ) -> "ServerConnection":
         where = join_address(host, port)
         sock = connect_tcp(host, port, where)
-        if tls is not None:
-            sock, asked = start_tls(sock, host, where, tls, note)
-            if asked:   # the server may have stopped waiting for our hello meanwhile
-                sock.close()
-                sock, _ = start_tls(connect_tcp(host, port, where), host, where, tls, note)
-        return cls(sock)
+        if tls is None:
+            return cls(sock)
+        sock, asked = start_tls(sock, host, where, tls, note)
+        if asked:   # the server may have stopped waiting for our hello meanwhile
+            sock.close()
+            sock, _ = start_tls(connect_tcp(host, port, where), host, where, tls, note)
+        return cls(sock, tls_summary(sock, tls))
 
     def send(self, message: dict) -> None:
         frame = encode_frame(message)
@@ -622,6 +665,28 @@ class Pacer:
         self.tokens -= 1
 
 
+def reconnect_delays(retries: int) -> Iterator[float]:
+    """The pause before each reconnect attempt: 0.5 s, doubled each time, at most 15 s."""
+    delay = RECONNECT_FIRST_DELAY
+    for _ in range(retries):
+        yield delay
+        delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+
+def reconnect_time(retries: int) -> float:
+    """The pauses of all the attempts together (without adding up a huge --retries)."""
+    total = 0.0
+    for done, delay in enumerate(reconnect_delays(retries)):
+        if delay >= RECONNECT_MAX_DELAY:
+            return total + (retries - done) * RECONNECT_MAX_DELAY
+        total += delay
+    return total
+
+
+def rough_time(seconds: float) -> str:
+    return f"{max(1, round(seconds))} s" if seconds < 120 else f"{round(seconds / 60)} minutes"
+
+
 Rejoin = Callable[[Optional[str]], Tuple[ServerConnection, dict]]
 
 # How a message fared on its way out (Link._transmit).
@@ -679,6 +744,7 @@ class Link:
         # The receiver thread's own.
         self._told_why = False              # the last frame explains a close that follows
         self._final = False                 # ...and reconnecting would be refused again
+        self._shut_down = False             # ...or it was the server's "shutting down"
         self._in_history = False            # between a first history frame and history_end
         self._replay_after: Optional[str] = None    # after reconnecting: skip what we saw
         self._last_seen = ""                # ts of the newest message shown
@@ -807,7 +873,7 @@ class Link:
             # Requests in flight on an old connection get no answer: only the replay is due.
             self._history_headers = deque([(None, replay_header)])
         self._in_history = False
-        self._told_why = self._final = False
+        self._told_why = self._final = self._shut_down = False
         self.connected.set()
         self.settled.set()
 
@@ -841,12 +907,17 @@ class Link:
             self._report_unconfirmed()
             if self._final or self.rejoin is None or not self.retries:
                 return reason
-            self.screen.warn(f"{reason}; reconnecting")
-            if self._reconnect():
+            trying = f"trying to reconnect for about {rough_time(reconnect_time(self.retries))}"
+            if self._shut_down:     # said why: no alarm, but what happens now
+                self.screen.note(f"the server shut down (it may be restarting); {trying}")
+            else:
+                self.screen.warn(f"{reason}; {trying}")
+            why_not = self._reconnect()
+            if why_not is None:
                 continue
             if self.leaving.is_set():
                 return None     # /quit or Ctrl-C while reconnecting: an ordinary exit
-            return "could not reconnect"
+            return why_not
 
     def _receive_until_closed(self) -> str:
         """Handle messages until the connection ends; return why it ended."""
@@ -867,21 +938,28 @@ class Link:
         except OSError as exc:
             return f"connection to the server lost ({exc.strerror or exc})"
 
-    def _reconnect(self) -> bool:
-        """Try to join again, with growing pauses; True once back."""
-        delay = RECONNECT_FIRST_DELAY
-        for attempt in range(1, self.retries + 1):
+    def _reconnect(self) -> Optional[str]:
+        """Try to join again, with growing pauses; None once back, else why not.
+
+        A failed attempt is shown only when its reason is new: the same
+        "connection refused" six times over tells nothing.
+        """
+        last_failure = None
+        for attempt, delay in enumerate(reconnect_delays(self.retries), 1):
             if self.leaving.wait(delay):
-                return False
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                return "left while reconnecting"
             try:
                 connection, welcome = self.rejoin(self.resume_token)
             except JoinRefused as refused:
-                self.screen.warn(f"cannot rejoin: {refused.text}")
-                return False
+                return f"cannot rejoin: {refused.text}"
+            except CertificateChanged as exc:   # the whole warning, once: no retry can pass
+                self.screen.warn(str(exc))
+                return "not reconnecting: the server's certificate has changed"
             except CannotConnect as exc:
-                self.screen.note(f"attempt {attempt} of {self.retries} failed: "
-                          f"{str(exc).splitlines()[0]}")
+                failure = str(exc).splitlines()[0]
+                if failure != last_failure:
+                    self.screen.note(f"attempt {attempt} of {self.retries} failed: {failure}")
+                last_failure = failure
                 continue
             with self.lock:
                 self._replay_after = self._last_seen
@@ -894,8 +972,10 @@ class Link:
             for outcome in outcomes:
                 if outcome == TOO_LONG:
                     self.screen.warn("not sent: far too long")
-            return True
-        return False
+            return None
+        attempts = f"{self.retries} attempt{'s' if self.retries > 1 else ''}"
+        return f"could not reconnect ({attempts} over about " \
+               f"{rough_time(reconnect_time(self.retries))})"
 
     def _handle_incoming(self, message: dict) -> None:
         kind = message["type"]
@@ -911,6 +991,7 @@ class Link:
             return
         self._told_why = kind in ("shutdown", "error")  # in case the connection now closes
         self._final = kind == "error" and message["code"] in FINAL_ERRORS
+        self._shut_down = kind == "shutdown"
         with self.lock:
             if kind in ("sent", "error") and "id" in message:
                 self.unconfirmed.pop(message["id"], None)
@@ -922,13 +1003,14 @@ class Link:
                 effect = self.NOTICE_EFFECTS.get(message["code"])
                 if effect is not None:
                     effect(self)
-        if kind.startswith("history") and not self._show_history_frame(message):
+        batch_role = self._show_history_frame(message) if kind.startswith("history") else ""
+        if batch_role is None:
             return
         if kind in ("message", "sent", "whisper", "announcement", "history"):
             self._last_seen = max(self._last_seen, str(message.get("ts", "")))
         line = format_message(message, self.name)
         if line is not None:
-            self.screen.show(line)
+            self.screen.show(line._replace(role=batch_role) if batch_role else line)
 
     def _set_operator(self, operator: bool) -> None:
         self._operator = operator
@@ -957,29 +1039,33 @@ class Link:
         elif kind == "users":
             self._users = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
 
-    def _show_history_frame(self, message: dict) -> bool:
-        """Headers around each batch of history; False to show nothing for this frame.
+    def _show_history_frame(self, message: dict) -> Optional[str]:
+        """Headers around each batch of history; the role of this frame's line, or
+        None to show nothing for it.
 
-        After a reconnect, the replay repeats what was already on screen:
-        only what came while we were away is shown.
+        The replay after a welcome is chat; a batch this client asked for is
+        an answer. After a reconnect, the replay repeats what was already on
+        screen: only what came while we were away is shown.
         """
         with self.lock:
             headers = self._history_headers
-            header = headers[0][1] if headers else "--- history ---"
+            # (the request's id, its header); a batch nobody asked for is shown as an answer
+            request, header = headers[0] if headers else ("unasked", "--- history ---")
             if message["type"] == "history_end" and headers:
                 headers.popleft()
+        role = CHAT if request is None else ANSWER      # the replay has no request id
         if message["type"] == "history_end":
             shown_any, self._in_history = self._in_history, False
             if message["for"] == "join" and self._replay_after is not None:
                 self._replay_after = None
-                return shown_any
-            return True
+                return role if shown_any else None
+            return role
         if self._replay_after is not None and message["ts"] <= self._replay_after:
-            return False    # part of the replay after a reconnect, and already on screen
+            return None     # part of the replay after a reconnect, and already on screen
         if not self._in_history:
             self._in_history = True
-            self.screen.show(plain_line(header, "marker"))
-        return True
+            self.screen.show(plain_line(header, "marker", role))
+        return role
 
     def _report_unconfirmed(self) -> None:
         """Lines written to a connection that died before the server confirmed them."""
@@ -1046,26 +1132,38 @@ class MainThreadWaker:
 
 Segment = Tuple[str, str]   # (text, style): see STYLES
 
+# What a line is to its reader, which decides where it goes (Screen.routes). On
+# a terminal everything is shown. With input piped in, a script sees on stdout
+# only the answers to its own commands, and on stderr its errors and the
+# connection's notes; the chat itself (and the banner) only with --show-chat,
+# and hints for people never.
+CHAT = "chat"           # the conversation: messages, joins, the replay, the banner
+ANSWER = "answer"       # the answer to a command: /who, /history, /search, /help, ...
+ERROR = "error"         # "!" lines: what went wrong
+NOTE = "note"           # the connection's own news: reconnecting, lines kept to send
+HINT = "hint"           # advice for a person: "type /help for commands"
+
 
 class Line(NamedTuple):
     """One line to show: a head (time, name) and a body that wraps under itself.
 
     `dim` greys the whole line out (history); `ring` asks for the bell
-    (a whisper, a mention of your name).
+    (a whisper, a mention of your name); `role` is what the line is (CHAT, ...).
     """
 
     head: Tuple[Segment, ...]
     body: Tuple[Segment, ...]
     dim: bool = False
     ring: bool = False
+    role: str = CHAT
 
     @property
     def plain(self) -> str:
         return "".join(text for text, _ in self.head + self.body)
 
 
-def plain_line(text: str, style: str = "") -> Line:
-    return Line((), ((text, style),))
+def plain_line(text: str, style: str = "", role: str = CHAT) -> Line:
+    return Line((), ((text, style),), role=role)
 
 
 #: Fields each server message must carry (see check_fields). Messages of a
@@ -1083,7 +1181,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
     "history_end": {"for": str, "count": int, "text?": str},
     "error": {"code": str, "text": str, "id?": str},
-    "notice": {"code": str, "text": str},
+    "notice": {"code": str, "text": str, "ts?": str},
     "shutdown": {"text?": str},
     "ping": {},
     "pong": {},
@@ -1144,13 +1242,20 @@ def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message"
                 ring=any(style == "mention" for _, style in body))
 
 
-def notice_line(text: str, stamp: Optional[str] = None) -> Line:
+def notice_line(text: str, stamp: Optional[str] = None, role: str = CHAT) -> Line:
     head = ((f"[{stamp}] ", "time"),) if stamp else ()
-    return Line(head + (("* ", "notice"),), ((text, "notice"),))
+    return Line(head + (("* ", "notice"),), ((text, "notice"),), role=role)
 
 
 def error_line(text: str) -> Line:
-    return Line((("! ", "error"),), ((text, "error"),))
+    return Line((("! ", "error"),), ((text, "error"),), role=ERROR)
+
+
+def error_lines(text: str) -> List[Line]:
+    """An error of several lines: "!" on the first, the explanation indented under it."""
+    first, *explanation = text.splitlines() or [""]
+    return [error_line(first)] + [Line((("  ", ""),), ((line, "error"),), role=ERROR)
+                                  for line in explanation]
 
 
 def format_message(message: dict, me: str) -> Optional[Line]:
@@ -1161,7 +1266,25 @@ def format_message(message: dict, me: str) -> Optional[Line]:
     terminal.
     """
     formatter = FORMATTERS.get(message["type"])
-    return formatter(message, me) if formatter else None
+    line = formatter(message, me) if formatter else None
+    if line is None:
+        return None
+    role = NOTICE_ROLES.get(message["code"], CHAT) if message["type"] == "notice" else \
+        MESSAGE_ROLES.get(message["type"], CHAT)
+    return line._replace(role=role)
+
+
+#: What each message is to the reader when it is not chat (see CHAT). A batch of
+#: history is an answer, but for the replay that follows a welcome (see Link).
+MESSAGE_ROLES: Dict[str, str] = {
+    "users": ANSWER, "history": ANSWER, "history_end": ANSWER, "error": ERROR,
+    "shutdown": NOTE,
+}
+#: The notices that answer this client's own commands; the others are chat.
+NOTICE_ROLES: Dict[str, str] = {
+    "registered": ANSWER, "unregistered": ANSWER, "password_changed": ANSWER,
+    "op": ANSWER, "deop": ANSWER, "moderation": ANSWER,
+}
 
 
 def _show_message(message: dict, me: str) -> Line:
@@ -1224,7 +1347,7 @@ def _show_notice(message: dict, me: str) -> Line:
     text = clean_text(message["text"])
     if message["code"] == "new_since":
         return plain_line(f"--- {text.lower()} ---", "marker")
-    return notice_line(text)
+    return notice_line(text, local_time(message["ts"]) if "ts" in message else None)
 
 
 FORMATTERS: Dict[str, Callable[[dict, str], Optional[Line]]] = {
@@ -1278,19 +1401,50 @@ STYLES = {
     "mention": "1;7",           # bold, reversed
     "marker": "2",              # dim separators
 }
-NAME_COLOURS = ("31", "32", "33", "34", "35", "36", "91", "92", "93", "94", "95", "96")
+# Colours for names. None is the notices' cyan or the errors' red, or near them;
+# they are spread round the colour wheel, each readable on a dark and on a light
+# background. 256-colour codes where the terminal has them (colour_depth), eight
+# of the basic ones elsewhere. The order is arbitrary but fixed: changing it
+# would give everyone another colour.
+NAME_COLOURS_256 = tuple(f"38;5;{code}" for code in (
+    166,    # orange        #d75f00
+    64,     # olive         #5f8700
+    35,     # sea green     #00af5f
+    63,     # blue          #5f5fff
+    165,    # violet        #d700ff
+    162,    # deep pink     #d70087
+    136,    # dark gold     #af8700
+    34,     # green         #00af00
+    33,     # azure         #0087ff
+    135,    # purple        #af5fff
+    163,    # magenta       #d700af
+))
+NAME_COLOURS_16 = ("32", "95", "93", "34", "92", "35", "94", "33")   # no 31/91 red, 36/96 cyan
 
 
-def name_colour(name: str) -> str:
+def name_colour(name: str, palette: Tuple[str, ...] = NAME_COLOURS_256) -> str:
     """A colour of its own for each name, the same on every machine and every run."""
-    return NAME_COLOURS[zlib.crc32(name.lower().encode("utf-8")) % len(NAME_COLOURS)]
+    return palette[zlib.crc32(name.lower().encode("utf-8")) % len(palette)]
 
 
-def paint(segments: Iterable[Segment], dim: bool = False) -> str:
-    """Segments as text with ANSI colour codes."""
+def colour_depth(environ: Mapping[str, str] = os.environ) -> int:
+    """256 where the terminal says it has them (most do today), else the basic 16.
+
+    Windows 10's console has 256 once its ANSI handling is on (terminal_is_capable).
+    """
+    if os.name == "nt":
+        return 256
+    if "256" in environ.get("TERM", "") or environ.get("COLORTERM") in ("truecolor", "24bit"):
+        return 256
+    return 16
+
+
+def paint(segments: Iterable[Segment], dim: bool = False,
+          name_colours: Tuple[str, ...] = NAME_COLOURS_256) -> str:
+    """Segments as text with ANSI colour codes; names in colours from name_colours."""
     out = []
     for text, style in segments:
-        codes = name_colour(text) if style == "name" else STYLES.get(style, "")
+        codes = name_colour(text, name_colours) if style == "name" else STYLES.get(style, "")
         if dim:
             codes = "2;" + codes if codes else "2"
         out.append(f"\033[{codes}m{text}\033[0m" if codes and text.strip() else text)
@@ -1409,8 +1563,14 @@ class Screen:
     """
 
     def __init__(self, out: TextIO, terminal: bool, colour: bool, bell: bool = False,
-                 log_file: Optional[TextIO] = None) -> None:
+                 log_file: Optional[TextIO] = None,
+                 routes: Optional[Dict[str, Optional[TextIO]]] = None,
+                 name_colours: Tuple[str, ...] = NAME_COLOURS_256) -> None:
         self.out = out
+        self.name_colours = name_colours
+        # Where each role of line goes (piped_routes); out when not listed, nowhere
+        # when None. Lines for another stream (stderr) are written as plain text.
+        self.routes = routes or {}
         self.terminal = terminal        # wrap to the terminal's width
         self.colour = colour            # ANSI colours
         self.bell = bell                # ring on whispers and mentions (--bell)
@@ -1428,6 +1588,12 @@ class Screen:
                 return
             self.transcript.append(text)
             self._log(text)
+            stream = self.routes.get(line.role, self.out)
+            if stream is not self.out:
+                if stream is not None:
+                    stream.write(text + "\n")
+                    stream.flush()
+                return
             rendered = self.render(line)
             if line.ring and self.bell and self.terminal:
                 rendered += "\a"
@@ -1437,11 +1603,12 @@ class Screen:
                 self.out.write(rendered + "\n")
                 self.out.flush()
 
-    def note(self, text: str) -> None:
-        self.show(notice_line(text))
+    def note(self, text: str, role: str = NOTE) -> None:
+        self.show(notice_line(text, role=role))
 
     def warn(self, text: str) -> None:
-        self.show(error_line(text))
+        for line in error_lines(text):
+            self.show(line)
 
     def render(self, line: Line) -> str:
         if not self.terminal:
@@ -1449,7 +1616,7 @@ class Screen:
         width = max(20, shutil.get_terminal_size().columns - 1)
         rows = wrap(line, width)
         if self.colour:
-            return "\n".join(paint(row, line.dim) for row in rows)
+            return "\n".join(paint(row, line.dim, self.name_colours) for row in rows)
         return "\n".join("".join(text for text, _ in row) for row in rows)
 
     @contextlib.contextmanager
@@ -1471,15 +1638,31 @@ class Screen:
             self.out.write(text)
             self.out.flush()
 
-    def _log(self, text: str) -> None:
+    def begin_log(self, header: str) -> None:
+        """Start this session in the --log file: a blank line after an earlier
+        session, then who, where and when, as at the top of a /save file."""
         if self.log_file is None:
             return
         try:
-            self.log_file.write(text + "\n")
+            earlier = self.log_file.tell() > 0
+        except (OSError, ValueError):   # a pipe or a device: nothing earlier to set apart
+            earlier = False
+        with self.lock:
+            self._write_log(("\n" if earlier else "") + header + "\n")
+
+    def _log(self, text: str) -> None:
+        # Each line dated in full: a line found by grep says when it was shown.
+        if self.log_file is not None:
+            self._write_log(f"{datetime.now():%Y-%m-%d %H:%M:%S} {text}\n")
+
+    def _write_log(self, text: str) -> None:
+        try:
+            self.log_file.write(text)
             self.log_file.flush()
         except OSError as exc:
             self.log_file = None
-            self.out.write(f"! stopped writing the log: {exc.strerror or exc}\n")
+            stream = self.routes.get(ERROR, self.out) or self.out
+            stream.write(f"! stopped writing the log: {exc.strerror or exc}\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1642,22 +1825,26 @@ def open_terminal(stdin: TextIO) -> Optional[object]:
 class LineEditor:
     """An input line that stays intact at the bottom while messages print above it.
 
-    One lock covers the screen: the main thread edits under it, the receiver
-    thread calls print_above under it, which clears the input area, prints,
-    and draws the prompt, the half-typed text and the cursor again. Keys:
+    One lock covers the screen, the Screen's own (`lock`): the main thread
+    edits under it, the receiver thread calls print_above under it, which
+    clears the input area, prints, and draws the prompt, the half-typed text
+    and the cursor again. Because it is the Screen's, a line the receiver
+    began to write before the editor took over is finished before the prompt
+    is first drawn (else the prompt and that line share a row). Keys:
     arrows, Home/End, Backspace/Delete, Ctrl-A/E/U/K/W/L, Up/Down for
     earlier lines, Tab to complete commands and names, Ctrl-D to leave.
     """
 
     def __init__(self, terminal: object, out: TextIO, prompt: str = PROMPT,
                  complete: Callable[[str, bool], List[str]] = lambda word, first: [],
-                 private: Callable[[str], bool] = lambda line: False) -> None:
+                 private: Callable[[str], bool] = lambda line: False,
+                 lock: Optional[threading.RLock] = None) -> None:
         self.terminal = terminal
         self.out = out
         self.prompt = prompt
         self.complete = complete        # (word, is it the first word?) -> candidates
         self.private = private          # lines never to keep for Up/Down (passwords)
-        self.lock = threading.RLock()
+        self.lock = lock if lock is not None else threading.RLock()
         self.buffer: List[str] = []
         self.cursor = 0                 # index into buffer
         self.active = False             # reading a line now: the input area is on screen
@@ -1912,19 +2099,25 @@ def moderation_command(name: str) -> Callable[["ChatSession", str], None]:
     return run
 
 
+# After a backslash, a word of letters is a command (\qiut is a typo to catch, not
+# chat); anything else is chat (\o/, \(^_^)/).
+BACKSLASH_COMMAND = re.compile(r"\\[A-Za-z]+(?: |$)")
+
+
 def parse_line(line: str) -> Tuple[str, str]:
     """Split an input line into (command, argument); plain text is ("say", text).
 
-    "/name args" and "\\name args" are commands; "//text" sends "/text".
-    Backslash only counts for known commands, so "\\o/" is still chat.
+    "/word args" is a command, whatever the word. "\\word args" is one too when
+    the word is letters only, known or not, so that a mistyped "\\qiut" is
+    caught instead of sent; anything else after a backslash ("\\o/",
+    "\\(^_^)/") is chat. A doubled first character sends the rest as typed:
+    "//etc" sends "/etc", "\\\\quit" sends "\\quit".
     """
-    if line.startswith("//"):
+    if line.startswith(("//", "\\\\")):
         return "say", line[1:]
-    if line.startswith("/") or line.startswith("\\"):
+    if line.startswith("/") or BACKSLASH_COMMAND.match(line):
         word, _, rest = line[1:].partition(" ")
-        word = word.lower()
-        if line.startswith("/") or word in COMMANDS or word in ALIASES:
-            return word, rest.strip()
+        return word.lower(), rest.strip()
     return "say", line
 
 
@@ -1949,6 +2142,7 @@ class ChatSession:
         self.started = datetime.now()
         self.link = Link(connection, welcome, server, self.screen, on_lost, rejoin, retries,
                          credentials)
+        self.screen.begin_log(self.header())
 
     @property
     def credentials(self) -> Credentials:
@@ -1964,18 +2158,26 @@ class ChatSession:
     def leave(self) -> None:
         self.link.leave()
 
+    def header(self, until: Optional[datetime] = None) -> str:
+        """Who, where and when: the first line of a /save file and of a --log session."""
+        span = f"{self.started:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M}" if until else \
+            f"from {self.started:%Y-%m-%d %H:%M}"
+        return f"Chat on {self.server} as {self.name}, {span} (local time)"
+
     def send(self, message: dict) -> bool:
         return self.link.send(message)
 
     def show_banner(self, welcome: dict) -> None:
         others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
-        self.screen.note(f"connected to {self.server} as {self.name}")
+        self.screen.note(f"connected to {self.server} as {self.name}", CHAT)
+        if self.link.connection.encryption:
+            self.screen.note(self.link.connection.encryption, CHAT)
         if others:
             self.screen.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
-                           names_list(others, welcome.get("ops"))))
+                                  names_list(others, welcome.get("ops"))))
         else:
-            self.screen.note("nobody else is here yet")
-        self.screen.note("type /help for commands, /quit to leave")
+            self.screen.note("nobody else is here yet", CHAT)
+        self.screen.note("type /help for commands, /quit to leave", HINT)
 
     def handle_line(self, line: str) -> None:
         """Act on one line of input: a command, or text to send to everyone."""
@@ -1987,8 +2189,9 @@ class ChatSession:
         name = ALIASES.get(command, command)
         entry = COMMANDS.get(name)
         if entry is None:
-            self.screen.warn(f"unknown command /{command}: type /help for the list, "
-                      "or start with // to send a line beginning with /")
+            prefix = line[:1]   # "/" or "\\", as typed
+            self.screen.warn(f"unknown command {prefix}{command}: type /help for the list, "
+                             f"or start with {prefix * 2} to send a line beginning with {prefix}")
         elif entry.needs_argument and not argument.strip():
             self.screen.warn(f"usage: /{name} {entry.usage}")
         else:
@@ -2009,7 +2212,7 @@ class ChatSession:
 
     def cmd_help(self, argument: str) -> None:
         for line in command_help_lines():
-            self.screen.show(plain_line(line))
+            self.screen.show(plain_line(line, role=ANSWER))
 
     def cmd_clients(self, argument: str) -> None:
         if self.link.operator:   # addresses, times and counts, as on the server console
@@ -2025,6 +2228,9 @@ class ChatSession:
         target, _, text = argument.partition(" ")
         if not target or not text.strip():
             self.screen.warn("usage: /w NAME TEXT")
+            return
+        if not NAME_PATTERN.fullmatch(target):     # nobody can be called that: do not ask
+            self.screen.warn(f"not sent: {target!r} is not a name (names are {NAME_RULES})")
             return
         if self.fits(text):
             self.send({"type": "whisper", "to": target, "text": text.strip()})
@@ -2060,10 +2266,8 @@ class ChatSession:
         if path and os.path.isdir(os.path.expanduser(path)):
             self.screen.warn(f"{path} is a folder: give a file name, as in /save {path.rstrip('/')}/chat.txt")
             return
-        header = (f"Chat on {self.server} as {self.name}, "
-                  f"{self.started:%Y-%m-%d %H:%M} to {datetime.now():%Y-%m-%d %H:%M} (local time)")
         with self.screen.lock:
-            lines = [header, ""] + list(self.screen.transcript)
+            lines = [self.header(until=datetime.now()), ""] + list(self.screen.transcript)
         try:
             saved_to = save_transcript(lines, path or None, overwrite)
         except FileExistsError:
@@ -2071,10 +2275,10 @@ class ChatSession:
         except OSError as exc:
             self.screen.warn(f"cannot save to {path}: {exc.strerror or exc}")
         else:
-            self.screen.note(f"saved {len(lines) - 2} lines to {saved_to}")
+            self.screen.note(f"saved {len(lines) - 2} lines to {saved_to}", ANSWER)
 
     def cmd_register(self, argument: str) -> None:
-        password = argument or self._ask_new_password("/register PASSWORD")
+        password = self._new_password(argument, "/register PASSWORD")
         if password:
             self.link.expect_password(password)
             self.send({"type": "register", "password": password})
@@ -2088,10 +2292,12 @@ class ChatSession:
         old, _, new = argument.partition(" ")
         if not argument:
             old = self._secret("current password: ", "/password OLD NEW")
-            new = old and self._ask_new_password("/password OLD NEW")
+            new = old and self._new_password("", "/password OLD NEW")
         elif not new:
             self.screen.warn("usage: /password OLD NEW, or /password alone to be asked")
             return
+        else:
+            new = self._new_password(new, "/password OLD NEW")
         if old and new:
             self.link.expect_password(new)
             self.send({"type": "change_password", "password": old, "new_password": new})
@@ -2111,12 +2317,22 @@ class ChatSession:
             return None
         return self.ask_secret(prompt) or None
 
-    def _ask_new_password(self, usage: str) -> Optional[str]:
-        first = self._secret("new password: ", usage)
-        if first and self._secret("the same again: ", usage) != first:
+    def _new_password(self, given: str, usage: str) -> Optional[str]:
+        """A new password: the one given on the command line, or asked for twice.
+
+        None, after saying why, when it is missing, mistyped, or too short or
+        long: that is checked before asking again (password_problem, the
+        server's own rule, in the shared block).
+        """
+        password = given or self._secret("new password: ", usage)
+        problem = password and password_problem(password)
+        if problem:
+            self.screen.warn(problem)
+            return None
+        if password and not given and self._secret("the same again: ", usage) != password:
             self.screen.warn("the two passwords differ; nothing changed")
             return None
-        return first
+        return password
 
     def cmd_clear(self, argument: str) -> None:
         if not self.screen.terminal:
@@ -2139,12 +2355,15 @@ COMMANDS: Dict[str, Command] = {
     "search": Command("WORDS", "find messages holding all the words", ChatSession.cmd_search),
     "save": Command("[FILE]", "save this session as text; -f overwrites",
                     ChatSession.cmd_save),
-    "register": Command("", "protect your name with a password", ChatSession.cmd_register),
-    "unregister": Command("", "remove your name's password", ChatSession.cmd_unregister),
-    "password": Command("", "change your name's password", ChatSession.cmd_password),
+    # Password commands ask for what is left out, without echo; scripts give it inline.
+    "register": Command("[PASSWORD]", "protect your name with a password (8 or more "
+                        "characters)", ChatSession.cmd_register),
+    "unregister": Command("[PASSWORD]", "remove your name's password",
+                          ChatSession.cmd_unregister),
+    "password": Command("[OLD NEW]", "change your name's password", ChatSession.cmd_password),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
     "quit": Command("", "leave the chat; so does Ctrl-D", ChatSession.cmd_quit),
-    "op": Command("", "become an operator (asks for the operator password)",
+    "op": Command("[PASSWORD]", "become an operator with the operator password",
                   ChatSession.cmd_op),
     "deop": Command("", "stop being an operator", ChatSession.cmd_deop, True),
     "kick": Command("NAME [REASON]", "disconnect someone", moderation_command("kick"), True),
@@ -2173,13 +2392,16 @@ def command_help_lines() -> List[str]:
             aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
             label = f"/{name} {command.usage}".strip()
             also = f" (also {', '.join(aliases)})" if aliases else ""
-            if len(label) > 18:     # a long usage gets a line of its own
+            if len(label) > 20:     # a long usage gets a line of its own
                 lines.append(f"  {label}")
                 label = ""
-            lines.append(f"  {label:<18} {command.summary}{also}")
+            lines.append(f"  {label:<20} {command.summary}{also}")
         if not operators:
-            lines.append(f"  {'//text':<18} send a line that starts with /")
-            lines.append("  Backslash works as well as slash: \\quit, \\clients, ...")
+            lines += [
+                f"  {'//text':<20} send a line that starts with /; \\\\text, one with \\",
+                "  Backslash works as well as slash (\\quit, \\clients); after a backslash,",
+                "  a word of letters is always a command, anything else (\\o/) is chat.",
+                "  A password left out is asked for, and not shown; a new one twice."]
             lines.append("  Keys: Up/Down recall lines, Tab completes names and commands.")
     return lines
 
@@ -2219,8 +2441,11 @@ def holds_password(line: str) -> bool:
 # ---------------------------------------------------------------------------
 
 def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[str]]:
-    """HOST, HOST:PORT or [IPv6]:PORT, with an optional #FINGERPRINT, and maybe a PORT."""
-    target, _, fingerprint = target.partition("#")
+    """HOST, HOST:PORT or [IPv6]:PORT, with an optional #FINGERPRINT, and maybe a PORT.
+
+    The fingerprint is "" for a "#" with nothing after it (an error, not plain TCP).
+    """
+    target, hash_sign, fingerprint = target.partition("#")
     host = target
     if target.startswith("[") and "]" in target:
         host, _, after = target[1:].partition("]")
@@ -2230,16 +2455,18 @@ def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[
         name, _, maybe_port = target.partition(":")
         if maybe_port.isdigit() and port is None:
             host, port = name, int(maybe_port)
-    return host, DEFAULT_PORT if port is None else port, fingerprint or None
+    return host, DEFAULT_PORT if port is None else port, fingerprint if hash_sign else None
 
 
-def read_name(interactive: bool) -> str:
-    """Ask for a name on the terminal, or take the next input line when piped."""
+def read_name() -> str:
+    """Ask for a name on the terminal (piped input must give one with --name) until
+    it follows the server's rules (NAME_PATTERN, in the shared block)."""
     while True:
-        line = input("your name: " if interactive else "")
-        name = line.strip()
-        if name:
+        name = input("your name: ").strip()
+        if NAME_PATTERN.fullmatch(name):
             return name
+        if name:
+            print(f"! Names are {NAME_RULES}.", file=sys.stderr)
 
 
 class GiveUp(Exception):
@@ -2265,7 +2492,7 @@ class Joiner:
 
     def run(self) -> Tuple[ServerConnection, dict]:
         if not self.name:
-            self.name = read_name(self.interactive)
+            self.name = read_name()
         while True:
             try:
                 return join(self.host, self.port, self.name, self.credentials, self.tls)
@@ -2278,7 +2505,7 @@ class Joiner:
     def ask_name(self) -> bool:
         if not self.interactive:    # the next input line is chat, not a better name
             return False
-        self.name = read_name(self.interactive)
+        self.name = read_name()
         self.credentials.name_password = os.environ.get("CHAT_NAME_PASSWORD")
         return True
 
@@ -2308,6 +2535,12 @@ class Joiner:
     }
 
 
+def name_argument(text: str) -> str:
+    if not NAME_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name: names are {NAME_RULES}")
+    return text
+
+
 def port_number(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
@@ -2318,10 +2551,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Terminal chat client. Type a line to send it to everyone; lines\n"
                     "starting with / are commands. With input piped in, it sends each\n"
-                    "line and exits once the server has them all.",
+                    "line and exits once the server has them all, printing only the\n"
+                    "answers to its commands (errors on stderr) unless --show-chat.",
         epilog="commands in the chat:\n" + "\n".join(command_help_lines()) +
                "\n\nexit status: 0 after /quit or the end of input; 1 when the\n"
-               "connection fails or is lost.",
+               "connection fails or is lost; 2 for a usage error (a bad option,\n"
+               "piped input without --name, a join string without a fingerprint).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("host", nargs="?", default=DEFAULT_HOST,
                         help=f"server name or IP address; HOST:PORT works too, and so does "
@@ -2329,10 +2564,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              f"--tls (default: {DEFAULT_HOST})")
     parser.add_argument("port", nargs="?", type=port_number, default=None,
                         help=f"server port (default: {DEFAULT_PORT})")
-    parser.add_argument("--name", help="your name in the chat: 1 to 32 letters, digits, "
-                                       "'_', '-' or '.' (asked for when not given)")
+    parser.add_argument("--name", type=name_argument,
+                        help=f"your name in the chat: {NAME_RULES} (asked for when not "
+                             "given; required when input is piped)")
+    parser.add_argument("--show-chat", action="store_true",
+                        help="with input piped in, print the whole chat on stdout (the "
+                             "history replay, messages, joins and leaves), not only the "
+                             "answers to the commands piped in; errors go to stderr either way")
     parser.add_argument("--log", metavar="FILE",
-                        help="append every line shown to FILE as plain text")
+                        help="append every line of the session to FILE as plain text, "
+                             "each dated, under a header saying who, where and when")
     parser.add_argument("--no-color", action="store_true",
                         help="no colours (also when the NO_COLOR environment variable is set, "
                              "or output is not a terminal)")
@@ -2398,7 +2639,7 @@ def secret_prompt(terminal: Optional[object], screen: Screen) -> Callable[[str],
                     return getpass.getpass(prompt)
             except (EOFError, KeyboardInterrupt):   # cancels the command, not the chat
                 print()     # ends the prompt's line before the held-back lines come
-        screen.show(notice_line("cancelled"))
+        screen.show(notice_line("cancelled", role=ANSWER))
         return ""
     return ask
 
@@ -2413,17 +2654,16 @@ def tls_options(args: argparse.Namespace, fingerprint: Optional[str],
                       confirm=ask_yes_no if interactive else None)
 
 
-def first_join(joiner: Joiner, interactive: bool) -> Optional[Tuple[ServerConnection, dict]]:
+def first_join(joiner: Joiner) -> Optional[Tuple[ServerConnection, dict]]:
     """Join, asking for whatever the server wants; None, after saying why, if that fails."""
     try:
         return joiner.run()
     except CannotConnect as exc:
-        print(exc, file=sys.stderr)
+        print("\n".join(line.plain for line in error_lines(str(exc))), file=sys.stderr)
     except GiveUp:
         pass
-    except EOFError:
-        print("\ninput ended before joining; leaving" if interactive else
-              "no name given; leaving", file=sys.stderr)
+    except EOFError:    # Ctrl-D at a question (piped input is never asked anything)
+        print("\ninput ended before joining; leaving", file=sys.stderr)
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
     return None
@@ -2436,7 +2676,7 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
         if terminal is not None:
             with terminal:
                 screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete,
-                                           private=holds_password)
+                                           private=holds_password, lock=screen.lock)
                 try:
                     while True:
                         session.handle_line(screen.editor.read_line())
@@ -2454,6 +2694,26 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
     return 1 if session.lost_reason else 0
 
 
+def piped_routes(show_chat: bool) -> Dict[str, Optional[TextIO]]:
+    """Where each role of line goes when a script pipes its input in (see CHAT)."""
+    return {CHAT: sys.stdout if show_chat else None, ANSWER: sys.stdout,
+            ERROR: sys.stderr, NOTE: sys.stderr, HINT: None}
+
+
+def join_string_problem(target: str, fingerprint: str) -> str:
+    """Why HOST:PORT#FINGERPRINT cannot be used: found before anything is sent."""
+    what = f'"{fingerprint}" is not 64 hexadecimal digits' if fingerprint else \
+        "nothing is there"
+    return (f'the join string "{target}" has no certificate fingerprint after "#" ({what}); '
+            "copy the whole join string the server printed")
+
+
+def usage_error(parser: argparse.ArgumentParser, text: str) -> int:
+    """A mistake in how the client was started: one line, and argparse's exit status."""
+    print(f"{parser.prog}: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -2462,6 +2722,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_text_streams()
     host, port, fingerprint = split_address(args.host, args.port)
     interactive = sys.stdin.isatty()
+    if not interactive and not args.name:   # the first line is chat, not a name
+        return usage_error(parser, "with input piped in, give a name with --name "
+                                   "(there is nobody to ask)")
+    if fingerprint is not None and not is_fingerprint(fingerprint):
+        return usage_error(parser, join_string_problem(args.host, fingerprint))
     if interactive:
         # Ctrl-C must leave even when a launcher started us with SIGINT ignored (a shell
         # script's background job, some IDE consoles): Python raises KeyboardInterrupt
@@ -2480,9 +2745,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
     styled = terminal_is_capable(sys.stdout)
     screen = Screen(sys.stdout, terminal=styled, colour=styled and wants_colour(args.no_color),
-                    bell=args.bell, log_file=log_file)
+                    bell=args.bell, log_file=log_file,
+                    routes=None if interactive else piped_routes(args.show_chat),
+                    name_colours=NAME_COLOURS_256 if colour_depth() >= 256 else NAME_COLOURS_16)
     joiner = Joiner(host, port, args.name, credentials, tls, interactive)
-    joined = first_join(joiner, interactive)
+    joined = first_join(joiner)
     if joined is None:
         return 1
     connection, welcome = joined

@@ -132,8 +132,6 @@ MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reas
 MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in minutes (19 years)
 MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see request_id)
 MAX_QUOTED_LENGTH = 40              # characters of a client's word quoted back (see quoted)
-MIN_PASSWORD_LENGTH = 8             # for registered names
-MAX_PASSWORD_LENGTH = 1024
 
 # Internal tuning, not worth a flag.
 RECV_SIZE = 256 * 1024              # bytes read per socket per loop pass
@@ -171,6 +169,23 @@ FINAL_ERRORS = frozenset({"kicked", "banned", "replaced", "flooding", "locked_ou
 ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
              "password_required": "room password", "bad_password": "room password",
              "name_protected": "name password", "bad_name_password": "name password"}
+
+# Names are ASCII, so that look-alike letters cannot impersonate anyone, and hold
+# a letter or a digit: ".", ".." or "-" name nobody.
+NAME_PATTERN = re.compile(r"(?=[_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,32}")     # fullmatch
+NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', "
+              "with a letter or digit")
+MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
+MAX_PASSWORD_LENGTH = 1024
+
+
+def password_problem(password: str) -> Optional[str]:
+    """Why a new password is not acceptable, or None (the client asks before sending)."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"Passwords need at least {MIN_PASSWORD_LENGTH} characters."
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return f"Passwords may have at most {MAX_PASSWORD_LENGTH} characters."
+    return None
 
 
 class ProtocolError(Exception):
@@ -1874,15 +1889,13 @@ class IrcCodec(IrcInput, IrcOutput):
 # The chat core: who is here and what each request does, sans-IO
 # ---------------------------------------------------------------------------
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', with at least one "
-              "letter or digit")
 RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
 
 
 def valid_name(name: str) -> bool:
-    """Whether a name keeps the rules: no look-alike letters, no name of only dots."""
-    return NAME_PATTERN.fullmatch(name) is not None and any(char.isalnum() for char in name)
+    """Whether a name keeps the rules (the shared block's): no look-alike letters, no
+    name of only dots."""
+    return NAME_PATTERN.fullmatch(name) is not None
 
 
 class Clock:
@@ -1900,8 +1913,17 @@ def utc_timestamp(wall: float) -> str:
 
 def quoted(word: str) -> str:
     """A word a client sent, in quotes, as an error or the log repeats it: cleaned
-    for the terminal and cut short, so a client cannot have a long text echoed."""
-    return f'"{clean_text(word)[:MAX_QUOTED_LENGTH]}"'
+    for the terminal and cut short, so a client cannot have a long text echoed.
+
+    The quotes never clash with the word: "bob", but '"bob' for a word holding a
+    double quote, and "\\"bob's" (escaped) for one holding both kinds.
+    """
+    word = clean_text(word)[:MAX_QUOTED_LENGTH]
+    if '"' not in word:
+        return f'"{word}"'
+    if "'" not in word:
+        return f"'{word}'"
+    return '"' + word.replace('"', '\\"') + '"'
 
 
 def duration(seconds: float) -> str:
@@ -3187,15 +3209,6 @@ def same_secret(given: str, expected: str) -> bool:
     return hmac.compare_digest(digest(given), digest(expected))
 
 
-def password_problem(password: str) -> Optional[str]:
-    """Why a new password is not acceptable, or None."""
-    if len(password) < MIN_PASSWORD_LENGTH:
-        return f"Passwords need at least {MIN_PASSWORD_LENGTH} characters."
-    if len(password) > MAX_PASSWORD_LENGTH:
-        return f"Passwords may have at most {MAX_PASSWORD_LENGTH} characters."
-    return None
-
-
 class LoginGuard:
     """Failed logins per address: answered ever more slowly, then locked out.
 
@@ -3890,7 +3903,8 @@ class Moderation:
                                   must_be_here=False)
             name = member.name if member else target
             if not NAME_PATTERN.fullmatch(name):
-                raise ModerationError("bad_name", f'"{name}" is neither a name nor an address.')
+                raise ModerationError("bad_name",
+                                      f"{quoted(name)} is neither a name nor an address.")
             bans = [Ban("name", name, until, reason, by)]
             if member:
                 bans.append(Ban("address", member.host, until, reason, by, for_name=name))
@@ -3940,7 +3954,8 @@ class Moderation:
         text = f"{target.name} was muted by {self._name(actor)}{how_long}"
         self.core.notify_all("muted", text, exclude=target)
         self.core.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
-                                  f"{self._name(actor)}{how_long}: you can read, but not send."})
+                                  f"{self._name(actor)}{how_long}: you can read, but not send.",
+                                "ts": self.core.timestamp()})
         if length is not None:
             self.core.later(length * 60, lambda: self._mute_over(target.name, until))
         return [Public(text)]
@@ -3956,7 +3971,8 @@ class Moderation:
         self.core.notify_all("unmuted", text, exclude=member)
         if member is not None:
             self.core.send(member, {"type": "notice", "code": "unmuted",
-                                      "text": f"You were unmuted by {self._name(actor)}."})
+                                      "text": f"You were unmuted by {self._name(actor)}.",
+                                      "ts": self.core.timestamp()})
         return [Public(text)]
 
     def cmd_say(self, actor: Optional[Session], args: str) -> List[str]:
@@ -4049,7 +4065,8 @@ class Moderation:
         member = self.core.members.get(name.lower())
         if member is not None:
             self.core.send(member, {"type": "notice", "code": "unmuted",
-                                      "text": "Your mute is over: you can send again."})
+                                      "text": "Your mute is over: you can send again.",
+                                      "ts": self.core.timestamp()})
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ that time out and with events, never with fixed sleeps.
 """
 
 import codecs
+import colorsys
 import contextlib
 import dataclasses
 import hashlib
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import unittest
 import zlib
@@ -808,15 +810,17 @@ class HandshakeTests(ChatTestCase):
         self.assertNotIn("join", [m["type"] for m in bob.sync()])
 
     def test_bad_names_are_refused(self) -> None:
-        for name in ["", "x" * 33, "two words", "ünïcode", "tab\t", "esc\x1b[2J", "a/b"]:
+        for name in ["", "x" * 33, "two words", "ünïcode", "tab\t", "esc\x1b[2J", "a/b",
+                     ".", "..", "-", "_", "._-"]:
             with self.subTest(name=name):
                 peer = self.peer()
                 peer.send({"type": "hello", "name": name})
                 error = self.assert_rejected(peer, "bad_name")
                 self.assertIn("1 to 32", error["text"])
+                self.assertIn("with a letter or digit", error["text"])
 
     def test_edge_names_are_accepted(self) -> None:
-        for name in ["a", "x" * 32, "A.b-c_9"]:
+        for name in ["a", "x" * 32, "A.b-c_9", "_7", "...x", "-" * 31 + "0"]:
             self.assertEqual(self.peer(name).welcome["name"], name)
 
     def test_taken_name_is_refused_whatever_its_case(self) -> None:
@@ -987,6 +991,21 @@ class ChatTests(ChatTestCase):
         self.assertEqual(error["code"], "unknown_type")
         shown = "[2J" + "x" * (socket_server.MAX_QUOTED_LENGTH - 3)
         self.assertEqual(error["text"], f'Unknown message type "{shown}".')
+
+    def test_a_quoted_word_never_doubles_its_quotes(self) -> None:
+        alice = self.peer("alice")
+        alice.send({"type": "whisper", "to": '"bad', "text": "x"})
+        self.assertEqual(alice.expect("error")["text"], """Nobody called '"bad' is here.""")
+        quoted = socket_server.quoted
+        self.assertEqual(quoted("bob"), '"bob"')
+        self.assertEqual(quoted("bob's"), '"bob\'s"')
+        self.assertEqual(quoted('say "hi"'), """'say "hi"'""")
+        self.assertEqual(quoted('"it\'s"'), '"\\"it\'s\\""')     # both kinds: escaped
+        for word in ('"', "'", '""', "'\"'", '"x"', "x" * 39 + '"', '\\"'):
+            with self.subTest(word=word):
+                shown = quoted(word)
+                inner = shown[1:-1].replace('\\"', "")
+                self.assertNotIn(shown[0], inner)     # the quote mark never inside, bare
 
     def test_fifty_clients_at_once(self) -> None:
         peers = [self.peer(f"user{number}") for number in range(55)]
@@ -2280,6 +2299,46 @@ class TlsTests(unittest.TestCase):
             client.ServerConnection.open("127.0.0.1", other.port, tls, note=notes.append)
         self.assertIn("the server this session joined", str(caught.exception))
 
+    def test_a_certificate_changed_while_away_is_shown_once_and_ends_the_session(self) -> None:
+        first = self.server(self.self_signed)
+        port = first.port
+        tls = self.options(pinned=SELF_SIGNED_FINGERPRINT)
+
+        def rejoin(resume: Optional[str]):
+            return client.join("127.0.0.1", port, "bot", client.Credentials(resume=resume), tls)
+
+        connection, welcome = rejoin(None)
+        lost = threading.Event()
+        session = client.ChatSession(connection, welcome, f"127.0.0.1:{port}", make_screen(),
+                                     on_lost=lost.set, rejoin=rejoin)
+        self.addCleanup(session.leave)
+        session.start()
+        first.stop()        # and the server comes back at once, with another certificate
+        self.addCleanup(ServerThread(tls_cert=self.ca_signed[0], tls_key=self.ca_signed[1],
+                                     port=port).stop)
+        self.assertTrue(lost.wait(TIMEOUT), "it kept trying what cannot succeed")
+        lines = session.screen.out.lines
+        self.assertEqual(sum("WARNING" in line for line in lines), 1, lines)   # once, whole
+        self.assertIn("  Someone may be intercepting this connection, or the server has a "
+                      "new certificate.", lines)
+        self.assertIn(f'    python client.py "127.0.0.1:{port}#', "\n".join(lines))
+        self.assertFalse([line for line in lines if "attempt 2" in line], lines)
+        self.assertEqual(lines[-1], "! not reconnecting: the server's certificate has changed")
+
+    def test_a_join_string_without_a_possible_fingerprint_is_a_usage_error(self) -> None:
+        port = free_port()      # nothing listens: connecting would be refused
+        for target, shown in ((f"127.0.0.1:{port}#abc", '"abc" is not'),
+                              (f"127.0.0.1:{port}#", "nothing")):
+            with self.subTest(target=target):
+                bot = Process(CLIENT_SCRIPT, target, "--name", "bot", stdin_data="hi\n")
+                self.addCleanup(bot.kill)
+                self.assertEqual(bot.finish(), 2)
+                lines = bot.output("stderr").splitlines()
+                self.assertEqual(len(lines), 1, lines)
+                self.assertTrue(lines[0].startswith(f'client.py: error: the join string '
+                                                    f'"{target}" has '), lines)
+                self.assertIn(shown, lines[0])
+
     def test_an_unreadable_known_hosts_file_is_one_line(self) -> None:
         server = self.server(self.self_signed)
         bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--tls", "--name", "bot",
@@ -2309,8 +2368,17 @@ class TlsTests(unittest.TestCase):
 
     def test_insecure_warns(self) -> None:
         notes: List[str] = []
-        self.join(self.server(self.self_signed), "alice", self.options(insecure=True), notes)
+        connection = self.join(self.server(self.self_signed), "alice",
+                               self.options(insecure=True), notes)
         self.assertIn("WARNING", notes[0])
+        self.assertEqual(connection.encryption, "encrypted with TLS, but the server's identity "
+                         "is not checked (--insecure)")
+
+    def test_ca_verified_connections_say_so(self) -> None:
+        connection = self.join(self.server(self.ca_signed), "alice",
+                               self.options(cafile=self.ca_file))
+        self.assertRegex(connection.encryption, r"^encrypted with TLS; certificate fingerprint: "
+                                                r"[0-9a-f]{64}, verified with .*ca\.crt$")
 
     def test_wrong_side_plain_text_or_tls(self) -> None:
         server = self.server(self.self_signed)
@@ -2366,9 +2434,11 @@ class TlsTests(unittest.TestCase):
         self.addCleanup(watcher.close)
         watcher.send({"type": "hello", "name": "watcher"})
         bot = Process(CLIENT_SCRIPT, join_string, "--name", "bot", "--known-hosts",
-                      os.path.join(directory, "known"), stdin_data="over TLS\n")
+                      os.path.join(directory, "known"), "--show-chat", stdin_data="over TLS\n")
         self.addCleanup(bot.kill)
         self.assertEqual(bot.finish(), 0, bot.output("stderr"))
+        self.assertIn(f"* encrypted with TLS; certificate fingerprint: {SELF_SIGNED_FINGERPRINT}",
+                      bot.output().splitlines())     # said once, when joining
         while True:
             message = watcher.receive()
             if message["type"] == "message":
@@ -2761,10 +2831,15 @@ class ModerationTests(ChatTestCase):
 
     def test_mute_unmute_and_expiry(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
+        stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"   # as joins have, so clients show it
         self.console("/mute bob 10")
-        self.assertEqual(alice.expect("notice")["text"], "bob was muted by server for 10 minutes")
-        self.assertEqual(bob.expect("notice")["text"],
+        notice = alice.expect("notice")
+        self.assertEqual(notice["text"], "bob was muted by server for 10 minutes")
+        self.assertRegex(notice["ts"], stamp)
+        notice = bob.expect("notice")
+        self.assertEqual(notice["text"],
                          "You were muted by server for 10 minutes: you can read, but not send.")
+        self.assertRegex(notice["ts"], stamp)
         bob.send({"type": "say", "text": "let me speak"})
         error = bob.expect("error")
         self.assertEqual(error["code"], "muted")
@@ -2775,12 +2850,16 @@ class ModerationTests(ChatTestCase):
         self.assertEqual(bob.expect("message")["text"], "you can still read")
         self.assertNotIn("message", [m["type"] for m in alice.sync()])
         self.console("/unmute bob")
-        self.assertEqual(alice.expect("notice")["text"], "bob was unmuted by server")
-        self.assertEqual(bob.expect("notice")["text"], "You were unmuted by server.")
+        self.assertRegex(alice.expect("notice")["ts"], stamp)
+        notice = bob.expect("notice")
+        self.assertEqual(notice["text"], "You were unmuted by server.")
+        self.assertRegex(notice["ts"], stamp)
         bob.say("free again")
         self.console("/mute bob 0.003")    # about 0.2 s
         self.assertEqual(bob.expect("notice")["code"], "muted")
-        self.assertEqual(bob.expect("notice")["code"], "unmuted")
+        notice = bob.expect("notice")
+        self.assertEqual(notice["code"], "unmuted")
+        self.assertRegex(notice["ts"], stamp)
         bob.say("and again")
 
     def test_announcements_reach_everyone_and_stay_in_history(self) -> None:
@@ -2961,7 +3040,9 @@ class VirtualScreen:
     the bottom), BS, bell, and the CSI sequences the client uses: cursor
     up/down/forward/back, erase line and erase display; colours are
     ignored. Like xterm, a character written in the last column leaves the
-    cursor there until the next character wraps it.
+    cursor there until the next character wraps it. LF also returns to the
+    first column, as the terminal driver makes it (ONLCR, which the
+    client's cbreak mode keeps).
     """
 
     def __init__(self, width: int = 40, height: int = 12) -> None:
@@ -3026,7 +3107,7 @@ class VirtualScreen:
         if char == "\r":
             self.column, self.wrap_pending = 0, False
         elif char == "\n":
-            self.wrap_pending = False
+            self.column, self.wrap_pending = 0, False
             self._line_feed()
         elif char == "\b":
             self.column = max(0, self.column - 1)
@@ -3064,12 +3145,43 @@ class RenderingTests(unittest.TestCase):
         self.assertEqual(client.text_width("🎉"), 2)
         self.assertEqual(client.text_width("👨\u200d👩\u200d👧"), 6)    # joiners take no column
 
-    def test_name_colours_are_stable_and_spread(self) -> None:
-        self.assertEqual(client.name_colour("alice"), client.name_colour("ALICE"))
-        self.assertEqual(client.name_colour("alice"), client.NAME_COLOURS[
-            zlib.crc32(b"alice") % len(client.NAME_COLOURS)])
-        colours = {client.name_colour(f"user{n}") for n in range(40)}
-        self.assertGreater(len(colours), 6)
+    def test_name_colours_leave_out_notices_and_errors_and_spread_names(self) -> None:
+        # Issue 14's trial: alice and carol both got bright cyan, next to the notices' cyan.
+        trio = [client.name_colour(name) for name in ("alice", "bob", "carol")]
+        self.assertEqual(len(set(trio)), 3, trio)
+        taken = {"31", "91", "36", "96", "38;5;6", "38;5;14", "38;5;1", "38;5;9"}
+        for palette in (client.NAME_COLOURS_256, client.NAME_COLOURS_16):
+            with self.subTest(colours=len(palette)):
+                self.assertFalse(taken & set(palette))
+                self.assertNotIn(client.STYLES["notice"], palette)
+                self.assertEqual(len(set(palette)), len(palette))
+                self.assertEqual(len({client.name_colour(name, palette)
+                                      for name in ("alice", "bob", "carol")}), 3)
+                # The same everywhere: crc32 of the name in lower case picks the entry.
+                self.assertEqual(client.name_colour("ALICE", palette), palette[
+                    zlib.crc32(b"alice") % len(palette)])
+        # On the 256-colour cube: far from red (0 degrees) and cyan (180), and apart.
+        levels = (0, 95, 135, 175, 215, 255)
+        hues = []
+        for code in client.NAME_COLOURS_256:
+            index = int(code.split(";")[-1]) - 16
+            rgb = [levels[part] / 255 for part in (index // 36, index // 6 % 6, index % 6)]
+            hue = colorsys.rgb_to_hls(*rgb)[0] * 360
+            for avoided in (0, 180, 360):
+                self.assertGreaterEqual(abs(hue - avoided), 25, code)
+            hues.append(hue)
+        hues.sort()
+        self.assertGreaterEqual(min(b - a for a, b in zip(hues, hues[1:])), 10)
+
+    @unittest.skipUnless(POSIX, "Windows consoles with ANSI have 256 colours")
+    def test_256_colours_where_the_terminal_says_so(self) -> None:
+        for environ, depth in (({"TERM": "xterm-256color"}, 256), ({"TERM": "xterm"}, 16),
+                               ({"TERM": "xterm", "COLORTERM": "truecolor"}, 256),
+                               ({"TERM": "linux"}, 16), ({}, 16)):
+            self.assertEqual(client.colour_depth(environ), depth, environ)
+        painted = client.paint([("bob", "name")], name_colours=client.NAME_COLOURS_16)
+        self.assertEqual(painted, f"\x1b[{client.name_colour('bob', client.NAME_COLOURS_16)}mbob"
+                                  "\x1b[0m")
 
     def test_paint_and_plain(self) -> None:
         line = client.chat_line("14:05", "bob", "hi alice", "alice")
@@ -3162,11 +3274,43 @@ class ScriptedTerminal:
         self.batches = batches
         self.on_resume = lambda: None
 
+    def __enter__(self) -> "ScriptedTerminal":     # as a real terminal is used
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
     def read_keys(self) -> List[str]:
         if not self.batches:
             return ["eof"]
         batch = self.batches.pop(0)
         return batch() if callable(batch) else batch
+
+
+class ContendedLock:
+    """An RLock that tells when some thread has had to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.waited = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        if not blocking:
+            return False
+        self.waited.set()
+        return self._lock.acquire(True, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "ContendedLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 class LineEditorTests(unittest.TestCase):
@@ -3264,6 +3408,53 @@ class LineEditorTests(unittest.TestCase):
         self.assertEqual(editor.read_line(), long_text)
         self.assertEqual([line for line in screen.lines if line],
                          ["[14:05] bob: hello there", "[14:05] bob: and again"])
+
+    def test_a_burst_of_joins_as_the_prompt_first_appears(self) -> None:
+        # Issue 14: once, during a burst of joins, the prompt stayed on the replay's
+        # first line ("> --- earlier messages ---"). The receiver thread was writing
+        # that line (the editor not yet there) when the main thread drew its prompt:
+        # here the receiver waits, in mid-write, until the main thread has either
+        # drawn the prompt or is waiting for the screen, whichever it does.
+        vt = VirtualScreen(60, 40)
+        screen = client.Screen(vt, terminal=True, colour=False)
+        screen.lock = ContendedLock()
+        main_moved = screen.lock.waited     # set when main waits for the screen, or writes
+        receiver_writing = threading.Event()
+
+        def write(text: str) -> None:
+            if threading.current_thread() is threading.main_thread():
+                main_moved.set()
+            elif "earlier messages" in text and not receiver_writing.is_set():
+                receiver_writing.set()
+                self.assertTrue(main_moved.wait(TIMEOUT))
+            vt.feed(text)
+
+        vt.write, vt.flush = write, lambda: None
+        os.environ["COLUMNS"] = "60"
+        self.addCleanup(os.environ.pop, "COLUMNS", None)
+
+        def receive() -> None:
+            screen.show(client.plain_line("--- earlier messages ---", "marker"))
+            for number in range(20):
+                screen.show(client.notice_line(f"user{number} joined", "14:05"))
+
+        receiver = threading.Thread(target=receive)
+        seen: List[str] = []
+
+        def after_the_burst() -> List[str]:
+            receiver.join(TIMEOUT)
+            seen.extend(line for line in vt.lines if line)
+            return ["eof"]
+
+        session = types.SimpleNamespace(complete=lambda word, first: [], lost_reason=None,
+                                        handle_line=print, leave=lambda: None)
+        receiver.start()
+        self.assertTrue(receiver_writing.wait(TIMEOUT))
+        with contextlib.redirect_stdout(vt):
+            client.read_lines(session, screen, ScriptedTerminal([after_the_burst]), True)
+        self.assertEqual(seen[0], "--- earlier messages ---")
+        self.assertEqual(seen[1:-1], [f"[14:05] * user{number} joined" for number in range(20)])
+        self.assertEqual(seen[-1], ">")     # the prompt, alone on the last line
 
     def test_wide_characters_and_an_exactly_full_row(self) -> None:
         text = "日本語" * 4 + "x" * 4      # 28 columns after the 2-column prompt: exactly full
@@ -3394,18 +3585,19 @@ class ReconnectTests(unittest.TestCase):
         server = ServerThread()
         self.addCleanup(server.stop)
         port = server.port      # the restarted server listens at the same place
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--retries", "5")
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--retries", "5",
+                      "--show-chat")
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
-        bot.wait_for_line("reconnecting")
+        bot.wait_for_line("trying to reconnect", "stderr")
         bot.proc.stdin.write(b"typed while the server was down\n")
         bot.proc.stdin.flush()
-        bot.wait_for_line("will be sent when the connection is back")
+        bot.wait_for_line("will be sent when the connection is back", "stderr")
         self.addCleanup(ServerThread(port=port).stop)
         alice = Peer(port, "alice")
         self.addCleanup(alice.close)
-        bot.wait_for_line("reconnected to")
+        bot.wait_for_line("reconnected to", "stderr")
         self.assertEqual(alice.expect("message")["text"], "typed while the server was down")
         bot.proc.stdin.write(b"and after\n")
         bot.proc.stdin.close()
@@ -3420,16 +3612,16 @@ class ReconnectTests(unittest.TestCase):
         alice = Peer(port, "alice")
         alice.say("said before bot came")
         alice.close()
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot")
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot", "--show-chat")
         self.addCleanup(bot.kill)
         bot.wait_for_line("said before bot came")      # from the replay on joining
         first.stop()
-        bot.wait_for_line("reconnecting")
+        bot.wait_for_line("trying to reconnect", "stderr")
         self.addCleanup(ServerThread(port=port, db=path).stop)
         carol = Peer(port, "carol")
         self.addCleanup(carol.close)
         carol.say("said while bot was away")
-        bot.wait_for_line("reconnected")
+        bot.wait_for_line("reconnected", "stderr")
         bot.wait_for_line("said while bot was away")
         bot.proc.stdin.close()
         self.assertEqual(bot.finish(), 0)
@@ -3438,11 +3630,12 @@ class ReconnectTests(unittest.TestCase):
     def client_losing_its_server(self, *args: str) -> Process:
         """client.py, joined to a server that then stops: it is now reconnecting."""
         server = ServerThread()
-        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot", *args)
+        bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(server.port), "--name", "bot",
+                      "--show-chat", *args)
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
         server.stop()
-        bot.wait_for_line("reconnecting")
+        bot.wait_for_line("trying to reconnect", "stderr")
         return bot
 
     def test_quitting_while_reconnecting_is_a_normal_exit(self) -> None:
@@ -3450,17 +3643,47 @@ class ReconnectTests(unittest.TestCase):
         bot.proc.stdin.write(b"/quit\n")
         bot.proc.stdin.close()
         self.assertEqual(bot.finish(), 0)
-        self.assertNotIn("could not reconnect", bot.output())
+        self.assertNotIn("could not reconnect", bot.output("stderr"))
 
     def test_gives_up_and_says_what_was_not_sent(self) -> None:
         bot = self.client_losing_its_server("--retries", "1")
         bot.proc.stdin.write(b"lost cause\n")
         bot.proc.stdin.flush()
         self.assertEqual(bot.finish(), 1)
-        output = bot.output()
-        self.assertIn("attempt 1 of 1 failed", output)
-        self.assertIn("could not reconnect", output)
-        self.assertIn("not sent: lost cause", output)
+        lines = bot.output("stderr").splitlines()
+        # Why it reconnects, and for how long; then why it stopped.
+        self.assertEqual(lines[:2], ["* The server is shutting down.",
+                                     "* the server shut down (it may be restarting); trying "
+                                     "to reconnect for about 1 s"])
+        attempts = [line for line in lines if line.startswith("* attempt")]
+        self.assertEqual(len(attempts), 1, lines)
+        self.assertRegex(attempts[0], r"^\* attempt 1 of 1 failed: cannot connect to .*refused$")
+        self.assertIn("! could not reconnect (1 attempt over about 1 s)", lines)
+        self.assertIn("! not sent: lost cause", lines)
+
+    def test_a_failed_attempt_is_shown_only_when_its_reason_is_new(self) -> None:
+        self.addCleanup(setattr, client, "RECONNECT_FIRST_DELAY", client.RECONNECT_FIRST_DELAY)
+        client.RECONNECT_FIRST_DELAY = 0.001    # six attempts in a moment
+        server = ServerThread()
+        self.addCleanup(server.stop)
+        reasons = ["connection refused"] * 3 + ["timed out"] * 2 + ["connection refused"]
+
+        def rejoin(resume: Optional[str]):
+            raise client.CannotConnect(f"cannot connect: {reasons.pop(0)}\nIs it running?")
+
+        connection, welcome = client.join("127.0.0.1", server.port, "bot")
+        lost = threading.Event()
+        session = client.ChatSession(connection, welcome, "here", make_screen(),
+                                     on_lost=lost.set, rejoin=rejoin, retries=6)
+        self.addCleanup(session.leave)
+        session.start()
+        server.stop()
+        self.assertTrue(lost.wait(TIMEOUT))
+        self.assertEqual([line for line in session.screen.out.lines if "attempt" in line],
+                         ["* attempt 1 of 6 failed: cannot connect: connection refused",
+                          "* attempt 4 of 6 failed: cannot connect: timed out",
+                          "* attempt 6 of 6 failed: cannot connect: connection refused",
+                          "! could not reconnect (6 attempts over about 1 s)"])
 
 
 # ---------------------------------------------------------------------------
@@ -4281,6 +4504,15 @@ class ClientUnitTests(unittest.TestCase):
             "\\o/": ("say", "\\o/"),
             "/nope": ("nope", ""),
             "/": ("", ""),
+            # A backslash and a word of letters is a command, known or not; anything
+            # else after a backslash is chat, and a doubled one sends the rest as typed.
+            "\\bogus": ("bogus", ""),
+            "\\qiut now": ("qiut", "now"),
+            "\\(^_^)/": ("say", "\\(^_^)/"),
+            "\\o/ yay": ("say", "\\o/ yay"),
+            "\\_x": ("say", "\\_x"),
+            "\\\\quit": ("say", "\\quit"),
+            "\\": ("say", "\\"),
         }
         for line, expected in cases.items():
             with self.subTest(line=line):
@@ -4316,6 +4548,26 @@ class ClientUnitTests(unittest.TestCase):
             self.assertEqual(out.lines, [])
         self.assertEqual(out.lines, ["arrived during the prompt"])
 
+    def test_names_are_checked_before_anything_is_sent(self) -> None:
+        # Asked for at the terminal: asked again at once, with the server's rule.
+        stderr = io.StringIO()
+        answers = iter(["..", "two words", "-", "ok.name"])
+        with contextlib.redirect_stderr(stderr):
+            import builtins
+            saved, builtins.input = builtins.input, lambda prompt: next(answers)
+            try:
+                self.assertEqual(client.read_name(), "ok.name")
+            finally:
+                builtins.input = saved
+        self.assertEqual(stderr.getvalue().splitlines(),
+                         [f"! Names are {client.NAME_RULES}."] * 3)
+        # Given with --name: a usage error, like a bad port.
+        with contextlib.redirect_stderr(io.StringIO()) as stderr, \
+                self.assertRaises(SystemExit) as stopped:
+            client.build_arg_parser().parse_args(["--name", "."])
+        self.assertEqual(stopped.exception.code, 2)
+        self.assertIn("'.' is not a name: names are 1 to 32", stderr.getvalue())
+
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
             self.assertIn(target, client.COMMANDS, alias)
@@ -4326,7 +4578,8 @@ class ClientUnitTests(unittest.TestCase):
                  ("[::1]:6000", None): ("::1", 6000, None), ("::1", None): ("::1", 5050, None),
                  ("[fe80::1]", 9): ("fe80::1", 9, None),
                  ("10.0.0.5:6000#AB:cd", None): ("10.0.0.5", 6000, "AB:cd"),
-                 ("[::1]:6000#abcd", None): ("::1", 6000, "abcd")}
+                 ("[::1]:6000#abcd", None): ("::1", 6000, "abcd"),
+                 ("host:6000#", None): ("host", 6000, "")}     # a '#' with nothing after
         for (host, port), expected in cases.items():
             self.assertEqual(client.split_address(host, port), expected)
 
@@ -4345,6 +4598,10 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
                              "me"), f"[{local}] * bob left")
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "* 2 here: a, b")
+        self.assertEqual(fmt({"type": "notice", "code": "muted", "text": "bob was muted",
+                              "ts": stamp}, "me"), f"[{local}] * bob was muted")
+        self.assertEqual(fmt({"type": "notice", "code": "op", "text": "You are an operator"},
+                             "me"), "* You are an operator")    # no time, none shown
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"], "count": 1500}, "me"),
                          "* 1500 here: a, b and 1498 more")
         self.assertIsNone(client.format_message({"type": "pong"}, "me"))
@@ -4409,7 +4666,8 @@ class ClientProcessTests(ChatTestCase):
         alice = self.peer("alice")
         lines = ["hello everyone", "/w alice psst", "/clients", "/nope", "//slash", "\\o/",
                  "/who", "", "last line"]
-        bot = self.run_client("--name", "bot", stdin_data="\n".join(lines) + "\n")
+        bot = self.run_client("--name", "bot", "--show-chat",
+                              stdin_data="\n".join(lines) + "\n")
         self.assertEqual(bot.finish(), 0)
         received = []
         while True:
@@ -4427,18 +4685,50 @@ class ClientProcessTests(ChatTestCase):
         self.assertIn("bot: hello everyone", output)
         self.assertIn("[whisper to alice] psst", output)
         self.assertIn("2 here: alice, bot", output)
-        self.assertIn("unknown command /nope", output)
-        self.assertEqual(bot.output("stderr"), "")
+        self.assertNotIn("unknown command", output)     # errors go to stderr
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ["! unknown command /nope: type /help for the list, or start with "
+                          "// to send a line beginning with /"])
 
-    def test_name_from_the_first_line_and_no_second_guess_when_piped(self) -> None:
+    def test_a_script_sees_only_the_answers_to_its_commands(self) -> None:
         alice = self.peer("alice")
-        bot = self.run_client(stdin_data="bot2\nhi\n")
+        alice.say("the build is green")
+        bot = self.run_client("--name", "bot",
+                              stdin_data="/who\nbuild finished\n/nope\n/search green\n")
         self.assertEqual(bot.finish(), 0)
-        message = alice.expect("message")
-        self.assertEqual((message["from"], message["text"]), ("bot2", "hi"))
-        taken = self.run_client(stdin_data="alice\nthis is chat, not a name\n")
-        self.assertEqual(taken.finish(), 1)     # piped lines are chat: no guessing names
-        self.assertIn("taken", taken.output("stderr"))
+        self.assertEqual(alice.expect("message")["text"], "build finished")
+        lines = bot.output().splitlines()   # no banner, replay, hints or chat: answers only
+        self.assertEqual(lines[:2], ["* 2 here: alice, bot", "--- search: green ---"])
+        self.assertRegex(lines[2], r"^\[\d\d:\d\d\] alice: the build is green$")
+        self.assertEqual(lines[3:], ["--- 1 found ---"])
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ["! unknown command /nope: type /help for the list, or start with "
+                          "// to send a line beginning with /"])
+
+    def test_show_chat_prints_the_whole_chat_for_a_log(self) -> None:
+        alice = self.peer("alice")
+        alice.say("the build is green")
+        bot = self.run_client("--name", "bot", "--show-chat",
+                              stdin_data="build finished\n/whisper nobody x\n")
+        self.assertEqual(bot.finish(), 0)
+        output = bot.output()
+        for expected in (f"* connected to 127.0.0.1:{self.port} as bot", "* here now: alice",
+                         "--- earlier messages ---", "alice: the build is green",
+                         "bot: build finished"):
+            self.assertIn(expected, output)
+        self.assertNotIn("/help", output)       # hints are for people at a terminal
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ['! Nobody called "nobody" is here.'])
+
+    def test_piped_input_without_a_name_is_a_usage_error(self) -> None:
+        alice = self.peer("alice")
+        bot = self.run_client(stdin_data="build finished\nhi\n")
+        self.assertEqual(bot.finish(), 2)
+        self.assertEqual(bot.output("stderr").splitlines(),
+                         ["client.py: error: with input piped in, give a name with --name "
+                          "(there is nobody to ask)"])
+        self.assertEqual(bot.output(), "")
+        self.assertEqual(alice.sync(), [])      # it never joined: no line became a name
 
     def test_taken_name_from_flag_without_terminal_exits(self) -> None:
         self.peer("alice")
@@ -4446,19 +4736,28 @@ class ClientProcessTests(ChatTestCase):
         self.assertEqual(bot.finish(), 1)
         self.assertIn("taken", bot.output("stderr"))
 
-    def test_log_file_gets_every_line(self) -> None:
+    def test_log_file_gets_every_line_dated_under_a_session_header(self) -> None:
         log_path = os.path.join(temp_dir(self), "log.txt")
         alice = self.peer("alice")
         alice.say("the build is green")
-        bot = self.run_client("--name", "bot", "--log", log_path,
-                              stdin_data="hi there\n/search build\n")
-        self.assertEqual(bot.finish(), 0)
+        for number, script in enumerate(("hi there\n/search build\n", "again\n")):
+            bot = self.run_client("--name", f"bot{number}", "--log", log_path,
+                                  stdin_data=script)
+            self.assertEqual(bot.finish(), 0)
         with open(log_path, encoding="utf-8") as log_file:
-            logged = log_file.read()
-        self.assertEqual(logged.splitlines(), bot.output().splitlines())
-        self.assertIn("alice: the build is green", logged)
-        self.assertIn("bot: hi there", logged)
-        self.assertIn("--- 1 found ---", logged)
+            first, second = log_file.read().split("\n\n")   # a blank line between sessions
+        when = r"\d{4}-\d\d-\d\d \d\d:\d\d"
+        for number, session in enumerate((first, second)):
+            header, *lines = session.splitlines()
+            self.assertRegex(header, rf"^Chat on 127\.0\.0\.1:{self.port} as bot{number}, "
+                                     rf"from {when} \(local time\)$")
+            for line in lines:
+                self.assertRegex(line, rf"^{when}:\d\d ")    # each line dated, for grep
+        logged = [line[20:] for line in first.splitlines()[1:]]
+        self.assertIn(f"* connected to 127.0.0.1:{self.port} as bot0", logged)
+        self.assertIn("--- 1 found ---", logged)    # the whole session, not only what is shown
+        self.assertTrue(any(line.endswith("] alice: the build is green") for line in logged))
+        self.assertTrue(any(line.endswith("] bot0: hi there") for line in logged))
 
     def test_unwritable_log_is_a_one_line_error(self) -> None:
         bot = self.run_client("--name", "bot", "--log", os.path.join(HERE, "no", "dir", "x.log"),
@@ -4473,8 +4772,8 @@ class ClientProcessTests(ChatTestCase):
         alice.expect("join")
         self.server.stop()
         self.assertEqual(bot.finish(), 1)
-        self.assertIn("* The server is shutting down.\n! disconnected", bot.output())
-        self.assertNotIn("Traceback", bot.output("stderr"))
+        self.assertEqual(bot.output(), "")
+        self.assertEqual(bot.output("stderr"), "* The server is shutting down.\n! disconnected")
 
     def test_client_answers_pings(self) -> None:
         pong = threading.Event()
@@ -4688,6 +4987,30 @@ class ClientSessionTests(ChatTestCase):
             bot.handle_line(command)
             bot.out.wait_for(usage)
 
+    def test_a_whisper_to_something_that_cannot_be_a_name_is_refused_here(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        alice.expect("join")
+        del bot.out.lines[:]
+        bot.handle_line('/whisper "bad name" x')
+        self.assertEqual(bot.out.lines, [      # at once, before anything is sent
+            f"! not sent: '\"bad' is not a name (names are {client.NAME_RULES})"])
+        bot.handle_line("/w alice fine")
+        self.assertEqual(alice.expect("whisper")["text"], "fine")   # nothing came before it
+
+    def test_an_unknown_backslash_command_is_caught_like_a_slash_one(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        alice.expect("join")
+        for typo in ("\\qiut", "\\bogus some words"):
+            bot.handle_line(typo)
+            bot.out.wait_for(f"unknown command {typo.split()[0]}: type /help for the list, "
+                             "or start with \\\\ to send a line beginning with \\")
+        bot.handle_line("\\o/")
+        bot.handle_line("\\\\qiut")
+        self.assertEqual(alice.expect("message")["text"], "\\o/")  # nothing came before it
+        self.assertEqual(alice.expect("message")["text"], "\\qiut")
+
     def test_lost_connection_calls_the_hook_once(self) -> None:
         bot = self.session()
         self.server.stop()
@@ -4725,6 +5048,26 @@ class ClientAccountCommandTests(ChatTestCase):
         bot.out.wait_for("no longer registered")
         self.assertEqual(answers, [])
 
+    def test_a_short_new_password_is_refused_after_the_first_prompt(self) -> None:
+        answers = ["short", "short", "first pass", "short", "short"]
+        bot = self.session(answers)
+        bot.handle_line("/register")
+        bot.out.wait_for("Passwords need at least 8 characters.")
+        self.assertEqual(answers, ["short", "first pass", "short", "short"])  # asked once
+        answers.pop(0)
+        bot.handle_line("/password")     # the current password, then the new one, once
+        self.assertIn("! Passwords need at least 8 characters.", bot.out.lines[-1:])
+        self.assertEqual(answers, ["short"])
+
+    def test_a_short_inline_password_is_refused_before_sending(self) -> None:
+        bot = self.session([])
+        for line in ("/register short", "/password first-password short"):
+            del bot.out.lines[:]
+            bot.handle_line(line)   # refused here, at once: no answer from the server needed
+            self.assertEqual(bot.out.lines, ["! Passwords need at least 8 characters."])
+        bot.handle_line("/register " + "x" * (client.MAX_PASSWORD_LENGTH + 1))
+        self.assertEqual(bot.out.lines[-1], "! Passwords may have at most 1024 characters.")
+
     def test_without_a_terminal_passwords_come_as_arguments(self) -> None:
         connection, welcome = client.join("127.0.0.1", self.port, "bot")
         bot = client.ChatSession(connection, welcome, "x", make_screen(), on_lost=lambda: None)
@@ -4740,6 +5083,19 @@ class ClientAccountCommandTests(ChatTestCase):
 
 
 class ClientConnectErrorTests(unittest.TestCase):
+    def test_errors_before_joining_start_with_an_exclamation_mark(self) -> None:
+        for text, shown in (("not connecting: the certificate was not trusted",
+                             ["! not connecting: the certificate was not trusted"]),
+                            ("cannot connect to x: refused\nIs the server running?",
+                             ["! cannot connect to x: refused", "  Is the server running?"])):
+            def run(text: str = text) -> None:
+                raise client.CannotConnect(text)
+
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                self.assertIsNone(client.first_join(types.SimpleNamespace(run=run)))
+            self.assertEqual(stderr.getvalue().splitlines(), shown)
+
     def test_port_out_of_range(self) -> None:
         result = subprocess.run([sys.executable, CLIENT_SCRIPT, "127.0.0.1", "99999"],
                                 capture_output=True, text=True, timeout=TIMEOUT)
@@ -4753,9 +5109,9 @@ class ClientConnectErrorTests(unittest.TestCase):
         self.assertEqual(process.finish(), 1)
         lines = process.output("stderr").splitlines()
         self.assertEqual(len(lines), 2, lines)
-        self.assertIn(f"127.0.0.1:{port}", lines[0])
+        self.assertTrue(lines[0].startswith(f"! cannot connect to 127.0.0.1:{port}: "), lines)
         self.assertIn("refused", lines[0])
-        self.assertIn("server running", lines[1])
+        self.assertIn("  Is the server running?", lines[1])
 
     def test_not_a_chat_server(self) -> None:
         with socket.socket() as fake:
