@@ -72,7 +72,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -90,6 +90,10 @@ SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
 LOOPBACK = "127.0.0.1"          # the only address this program talks to
 TEXT_SIZE = 100                 # characters per chat message
 FANOUT_RUNS = "50x5,200x2"      # CLIENTSxSENDERS, one run each
+DEFAULT_SCENARIOS = "startup,fanout,latency,idle,slow,history,mixed,rooms"
+ROOM_COUNT = 1000               # the 'rooms' run: rooms ...
+ROOM_SIZE = 10                  # ... of this many clients ...
+ROOM_SENDERS = 100              # ... with this many senders, one a room
 MESSAGES_PER_SENDER = 20_000
 WINDOW = 2_000                  # messages in flight, all senders: ~360 KB, under the backlog limit
 SEND_BATCH = 50                 # frames per send() of a sender
@@ -118,9 +122,12 @@ FD_SPARE = 200                  # descriptors beyond one per client, per process
 
 # --quick: a smoke run for test_chat.py, a few seconds on any machine.
 QUICK = dict(fanout="10x2", messages=300, latency_clients=10, latency_seconds=0.5,
-             idle_clients=200, idle_hold=0.2, repeat=1, pairs=1, startup_runs=2, workers=1)
+             idle_clients=200, idle_hold=0.2, repeat=1, pairs=1, startup_runs=2, workers=1,
+             room_count=20, room_size=3, room_senders=5)
 
 RECV_SIZE = 256 * 1024
+SYNC_LINE_SIZE = 6              # b"SYNC0\n": one digit, so at most 10 workers with ncat
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)   # Linux only; elsewhere ACKs may be delayed
 MESSAGE_MARK = b'{"type":"message"'
 ERROR_MARK = b'{"type":"error"'
 HISTORY_END_MARK = b'{"type":"history_end"'
@@ -212,36 +219,25 @@ class MemorySampler:
 # The server under test
 # ---------------------------------------------------------------------------
 
-class ServerUnderTest:
-    """socket_server.py in a subprocess on 127.0.0.1 and a free port.
+class Launched:
+    """A server program in a subprocess on 127.0.0.1, pinned like ours (see split_cpus).
 
-    Use as a context manager: the server is stopped (SIGTERM, then kill)
-    however the block ends.
+    Use as a context manager: it is stopped (SIGTERM, then kill) however the
+    block ends. Subclasses say what to run and how they tell they are ready.
     """
 
-    profile_dir: Optional[str] = None  # --profile: run each server under cProfile
-    cpus: Optional[Set[int]] = None     # cores to pin the server to (see split_cpus)
+    cpus: Optional[Set[int]] = None     # cores to pin servers to (see split_cpus)
+    name = "server"
 
-    def __init__(self, db_dir: str, history: bool = True, max_clients: int = 1000,
-                 wrapper: Tuple[str, ...] = (), setup_timeout: float = SETUP_TIMEOUT) -> None:
-        store = ["--db", os.path.join(db_dir, f"bench-{time.monotonic_ns()}.sqlite3")] \
-            if history else ["--no-history"]
-        profiler = [] if self.profile_dir is None else [
-            "-m", "cProfile", "-o",
-            os.path.join(self.profile_dir, f"server-{time.monotonic_ns()}.prof")]
+    def __init__(self, setup_timeout: float = SETUP_TIMEOUT) -> None:
         self.setup_timeout = setup_timeout  # also how long it may take to stop
-        self.command = [*wrapper, sys.executable, *profiler, SERVER_SCRIPT,
-                        "--host", LOOPBACK, "--port", "0",
-                        "--log-level", "warning", "--rate-limit", RATE_LIMIT,
-                        "--rate-burst", RATE_LIMIT, "--max-per-address", "0",
-                        "--max-clients", str(max_clients),
-                        "--max-backlog", str(MAX_BACKLOG_KIB)] + store
+        self.command: List[str] = []
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
-        self.startup = 0.0      # seconds from spawn to "listening on"
+        self.startup = 0.0      # seconds from spawn to ready
         self.stderr: List[str] = []
 
-    def __enter__(self) -> "ServerUnderTest":
+    def __enter__(self) -> "Launched":
         lines: "queue.Queue[Optional[str]]" = queue.Queue()
         spawned = time.perf_counter()
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
@@ -253,16 +249,15 @@ class ServerUnderTest:
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
                          daemon=True).start()
         try:
-            first = lines.get(timeout=self.setup_timeout)
+            self.wait_until_ready(lines)
             self.startup = time.perf_counter() - spawned
-            match = re.match(r"listening on 127\.0\.0\.1:(\d+)$", first or "")
-            if not match:
-                raise RuntimeError(f"the server did not start: {first!r} {self.stderr}")
         except BaseException:
             self.stop()
             raise
-        self.port = int(match.group(1))
         return self
+
+    def wait_until_ready(self, lines: "queue.Queue[Optional[str]]") -> None:
+        raise NotImplementedError
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
@@ -292,6 +287,135 @@ class ServerUnderTest:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class ServerUnderTest(Launched):
+    """socket_server.py on 127.0.0.1 and a free port (with irc: an IRC port too)."""
+
+    profile_dir: Optional[str] = None  # --profile: run each server under cProfile
+    name = "ours"
+
+    def __init__(self, db_dir: str, history: bool = True, max_clients: int = 1000,
+                 wrapper: Tuple[str, ...] = (), setup_timeout: float = SETUP_TIMEOUT,
+                 irc: bool = False) -> None:
+        super().__init__(setup_timeout)
+        store = ["--db", os.path.join(db_dir, f"bench-{time.monotonic_ns()}.sqlite3")] \
+            if history else ["--no-history"]
+        profiler = [] if self.profile_dir is None else [
+            "-m", "cProfile", "-o",
+            os.path.join(self.profile_dir, f"server-{time.monotonic_ns()}.prof")]
+        self.command = [*wrapper, sys.executable, *profiler, SERVER_SCRIPT,
+                        "--host", LOOPBACK, "--port", "0",
+                        "--log-level", "warning", "--rate-limit", RATE_LIMIT,
+                        "--rate-burst", RATE_LIMIT, "--max-per-address", "0",
+                        "--max-clients", str(max_clients), "--max-rooms", str(max_clients + 10),
+                        "--max-backlog", str(MAX_BACKLOG_KIB)] + store + \
+            (["--irc-port", "0", "--server-name", "bench.lan"] if irc else [])
+        self.irc = irc
+        self.irc_port = 0
+
+    def wait_until_ready(self, lines: "queue.Queue[Optional[str]]") -> None:
+        first = lines.get(timeout=self.setup_timeout)
+        match = re.match(r"listening on 127\.0\.0\.1:(\d+)$", first or "")
+        if not match:
+            raise RuntimeError(f"the server did not start: {first!r} {self.stderr}")
+        self.port = int(match.group(1))
+        if self.irc:
+            second = lines.get(timeout=self.setup_timeout)
+            match = re.match(r"IRC listening on 127\.0\.0\.1:(\d+),", second or "")
+            if not match:
+                raise RuntimeError(f"no IRC port: {second!r} {self.stderr}")
+            self.irc_port = int(match.group(1))
+
+
+def free_port() -> int:
+    """A port nobody listens on now, on 127.0.0.1 (for a peer that needs one named)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"it exited with status {proc.returncode}")
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout:g} s")
+
+
+class Ngircd(Launched):
+    """ngIRCd, the C IRC server, configured as ours is for the benchmark: no flood
+    penalty (as ours has its rate limit out of the way), no DNS or ident lookups,
+    no connection limits, listening on 127.0.0.1 only."""
+
+    name = "ngircd"
+    protocol = "irc"
+
+    def __init__(self, work_dir: str) -> None:
+        super().__init__()
+        self.port = free_port()
+        config = os.path.join(work_dir, f"ngircd-{self.port}.conf")     # its pid file: none
+        with open(config, "w", encoding="ascii") as out:
+            pid_file = os.path.join(work_dir, "ngircd.pid")
+            out.write(NGIRCD_CONFIG.format(port=self.port, pid=pid_file))
+        self.command = [shutil.which("ngircd") or "ngircd", "--nodaemon", "--config", config]
+
+    def wait_until_ready(self, lines: "queue.Queue[Optional[str]]") -> None:
+        try:
+            wait_for_port(self.port, self.proc, self.setup_timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"ngircd did not start: {exc}; {self.stderr[-3:]}") from None
+
+
+NGIRCD_CONFIG = """[Global]
+\tName = bench.lan
+\tInfo = bench_chat.py peer
+\tListen = 127.0.0.1
+\tPorts = {port}
+\tMotdPhrase = bench
+\tPidFile = {pid}
+[Limits]
+\tMaxConnections = 0
+\tMaxConnectionsIP = 0
+\tMaxJoins = 0
+\tMaxNickLength = 30
+\tMaxPenaltyTime = 0
+\tPingTimeout = 600
+\tPongTimeout = 600
+[Options]
+\tDNS = no
+\tIdent = no
+\tPAM = no
+"""
+
+
+class NcatBroker(Launched):
+    """ncat --broker: every byte one client sends goes to all the others; no
+    parsing, no names, no rooms. What copying bytes alone costs."""
+
+    name = "ncat"
+    protocol = "raw"
+
+    def __init__(self, work_dir: str) -> None:
+        super().__init__()
+        self.port = free_port()
+        self.command = [shutil.which("ncat") or "ncat", "--broker", "--listen",
+                        "--max-conns", "10000", LOOPBACK, str(self.port)]
+
+    def wait_until_ready(self, lines: "queue.Queue[Optional[str]]") -> None:
+        try:
+            wait_for_port(self.port, self.proc, self.setup_timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"ncat did not start: {exc}; {self.stderr[-3:]}") from None
+
+
+PEERS = {"ngircd": Ngircd, "ncat": NcatBroker}
 
 # ---------------------------------------------------------------------------
 # The load generator's clients (they run in worker processes)
@@ -325,55 +449,107 @@ class FrameCounter:
         return found
 
 
-def join(port: int, names: List[str],
-         rcvbuf: Optional[int] = None) -> List[Tuple[socket.socket, FrameDecoder]]:
-    """Connect and join under each name; return once every welcome has come.
+class ByteCounter:
+    """Counts fixed-size messages by their bytes: for ncat, which passes on what it
+    reads as it reads it, so that the lines of two senders can be cut into each
+    other and no marker can be trusted. Sync lines still on their way when the
+    run begins (see sync_raw) are taken off."""
 
-    The hellos go out first, then the answers are read, so that joining a
-    few hundred clients takes one round trip, not hundreds. Bytes after
-    each history_end (join notices) stay in the returned decoder.
-    """
-    joined = []
-    for name in names:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(SETUP_TIMEOUT)
-        sock.connect((LOOPBACK, port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(encode_frame({"type": "hello", "name": name}))
-        joined.append((sock, FrameDecoder()))
-    for sock, decoder in joined:
-        while True:
-            payload = next(decoder, None)
-            if payload is None:
-                data = sock.recv(RECV_SIZE)
-                if not data:
-                    raise ConnectionError("the server closed a connection while it joined")
-                decoder.feed(data)
-                continue
-            message = decode_payload(payload)
-            if message["type"] == "error":
-                raise ConnectionError(f"join refused: {message}")
-            if message["type"] == "history_end":
-                break
-    return joined
+    __slots__ = ("size", "count", "_bytes")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.count = 0
+        self._bytes = 0
+
+    def feed(self, buffer: bytearray, size: int) -> int:
+        self._bytes += size - SYNC_LINE_SIZE * buffer.count(b"SYNC", 0, size)
+        before, self.count = self.count, max(0, self._bytes) // self.size
+        return self.count - before
 
 
-def chat_text(size: int, lead: str = "") -> str:
-    return (lead + " " + "m" * size)[:size] if lead else "m" * size
+class Protocol(NamedTuple):
+    """How the load generator speaks to one kind of server."""
+
+    joined: bytes               # seen once a client is in its room
+    message: bytes              # begins every message a receiver gets
+    errors: Tuple[bytes, ...]   # begin a refusal
+    ping: bytes                 # a ping to answer with `pong`
+    pong: bytes
 
 
-class Receiver:
-    """One client socket in a fanout run: counts what it receives."""
+PROTOCOLS: Dict[str, Protocol] = {
+    # Ours: JSON frames. The encoder escapes every quote inside a string, so the
+    # message marker can only start a payload.
+    "json": Protocol(HISTORY_END_MARK, MESSAGE_MARK, (ERROR_MARK,), PING_MARK, PONG_FRAME),
+    # IRC, to ngircd or to our IRC port: a message is a PRIVMSG to a channel.
+    "irc": Protocol(b" 366 ", b" PRIVMSG #", (b"ERROR :", b" 404 "), b"PING ",
+                    b"PONG :bench\r\n"),
+    # ncat --broker: lines of bytes, nothing else; in once a sync line came through.
+    "raw": Protocol(b"SYNC", b"MSG ", (), b"\0never", b""),
+}
 
-    __slots__ = ("sock", "expected", "messages", "errors", "own_sent", "closed")
 
-    def __init__(self, sock: socket.socket, expected: int) -> None:
-        self.sock = sock
-        self.expected = expected        # message frames it should get
-        self.messages = FrameCounter(MESSAGE_MARK)
-        self.errors = FrameCounter(ERROR_MARK)
+def hello_bytes(protocol: str, name: str, room: str) -> bytes:
+    """What a client sends to be in `room` under `name`."""
+    if protocol == "json":
+        return encode_frame({"type": "hello", "name": name, "rooms": [room]})
+    if protocol == "irc":
+        return f"NICK {name}\r\nUSER {name} 0 * :{name}\r\nJOIN #{room}\r\n".encode("ascii")
+    return b""
+
+
+def say_bytes(protocol: str, room: str, text: str) -> bytes:
+    """One message to `room`."""
+    if protocol == "json":
+        return encode_frame({"type": "say", "room": room, "text": text})
+    if protocol == "irc":
+        return f"PRIVMSG #{room} :{text}\r\n".encode("utf-8")
+    return f"MSG {text}\n".encode("utf-8")
+
+
+class LineSplitter:
+    """Lines out of a byte stream (IRC, raw), as FrameDecoder cuts frames."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> None:
+        self._rest += data
+
+    def __iter__(self) -> Iterator[bytes]:
+        *lines, self._rest = self._rest.split(b"\n")
+        return iter([line.rstrip(b"\r") for line in lines])
+
+
+def texts_of(protocol: str, data: bytes, decoder: Any) -> List[str]:
+    """The texts of the messages in what a latency receiver got (it parses: few)."""
+    decoder.feed(data)
+    if protocol == "json":
+        return [decode_payload(payload)["text"] for payload in decoder
+                if payload.startswith(MESSAGE_MARK)]
+    texts = []
+    for line in decoder:
+        if protocol == "irc" and b" PRIVMSG #" in line:
+            texts.append(line.split(b" :", 1)[1].decode("utf-8", "replace"))
+        elif protocol == "raw" and line.startswith(b"MSG "):
+            texts.append(line[4:].decode("utf-8", "replace"))
+    return texts
+
+
+class Client:
+    """One socket of a run: who it is, where, and what it counts of what comes."""
+
+    __slots__ = ("sock", "name", "protocol", "room", "expected", "messages", "errors",
+                 "pings", "own_sent", "closed")
+
+    def __init__(self, sock: socket.socket, name: str, protocol: str, room: str) -> None:
+        self.sock, self.name, self.protocol, self.room = sock, name, protocol, room
+        marks = PROTOCOLS[protocol]
+        self.expected = 0               # messages it should get
+        self.messages = FrameCounter(marks.message)
+        self.errors = [FrameCounter(mark) for mark in marks.errors]
+        self.pings = FrameCounter(marks.ping)
         self.own_sent = 0               # its own messages, which it does not get back
         self.closed = False
 
@@ -381,6 +557,82 @@ class Receiver:
     def accounted(self) -> int:
         """How far along it is: messages received plus its own."""
         return self.messages.count + self.own_sent
+
+    def count(self, buffer: bytearray, size: int) -> None:
+        self.messages.feed(buffer, size)
+        for counter in self.errors:
+            counter.feed(buffer, size)
+        if self.pings.feed(buffer, size) and PROTOCOLS[self.protocol].pong:
+            self.sock.send(PROTOCOLS[self.protocol].pong)
+
+
+Target = Tuple[str, str, int, str]      # (name, protocol, port, room) of one client
+
+
+def join(targets: List[Target], rcvbuf: Optional[int] = None) -> List[Client]:
+    """Connect and join each target; return once all are in.
+
+    Everyone says hello first, then the answers are read, so that joining a
+    few hundred clients takes one round trip, not hundreds. Raw clients
+    (ncat) are in as soon as they are connected: sync_raw() then makes sure.
+    """
+    clients = []
+    for name, protocol, port, room in targets:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(SETUP_TIMEOUT)
+        sock.connect((LOOPBACK, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(hello_bytes(protocol, name, room))
+        clients.append(Client(sock, name, protocol, room))
+    for client in clients:
+        if client.protocol == "raw":
+            continue
+        mark, seen = PROTOCOLS[client.protocol].joined, b""
+        while mark not in seen:
+            data = client.sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError(f"the server closed {client.name} while it joined")
+            if client.protocol == "json" and ERROR_MARK in data and mark not in data:
+                raise ConnectionError(f"join refused: {data[:200]!r}")
+            seen = seen[-len(mark):] + data
+    return clients
+
+
+def sync_raw(clients: List[Client], index: int, workers: int, deadline: float,
+             ready: Callable[[], None], start: Any) -> None:
+    """ncat keeps no list of who is there, and says nothing when it has someone:
+    every worker sends a sync line of its own, again and again, until each of its
+    clients has seen the lines of every worker (its own but from the client that
+    sent it); then it is ready(), and goes on sending until the run starts, for
+    the workers that are not ready yet. After that, all that is sent reaches all."""
+    own = f"SYNC{index}".encode("ascii")
+    assert len(own) + 1 == SYNC_LINE_SIZE, "ByteCounter takes sync lines off by their size"
+    wanted = {f"SYNC{number}".encode("ascii") for number in range(workers)}
+    seen: Dict[Client, Set[bytes]] = {client: set() for client in clients}
+    for client in clients:
+        client.sock.settimeout(0.02)
+    said_ready = False
+    while time.monotonic() < deadline:
+        clients[0].sock.sendall(own + b"\n")
+        for client in clients:
+            try:
+                data = client.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                continue
+            seen[client].update(mark for mark in wanted if mark in data)
+        if not said_ready and all(wanted - ({own} if client is clients[0] else set()) <= got
+                                  for client, got in seen.items()):
+            ready()
+            said_ready = True
+        if said_ready and start.wait(0.02):
+            return
+    raise ConnectionError("ncat did not pass the sync lines on to every client")
+
+
+def chat_text(size: int, lead: str = "") -> str:
+    return (lead + " " + "m" * size)[:size] if lead else "m" * size
 
 
 def worker_main(job: Any, index: int, results: Any, *args: Any) -> None:
@@ -399,43 +651,63 @@ def worker_main(job: Any, index: int, results: Any, *args: Any) -> None:
         results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
 
 
-def fanout_worker(index: int, results: Any, port: int, plan: Dict[str, Any], board: Any,
+def worker_share(plan: Dict[str, Any], index: int) -> List[Target]:
+    """The clients this worker runs: every nth of one room (spread over the workers),
+    or, with many rooms, whole rooms (so that a room's window is one worker's)."""
+    if len(plan["rooms"]) == 1:
+        return plan["clients"][index::plan["workers"]]
+    numbers = plan["room_number"]
+    return [client for client in plan["clients"] if numbers[client[3]] % plan["workers"] == index]
+
+
+def fanout_worker(index: int, results: Any, plan: Dict[str, Any], board: Any,
                   start: Any) -> Dict[str, Any]:
     """Run this worker's share of a fanout: join, wait for start, send and count.
 
-    board: shared array; board[i] is how many messages worker i has sent,
-    board[workers + i] the least any of its receivers has accounted for.
+    board, shared by the workers: board[r] is how many messages have been sent
+    to room number r; board[rooms * (1 + w) + r] the least that worker w's
+    clients in room r have accounted for. A sender sends a batch only while
+    its room has fewer than its window of messages in flight.
     """
-    workers, per_sender = plan["workers"], plan["per_sender"]
-    names = plan["names"][index::workers]
-    total = per_sender * len(plan["senders"])
-    receivers = []
-    for sock, _ in join(port, names):
-        sock.setblocking(False)
-        receivers.append(Receiver(sock, total))
-    senders = [receiver for name, receiver in zip(names, receivers) if name in plan["senders"]]
-    for sender in senders:
-        sender.expected = total - per_sender
-    batch = encode_frame({"type": "say", "text": chat_text(plan["text_size"])}) * SEND_BATCH
+    workers, per_sender, rooms = plan["workers"], plan["per_sender"], len(plan["rooms"])
+    numbers = plan["room_number"]
+    clients = join(worker_share(plan, index))
+    senders = [client for client in clients if client.name in plan["senders"]]
+    for client in clients:
+        client.sock.setblocking(False)
+        if client.protocol == "raw":
+            client.messages = ByteCounter(len(say_bytes("raw", client.room,
+                                                        chat_text(plan["text_size"]))))
+        client.expected = per_sender * (plan["senders_in"][client.room] -
+                                        (client.name in plan["senders"]))
+    batches = {client: say_bytes(client.protocol, client.room, chat_text(plan["text_size"]))
+               * SEND_BATCH for client in senders}
     stalled = None
     if plan.get("stalled") and index == 0:     # the slow-reader run: joins, then never reads
-        stalled, _ = join(port, [plan["stalled"]], rcvbuf=STALLED_RCVBUF)[0]
+        stalled = join([plan["stalled"]], rcvbuf=STALLED_RCVBUF)[0].sock
     selector = selectors.DefaultSelector()
-    for receiver in receivers:
-        selector.register(receiver.sock, selectors.EVENT_READ, receiver)
+    by_room: Dict[int, List[Client]] = {}
+    for client in clients:
+        selector.register(client.sock, selectors.EVENT_READ, client)
+        by_room.setdefault(numbers[client.room], []).append(client)
     buffer = bytearray(RECV_SIZE)
-    results.put(("ready", index, None))
-    start.wait(SETUP_TIMEOUT * 3)
+    ready = lambda: results.put(("ready", index, None))
+    if any(client.protocol == "raw" for client in clients):
+        sync_raw(clients, index, workers, time.monotonic() + SETUP_TIMEOUT * 3, ready, start)
+        for client in clients:
+            client.sock.setblocking(False)
+    else:
+        ready()
+        start.wait(SETUP_TIMEOUT * 3)
 
     cpu_start = time.process_time()
     deadline = time.monotonic() + plan["timeout"]
-    pending: Dict[Receiver, memoryview] = {}    # a sender's batch the socket did not take
+    pending: Dict[Client, memoryview] = {}      # a sender's batch the socket did not take
     to_send = {sender: per_sender for sender in senders}
-    next_sender = 0
+    turn = 0
     finished = None
     while time.monotonic() < deadline:
-        # Send one batch when the window allows (or finish a batch begun).
-        for sender, rest in list(pending.items()):
+        for sender, rest in list(pending.items()):     # finish a batch begun
             try:
                 sent = sender.sock.send(rest)
             except BlockingIOError:
@@ -444,61 +716,62 @@ def fanout_worker(index: int, results: Any, port: int, plan: Dict[str, Any], boa
                 del pending[sender]
             else:
                 pending[sender] = rest[sent:]
-        waiting = [sender for sender in senders if to_send[sender] and sender not in pending]
         can_send = False
-        if waiting:
-            in_flight = sum(board[:workers]) - min(board[workers:])
+        waiting = [sender for sender in senders if to_send[sender] and sender not in pending]
+        if waiting:     # one batch, from the next sender, if its room's window allows it
+            sender = waiting[turn % len(waiting)]
+            turn += 1
+            number = numbers[sender.room]
+            in_flight = board[number] - min(board[rooms * (1 + worker) + number]
+                                            for worker in range(workers))
             can_send = in_flight + SEND_BATCH <= plan["window"]
         if can_send:
-            sender = waiting[next_sender % len(waiting)]
-            next_sender += 1
             count = min(SEND_BATCH, to_send[sender])
-            data = memoryview(batch)[:len(batch) // SEND_BATCH * count]
+            data = memoryview(batches[sender])[:len(batches[sender]) // SEND_BATCH * count]
             to_send[sender] -= count
             sender.own_sent += count
-            board[index] += count
+            board[number] += count
             try:
                 sent = sender.sock.send(data)
             except BlockingIOError:
                 sent = 0
             if sent < len(data):
                 pending[sender] = data[sent:]
-        # Read whatever has come.
-        for key, _ in selector.select(0 if can_send else 0.002):
-            receiver = key.data
+        for key, _ in selector.select(0 if can_send else 0.002):     # read what has come
+            client = key.data
             try:
-                size = receiver.sock.recv_into(buffer)
+                size = client.sock.recv_into(buffer)
             except BlockingIOError:
                 continue
             except OSError:
                 size = 0
             if not size:
-                receiver.closed = True
-                selector.unregister(receiver.sock)
+                client.closed = True
+                selector.unregister(client.sock)
                 continue
-            receiver.messages.feed(buffer, size)
-            receiver.errors.feed(buffer, size)
-        open_receivers = [receiver for receiver in receivers if not receiver.closed]
-        board[workers + index] = min((receiver.accounted for receiver in open_receivers),
-                                     default=10 ** 15)
+            client.count(buffer, size)
+        for number, members in by_room.items():
+            board[rooms * (1 + index) + number] = min(
+                (client.accounted for client in members if not client.closed), default=10 ** 15)
         if not pending and not any(to_send.values()) and all(
-                receiver.messages.count >= receiver.expected for receiver in open_receivers):
+                client.messages.count >= client.expected for client in clients
+                if not client.closed):
             finished = time.monotonic()
             break
     cpu = time.process_time() - cpu_start
     result = {
-        "finished": finished,
-        "cpu": cpu,
-        "received": sum(receiver.messages.count for receiver in receivers),
-        "expected": sum(receiver.expected for receiver in receivers),
-        "errors": sum(receiver.errors.count for receiver in receivers),
-        "cut_off": sum(receiver.closed for receiver in receivers),
+        "finished": finished, "cpu": cpu,
+        "received": sum(client.messages.count for client in clients),
+        "expected": sum(client.expected for client in clients),
+        "errors": sum(counter.count for client in clients for counter in client.errors),
+        "cut_off": sum(client.closed for client in clients),
     }
     if stalled is not None:
         result["stalled_cut_off"] = _was_cut_off(stalled)
-    board[workers + index] = 10 ** 15   # never hold the other workers' senders back
-    for receiver in receivers:
-        receiver.sock.close()
+    for number in by_room:      # never hold the other workers' senders back
+        board[rooms * (1 + index) + number] = 10 ** 15
+    for client in clients:
+        client.sock.close()
     return result
 
 
@@ -521,42 +794,54 @@ def _was_cut_off(sock: socket.socket) -> bool:
         sock.close()
 
 
-def latency_worker(index: int, results: Any, port: int, plan: Dict[str, Any]) -> Dict[str, Any]:
+def latency_worker(index: int, results: Any, plan: Dict[str, Any]) -> Dict[str, Any]:
     """Clients take turns sending at a fixed rate; every arrival is timed."""
-    clients = join(port, plan["names"])
+    clients = join(plan["clients"])
+    deadline = time.monotonic() + plan["seconds"] + plan["timeout"]
+    if any(client.protocol == "raw" for client in clients):
+        started = threading.Event()
+        sync_raw(clients, 0, 1, deadline, started.set, started)
     selector = selectors.DefaultSelector()
-    for sock, decoder in clients:
-        selector.register(sock, selectors.EVENT_READ, decoder)
+    for client in clients:
+        client.sock.settimeout(None)
+        decoder = FrameDecoder() if client.protocol == "json" else LineSplitter()
+        selector.register(client.sock, selectors.EVENT_READ, (client, decoder))
     total = max(1, int(plan["rate"] * plan["seconds"]))
     expected = total * (len(clients) - 1)
     samples: List[int] = []     # nanoseconds from send to arrival
     cpu_start = time.process_time()
     started = time.perf_counter()
-    deadline = started + plan["seconds"] + plan["timeout"]
     sent = 0
-    while len(samples) < expected and time.perf_counter() < deadline:
+    while len(samples) < expected and time.monotonic() < deadline:
         now = time.perf_counter()
         if sent < total and now >= started + sent / plan["rate"]:
-            sock = clients[sent % len(clients)][0]
+            client = clients[sent % len(clients)]
             text = chat_text(plan["text_size"], str(time.perf_counter_ns()))
-            sock.sendall(encode_frame({"type": "say", "text": text}))
+            client.sock.sendall(say_bytes(client.protocol, client.room, text))
             sent += 1
             continue
         wait = started + sent / plan["rate"] - now if sent < total else 0.05
         ready = selector.select(max(0.0, wait))
         arrived = time.perf_counter_ns()    # once: reading the sockets one by one takes time
         for key, _ in ready:
-            data = key.fileobj.recv(RECV_SIZE)
+            client, decoder = key.data
+            data = client.sock.recv(RECV_SIZE)
             if not data:
                 raise ConnectionError("the server closed a connection during the latency run")
-            decoder = key.data
-            decoder.feed(data)
-            for payload in decoder:
-                if payload.startswith(MESSAGE_MARK):
-                    samples.append(arrived - int(decode_payload(payload)["text"].split()[0]))
+            if QUICKACK is not None:
+                # Acknowledge at once: a server that leaves Nagle on would
+                # otherwise wait for our delayed ACK (40 ms on Linux) before its
+                # next small write, and we would time TCP, not the server.
+                client.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+            if PROTOCOLS[client.protocol].ping in data:
+                client.sock.sendall(PROTOCOLS[client.protocol].pong)
+            for text in texts_of(client.protocol, data, decoder):
+                lead = text.split(" ", 1)[0]
+                if lead.isdigit():
+                    samples.append(arrived - int(lead))
     cpu = time.process_time() - cpu_start
-    for sock, _ in clients:
-        sock.close()
+    for client in clients:
+        client.sock.close()
     samples.sort()
     return {"samples": [samples[int(q * (len(samples) - 1))] for q in (0.5, 0.99, 1.0)]
             if samples else [], "received": len(samples), "expected": expected, "cpu": cpu,
@@ -696,24 +981,57 @@ def percent(part: Optional[float], whole: float) -> Optional[float]:
     return None if part is None or whole <= 0 else round(100.0 * part / whole, 1)
 
 
+def fanout_plan(options: argparse.Namespace, clients: int, senders: int, rooms: int,
+                protocols: Tuple[str, ...], ports: Dict[str, int],
+                per_sender: int) -> Dict[str, Any]:
+    """Who is who in a fanout run: client n is in room n % rooms and speaks
+    protocols[n % len(protocols)]; the first `senders` clients send."""
+    names = [f"c{number}" for number in range(clients)]
+    room_names = ["bench"] if rooms == 1 else [f"r{number}" for number in range(rooms)]
+    targets = [(name, protocols[number % len(protocols)],
+                ports[protocols[number % len(protocols)]], room_names[number % rooms])
+               for number, name in enumerate(names)]
+    sending = set(names[:senders])
+    senders_in = {room: 0 for room in room_names}
+    for name, _, _, room in targets:
+        senders_in[room] += name in sending
+    active = sum(1 for count in senders_in.values() if count)
+    workers = max(1, min(options.workers, clients))
+    return {"workers": workers, "per_sender": per_sender, "text_size": options.text_size,
+            "clients": targets, "senders": sending, "senders_in": senders_in,
+            "rooms": room_names, "room_number": {room: n for n, room in enumerate(room_names)},
+            # The in-flight window is shared out among the rooms that have a sender.
+            "window": max(2 * SEND_BATCH, options.window // active),
+            "timeout": options.timeout}
+
+
 def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
                history: bool = True, stalled: bool = False,
-               wrapper: Tuple[str, ...] = (), setup_timeout: float = SETUP_TIMEOUT
+               wrapper: Tuple[str, ...] = (), setup_timeout: float = SETUP_TIMEOUT,
+               rooms: int = 1, protocols: Tuple[str, ...] = ("json",),
+               peer: Optional[str] = None, per_sender: Optional[int] = None
                ) -> Dict[str, Any]:
-    """One fanout run; see the module docstring. wrapper: a command the server runs under."""
-    workers = max(1, min(options.workers, clients))
-    plan = {"workers": workers, "per_sender": options.messages, "text_size": options.text_size,
-            "names": [f"c{number}" for number in range(clients)],
-            "senders": [f"c{number}" for number in range(senders)],
-            "window": options.window, "timeout": options.timeout,
-            "stalled": "stalled" if stalled else None}
-    with ServerUnderTest(db_dir, history=history, wrapper=wrapper,
-                         setup_timeout=setup_timeout) as server, Workers() as pool:
-        board = pool.context.RawArray("q", 2 * workers)
+    """One fanout run; see the module docstring. wrapper: a command the server runs
+    under; peer: "ngircd" or "ncat" instead of ours, spoken to in its protocol."""
+    if peer is not None:
+        server: Launched = PEERS[peer](db_dir)
+        protocols = (PEERS[peer].protocol,)
+    else:
+        server = ServerUnderTest(db_dir, history=history, wrapper=wrapper, irc="irc" in protocols,
+                                 setup_timeout=setup_timeout, max_clients=clients + 10)
+    per_sender = per_sender or options.messages
+    with server, Workers() as pool:
+        ports = {"json": server.port, "raw": server.port,
+                 "irc": server.irc_port if isinstance(server, ServerUnderTest) else server.port}
+        plan = fanout_plan(options, clients, senders, rooms, protocols, ports, per_sender)
+        if stalled:
+            plan["stalled"] = ("stalled", protocols[0], ports[protocols[0]], plan["rooms"][0])
+        workers = plan["workers"]
+        board = pool.context.RawArray("q", len(plan["rooms"]) * (1 + workers))
         start = pool.context.Event()
         for index in range(workers):
-            pool.start(fanout_worker, index, server.port, plan, board, start)
-        pool.collect("ready", workers, setup_timeout * 3)
+            pool.start(fanout_worker, index, plan, board, start)
+        pool.collect("ready", workers, setup_timeout * 3 + clients / 1000)
         server_cpu = server.cpu()
         with MemorySampler(server.pid) as memory:
             began = time.monotonic()
@@ -726,7 +1044,8 @@ def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: 
         received = sum(report["received"] for report in reports)
         expected = sum(report["expected"] for report in reports)
         result = {
-            "clients": clients, "senders": senders, "messages": senders * options.messages,
+            "server": server.name, "protocols": list(protocols), "rooms": rooms,
+            "clients": clients, "senders": senders, "messages": senders * per_sender,
             "history": history, "seconds": round(wall, 3),
             "deliveries": received, "lost": expected - received,
             "errors": sum(report["errors"] for report in reports),
@@ -749,48 +1068,104 @@ def best_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders:
                     for _ in range(options.repeat)])
 
 
+def in_turns(options: argparse.Namespace, runs: Dict[str, Callable[[], Dict[str, Any]]]
+             ) -> Dict[str, Dict[str, Any]]:
+    """Each kind of run once per --pairs round, the kinds taking turns; the best of
+    each kind. Taking turns spreads the machine's slow moments over every kind, so
+    that their ratios are theirs, not the moment's."""
+    done: Dict[str, List[Dict[str, Any]]] = {name: [] for name in runs}
+    for _ in range(options.pairs):
+        for name, run in runs.items():
+            done[name].append(run())
+    return {name: best_of(results) for name, results in done.items()}
+
+
 def compare_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: int,
                    **variant: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """The best plain run and the best variant run of --pairs pairs run in turn.
-
-    Taking turns spreads the machine's slow moments over both sides, so the
-    difference is the variant's, not the moment's.
-    """
-    pairs = [(run_fanout(options, db_dir, clients, senders),
-              run_fanout(options, db_dir, clients, senders, **variant))
-             for _ in range(options.pairs)]
-    return best_of([plain for plain, _ in pairs]), best_of([other for _, other in pairs])
+    """The best plain run and the best variant run of --pairs pairs run in turn."""
+    best = in_turns(options, {
+        "plain": lambda: run_fanout(options, db_dir, clients, senders),
+        "variant": lambda: run_fanout(options, db_dir, clients, senders, **variant)})
+    return best["plain"], best["variant"]
 
 
 def best_of(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    best = max(runs, key=lambda run: run["deliveries_per_s"])
-    best["runs_deliveries_per_s"] = [run["deliveries_per_s"] for run in runs]
+    best = max(runs, key=lambda run: run.get("deliveries_per_s", 0) or
+               -(run.get("p99_ms") or 0))
+    if "deliveries_per_s" in best:
+        best["runs_deliveries_per_s"] = [run["deliveries_per_s"] for run in runs]
+    if "p99_ms" in best:
+        best = min(runs, key=lambda run: run["p99_ms"] if run["p99_ms"] is not None
+                   else float("inf"))
+        best["runs_p99_ms"] = [run["p99_ms"] for run in runs]
     best["lost"] = max(run["lost"] for run in runs)         # a loss in any run counts
-    best["errors"] = max(run["errors"] for run in runs)
+    best["errors"] = max(run.get("errors", 0) for run in runs)
     return best
 
 
-def run_latency(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
+def run_latency(options: argparse.Namespace, db_dir: str,
+                peer: Optional[str] = None) -> Dict[str, Any]:
     clients = options.latency_clients
-    plan = {"names": [f"l{number}" for number in range(clients)], "rate": options.latency_rate,
-            "seconds": options.latency_seconds, "text_size": options.text_size,
-            "timeout": options.timeout}
-    with ServerUnderTest(db_dir) as server, Workers() as pool:
+    server: Launched = PEERS[peer](db_dir) if peer else ServerUnderTest(db_dir)
+    protocol = PEERS[peer].protocol if peer else "json"
+    with server, Workers() as pool:
+        plan = {"clients": [(f"l{number}", protocol, server.port, "bench")
+                            for number in range(clients)],
+                "rate": options.latency_rate, "seconds": options.latency_seconds,
+                "text_size": options.text_size, "timeout": options.timeout}
         before = server.cpu()
         began = time.monotonic()
-        pool.start(latency_worker, 0, server.port, plan)
+        pool.start(latency_worker, 0, plan)
         report = pool.collect("done", 1, options.latency_seconds + options.timeout
                               + SETUP_TIMEOUT)[0]
         wall = time.monotonic() - began
         after = server.cpu()
     p50, p99, worst = (round(ns / 1e6, 3) for ns in report["samples"]) if report["samples"] \
         else (None, None, None)
-    return {"clients": clients, "rate": options.latency_rate, "messages": report["messages"],
-            "deliveries": report["received"], "lost": report["expected"] - report["received"],
+    return {"server": server.name, "clients": clients, "rate": options.latency_rate,
+            "messages": report["messages"], "deliveries": report["received"],
+            "lost": report["expected"] - report["received"],
             "p50_ms": p50, "p99_ms": p99, "max_ms": worst,
             "server_cpu_pct": percent(None if before is None or after is None
                                       else after - before, wall),
             "loadgen_cpu_pct": percent(report["cpu"], wall)}
+
+
+def available_peers(options: argparse.Namespace, warnings: List[str]) -> List[str]:
+    """The --peers that are installed; a warning for each that is not."""
+    peers = []
+    for name in options.peers:
+        if shutil.which(name) is None:
+            warnings.append(f"{name} is not installed (apt-get install {name}): not compared")
+        else:
+            peers.append(name)
+    return peers
+
+
+def run_peers(options: argparse.Namespace, db_dir: str, sizes: List[Tuple[int, int]],
+              peers: List[str]) -> Dict[str, Any]:
+    """Ours and each peer on the same fanout and latency runs, in turns."""
+    compared: Dict[str, Any] = {"fanout": [], "latency": None}
+    for clients, senders in sizes:
+        runs: Dict[str, Callable[[], Dict[str, Any]]] = {
+            "ours": lambda: run_fanout(options, db_dir, clients, senders)}
+        for name in peers:
+            runs[name] = lambda name=name: run_fanout(options, db_dir, clients, senders,
+                                                      peer=name)
+        best = in_turns(options, runs)
+        compared["fanout"].append({"clients": clients, "senders": senders, "runs": best,
+                                   "ratios": {name: ratio(best["ours"], best[name])
+                                              for name in peers}})
+    runs = {"ours": lambda: run_latency(options, db_dir)}
+    for name in peers:
+        runs[name] = lambda name=name: run_latency(options, db_dir, peer=name)
+    compared["latency"] = in_turns(options, runs)
+    return compared
+
+
+def ratio(ours: Dict[str, Any], other: Dict[str, Any]) -> Optional[float]:
+    theirs = other.get("deliveries_per_s")
+    return round(ours["deliveries_per_s"] / theirs, 2) if theirs else None
 
 
 def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
@@ -897,6 +1272,13 @@ def shown(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def difference(pct: Optional[float], less: str = "lower", more: str = "higher") -> str:
+    """A percentage that says which way it goes: '12.5% lower', '3.1% higher'."""
+    if pct is None:
+        return "n/a"
+    return f"{shown(abs(pct), '%')} {less if pct >= 0 else more}"
+
+
 def report_lines(results: Dict[str, Any]) -> List[str]:
     lines = [f"machine: {results['machine']['summary']}"]
     if "startup" in results:
@@ -933,26 +1315,54 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
     if "slow" in results:
         slow = results["slow"]
         lines.append(
-            f"one client that stops reading: others' throughput {shown(slow['impact_pct'], '%')}"
-            f" lower ({shown(slow['with_stalled'])} vs {shown(slow['baseline'])} deliveries/s), "
+            f"one client that stops reading: others' throughput {difference(slow['impact_pct'])}"
+            f" ({shown(slow['with_stalled'])} vs {shown(slow['baseline'])} deliveries/s), "
             f"cut off: {'yes' if slow['cut_off'] else 'NO'}, lost {shown(slow['lost'])}; server "
             f"peak memory {shown(slow['peak_rss_kib'], ' KiB')} vs "
             f"{shown(slow['baseline_peak_rss_kib'], ' KiB')}")
     if "history" in results:
         history = results["history"]
         lines.append(
-            f"history in sqlite costs {shown(history['overhead_pct'], '%')} of fan-out "
-            f"throughput ({shown(history['with_history'])} vs {shown(history['without_history'])}"
-            " deliveries/s)")
+            f"history in sqlite: fan-out throughput {difference(history['overhead_pct'])} "
+            f"({shown(history['with_history'])} vs {shown(history['without_history'])} "
+            "deliveries/s without)")
     if "instructions" in results:
         counted = results["instructions"]
         if counted["note"]:
             lines.append(f"history in instructions: {counted['note']}")
         else:
             lines.append(
-                f"history in sqlite costs {shown(counted['overhead_pct'], '%')} of the "
-                f"instructions per message under callgrind ({shown(counted['with_history'])} vs "
-                f"{shown(counted['without_history'])}; user space only)")
+                f"history in sqlite: instructions per message under callgrind "
+                f"{difference(counted['overhead_pct'], 'more', 'fewer')} "
+                f"({shown(counted['with_history'])} vs {shown(counted['without_history'])} "
+                "without; user space only)")
+    if "mixed" in results:
+        mixed = results["mixed"]
+        lines.append(
+            f"a room of {mixed['clients']}, half IRC and half JSON: "
+            f"{shown(mixed['mixed']['deliveries_per_s'])} deliveries/s vs "
+            f"{shown(mixed['json']['deliveries_per_s'])} with JSON only "
+            f"({difference(mixed['impact_pct'])}), lost "
+            f"{shown(max(mixed['mixed']['lost'], mixed['json']['lost']))}")
+    if "rooms" in results:
+        rooms, many = results["rooms"], results["rooms"]["many rooms"]
+        lines.append(
+            f"{shown(many['rooms'])} rooms of {many['clients'] // many['rooms']} with "
+            f"{many['senders']} senders: {shown(many['deliveries_per_s'])} deliveries/s, "
+            f"{shown(rooms['ratio'])}x one room of {rooms['one room']['clients']} "
+            f"({shown(rooms['one room']['deliveries_per_s'])}), lost {shown(many['lost'])}")
+    if "peers" in results:
+        for compared in results["peers"]["fanout"]:
+            others = ", ".join(
+                f"{name} {shown(run['deliveries_per_s'])}/s "
+                f"(ours {shown(compared['ratios'][name])}x)"
+                for name, run in compared["runs"].items() if name != "ours")
+            lines.append(f"side by side, {compared['clients']} clients, {compared['senders']} "
+                         f"senders: ours {shown(compared['runs']['ours']['deliveries_per_s'])}/s; "
+                         f"{others}")
+        latency = results["peers"]["latency"]
+        lines.append("side by side, latency p99: " + ", ".join(
+            f"{name} {shown(run['p99_ms'], ' ms')}" for name, run in latency.items()))
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return lines
@@ -982,7 +1392,7 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
         "fanout": options.fanout, "messages_per_sender": options.messages,
         "text_size": options.text_size, "window": options.window, "workers": options.workers,
         "repeat": options.repeat, "pairs": options.pairs,
-        "pinned": ServerUnderTest.cpus is not None}}
+        "pinned": Launched.cpus is not None, "peers": options.peers}}
     warnings: List[str] = []
     loadgen_cores = min(options.workers, options.loadgen_cores)
     with tempfile.TemporaryDirectory(prefix="bench_chat-") as db_dir:
@@ -1012,12 +1422,42 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
                 "overhead_pct": impact(bare["deliveries_per_s"], stored["deliveries_per_s"])}
         if "instructions" in options.scenarios:
             results["instructions"] = run_instructions(options, db_dir, *runs[0])
-    for run in results.get("fanout", []):
+        if "peers" in options.scenarios:
+            peers = available_peers(options, warnings)
+            if peers:
+                results["peers"] = run_peers(options, db_dir, runs, peers)
+        if "mixed" in options.scenarios:
+            clients, senders = runs[0]
+            best = in_turns(options, {
+                "json": lambda: run_fanout(options, db_dir, clients, senders),
+                "mixed": lambda: run_fanout(options, db_dir, clients, senders,
+                                            protocols=("json", "irc"))})
+            results["mixed"] = {"clients": clients, "senders": senders, **best,
+                                "impact_pct": impact(best["json"]["deliveries_per_s"],
+                                                     best["mixed"]["deliveries_per_s"])}
+        if "rooms" in options.scenarios:
+            raise_fd_limit(options.room_count * options.room_size + FD_SPARE)
+            clients, senders = runs[0]
+            many = options.room_count * options.room_size
+            spread = max(1, options.messages * senders // options.room_senders)
+            best = in_turns(options, {
+                "one room": lambda: run_fanout(options, db_dir, clients, senders),
+                "many rooms": lambda: run_fanout(options, db_dir, many, options.room_senders,
+                                                 rooms=options.room_count,
+                                                 per_sender=spread)})
+            results["rooms"] = {**best, "ratio": ratio(best["many rooms"], best["one room"])}
+    checked = list(results.get("fanout", []))
+    for compared in results.get("peers", {}).get("fanout", []):
+        checked.extend(compared["runs"].values())
+    for name in ("mixed", "rooms"):
+        checked.extend(run for run in results.get(name, {}).values() if isinstance(run, dict))
+    for run in checked:
         if run["lost"] or run["errors"]:
-            warnings.append(f"fanout {run['clients']}x{run['senders']}: {run['lost']} lost, "
-                            f"{run['errors']} error frames")
+            warnings.append(f"fanout {run['clients']}x{run['senders']} ({run['server']}): "
+                            f"{run['lost']} lost, {run['errors']} error frames")
         if (run["loadgen_cpu_pct"] or 0) > SATURATED * loadgen_cores:
-            warnings.append(f"fanout {run['clients']}x{run['senders']}: the load generator "
+            warnings.append(f"fanout {run['clients']}x{run['senders']} ({run['server']}): "
+                            "the load generator "
                             f"used {run['loadgen_cpu_pct']}% of its {loadgen_cores} core(s); "
                             "the server may be faster than measured")
     if results.get("idle", {}).get("held", 0) < results.get("idle", {}).get("requested", 0):
@@ -1030,9 +1470,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark socket_server.py on loopback: fan-out throughput, latency, "
                     "idle clients, a slow reader, the cost of history, start-up time.")
-    parser.add_argument("--scenarios", default="startup,fanout,latency,idle,slow,history",
-                        help="comma-separated scenarios to run (default: all but "
-                             "'instructions', which needs valgrind and takes minutes)")
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
+                        help="comma-separated scenarios to run: startup, fanout, latency, "
+                             "idle, slow, history, mixed, rooms, peers, instructions "
+                             f"(default: {DEFAULT_SCENARIOS}; 'instructions' needs valgrind "
+                             "and takes minutes; 'peers' comes with --peers)")
+    parser.add_argument("--peers", default="", metavar="NAME,...",
+                        help="also run the same fanout and latency runs against these C "
+                             "servers, started on 127.0.0.1 when installed, in turns with "
+                             "ours, and print the ratios: ngircd (over IRC), ncat (--broker, "
+                             "raw bytes); adds the 'peers' scenario (default: none)")
+    parser.add_argument("--room-count", type=int, default=ROOM_COUNT, metavar="N",
+                        help=f"rooms in the 'rooms' run (default: {ROOM_COUNT})")
+    parser.add_argument("--room-size", type=int, default=ROOM_SIZE, metavar="N",
+                        help=f"clients in each of them (default: {ROOM_SIZE})")
+    parser.add_argument("--room-senders", type=int, default=ROOM_SENDERS, metavar="N",
+                        help=f"senders in the 'rooms' run, one a room (default: {ROOM_SENDERS})")
     parser.add_argument("--fanout", default=FANOUT_RUNS, metavar="CxS,...",
                         help=f"fanout runs as CLIENTSxSENDERS; the first is also used by "
                              f"'slow' and 'history' (default: {FANOUT_RUNS})")
@@ -1088,8 +1541,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             if getattr(options, name) == parser.get_default(name):
                 setattr(options, name, value)
     options.scenarios = [name.strip() for name in options.scenarios.split(",") if name.strip()]
+    options.peers = [name.strip() for name in options.peers.split(",") if name.strip()]
+    if set(options.peers) - set(PEERS):
+        parser.error(f"--peers takes {', '.join(sorted(PEERS))}")
+    if options.peers and "peers" not in options.scenarios:
+        options.scenarios.append("peers")
     unknown = set(options.scenarios) - {"startup", "fanout", "latency", "idle", "slow",
-                                        "history", "instructions"}
+                                        "history", "instructions", "peers", "mixed", "rooms"}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", options.fanout) or any(
@@ -1097,16 +1555,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  for size in options.fanout.split(","))):
         parser.error("--fanout takes CLIENTSxSENDERS,..., with 0 < SENDERS < CLIENTS")
     for name in ("messages", "text_size", "window", "workers", "repeat", "pairs",
-                 "latency_clients",
-                 "idle_clients", "startup_runs"):
+                 "latency_clients", "idle_clients", "startup_runs", "room_count", "room_size",
+                 "room_senders"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if "ncat" in options.peers and options.workers > 10:
+        parser.error("with ncat, at most 10 --workers (their sync lines have one digit)")
     if options.latency_clients < 2 or options.latency_rate <= 0:
         parser.error("the latency run needs at least 2 clients and a rate above 0")
     cpus = None if options.no_pin else split_cpus()
     options.loadgen_cores = len(cpus[1]) if cpus else os.cpu_count() or 1
     if cpus:
-        ServerUnderTest.cpus = cpus[0]
+        Launched.cpus = cpus[0]
         os.sched_setaffinity(0, cpus[1])    # the workers inherit it
     if options.profile:
         os.makedirs(options.profile, exist_ok=True)
