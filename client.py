@@ -84,6 +84,10 @@ INPUT_HISTORY = 500         # lines Up and Down can recall
 RECV_SIZE = 64 * 1024
 KNOWN_HOSTS = os.path.join(os.path.expanduser("~"), ".chat_known_hosts")
 PROMPT = "> "
+# What starts every notice (joins, leaves, kicks, the client's own notes), as in
+# irssi: where a notice has it, an action has "* NAME", and names cannot hold "!",
+# so no "/me left" can pass for a real departure, on screen or in a transcript.
+NOTICE_MARK = "-!- "
 
 
 
@@ -433,14 +437,15 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
         if known != found:
             remember_host(tls.known_hosts, where, found, note)
     elif known is None:
-        note(f"* first TLS connection to {where}; its certificate fingerprint is\n"
-             f"*   {found}\n* check it against the one the server printed at start-up")
+        note(f"{NOTICE_MARK}first TLS connection to {where}; its certificate fingerprint is"
+             f"\n{NOTICE_MARK}  {found}\n"
+             f"{NOTICE_MARK}check it against the one the server printed at start-up")
         if tls.confirm is not None:
             asked = True
             if not tls.confirm("trust this server and connect? [y/N] "):
                 raise CannotConnect("not connecting: the certificate was not trusted")
         remember_host(tls.known_hosts, where, found, note)
-        note(f"* remembered in {tls.known_hosts}")
+        note(f"{NOTICE_MARK}remembered in {tls.known_hosts}")
     elif known != found:
         raise CertificateChanged(changed_certificate_warning(
             where, found, known, f"{tls.known_hosts} (from an earlier visit)"))
@@ -1244,7 +1249,7 @@ def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message"
 
 def notice_line(text: str, stamp: Optional[str] = None, role: str = CHAT) -> Line:
     head = ((f"[{stamp}] ", "time"),) if stamp else ()
-    return Line(head + (("* ", "notice"),), ((text, "notice"),), role=role)
+    return Line(head + ((NOTICE_MARK, "notice"),), ((text, "notice"),), role=role)
 
 
 def error_line(text: str) -> Line:
@@ -1318,7 +1323,7 @@ def _show_users(message: dict, me: str) -> Line:
     users = message["users"]
     count = message.get("count", len(users))    # a big room lists only the first names
     more = ((f" and {count - len(users)} more", "notice"),) if count > len(users) else ()
-    return Line((("* ", "notice"),), ((f"{count} here: ", "notice"),) +
+    return Line(((NOTICE_MARK, "notice"),), ((f"{count} here: ", "notice"),) +
                 names_list(users, message.get("ops")) + more)
 
 
@@ -2173,7 +2178,7 @@ class ChatSession:
         if self.link.connection.encryption:
             self.screen.note(self.link.connection.encryption, CHAT)
         if others:
-            self.screen.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
+            self.screen.show(Line(((NOTICE_MARK, "notice"),), (("here now: ", "notice"),) +
                                   names_list(others, welcome.get("ops"))))
         else:
             self.screen.note("nobody else is here yet", CHAT)
@@ -2688,7 +2693,7 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
     except (EOFError, KeyboardInterrupt):
         session.leave()
         if interactive:
-            print("* you left the chat")
+            print(f"{NOTICE_MARK}you left the chat")
     except ConnectionLost:
         return 1
     return 1 if session.lost_reason else 0

@@ -2437,7 +2437,7 @@ class TlsTests(unittest.TestCase):
                       os.path.join(directory, "known"), "--show-chat", stdin_data="over TLS\n")
         self.addCleanup(bot.kill)
         self.assertEqual(bot.finish(), 0, bot.output("stderr"))
-        self.assertIn(f"* encrypted with TLS; certificate fingerprint: {SELF_SIGNED_FINGERPRINT}",
+        self.assertIn(f"-!- encrypted with TLS; certificate fingerprint: {SELF_SIGNED_FINGERPRINT}",
                       bot.output().splitlines())     # said once, when joining
         while True:
             message = watcher.receive()
@@ -3453,7 +3453,7 @@ class LineEditorTests(unittest.TestCase):
         with contextlib.redirect_stdout(vt):
             client.read_lines(session, screen, ScriptedTerminal([after_the_burst]), True)
         self.assertEqual(seen[0], "--- earlier messages ---")
-        self.assertEqual(seen[1:-1], [f"[14:05] * user{number} joined" for number in range(20)])
+        self.assertEqual(seen[1:-1], [f"[14:05] -!- user{number} joined" for number in range(20)])
         self.assertEqual(seen[-1], ">")     # the prompt, alone on the last line
 
     def test_wide_characters_and_an_exactly_full_row(self) -> None:
@@ -3573,7 +3573,7 @@ class TerminalClientTests(ChatTestCase):
         os.write(master, b"/op\r")
         self.wait_for(master, screen, lambda s: "operator password:" in s.text)
         os.write(master, b"\x03")
-        self.wait_for(master, screen, lambda s: "* cancelled" in s.lines)
+        self.wait_for(master, screen, lambda s: "-!- cancelled" in s.lines)
         self.assertIn("operator password:", screen.lines)     # the next line began anew
         os.write(master, b"still here\r")
         self.assertEqual(alice.expect("message")["text"], "still here")
@@ -3652,12 +3652,12 @@ class ReconnectTests(unittest.TestCase):
         self.assertEqual(bot.finish(), 1)
         lines = bot.output("stderr").splitlines()
         # Why it reconnects, and for how long; then why it stopped.
-        self.assertEqual(lines[:2], ["* The server is shutting down.",
-                                     "* the server shut down (it may be restarting); trying "
+        self.assertEqual(lines[:2], ["-!- The server is shutting down.",
+                                     "-!- the server shut down (it may be restarting); trying "
                                      "to reconnect for about 1 s"])
-        attempts = [line for line in lines if line.startswith("* attempt")]
+        attempts = [line for line in lines if line.startswith("-!- attempt")]
         self.assertEqual(len(attempts), 1, lines)
-        self.assertRegex(attempts[0], r"^\* attempt 1 of 1 failed: cannot connect to .*refused$")
+        self.assertRegex(attempts[0], r"^-!- attempt 1 of 1 failed: cannot connect to .*refused$")
         self.assertIn("! could not reconnect (1 attempt over about 1 s)", lines)
         self.assertIn("! not sent: lost cause", lines)
 
@@ -3680,9 +3680,9 @@ class ReconnectTests(unittest.TestCase):
         server.stop()
         self.assertTrue(lost.wait(TIMEOUT))
         self.assertEqual([line for line in session.screen.out.lines if "attempt" in line],
-                         ["* attempt 1 of 6 failed: cannot connect: connection refused",
-                          "* attempt 4 of 6 failed: cannot connect: timed out",
-                          "* attempt 6 of 6 failed: cannot connect: connection refused",
+                         ["-!- attempt 1 of 6 failed: cannot connect: connection refused",
+                          "-!- attempt 4 of 6 failed: cannot connect: timed out",
+                          "-!- attempt 6 of 6 failed: cannot connect: connection refused",
                           "! could not reconnect (6 attempts over about 1 s)"])
 
 
@@ -4596,18 +4596,44 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "whisper", "from": "bob", "to": "me", "text": "hi",
                               "ts": stamp}, "me"), f"[{local}] [whisper from bob] hi")
         self.assertEqual(fmt({"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
-                             "me"), f"[{local}] * bob left")
-        self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "* 2 here: a, b")
+                             "me"), f"[{local}] -!- bob left")
+        self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "-!- 2 here: a, b")
         self.assertEqual(fmt({"type": "notice", "code": "muted", "text": "bob was muted",
-                              "ts": stamp}, "me"), f"[{local}] * bob was muted")
+                              "ts": stamp}, "me"), f"[{local}] -!- bob was muted")
         self.assertEqual(fmt({"type": "notice", "code": "op", "text": "You are an operator"},
-                             "me"), "* You are an operator")    # no time, none shown
+                             "me"), "-!- You are an operator")    # no time, none shown
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"], "count": 1500}, "me"),
-                         "* 1500 here: a, b and 1498 more")
+                         "-!- 1500 here: a, b and 1498 more")
         self.assertIsNone(client.format_message({"type": "pong"}, "me"))
         # What the server sends is cleaned again before it reaches the terminal.
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
                               "ts": stamp}, "me"), f"[{local}] x[2J: hi")
+
+    def test_an_action_can_never_pass_for_a_notice(self) -> None:
+        # Issue 11: "/me left" showed exactly as a real departure, and "/me was kicked by
+        # server: spoofed" as a real kick. Notices carry "-!-" where an action has
+        # "* NAME", and a name cannot hold "!".
+        stamp = "2026-01-02T03:04:05.000Z"
+        shown = lambda message: client.format_message(message, "me").plain
+        real = {"left": {"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
+                "was kicked by server: spoofed": {
+                    "type": "leave", "name": "bob", "reason": "kicked", "ts": stamp,
+                    "text": "bob was kicked by server: spoofed"}}
+        notice = re.compile(r"^(\[[^\]]*\] )?(#\S+ )*-!- ")
+        for text, event in real.items():
+            with self.subTest(text=text):
+                action = shown({"type": "message", "from": "bob", "text": text,
+                                "action": True, "ts": stamp})
+                self.assertRegex(shown(event), notice)
+                self.assertNotRegex(action, notice)
+                self.assertNotEqual(action.split("] ", 1)[1], shown(event).split("] ", 1)[1])
+        for name in ("-", "a-b", "x.y", "_"):     # no name can end up as the mark
+            line = shown({"type": "message", "from": name, "text": "-!- joined",
+                          "action": True, "ts": stamp})
+            self.assertNotRegex(line, notice)
+            self.assertNotRegex(shown({"type": "message", "from": name, "text": "-!- x",
+                                       "ts": stamp}), notice)
+        self.assertEqual(client.notice_line("connected").plain, "-!- connected")
 
     @unittest.skipUnless(hasattr(time, "tzset"), "needs time.tzset")
     def test_local_time_of_a_stamp_at_the_edge_of_the_calendar(self) -> None:
@@ -4698,7 +4724,7 @@ class ClientProcessTests(ChatTestCase):
         self.assertEqual(bot.finish(), 0)
         self.assertEqual(alice.expect("message")["text"], "build finished")
         lines = bot.output().splitlines()   # no banner, replay, hints or chat: answers only
-        self.assertEqual(lines[:2], ["* 2 here: alice, bot", "--- search: green ---"])
+        self.assertEqual(lines[:2], ["-!- 2 here: alice, bot", "--- search: green ---"])
         self.assertRegex(lines[2], r"^\[\d\d:\d\d\] alice: the build is green$")
         self.assertEqual(lines[3:], ["--- 1 found ---"])
         self.assertEqual(bot.output("stderr").splitlines(),
@@ -4712,7 +4738,7 @@ class ClientProcessTests(ChatTestCase):
                               stdin_data="build finished\n/whisper nobody x\n")
         self.assertEqual(bot.finish(), 0)
         output = bot.output()
-        for expected in (f"* connected to 127.0.0.1:{self.port} as bot", "* here now: alice",
+        for expected in (f"-!- connected to 127.0.0.1:{self.port} as bot", "-!- here now: alice",
                          "--- earlier messages ---", "alice: the build is green",
                          "bot: build finished"):
             self.assertIn(expected, output)
@@ -4754,7 +4780,7 @@ class ClientProcessTests(ChatTestCase):
             for line in lines:
                 self.assertRegex(line, rf"^{when}:\d\d ")    # each line dated, for grep
         logged = [line[20:] for line in first.splitlines()[1:]]
-        self.assertIn(f"* connected to 127.0.0.1:{self.port} as bot0", logged)
+        self.assertIn(f"-!- connected to 127.0.0.1:{self.port} as bot0", logged)
         self.assertIn("--- 1 found ---", logged)    # the whole session, not only what is shown
         self.assertTrue(any(line.endswith("] alice: the build is green") for line in logged))
         self.assertTrue(any(line.endswith("] bot0: hi there") for line in logged))
@@ -4773,7 +4799,7 @@ class ClientProcessTests(ChatTestCase):
         self.server.stop()
         self.assertEqual(bot.finish(), 1)
         self.assertEqual(bot.output(), "")
-        self.assertEqual(bot.output("stderr"), "* The server is shutting down.\n! disconnected")
+        self.assertEqual(bot.output("stderr"), "-!- The server is shutting down.\n! disconnected")
 
     def test_client_answers_pings(self) -> None:
         pong = threading.Event()
@@ -4857,7 +4883,7 @@ class ClientSessionTests(ChatTestCase):
         self.assertEqual(out.lines[-3:-1], ["--- search: BUILD green ---",
                                             out.wait_for("alice: the build is green")])
         bot.handle_line("/search nothing-like-it")
-        out.wait_for("* no messages match")
+        out.wait_for("-!- no messages match")
         for bad in ("/history 0", "/history x", "/history \u00b2", "/search"):
             del out.lines[:]
             bot.handle_line(bad)
@@ -4927,18 +4953,18 @@ class ClientSessionTests(ChatTestCase):
         bot.handle_line("hi there")
         bot.out.wait_for("bot: hi there")
         bot.handle_line(f"/save {path}")
-        bot.out.wait_for("* saved")
+        bot.out.wait_for("-!- saved")
         with open(path, encoding="utf-8") as saved:
             text = saved.read()
         self.assertTrue(text.startswith(f"Chat on 127.0.0.1:{self.port} as bot, "))
         self.assertRegex(text, r"\n\[\d\d:\d\d\] bot: hi there\n")
-        self.assertIn("* connected to", text)
+        self.assertIn("-!- connected to", text)
         bot.handle_line(f"/save {path}")
         bot.out.wait_for(f"{path} exists")
         with open(path, encoding="utf-8") as saved:
             self.assertEqual(saved.read(), text)
         bot.handle_line(f"/save -f {path}")
-        self.assertEqual(len([line for line in bot.out.lines if "* saved" in line]), 2)
+        self.assertEqual(len([line for line in bot.out.lines if "-!- saved" in line]), 2)
         bot.handle_line(f"/save {directory}/missing/dir/x.txt")
         bot.out.wait_for("cannot save to")
 
