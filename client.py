@@ -1013,8 +1013,7 @@ class Link:
             return
         if kind in ("message", "sent", "whisper", "announcement", "history"):
             self._last_seen = max(self._last_seen, str(message.get("ts", "")))
-        line = format_message(message, self.name)
-        if line is not None:
+        for line in format_message(message, self.name):
             self.screen.show(line._replace(role=batch_role) if batch_role else line)
 
     def _set_operator(self, operator: bool) -> None:
@@ -1263,20 +1262,20 @@ def error_lines(text: str) -> List[Line]:
                                   for line in explanation]
 
 
-def format_message(message: dict, me: str) -> Optional[Line]:
-    """The line to show for a message from the server, or None to show nothing.
+def format_message(message: dict, me: str) -> List[Line]:
+    """The lines to show for a message from the server: often one, maybe none
+    (a pong), or several (a list of rooms).
 
     Every text from the server is cleaned again here: the server may be
     someone else's, and must not be able to send escape codes to this
     terminal.
     """
     formatter = FORMATTERS.get(message["type"])
-    line = formatter(message, me) if formatter else None
-    if line is None:
-        return None
+    shown = formatter(message, me) if formatter else None
+    lines = [] if shown is None else [shown] if isinstance(shown, Line) else shown
     role = NOTICE_ROLES.get(message["code"], CHAT) if message["type"] == "notice" else \
         MESSAGE_ROLES.get(message["type"], CHAT)
-    return line._replace(role=role)
+    return [line._replace(role=role) for line in lines]
 
 
 #: What each message is to the reader when it is not chat (see CHAT). A batch of
@@ -1355,7 +1354,8 @@ def _show_notice(message: dict, me: str) -> Line:
     return notice_line(text, local_time(message["ts"]) if "ts" in message else None)
 
 
-FORMATTERS: Dict[str, Callable[[dict, str], Optional[Line]]] = {
+# Each gives a Line, a list of them, or None for nothing to show.
+FORMATTERS: Dict[str, Callable[[dict, str], Union[Line, List[Line], None]]] = {
     "message": _show_message,
     "whisper": _show_whisper,
     "sent": _show_sent,

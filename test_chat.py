@@ -3200,10 +3200,10 @@ class RenderingTests(unittest.TestCase):
         from_alice = client.chat_line("14:05", "alice", "psst", "bob", "whisper", to="bob")
         self.assertEqual(from_alice.plain, "[14:05] [whisper from alice] psst")
         self.assertTrue(from_alice.ring)
-        waves = client.format_message({"type": "message", "from": "bob", "text": "waves",
+        [waves] = client.format_message({"type": "message", "from": "bob", "text": "waves",
                                        "action": True, "ts": "2026-01-01T00:00:00Z"}, "me")
         self.assertTrue(waves.plain.endswith("* bob waves"))
-        old = client.format_message({"type": "history", "kind": "message", "from": "bob",
+        [old] = client.format_message({"type": "history", "kind": "message", "from": "bob",
                                      "text": "hi me", "ts": "2020-01-02T03:04:05Z"}, "me")
         self.assertTrue(old.dim)
         self.assertFalse(old.ring)      # old news rings no bell
@@ -4527,8 +4527,7 @@ class ClientUnitTests(unittest.TestCase):
                 field = field.rstrip("?")
                 message[field] = {str: hostile, list: [hostile], dict: {}, bool: True,
                                   int: 1}[expected]
-            line = client.format_message(message, "me")
-            line = line.plain if line else ""
+            line = " ".join(line.plain for line in client.format_message(message, "me"))
             with self.subTest(kind=kind):
                 self.assertFalse([c for c in line
                                   if unicodedata.category(c) in ("Cc", "Cs") or c == "\u202e"],
@@ -4586,7 +4585,8 @@ class ClientUnitTests(unittest.TestCase):
     def test_formatting(self) -> None:
         stamp = "2026-01-02T03:04:05.000Z"
         local = datetime.fromisoformat("2026-01-02T03:04:05+00:00").astimezone().strftime("%H:%M")
-        fmt = lambda message, me: (client.format_message(message, me) or client.Line((), ())).plain
+        fmt = lambda message, me: "\n".join(line.plain for line in
+                                             client.format_message(message, me))
         self.assertEqual(fmt({"type": "message", "from": "bob", "text": "hi", "ts": stamp}, "me"),
                          f"[{local}] bob: hi")
         self.assertEqual(fmt({"type": "sent", "text": "hi", "ts": stamp}, "me"),
@@ -4604,7 +4604,7 @@ class ClientUnitTests(unittest.TestCase):
                              "me"), "-!- You are an operator")    # no time, none shown
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"], "count": 1500}, "me"),
                          "-!- 1500 here: a, b and 1498 more")
-        self.assertIsNone(client.format_message({"type": "pong"}, "me"))
+        self.assertEqual(client.format_message({"type": "pong"}, "me"), [])
         # What the server sends is cleaned again before it reaches the terminal.
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
                               "ts": stamp}, "me"), f"[{local}] x[2J: hi")
@@ -4614,7 +4614,8 @@ class ClientUnitTests(unittest.TestCase):
         # server: spoofed" as a real kick. Notices carry "-!-" where an action has
         # "* NAME", and a name cannot hold "!".
         stamp = "2026-01-02T03:04:05.000Z"
-        shown = lambda message: client.format_message(message, "me").plain
+        shown = lambda message: "\n".join(line.plain for line in
+                                          client.format_message(message, "me"))
         real = {"left": {"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
                 "was kicked by server: spoofed": {
                     "type": "leave", "name": "bob", "reason": "kicked", "ts": stamp,
