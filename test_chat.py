@@ -3552,6 +3552,36 @@ class TerminalClientTests(ChatTestCase):
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertEqual(alice.expect("leave")["reason"], "quit")
 
+    def test_the_prompt_names_the_room_and_counts_what_waits_in_the_others(self) -> None:
+        alice = self.peer("alice")
+        enter(alice, "dev")
+        proc, master, screen = self.start_client("--name", "bob")
+        self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
+        os.write(master, b"/join #dev\r")
+        self.wait_for(master, screen, lambda s: "#dev>" in s.lines)
+        alice.expect_next_of("join", room="dev")
+        alice.send({"type": "say", "room": "lobby", "text": "over in the lobby"})
+        self.wait_for(master, screen, lambda s: "#dev (1 unread)>" in s.lines)
+        alice.send({"type": "say", "room": "dev", "text": "right here"})
+        self.wait_for(master, screen, lambda s: any("right here" in line for line in s.lines)
+                      and "#dev (1 unread)>" in s.lines)
+        lines = [line for line in screen.lines if line]
+        self.assertRegex(lines[-3], r"^\[\d\d:\d\d\] #lobby alice: over in the lobby$")
+        self.assertRegex(lines[-2], r"^\[\d\d:\d\d\] alice: right here$")   # the current room's
+        self.assertEqual(lines[-1], "#dev (1 unread)>")
+        os.write(master, b"\x0e")      # Ctrl-N: the next room, its unread count cleared
+        self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
+        self.assertIn("-!- now in #lobby; its 1 unread above are marked #lobby", screen.lines)
+        os.write(master, b"\x1b[A")    # Up still recalls earlier lines
+        self.wait_for(master, screen, lambda s: "#lobby> /join #dev" in s.lines)
+        os.write(master, b"\x15\x10")  # Ctrl-U, then Ctrl-P: back to #dev
+        self.wait_for(master, screen, lambda s: "#dev>" in s.lines)
+        os.write(master, b"hi dev\r")
+        said = alice.expect("message")
+        self.assertEqual((said["room"], said["text"]), ("dev", "hi dev"))
+        os.write(master, b"\x04")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
     def test_ctrl_c_leaves_cleanly(self) -> None:
         # Also when started with SIGINT ignored, as a shell script's background job is.
         alice = self.peer("alice")
@@ -4751,6 +4781,19 @@ class ClientProcessTests(ChatTestCase):
         self.assertNotIn("/help", output)       # hints are for people at a terminal
         self.assertEqual(bot.output("stderr").splitlines(),
                          ['! Nobody called "nobody" is here.'])
+
+    def test_a_script_talks_in_the_room_it_joins_and_in_the_one_it_is_back_in(self) -> None:
+        alice = self.peer("alice")
+        enter(alice, "dev")
+        bot = self.run_client("--name", "bot", stdin_data="/join #dev\nhello dev\n/names\n"
+                                                          "/topic\n/part\nback in the lobby\n")
+        self.assertEqual(bot.finish(), 0)
+        heard = [(m["room"], m["text"]) for m in (alice.expect("message"),
+                                                 alice.expect("message"))]
+        self.assertEqual(heard, [("dev", "hello dev"), ("lobby", "back in the lobby")])
+        self.assertEqual(bot.output().splitlines(), ["-!- 2 in #dev: @alice, bot",
+                                                     "-!- #dev has no topic"])
+        self.assertEqual(bot.output("stderr"), "")
 
     def test_piped_input_without_a_name_is_a_usage_error(self) -> None:
         alice = self.peer("alice")
