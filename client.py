@@ -8,8 +8,8 @@ Usage::
     python client.py 192.168.1.23 6000 --name alice
     printf 'hello\\n' | python client.py --name bot    # scripts: send lines, exit at EOF
 
-Type a line and press Enter to send it to everyone. Commands start with "/"
-(or "\\"): /help lists them.
+Type a line and press Enter to send it to the room you are in (#lobby at
+first). Commands start with "/" (or "\\"): /help lists them.
 
 Design
 ------
@@ -24,7 +24,10 @@ Data flows through the file in this order:
    way and never confirmed is named. When it cannot reconnect, it wakes the
    main thread from its blocking read with a signal (on Windows, where that
    is impossible, it ends the process directly). Everything the two
-   threads share lives in the link, under one lock.
+   threads share lives in the link, under one lock: among it, what the
+   client knows of its rooms (:class:`RoomList`, sans-IO: which is current,
+   who is in each, what is unread) and how each batch of history is
+   labelled (:class:`HistoryBatches`).
 3. **What is shown** is built as styled segments (:class:`Line`), so the
    same line becomes coloured, wrapped text on a terminal (:class:`Screen`)
    and plain text in pipes, transcripts and logs. Each line has a role
@@ -3167,18 +3170,18 @@ def room_operator_command(op: bool) -> Callable[["ChatSession", str], None]:
 COMMANDS: Dict[str, Command] = {
     "help": Command("", "show this list", ChatSession.cmd_help),
     "clients": Command("", "who is in the chat", ChatSession.cmd_clients),
-    "names": Command("[#room]", "who is in a room (this one if none named); @: its "
-                     "operators", ChatSession.cmd_names),
+    "names": Command("[#room]", "who is in a room (this one if none); @: operators",
+                     ChatSession.cmd_names),
     "w": Command("NAME TEXT", "whisper: only NAME sees TEXT", ChatSession.cmd_whisper),
     "me": Command("ACTION", "say what you do: /me waves", ChatSession.cmd_me),
-    "join": Command("#room [KEY]", "go into a room (made if new) and talk there; in one "
-                    "already, switch to it", ChatSession.cmd_join),
-    "part": Command("[#room] [MESSAGE]", "leave a room (this one if none named)",
+    "join": Command("#room [KEY]", "go into a room (made if new); yours: switch",
+                    ChatSession.cmd_join),
+    "part": Command("[#room] [MESSAGE]", "leave a room (this one if none)",
                     ChatSession.cmd_part),
-    "rooms": Command("", "list the rooms: how many are in each, and their topics",
+    "rooms": Command("", "the rooms, their sizes and topics",
                      ChatSession.cmd_rooms),
-    "topic": Command("[#room] [TEXT]", "show a room's topic, or set it (TEXT -delete: "
-                     "remove it)", ChatSession.cmd_topic),
+    "topic": Command("[#room] [TEXT]", "show or set a room's topic (-delete removes it)",
+                     ChatSession.cmd_topic),
     "nick": Command("NEW [PASSWORD]", "change your name (a registered one needs its "
                     "password)", ChatSession.cmd_nick),
     "away": Command("[TEXT]", "say you are away, and why; alone (or talking): back",
@@ -3189,8 +3192,8 @@ COMMANDS: Dict[str, Command] = {
     "unignore": Command("NAME", "show their lines again", ChatSession.cmd_unignore),
     "history": Command("[N]", "show this room's last N messages (20 if no N)",
                        ChatSession.cmd_history),
-    "search": Command("[--all] WORDS", "find this room's messages (--all: your rooms') "
-                      "holding all the words", ChatSession.cmd_search),
+    "search": Command("[--all] WORDS", "find messages with all the words (--all: in all "
+                      "your rooms)", ChatSession.cmd_search),
     "save": Command("[FILE]", "save this session as text; -f overwrites",
                     ChatSession.cmd_save),
     # Password commands ask for what is left out, without echo; scripts give it inline.
@@ -3410,10 +3413,11 @@ def port_number(text: str) -> int:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Terminal chat client. Type a line to send it to everyone; lines\n"
-                    "starting with / are commands. With input piped in, it sends each\n"
-                    "line and exits once the server has them all, printing only the\n"
-                    "answers to its commands (errors on stderr) unless --show-chat.",
+        description="Terminal chat client. Type a line to send it to the room you are\n"
+                    "in (#lobby at first); lines starting with / are commands. With\n"
+                    "input piped in, it sends each line and exits once the server has\n"
+                    "them all, printing only the answers to its commands (errors on\n"
+                    "stderr) unless --show-chat.",
         epilog="commands in the chat:\n" + "\n".join(command_help_lines()) +
                "\n\nexit status: 0 after /quit or the end of input; 1 when the\n"
                "connection fails or is lost; 2 for a usage error (a bad option,\n"

@@ -4601,6 +4601,21 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(stopped.exception.code, 2)
         self.assertIn("'.' is not a name: names are 1 to 32", stderr.getvalue())
 
+    def test_help_and_the_readme_name_every_command(self) -> None:
+        helped = "\n".join(client.command_help_lines())
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        documented = text[text.index("## Using the client"):text.index("## Running the server")]
+        operators = text[text.index("### Operators"):text.index("### Message rules")]
+        for name, command in client.COMMANDS.items():
+            readme_part = operators if command.audience == client.OPERATORS else documented
+            self.assertTrue(f"/{name} {command.usage}".strip() in helped, f"/help: /{name}")
+            self.assertTrue(f"`/{name}" in readme_part, f"README: /{name}")
+        for alias in client.ALIASES:
+            self.assertTrue(f"/{alias}" in helped, f"/help: /{alias}")
+            self.assertTrue(f"`/{alias}`" in documented, f"README: /{alias}")
+        self.assertIn("Ctrl-N", helped)
+
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
             self.assertIn(target, client.COMMANDS, alias)
