@@ -727,7 +727,8 @@ class HistoryBatches:
     at once by that room's replay, whose header therefore goes first. The
     replay is chat, a batch asked for is an answer. After a reconnect, a
     replay repeats what was on screen: only what came after `seen_until` is
-    shown, and nothing at all (not even its header) when nothing did.
+    shown. A replay of which nothing was shown shows nothing at all, not
+    even its header; an answer that found anything always has its header.
     """
 
     def __init__(self) -> None:
@@ -763,10 +764,13 @@ class HistoryBatches:
             if self.headers:
                 self.headers.popleft()
             shown_any, self.in_batch = self.in_batch, False
-            if message["for"] == "join" and self.replay_after is not None:
+            if message["for"] == "join":
                 self.replay_after = None
-                return (role if shown_any else None), None
-            return role, None
+            if shown_any or "text" in message:  # (the text: no history is kept)
+                return role, None
+            if request is None:
+                return None, None
+            return role, (plain_line(header, "marker", role) if message["count"] else None)
         if self.replay_after is not None and message["ts"] <= self.replay_after:
             return None, None   # part of the replay after a reconnect, and already on screen
         if self.in_batch:
@@ -1124,7 +1128,9 @@ class Link:
             about = self.rooms.about(message, self._name)   # before the update: where they were
             hidden = self._quiet(message) or self.rooms.ignoring(message)
             notes = self._take_in(message)
-        batch_role = self._show_history_frame(message) if kind.startswith("history") else ""
+        # What is hidden has no part in a batch of history: a replay of it shows nothing.
+        batch_role = self._show_history_frame(message) \
+            if kind.startswith("history") and not hidden else ""
         lines = [] if batch_role is None or hidden else format_message(message, self.name)
         with self.lock:
             lines = self.rooms.place(lines, message, about)

@@ -5302,6 +5302,8 @@ class ClientRoomTests(ChatTestCase):
         alice.send({"type": "say", "text": "waves", "action": True})
         alice.send({"type": "whisper", "to": "bot", "text": "psst"})
         alice.send({"type": "nick", "name": "alicia"})  # an ignore follows its person
+        enter(alice, "dev")
+        alice.send({"type": "say", "room": "dev", "text": "noise in dev"})
         alice.say("more noise")
         carol.say("signal")
         bot.out.wait_for("carol: signal")
@@ -5319,6 +5321,15 @@ class ClientRoomTests(ChatTestCase):
             self.assertEqual(bot.out.lines[-1], note)
         alice.say("heard again")
         bot.out.wait_for("alicia: heard again")
+        bot.handle_line("/ignore alicia")
+        bot.handle_line("/join #dev")   # a replay of only what is hidden shows nothing
+        bot.out.wait_for("you are in #dev")
+        self.assertNotIn("--- earlier messages in #dev ---", bot.out.lines)
+        bot.handle_line("/join #lobby")
+        del bot.out.lines[:]
+        bot.handle_line("/history 1")   # an answer keeps its header and its end
+        bot.out.wait_for("--- end of history ---")
+        self.assertEqual(bot.out.lines, ["--- history ---", "--- end of history ---"])
 
     def test_history_and_search_follow_the_current_room(self) -> None:
         alice = self.peer("alice")
