@@ -5221,6 +5221,24 @@ class ClientRoomTests(ChatTestCase):
         bot.handle_line("/key s3cret")      # the room must be named
         self.assertEqual(bot.out.lines[-1], "! usage: /key #room [KEY]")
 
+    def test_a_server_operator_kills_and_kicks_in_any_room(self) -> None:
+        server = ServerThread(admin_password="op-secret", failure_delay=0.01)
+        self.addCleanup(server.stop)
+        self.port = server.port
+        alice, carol = Peer(server.port, "alice"), Peer(server.port, "carol")
+        self.addCleanup(alice.close)
+        self.addCleanup(carol.close)
+        enter(alice, "hers")
+        bot = self.session()
+        bot.handle_line("/op op-secret")
+        bot.out.wait_for("operator")
+        bot.handle_line("/kick #hers alice")    # not an operator of #hers, but of the server
+        self.assertEqual(alice.expect_next_of("leave", room="hers")["by"], "bot")
+        bot.handle_line("/kill carol spamming")     # out of the chat
+        self.assertEqual(self.assert_rejected(carol, "kicked")["text"],
+                         "carol was kicked by bot: spamming")
+        bot.out.wait_for("-!- carol was kicked by bot: spamming")
+
     def test_nick_for_yourself_and_for_others(self) -> None:
         alice, carol = self.peer("alice"), self.peer("carol")
         bot = self.session()
