@@ -1461,8 +1461,8 @@ class RoomList:
     def _entered(self, message: dict, me: str) -> Optional[str]:
         name = clean_text(message["room"])
         room = self.get(name) or RoomView(name)     # after a reconnect: keeps what it saw
-        room.name, room.topic, room.confirmed = name, clean_text(str(message.get("topic", ""))), True
-        room.key = str(message.get("key", ""))
+        room.name, room.confirmed = name, True
+        room.topic, room.key = clean_text(message.get("topic", "")), message.get("key", "")
         room.members = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
         room.ops = {str(user).lower() for user in message.get("ops", [])}
         self.rooms[name.lower()] = room

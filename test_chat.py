@@ -5357,8 +5357,8 @@ class ClientRoomTests(ChatTestCase):
         bot = self.session()
         bot.handle_line("/join #dev")
         bot.out.wait_for("--- earlier messages in #dev ---")
-        self.assertRegex(bot.out.wait_for("deploy at noon"),
-                         r"^\[\d\d:\d\d\] alice: deploy at noon$")  # the replay of the current room
+        self.assertRegex(bot.out.wait_for("deploy at noon"),    # the current room's replay
+                         r"^\[\d\d:\d\d\] alice: deploy at noon$")
         del bot.out.lines[:]
         bot.handle_line("/history")
         bot.out.wait_for("--- end of history ---")
@@ -5417,7 +5417,8 @@ class ClientRoomTests(ChatTestCase):
         back.set()
         bot.out.wait_for("reconnected to")
         bot.out.wait_for("! could not rejoin #den")
-        self.assertEqual(hellos, [("robot", ["lobby", "dev", "den", {"room": "ops", "key": "k1"}])])
+        self.assertEqual(hellos, [("robot", ["lobby", "dev", "den",
+                                             {"room": "ops", "key": "k1"}])])
         self.assertEqual(carol.expect_next_of("join", room="dev")["name"], "robot")
         lines = bot.out.lines
         self.assertEqual(lines.count("--- in #dev while you were away ---"), 1, lines)
