@@ -931,8 +931,9 @@ class Link:
             with self.lock:
                 self.batches.refused(request["id"])
 
-    def leave(self) -> None:
-        """Say goodbye, once the server has everything we typed, and close."""
+    def leave(self, parting_words: str = "") -> None:
+        """Say goodbye (with parting words, shown to those who shared a room with us),
+        once the server has everything we typed, and close."""
         if self.leaving.is_set():
             return
         with self.lock:
@@ -944,7 +945,8 @@ class Link:
         with self.lock:
             if self.connected.is_set():
                 try:
-                    self.connection.send({"type": "bye"})
+                    self.connection.send({"type": "bye", "text": parting_words}
+                                         if parting_words else {"type": "bye"})
                     self.connection.finish_sending()
                 except OSError:
                     pass
@@ -2753,6 +2755,7 @@ class ChatSession:
         self.server = server                # HOST:PORT
         self.screen = screen or Screen(sys.stdout, terminal=False, colour=False)
         self.ask_secret = ask_secret        # prompts without echo; None when not on a terminal
+        self.parting_words = ""             # from /quit MESSAGE, for the goodbye
         self.started = datetime.now()
         self.link = Link(connection, welcome, server, self.screen, on_lost, rejoin, retries,
                          credentials)
@@ -2774,7 +2777,7 @@ class ChatSession:
         self.link.start()
 
     def leave(self) -> None:
-        self.link.leave()
+        self.link.leave(self.parting_words)
 
     def header(self, until: Optional[datetime] = None) -> str:
         """Who, where and when: the first line of a /save file and of a --log session."""
@@ -3149,6 +3152,7 @@ class ChatSession:
             self.screen.write_raw("\033[2J\033[3J\033[H")
 
     def cmd_quit(self, argument: str) -> None:
+        self.parting_words = argument
         raise EOFError      # leaves exactly as the end of input does
 
 
@@ -3209,7 +3213,8 @@ COMMANDS: Dict[str, Command] = {
                           ChatSession.cmd_unregister),
     "password": Command("[OLD NEW]", "change your name's password", ChatSession.cmd_password),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
-    "quit": Command("", "leave the chat; so does Ctrl-D", ChatSession.cmd_quit),
+    "quit": Command("[MESSAGE]", "leave the chat, with parting words; so does Ctrl-D",
+                    ChatSession.cmd_quit),
     "op": Command("[PASSWORD]", "become an operator with the operator password",
                   ChatSession.cmd_op),
     # Room operators: whoever made the room, and whom they made operators (and every

@@ -5308,6 +5308,19 @@ class ClientRoomTests(ChatTestCase):
         alice.say("back now")
         bot.out.wait_for("-!- alice is back")
 
+    def test_quit_with_a_parting_word(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        alice.sync()
+        with self.assertRaises(EOFError):       # leaves as the end of input does
+            bot.handle_line("/quit gone home")
+        bot.leave()
+        left = alice.expect("leave")
+        self.assertEqual((left["name"], left["reason"], left["comment"]),
+                         ("bot", "quit", "gone home"))
+        self.assertEqual(client.format_message(left, "alice")[0].plain.split("] ", 1)[1],
+                         "-!- bot left: gone home")
+
     def test_ignore_hides_messages_actions_and_whispers_here_only(self) -> None:
         alice, carol = self.peer("alice"), self.peer("carol")
         bot = self.session()
@@ -5371,8 +5384,12 @@ class ClientRoomTests(ChatTestCase):
         self.assertRegex(bot.out.lines[-3], r"^\[\d\d:\d\d\] alice: deploy at noon$")
         self.assertRegex(bot.out.lines[-2], r"^\[\d\d:\d\d\] #lobby alice: lunch at noon$")
         self.assertEqual(bot.complete("#d", False), ["#dev"])
+        self.addCleanup(setattr, socket_server, "ROOMS_PER_FRAME", socket_server.ROOMS_PER_FRAME)
+        socket_server.ROOMS_PER_FRAME = 1     # a list that goes on over frames (more: true)
+        del bot.out.lines[:]
         bot.handle_line("/rooms")
-        bot.out.wait_for("-!- #dev (2 people)")
+        bot.out.wait_for("-!- #lobby (2 people)")
+        self.assertEqual(bot.out.lines, ["-!- #dev (2 people)", "-!- #lobby (2 people)"])
         self.assertEqual(bot.complete("#", False), ["#dev", "#lobby"])
 
     def test_a_reconnect_rejoins_every_room_with_its_key_and_shows_only_what_was_missed(
