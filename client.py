@@ -8,8 +8,8 @@ Usage::
     python client.py 192.168.1.23 6000 --name alice
     printf 'hello\\n' | python client.py --name bot    # scripts: send lines, exit at EOF
 
-Type a line and press Enter to send it to everyone. Commands start with "/"
-(or "\\"): /help lists them.
+Type a line and press Enter to send it to the room you are in (#lobby at
+first). Commands start with "/" (or "\\"): /help lists them.
 
 Design
 ------
@@ -24,7 +24,10 @@ Data flows through the file in this order:
    way and never confirmed is named. When it cannot reconnect, it wakes the
    main thread from its blocking read with a signal (on Windows, where that
    is impossible, it ends the process directly). Everything the two
-   threads share lives in the link, under one lock.
+   threads share lives in the link, under one lock: among it, what the
+   client knows of its rooms (:class:`RoomList`, sans-IO: which is current,
+   who is in each, what is unread) and how each batch of history is
+   labelled (:class:`HistoryBatches`).
 3. **What is shown** is built as styled segments (:class:`Line`), so the
    same line becomes coloured, wrapped text on a terminal (:class:`Screen`)
    and plain text in pipes, transcripts and logs. Each line has a role
@@ -62,8 +65,8 @@ import unicodedata
 import zlib
 from collections import deque
 from datetime import date, datetime
-from typing import (Callable, Deque, Dict, Iterable, Iterator, List, Mapping, NamedTuple,
-                    Optional, TextIO, Tuple, Union)
+from typing import (Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, Mapping,
+                    NamedTuple, Optional, Set, TextIO, Tuple, Union)
 
 try:
     import ssl
@@ -74,6 +77,7 @@ DEFAULT_HOST = "localhost"
 CONNECT_TIMEOUT = 10.0      # seconds to reach the server
 HANDSHAKE_TIMEOUT = 10.0    # seconds for the server to answer hello
 LEAVE_TIMEOUT = 5.0         # seconds to wait for the server to confirm we left
+ANSWER_TIMEOUT = 5.0        # seconds to wait for the server to act on /join, /part, /nick
 RECONNECT_TRIES = 6         # attempts after a dropped connection (--retries)
 RECONNECT_FIRST_DELAY = 0.5     # seconds before the first attempt; doubled each time
 RECONNECT_MAX_DELAY = 15.0
@@ -83,7 +87,12 @@ TRANSCRIPT_LINES = 100_000  # lines of this session kept for /save
 INPUT_HISTORY = 500         # lines Up and Down can recall
 RECV_SIZE = 64 * 1024
 KNOWN_HOSTS = os.path.join(os.path.expanduser("~"), ".chat_known_hosts")
-PROMPT = "> "
+PROMPT = "> "               # after the current room's name: "#dev> "
+LOBBY = "lobby"             # everyone's first room
+# What starts every notice (joins, leaves, kicks, the client's own notes), as in
+# irssi: where a notice has it, an action has "* NAME", and names cannot hold "!",
+# so no "/me left" can pass for a real departure, on screen or in a transcript.
+NOTICE_MARK = "-!- "
 
 
 
@@ -433,14 +442,15 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
         if known != found:
             remember_host(tls.known_hosts, where, found, note)
     elif known is None:
-        note(f"* first TLS connection to {where}; its certificate fingerprint is\n"
-             f"*   {found}\n* check it against the one the server printed at start-up")
+        note(f"{NOTICE_MARK}first TLS connection to {where}; its certificate fingerprint is"
+             f"\n{NOTICE_MARK}  {found}\n"
+             f"{NOTICE_MARK}check it against the one the server printed at start-up")
         if tls.confirm is not None:
             asked = True
             if not tls.confirm("trust this server and connect? [y/N] "):
                 raise CannotConnect("not connecting: the certificate was not trusted")
         remember_host(tls.known_hosts, where, found, note)
-        note(f"* remembered in {tls.known_hosts}")
+        note(f"{NOTICE_MARK}remembered in {tls.known_hosts}")
     elif known != found:
         raise CertificateChanged(changed_certificate_warning(
             where, found, known, f"{tls.known_hosts} (from an earlier visit)"))
@@ -580,14 +590,18 @@ class ServerConnection:
 
 
 def join(host: str, port: int, name: str, credentials: Optional[Credentials] = None,
-         tls: Optional[TlsOptions] = None) -> Tuple[ServerConnection, dict]:
+         tls: Optional[TlsOptions] = None, rooms: Iterable[object] = (LOBBY,)
+         ) -> Tuple[ServerConnection, dict]:
     """Connect and say hello; return the connection and the welcome message.
 
-    Raises JoinRefused when the server says no, CannotConnect otherwise.
+    The hello names the rooms to be in (each a name, or {"room": NAME, "key":
+    KEY}), so the welcome lists nobody: a `room` frame for each room follows it,
+    with who is there. Raises JoinRefused when the server says no,
+    CannotConnect otherwise.
     """
     connection = ServerConnection.open(host, port, tls)
     where = join_address(host, port)
-    hello = {"type": "hello", "name": name}
+    hello = {"type": "hello", "name": name, "rooms": list(rooms)}
     if credentials and credentials.password is not None:
         hello["password"] = credentials.password
     if credentials and credentials.name_password is not None:
@@ -687,10 +701,82 @@ def rough_time(seconds: float) -> str:
     return f"{max(1, round(seconds))} s" if seconds < 120 else f"{round(seconds / 60)} minutes"
 
 
-Rejoin = Callable[[Optional[str]], Tuple[ServerConnection, dict]]
+# Connects and says hello again: (name, resume token, rooms as a hello names them).
+Rejoin = Callable[[str, Optional[str], List[object]], Tuple[ServerConnection, dict]]
 
 # How a message fared on its way out (Link._transmit).
 SENT, TOO_LONG, LOST, QUEUED = "sent", "too long", "lost", "queued"
+
+
+class Awaited:
+    """A request whose outcome the main thread waits for (Link.round_trip)."""
+
+    def __init__(self, request_id: str, ping_id: str, quiet: FrozenSet[str]) -> None:
+        self.request_id, self.ping_id, self.quiet = request_id, ping_id, quiet
+        self.error: Optional[dict] = None   # how the server refused it
+        self.done = threading.Event()       # its ping came back, or the connection went
+
+
+class HistoryBatches:
+    """How each batch of history frames is labelled, and what of it is shown.
+
+    Sans-IO; the Link keeps it under its lock. Every batch ends with a
+    history_end, and the server answers requests in order, so the batches
+    come in the order they were asked for: each /history or /search gets a
+    header, and an error carrying its id drops it. A room frame is followed
+    at once by that room's replay, whose header therefore goes first. The
+    replay is chat, a batch asked for is an answer. After a reconnect, a
+    replay repeats what was on screen: only what came after `seen_until` is
+    shown. A replay of which nothing was shown shows nothing at all, not
+    even its header; an answer that found anything always has its header.
+    """
+
+    def __init__(self) -> None:
+        # (the request's id, or None for a room's replay; its header), in arrival order.
+        self.headers: Deque[Tuple[Optional[str], str]] = deque()
+        self.in_batch = False               # between a first history frame and history_end
+        self.replay_after: Optional[str] = None     # in a replay after a reconnect
+
+    def asked(self, request_id: str, header: str) -> None:
+        self.headers.append((request_id, header))
+
+    def refused(self, request_id: str) -> None:
+        self.headers = deque(entry for entry in self.headers if entry[0] != request_id)
+
+    def replay_coming(self, room: str, seen_until: Optional[str]) -> None:
+        """A room frame came; seen_until: we are rejoining, and saw it up to then."""
+        self.replay_after = seen_until
+        self.headers.appendleft((None, f"--- earlier messages in #{room} ---"
+                                 if seen_until is None else
+                                 f"--- in #{room} while you were away ---"))
+
+    def new_connection(self) -> None:
+        """Requests in flight on an old connection get no answer."""
+        self.headers, self.in_batch = deque(), False
+
+    def frame(self, message: dict) -> Tuple[Optional[str], Optional[Line]]:
+        """The role of a history frame's line (None: show nothing), and a header to
+        show before it (at a batch's first frame)."""
+        # (the request's id, its header); a batch nobody asked for is shown as an answer
+        request, header = self.headers[0] if self.headers else ("unasked", "--- history ---")
+        role = CHAT if request is None else ANSWER      # the replay has no request id
+        if message["type"] == "history_end":
+            if self.headers:
+                self.headers.popleft()
+            shown_any, self.in_batch = self.in_batch, False
+            if message["for"] == "join":
+                self.replay_after = None
+            if shown_any or "text" in message:  # (the text: no history is kept)
+                return role, None
+            if request is None:
+                return None, None
+            return role, (plain_line(header, "marker", role) if message["count"] else None)
+        if self.replay_after is not None and message["ts"] <= self.replay_after:
+            return None, None   # part of the replay after a reconnect, and already on screen
+        if self.in_batch:
+            return role, None
+        self.in_batch = True
+        return role, plain_line(header, "marker", role)
 
 
 class Link:
@@ -698,22 +784,26 @@ class Link:
 
     The receiver thread (start) reads every frame the moment it arrives,
     shows it, and reconnects with growing pauses when the connection drops:
-    rejoin(resume_token) connects and says hello again; without it, or with
+    rejoin(name, resume_token, rooms) connects and says hello again, under
+    our name of the moment and into the rooms we were in; without it, or with
     retries=0, a dropped connection ends the session and on_lost() is
-    called. The main thread sends through send() and ask_history().
+    called. The main thread sends through send(), round_trip() and
+    ask_history().
 
     Everything both threads touch is under `lock`: the connection, the lines
     waiting to be sent and those not yet confirmed, the labels of history
-    answers to come, who is here, our operator status and the password to
-    rejoin with. Nothing is shown while the lock is held, so the screen's
-    own lock is never taken inside it.
+    answers to come, our rooms and whom we ignore (`rooms`, a RoomList: the
+    main thread reads and changes it inside state()), our name, operator
+    status and the password to rejoin with. Nothing is shown while the lock
+    is held: the screen's lock may be taken before this one (the prompt
+    reads the current room), never inside it.
     """
 
     def __init__(self, connection: ServerConnection, welcome: dict, server: str,
                  screen: "Screen", on_lost: Optional[Callable[[], None]] = None, rejoin: Optional[Rejoin] = None,
                  retries: int = RECONNECT_TRIES,
                  credentials: Optional[Credentials] = None) -> None:
-        self.name = welcome["name"]
+        self._name = welcome["name"]
         self.server = server                # HOST:PORT
         self.screen = screen
         self.on_lost = on_lost or (lambda: None)    # called when the session ends by itself
@@ -727,13 +817,11 @@ class Link:
         self.queued: List[dict] = []        # typed while disconnected, sent on reconnecting
         self.unconfirmed: Dict[str, str] = {}   # id -> text sent but not yet acknowledged
         self._new_password: Optional[str] = None    # sent, not yet confirmed by the server
+        self._nick_password: Optional[str] = None   # sent with /nick: ours once renamed
         self._ids = 0
-        # For each batch of history frames still to come, in order, the id of the request
-        # (None for the join replay) and its header: the server answers requests in order
-        # and ends every batch with history_end, or refuses the request with an error
-        # that carries its id.
-        self._history_headers: Deque[Tuple[Optional[str], str]] = deque()
-        self._users: Dict[str, str] = {}    # lower-case name -> name, for Tab completion
+        self._awaited: List[Awaited] = []   # requests the main thread waits on (round_trip)
+        self.batches = HistoryBatches()     # how each batch of history is labelled
+        self.rooms = RoomList()
         self._operator = False              # the server accepted our /op
         self._max_length = 0
         # Thread-safe on their own.
@@ -745,13 +833,24 @@ class Link:
         self._told_why = False              # the last frame explains a close that follows
         self._final = False                 # ...and reconnecting would be refused again
         self._shut_down = False             # ...or it was the server's "shutting down"
-        self._in_history = False            # between a first history frame and history_end
-        self._replay_after: Optional[str] = None    # after reconnecting: skip what we saw
-        self._last_seen = ""                # ts of the newest message shown
+        self._rejoining = False             # the room frames after a reconnect's welcome
+        self._rejoin_ping: Optional[str] = None     # its pong: every room is back, or not
         self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
         self._joined(connection, welcome)
 
     # -- for the main thread -------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """Our name of the moment: /nick changes it."""
+        with self.lock:
+            return self._name
+
+    @contextlib.contextmanager
+    def state(self) -> Iterator[RoomList]:
+        """Our rooms, under the lock: show nothing inside (see the class)."""
+        with self.lock:
+            yield self.rooms
 
     @property
     def operator(self) -> bool:
@@ -765,14 +864,40 @@ class Link:
             return self._max_length
 
     def names(self) -> List[str]:
-        """Who is here, as far as this client knows (for Tab completion)."""
+        """Who is in our rooms, as far as this client knows (for Tab completion)."""
         with self.lock:
-            return list(self._users.values())
+            return self.rooms.names()
 
     def expect_password(self, password: str) -> None:
         """A new password is on its way: the one to rejoin with once it is confirmed."""
         with self.lock:
             self._new_password = password
+
+    def expect_nick(self, password: Optional[str]) -> None:
+        """A /nick is on its way: with a password, the one to rejoin with once renamed."""
+        with self.lock:
+            self._nick_password = password
+
+    def round_trip(self, request: dict, quiet: FrozenSet[str] = frozenset()) -> Optional[dict]:
+        """Send request and wait until the server has acted on it; the error it got.
+
+        A ping sent behind it comes back once it has (the server answers in
+        order), so its effects (a room frame, a leave, a rename) have been
+        seen when this returns, and a script's next line goes to the right
+        room. At most ANSWER_TIMEOUT; at once when the connection is down.
+        An error with a code in `quiet` is not shown: the caller deals with it.
+        """
+        with self.lock:
+            request["id"] = self.new_id()
+            awaited = Awaited(request["id"], self.new_id(), quiet)
+            self._awaited.append(awaited)
+        try:
+            if self.send(request) and self.send({"type": "ping", "id": awaited.ping_id}):
+                awaited.done.wait(ANSWER_TIMEOUT)
+        finally:
+            with self.lock:
+                self._awaited.remove(awaited)
+        return awaited.error
 
     def send(self, message: dict) -> bool:
         """Send now, within the server's rate; or keep a chat line until we are back.
@@ -800,16 +925,15 @@ class Link:
     def ask_history(self, request: dict, header: str) -> None:
         """Ask for history (or a search) whose answer is shown under `header`."""
         with self.lock:
-            request["id"] = self._new_id()
-            entry = (request["id"], header)
-            self._history_headers.append(entry)     # before: the answer may be quick
+            request["id"] = self.new_id()
+            self.batches.asked(request["id"], header)   # before: the answer may be quick
         if not self.send(request):
             with self.lock:
-                if entry in self._history_headers:
-                    self._history_headers.remove(entry)
+                self.batches.refused(request["id"])
 
-    def leave(self) -> None:
-        """Say goodbye, once the server has everything we typed, and close."""
+    def leave(self, parting_words: str = "") -> None:
+        """Say goodbye (with parting words, shown to those who shared a room with us),
+        once the server has everything we typed, and close."""
         if self.leaving.is_set():
             return
         with self.lock:
@@ -821,7 +945,8 @@ class Link:
         with self.lock:
             if self.connected.is_set():
                 try:
-                    self.connection.send({"type": "bye"})
+                    self.connection.send({"type": "bye", "text": parting_words}
+                                         if parting_words else {"type": "bye"})
                     self.connection.finish_sending()
                 except OSError:
                     pass
@@ -834,7 +959,7 @@ class Link:
         """Write one message (lock held); chat lines get an id, to be confirmed."""
         if message["type"] in ("say", "whisper"):
             if "id" not in message:
-                message["id"] = self._new_id()
+                message["id"] = self.new_id()
             self.unconfirmed[message["id"]] = message["text"]   # before: the ack may be quick
         try:
             self.connection.send(message)
@@ -847,7 +972,7 @@ class Link:
             return LOST
         return SENT
 
-    def _new_id(self) -> str:
+    def new_id(self) -> str:
         """An id for a message, which the server's answer to it carries back."""
         with self.lock:
             self._ids += 1
@@ -859,8 +984,10 @@ class Link:
         self._receiver.start()
 
     def _joined(self, connection: ServerConnection, welcome: dict,
-                replay_header: str = "--- earlier messages ---") -> None:
-        """Take a fresh connection into use."""
+                rejoining: bool = False) -> None:
+        """Take a fresh connection into use. The room frames that follow the welcome
+        tell which rooms we are in; after a reconnect, a ping sent behind the hello
+        comes back once they all have (see _ponged)."""
         limits = welcome.get("limits") or {}
         limit = limits.get("max_length")
         with self.lock:
@@ -868,11 +995,12 @@ class Link:
             self.resume_token = welcome.get("resume")
             self.pacer = Pacer(limits)
             self._max_length = limit if isinstance(limit, int) and limit > 0 else 0
-            self._users = {str(user).lower(): clean_text(str(user)) for user in welcome["users"]}
             self._operator = False  # operator status does not survive a new connection
-            # Requests in flight on an old connection get no answer: only the replay is due.
-            self._history_headers = deque([(None, replay_header)])
-        self._in_history = False
+            self.batches.new_connection()
+            self._rejoining = rejoining
+            if rejoining:
+                self.rooms.reconnecting()
+                self._rejoin_ping = self.new_id()
         self._told_why = self._final = self._shut_down = False
         self.connected.set()
         self.settled.set()
@@ -904,6 +1032,9 @@ class Link:
             with self.lock:
                 self.connected.clear()
                 self.settled.clear()
+                self.connection.close()         # dead; reconnecting makes a new one
+                for awaited in self._awaited:   # no answer can come now
+                    awaited.done.set()
             self._report_unconfirmed()
             if self._final or self.rejoin is None or not self.retries:
                 return reason
@@ -949,7 +1080,9 @@ class Link:
             if self.leaving.wait(delay):
                 return "left while reconnecting"
             try:
-                connection, welcome = self.rejoin(self.resume_token)
+                with self.lock:
+                    hello = (self._name, self.resume_token, self.rooms.for_hello())
+                connection, welcome = self.rejoin(*hello)
             except JoinRefused as refused:
                 return f"cannot rejoin: {refused.text}"
             except CertificateChanged as exc:   # the whole warning, once: no retry can pass
@@ -962,10 +1095,10 @@ class Link:
                 last_failure = failure
                 continue
             with self.lock:
-                self._replay_after = self._last_seen
-                self._joined(connection, welcome, "--- while you were away ---")
+                self._joined(connection, welcome, rejoining=True)
                 queued, self.queued = self.queued, []
                 outcomes = [self._transmit(message) for message in queued]
+                self._send_quietly({"type": "ping", "id": self._rejoin_ping})
             self.screen.note(f"reconnected to {self.server} as {self.name}")
             if queued:
                 self.screen.note(f"sent {len(queued)} line(s) typed while disconnected")
@@ -993,24 +1126,88 @@ class Link:
         self._final = kind == "error" and message["code"] in FINAL_ERRORS
         self._shut_down = kind == "shutdown"
         with self.lock:
-            if kind in ("sent", "error") and "id" in message:
-                self.unconfirmed.pop(message["id"], None)
-                if kind == "error":     # a refused /history or /search: its header must go
-                    self._history_headers = deque(
-                        entry for entry in self._history_headers if entry[0] != message["id"])
-            self._track_users(kind, message)
-            if kind == "notice":
-                effect = self.NOTICE_EFFECTS.get(message["code"])
-                if effect is not None:
-                    effect(self)
-        batch_role = self._show_history_frame(message) if kind.startswith("history") else ""
-        if batch_role is None:
-            return
-        if kind in ("message", "sent", "whisper", "announcement", "history"):
-            self._last_seen = max(self._last_seen, str(message.get("ts", "")))
-        line = format_message(message, self.name)
-        if line is not None:
+            prompt = self.rooms.prompt()
+            about = self.rooms.about(message, self._name)   # before the update: where they were
+            hidden = self._quiet(message) or self.rooms.ignoring(message)
+            notes = self._take_in(message)
+        # What is hidden has no part in a batch of history: a replay of it shows nothing.
+        batch_role = self._show_history_frame(message) \
+            if kind.startswith("history") and not hidden else ""
+        lines = [] if batch_role is None or hidden else format_message(message, self.name)
+        with self.lock:
+            lines = self.rooms.place(lines, message, about)
+            prompt_changed = self.rooms.prompt() != prompt
+        for line in lines + notes:
             self.screen.show(line._replace(role=batch_role) if batch_role else line)
+        if prompt_changed:
+            self.screen.refresh()
+
+    def _take_in(self, message: dict) -> List[Line]:
+        """What a frame changes in what we know (lock held); notes to show after it."""
+        settle = self.SETTLES.get(message["type"])
+        notes = settle(self, message) if settle is not None else []
+        note = self.rooms.update(message, self._name)
+        return notes + ([notice_line(note)] if note else [])
+
+    def _confirmed(self, message: dict) -> List[Line]:
+        self.unconfirmed.pop(message.get("id", ""), None)
+        return []
+
+    def _refused(self, message: dict) -> List[Line]:
+        if "id" in message:
+            self.unconfirmed.pop(message["id"], None)
+            self.batches.refused(message["id"])     # a refused /history or /search
+            for awaited in self._awaited:
+                if awaited.request_id == message["id"]:
+                    awaited.error = message
+        return []
+
+    def _noticed(self, message: dict) -> List[Line]:
+        effect = self.NOTICE_EFFECTS.get(message["code"])
+        if effect is not None:
+            effect(self)
+        return []
+
+    def _renamed(self, message: dict) -> List[Line]:
+        """Someone's new name; when ours, everything follows: mentions, the name to
+        reconnect under (with the password /nick gave, if any)."""
+        old, new = message["name"].lower(), clean_text(message["new"])
+        if old == self._name.lower():
+            self._name = new
+            if self._nick_password is not None:
+                self.credentials.name_password = self._nick_password
+            self._nick_password = None
+        return []
+
+    def _ponged(self, message: dict) -> List[Line]:
+        for awaited in self._awaited:
+            if awaited.ping_id == message.get("id"):
+                awaited.done.set()
+        if self._rejoin_ping is None or message.get("id") != self._rejoin_ping:
+            return []
+        self._rejoin_ping, self._rejoining = None, False
+        lost, note = self.rooms.drop_unconfirmed()  # the server said why, just before
+        return [error_line(f"could not rejoin #{name}") for name in lost] + \
+            ([notice_line(note)] if note else [])
+
+    def _room_arrived(self, message: dict) -> List[Line]:
+        """A room frame: its replay follows at once, labelled with its room; after a
+        reconnect, only what came since we last saw it there is shown."""
+        room = self.rooms.get(message["room"])
+        seen_until = (room.seen_until if room is not None else "") if self._rejoining else None
+        self.batches.replay_coming(clean_text(message["room"]), seen_until)
+        return []
+
+    #: What a frame settles among our requests and about ourselves (lock held); the
+    #: rooms have their own table (RoomList.UPDATES).
+    SETTLES: Dict[str, Callable[["Link", dict], List[Line]]] = {
+        "sent": _confirmed,
+        "error": _refused,
+        "notice": _noticed,
+        "nick": _renamed,
+        "pong": _ponged,
+        "room": _room_arrived,
+    }
 
     def _set_operator(self, operator: bool) -> None:
         self._operator = operator
@@ -1030,41 +1227,19 @@ class Link:
         "unregistered": _password_removed,
     }
 
-    def _track_users(self, kind: str, message: dict) -> None:
-        """Keep the list of names that Tab completes (lock held)."""
-        if kind == "join":
-            self._users[message["name"].lower()] = clean_text(message["name"])
-        elif kind == "leave":
-            self._users.pop(message["name"].lower(), None)
-        elif kind == "users":
-            self._users = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
+    def _quiet(self, message: dict) -> bool:
+        """Whether a frame is an error that whoever waits for it deals with (lock held)."""
+        return message["type"] == "error" and any(
+            awaited.request_id == message.get("id") and message["code"] in awaited.quiet
+            for awaited in self._awaited)
 
     def _show_history_frame(self, message: dict) -> Optional[str]:
-        """Headers around each batch of history; the role of this frame's line, or
-        None to show nothing for it.
-
-        The replay after a welcome is chat; a batch this client asked for is
-        an answer. After a reconnect, the replay repeats what was already on
-        screen: only what came while we were away is shown.
-        """
+        """The role of a history frame's line, or None to show nothing; shows the
+        header of its batch first (see HistoryBatches)."""
         with self.lock:
-            headers = self._history_headers
-            # (the request's id, its header); a batch nobody asked for is shown as an answer
-            request, header = headers[0] if headers else ("unasked", "--- history ---")
-            if message["type"] == "history_end" and headers:
-                headers.popleft()
-        role = CHAT if request is None else ANSWER      # the replay has no request id
-        if message["type"] == "history_end":
-            shown_any, self._in_history = self._in_history, False
-            if message["for"] == "join" and self._replay_after is not None:
-                self._replay_after = None
-                return role if shown_any else None
-            return role
-        if self._replay_after is not None and message["ts"] <= self._replay_after:
-            return None     # part of the replay after a reconnect, and already on screen
-        if not self._in_history:
-            self._in_history = True
-            self.screen.show(plain_line(header, "marker", role))
+            role, header = self.batches.frame(message)
+        if header is not None:
+            self.screen.show(header)
         return role
 
     def _report_unconfirmed(self) -> None:
@@ -1127,6 +1302,274 @@ class MainThreadWaker:
             raise ConnectionLost()
 
 # ---------------------------------------------------------------------------
+# What the client knows of its rooms
+# ---------------------------------------------------------------------------
+
+def now_in(room: str, unread: int) -> str:
+    """What is said when the current room changes: from here on, lines without a
+    room tag are of this one."""
+    return f"now in #{room}" + (f"; its {unread} unread above are marked #{room}"
+                                if unread else "")
+
+
+@dataclasses.dataclass
+class RoomView:
+    """One room this client is in, as far as its frames tell."""
+
+    name: str                       # as the server spells it
+    key: str = ""                   # to rejoin it with after a reconnect
+    topic: str = ""
+    members: Dict[str, str] = dataclasses.field(default_factory=dict)    # lower -> name
+    ops: Set[str] = dataclasses.field(default_factory=set)  # lower-case: its operators
+    unread: int = 0                 # messages shown while another room was current
+    seen_until: str = ""            # ts of the newest message shown from it
+    confirmed: bool = True          # False while reconnecting, until its room frame
+
+
+class RoomList:
+    """The rooms this client is in, in the order it joined them; which one is
+    current (where typed lines go); who is in each; and whom we ignore.
+
+    Sans-IO like the decoder: frames go in through update(), which returns a
+    note to show, if any, and place() says which rooms the lines shown for a
+    frame belong to. The Link keeps it under its lock. A room asked for with
+    /join becomes current when its `room` frame arrives, so that its replay
+    is shown as the current room's; leaving (or being kicked from) the
+    current room goes back to the room current before it.
+    """
+
+    def __init__(self) -> None:
+        self.rooms: Dict[str, RoomView] = {}    # lower-case name -> room
+        self.current: Optional[str] = None      # lower-case name
+        self.previous: Optional[str] = None
+        self.joining: Set[str] = set()          # asked for with /join: current on arrival
+        self.listed: Dict[str, str] = {}        # rooms a /rooms answer named, for Tab
+        # lower-case name -> name: their messages, actions and whispers are not shown.
+        # Only here, for this session: the server never knows.
+        self.ignored: Dict[str, str] = {}
+
+    # -- questions ---------------------------------------------------------------
+
+    def get(self, word: Optional[str]) -> Optional[RoomView]:
+        """One of our rooms, by its name with or without "#", in any case."""
+        return self.rooms.get((word or "").lstrip("#").lower())
+
+    @property
+    def here(self) -> Optional[RoomView]:
+        return self.rooms.get(self.current or "")
+
+    def prompt(self) -> str:
+        """"#dev> ", with the messages waiting in the other rooms: "#dev (3 unread)> "."""
+        here = self.here
+        if here is None:
+            return PROMPT
+        unread = sum(room.unread for room in self.rooms.values() if room is not here)
+        return f"#{here.name} ({unread} unread){PROMPT}" if unread else f"#{here.name}{PROMPT}"
+
+    def for_hello(self) -> List[object]:
+        """Our rooms as a hello names them, with their keys, to rejoin them."""
+        return [{"room": room.name, "key": room.key} if room.key else room.name
+                for room in self.rooms.values()]
+
+    def shared_with(self, name: str) -> Tuple[str, ...]:
+        """The names of our rooms that `name` is in."""
+        return tuple(room.name for room in self.rooms.values() if name.lower() in room.members)
+
+    def names(self) -> List[str]:
+        """Everyone in any of our rooms."""
+        people: Dict[str, str] = {}
+        for room in self.rooms.values():
+            people.update(room.members)
+        return list(people.values())
+
+    def room_names(self) -> List[str]:
+        """Our rooms and those /rooms listed."""
+        return list({**self.listed, **{key: room.name for key, room in self.rooms.items()}}
+                    .values())
+
+    def ignoring(self, message: dict) -> bool:
+        """Whether a frame is what someone we ignore said."""
+        sender = message.get("from") if message["type"] in ("message", "whisper", "history") \
+            else None
+        return isinstance(sender, str) and sender.lower() in self.ignored
+
+    def about(self, message: dict, me: str) -> Tuple[str, ...]:
+        """For news about a person (a name change, being away, leaving the chat): the
+        rooms we share with them, where such news is shown once."""
+        kind = message["type"]
+        if kind in ("nick", "away") or (kind == "leave" and "room" not in message):
+            if message["name"].lower() != me.lower():
+                return self.shared_with(message["name"])
+        return ()
+
+    def place(self, lines: List[Line], message: dict, about: Tuple[str, ...]) -> List[Line]:
+        """Lines with the rooms they belong to (their own, or those of `about`),
+        marked when of the current room; and what of each room is seen, or unread."""
+        placed = []
+        for line in lines:
+            rooms = line.rooms or about
+            placed.append(line._replace(rooms=rooms, in_current_room=any(
+                room.lower() == self.current for room in rooms)))
+        kind = message["type"]
+        said_in = message.get("room") or (LOBBY if kind == "message" else None)
+        everywhere = "announcement" in (kind, message.get("kind"))   # in every room's history
+        if placed and (said_in or everywhere) and isinstance(message.get("ts"), str) and \
+                kind in ("message", "sent", "history", "announcement"):
+            self.heard(said_in, message["ts"], unread=kind == "message")
+        return placed
+
+    # -- changes the person typing makes -------------------------------------
+
+    def ignore(self, name: str, hide: bool) -> bool:
+        """Hide (or show again) what name says; False when nothing changed."""
+        if hide == (name.lower() in self.ignored):
+            return False
+        if hide:
+            self.ignored[name.lower()] = name
+        else:
+            del self.ignored[name.lower()]
+        return True
+
+    def switch(self, room: RoomView) -> int:
+        """Make room current; how many unread messages it had."""
+        if room.name.lower() != self.current:
+            self.previous, self.current = self.current, room.name.lower()
+        unread, room.unread = room.unread, 0
+        return unread
+
+    def cycle(self, step: int) -> Optional[RoomView]:
+        """The next room (step 1) or the one before (-1) becomes current."""
+        order = list(self.rooms)
+        if not order:
+            return None
+        at = order.index(self.current) if self.current in self.rooms else -1 if step > 0 else 0
+        return self.rooms[order[(at + step) % len(order)]]
+
+    # -- what the server says -----------------------------------------------------
+
+    def update(self, message: dict, me: str) -> Optional[str]:
+        change = self.UPDATES.get(message["type"])
+        return change(self, message, me) if change is not None else None
+
+    def heard(self, word: Optional[str], timestamp: str, unread: bool) -> None:
+        """A message of a room was shown (of every room for None: an announcement)."""
+        rooms = list(self.rooms.values()) if word is None else [self.get(word)]
+        for room in rooms:
+            if room is not None:
+                room.seen_until = max(room.seen_until, timestamp)
+                if unread and room is not self.here:
+                    room.unread += 1
+
+    def _entered(self, message: dict, me: str) -> Optional[str]:
+        name = clean_text(message["room"])
+        room = self.get(name) or RoomView(name)     # after a reconnect: keeps what it saw
+        room.name, room.confirmed = name, True
+        room.topic, room.key = clean_text(message.get("topic", "")), message.get("key", "")
+        room.members = {str(user).lower(): clean_text(str(user)) for user in message["users"]}
+        room.ops = {str(user).lower() for user in message.get("ops", [])}
+        self.rooms[name.lower()] = room
+        if name.lower() in self.joining or self.here is None:
+            self.joining.discard(name.lower())
+            self.switch(room)
+        return None
+
+    def _member_joined(self, message: dict, me: str) -> Optional[str]:
+        room = self.get(message.get("room", LOBBY))
+        if room is not None:
+            room.members[message["name"].lower()] = clean_text(message["name"])
+        return None
+
+    def _member_left(self, message: dict, me: str) -> Optional[str]:
+        name = message["name"].lower()
+        if "room" not in message:   # left the chat, and so every room
+            for room in self.rooms.values():
+                room.members.pop(name, None)
+            return None
+        room = self.get(message["room"])
+        if room is None:
+            return None
+        if name == me.lower():
+            return self._gone(room)
+        room.members.pop(name, None)
+        return None
+
+    def _gone(self, room: RoomView) -> Optional[str]:
+        """We are out of a room; if it was current, back to the one before, or any."""
+        del self.rooms[room.name.lower()]
+        if room.name.lower() != self.current:
+            return None
+        self.current = None
+        back = self.get(self.previous) or next(iter(self.rooms.values()), None)
+        if back is None:
+            return f"you are in no room now: /join #{LOBBY} (or another) to talk"
+        return now_in(back.name, self.switch(back))
+
+    def _renamed(self, message: dict, me: str) -> Optional[str]:
+        old, new = message["name"].lower(), clean_text(message["new"])
+        if self.ignored.pop(old, None) is not None:     # an ignore follows its person
+            self.ignored[new.lower()] = new
+        for room in self.rooms.values():
+            if room.members.pop(old, None) is not None:
+                room.members[new.lower()] = new
+            if old in room.ops:
+                room.ops.discard(old)
+                room.ops.add(new.lower())
+        return None
+
+    def _operator_changed(self, message: dict, me: str) -> Optional[str]:
+        room = self.get(message["room"])
+        if room is not None:
+            (room.ops.add if message["op"] else room.ops.discard)(message["name"].lower())
+        return None
+
+    def _topic_changed(self, message: dict, me: str) -> Optional[str]:
+        room = self.get(message["room"])
+        if room is not None:
+            room.topic = clean_text(message["topic"])
+        return None
+
+    def _key_changed(self, message: dict, me: str) -> Optional[str]:
+        room = self.get(message["room"])
+        if room is not None:
+            room.key = message["key"]
+        return None
+
+    def _listed_rooms(self, message: dict, me: str) -> Optional[str]:
+        for entry in message["rooms"]:
+            if isinstance(entry, dict) and isinstance(entry.get("room"), str):
+                self.listed[entry["room"].lower()] = clean_text(entry["room"])
+        return None
+
+    #: How each frame changes what we know; a frame not listed changes nothing.
+    UPDATES: Dict[str, Callable[["RoomList", dict, str], Optional[str]]] = {
+        "room": _entered,
+        "join": _member_joined,
+        "leave": _member_left,
+        "nick": _renamed,
+        "room_op": _operator_changed,
+        "topic": _topic_changed,
+        "key": _key_changed,
+        "rooms": _listed_rooms,
+    }
+
+    # -- reconnecting ---------------------------------------------------------------
+
+    def reconnecting(self) -> None:
+        """A new connection: each room counts again once its room frame comes."""
+        for room in self.rooms.values():
+            room.confirmed = False
+
+    def drop_unconfirmed(self) -> Tuple[List[str], Optional[str]]:
+        """Forget the rooms the rejoin did not bring back: their names, and a note if
+        that changed the current room."""
+        lost = [room for room in self.rooms.values() if not room.confirmed]
+        note = None
+        for room in lost:
+            note = self._gone(room) or note
+        return [room.name for room in lost], note
+
+
+# ---------------------------------------------------------------------------
 # What the server sends, and how each message is shown
 # ---------------------------------------------------------------------------
 
@@ -1149,6 +1592,10 @@ class Line(NamedTuple):
 
     `dim` greys the whole line out (history); `ring` asks for the bell
     (a whisper, a mention of your name); `role` is what the line is (CHAT, ...).
+    `rooms` are the rooms it belongs to (most lines of a room carry its name;
+    news about a person, the rooms we share with them): tagged() puts them
+    after the time, "[14:05] #ops bob: hi", always in transcripts and logs,
+    and on the screen unless the line is of the current room.
     """
 
     head: Tuple[Segment, ...]
@@ -1156,10 +1603,20 @@ class Line(NamedTuple):
     dim: bool = False
     ring: bool = False
     role: str = CHAT
+    rooms: Tuple[str, ...] = ()
+    in_current_room: bool = False
 
     @property
     def plain(self) -> str:
         return "".join(text for text, _ in self.head + self.body)
+
+    def tagged(self, on_screen: bool) -> "Line":
+        """The line with its rooms in front (after the time), as it is shown."""
+        if not self.rooms or (on_screen and self.in_current_room):
+            return self
+        tag = (" ".join(f"#{room}" for room in self.rooms), "room")
+        at = 1 if self.head and self.head[0][1] == "time" else 0
+        return self._replace(head=self.head[:at] + (tag, (" ", "")) + self.head[at:])
 
 
 def plain_line(text: str, style: str = "", role: str = CHAT) -> Line:
@@ -1169,22 +1626,33 @@ def plain_line(text: str, style: str = "", role: str = CHAT) -> Line:
 #: Fields each server message must carry (see check_fields). Messages of a
 #: type not listed here come from a newer server and are ignored.
 SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
-    "welcome": {"name": str, "users": list, "count?": int, "ops?": list, "registered?": bool,
+    "welcome": {"name": str, "users?": list, "count?": int, "ops?": list, "registered?": bool,
                 "limits?": dict, "resume?": str},
-    "message": {"from": str, "text": str, "ts?": str, "action?": bool},
+    "room": {"room": str, "users": list, "topic?": str, "topic_by?": str, "count?": int,
+             "ops?": list, "key?": str},
+    "message": {"from": str, "text": str, "room?": str, "ts?": str, "action?": bool},
     "whisper": {"from": str, "to": str, "text": str, "ts?": str},
-    "sent": {"text": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
-    "join": {"name": str, "ts?": str},
-    "leave": {"name": str, "reason?": str, "text?": str, "ts?": str},
-    "users": {"users": list, "ops?": list, "count?": int},
+    "sent": {"text": str, "room?": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
+    "join": {"name": str, "room?": str, "ts?": str},
+    "leave": {"name": str, "room?": str, "reason?": str, "text?": str, "comment?": str,
+              "ts?": str},
+    "rooms": {"rooms": list, "more?": bool},
+    "topic": {"room": str, "topic": str, "by?": str, "ts?": str, "id?": str},
+    "key": {"room": str, "key": str, "by?": str, "ts?": str},
+    "room_op": {"room": str, "name": str, "op": bool, "by?": str, "ts?": str},
+    "nick": {"name": str, "new": str, "ts?": str},
+    "away": {"name": str, "text?": object},     # a string, or null: back
+    "users": {"users": list, "room?": str, "ops?": list, "away?": list, "count?": int},
+    "whois": {"name": str, "rooms?": list, "away?": object, "operator?": bool,
+              "registered?": bool, "idle?": int, "since?": str},
     "announcement": {"from": str, "text": str, "ts?": str},
-    "history": {"kind": str, "from": str, "text": str, "ts": str, "to?": str},
-    "history_end": {"for": str, "count": int, "text?": str},
+    "history": {"kind": str, "from": str, "text": str, "ts": str, "room?": str, "to?": str},
+    "history_end": {"for": str, "count": int, "room?": str, "text?": str},
     "error": {"code": str, "text": str, "id?": str},
     "notice": {"code": str, "text": str, "ts?": str},
     "shutdown": {"text?": str},
     "ping": {},
-    "pong": {},
+    "pong": {"id?": str},
 }
 
 
@@ -1202,9 +1670,12 @@ def local_time(timestamp: Optional[str], with_date: bool = False) -> str:
     return moment.strftime("%H:%M")
 
 
-def names_list(users: list, ops: Optional[list] = None) -> Tuple[Segment, ...]:
-    """Names, each in its colour, separated by commas; operators marked with @."""
+def names_list(users: list, ops: Optional[list] = None,
+               away: Optional[list] = None) -> Tuple[Segment, ...]:
+    """Names, each in its colour, separated by commas; operators marked with @,
+    those away with "(away)"."""
     operators = {str(name).lower() for name in ops or []}
+    absent = {str(name).lower() for name in away or []}
     segments: List[Segment] = []
     for index, user in enumerate(users):
         name = clean_text(str(user))
@@ -1213,6 +1684,8 @@ def names_list(users: list, ops: Optional[list] = None) -> Tuple[Segment, ...]:
         if name.lower() in operators:
             segments.append(("@", ""))
         segments.append((name, "name"))
+        if name.lower() in absent:
+            segments.append((" (away)", "notice"))
     return tuple(segments)
 
 
@@ -1244,7 +1717,7 @@ def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message"
 
 def notice_line(text: str, stamp: Optional[str] = None, role: str = CHAT) -> Line:
     head = ((f"[{stamp}] ", "time"),) if stamp else ()
-    return Line(head + (("* ", "notice"),), ((text, "notice"),), role=role)
+    return Line(head + ((NOTICE_MARK, "notice"),), ((text, "notice"),), role=role)
 
 
 def error_line(text: str) -> Line:
@@ -1258,39 +1731,47 @@ def error_lines(text: str) -> List[Line]:
                                   for line in explanation]
 
 
-def format_message(message: dict, me: str) -> Optional[Line]:
-    """The line to show for a message from the server, or None to show nothing.
+def format_message(message: dict, me: str) -> List[Line]:
+    """The lines to show for a message from the server: often one, maybe none
+    (a pong), or several (a list of rooms).
 
     Every text from the server is cleaned again here: the server may be
     someone else's, and must not be able to send escape codes to this
     terminal.
     """
     formatter = FORMATTERS.get(message["type"])
-    line = formatter(message, me) if formatter else None
-    if line is None:
-        return None
-    role = NOTICE_ROLES.get(message["code"], CHAT) if message["type"] == "notice" else \
-        MESSAGE_ROLES.get(message["type"], CHAT)
-    return line._replace(role=role)
+    shown = formatter(message, me) if formatter else None
+    lines = [] if shown is None else [shown] if isinstance(shown, Line) else shown
+    role = NOTICE_ROLES.get(message["code"]) if message["type"] == "notice" else \
+        MESSAGE_ROLES.get(message["type"])
+    return [line._replace(role=role) if role else line for line in lines]
 
 
-#: What each message is to the reader when it is not chat (see CHAT). A batch of
-#: history is an answer, but for the replay that follows a welcome (see Link).
+def of_room(line: Line, message: dict) -> Line:
+    """The line, as one of the room the message names (if it names one)."""
+    room = message.get("room")
+    return line._replace(rooms=(clean_text(room),)) if isinstance(room, str) and room else line
+
+
+#: What each message is to the reader when it is not chat (see CHAT); where a type
+#: is not listed, its formatter says (a topic asked for is an answer, one set is
+#: chat). A batch of history is an answer, but for the replay that follows a
+#: room frame (see Link).
 MESSAGE_ROLES: Dict[str, str] = {
-    "users": ANSWER, "history": ANSWER, "history_end": ANSWER, "error": ERROR,
-    "shutdown": NOTE,
+    "users": ANSWER, "rooms": ANSWER, "whois": ANSWER, "history": ANSWER,
+    "history_end": ANSWER, "error": ERROR, "shutdown": NOTE,
 }
 #: The notices that answer this client's own commands; the others are chat.
 NOTICE_ROLES: Dict[str, str] = {
     "registered": ANSWER, "unregistered": ANSWER, "password_changed": ANSWER,
-    "op": ANSWER, "deop": ANSWER, "moderation": ANSWER,
+    "op": ANSWER, "deop": ANSWER, "moderation": ANSWER, "away": ANSWER,
 }
 
 
 def _show_message(message: dict, me: str) -> Line:
-    return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
-                     clean_text(message["text"]), me,
-                     "action" if message.get("action") is True else "message")
+    return of_room(chat_line(local_time(message.get("ts")), clean_text(message["from"]),
+                             clean_text(message["text"]), me,
+                             "action" if message.get("action") is True else "message"), message)
 
 
 def _show_whisper(message: dict, me: str) -> Line:
@@ -1301,34 +1782,133 @@ def _show_whisper(message: dict, me: str) -> Line:
 def _show_sent(message: dict, me: str) -> Line:
     kind = "whisper" if "to" in message else \
         "action" if message.get("action") is True else "message"
-    return chat_line(local_time(message.get("ts")), me, clean_text(message["text"]), me, kind,
-                     to=clean_text(message.get("to", "")))
+    return of_room(chat_line(local_time(message.get("ts")), me, clean_text(message["text"]), me,
+                             kind, to=clean_text(message.get("to", ""))), message)
 
 
 def _show_leave(message: dict, me: str) -> Line:
     stamp = local_time(message.get("ts"))
-    if "text" in message:       # kicked or banned: the server says how
+    if "text" in message:       # kicked or banned: the server says how (and from where)
         return notice_line(clean_text(message["text"]), stamp)
+    name, comment = clean_text(message["name"]), clean_text(message.get("comment", ""))
+    said = f": {comment}" if comment else ""
+    if "room" in message:       # a part
+        if name.lower() == me.lower():
+            return notice_line(f"you left #{clean_text(message['room'])}{said}", stamp)
+        return of_room(notice_line(f"{name} left the room{said}", stamp), message)
     reason = clean_text(str(message.get("reason", "")))
     detail = "" if reason in ("", "quit") else f" ({reason})"
-    return notice_line(f"{clean_text(message['name'])} left{detail}", stamp)
+    return notice_line(f"{name} left{detail}{said}", stamp)
+
+
+def _show_room(message: dict, me: str) -> List[Line]:
+    """We are in a room now: who else is there, and its topic."""
+    room = clean_text(message["room"])
+    others = [user for user in message["users"] if str(user).lower() != me.lower()]
+    count = message.get("count", len(message["users"])) - 1     # a big room lists the first
+    more = ((f" and {count - len(others)} more", "notice"),) if count > len(others) else ()
+    lines = [Line(((NOTICE_MARK, "notice"),), ((f"you are in #{room} with ", "notice"),) +
+                  names_list(others, message.get("ops")) + more) if others else
+             notice_line(f"you are in #{room}; nobody else is here yet")]
+    topic, by = clean_text(message.get("topic", "")), clean_text(message.get("topic_by", ""))
+    if topic:
+        lines.append(notice_line(f"topic of #{room}: {topic}" + (f" (set by {by})" if by else "")))
+    return lines
+
+
+def _show_rooms(message: dict, me: str) -> List[Line]:
+    """One line per room: "#dev (3 people): release on friday"."""
+    lines = []
+    for entry in message["rooms"]:
+        if not isinstance(entry, dict):
+            continue
+        count = entry.get("count")
+        people = f"{count} {'person' if count == 1 else 'people'}" if isinstance(count, int) \
+            else "?"
+        topic = clean_text(str(entry.get("topic") or ""))
+        lines.append(notice_line(f"#{clean_text(str(entry.get('room')))} ({people})" +
+                                 (f": {topic}" if topic else "")))
+    return lines
+
+
+def _show_topic(message: dict, me: str) -> Line:
+    room, topic = clean_text(message["room"]), clean_text(message["topic"])
+    by = clean_text(message.get("by", ""))
+    if "id" in message:         # the answer to asking (a change reaches members without one)
+        if not topic:
+            return notice_line(f"#{room} has no topic", role=ANSWER)
+        return notice_line(f"topic of #{room}: {topic}" + (f" (set by {by})" if by else ""),
+                           role=ANSWER)
+    text = f"{by} set the topic: {topic}" if topic else f"{by} removed the topic"
+    return of_room(notice_line(text, local_time(message.get("ts"))), message)
+
+
+def _show_key(message: dict, me: str) -> Line:
+    key, by = clean_text(message["key"]), clean_text(message.get("by", ""))
+    text = f"{by} set the key: {key}" if key else f"{by} removed the key"
+    return of_room(notice_line(text, local_time(message.get("ts"))), message)
+
+
+def _show_room_op(message: dict, me: str) -> Line:
+    name, by = clean_text(message["name"]), clean_text(message.get("by", ""))
+    text = f"{by} made {name} an operator of the room" if message["op"] else \
+        f"{by} took operator status from {name}"
+    return of_room(notice_line(text, local_time(message.get("ts"))), message)
+
+
+def _show_nick(message: dict, me: str) -> Line:
+    old, new = clean_text(message["name"]), clean_text(message["new"])
+    if me.lower() in (old.lower(), new.lower()):    # ours (the link renamed us already)
+        return notice_line(f"you are now known as {new}", local_time(message.get("ts")),
+                           role=ANSWER)
+    return notice_line(f"{old} is now known as {new}", local_time(message.get("ts")))
+
+
+def _show_away(message: dict, me: str) -> Line:
+    name, text = clean_text(message["name"]), message.get("text")
+    away = clean_text(text) if isinstance(text, str) else ""
+    if name.lower() == me.lower():
+        return notice_line(f"you are away: {away} (/away alone when you are back)" if away
+                           else "you are back", role=ANSWER)
+    return notice_line(f"{name} is away: {away}" if away else f"{name} is back")
+
+
+def _show_whois(message: dict, me: str) -> List[Line]:
+    """About someone, in a line (two when they are away)."""
+    name, rooms = clean_text(message["name"]), message.get("rooms", [])
+    facts = ["in " + ", ".join(f"#{clean_text(str(room))}" for room in rooms) if rooms
+             else "in no room"]
+    facts += [fact for flag, fact in (("operator", "a server operator"),
+                                      ("registered", "registered")) if message.get(flag) is True]
+    idle = message.get("idle")
+    if isinstance(idle, int):
+        facts.append(f"idle {rough_time(idle)}" if idle >= 60 else "active in the last minute")
+    if "since" in message:
+        facts.append(f"here since {local_time(message['since'], with_date=True)}")
+    lines = [notice_line(f"{name}: " + "; ".join(facts))]
+    away = message.get("away")
+    if isinstance(away, str) and away:
+        lines.append(notice_line(f"{name} is away: {clean_text(away)}"))
+    return lines
 
 
 def _show_users(message: dict, me: str) -> Line:
     users = message["users"]
     count = message.get("count", len(users))    # a big room lists only the first names
     more = ((f" and {count - len(users)} more", "notice"),) if count > len(users) else ()
-    return Line((("* ", "notice"),), ((f"{count} here: ", "notice"),) +
-                names_list(users, message.get("ops")) + more)
+    where = f"in #{clean_text(message['room'])}" if "room" in message else "here"
+    return Line(((NOTICE_MARK, "notice"),), ((f"{count} {where}: ", "notice"),) +
+                names_list(users, message.get("ops"), message.get("away")) + more)
 
 
 def _show_history(message: dict, me: str) -> Line:
     kind = message["kind"]
     if kind not in ("message", "action", "whisper", "announcement"):
         kind = "message"
-    return chat_line(local_time(message["ts"], with_date=True), clean_text(message["from"]),
-                     clean_text(message["text"]), me, kind,
-                     to=clean_text(str(message.get("to", ""))), dim=True)._replace(ring=False)
+    return of_room(chat_line(local_time(message["ts"], with_date=True),
+                             clean_text(message["from"]), clean_text(message["text"]), me, kind,
+                             to=clean_text(str(message.get("to", ""))), dim=True)
+                   ._replace(ring=False), message)
 
 
 def _show_history_end(message: dict, me: str) -> Optional[Line]:
@@ -1350,12 +1930,22 @@ def _show_notice(message: dict, me: str) -> Line:
     return notice_line(text, local_time(message["ts"]) if "ts" in message else None)
 
 
-FORMATTERS: Dict[str, Callable[[dict, str], Optional[Line]]] = {
+# Each gives a Line, a list of them, or None for nothing to show.
+FORMATTERS: Dict[str, Callable[[dict, str], Union[Line, List[Line], None]]] = {
     "message": _show_message,
     "whisper": _show_whisper,
     "sent": _show_sent,
-    "join": lambda m, me: notice_line(f"{clean_text(m['name'])} joined", local_time(m.get("ts"))),
+    "join": lambda m, me: of_room(notice_line(f"{clean_text(m['name'])} joined",
+                                              local_time(m.get("ts"))), m),
     "leave": _show_leave,
+    "room": _show_room,
+    "rooms": _show_rooms,
+    "topic": _show_topic,
+    "key": _show_key,
+    "room_op": _show_room_op,
+    "nick": _show_nick,
+    "away": _show_away,
+    "whois": _show_whois,
     "users": _show_users,
     "announcement": lambda m, me: chat_line(local_time(m.get("ts")), clean_text(m["from"]),
                                             clean_text(m["text"]), me, "announcement"),
@@ -1389,7 +1979,7 @@ def text_width(text: str) -> int:
     return sum(map(char_width, text))
 
 
-# Styles as SGR codes. "name" is special: its colour comes from the name.
+# Styles as SGR codes. "name" and "room" are special: their colour comes from the name.
 STYLES = {
     "": "",
     "time": "2",                # dim
@@ -1444,7 +2034,8 @@ def paint(segments: Iterable[Segment], dim: bool = False,
     """Segments as text with ANSI colour codes; names in colours from name_colours."""
     out = []
     for text, style in segments:
-        codes = name_colour(text, name_colours) if style == "name" else STYLES.get(style, "")
+        codes = name_colour(text, name_colours) if style in ("name", "room") else \
+            STYLES.get(style, "")
         if dim:
             codes = "2;" + codes if codes else "2"
         out.append(f"\033[{codes}m{text}\033[0m" if codes and text.strip() else text)
@@ -1581,17 +2172,17 @@ class Screen:
         self._held: Optional[List[Line]] = None     # lines kept back during a prompt
 
     def show(self, line: Line) -> None:
-        text = line.plain
         with self.lock:
             if self._held is not None:
                 self._held.append(line)
                 return
-            self.transcript.append(text)
-            self._log(text)
+            record, line = line.tagged(on_screen=False).plain, line.tagged(on_screen=True)
+            self.transcript.append(record)  # every line of a room names it
+            self._log(record)
             stream = self.routes.get(line.role, self.out)
             if stream is not self.out:
                 if stream is not None:
-                    stream.write(text + "\n")
+                    stream.write(line.plain + "\n")
                     stream.flush()
                 return
             rendered = self.render(line)
@@ -1605,6 +2196,12 @@ class Screen:
 
     def note(self, text: str, role: str = NOTE) -> None:
         self.show(notice_line(text, role=role))
+
+    def refresh(self) -> None:
+        """Draw the prompt again: the current room, or the unread count, changed."""
+        with self.lock:
+            if self.editor is not None:
+                self.editor.redraw()
 
     def warn(self, text: str) -> None:
         for line in error_lines(text):
@@ -1672,8 +2269,10 @@ class Screen:
 # Keys as the editor sees them: a printable character, or one of these names.
 CONTROL_KEYS = {
     "\r": "enter", "\n": "enter", "\x7f": "backspace", "\x08": "backspace", "\t": "tab",
-    "\x01": "home", "\x05": "end", "\x02": "left", "\x06": "right", "\x10": "up",
-    "\x0e": "down", "\x15": "kill-before", "\x0b": "kill-after", "\x17": "kill-word",
+    "\x01": "home", "\x05": "end", "\x02": "left", "\x06": "right",
+    # Ctrl-N and Ctrl-P go to the next and previous room, as irssi's windows.
+    "\x0e": "next-room", "\x10": "previous-room",
+    "\x15": "kill-before", "\x0b": "kill-after", "\x17": "kill-word",
     "\x0c": "redraw", "\x04": "eof", "\x03": "interrupt",
 }
 ESCAPE_KEYS = {     # what follows ESC for the keys terminals send as sequences
@@ -1832,16 +2431,23 @@ class LineEditor:
     began to write before the editor took over is finished before the prompt
     is first drawn (else the prompt and that line share a row). Keys:
     arrows, Home/End, Backspace/Delete, Ctrl-A/E/U/K/W/L, Up/Down for
-    earlier lines, Tab to complete commands and names, Ctrl-D to leave.
+    earlier lines, Ctrl-N/Ctrl-P for the next and previous room, Tab to
+    complete commands, names and rooms, Ctrl-D to leave.
+
+    The prompt may be a function, asked at each redraw: it names the current
+    room, which the other thread may change (see Screen.refresh).
     """
 
-    def __init__(self, terminal: object, out: TextIO, prompt: str = PROMPT,
+    def __init__(self, terminal: object, out: TextIO,
+                 prompt: Union[str, Callable[[], str]] = PROMPT,
                  complete: Callable[[str, bool], List[str]] = lambda word, first: [],
                  private: Callable[[str], bool] = lambda line: False,
-                 lock: Optional[threading.RLock] = None) -> None:
+                 lock: Optional[threading.RLock] = None,
+                 switch_room: Callable[[int], None] = lambda step: None) -> None:
         self.terminal = terminal
         self.out = out
-        self.prompt = prompt
+        self.prompt: Callable[[], str] = prompt if callable(prompt) else lambda: prompt
+        self.switch_room = switch_room  # 1: the next room, -1: the one before
         self.complete = complete        # (word, is it the first word?) -> candidates
         self.private = private          # lines never to keep for Up/Down (passwords)
         self.lock = lock if lock is not None else threading.RLock()
@@ -1992,8 +2598,8 @@ class LineEditor:
         candidates = self.complete(word, first)
         if not candidates:
             return
-        if len(candidates) == 1:
-            ending = ": " if first and not word.startswith(("/", "\\")) else " "
+        if len(candidates) == 1:     # a name that starts a line is spoken to: "bob: "
+            ending = ": " if first and not word.startswith(("/", "\\", "#")) else " "
             completion = candidates[0] + ending
         else:
             completion = os.path.commonprefix([c.lower() for c in candidates])
@@ -2025,6 +2631,8 @@ class LineEditor:
         "kill-word": _kill_word,
         "up": lambda self: self._browse(-1),
         "down": lambda self: self._browse(+1),
+        "next-room": lambda self: self.switch_room(+1),
+        "previous-room": lambda self: self.switch_room(-1),
         "tab": _tab,
         "redraw": _redraw_screen,
         "ignore": lambda self: None,
@@ -2042,8 +2650,9 @@ class LineEditor:
     def _render(self) -> None:
         """Draw prompt and text, wrapped as the terminal wraps them, and place the cursor."""
         self._clear()
-        chars = list(self.prompt) + self.buffer
-        cursor_index = len(self.prompt) + self.cursor
+        prompt = self.prompt()
+        chars = list(prompt) + self.buffer
+        cursor_index = len(prompt) + self.cursor
         (cursor_row, cursor_column), end_row, full = self._layout(chars, cursor_index)
         self.out.write("".join(chars))
         if full:    # the last row is exactly full: step onto the next, as the cursor will
@@ -2081,11 +2690,15 @@ class LineEditor:
 # The commands: what a typed line does
 # ---------------------------------------------------------------------------
 
+# Who may use a command, as /help groups them.
+EVERYONE, ROOM_OPERATORS, OPERATORS = "everyone", "room operators", "operators"
+
+
 class Command(NamedTuple):
     usage: str          # what follows the command; [brackets] mark what may be left out
     summary: str
     run: Callable[["ChatSession", str], None]
-    for_operators: bool = False
+    audience: str = EVERYONE
 
     @property
     def needs_argument(self) -> bool:
@@ -2126,8 +2739,12 @@ class ChatSession:
     command or a message, sent through the link, which also shows what arrives
     and reconnects (see Link).
 
-    rejoin(resume_token) connects and says hello again; without it (or with
-    retries=0) a dropped connection ends the session.
+    Lines and most commands are about the current room (the link's
+    RoomList): what is said goes there, and /history, /names or /part
+    without a room name mean it.
+
+    rejoin(name, resume_token, rooms) connects and says hello again; without
+    it (or with retries=0) a dropped connection ends the session.
     """
 
     def __init__(self, connection: ServerConnection, welcome: dict, server: str,
@@ -2135,14 +2752,18 @@ class ChatSession:
                  ask_secret: Optional[Callable[[str], str]] = None,
                  rejoin: Optional[Rejoin] = None, retries: int = RECONNECT_TRIES,
                  credentials: Optional[Credentials] = None) -> None:
-        self.name = welcome["name"]
         self.server = server                # HOST:PORT
         self.screen = screen or Screen(sys.stdout, terminal=False, colour=False)
         self.ask_secret = ask_secret        # prompts without echo; None when not on a terminal
+        self.parting_words = ""             # from /quit MESSAGE, for the goodbye
         self.started = datetime.now()
         self.link = Link(connection, welcome, server, self.screen, on_lost, rejoin, retries,
                          credentials)
         self.screen.begin_log(self.header())
+
+    @property
+    def name(self) -> str:
+        return self.link.name
 
     @property
     def credentials(self) -> Credentials:
@@ -2156,7 +2777,7 @@ class ChatSession:
         self.link.start()
 
     def leave(self) -> None:
-        self.link.leave()
+        self.link.leave(self.parting_words)
 
     def header(self, until: Optional[datetime] = None) -> str:
         """Who, where and when: the first line of a /save file and of a --log session."""
@@ -2168,23 +2789,22 @@ class ChatSession:
         return self.link.send(message)
 
     def show_banner(self, welcome: dict) -> None:
-        others = [user for user in welcome["users"] if str(user).lower() != self.name.lower()]
+        """Where we are; who else is there comes with each room (its room frame)."""
         self.screen.note(f"connected to {self.server} as {self.name}", CHAT)
         if self.link.connection.encryption:
             self.screen.note(self.link.connection.encryption, CHAT)
-        if others:
-            self.screen.show(Line((("* ", "notice"),), (("here now: ", "notice"),) +
-                                  names_list(others, welcome.get("ops"))))
-        else:
-            self.screen.note("nobody else is here yet", CHAT)
         self.screen.note("type /help for commands, /quit to leave", HINT)
 
+    def prompt(self) -> str:
+        with self.link.state() as rooms:
+            return rooms.prompt()
+
     def handle_line(self, line: str) -> None:
-        """Act on one line of input: a command, or text to send to everyone."""
+        """Act on one line of input: a command, or text for the current room."""
         command, argument = parse_line(line.rstrip("\r\n"))
         if command == "say":
             if argument.strip() and self.fits(argument):
-                self.send({"type": "say", "text": argument})
+                self.send(self.in_current_room({"type": "say", "text": argument}))
             return
         name = ALIASES.get(command, command)
         entry = COMMANDS.get(name)
@@ -2200,10 +2820,15 @@ class ChatSession:
     # -- Tab completion ---------------------------------------------------------
 
     def complete(self, word: str, first: bool) -> List[str]:
-        """Commands for "/..." at the start of a line; names everywhere else."""
+        """Commands for "/..." at the start of a line, rooms after "#", names elsewhere."""
         if first and word[:1] in ("/", "\\"):
             names = sorted(set(COMMANDS) | set(ALIASES))
             return [word[0] + name for name in names if name.startswith(word[1:].lower())]
+        if word.startswith("#"):
+            with self.link.state() as rooms:
+                known = rooms.room_names()
+            return sorted((f"#{room}" for room in known
+                           if room.lower().startswith(word[1:].lower())), key=str.lower)
         return sorted((name for name in self.link.names()
                        if name.lower().startswith(word.lower())
                        and name.lower() != self.name.lower()), key=str.lower)
@@ -2222,7 +2847,7 @@ class ChatSession:
 
     def cmd_me(self, argument: str) -> None:
         if self.fits(argument):
-            self.send({"type": "say", "text": argument, "action": True})
+            self.send(self.in_current_room({"type": "say", "text": argument, "action": True}))
 
     def cmd_whisper(self, argument: str) -> None:
         target, _, text = argument.partition(" ")
@@ -2247,15 +2872,199 @@ class ChatSession:
         if argument and not (argument.isdecimal() and int(argument) >= 1):
             self.screen.warn(f"usage: /history [N], N from 1 (at most {HISTORY_MAX} are shown)")
             return
-        request = {"type": "get_history"}
+        request = self.in_current_room({"type": "get_history"})
         if argument:
             request["limit"] = min(int(argument), HISTORY_MAX)     # capped, as the server does
         self.link.ask_history(request, "--- history ---")
 
     def cmd_search(self, argument: str) -> None:
-        self.link.ask_history({"type": "search", "text": argument},
-                          f"--- search: {argument.strip()} ---")
+        first, _, rest = argument.partition(" ")
+        if first != "--all" and argument.strip():
+            self.link.ask_history(self.in_current_room({"type": "search", "text": argument}),
+                                  f"--- search: {argument.strip()} ---")
+        elif first == "--all" and rest.strip():
+            self.link.ask_history({"type": "search", "text": rest, "all": True},
+                                  f"--- search in all your rooms: {rest.strip()} ---")
+        else:
+            self.screen.warn("usage: /search [--all] WORDS")
 
+
+    # -- rooms ---------------------------------------------------------------------
+
+    def in_current_room(self, message: dict) -> dict:
+        """The message, for the current room (none named: the server takes the lobby)."""
+        with self.link.state() as rooms:
+            if rooms.here is not None:
+                message["room"] = rooms.here.name
+        return message
+
+    def switch_room(self, step: int) -> None:
+        """Ctrl-N (1) or Ctrl-P (-1): the next or previous of our rooms is current."""
+        with self.link.state() as rooms:
+            room = rooms.cycle(step)
+            alone = room is not None and room is rooms.here
+            unread = rooms.switch(room) if room is not None else 0
+            name = room.name if room is not None else None
+        if name is None or alone:
+            self.screen.note(f"you are only in #{name}: /join another room to have more to "
+                             "switch between" if alone else f"you are in no room: /join #{LOBBY}",
+                             CHAT)
+        else:
+            self._now_in(name, unread)
+
+    def _now_in(self, name: str, unread: int) -> None:
+        self.screen.note(now_in(name, unread), CHAT)
+
+    def _room(self, word: Optional[str]) -> Optional[str]:
+        """The room a command is about: the one named ("#dev" or "dev"), or else the
+        current one; None, after saying why, when there is none."""
+        if word is None:
+            with self.link.state() as rooms:
+                name = rooms.here.name if rooms.here is not None else None
+            if name is None:
+                self.screen.warn(f"you are in no room: /join #{LOBBY} (or another) first")
+            return name
+        name = word[1:] if word.startswith("#") else word
+        if not NAME_PATTERN.fullmatch(name):    # room names follow the rules of names
+            self.screen.warn(f"{word!r} is not a room: room names are {NAME_RULES}")
+            return None
+        return name
+
+    def _person(self, name: str, usage: str) -> bool:
+        """Whether name can be someone's (nobody can be called "b@d": do not ask)."""
+        if not name:
+            self.screen.warn(f"usage: {usage}")
+        elif not NAME_PATTERN.fullmatch(name):
+            self.screen.warn(f"{name!r} is not a name (names are {NAME_RULES})")
+        else:
+            return True
+        return False
+
+    def cmd_join(self, argument: str) -> None:
+        word, _, key = argument.partition(" ")
+        name = self._room(word)
+        if name is None:
+            return
+        with self.link.state() as rooms:
+            room = rooms.get(name)
+            if room is None:
+                rooms.joining.add(name.lower())     # current once its room frame comes
+            else:
+                unread, name = rooms.switch(room), room.name
+        if room is not None:
+            self._now_in(name, unread)
+            return
+        request = {"type": "join", "room": name}
+        if key.strip():
+            request["key"] = key.strip()
+        self.link.round_trip(request)
+        with self.link.state() as rooms:
+            rooms.joining.discard(name.lower())     # in, or refused
+
+    def cmd_part(self, argument: str) -> None:
+        word, text = room_argument(argument)
+        name = self._room(word)
+        if name is None:
+            return
+        with self.link.state() as rooms:
+            last = rooms.get(name) is not None and len(rooms.rooms) == 1
+        if last:    # the server would allow it, but then nothing typed could go anywhere
+            self.screen.warn(f"#{name} is your last room: /join another before you leave it")
+            return
+        request = {"type": "part", "room": name}
+        if text:
+            request["text"] = text
+        self.link.round_trip(request)   # a script's next line goes to the room we are in then
+
+    def cmd_rooms(self, argument: str) -> None:
+        self.send({"type": "rooms"})
+
+    def cmd_names(self, argument: str) -> None:
+        name = self._room(argument.split()[0] if argument.strip() else None)
+        if name is not None:
+            self.send({"type": "who", "room": name})
+
+    def cmd_topic(self, argument: str) -> None:
+        word, text = room_argument(argument)
+        name = self._room(word)
+        if name is None:
+            return
+        if not text:    # the id marks the answer as one (a change that others make has none)
+            self.send({"type": "topic", "room": name, "id": self.link.new_id()})
+        else:
+            self.send({"type": "topic", "room": name, "text": "" if text == "-delete" else text})
+
+    def cmd_key(self, argument: str) -> None:
+        word, key = room_argument(argument)
+        name = self._room(word) if word is not None else None
+        if word is None:
+            self.screen.warn(f"usage: /key {COMMANDS['key'].usage}")
+        elif name is not None:
+            self.send({"type": "key", "room": name, "key": key})
+
+    def cmd_kick(self, argument: str) -> None:
+        word, rest = room_argument(argument)
+        person, _, reason = rest.partition(" ")
+        if not self._person(person, f"/kick {COMMANDS['kick'].usage}"):
+            return
+        name = self._room(word)
+        if name is not None:
+            request = {"type": "kick", "room": name, "name": person}
+            if reason.strip():
+                request["text"] = reason.strip()
+            self.send(request)
+
+    # -- people ----------------------------------------------------------------------
+
+    def cmd_nick(self, argument: str) -> None:
+        """A new name; a registered one needs its password: given inline, or asked for
+        (without echo) once the server says it needs one."""
+        new, _, password = argument.partition(" ")
+        if not self._person(new, "/nick NEW [PASSWORD]"):
+            return
+        request = {"type": "nick", "name": new}
+        if password.strip() or self.ask_secret is None:
+            if password.strip():
+                request["name_password"] = password.strip()
+            self.link.expect_nick(password.strip() or None)
+            self.send(request)
+            return
+        self.link.expect_nick(None)
+        refused = self.link.round_trip(request, quiet=frozenset({"name_protected"}))
+        if refused is not None and refused["code"] == "name_protected":
+            password = self._secret(f"{new} is registered; its password: ", "/nick NEW PASSWORD")
+            if password:
+                self.link.expect_nick(password)
+                self.send({"type": "nick", "name": new, "name_password": password})
+
+    def cmd_away(self, argument: str) -> None:
+        self.send({"type": "away", "text": argument} if argument else {"type": "away"})
+
+    def cmd_whois(self, argument: str) -> None:
+        if self._person(argument, "/whois NAME"):
+            self.send({"type": "whois", "name": argument})
+
+    def cmd_ignore(self, argument: str) -> None:
+        if not argument:
+            with self.link.state() as rooms:
+                ignored = sorted(rooms.ignored.values(), key=str.lower)
+            self.screen.note(f"ignoring {', '.join(ignored)}" if ignored else "ignoring nobody",
+                             ANSWER)
+        elif argument.lower() == self.name.lower():
+            self.screen.warn("you cannot ignore yourself")
+        elif self._person(argument, "/ignore [NAME]"):
+            with self.link.state() as rooms:
+                changed = rooms.ignore(argument, True)
+            self.screen.note(f"ignoring {argument}: their messages, actions and whispers are "
+                             f"hidden here, until /unignore {argument}" if changed
+                             else f"already ignoring {argument}", ANSWER)
+
+    def cmd_unignore(self, argument: str) -> None:
+        if self._person(argument, "/unignore NAME"):
+            with self.link.state() as rooms:
+                changed = rooms.ignore(argument, False)
+            self.screen.note(f"showing {argument} again" if changed
+                             else f"{argument} was not ignored", ANSWER)
 
     def cmd_save(self, argument: str) -> None:
         overwrite = argument.startswith("-f ") or argument == "-f"
@@ -2343,16 +3152,58 @@ class ChatSession:
             self.screen.write_raw("\033[2J\033[3J\033[H")
 
     def cmd_quit(self, argument: str) -> None:
+        self.parting_words = argument
         raise EOFError      # leaves exactly as the end of input does
+
+
+def room_argument(argument: str) -> Tuple[Optional[str], str]:
+    """A room named first, and the rest: "#dev the rest" -> ("#dev", "the rest");
+    "the rest" -> (None, "the rest"), for the current room."""
+    if not argument.startswith("#"):
+        return None, argument
+    word, _, rest = argument.partition(" ")
+    return word, rest.strip()
+
+
+def room_operator_command(op: bool) -> Callable[["ChatSession", str], None]:
+    """/roomop (op) or /roomdeop: NAME [#room], the current room when none is named."""
+    def run(session: "ChatSession", argument: str) -> None:
+        person, _, word = argument.partition(" ")
+        if not session._person(person, f"/room{'' if op else 'de'}op NAME [#room]"):
+            return
+        name = session._room(word.strip() or None)
+        if name is not None:
+            session.send({"type": "room_op", "room": name, "name": person, "op": op})
+    return run
 
 
 COMMANDS: Dict[str, Command] = {
     "help": Command("", "show this list", ChatSession.cmd_help),
-    "clients": Command("", "who is here", ChatSession.cmd_clients),
+    "clients": Command("", "who is in the chat", ChatSession.cmd_clients),
+    "names": Command("[#room]", "who is in a room (this one if none); @: operators",
+                     ChatSession.cmd_names),
     "w": Command("NAME TEXT", "whisper: only NAME sees TEXT", ChatSession.cmd_whisper),
     "me": Command("ACTION", "say what you do: /me waves", ChatSession.cmd_me),
-    "history": Command("[N]", "show the last N messages (20 if no N)", ChatSession.cmd_history),
-    "search": Command("WORDS", "find messages holding all the words", ChatSession.cmd_search),
+    "join": Command("#room [KEY]", "go into a room (made if new); yours: switch",
+                    ChatSession.cmd_join),
+    "part": Command("[#room] [MESSAGE]", "leave a room (this one if none)",
+                    ChatSession.cmd_part),
+    "rooms": Command("", "the rooms, their sizes and topics",
+                     ChatSession.cmd_rooms),
+    "topic": Command("[#room] [TEXT]", "show or set a room's topic (-delete removes it)",
+                     ChatSession.cmd_topic),
+    "nick": Command("NEW [PASSWORD]", "change your name (a registered one needs its "
+                    "password)", ChatSession.cmd_nick),
+    "away": Command("[TEXT]", "say you are away, and why; alone (or talking): back",
+                    ChatSession.cmd_away),
+    "whois": Command("NAME", "about someone: rooms, away, idle", ChatSession.cmd_whois),
+    "ignore": Command("[NAME]", "hide someone's lines here (alone: the list)",
+                      ChatSession.cmd_ignore),
+    "unignore": Command("NAME", "show their lines again", ChatSession.cmd_unignore),
+    "history": Command("[N]", "show this room's last N messages (20 if no N)",
+                       ChatSession.cmd_history),
+    "search": Command("[--all] WORDS", "find messages with all the words (--all: in all "
+                      "your rooms)", ChatSession.cmd_search),
     "save": Command("[FILE]", "save this session as text; -f overwrites",
                     ChatSession.cmd_save),
     # Password commands ask for what is left out, without echo; scripts give it inline.
@@ -2362,32 +3213,54 @@ COMMANDS: Dict[str, Command] = {
                           ChatSession.cmd_unregister),
     "password": Command("[OLD NEW]", "change your name's password", ChatSession.cmd_password),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
-    "quit": Command("", "leave the chat; so does Ctrl-D", ChatSession.cmd_quit),
+    "quit": Command("[MESSAGE]", "leave the chat, with parting words; so does Ctrl-D",
+                    ChatSession.cmd_quit),
     "op": Command("[PASSWORD]", "become an operator with the operator password",
                   ChatSession.cmd_op),
-    "deop": Command("", "stop being an operator", ChatSession.cmd_deop, True),
-    "kick": Command("NAME [REASON]", "disconnect someone", moderation_command("kick"), True),
+    # Room operators: whoever made the room, and whom they made operators (and every
+    # server operator).
+    "key": Command("#room [KEY]", "the key /join then needs (no KEY: none)",
+                   ChatSession.cmd_key, ROOM_OPERATORS),
+    "roomop": Command("NAME [#room]", "make someone an operator of the room",
+                      room_operator_command(True), ROOM_OPERATORS),
+    "roomdeop": Command("NAME [#room]", "take that away", room_operator_command(False),
+                        ROOM_OPERATORS),
+    "kick": Command("[#room] NAME [REASON]", "put someone out of the room",
+                    ChatSession.cmd_kick, ROOM_OPERATORS),
+    "deop": Command("", "stop being an operator", ChatSession.cmd_deop, OPERATORS),
+    "kill": Command("NAME [REASON]", "disconnect someone from the chat",
+                    moderation_command("kick"), OPERATORS),
     "ban": Command("NAME|ADDRESS [MINUTES] [REASON]", "keep someone out",
-                   moderation_command("ban"), True),
-    "unban": Command("NAME|ADDRESS", "lift a ban", moderation_command("unban"), True),
-    "bans": Command("", "list the bans", moderation_command("bans"), True),
+                   moderation_command("ban"), OPERATORS),
+    "unban": Command("NAME|ADDRESS", "lift a ban", moderation_command("unban"), OPERATORS),
+    "bans": Command("", "list the bans", moderation_command("bans"), OPERATORS),
     "mute": Command("NAME [MINUTES]", "let someone read but not send",
-                    moderation_command("mute"), True),
-    "unmute": Command("NAME", "let them send again", moderation_command("unmute"), True),
-    "announce": Command("TEXT", "an announcement to everyone", moderation_command("say"), True),
-    "shutdown": Command("", "stop the server", moderation_command("shutdown"), True),
+                    moderation_command("mute"), OPERATORS),
+    "unmute": Command("NAME", "let them send again", moderation_command("unmute"),
+                      OPERATORS),
+    "announce": Command("TEXT", "an announcement to everyone", moderation_command("say"),
+                        OPERATORS),
+    "shutdown": Command("", "stop the server", moderation_command("shutdown"), OPERATORS),
 }
-ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit"}
-PASSWORD_COMMANDS = frozenset({"op", "register", "unregister", "password"})
+ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit",
+                           "j": "join", "leave": "part", "list": "rooms"}
+# Commands that may carry a password, and after how many words it comes.
+PASSWORD_COMMANDS: Dict[str, int] = {"op": 0, "register": 0, "unregister": 0, "password": 0,
+                                     "nick": 1}
+HELP_SECTIONS: Dict[str, Optional[str]] = {
+    EVERYONE: None,
+    ROOM_OPERATORS: "for room operators (@ in that room; server operators too):",
+    OPERATORS: "for server operators (after /op):",
+}
 
 
 def command_help_lines() -> List[str]:
     lines = []
-    for operators in (False, True):
-        if operators:
-            lines.append("for operators (after /op):")
+    for audience, title in HELP_SECTIONS.items():
+        if title:
+            lines.append(title)
         for name, command in COMMANDS.items():
-            if command.for_operators != operators:
+            if command.audience != audience:
                 continue
             aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
             label = f"/{name} {command.usage}".strip()
@@ -2396,13 +3269,14 @@ def command_help_lines() -> List[str]:
                 lines.append(f"  {label}")
                 label = ""
             lines.append(f"  {label:<20} {command.summary}{also}")
-        if not operators:
+        if audience == EVERYONE:
             lines += [
                 f"  {'//text':<20} send a line that starts with /; \\\\text, one with \\",
                 "  Backslash works as well as slash (\\quit, \\clients); after a backslash,",
                 "  a word of letters is always a command, anything else (\\o/) is chat.",
-                "  A password left out is asked for, and not shown; a new one twice."]
-            lines.append("  Keys: Up/Down recall lines, Tab completes names and commands.")
+                "  A password left out is asked for, and not shown; a new one twice.",
+                "  Keys: Up/Down recall lines, Ctrl-N/Ctrl-P go to the next or previous",
+                "  room, Tab completes names, #rooms and commands."]
     return lines
 
 
@@ -2431,9 +3305,10 @@ def write_new_file(path: str, lines: List[str], overwrite: bool) -> str:
 
 
 def holds_password(line: str) -> bool:
-    """Whether a typed line carries a password (/op PASSWORD, /register PASSWORD, ...)."""
+    """Whether a typed line carries a password (/op PASSWORD, /nick NAME PASSWORD, ...)."""
     command, argument = parse_line(line)
-    return bool(argument) and ALIASES.get(command, command) in PASSWORD_COMMANDS
+    before = PASSWORD_COMMANDS.get(ALIASES.get(command, command))
+    return before is not None and len(argument.split(None, before)) > before
 
 
 # ---------------------------------------------------------------------------
@@ -2549,10 +3424,11 @@ def port_number(text: str) -> int:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Terminal chat client. Type a line to send it to everyone; lines\n"
-                    "starting with / are commands. With input piped in, it sends each\n"
-                    "line and exits once the server has them all, printing only the\n"
-                    "answers to its commands (errors on stderr) unless --show-chat.",
+        description="Terminal chat client. Type a line to send it to the room you are\n"
+                    "in (#lobby at first); lines starting with / are commands. With\n"
+                    "input piped in, it sends each line and exits once the server has\n"
+                    "them all, printing only the answers to its commands (errors on\n"
+                    "stderr) unless --show-chat.",
         epilog="commands in the chat:\n" + "\n".join(command_help_lines()) +
                "\n\nexit status: 0 after /quit or the end of input; 1 when the\n"
                "connection fails or is lost; 2 for a usage error (a bad option,\n"
@@ -2675,8 +3551,9 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
     try:
         if terminal is not None:
             with terminal:
-                screen.editor = LineEditor(terminal, sys.stdout, complete=session.complete,
-                                           private=holds_password, lock=screen.lock)
+                screen.editor = LineEditor(terminal, sys.stdout, prompt=session.prompt,
+                                           complete=session.complete, private=holds_password,
+                                           lock=screen.lock, switch_room=session.switch_room)
                 try:
                     while True:
                         session.handle_line(screen.editor.read_line())
@@ -2688,7 +3565,7 @@ def read_lines(session: ChatSession, screen: Screen, terminal: Optional[object],
     except (EOFError, KeyboardInterrupt):
         session.leave()
         if interactive:
-            print("* you left the chat")
+            print(f"{NOTICE_MARK}you left the chat")
     except ConnectionLost:
         return 1
     return 1 if session.lost_reason else 0
@@ -2754,9 +3631,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     connection, welcome = joined
 
-    def rejoin(resume: Optional[str]) -> Tuple[ServerConnection, dict]:
+    def rejoin(name: str, resume: Optional[str], rooms: List[object]
+               ) -> Tuple[ServerConnection, dict]:
+        # Under our name of the moment (/nick), into the rooms we were in, with their keys.
         again = dataclasses.replace(joiner.credentials, resume=resume)
-        return join(host, port, welcome["name"], again, tls)
+        return join(host, port, name, again, tls, rooms)
 
     terminal = open_terminal(sys.stdin) if interactive and styled else None
     waker = MainThreadWaker()

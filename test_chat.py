@@ -2304,10 +2304,11 @@ class TlsTests(unittest.TestCase):
         port = first.port
         tls = self.options(pinned=SELF_SIGNED_FINGERPRINT)
 
-        def rejoin(resume: Optional[str]):
-            return client.join("127.0.0.1", port, "bot", client.Credentials(resume=resume), tls)
+        def rejoin(name: str, resume: Optional[str], rooms: list):
+            return client.join("127.0.0.1", port, name, client.Credentials(resume=resume), tls,
+                               rooms)
 
-        connection, welcome = rejoin(None)
+        connection, welcome = rejoin("bot", None, ["lobby"])
         lost = threading.Event()
         session = client.ChatSession(connection, welcome, f"127.0.0.1:{port}", make_screen(),
                                      on_lost=lost.set, rejoin=rejoin)
@@ -2437,7 +2438,7 @@ class TlsTests(unittest.TestCase):
                       os.path.join(directory, "known"), "--show-chat", stdin_data="over TLS\n")
         self.addCleanup(bot.kill)
         self.assertEqual(bot.finish(), 0, bot.output("stderr"))
-        self.assertIn(f"* encrypted with TLS; certificate fingerprint: {SELF_SIGNED_FINGERPRINT}",
+        self.assertIn(f"-!- encrypted with TLS; certificate fingerprint: {SELF_SIGNED_FINGERPRINT}",
                       bot.output().splitlines())     # said once, when joining
         while True:
             message = watcher.receive()
@@ -3200,10 +3201,10 @@ class RenderingTests(unittest.TestCase):
         from_alice = client.chat_line("14:05", "alice", "psst", "bob", "whisper", to="bob")
         self.assertEqual(from_alice.plain, "[14:05] [whisper from alice] psst")
         self.assertTrue(from_alice.ring)
-        waves = client.format_message({"type": "message", "from": "bob", "text": "waves",
+        [waves] = client.format_message({"type": "message", "from": "bob", "text": "waves",
                                        "action": True, "ts": "2026-01-01T00:00:00Z"}, "me")
         self.assertTrue(waves.plain.endswith("* bob waves"))
-        old = client.format_message({"type": "history", "kind": "message", "from": "bob",
+        [old] = client.format_message({"type": "history", "kind": "message", "from": "bob",
                                      "text": "hi me", "ts": "2020-01-02T03:04:05Z"}, "me")
         self.assertTrue(old.dim)
         self.assertFalse(old.ring)      # old news rings no bell
@@ -3447,13 +3448,15 @@ class LineEditorTests(unittest.TestCase):
             return ["eof"]
 
         session = types.SimpleNamespace(complete=lambda word, first: [], lost_reason=None,
-                                        handle_line=print, leave=lambda: None)
+                                        handle_line=print, leave=lambda: None,
+                                        prompt=lambda: client.PROMPT,
+                                        switch_room=lambda step: None)
         receiver.start()
         self.assertTrue(receiver_writing.wait(TIMEOUT))
         with contextlib.redirect_stdout(vt):
             client.read_lines(session, screen, ScriptedTerminal([after_the_burst]), True)
         self.assertEqual(seen[0], "--- earlier messages ---")
-        self.assertEqual(seen[1:-1], [f"[14:05] * user{number} joined" for number in range(20)])
+        self.assertEqual(seen[1:-1], [f"[14:05] -!- user{number} joined" for number in range(20)])
         self.assertEqual(seen[-1], ">")     # the prompt, alone on the last line
 
     def test_wide_characters_and_an_exactly_full_row(self) -> None:
@@ -3527,17 +3530,18 @@ class TerminalClientTests(ChatTestCase):
     def test_half_typed_text_survives_an_arriving_message(self) -> None:
         alice = self.peer("alice")
         proc, master, screen = self.start_client("--name", "bob")
-        self.wait_for(master, screen, lambda s: ">" in s.lines)   # the prompt, nothing typed
+        self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)   # the prompt alone
         alice.expect("join")
         os.write(master, "hello wor".encode())
-        self.wait_for(master, screen, lambda s: "> hello wor" in s.lines)
+        self.wait_for(master, screen, lambda s: "#lobby> hello wor" in s.lines)
         alice.say("a message from alice arrives now")
-        self.wait_for(master, screen, lambda s: "> hello wor" in s.lines and any(
+        self.wait_for(master, screen, lambda s: "#lobby> hello wor" in s.lines and any(
             "alice: a message from alice" in line for line in s.lines))
         lines = [line for line in screen.lines if line]
         self.assertRegex(lines[-2], r"^\[\d\d:\d\d\] alice: a message from alice arrives now$")
-        self.assertEqual(lines[-1], "> hello wor")
-        self.assertEqual((screen.row, screen.column), (screen.lines.index("> hello wor"), 11))
+        self.assertEqual(lines[-1], "#lobby> hello wor")
+        self.assertEqual((screen.row, screen.column),
+                         (screen.lines.index("#lobby> hello wor"), 17))
         os.write(master, b"ld\r")
         self.assertEqual(alice.expect("message")["text"], "hello world")
         self.wait_for(master, screen, lambda s: any("bob: hello world" in line
@@ -3548,6 +3552,36 @@ class TerminalClientTests(ChatTestCase):
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertEqual(alice.expect("leave")["reason"], "quit")
 
+    def test_the_prompt_names_the_room_and_counts_what_waits_in_the_others(self) -> None:
+        alice = self.peer("alice")
+        enter(alice, "dev")
+        proc, master, screen = self.start_client("--name", "bob")
+        self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
+        os.write(master, b"/join #dev\r")
+        self.wait_for(master, screen, lambda s: "#dev>" in s.lines)
+        alice.expect_next_of("join", room="dev")
+        alice.send({"type": "say", "room": "lobby", "text": "over in the lobby"})
+        self.wait_for(master, screen, lambda s: "#dev (1 unread)>" in s.lines)
+        alice.send({"type": "say", "room": "dev", "text": "right here"})
+        self.wait_for(master, screen, lambda s: any("right here" in line for line in s.lines)
+                      and "#dev (1 unread)>" in s.lines)
+        lines = [line for line in screen.lines if line]
+        self.assertRegex(lines[-3], r"^\[\d\d:\d\d\] #lobby alice: over in the lobby$")
+        self.assertRegex(lines[-2], r"^\[\d\d:\d\d\] alice: right here$")   # the current room's
+        self.assertEqual(lines[-1], "#dev (1 unread)>")
+        os.write(master, b"\x0e")      # Ctrl-N: the next room, its unread count cleared
+        self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
+        self.assertIn("-!- now in #lobby; its 1 unread above are marked #lobby", screen.lines)
+        os.write(master, b"\x1b[A")    # Up still recalls earlier lines
+        self.wait_for(master, screen, lambda s: "#lobby> /join #dev" in s.lines)
+        os.write(master, b"\x15\x10")  # Ctrl-U, then Ctrl-P: back to #dev
+        self.wait_for(master, screen, lambda s: "#dev>" in s.lines)
+        os.write(master, b"hi dev\r")
+        said = alice.expect("message")
+        self.assertEqual((said["room"], said["text"]), ("dev", "hi dev"))
+        os.write(master, b"\x04")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
     def test_ctrl_c_leaves_cleanly(self) -> None:
         # Also when started with SIGINT ignored, as a shell script's background job is.
         alice = self.peer("alice")
@@ -3555,7 +3589,7 @@ class TerminalClientTests(ChatTestCase):
             with self.subTest(sigint=inherited):
                 name = f"bob{number}"
                 proc, master, screen = self.start_client("--name", name, sigint=inherited)
-                self.wait_for(master, screen, lambda s: ">" in s.lines)
+                self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
                 alice.expect("join")
                 os.write(master, b"\x03")
                 self.assertEqual(proc.wait(TIMEOUT), 0)
@@ -3568,12 +3602,12 @@ class TerminalClientTests(ChatTestCase):
     def test_ctrl_c_at_a_password_prompt_cancels_the_command_only(self) -> None:
         alice = self.peer("alice")
         proc, master, screen = self.start_client("--name", "bob")
-        self.wait_for(master, screen, lambda s: ">" in s.lines)
+        self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
         alice.expect("join")
         os.write(master, b"/op\r")
         self.wait_for(master, screen, lambda s: "operator password:" in s.text)
         os.write(master, b"\x03")
-        self.wait_for(master, screen, lambda s: "* cancelled" in s.lines)
+        self.wait_for(master, screen, lambda s: "-!- cancelled" in s.lines)
         self.assertIn("operator password:", screen.lines)     # the next line began anew
         os.write(master, b"still here\r")
         self.assertEqual(alice.expect("message")["text"], "still here")
@@ -3652,12 +3686,12 @@ class ReconnectTests(unittest.TestCase):
         self.assertEqual(bot.finish(), 1)
         lines = bot.output("stderr").splitlines()
         # Why it reconnects, and for how long; then why it stopped.
-        self.assertEqual(lines[:2], ["* The server is shutting down.",
-                                     "* the server shut down (it may be restarting); trying "
+        self.assertEqual(lines[:2], ["-!- The server is shutting down.",
+                                     "-!- the server shut down (it may be restarting); trying "
                                      "to reconnect for about 1 s"])
-        attempts = [line for line in lines if line.startswith("* attempt")]
+        attempts = [line for line in lines if line.startswith("-!- attempt")]
         self.assertEqual(len(attempts), 1, lines)
-        self.assertRegex(attempts[0], r"^\* attempt 1 of 1 failed: cannot connect to .*refused$")
+        self.assertRegex(attempts[0], r"^-!- attempt 1 of 1 failed: cannot connect to .*refused$")
         self.assertIn("! could not reconnect (1 attempt over about 1 s)", lines)
         self.assertIn("! not sent: lost cause", lines)
 
@@ -3668,7 +3702,7 @@ class ReconnectTests(unittest.TestCase):
         self.addCleanup(server.stop)
         reasons = ["connection refused"] * 3 + ["timed out"] * 2 + ["connection refused"]
 
-        def rejoin(resume: Optional[str]):
+        def rejoin(name: str, resume: Optional[str], rooms: list):
             raise client.CannotConnect(f"cannot connect: {reasons.pop(0)}\nIs it running?")
 
         connection, welcome = client.join("127.0.0.1", server.port, "bot")
@@ -3680,9 +3714,9 @@ class ReconnectTests(unittest.TestCase):
         server.stop()
         self.assertTrue(lost.wait(TIMEOUT))
         self.assertEqual([line for line in session.screen.out.lines if "attempt" in line],
-                         ["* attempt 1 of 6 failed: cannot connect: connection refused",
-                          "* attempt 4 of 6 failed: cannot connect: timed out",
-                          "* attempt 6 of 6 failed: cannot connect: connection refused",
+                         ["-!- attempt 1 of 6 failed: cannot connect: connection refused",
+                          "-!- attempt 4 of 6 failed: cannot connect: timed out",
+                          "-!- attempt 6 of 6 failed: cannot connect: connection refused",
                           "! could not reconnect (6 attempts over about 1 s)"])
 
 
@@ -4526,9 +4560,8 @@ class ClientUnitTests(unittest.TestCase):
             for field, expected in fields.items():
                 field = field.rstrip("?")
                 message[field] = {str: hostile, list: [hostile], dict: {}, bool: True,
-                                  int: 1}[expected]
-            line = client.format_message(message, "me")
-            line = line.plain if line else ""
+                                  int: 1, object: hostile}[expected]
+            line = " ".join(line.plain for line in client.format_message(message, "me"))
             with self.subTest(kind=kind):
                 self.assertFalse([c for c in line
                                   if unicodedata.category(c) in ("Cc", "Cs") or c == "\u202e"],
@@ -4568,6 +4601,21 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(stopped.exception.code, 2)
         self.assertIn("'.' is not a name: names are 1 to 32", stderr.getvalue())
 
+    def test_help_and_the_readme_name_every_command(self) -> None:
+        helped = "\n".join(client.command_help_lines())
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        documented = text[text.index("## Using the client"):text.index("## Running the server")]
+        operators = text[text.index("### Operators"):text.index("### Message rules")]
+        for name, command in client.COMMANDS.items():
+            readme_part = operators if command.audience == client.OPERATORS else documented
+            self.assertTrue(f"/{name} {command.usage}".strip() in helped, f"/help: /{name}")
+            self.assertTrue(f"`/{name}" in readme_part, f"README: /{name}")
+        for alias in client.ALIASES:
+            self.assertTrue(f"/{alias}" in helped, f"/help: /{alias}")
+            self.assertTrue(f"`/{alias}`" in documented, f"README: /{alias}")
+        self.assertIn("Ctrl-N", helped)
+
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
             self.assertIn(target, client.COMMANDS, alias)
@@ -4586,7 +4634,8 @@ class ClientUnitTests(unittest.TestCase):
     def test_formatting(self) -> None:
         stamp = "2026-01-02T03:04:05.000Z"
         local = datetime.fromisoformat("2026-01-02T03:04:05+00:00").astimezone().strftime("%H:%M")
-        fmt = lambda message, me: (client.format_message(message, me) or client.Line((), ())).plain
+        fmt = lambda message, me: "\n".join(line.plain for line in
+                                             client.format_message(message, me))
         self.assertEqual(fmt({"type": "message", "from": "bob", "text": "hi", "ts": stamp}, "me"),
                          f"[{local}] bob: hi")
         self.assertEqual(fmt({"type": "sent", "text": "hi", "ts": stamp}, "me"),
@@ -4596,18 +4645,45 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "whisper", "from": "bob", "to": "me", "text": "hi",
                               "ts": stamp}, "me"), f"[{local}] [whisper from bob] hi")
         self.assertEqual(fmt({"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
-                             "me"), f"[{local}] * bob left")
-        self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "* 2 here: a, b")
+                             "me"), f"[{local}] -!- bob left")
+        self.assertEqual(fmt({"type": "users", "users": ["a", "b"]}, "me"), "-!- 2 here: a, b")
         self.assertEqual(fmt({"type": "notice", "code": "muted", "text": "bob was muted",
-                              "ts": stamp}, "me"), f"[{local}] * bob was muted")
+                              "ts": stamp}, "me"), f"[{local}] -!- bob was muted")
         self.assertEqual(fmt({"type": "notice", "code": "op", "text": "You are an operator"},
-                             "me"), "* You are an operator")    # no time, none shown
+                             "me"), "-!- You are an operator")    # no time, none shown
         self.assertEqual(fmt({"type": "users", "users": ["a", "b"], "count": 1500}, "me"),
-                         "* 1500 here: a, b and 1498 more")
-        self.assertIsNone(client.format_message({"type": "pong"}, "me"))
+                         "-!- 1500 here: a, b and 1498 more")
+        self.assertEqual(client.format_message({"type": "pong"}, "me"), [])
         # What the server sends is cleaned again before it reaches the terminal.
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
                               "ts": stamp}, "me"), f"[{local}] x[2J: hi")
+
+    def test_an_action_can_never_pass_for_a_notice(self) -> None:
+        # Issue 11: "/me left" showed exactly as a real departure, and "/me was kicked by
+        # server: spoofed" as a real kick. Notices carry "-!-" where an action has
+        # "* NAME", and a name cannot hold "!".
+        stamp = "2026-01-02T03:04:05.000Z"
+        shown = lambda message: "\n".join(line.plain for line in
+                                          client.format_message(message, "me"))
+        real = {"left": {"type": "leave", "name": "bob", "reason": "quit", "ts": stamp},
+                "was kicked by server: spoofed": {
+                    "type": "leave", "name": "bob", "reason": "kicked", "ts": stamp,
+                    "text": "bob was kicked by server: spoofed"}}
+        notice = re.compile(r"^(\[[^\]]*\] )?(#\S+ )*-!- ")
+        for text, event in real.items():
+            with self.subTest(text=text):
+                action = shown({"type": "message", "from": "bob", "text": text,
+                                "action": True, "ts": stamp})
+                self.assertRegex(shown(event), notice)
+                self.assertNotRegex(action, notice)
+                self.assertNotEqual(action.split("] ", 1)[1], shown(event).split("] ", 1)[1])
+        for name in ("-", "a-b", "x.y", "_"):     # no name can end up as the mark
+            line = shown({"type": "message", "from": name, "text": "-!- joined",
+                          "action": True, "ts": stamp})
+            self.assertNotRegex(line, notice)
+            self.assertNotRegex(shown({"type": "message", "from": name, "text": "-!- x",
+                                       "ts": stamp}), notice)
+        self.assertEqual(client.notice_line("connected").plain, "-!- connected")
 
     @unittest.skipUnless(hasattr(time, "tzset"), "needs time.tzset")
     def test_local_time_of_a_stamp_at_the_edge_of_the_calendar(self) -> None:
@@ -4698,7 +4774,7 @@ class ClientProcessTests(ChatTestCase):
         self.assertEqual(bot.finish(), 0)
         self.assertEqual(alice.expect("message")["text"], "build finished")
         lines = bot.output().splitlines()   # no banner, replay, hints or chat: answers only
-        self.assertEqual(lines[:2], ["* 2 here: alice, bot", "--- search: green ---"])
+        self.assertEqual(lines[:2], ["-!- 2 here: alice, bot", "--- search: green ---"])
         self.assertRegex(lines[2], r"^\[\d\d:\d\d\] alice: the build is green$")
         self.assertEqual(lines[3:], ["--- 1 found ---"])
         self.assertEqual(bot.output("stderr").splitlines(),
@@ -4712,13 +4788,27 @@ class ClientProcessTests(ChatTestCase):
                               stdin_data="build finished\n/whisper nobody x\n")
         self.assertEqual(bot.finish(), 0)
         output = bot.output()
-        for expected in (f"* connected to 127.0.0.1:{self.port} as bot", "* here now: alice",
-                         "--- earlier messages ---", "alice: the build is green",
+        for expected in (f"-!- connected to 127.0.0.1:{self.port} as bot",
+                         "-!- you are in #lobby with alice",
+                         "--- earlier messages in #lobby ---", "alice: the build is green",
                          "bot: build finished"):
             self.assertIn(expected, output)
         self.assertNotIn("/help", output)       # hints are for people at a terminal
         self.assertEqual(bot.output("stderr").splitlines(),
                          ['! Nobody called "nobody" is here.'])
+
+    def test_a_script_talks_in_the_room_it_joins_and_in_the_one_it_is_back_in(self) -> None:
+        alice = self.peer("alice")
+        enter(alice, "dev")
+        bot = self.run_client("--name", "bot", stdin_data="/join #dev\nhello dev\n/names\n"
+                                                          "/topic\n/part\nback in the lobby\n")
+        self.assertEqual(bot.finish(), 0)
+        heard = [(m["room"], m["text"]) for m in (alice.expect("message"),
+                                                 alice.expect("message"))]
+        self.assertEqual(heard, [("dev", "hello dev"), ("lobby", "back in the lobby")])
+        self.assertEqual(bot.output().splitlines(), ["-!- 2 in #dev: @alice, bot",
+                                                     "-!- #dev has no topic"])
+        self.assertEqual(bot.output("stderr"), "")
 
     def test_piped_input_without_a_name_is_a_usage_error(self) -> None:
         alice = self.peer("alice")
@@ -4754,10 +4844,12 @@ class ClientProcessTests(ChatTestCase):
             for line in lines:
                 self.assertRegex(line, rf"^{when}:\d\d ")    # each line dated, for grep
         logged = [line[20:] for line in first.splitlines()[1:]]
-        self.assertIn(f"* connected to 127.0.0.1:{self.port} as bot0", logged)
+        self.assertIn(f"-!- connected to 127.0.0.1:{self.port} as bot0", logged)
         self.assertIn("--- 1 found ---", logged)    # the whole session, not only what is shown
-        self.assertTrue(any(line.endswith("] alice: the build is green") for line in logged))
-        self.assertTrue(any(line.endswith("] bot0: hi there") for line in logged))
+        # Every line of a room names it, the current room's too.
+        self.assertTrue(any(line.endswith("] #lobby alice: the build is green")
+                            for line in logged))
+        self.assertTrue(any(line.endswith("] #lobby bot0: hi there") for line in logged))
 
     def test_unwritable_log_is_a_one_line_error(self) -> None:
         bot = self.run_client("--name", "bot", "--log", os.path.join(HERE, "no", "dir", "x.log"),
@@ -4773,7 +4865,7 @@ class ClientProcessTests(ChatTestCase):
         self.server.stop()
         self.assertEqual(bot.finish(), 1)
         self.assertEqual(bot.output(), "")
-        self.assertEqual(bot.output("stderr"), "* The server is shutting down.\n! disconnected")
+        self.assertEqual(bot.output("stderr"), "-!- The server is shutting down.\n! disconnected")
 
     def test_client_answers_pings(self) -> None:
         pong = threading.Event()
@@ -4850,14 +4942,14 @@ class ClientSessionTests(ChatTestCase):
         bot = self.session()
         out = bot.out
         out.wait_for("--- end of history ---")
-        self.assertLess(out.lines.index("--- earlier messages ---"),
+        self.assertLess(out.lines.index("--- earlier messages in #lobby ---"),
                         out.lines.index(out.wait_for("alice: the build is green")))
         bot.handle_line("/search BUILD green")
         out.wait_for("--- 1 found ---")
         self.assertEqual(out.lines[-3:-1], ["--- search: BUILD green ---",
                                             out.wait_for("alice: the build is green")])
         bot.handle_line("/search nothing-like-it")
-        out.wait_for("* no messages match")
+        out.wait_for("-!- no messages match")
         for bad in ("/history 0", "/history x", "/history \u00b2", "/search"):
             del out.lines[:]
             bot.handle_line(bad)
@@ -4927,18 +5019,18 @@ class ClientSessionTests(ChatTestCase):
         bot.handle_line("hi there")
         bot.out.wait_for("bot: hi there")
         bot.handle_line(f"/save {path}")
-        bot.out.wait_for("* saved")
+        bot.out.wait_for("-!- saved")
         with open(path, encoding="utf-8") as saved:
             text = saved.read()
         self.assertTrue(text.startswith(f"Chat on 127.0.0.1:{self.port} as bot, "))
-        self.assertRegex(text, r"\n\[\d\d:\d\d\] bot: hi there\n")
-        self.assertIn("* connected to", text)
+        self.assertRegex(text, r"\n\[\d\d:\d\d\] #lobby bot: hi there\n")
+        self.assertIn("-!- connected to", text)
         bot.handle_line(f"/save {path}")
         bot.out.wait_for(f"{path} exists")
         with open(path, encoding="utf-8") as saved:
             self.assertEqual(saved.read(), text)
         bot.handle_line(f"/save -f {path}")
-        self.assertEqual(len([line for line in bot.out.lines if "* saved" in line]), 2)
+        self.assertEqual(len([line for line in bot.out.lines if "-!- saved" in line]), 2)
         bot.handle_line(f"/save {directory}/missing/dir/x.txt")
         bot.out.wait_for("cannot save to")
 
@@ -4983,7 +5075,8 @@ class ClientSessionTests(ChatTestCase):
         bot.out.wait_for("is a folder")
         for command, usage in (("/announce", "usage: /announce TEXT"),
                                ("/msg", "usage: /w NAME TEXT"), ("/me  ", "usage: /me ACTION"),
-                               ("/search", "usage: /search WORDS")):
+                               ("/search", "usage: /search [--all] WORDS"),
+                               ("/search --all", "usage: /search [--all] WORDS")):
             bot.handle_line(command)
             bot.out.wait_for(usage)
 
@@ -5017,6 +5110,344 @@ class ClientSessionTests(ChatTestCase):
         self.assertTrue(self.lost.wait(TIMEOUT))
         bot.out.wait_for("The server is shutting down.")
         bot.out.wait_for("! disconnected")
+
+
+class RecordingScreen(client.Screen):
+    """A plain screen that also keeps every Line shown, for what plain text hides."""
+
+    def __init__(self) -> None:
+        super().__init__(WatchedOutput(), terminal=False, colour=False)
+        self.shown: List["client.Line"] = []
+
+    def show(self, line: "client.Line") -> None:
+        self.shown.append(line)
+        super().show(line)
+
+
+class ClientRoomTests(ChatTestCase):
+    """Rooms and the habits of IRC users, as ChatSession does them, against a real server."""
+
+    server_settings = {"failure_delay": 0.01}
+
+    def session(self, name: str = "bot", answers: Optional[List[str]] = None,
+                rejoin=None) -> "client.ChatSession":
+        connection, welcome = client.join("127.0.0.1", self.port, name)
+        session = client.ChatSession(
+            connection, welcome, f"127.0.0.1:{self.port}", RecordingScreen(),
+            on_lost=lambda: None, rejoin=rejoin,
+            ask_secret=(lambda prompt: answers.pop(0)) if answers is not None else None)
+        session.out = session.screen.out
+        self.addCleanup(session.leave)
+        session.show_banner(welcome)
+        session.start()
+        session.out.wait_for("you are in #lobby")
+        return session
+
+    def test_join_switch_part_and_the_prompt(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        self.assertEqual(bot.prompt(), "#lobby> ")
+        bot.handle_line("/join #Dev")       # made on first use, and current at once
+        bot.out.wait_for("you are in #Dev; nobody else is here yet")
+        self.assertEqual(bot.prompt(), "#Dev> ")
+        enter(alice, "dev")
+        bot.out.wait_for("-!- alice joined")     # of the current room: no tag
+        bot.handle_line("hello dev")
+        said = alice.expect("message")
+        self.assertEqual((said["room"], said["text"]), ("Dev", "hello dev"))
+        alice.send({"type": "say", "room": "lobby", "text": "over here"})
+        self.assertRegex(bot.out.wait_for("over here"), r"^\[\d\d:\d\d\] #lobby alice: over here$")
+        self.assertEqual(bot.prompt(), "#Dev (1 unread)> ")
+        bot.handle_line("/join lobby")      # in it already: it becomes current
+        self.assertEqual(bot.out.lines[-1], "-!- now in #lobby; its 1 unread above are marked "
+                                            "#lobby")
+        self.assertEqual(bot.prompt(), "#lobby> ")
+        alice.send({"type": "say", "room": "dev", "text": "in dev"})
+        self.assertRegex(bot.out.wait_for("in dev"), r"^\[\d\d:\d\d\] #Dev alice: in dev$")
+        bot.handle_line("/part #lobby see you")     # the current one: back to #Dev
+        left = alice.expect_next_of("leave", room="lobby")
+        self.assertEqual((left["name"], left["comment"]), ("bot", "see you"))
+        bot.out.wait_for("-!- you left #lobby: see you")
+        self.assertEqual(bot.out.lines[-1], "-!- now in #Dev; its 1 unread above are marked #Dev")
+        self.assertEqual(bot.prompt(), "#Dev> ")
+        bot.handle_line("/part")            # the last room: the client says no
+        self.assertEqual(bot.out.lines[-1], "! #Dev is your last room: /join another before "
+                                            "you leave it")
+        self.assertNotIn("leave", [m["type"] for m in alice.sync()])
+        with bot.screen.lock:   # a transcript names the room of every line, current or not
+            transcript = list(bot.screen.transcript)
+        self.assertTrue(any(re.fullmatch(r"\[\d\d:\d\d\] #Dev bot: hello dev", line)
+                            for line in transcript), transcript)
+        self.assertIn("-!- you are in #Dev; nobody else is here yet", transcript)
+
+    def test_room_operators_topics_keys_and_kicks(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        bot.handle_line("/join #ops")
+        bot.handle_line("/topic release friday")
+        self.assertRegex(bot.out.wait_for("set the topic"),
+                         r"^\[\d\d:\d\d\] -!- bot set the topic: release friday$")
+        bot.handle_line("/topic #ops")
+        self.assertEqual(bot.out.wait_for("topic of"),
+                         "-!- topic of #ops: release friday (set by bot)")
+        bot.handle_line("/key #ops s3cret")
+        bot.out.wait_for("bot set the key: s3cret")
+        room = enter(alice, "ops", "s3cret")
+        self.assertEqual(room["topic"], "release friday")
+        bot.handle_line("/roomop alice")
+        bot.out.wait_for("bot made alice an operator of the room")
+        bot.handle_line("/names")
+        self.assertEqual(bot.out.wait_for("in #ops:"), "-!- 2 in #ops: @alice, @bot")
+        bot.handle_line("/roomdeop alice #ops")
+        bot.out.wait_for("bot took operator status from alice")
+        bot.handle_line("/rooms")
+        bot.out.wait_for("-!- #ops (2 people): release friday")
+        bot.out.wait_for("-!- #lobby (2 people)")
+        bot.handle_line("/kick #ops alice off topic")
+        kicked = alice.expect_next_of("leave", room="ops")
+        self.assertEqual((kicked["name"], kicked["comment"], kicked["by"]),
+                         ("alice", "off topic", "bot"))
+        bot.out.wait_for("-!- alice was kicked from #ops by bot: off topic")
+        alice.send({"type": "nick", "name": "alicia"})   # shares only the lobby now
+        self.assertRegex(bot.out.wait_for("is now known as"),
+                         r"^\[\d\d:\d\d\] #lobby -!- alice is now known as alicia$")
+        # Kicked from the current room: on to another.
+        enter(alice, "den")
+        bot.handle_line("/join #den")
+        alice.send({"type": "kick", "room": "den", "name": "bot", "text": "out"})
+        bot.out.wait_for("-!- bot was kicked from #den by alicia: out")
+        self.assertEqual(bot.out.wait_for("now in"), "-!- now in #ops")
+        self.assertEqual(bot.prompt(), "#ops> ")
+        bot.handle_line("/key s3cret")      # the room must be named
+        self.assertEqual(bot.out.lines[-1], "! usage: /key #room [KEY]")
+
+    def test_a_server_operator_kills_and_kicks_in_any_room(self) -> None:
+        server = ServerThread(admin_password="op-secret", failure_delay=0.01)
+        self.addCleanup(server.stop)
+        self.port = server.port
+        alice, carol = Peer(server.port, "alice"), Peer(server.port, "carol")
+        self.addCleanup(alice.close)
+        self.addCleanup(carol.close)
+        enter(alice, "hers")
+        bot = self.session()
+        bot.handle_line("/op op-secret")
+        bot.out.wait_for("operator")
+        bot.handle_line("/kick #hers alice")    # not an operator of #hers, but of the server
+        self.assertEqual(alice.expect_next_of("leave", room="hers")["by"], "bot")
+        bot.handle_line("/kill carol spamming")     # out of the chat
+        self.assertEqual(self.assert_rejected(carol, "kicked")["text"],
+                         "carol was kicked by bot: spamming")
+        bot.out.wait_for("-!- carol was kicked by bot: spamming")
+
+    def test_nick_for_yourself_and_for_others(self) -> None:
+        alice, carol = self.peer("alice"), self.peer("carol")
+        bot = self.session()
+        bot.handle_line("/nick robot")
+        bot.out.wait_for("-!- you are now known as robot")
+        self.assertEqual(bot.name, "robot")
+        self.assertEqual(alice.expect("nick")["new"], "robot")
+        alice.say("well done robot")    # a mention of the new name
+        alice.say("and bot")            # the old one is nobody
+        bot.out.wait_for("alice: and bot")
+        rings = {line.plain.split("] ", 1)[1]: line.ring for line in bot.screen.shown
+                 if "alice: " in line.plain}
+        self.assertEqual(rings, {"alice: well done robot": True, "alice: and bot": False})
+        self.assertIn("as robot,", bot.header())
+        carol.send({"type": "nick", "name": "caroline"})
+        self.assertRegex(bot.out.wait_for("caroline"),
+                         r"^\[\d\d:\d\d\] -!- carol is now known as caroline$")  # shown once
+        self.assertEqual(sorted(bot.link.names()), ["alice", "caroline", "robot"])
+        for line, shown in (("/nick alice", '! The name "alice" is taken. Pick another.'),
+                            ("/nick b@d", "! 'b@d' is not a name")):
+            bot.handle_line(line)
+            self.assertTrue(bot.out.wait_for(shown))
+
+    def test_a_registered_name_is_taken_with_its_password_asked_or_inline(self) -> None:
+        dave = self.peer("dave")
+        dave.send({"type": "register", "password": "correct horse"})
+        dave.expect("notice")
+        dave.send({"type": "bye"})
+        dave.read_until_closed()
+        answers = ["correct horse"]
+        bot = self.session(answers=answers)
+        bot.handle_line("/nick dave")   # asked, without echo, once the server says so
+        bot.out.wait_for("you are now known as dave")
+        self.assertEqual(answers, [])
+        self.assertFalse([line for line in bot.out.lines if "registered name" in line])
+        self.assertEqual(bot.credentials.name_password, "correct horse")    # to reconnect with
+        self.assertTrue(client.holds_password("/nick dave correct horse"))
+        self.assertFalse(client.holds_password("/nick dave"))
+        bot.handle_line("/nick someone")
+        bot.out.wait_for("you are now known as someone")
+        piped = self.session("piped")   # no terminal: the password comes inline
+        piped.handle_line("/nick dave")
+        piped.out.wait_for('"dave" is a registered name')
+        piped.handle_line("/nick dave correct horse")
+        piped.out.wait_for("you are now known as dave")
+
+    def test_away_notes_and_the_away_text_of_whom_you_whisper(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        bot.handle_line("/away lunch")
+        self.assertEqual(bot.out.wait_for("you are away"),
+                         "-!- you are away: lunch (/away alone when you are back)")
+        self.assertEqual(alice.expect("away")["text"], "lunch")
+        bot.handle_line("/away")
+        bot.out.wait_for("-!- you are back")
+        alice.send({"type": "away", "text": "in a meeting"})
+        bot.out.wait_for("-!- alice is away: in a meeting")
+        del bot.out.lines[:]
+        bot.handle_line("/w alice ping?")
+        bot.out.wait_for("-!- alice is away: in a meeting")
+        bot.handle_line("/names #lobby")
+        self.assertEqual(bot.out.wait_for("in #lobby:"), "-!- 2 in #lobby: alice (away), bot")
+        bot.handle_line("/whois alice")
+        self.assertRegex(bot.out.wait_for("alice: in"), r"^-!- alice: in #lobby; active in the "
+                                                        r"last minute; here since \d\d:\d\d$")
+        self.assertEqual(bot.out.lines[-1], "-!- alice is away: in a meeting")
+        alice.say("back now")
+        bot.out.wait_for("-!- alice is back")
+
+    def test_quit_with_a_parting_word(self) -> None:
+        alice = self.peer("alice")
+        bot = self.session()
+        alice.sync()
+        with self.assertRaises(EOFError):       # leaves as the end of input does
+            bot.handle_line("/quit gone home")
+        bot.leave()
+        left = alice.expect("leave")
+        self.assertEqual((left["name"], left["reason"], left["comment"]),
+                         ("bot", "quit", "gone home"))
+        self.assertEqual(client.format_message(left, "alice")[0].plain.split("] ", 1)[1],
+                         "-!- bot left: gone home")
+
+    def test_ignore_hides_messages_actions_and_whispers_here_only(self) -> None:
+        alice, carol = self.peer("alice"), self.peer("carol")
+        bot = self.session()
+        alice.sync()
+        bot.handle_line("/ignore alice")
+        bot.out.wait_for("-!- ignoring alice: their messages, actions and whispers are hidden "
+                         "here, until /unignore alice")
+        self.assertEqual(alice.sync(), [])      # the server knows nothing of it
+        alice.say("noise")
+        alice.send({"type": "say", "text": "waves", "action": True})
+        alice.send({"type": "whisper", "to": "bot", "text": "psst"})
+        alice.send({"type": "nick", "name": "alicia"})  # an ignore follows its person
+        enter(alice, "dev")
+        alice.send({"type": "say", "room": "dev", "text": "noise in dev"})
+        alice.say("more noise")
+        carol.say("signal")
+        bot.out.wait_for("carol: signal")
+        shown = "\n".join(bot.out.lines)
+        for hidden in ("noise", "waves", "psst"):
+            self.assertNotIn(hidden, shown)
+        self.assertIn("alice is now known as alicia", shown)    # news of them is not hidden
+        self.assertEqual(bot.prompt(), "#lobby> ")
+        bot.handle_line("/ignore")
+        self.assertEqual(bot.out.lines[-1], "-!- ignoring alicia")
+        for line, note in (("/ignore bot", "! you cannot ignore yourself"),
+                           ("/unignore carol", "-!- carol was not ignored"),
+                           ("/unignore alicia", "-!- showing alicia again")):
+            bot.handle_line(line)
+            self.assertEqual(bot.out.lines[-1], note)
+        alice.say("heard again")
+        bot.out.wait_for("alicia: heard again")
+        bot.handle_line("/ignore alicia")
+        bot.handle_line("/join #dev")   # a replay of only what is hidden shows nothing
+        bot.out.wait_for("you are in #dev")
+        self.assertNotIn("--- earlier messages in #dev ---", bot.out.lines)
+        bot.handle_line("/join #lobby")
+        del bot.out.lines[:]
+        bot.handle_line("/history 1")   # an answer keeps its header and its end
+        bot.out.wait_for("--- end of history ---")
+        self.assertEqual(bot.out.lines, ["--- history ---", "--- end of history ---"])
+
+    def test_history_and_search_follow_the_current_room(self) -> None:
+        alice = self.peer("alice")
+        enter(alice, "dev")
+        alice.send({"type": "say", "room": "dev", "text": "deploy at noon"})
+        alice.say("lunch at noon")
+        bot = self.session()
+        bot.handle_line("/join #dev")
+        bot.out.wait_for("--- earlier messages in #dev ---")
+        self.assertRegex(bot.out.wait_for("deploy at noon"),    # the current room's replay
+                         r"^\[\d\d:\d\d\] alice: deploy at noon$")
+        del bot.out.lines[:]
+        bot.handle_line("/history")
+        bot.out.wait_for("--- end of history ---")
+        self.assertEqual([line for line in bot.out.lines if "noon" in line][-1:],
+                         [bot.out.wait_for("deploy at noon")])
+        self.assertNotIn("lunch", "\n".join(bot.out.lines))
+        bot.handle_line("/search --all noon")
+        bot.out.wait_for("--- 2 found ---")
+        self.assertEqual(bot.out.lines[-4], "--- search in all your rooms: noon ---")
+        self.assertRegex(bot.out.lines[-3], r"^\[\d\d:\d\d\] alice: deploy at noon$")
+        self.assertRegex(bot.out.lines[-2], r"^\[\d\d:\d\d\] #lobby alice: lunch at noon$")
+        self.assertEqual(bot.complete("#d", False), ["#dev"])
+        self.addCleanup(setattr, socket_server, "ROOMS_PER_FRAME", socket_server.ROOMS_PER_FRAME)
+        socket_server.ROOMS_PER_FRAME = 1     # a list that goes on over frames (more: true)
+        del bot.out.lines[:]
+        bot.handle_line("/rooms")
+        bot.out.wait_for("-!- #lobby (2 people)")
+        self.assertEqual(bot.out.lines, ["-!- #dev (2 people)", "-!- #lobby (2 people)"])
+        self.assertEqual(bot.complete("#", False), ["#dev", "#lobby"])
+
+    def test_a_reconnect_rejoins_every_room_with_its_key_and_shows_only_what_was_missed(
+            self) -> None:
+        self.addCleanup(setattr, client, "RECONNECT_FIRST_DELAY", client.RECONNECT_FIRST_DELAY)
+        client.RECONNECT_FIRST_DELAY = 0.01
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        first = ServerThread(db=path, failure_delay=0.01)
+        self.addCleanup(first.stop)
+        self.port = port = first.port
+        alice = Peer(port, "alice")
+        for room in ("dev", "ops", "den"):
+            enter(alice, room)
+        alice.send({"type": "key", "room": "ops", "key": "k1"})
+        alice.send({"type": "say", "room": "dev", "text": "seen before"})
+        alice.expect("sent")
+
+        def rejoin(name: str, resume: Optional[str], rooms: list):
+            self.assertTrue(back.wait(TIMEOUT))     # once the test has said what was missed
+            hellos.append((name, rooms))
+            return client.join("127.0.0.1", port, name, client.Credentials(resume=resume),
+                               rooms=rooms)
+
+        hellos: List[tuple] = []
+        back = threading.Event()
+        bot = self.session(rejoin=rejoin)
+        for line in ("/join #dev", "/join #den", "/join #ops k1", "/nick robot"):
+            bot.handle_line(line)
+        bot.out.wait_for("you are now known as robot")
+        alice.close()
+        first.stop()
+        bot.out.wait_for("trying to reconnect")
+        second = ServerThread(db=path, failure_delay=0.01, port=port)
+        self.addCleanup(second.stop)
+        carol = Peer(port, "carol")
+        self.addCleanup(carol.close)
+        enter(carol, "dev")
+        carol.send({"type": "say", "room": "dev", "text": "said while away"})
+        carol.expect("sent")
+        rooms = second.server.core.rooms     # a new key keeps us out of #den now
+        in_loop(second, lambda: rooms.set_key(None, rooms.all["den"], "new"))
+        back.set()
+        bot.out.wait_for("reconnected to")
+        bot.out.wait_for("! could not rejoin #den")
+        self.assertEqual(hellos, [("robot", ["lobby", "dev", "den",
+                                             {"room": "ops", "key": "k1"}])])
+        self.assertEqual(carol.expect_next_of("join", room="dev")["name"], "robot")
+        lines = bot.out.lines
+        self.assertEqual(lines.count("--- in #dev while you were away ---"), 1, lines)
+        self.assertEqual(len([line for line in lines if "said while away" in line]), 1)
+        self.assertEqual(len([line for line in lines if "seen before" in line]), 1)
+        self.assertFalse([line for line in lines if "in #ops while you were away" in line])
+        self.assertEqual(bot.prompt(), "#ops> ")    # still where it was
+        bot.handle_line("still here")
+        self.assertEqual(len([m for m in carol.sync() if m.get("text") == "still here"]), 0)
+        bot.handle_line("/join #dev")
+        bot.handle_line("back in dev")
+        self.assertEqual(carol.expect_next_of("message", room="dev")["text"], "back in dev")
 
 
 class ClientAccountCommandTests(ChatTestCase):
