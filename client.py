@@ -139,13 +139,17 @@ class ProtocolError(Exception):
         self.text = text
 
 
+# One encoder for every frame: json.dumps() with options builds a new one each call.
+to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode_frame(message: dict) -> bytes:
     """Return one frame: the length header, then the message as UTF-8 JSON.
 
     Raises ValueError when the payload would be over MAX_PAYLOAD or the
     message holds text that UTF-8 cannot carry (lone surrogates).
     """
-    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    payload = to_json(message).encode("utf-8")
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     return f"{len(payload):<{HEADER_LENGTH}}".encode("ascii") + payload
@@ -246,15 +250,19 @@ def decode_payload(payload: bytes) -> dict:
 def check_fields(message: dict, fields: Dict[str, type]) -> Optional[str]:
     """What is wrong with a message's fields, or None. Optional names end in '?'."""
     for field, kind in fields.items():
-        optional = field.endswith("?")
-        field = field.rstrip("?")
-        if field not in message:
+        optional = field[-1] == "?"
+        name = field[:-1] if optional else field
+        value = message.get(name, ABSENT)
+        if value is ABSENT:
             if optional:
                 continue
-            return f'"{message["type"]}" needs a "{field}" field'
-        if not isinstance(message[field], kind):
-            return f'"{field}" must be {JSON_KINDS.get(kind, kind.__name__)}'
+            return f'"{message["type"]}" needs a "{name}" field'
+        if not isinstance(value, kind):
+            return f'"{name}" must be {JSON_KINDS.get(kind, kind.__name__)}'
     return None
+
+
+ABSENT = object()   # what check_fields finds for a field the message does not have
 
 
 # How check_fields names each type to someone writing JSON.

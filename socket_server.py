@@ -197,13 +197,17 @@ class ProtocolError(Exception):
         self.text = text
 
 
+# One encoder for every frame: json.dumps() with options builds a new one each call.
+to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode_frame(message: dict) -> bytes:
     """Return one frame: the length header, then the message as UTF-8 JSON.
 
     Raises ValueError when the payload would be over MAX_PAYLOAD or the
     message holds text that UTF-8 cannot carry (lone surrogates).
     """
-    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    payload = to_json(message).encode("utf-8")
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
     return f"{len(payload):<{HEADER_LENGTH}}".encode("ascii") + payload
@@ -304,15 +308,19 @@ def decode_payload(payload: bytes) -> dict:
 def check_fields(message: dict, fields: Dict[str, type]) -> Optional[str]:
     """What is wrong with a message's fields, or None. Optional names end in '?'."""
     for field, kind in fields.items():
-        optional = field.endswith("?")
-        field = field.rstrip("?")
-        if field not in message:
+        optional = field[-1] == "?"
+        name = field[:-1] if optional else field
+        value = message.get(name, ABSENT)
+        if value is ABSENT:
             if optional:
                 continue
-            return f'"{message["type"]}" needs a "{field}" field'
-        if not isinstance(message[field], kind):
-            return f'"{field}" must be {JSON_KINDS.get(kind, kind.__name__)}'
+            return f'"{message["type"]}" needs a "{name}" field'
+        if not isinstance(value, kind):
+            return f'"{name}" must be {JSON_KINDS.get(kind, kind.__name__)}'
     return None
+
+
+ABSENT = object()   # what check_fields finds for a field the message does not have
 
 
 # How check_fields names each type to someone writing JSON.
@@ -993,9 +1001,8 @@ class JsonCodec(FrameDecoder):
         if type(listing) is not Listing:
             return encode_frame(event)
         if listing.encoded is None:
-            listing.encoded = json.dumps(listing, ensure_ascii=False, separators=(",", ":"))
-        rest = json.dumps({key: value for key, value in event.items() if key != "users"},
-                          ensure_ascii=False, separators=(",", ":"))
+            listing.encoded = to_json(listing)
+        rest = to_json({key: value for key, value in event.items() if key != "users"})
         payload = f'{rest[:-1]},"users":{listing.encoded}}}'.encode("utf-8")
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"payload of {len(payload)} bytes is over the limit")
@@ -2247,6 +2254,7 @@ class ChatCore:
         self.store = store
         self.clock = clock or Clock()
         self.actions: List[tuple] = []
+        self._stamped: Tuple[int, str] = (-1, "")     # see timestamp()
         self.arriving: Set[Session] = set()         # connected, not yet in the chat
         self.per_address: Dict[str, int] = {}       # IP -> sessions from it
         self.everyone = Audience()                  # every session in the chat
@@ -2475,7 +2483,11 @@ class ChatCore:
                                     "ts": timestamp})
 
     def timestamp(self) -> str:
-        return utc_timestamp(self.clock.wall())
+        """Now, as events carry it; formatted once per millisecond, however busy."""
+        millisecond = int(self.clock.wall() * 1000)
+        if millisecond != self._stamped[0]:
+            self._stamped = (millisecond, utc_timestamp(millisecond / 1000))
+        return self._stamped[1]
 
     # -- flood control -------------------------------------------------------
 
@@ -2902,14 +2914,14 @@ class Rooms:
 
     def existing(self, word: str) -> Room:
         """The room a word names. Raises ModerationError if there is none."""
+        room = self.all.get((word[1:] if word.startswith("#") else word).lower())
+        if room is not None:    # every room has a valid name: found, it needs no check
+            return room
         name = room_name(word)
         if name is None:
             raise ModerationError("bad_room", f"Room names are {ROOM_RULES}.")
-        room = self.all.get(name.lower())
-        if room is None:
-            raise ModerationError("no_such_room", f"There is no room #{name}: /rooms lists "
-                                  "them, /join makes one.")
-        return room
+        raise ModerationError("no_such_room", f"There is no room #{name}: /rooms lists "
+                              "them, /join makes one.")
 
     def of(self, session: Session, word: str) -> Room:
         """A room the session is in. Raises ModerationError if it is not."""
