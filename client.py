@@ -65,7 +65,7 @@ import unicodedata
 import zlib
 from collections import deque
 from datetime import date, datetime
-from typing import (Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, Mapping,
+from typing import (Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, Mapping,
                     NamedTuple, Optional, Set, TextIO, Tuple, Union)
 
 try:
@@ -139,8 +139,24 @@ class ProtocolError(Exception):
         self.text = text
 
 
-# One encoder for every frame: json.dumps() with options builds a new one each call.
-to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+def _json_writer() -> Callable[[Any], str]:
+    """A function from a value to compact JSON text, made once.
+
+    JSONEncoder.encode() sets up a new C encoder for every call, which costs
+    more than encoding a chat message; this one is set up once. Without the C
+    encoder (another Python than CPython) it is the plain encoder's encode().
+    """
+    plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+    make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if make_encoder is None:
+        return plain.encode
+    chunks = make_encoder(None, plain.default, json.encoder.encode_basestring, None,
+                          ":", ",", False, False, True)
+    return lambda value: "".join(chunks(value, 0))
+
+
+to_json = _json_writer()
+_json_reader = json.JSONDecoder()
 
 
 def encode_frame(message: dict) -> bytes:
@@ -234,10 +250,18 @@ class FrameDecoder:
         return length
 
 
+JSON_SPACE = " \t\n\r"     # the whitespace JSON allows around a value
+
+
 def decode_payload(payload: bytes) -> dict:
     """Parse one payload: a UTF-8 JSON object with a string "type"."""
     try:
-        message = json.loads(payload.decode("utf-8"))
+        text = payload.decode("utf-8").strip(JSON_SPACE)
+        # raw_decode() is loads() without its checks, which are these: is there
+        # anything after the value?
+        message, end = _json_reader.raw_decode(text)
+        if end != len(text):
+            raise ValueError("more after the JSON value")
     except UnicodeDecodeError:
         raise ProtocolError("bad_utf8", "payload is not valid UTF-8") from None
     except (ValueError, RecursionError):

@@ -197,8 +197,24 @@ class ProtocolError(Exception):
         self.text = text
 
 
-# One encoder for every frame: json.dumps() with options builds a new one each call.
-to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+def _json_writer() -> Callable[[Any], str]:
+    """A function from a value to compact JSON text, made once.
+
+    JSONEncoder.encode() sets up a new C encoder for every call, which costs
+    more than encoding a chat message; this one is set up once. Without the C
+    encoder (another Python than CPython) it is the plain encoder's encode().
+    """
+    plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+    make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if make_encoder is None:
+        return plain.encode
+    chunks = make_encoder(None, plain.default, json.encoder.encode_basestring, None,
+                          ":", ",", False, False, True)
+    return lambda value: "".join(chunks(value, 0))
+
+
+to_json = _json_writer()
+_json_reader = json.JSONDecoder()
 
 
 def encode_frame(message: dict) -> bytes:
@@ -292,10 +308,18 @@ class FrameDecoder:
         return length
 
 
+JSON_SPACE = " \t\n\r"     # the whitespace JSON allows around a value
+
+
 def decode_payload(payload: bytes) -> dict:
     """Parse one payload: a UTF-8 JSON object with a string "type"."""
     try:
-        message = json.loads(payload.decode("utf-8"))
+        text = payload.decode("utf-8").strip(JSON_SPACE)
+        # raw_decode() is loads() without its checks, which are these: is there
+        # anything after the value?
+        message, end = _json_reader.raw_decode(text)
+        if end != len(text):
+            raise ValueError("more after the JSON value")
     except UnicodeDecodeError:
         raise ProtocolError("bad_utf8", "payload is not valid UTF-8") from None
     except (ValueError, RecursionError):
@@ -2309,9 +2333,10 @@ class ChatCore:
         """
         kind = request["type"]
         entry, handler = self.handlers.get(kind, (None, None))
+        answer_id = request_id(request) if entry is not None else None
         if session.state == JOINED:
             if metered and (entry is None or entry.metered):
-                self.replying_to = request_id(request) if entry is not None else None
+                self.replying_to = answer_id
                 try:
                     if not self.within_rate(session):
                         return
@@ -2332,7 +2357,7 @@ class ChatCore:
             if problem:
                 self.refuse(session, "bad_message", problem)
                 return
-            self.replying_to = request_id(request)
+            self.replying_to = answer_id
             handler(session, request)
         except Exception:   # a bug must cost one message, not the whole server
             log.exception("error while handling %r from %s", kind, session)
@@ -3781,7 +3806,7 @@ class Moderation:
 
     def mute_left(self, name: str) -> Optional[float]:
         """Seconds of mute left for a name (inf: until unmuted), or None."""
-        if name.lower() not in self.mutes:
+        if not self.mutes or name.lower() not in self.mutes:
             return None
         until = self.mutes[name.lower()]
         if until is None:
@@ -4776,37 +4801,42 @@ class ChatServer(SelectServer):
                 log.exception("error while delivering %d events", len(batch.entries))
 
     def _write_batch(self, batch: Batch) -> None:
-        senders = {sender for _, sender, _ in batch.entries if sender is not None}
+        own: Dict[Session, List[int]] = {}      # sender -> the positions of its events
+        for position, (_, sender, _) in enumerate(batch.entries):
+            if sender is not None:
+                own.setdefault(sender, []).append(position)
         groups: Dict[str, List[Connection]] = {}    # variant -> recipients who sent nothing
-        sending: List[Session] = []                 # recipients who sent something
+        sending: Set[Session] = set()               # recipients who sent something
         for session in batch.recipients:
             if session.gone:
                 continue
-            if session in senders:
-                sending.append(session)
-                continue
-            conn = session.link
-            group = groups.get(conn.protocol.variant)
-            if group is None:
-                group = groups[conn.protocol.variant] = []
-            group.append(conn)
+            if session in own:
+                sending.add(session)
+            else:
+                conn = session.link
+                group = groups.get(conn.protocol.variant)
+                if group is None:
+                    group = groups[conn.protocol.variant] = []
+                group.append(conn)
         encoded: Dict[str, List[bytes]] = {}        # variant -> each event's bytes
         for variant, conns in groups.items():
             encoded[variant] = self._encode_batch(conns[0].protocol, batch)
             self.write_many(conns, b"".join(encoded[variant]))
-        for session in senders:
+        for session, positions in own.items():      # the batch with its echoes in place
+            if session.gone:
+                continue
             codec = session.link.protocol
-            if session not in sending:      # not among the recipients: its echoes only
-                own = [codec.encode(echo) for _, sender, echo in batch.entries
-                       if sender is session and echo is not None]
-            else:
+            if session in sending:
                 if codec.variant not in encoded:
                     encoded[codec.variant] = self._encode_batch(codec, batch)
-                own = [data if sender is not session else
-                       codec.encode(echo) if echo is not None else b""
-                       for (_, sender, echo), data in zip(batch.entries, encoded[codec.variant])]
-            data = b"".join(own)
-            if data and not session.gone:
+                view = list(encoded[codec.variant])
+            else:   # not among the recipients (it left, or never was): its echoes only
+                view = [b""] * len(batch.entries)
+            for position in positions:
+                echo = batch.entries[position][2]
+                view[position] = b"" if echo is None else codec.encode(echo)
+            data = b"".join(view)
+            if data:
                 self.write(session.link, data)
 
     @staticmethod
