@@ -54,6 +54,7 @@ string field ``"type"``. README.md documents every message type and error.
 """
 
 import argparse
+import base64
 import binascii
 import bisect
 import codecs
@@ -131,6 +132,7 @@ SEARCH_SHARE = 0.2                  # at most this share of the loop's time goes
 MAX_COMMAND_LENGTH = 500            # characters of one moderation command, reason included
 MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in minutes (19 years)
 MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see request_id)
+RESUME_TOKEN_BYTES = 16             # of a resume token's MAC: 128 bits nobody can guess
 MAX_QUOTED_LENGTH = 40              # characters of a client's word quoted back (see quoted)
 
 # Internal tuning, not worth a flag.
@@ -2148,15 +2150,16 @@ class Session:
     its transport Connection); the core only hands it back in actions.
     """
 
-    __slots__ = ("link", "host", "address", "connected_at", "last_heard", "last_ping",
+    # Slots, and nothing stored that can be derived (the address, the resume token):
+    # ten thousand idle clients should cost the server about ten megabytes.
+    __slots__ = ("link", "host", "connected_at", "last_heard", "last_ping",
                  "state", "name", "key", "registered", "operator", "bucket", "messages_sent",
-                 "history_floor", "leave_text", "resume_token", "rejoining", "waiting", "gone",
+                 "history_floor", "leave_text", "rejoining", "waiting", "gone",
                  "rooms", "away", "told_no_history", "account", "comment", "last_spoke")
 
-    def __init__(self, link: Any, host: str, address: str, now: float) -> None:
-        self.link = link
+    def __init__(self, link: Any, host: str, now: float) -> None:
+        self.link = link                # its str() is HOST:PORT, for logs
         self.host = host                # the IP, for bans and per-address limits
-        self.address = address          # HOST:PORT, for logs
         self.connected_at = now
         self.last_heard = now           # set by the caller whenever bytes arrive
         self.last_ping = 0.0            # last time we pinged it
@@ -2169,7 +2172,6 @@ class Session:
         self.messages_sent = 0
         self.history_floor = 0          # whispers stored before this id are not its own
         self.leave_text: Optional[str] = None   # what others see when it goes, if not "left"
-        self.resume_token = ""          # lets the same client take its name back (see on_hello)
         self.rejoining = False          # back after a lost connection: told before what we keep
         self.waiting = False            # a password check or delay runs: take no request now
         self.gone = False               # closed, or found closed: nothing more to do with it
@@ -2179,6 +2181,10 @@ class Session:
         self.account: Optional[str] = None  # a registered name it proved before hello
         self.comment = ""               # its last word, when it leaves the chat
         self.last_spoke = now           # for whois: how long it has been quiet
+
+    @property
+    def address(self) -> str:
+        return str(self.link)
 
     def __repr__(self) -> str:
         return self.name or self.address
@@ -2279,6 +2285,7 @@ class ChatCore:
         self.clock = clock or Clock()
         self.actions: List[tuple] = []
         self._stamped: Tuple[int, str] = (-1, "")     # see timestamp()
+        self._resume_key = secrets.token_bytes(32)      # see resume_token()
         self.arriving: Set[Session] = set()         # connected, not yet in the chat
         self.per_address: Dict[str, int] = {}       # IP -> sessions from it
         self.everyone = Audience()                  # every session in the chat
@@ -2309,7 +2316,7 @@ class ChatCore:
 
     def connect(self, link: Any, host: str, address: str) -> Session:
         """A new connection; returns its session (which may be refused at once)."""
-        session = Session(link, host, address, self.clock.now())
+        session = Session(link, host, self.clock.now())
         self.arriving.add(session)
         from_here = self.per_address[host] = self.per_address.get(host, 0) + 1
         log.info("connection from %s", address)
@@ -2567,16 +2574,23 @@ class ChatCore:
             self.close(earlier, "reconnected", graceful=False)
         self.admit(session, name, registered=False, rooms=rooms)
 
-    @staticmethod
-    def resuming(earlier: Session, token: Optional[str]) -> bool:
+    def resuming(self, earlier: Session, token: Optional[str]) -> bool:
         """Whether a hello carries the resume token of the session holding its name.
 
         A client whose network dropped reconnects before the server notices
         that its old connection is dead; the token from its welcome proves
         that the name is its own.
         """
-        return token is not None and bool(earlier.resume_token) and \
-            same_secret(token, earlier.resume_token)
+        return token is not None and earlier.state == JOINED and \
+            same_secret(token, self.resume_token(earlier))
+
+    def resume_token(self, session: Session) -> str:
+        """The token a session's welcome carries: a MAC of what tells this session
+        from every other while it lives, made with a key nobody else has, so
+        that it need not be stored."""
+        tag = f"{id(session)}:{session.connected_at!r}".encode("ascii")
+        proof = hmac.new(self._resume_key, tag, hashlib.sha256).digest()[:RESUME_TOKEN_BYTES]
+        return base64.urlsafe_b64encode(proof).rstrip(b"=").decode("ascii")
 
     def admit(self, session: Session, name: str, registered: bool,
               rooms: Optional[list]) -> None:
@@ -2593,7 +2607,6 @@ class ChatCore:
         if session.key == name:
             session.key = name      # one string for both, when they are the same
         session.registered = registered
-        session.resume_token = secrets.token_urlsafe(16)
         self.everyone.add(session)
         self.history.whispers_from(session)
         log.info("%s joined as %s%s", session.address, name, " (registered)" if registered else "")
@@ -2602,7 +2615,7 @@ class ChatCore:
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
         welcome = {"type": "welcome", "name": name, "count": len(self.members),
                    "ops": self.people.operator_names(), "registered": registered,
-                   "limits": limits, "resume": session.resume_token}
+                   "limits": limits, "resume": self.resume_token(session)}
         if rooms is None:
             welcome["users"] = self.people.listed()
         self.send(session, welcome)
@@ -2878,7 +2891,7 @@ class Room(Audience):
     with its history, and rooms are kept in the store across restarts."""
 
     __slots__ = ("name", "ident", "topic", "topic_by", "topic_ts", "key", "ops", "created",
-                 "created_by")
+                 "created_by", "alone")
 
     def __init__(self, name: str, created: str, created_by: str) -> None:
         super().__init__()
@@ -2891,6 +2904,7 @@ class Room(Audience):
         self.ops: Set[str] = set()      # lower-case names of its operators
         self.created = created
         self.created_by = created_by
+        self.alone = (self,)            # the rooms of whoever is only here: one tuple for all
 
     def operators_here(self) -> List[str]:
         return sorted((self.members[key].name for key in self.ops if key in self.members),
@@ -3002,7 +3016,7 @@ class Rooms:
                 room is not self.lobby:
             raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
         room.add(session)
-        session.rooms += (room,)
+        session.rooms = room.alone if not session.rooms else session.rooms + (room,)
         core.send(session, self.described(room))
         core.history.replay(session, room)
         timestamp = core.timestamp()
@@ -3044,7 +3058,8 @@ class Rooms:
 
     def _take_out(self, session: Session, room: Room, why: str) -> None:
         room.discard(session)
-        session.rooms = tuple(other for other in session.rooms if other is not room)
+        rest = tuple(other for other in session.rooms if other is not room)
+        session.rooms = rest[0].alone if len(rest) == 1 else rest
         if session.key in room.ops and not session.registered:
             self._set_op(room, session.key, False, False)   # lasted while it was here
         self.core.store.record(self.core.timestamp(), "leave", session.name, None, why,
