@@ -79,7 +79,8 @@ sys.path.insert(0, HERE)
 
 # The server's own framing code, from the file next to this one: no third-party
 # package, and no third copy of the framing block to keep in step.
-from socket_server import FrameDecoder, decode_payload, encode_frame  # noqa: E402
+from socket_server import (  # noqa: E402
+    HEADER_LENGTH, FrameDecoder, decode_payload, encode_frame)
 
 SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
 
@@ -111,6 +112,8 @@ PAIRS = 3                       # plain and variant runs in turn for 'slow' and 
 STARTUP_RUNS = 5
 SATURATED = 75                  # % of its cores past which the load generator may be the limit
 RUN_TIMEOUT = 120.0             # seconds any one run may take before it is abandoned
+QUIET_ALLOWED = 600.0           # seconds a client may be silent before a server pings it:
+                                # longer than any run, so that receivers need not look for pings
 SETUP_TIMEOUT = 10.0            # seconds for a server to start or a client to join
 CALLGRIND_SIZES = (1_000, 5_000)    # messages per sender; the difference cancels start-up
 CALLGRIND_TIMEOUT = 600.0       # seconds for a run or a start under callgrind (~50x slower)
@@ -309,7 +312,9 @@ class ServerUnderTest(Launched):
                         "--log-level", "warning", "--rate-limit", RATE_LIMIT,
                         "--rate-burst", RATE_LIMIT, "--max-per-address", "0",
                         "--max-clients", str(max_clients), "--max-rooms", str(max_clients + 10),
-                        "--max-backlog", str(MAX_BACKLOG_KIB)] + store + \
+                        "--max-backlog", str(MAX_BACKLOG_KIB),
+                        "--ping-after", str(QUIET_ALLOWED),
+                        "--drop-after", str(QUIET_ALLOWED * 2)] + store + \
             (["--irc-port", "0", "--server-name", "bench.lan"] if irc else [])
         self.irc = irc
         self.irc_port = 0
@@ -363,7 +368,8 @@ class Ngircd(Launched):
         config = os.path.join(work_dir, f"ngircd-{self.port}.conf")     # its pid file: none
         with open(config, "w", encoding="ascii") as out:
             pid_file = os.path.join(work_dir, "ngircd.pid")
-            out.write(NGIRCD_CONFIG.format(port=self.port, pid=pid_file))
+            out.write(NGIRCD_CONFIG.format(port=self.port, pid=pid_file,
+                                           quiet=round(QUIET_ALLOWED)))
         self.command = [shutil.which("ngircd") or "ngircd", "--nodaemon", "--config", config]
 
     def wait_until_ready(self, lines: "queue.Queue[Optional[str]]") -> None:
@@ -386,8 +392,8 @@ NGIRCD_CONFIG = """[Global]
 \tMaxJoins = 0
 \tMaxNickLength = 30
 \tMaxPenaltyTime = 0
-\tPingTimeout = 600
-\tPongTimeout = 600
+\tPingTimeout = {quiet}
+\tPongTimeout = {quiet}
 [Options]
 \tDNS = no
 \tIdent = no
@@ -468,25 +474,86 @@ class ByteCounter:
         return self.count - before
 
 
+class SizedCounter:
+    """Counts a receiver's messages by their bytes, as ByteCounter does, having
+    learnt their size from the first one.
+
+    In a fanout run every message a receiver gets has the same size: one
+    room, one text, names of one length, timestamps of one length. Looking
+    for a marker costs the load generator a scan of every byte, which makes
+    it slower than the servers it loads; a byte count costs nothing. What
+    comes before the first message (join notices) is parsed and skipped.
+    At the end, `stray` says how many bytes were not whole messages: any
+    but 0 means something else came (an error, a notice) and the count is
+    not to be trusted.
+    """
+
+    __slots__ = ("protocol", "size", "count", "_bytes", "_lead")
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.size = 0               # of each message, once the first has come
+        self.count = 0
+        self._bytes = 0             # from the first message's first byte on
+        self._lead = b""            # what came before the first message was whole
+
+    def feed(self, buffer: bytearray, size: int) -> int:
+        if self.size:
+            self._bytes += size
+        else:
+            self._lead += bytes(buffer[:size])
+            found = first_message(self.protocol, self._lead)
+            if found is None:
+                return 0
+            offset, self.size = found
+            self._bytes, self._lead = len(self._lead) - offset, b""
+        before, self.count = self.count, self._bytes // self.size
+        return self.count - before
+
+    @property
+    def stray(self) -> int:
+        return self._bytes - self.count * self.size
+
+
+def first_message(protocol: str, data: bytes) -> Optional[Tuple[int, int]]:
+    """Where the first whole message in data begins, and its size; None before one."""
+    offset = 0
+    while True:
+        if protocol == "json":
+            header = data[offset:offset + HEADER_LENGTH]
+            if len(header) < HEADER_LENGTH:
+                return None
+            end = offset + HEADER_LENGTH + int(header)
+        else:
+            end = data.find(b"\n", offset) + 1
+            if not end:
+                return None
+        if end > len(data):
+            return None
+        if PROTOCOLS[protocol].message in data[offset:end]:
+            return offset, end - offset
+        offset = end
+
+
 class Protocol(NamedTuple):
     """How the load generator speaks to one kind of server."""
 
     joined: bytes               # seen once a client is in its room
     message: bytes              # begins every message a receiver gets
-    errors: Tuple[bytes, ...]   # begin a refusal
-    ping: bytes                 # a ping to answer with `pong`
+    error: bytes                # begins a refusal
+    ping: bytes                 # a ping to answer with `pong` (see QUIET_ALLOWED)
     pong: bytes
 
 
 PROTOCOLS: Dict[str, Protocol] = {
     # Ours: JSON frames. The encoder escapes every quote inside a string, so the
     # message marker can only start a payload.
-    "json": Protocol(HISTORY_END_MARK, MESSAGE_MARK, (ERROR_MARK,), PING_MARK, PONG_FRAME),
-    # IRC, to ngircd or to our IRC port: a message is a PRIVMSG to a channel.
-    "irc": Protocol(b" 366 ", b" PRIVMSG #", (b"ERROR :", b" 404 "), b"PING ",
-                    b"PONG :bench\r\n"),
+    "json": Protocol(HISTORY_END_MARK, MESSAGE_MARK, ERROR_MARK, PING_MARK, PONG_FRAME),
+    # IRC, to ngircd or to our IRC port: a message is a PRIVMSG to a channel; a
+    # refusal that matters ends the connection.
+    "irc": Protocol(b" 366 ", b" PRIVMSG #", b"ERROR :", b"PING ", b"PONG :bench\r\n"),
     # ncat --broker: lines of bytes, nothing else; in once a sync line came through.
-    "raw": Protocol(b"SYNC", b"MSG ", (), b"\0never", b""),
+    "raw": Protocol(b"SYNC", b"MSG ", b"", b"\0never", b""),
 }
 
 
@@ -541,15 +608,14 @@ class Client:
     """One socket of a run: who it is, where, and what it counts of what comes."""
 
     __slots__ = ("sock", "name", "protocol", "room", "expected", "messages", "errors",
-                 "pings", "own_sent", "closed")
+                 "own_sent", "closed")
 
     def __init__(self, sock: socket.socket, name: str, protocol: str, room: str) -> None:
         self.sock, self.name, self.protocol, self.room = sock, name, protocol, room
         marks = PROTOCOLS[protocol]
         self.expected = 0               # messages it should get
         self.messages = FrameCounter(marks.message)
-        self.errors = [FrameCounter(mark) for mark in marks.errors]
-        self.pings = FrameCounter(marks.ping)
+        self.errors = FrameCounter(marks.error) if marks.error else None
         self.own_sent = 0               # its own messages, which it does not get back
         self.closed = False
 
@@ -559,11 +625,12 @@ class Client:
         return self.messages.count + self.own_sent
 
     def count(self, buffer: bytearray, size: int) -> None:
+        """Count what came in. Pings are not looked for: every server is told to
+        allow a longer silence than a run lasts (QUIET_ALLOWED), and a scan of
+        every buffer for them would cost as much as the counting itself."""
         self.messages.feed(buffer, size)
-        for counter in self.errors:
-            counter.feed(buffer, size)
-        if self.pings.feed(buffer, size) and PROTOCOLS[self.protocol].pong:
-            self.sock.send(PROTOCOLS[self.protocol].pong)
+        if self.errors is not None:
+            self.errors.feed(buffer, size)
 
 
 Target = Tuple[str, str, int, str]      # (name, protocol, port, room) of one client
@@ -622,6 +689,8 @@ def sync_raw(clients: List[Client], index: int, workers: int, deadline: float,
             except socket.timeout:
                 continue
             seen[client].update(mark for mark in wanted if mark in data)
+            # Counted: once a worker is ready, the run may begin for the others.
+            client.count(data, len(data))
         if not said_ready and all(wanted - ({own} if client is clients[0] else set()) <= got
                                   for client, got in seen.items()):
             ready()
@@ -661,7 +730,7 @@ def worker_share(plan: Dict[str, Any], index: int) -> List[Target]:
 
 
 def fanout_worker(index: int, results: Any, plan: Dict[str, Any], board: Any,
-                  start: Any) -> Dict[str, Any]:
+                  start: Any, all_done: Any) -> Dict[str, Any]:
     """Run this worker's share of a fanout: join, wait for start, send and count.
 
     board, shared by the workers: board[r] is how many messages have been sent
@@ -678,6 +747,8 @@ def fanout_worker(index: int, results: Any, plan: Dict[str, Any], board: Any,
         if client.protocol == "raw":
             client.messages = ByteCounter(len(say_bytes("raw", client.room,
                                                         chat_text(plan["text_size"]))))
+        elif client.name not in plan["senders"]:   # senders get acks too: they look for marks
+            client.messages = SizedCounter(client.protocol)
         client.expected = per_sender * (plan["senders_in"][client.room] -
                                         (client.name in plan["senders"]))
     batches = {client: say_bytes(client.protocol, client.room, chat_text(plan["text_size"]))
@@ -763,13 +834,19 @@ def fanout_worker(index: int, results: Any, plan: Dict[str, Any], board: Any,
         "finished": finished, "cpu": cpu,
         "received": sum(client.messages.count for client in clients),
         "expected": sum(client.expected for client in clients),
-        "errors": sum(counter.count for client in clients for counter in client.errors),
+        "errors": sum(client.errors.count for client in clients if client.errors),
+        "stray_bytes": sum(client.messages.stray for client in clients
+                           if isinstance(client.messages, SizedCounter)),
         "cut_off": sum(client.closed for client in clients),
     }
     if stalled is not None:
         result["stalled_cut_off"] = _was_cut_off(stalled)
     for number in by_room:      # never hold the other workers' senders back
         board[rooms * (1 + index) + number] = 10 ** 15
+    try:    # leave when every worker is done: a leaving client is news to the others' clients
+        all_done.wait(plan["timeout"])
+    except threading.BrokenBarrierError:
+        pass
     for client in clients:
         client.sock.close()
     return result
@@ -986,7 +1063,8 @@ def fanout_plan(options: argparse.Namespace, clients: int, senders: int, rooms: 
                 per_sender: int) -> Dict[str, Any]:
     """Who is who in a fanout run: client n is in room n % rooms and speaks
     protocols[n % len(protocols)]; the first `senders` clients send."""
-    names = [f"c{number}" for number in range(clients)]
+    width = len(str(clients - 1))   # names of one length: messages of one size (SizedCounter)
+    names = [f"c{number:0{width}d}" for number in range(clients)]
     room_names = ["bench"] if rooms == 1 else [f"r{number}" for number in range(rooms)]
     targets = [(name, protocols[number % len(protocols)],
                 ports[protocols[number % len(protocols)]], room_names[number % rooms])
@@ -1028,9 +1106,9 @@ def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: 
             plan["stalled"] = ("stalled", protocols[0], ports[protocols[0]], plan["rooms"][0])
         workers = plan["workers"]
         board = pool.context.RawArray("q", len(plan["rooms"]) * (1 + workers))
-        start = pool.context.Event()
+        start, all_done = pool.context.Event(), pool.context.Barrier(workers)
         for index in range(workers):
-            pool.start(fanout_worker, index, plan, board, start)
+            pool.start(fanout_worker, index, plan, board, start, all_done)
         pool.collect("ready", workers, setup_timeout * 3 + clients / 1000)
         server_cpu = server.cpu()
         with MemorySampler(server.pid) as memory:
@@ -1049,6 +1127,7 @@ def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: 
             "history": history, "seconds": round(wall, 3),
             "deliveries": received, "lost": expected - received,
             "errors": sum(report["errors"] for report in reports),
+            "stray_bytes": sum(report["stray_bytes"] for report in reports),
             "receivers_cut_off": sum(report["cut_off"] for report in reports),
             "deliveries_per_s": round(received / wall) if wall > 0 else 0,
             "server_cpu_pct": percent(server_cpu, wall),
@@ -1455,6 +1534,10 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
         if run["lost"] or run["errors"]:
             warnings.append(f"fanout {run['clients']}x{run['senders']} ({run['server']}): "
                             f"{run['lost']} lost, {run['errors']} error frames")
+        if run["stray_bytes"]:
+            warnings.append(f"fanout {run['clients']}x{run['senders']} ({run['server']}): "
+                            f"receivers got {run['stray_bytes']} bytes that were no message "
+                            "(an error or a notice?): the counts are not to be trusted")
         if (run["loadgen_cpu_pct"] or 0) > SATURATED * loadgen_cores:
             warnings.append(f"fanout {run['clients']}x{run['senders']} ({run['server']}): "
                             "the load generator "
@@ -1559,6 +1642,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "room_senders"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < options.timeout < QUIET_ALLOWED:
+        parser.error(f"--timeout must be above 0 and below {QUIET_ALLOWED:g}")
     if "ncat" in options.peers and options.workers > 10:
         parser.error("with ncat, at most 10 --workers (their sync lines have one digit)")
     if options.latency_clients < 2 or options.latency_rate <= 0:
