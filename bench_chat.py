@@ -761,6 +761,9 @@ def fanout_worker(index: int, results: Any, plan: Dict[str, Any], board: Any,
     for client in clients:
         selector.register(client.sock, selectors.EVENT_READ, client)
         by_room.setdefault(numbers[client.room], []).append(client)
+    for number in range(rooms):     # rooms it has no clients in: never hold their senders back
+        if number not in by_room:
+            board[rooms * (1 + index) + number] = 10 ** 15
     buffer = bytearray(RECV_SIZE)
     ready = lambda: results.put(("ready", index, None))
     if any(client.protocol == "raw" for client in clients):
@@ -1130,6 +1133,7 @@ def run_fanout(options: argparse.Namespace, db_dir: str, clients: int, senders: 
             "stray_bytes": sum(report["stray_bytes"] for report in reports),
             "receivers_cut_off": sum(report["cut_off"] for report in reports),
             "deliveries_per_s": round(received / wall) if wall > 0 else 0,
+            "messages_per_s": round(senders * per_sender / wall) if wall > 0 else 0,
             "server_cpu_pct": percent(server_cpu, wall),
             "loadgen_cpu_pct": percent(sum(report["cpu"] for report in reports), wall),
             "server_peak_rss_kib": memory.peak,
@@ -1429,7 +1433,10 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
             f"{shown(many['rooms'])} rooms of {many['clients'] // many['rooms']} with "
             f"{many['senders']} senders: {shown(many['deliveries_per_s'])} deliveries/s, "
             f"{shown(rooms['ratio'])}x one room of {rooms['one room']['clients']} "
-            f"({shown(rooms['one room']['deliveries_per_s'])}), lost {shown(many['lost'])}")
+            f"({shown(rooms['one room']['deliveries_per_s'])}); messages/s "
+            f"{shown(many['messages_per_s'])}, {shown(rooms['messages_ratio'])}x the one room's "
+            f"(each reaches {many['clients'] // many['rooms'] - 1} people, not "
+            f"{rooms['one room']['clients'] - 1}), lost {shown(many['lost'])}")
     if "peers" in results:
         for compared in results["peers"]["fanout"]:
             others = ", ".join(
@@ -1524,7 +1531,10 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
                 "many rooms": lambda: run_fanout(options, db_dir, many, options.room_senders,
                                                  rooms=options.room_count,
                                                  per_sender=spread)})
-            results["rooms"] = {**best, "ratio": ratio(best["many rooms"], best["one room"])}
+            results["rooms"] = {**best, "ratio": ratio(best["many rooms"], best["one room"]),
+                                "messages_ratio": round(best["many rooms"]["messages_per_s"] /
+                                                        best["one room"]["messages_per_s"], 2)
+                                if best["one room"]["messages_per_s"] else None}
     checked = list(results.get("fanout", []))
     for compared in results.get("peers", {}).get("fanout", []):
         checked.extend(compared["runs"].values())

@@ -4231,7 +4231,7 @@ class ChatStore:
         self._busy_since: Optional[float] = None
         # recent_public() answers by room and limit, until that room's next public
         # event: a burst of joins replays the same history without asking sqlite.
-        self._recent_public: Dict[Tuple[str, int], List[tuple]] = {}
+        self._recent_public: Dict[str, Dict[int, List[tuple]]] = {}  # room -> limit -> rows
         self.db = self._open(path)
         self._checkpointer = Checkpointer(path) if self.on_disk else None
 
@@ -4289,8 +4289,7 @@ class ChatStore:
             if kind == "announcement":
                 self._recent_public.clear()
             elif kind in SAID_KINDS and room:
-                for key in [key for key in self._recent_public if key[0] == room.lower()]:
-                    del self._recent_public[key]
+                self._recent_public.pop(room.lower(), None)
 
     def commit(self) -> None:
         """Write everything recorded since the last commit in one transaction."""
@@ -4384,14 +4383,14 @@ class ChatStore:
         """
         if not self.working:
             return []
-        key = (room.lower(), limit)
-        if key not in self._recent_public:
+        answers = self._recent_public.setdefault(room.lower(), {})
+        if limit not in answers:
             said = self._query(self._COLUMNS + f"WHERE room = ? AND kind IN {SAID_KINDS} "
                                "ORDER BY id DESC LIMIT ?", (room, limit))
             announced = self._query(self._COLUMNS + f"WHERE room = '{EVERY_ROOM}' "
                                     "ORDER BY id DESC LIMIT ?", (limit,))
-            self._recent_public[key] = sorted(said + announced)[-limit:]
-        return self._recent_public[key]
+            answers[limit] = sorted(said + announced)[-limit:]
+        return answers[limit]
 
     def last_id(self) -> int:
         """The id of the newest event stored, or recorded to be (those get the next
@@ -4661,6 +4660,7 @@ class ChatServer(SelectServer):
         self.irc_address: Optional[Tuple[str, int]] = None     # where IRC listens, if it does
         self._batches: List[Batch] = []         # this pass's, in the order they began
         self._open: Dict[int, Batch] = {}       # id(audience) -> its batch taking events
+        self._in_batches: Set[Session] = set()  # the recipients of this pass's batches
         self._carry_out: Dict[str, Callable[..., None]] = {
             "send": self.send, "deliver": self.deliver, "close": self._close,
             "pause": lambda session: self.pause_reading(session.link),
@@ -4793,7 +4793,7 @@ class ChatServer(SelectServer):
         """Bytes for one session: what it has coming in this pass's batches goes first."""
         if not data:
             return
-        if self._open and any(session in batch.audience for batch in self._open.values()):
+        if session in self._in_batches:
             self.deliver_batches()
         self.write(session.link, data)
 
@@ -4803,12 +4803,14 @@ class ChatServer(SelectServer):
         if batch is None or batch.version != audience.version:
             batch = self._open[id(audience)] = Batch(audience)
             self._batches.append(batch)
+            self._in_batches.update(batch.recipients)
         batch.entries.append((event, sender, echo))
 
     def deliver_batches(self) -> None:
         """Write every batch of this pass, in order."""
         batches, self._batches = self._batches, []
         self._open.clear()
+        self._in_batches.clear()
         for batch in batches:
             try:
                 self._write_batch(batch)

@@ -3765,6 +3765,20 @@ class RoomTests(ChatTestCase):
         new.send({"type": "say", "text": "in the lobby"})
         self.assertEqual(old.expect("message")["text"], "in the lobby")
 
+    def test_what_was_said_before_a_part_comes_before_the_leave(self) -> None:
+        # Said, then parted, in one read: the part must not overtake the echo of
+        # what was said (or anything else said in the room before the part).
+        alice, bob = self.peer("alice"), self.peer("bob")
+        enter(alice, "dev")
+        enter(bob, "dev")
+        alice.send({"type": "say", "room": "dev", "text": "first"})
+        bob.expect("message")
+        bob.sock.sendall(socket_server.encode_frame({"type": "say", "room": "dev", "text": "bye"})
+                         + socket_server.encode_frame({"type": "part", "room": "dev"}))
+        kinds = [message["type"] for message in bob.sync()]
+        self.assertIn("leave", kinds)
+        self.assertLess(kinds.index("sent"), kinds.index("leave"), kinds)
+
     def test_part_tells_the_room_and_the_one_who_left(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
         enter(alice, "dev")
