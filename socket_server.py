@@ -1089,7 +1089,7 @@ def parse_irc_line(line: bytes) -> Optional[IrcMessage]:
 def irc_text(text: str) -> str:
     """Text an IRC client sent, without its bold, colours and the like (the core
     cleans the rest: no control character reaches anyone's terminal)."""
-    return IRC_FORMATTING.sub("", text)
+    return text if text.isprintable() else IRC_FORMATTING.sub("", text)
 
 
 def irc_time(timestamp: str) -> int:
@@ -1142,6 +1142,9 @@ class IrcInput:
     # -- bytes in -------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self._start:     # drop the lines already taken, once per read, not per line
+            del self._buffer[:self._start]
+            self._start = 0
         self._buffer += data
 
     def feed_eof(self) -> None:
@@ -1149,7 +1152,7 @@ class IrcInput:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._start
 
     def wants_turn(self) -> bool:
         """Whether requests wait here that no new bytes would bring out (a hello that
@@ -1160,13 +1163,18 @@ class IrcInput:
         """The next request, or None until more lines come. Raises BadInput for a line
         that cannot be used, ProtocolError for a stream that cannot go on."""
         while not self._requests:
-            end = self._buffer.find(b"\n")
+            buffer, start = self._buffer, self._start
+            end = buffer.find(b"\n", start)
             if end < 0:
-                if len(self._buffer) > IRC_TAGS_MAX + IRC_LINE_MAX:
+                if len(buffer) - start > IRC_TAGS_MAX + IRC_LINE_MAX:
                     raise ProtocolError("too_large", "Input buffer exceeded: no line end")
                 return None     # an unfinished line at the end of the stream is dropped
-            line = bytes(self._buffer[:end]).rstrip(b"\r")
-            del self._buffer[:end + 1]
+            line = bytes(buffer[start:end]).rstrip(b"\r")
+            if end + 1 == len(buffer):
+                buffer.clear()
+                self._start = 0
+            else:
+                self._start = end + 1
             message = parse_irc_line(line)
             if message is not None:
                 self._command(message)
@@ -1523,12 +1531,13 @@ class IrcOutput:
 
     def _line(self, prefix: str, command: str, *params: str, tags: str = "") -> bytes:
         """One line: every parameter kept to one line, the last one after ':'."""
-        safe = [IRC_UNSAFE.sub(" ", param) for param in params]
-        if safe:
-            safe[-1] = ":" + safe[-1]
-        text = " ".join([f":{prefix}", command] + safe) if prefix else " ".join([command] + safe)
-        return (f"@{tags} " if tags else "").encode("utf-8") + \
-            text.encode("utf-8")[:IRC_LINE_MAX - 2] + b"\r\n"
+        words = [":" + prefix, command] if prefix else [command]
+        for param in params:    # isprintable(): a quick look, true of nearly all
+            words.append(param if param.isprintable() else IRC_UNSAFE.sub(" ", param))
+        if params:
+            words[-1] = ":" + words[-1]
+        line = " ".join(words).encode("utf-8")[:IRC_LINE_MAX - 2] + b"\r\n"
+        return b"@" + tags.encode("utf-8") + b" " + line if tags else line
 
     def _numeric(self, numeric: str, *params: str) -> bytes:
         """A numeric for this client: its nick first, or '*' until it is registered."""
@@ -1875,6 +1884,8 @@ class IrcOutput:
 
 def split_utf8(text: str, most: int) -> List[str]:
     """text in pieces of at most `most` UTF-8 bytes, cut between words where it can be."""
+    if len(text) * 4 <= most:   # no character takes more than 4 bytes: short enough
+        return [text]
     pieces = []
     while len(text.encode("utf-8")) > most:
         cut = len(text.encode("utf-8")[:most].decode("utf-8", "ignore"))
@@ -1890,7 +1901,7 @@ class IrcCodec(IrcInput, IrcOutput):
 
     __slots__ = ("info", "session", "ended", "metered", "variant", "nick", "user",
                  "realname", "password", "registered", "hello_sent", "negotiating", "caps",
-                 "sasl", "asked", "rooms", "_buffer", "_output", "_requests", "_ids",
+                 "sasl", "asked", "rooms", "_buffer", "_start", "_output", "_requests", "_ids",
                  "_replay", "_listing")
 
     def __init__(self, info: IrcInfo) -> None:
@@ -1911,6 +1922,7 @@ class IrcCodec(IrcInput, IrcOutput):
         self.asked: Dict[str, Tuple[str, Tuple[str, ...]]] = {}  # id -> (command, arguments)
         self.rooms: Set[str] = set()    # lower-case names of the channels we are in
         self._buffer = bytearray()
+        self._start = 0                 # where the lines not yet taken begin in _buffer
         self._output: List[bytes] = []
         self._requests: Deque[Tuple[dict, bool]] = deque()
         self._ids = 0
