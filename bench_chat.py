@@ -67,6 +67,7 @@ import signal
 import socket
 import statistics
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,10 @@ QUICK = dict(fanout="10x2", messages=300, latency_clients=10, latency_seconds=0.
 RECV_SIZE = 256 * 1024
 SYNC_LINE_SIZE = 6              # b"SYNC0\n": one digit, so at most 10 workers with ncat
 QUICKACK = getattr(socket, "TCP_QUICKACK", None)   # Linux only; elsewhere ACKs may be delayed
+# The kernel's arrival time of what a recvmsg() returns (Linux): a latency sample
+# then leaves out the time the load generator took to come to that socket.
+ARRIVAL_STAMPS = getattr(socket, "SO_TIMESTAMPNS", None)
+TIMESPEC = struct.Struct("@ll")     # struct timespec: seconds, nanoseconds
 MESSAGE_MARK = b'{"type":"message"'
 ERROR_MARK = b'{"type":"error"'
 HISTORY_END_MARK = b'{"type":"history_end"'
@@ -874,9 +879,29 @@ def _was_cut_off(sock: socket.socket) -> bool:
         sock.close()
 
 
+def arrival_clock() -> Callable[[], int]:
+    """The clock a latency run stamps its messages with: the one the kernel stamps
+    arrivals with when it can (the wall clock), else a monotonic one."""
+    return time.time_ns if ARRIVAL_STAMPS is not None else time.perf_counter_ns
+
+
+def receive_stamped(sock: socket.socket) -> Tuple[bytes, Optional[int]]:
+    """What came, and when the kernel had it (ns, wall clock), where it says."""
+    if ARRIVAL_STAMPS is None:
+        return sock.recv(RECV_SIZE), None
+    data, ancillary, _, _ = sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(TIMESPEC.size))
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == ARRIVAL_STAMPS and len(value) >= TIMESPEC.size:
+            seconds, nanoseconds = TIMESPEC.unpack_from(value)
+            return data, seconds * 1_000_000_000 + nanoseconds
+    return data, None
+
+
 def latency_worker(index: int, results: Any, plan: Dict[str, Any]) -> Dict[str, Any]:
-    """Clients take turns sending at a fixed rate; every arrival is timed."""
+    """Clients take turns sending at a fixed rate; every arrival is timed, by the
+    kernel where it can (see receive_stamped), else when select() returned."""
     clients = join(plan["clients"])
+    clock = arrival_clock()
     deadline = time.monotonic() + plan["seconds"] + plan["timeout"]
     if any(client.protocol == "raw" for client in clients):
         started = threading.Event()
@@ -884,6 +909,8 @@ def latency_worker(index: int, results: Any, plan: Dict[str, Any]) -> Dict[str, 
     selector = selectors.DefaultSelector()
     for client in clients:
         client.sock.settimeout(None)
+        if ARRIVAL_STAMPS is not None:
+            client.sock.setsockopt(socket.SOL_SOCKET, ARRIVAL_STAMPS, 1)
         decoder = FrameDecoder() if client.protocol == "json" else LineSplitter()
         selector.register(client.sock, selectors.EVENT_READ, (client, decoder))
     total = max(1, int(plan["rate"] * plan["seconds"]))
@@ -896,16 +923,17 @@ def latency_worker(index: int, results: Any, plan: Dict[str, Any]) -> Dict[str, 
         now = time.perf_counter()
         if sent < total and now >= started + sent / plan["rate"]:
             client = clients[sent % len(clients)]
-            text = chat_text(plan["text_size"], str(time.perf_counter_ns()))
+            text = chat_text(plan["text_size"], str(clock()))
             client.sock.sendall(say_bytes(client.protocol, client.room, text))
             sent += 1
             continue
         wait = started + sent / plan["rate"] - now if sent < total else 0.05
         ready = selector.select(max(0.0, wait))
-        arrived = time.perf_counter_ns()    # once: reading the sockets one by one takes time
+        selected = clock()      # without kernel stamps: once, before the sockets are read
         for key, _ in ready:
             client, decoder = key.data
-            data = client.sock.recv(RECV_SIZE)
+            data, stamped = receive_stamped(client.sock)
+            arrived = stamped or selected
             if not data:
                 raise ConnectionError("the server closed a connection during the latency run")
             if QUICKACK is not None:

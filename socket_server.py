@@ -904,7 +904,8 @@ class SelectServer:
                                " KiB waiting to be read", graceful=False)
                     return
                 conn.outbox = [rest]
-        self._watch_writable(conn, bool(conn.outbox))
+        if conn.wants_write != bool(conn.outbox):
+            self._watch_writable(conn, bool(conn.outbox))
         if conn.closing and not conn.outbox:
             self._finish_closing(conn)
 
@@ -4303,17 +4304,20 @@ class ChatStore:
             elif kind in SAID_KINDS and room:
                 self._recent_public.pop(room.lower(), None)
 
+    _INSERT = ("INSERT INTO events (ts, kind, sender, recipient, text, room) "
+               "VALUES (?, ?, ?, ?, ?, ?)")
+
     def commit(self) -> None:
         """Write everything recorded since the last commit in one transaction."""
         if not self._pending or not self.working:
             return
         try:
-            self.db.execute("BEGIN")
-            self.db.executemany(
-                "INSERT INTO events (ts, kind, sender, recipient, text, room) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                self._pending)
-            self.db.execute("COMMIT")
+            if len(self._pending) == 1:     # a quiet moment: one statement is a transaction
+                self.db.execute(self._INSERT, self._pending[0])
+            else:
+                self.db.execute("BEGIN")
+                self.db.executemany(self._INSERT, self._pending)
+                self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             self._write_failed(exc)
