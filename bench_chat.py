@@ -18,13 +18,22 @@ What it measures
   receiver should have got and did not; "errors" counts ``error`` frames
   (a ``rate_limited`` would be a loss the benchmark caused).
 - latency: clients take turns sending at a fixed rate; each message carries
-  its send time, and every receiver's arrival time gives one sample.
+  its send time, and every receiver's arrival time gives one sample (the
+  kernel's time of arrival where it gives one: Linux).
 - idle: many clients connect, join, and then only read and answer pings;
   the server's resident memory growth is divided among them.
 - slow: the first fanout run again, plus one client that joins and never
   reads: the others' throughput, and the server's peak memory, compared.
 - history: the first fanout run again with ``--no-history``: what writing
   every message to sqlite costs.
+- mixed: the first fanout run with half the clients on the IRC port.
+- rooms: 1000 rooms of 10 with 100 senders, one a room, against one room of
+  the first fanout run's size.
+- hostile: the latency run while 18 clients each send 5 messages a second
+  of 60,000 characters with a tab in it (far over the length limit, and
+  not printable), against the latency run alone.
+- peers (with ``--peers ngircd,ncat``): the fanout and latency runs against
+  those C servers too, in turns with ours, and the ratios.
 - instructions (not run by default: it needs valgrind and takes minutes):
   the history cost again, counted in instructions under valgrind's
   callgrind, which a busy or throttled machine does not change.
@@ -39,8 +48,12 @@ Design
 The load generator must be cheaper than the server it loads. Its clients
 live in a few worker processes (multiprocessing, "spawn", so it works the
 same on Windows and macOS). A receiver never parses frames: it reads big
-chunks into one buffer and counts ``{"type":"message"`` with
-``bytearray.count`` (C speed; the JSON encoder escapes every quote inside a
+chunks into one buffer and counts its messages by their bytes, as every
+message it gets in a run has the same size (one room, one text, names of
+one length, timestamps of one length), learnt from the first one; any
+byte left over at the end is reported (something else came). A sender,
+which gets answers too, counts ``{"type":"message"`` (or `` PRIVMSG #``)
+with ``bytearray.count`` (the JSON encoder escapes every quote inside a
 string, so that marker can only start a payload). Senders send batches of
 pre-encoded frames, but only while fewer than ``--window`` messages are
 in flight (sent, and not yet received by the slowest receiver): the
@@ -92,7 +105,7 @@ SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
 LOOPBACK = "127.0.0.1"          # the only address this program talks to
 TEXT_SIZE = 100                 # characters per chat message
 FANOUT_RUNS = "50x5,200x2"      # CLIENTSxSENDERS, one run each
-DEFAULT_SCENARIOS = "startup,fanout,latency,idle,slow,history,mixed,rooms"
+DEFAULT_SCENARIOS = "startup,fanout,latency,idle,slow,history,mixed,rooms,hostile"
 ROOM_COUNT = 1000               # the 'rooms' run: rooms ...
 ROOM_SIZE = 10                  # ... of this many clients ...
 ROOM_SENDERS = 100              # ... with this many senders, one a room
@@ -104,6 +117,9 @@ STALLED_WAIT = 1.0              # seconds to read what is left of it after a run
 LATENCY_CLIENTS = 100
 LATENCY_RATE = 200.0            # messages a second, all senders together
 LATENCY_SECONDS = 5.0
+HOSTILE_CLIENTS = 18            # the 'hostile' run: clients sending, each ...
+HOSTILE_RATE = 5.0              # ... this many messages a second (the default flood limit) ...
+HOSTILE_TEXT_SIZE = 60_000      # ... of this many characters, one of them a tab
 IDLE_CLIENTS = 10_000
 IDLE_HOLD = 2.0                 # seconds the idle clients stay before they are counted
 IDLE_CONNECTING = 400           # idle clients connecting at once, per worker (backlog: 1024)
@@ -956,6 +972,35 @@ def latency_worker(index: int, results: Any, plan: Dict[str, Any]) -> Dict[str, 
             "messages": total}
 
 
+def hostile_worker(index: int, results: Any, plan: Dict[str, Any], stop: Any) -> Dict[str, Any]:
+    """Clients that each send, at a steady rate, a message far over the length limit
+    with a character to clean in it (a tab, which takes it off clean_text's quick
+    path), until `stop`: what the chat's latency is measured under in the
+    'hostile' run."""
+    clients = join(plan["clients"])
+    half = "x" * (plan["text_size"] // 2)
+    frame = say_bytes("json", clients[0].room, half + "\t" + half)   # one tab: not printable
+    selector = selectors.DefaultSelector()
+    for client in clients:
+        selector.register(client.sock, selectors.EVENT_READ, client)
+    results.put(("attacking", index, None))
+    started, sent, refused = time.monotonic(), 0, 0
+    while not stop.is_set():
+        due = int((time.monotonic() - started) * plan["rate"])   # frames per client so far
+        while sent < due:
+            for client in clients:
+                client.sock.sendall(frame)
+            sent += 1
+        for key, _ in selector.select(0.01):    # the refusals: read, so nobody is cut off
+            data = key.data.sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError("the server closed an attacker: it was not to")
+            refused += data.count(ERROR_MARK)
+    for client in clients:
+        client.sock.close()
+    return {"sent": sent * len(clients), "refused": refused}
+
+
 def idle_worker(index: int, results: Any, port: int, names: List[str], start: Any,
                 hold: Any) -> Dict[str, Any]:
     """Join clients many at a time, then only read and answer pings until `hold` is set.
@@ -1214,8 +1259,9 @@ def best_of(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return best
 
 
-def run_latency(options: argparse.Namespace, db_dir: str,
-                peer: Optional[str] = None) -> Dict[str, Any]:
+def run_latency(options: argparse.Namespace, db_dir: str, peer: Optional[str] = None,
+                hostile: bool = False) -> Dict[str, Any]:
+    """The latency run; hostile: while HOSTILE_CLIENTS send huge texts to clean."""
     clients = options.latency_clients
     server: Launched = PEERS[peer](db_dir) if peer else ServerUnderTest(db_dir)
     protocol = PEERS[peer].protocol if peer else "json"
@@ -1224,6 +1270,13 @@ def run_latency(options: argparse.Namespace, db_dir: str,
                             for number in range(clients)],
                 "rate": options.latency_rate, "seconds": options.latency_seconds,
                 "text_size": options.text_size, "timeout": options.timeout}
+        stop = pool.context.Event()
+        if hostile:
+            pool.start(hostile_worker, 1, {
+                "clients": [(f"h{number:02d}", "json", server.port, "bench")
+                            for number in range(HOSTILE_CLIENTS)],
+                "rate": HOSTILE_RATE, "text_size": HOSTILE_TEXT_SIZE}, stop)
+            pool.collect("attacking", 1, SETUP_TIMEOUT * 3)
         before = server.cpu()
         began = time.monotonic()
         pool.start(latency_worker, 0, plan)
@@ -1231,6 +1284,7 @@ def run_latency(options: argparse.Namespace, db_dir: str,
                               + SETUP_TIMEOUT)[0]
         wall = time.monotonic() - began
         after = server.cpu()
+        stop.set()
     p50, p99, worst = (round(ns / 1e6, 3) for ns in report["samples"]) if report["samples"] \
         else (None, None, None)
     return {"server": server.name, "clients": clients, "rate": options.latency_rate,
@@ -1455,6 +1509,14 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
             f"{shown(mixed['json']['deliveries_per_s'])} with JSON only "
             f"({difference(mixed['impact_pct'])}), lost "
             f"{shown(max(mixed['mixed']['lost'], mixed['json']['lost']))}")
+    if "hostile" in results:
+        quiet, hostile = results["hostile"]["quiet"], results["hostile"]["hostile"]
+        lines.append(
+            f"latency while {HOSTILE_CLIENTS} clients send {HOSTILE_RATE:g} messages a second "
+            f"each of {HOSTILE_TEXT_SIZE:,} characters with a tab: p50 {shown(hostile['p50_ms'], ' ms')}, "
+            f"p99 {shown(hostile['p99_ms'], ' ms')}; quiet p50 {shown(quiet['p50_ms'], ' ms')}, "
+            f"p99 {shown(quiet['p99_ms'], ' ms')} ({shown(results['hostile']['p50_ratio'])}x, "
+            f"{shown(results['hostile']['p99_ratio'])}x), lost {shown(hostile['lost'])}")
     if "rooms" in results:
         rooms, many = results["rooms"], results["rooms"]["many rooms"]
         lines.append(
@@ -1495,6 +1557,12 @@ def machine_summary() -> Dict[str, Any]:
             "cores": cores,
             "summary": f"{cores} cores, {cpu}, {platform.system()}, "
                        f"Python {platform.python_version()}"}
+
+
+def ratio_of(best: Dict[str, Dict[str, Any]], key: str) -> Optional[float]:
+    """How many times the quiet run's `key` the hostile run's is."""
+    quiet, hostile = best["quiet"].get(key), best["hostile"].get(key)
+    return round(hostile / quiet, 2) if quiet and hostile is not None else None
 
 
 def impact(baseline: float, other: float) -> Optional[float]:
@@ -1549,6 +1617,12 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
             results["mixed"] = {"clients": clients, "senders": senders, **best,
                                 "impact_pct": impact(best["json"]["deliveries_per_s"],
                                                      best["mixed"]["deliveries_per_s"])}
+        if "hostile" in options.scenarios:
+            best = in_turns(options, {
+                "quiet": lambda: run_latency(options, db_dir),
+                "hostile": lambda: run_latency(options, db_dir, hostile=True)})
+            results["hostile"] = {**best, "p50_ratio": ratio_of(best, "p50_ms"),
+                                  "p99_ratio": ratio_of(best, "p99_ms")}
         if "rooms" in options.scenarios:
             raise_fd_limit(options.room_count * options.room_size + FD_SPARE)
             clients, senders = runs[0]
@@ -1593,7 +1667,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "idle clients, a slow reader, the cost of history, start-up time.")
     parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
                         help="comma-separated scenarios to run: startup, fanout, latency, "
-                             "idle, slow, history, mixed, rooms, peers, instructions "
+                             "idle, slow, history, mixed, rooms, hostile, peers, instructions "
                              f"(default: {DEFAULT_SCENARIOS}; 'instructions' needs valgrind "
                              "and takes minutes; 'peers' comes with --peers)")
     parser.add_argument("--peers", default="", metavar="NAME,...",
@@ -1668,7 +1742,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options.peers and "peers" not in options.scenarios:
         options.scenarios.append("peers")
     unknown = set(options.scenarios) - {"startup", "fanout", "latency", "idle", "slow",
-                                        "history", "instructions", "peers", "mixed", "rooms"}
+                                        "history", "instructions", "peers", "mixed", "rooms",
+                                        "hostile"}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", options.fanout) or any(

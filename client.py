@@ -307,19 +307,16 @@ def clean_text(text: str) -> str:
     # So a printable text has nothing to remove and no whitespace to change.
     if text.isprintable():
         return text.strip()
-    kept = []
-    for char in text:
-        if char.isspace():
-            kept.append(" ")
-        elif unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS:
-            continue
-        else:
-            kept.append(char)
-    return "".join(kept).strip()
+    return _DROPPED.sub("", _SPACES.sub(" ", text)).strip()
 
 
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                           "\u2066\u2067\u2068\u2069")
+# What clean_text changes, as two character classes, so that cleaning costs the same
+# few nanoseconds a character whatever the text holds. isspace() is true of no
+# character above U+3000; the controls (category Cc) are U+0000-001F and U+007F-009F.
+_SPACES = re.compile("[%s]" % re.escape("".join(chr(code) for code in range(0x3001)
+                                                if chr(code).isspace())))
+_DROPPED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff"     # controls and lone surrogates
+                      "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")   # bidi controls
 
 # ---- end shared protocol block ----
 

@@ -59,6 +59,7 @@ import binascii
 import bisect
 import codecs
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -75,11 +76,11 @@ import secrets
 import selectors
 import signal
 import socket
+import stat
 import sqlite3
 import sys
 import threading
 import time
-import unicodedata
 from collections import deque
 from datetime import datetime, timezone
 from typing import (Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set,
@@ -89,6 +90,10 @@ try:
     import ssl
 except ImportError:     # Python built without OpenSSL: everything but TLS still works
     ssl = None  # type: ignore
+try:
+    import termios      # POSIX: the console puts its terminal back as it found it
+except ImportError:
+    termios = None  # type: ignore
 
 log = logging.getLogger("chat")
 
@@ -99,6 +104,8 @@ log = logging.getLogger("chat")
 
 DEFAULT_MAX_CLIENTS = 1000          # connections at once, joined or not
 MAX_PER_ADDRESS = 20                # connections at once from one IP address
+MAX_SILENT = 100                    # connections that have not said hello, before the oldest goes
+SILENT_GRACE = 2.0                  # seconds of silence before a connection may be dropped for that
 HELLO_TIMEOUT = 10.0                # seconds a new connection has to send hello
 PING_AFTER = 60.0                   # seconds of silence before the server pings
 DROP_AFTER = 120.0                  # seconds of silence before a client is dropped
@@ -134,17 +141,23 @@ MAX_MINUTES = 10 ** 7               # longest /ban or /mute with a length, in mi
 MAX_ID_LENGTH = 64                  # characters of a message id echoed back (see request_id)
 RESUME_TOKEN_BYTES = 16             # of a resume token's MAC: 128 bits nobody can guess
 MAX_QUOTED_LENGTH = 40              # characters of a client's word quoted back (see quoted)
+CLEANING_SLACK = 2                  # a text over twice its limit is cut (or refused) unseen
+MAX_NAMED_IN_NOTE = 10              # names a console note lists before "and N more"
 
 # Internal tuning, not worth a flag.
 RECV_SIZE = 256 * 1024              # bytes read per socket per loop pass
 ACCEPTS_PER_PASS = 64               # new connections taken per loop pass
 TICK = 1.0                          # longest time between timer checks
+LOG_BURST = 20                      # lines of one noisy kind logged a minute; the rest counted
+LOG_WINDOW = 60.0                   # seconds over which LOG_BURST counts
 LINGER_TIMEOUT = 2.0                # seconds to wait for a peer we closed on to hang up
 MAX_LINGERING = 1000                # closing sockets kept waiting at once; past that, close now
 SHUTDOWN_FLUSH_TIMEOUT = 2.0        # seconds to deliver the shutdown notice
 ACCEPT_PAUSE = 1.0                  # seconds to stop accepting when out of file descriptors
 SELECT_SOCKET_LIMIT = 500           # sockets at once where select() is all there is (Windows)
-CONSOLE_RETRY = 1.0                 # seconds between console reads while in the background
+CONSOLE_RETRY = 1.0                 # seconds between console reads in the background, or of
+                                    # a FIFO nobody writes to
+CONSOLE_PROMPT = "console> "
 PASSWORD_WORKERS = 2                # threads hashing passwords
 MAX_PASSWORD_JOBS = 32              # password checks waiting at once; more get "busy"
 SCRYPT_COST = (2 ** 14, 8, 1)       # scrypt n, r, p: about 50 ms and 16 MiB per hash
@@ -367,19 +380,16 @@ def clean_text(text: str) -> str:
     # So a printable text has nothing to remove and no whitespace to change.
     if text.isprintable():
         return text.strip()
-    kept = []
-    for char in text:
-        if char.isspace():
-            kept.append(" ")
-        elif unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS:
-            continue
-        else:
-            kept.append(char)
-    return "".join(kept).strip()
+    return _DROPPED.sub("", _SPACES.sub(" ", text)).strip()
 
 
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                           "\u2066\u2067\u2068\u2069")
+# What clean_text changes, as two character classes, so that cleaning costs the same
+# few nanoseconds a character whatever the text holds. isspace() is true of no
+# character above U+3000; the controls (category Cc) are U+0000-001F and U+007F-009F.
+_SPACES = re.compile("[%s]" % re.escape("".join(chr(code) for code in range(0x3001)
+                                                if chr(code).isspace())))
+_DROPPED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff"     # controls and lone surrogates
+                      "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")   # bidi controls
 
 # ---- end shared protocol block ----
 
@@ -395,6 +405,7 @@ class Settings:
     port: int = DEFAULT_PORT
     max_clients: int = DEFAULT_MAX_CLIENTS
     max_per_address: int = MAX_PER_ADDRESS
+    max_silent: int = MAX_SILENT
     hello_timeout: float = HELLO_TIMEOUT
     ping_after: float = PING_AFTER
     drop_after: float = DROP_AFTER
@@ -1012,10 +1023,19 @@ class JsonCodec(FrameDecoder):
         """The next complete request, or None until more bytes come.
 
         Raises ProtocolError for bytes that are no request (see decode_payload),
-        and for a stream that ended in the middle of a frame.
+        and for a stream that ended in the middle of a frame; BadInput for JSON
+        that is no request (not an object with a string "type"): the frames
+        around it are whole, so the connection goes on.
         """
         payload = next(self, None)
-        return None if payload is None else decode_payload(payload)
+        if payload is None:
+            return None
+        try:
+            return decode_payload(payload)
+        except ProtocolError as error:
+            if error.code == "bad_message":
+                raise BadInput(error.code, error.text) from None
+            raise
 
     def encode(self, event: dict) -> bytes:
         """An event for this connection alone.
@@ -1957,6 +1977,12 @@ def utc_timestamp(wall: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def clean_cut(text: str, most: int) -> str:
+    """text cleaned (see clean_text) and cut to `most` characters, cut before it is
+    cleaned too, so that a huge text costs no more than a short one."""
+    return clean_text(text[:most * CLEANING_SLACK])[:most]
+
+
 def quoted(word: str) -> str:
     """A word a client sent, in quotes, as an error or the log repeats it: cleaned
     for the terminal and cut short, so a client cannot have a long text echoed.
@@ -1964,7 +1990,7 @@ def quoted(word: str) -> str:
     The quotes never clash with the word: "bob", but '"bob' for a word holding a
     double quote, and "\\"bob's" (escaped) for one holding both kinds.
     """
-    word = clean_text(word)[:MAX_QUOTED_LENGTH]
+    word = clean_cut(word, MAX_QUOTED_LENGTH)
     if '"' not in word:
         return f'"{word}"'
     if "'" not in word:
@@ -1987,15 +2013,22 @@ def count_of(number: int, unit: str) -> str:
 class ErrorCode(NamedTuple):
     closes: bool        # always ends the connection; any error in answer to a hello does too
     meaning: str        # for README.md, whose table of codes must say the same
+    # When it ends a joined session: why the others are told it left, in plain words
+    # (the code and its detail go to the log).
+    others: str = "disconnected"
+
+
+NOT_UNDERSTOOD = "sent something this server does not understand"
 
 
 #: Every error code the server sends. README.md lists them with the same meaning.
 ERRORS: Dict[str, ErrorCode] = {
-    "bad_header": ErrorCode(True, "the frame header is not a decimal length"),
-    "too_large": ErrorCode(True, "the frame is over 64 KiB"),
-    "truncated": ErrorCode(True, "the connection closed in the middle of a frame"),
-    "bad_utf8": ErrorCode(True, "the payload is not UTF-8"),
-    "bad_json": ErrorCode(True, "the payload is not JSON"),
+    "bad_header": ErrorCode(True, "the frame header is not a decimal length", NOT_UNDERSTOOD),
+    "too_large": ErrorCode(True, "the frame is over 64 KiB", NOT_UNDERSTOOD),
+    "truncated": ErrorCode(True, "the connection closed in the middle of a frame",
+                           "connection lost"),
+    "bad_utf8": ErrorCode(True, "the payload is not UTF-8", NOT_UNDERSTOOD),
+    "bad_json": ErrorCode(True, "the payload is not JSON", NOT_UNDERSTOOD),
     "bad_message": ErrorCode(False, 'not an object with a string "type", or a field is '
                                     "missing or of the wrong type"),
     "hello_required": ErrorCode(True, "something other than hello came first"),
@@ -2009,6 +2042,8 @@ ERRORS: Dict[str, ErrorCode] = {
     "tls_required": ErrorCode(True, "plain text sent to a TLS-only server"),
     "too_many_connections": ErrorCode(True, "too many connections from this address"),
     "server_full": ErrorCode(True, "too many connections"),
+    "crowded_out": ErrorCode(True, "no hello came for a while, and the server needed the room "
+                                   "(see --max-silent)"),
     "banned": ErrorCode(True, "banned, when joining or by a moderator"),
     "line_too_long": ErrorCode(False, "an IRC line over 512 bytes (its tags over 8191); it was "
                                       "dropped"),
@@ -2030,9 +2065,10 @@ ERRORS: Dict[str, ErrorCode] = {
     "name_taken": ErrorCode(False, "someone here has that name (in any case)"),
     "name_reserved": ErrorCode(False, "the name is reserved"),
     "already_joined": ErrorCode(False, "a second hello"),
-    "replaced": ErrorCode(True, "the owner of this registered name logged in elsewhere"),
+    "replaced": ErrorCode(True, "the owner of this registered name logged in elsewhere",
+                          "logged in elsewhere"),
     "rate_limited": ErrorCode(False, "over the message rate; that message was dropped"),
-    "flooding": ErrorCode(True, "kept sending far over the rate"),
+    "flooding": ErrorCode(True, "kept sending far over the rate", "sent too fast"),
     "weak_password": ErrorCode(False, "a new password is too short or too long"),
     "already_registered": ErrorCode(False, "register on a registered name"),
     "not_registered": ErrorCode(False, "unregister or change_password on a name that is not"),
@@ -2271,6 +2307,43 @@ class Audience:
         return len(self.members)
 
 
+class QuietLog:
+    """Log lines anyone can cause as often as they like (a connection, a refusal, a
+    wrong password), at most LOG_BURST of each kind a minute; past that they are
+    counted, and one line says how many there were: "... and 4,812 more
+    connections in the last minute". A flood must not fill a disk through the
+    log. A person's join and leave never come through here: each has its line.
+    """
+
+    def __init__(self, clock: "Clock") -> None:
+        self.clock = clock
+        self.windows: Dict[str, List[float]] = {}   # kind -> [start, logged, counted]
+
+    def log(self, kind: str, level: int, message: str, *args: Any) -> None:
+        now = self.clock.now()
+        window = self.windows.get(kind)
+        if window is None or now - window[0] >= LOG_WINDOW:
+            self._summarize(kind)
+            window = self.windows[kind] = [now, 0, 0]
+        if window[1] < LOG_BURST:
+            window[1] += 1
+            log.log(level, message, *args)
+        else:
+            window[2] += 1
+
+    def tick(self) -> None:
+        """Say what was counted in the windows that have ended."""
+        now = self.clock.now()
+        for kind in [kind for kind, window in self.windows.items()
+                     if now - window[0] >= LOG_WINDOW]:
+            self._summarize(kind)
+
+    def _summarize(self, kind: str) -> None:
+        window = self.windows.pop(kind, None)
+        if window is not None and window[2]:
+            log.info("... and %s more %s in the last minute", f"{int(window[2]):,}", kind)
+
+
 def request_id(request: dict) -> Optional[str]:
     """The id a request carries, if it may be echoed back: a short printable string."""
     value = request.get("id")
@@ -2298,8 +2371,9 @@ class ChatCore:
         self.clock = clock or Clock()
         self.actions: List[tuple] = []
         self._stamped: Tuple[int, str] = (-1, "")     # see timestamp()
-        self._resume_key = secrets.token_bytes(32)      # see resume_token()
-        self.arriving: Set[Session] = set()         # connected, not yet in the chat
+        self.quiet_log = QuietLog(self.clock)
+        # Connected, not yet in the chat: oldest first (a dict keeps the order).
+        self.arriving: Dict[Session, None] = {}
         self.per_address: Dict[str, int] = {}       # IP -> sessions from it
         self.everyone = Audience()                  # every session in the chat
         self.members = self.everyone.members        # lower-case name -> joined session
@@ -2330,20 +2404,35 @@ class ChatCore:
     def connect(self, link: Any, host: str, address: str) -> Session:
         """A new connection; returns its session (which may be refused at once)."""
         session = Session(link, host, self.clock.now())
-        self.arriving.add(session)
+        self.arriving[session] = None
         from_here = self.per_address[host] = self.per_address.get(host, 0) + 1
-        log.info("connection from %s", address)
+        self.quiet_log.log("connections", logging.INFO, "connection from %s", address)
         ban = self.moderation.ban_for(None, host)
-        limit = self.settings.max_per_address
+        settings = self.settings
+        limit = settings.max_per_address
         if ban is not None:
             self.refuse(session, "banned", self.moderation.ban_text(ban))
-        elif self.connected() > self.settings.max_clients:
-            self.refuse(session, "server_full", f"The server is full "
-                        f"({self.settings.max_clients} connections). Try again later.")
         elif limit and from_here > limit:
             self.refuse(session, "too_many_connections",
                         f"Too many connections from your address (at most {limit}).")
+        elif self.connected() > settings.max_clients or \
+                (settings.max_silent and len(self.arriving) > settings.max_silent):
+            if not self._drop_oldest_silent() and self.connected() > settings.max_clients:
+                self.refuse(session, "server_full", f"The server is full "
+                            f"({settings.max_clients} connections). Try again later.")
         return session
+
+    def _drop_oldest_silent(self) -> bool:
+        """Make room: end the connection that has gone longest without a hello, if it
+        has been silent for SILENT_GRACE seconds (a client says hello at once)."""
+        now = self.clock.now()
+        # The first is the oldest; one that is waiting said hello (its password is checked).
+        oldest = next((silent for silent in self.arriving if not silent.waiting), None)
+        if oldest is None or now - oldest.connected_at < SILENT_GRACE:
+            return False
+        self.refuse(oldest, "crowded_out", "Dropped to make room: no hello came in "
+                    f"{now - oldest.connected_at:.0f} seconds, and others are waiting.")
+        return True
 
     def receive(self, session: Session, request: dict, metered: bool = True) -> None:
         """One request from a session's codec: metered, checked, then handled.
@@ -2421,6 +2510,7 @@ class ChatCore:
                 session.last_ping = now
                 self.send(session, {"type": "ping"})
         self.accounts.guard.forget_old(now)
+        self.quiet_log.tick()
 
     def shutdown(self) -> None:
         """The server stops: everyone is told, and their leaving recorded, not announced."""
@@ -2451,12 +2541,14 @@ class ChatCore:
         but `sender`, who gets `echo` instead, if anything."""
         self.actions.append(("deliver", audience, event, sender, echo))
 
-    def close(self, session: Session, reason: str, graceful: bool = True) -> None:
+    def close(self, session: Session, reason: str, graceful: bool = True,
+              detail: Optional[str] = None) -> None:
         """End a session: it leaves the chat now; its connection closes once what it
-        was sent is delivered (graceful), or at once."""
+        was sent is delivered (graceful), or at once. The others are told `reason`;
+        the log has `detail` too, where there is one."""
         if not session.gone:
-            self._forget(session, reason)
-            self.actions.append(("close", session, reason, graceful))
+            self._forget(session, reason, detail)
+            self.actions.append(("close", session, detail or reason, graceful))
 
     def wait(self, session: Session) -> None:
         """Take no more requests from session (and read nothing) until done_waiting."""
@@ -2504,7 +2596,7 @@ class ChatCore:
             error["closing"] = True     # the connection closes once this is delivered
         self.send(session, error)
         if closes:
-            self.close(session, f"{code}: {text}")
+            self.close(session, ERRORS[code].others, detail=f"{code}: {text}")
 
     def answer(self, session: Session, event: dict) -> None:
         """An answer to the request handled now: it carries the request's id back, so
@@ -2580,30 +2672,12 @@ class ChatCore:
             self.accounts.log_in(session, name, message.get("name_password"), rooms)
             return
         earlier = self.members.get(name.lower())
-        if earlier is not None and not self.resuming(earlier, message.get("resume")):
+        if earlier is not None and not self.accounts.resuming(earlier, message.get("resume")):
             self.refuse(session, "name_taken", f'The name "{name}" is taken. Pick another.')
             return
         if earlier is not None:     # our own dead connection, not yet noticed
             self.close(earlier, "reconnected", graceful=False)
         self.admit(session, name, registered=False, rooms=rooms)
-
-    def resuming(self, earlier: Session, token: Optional[str]) -> bool:
-        """Whether a hello carries the resume token of the session holding its name.
-
-        A client whose network dropped reconnects before the server notices
-        that its old connection is dead; the token from its welcome proves
-        that the name is its own.
-        """
-        return token is not None and earlier.state == JOINED and \
-            same_secret(token, self.resume_token(earlier))
-
-    def resume_token(self, session: Session) -> str:
-        """The token a session's welcome carries: a MAC of what tells this session
-        from every other while it lives, made with a key nobody else has, so
-        that it need not be stored."""
-        tag = f"{id(session)}:{session.connected_at!r}".encode("ascii")
-        proof = hmac.new(self._resume_key, tag, hashlib.sha256).digest()[:RESUME_TOKEN_BYTES]
-        return base64.urlsafe_b64encode(proof).rstrip(b"=").decode("ascii")
 
     def admit(self, session: Session, name: str, registered: bool,
               rooms: Optional[list]) -> None:
@@ -2614,7 +2688,7 @@ class ChatCore:
         `room` event, and its welcome does not list everyone again.
         """
         session.state = JOINED
-        self.arriving.discard(session)
+        self.arriving.pop(session, None)
         session.name = name
         session.key = name.lower()
         if session.key == name:
@@ -2628,7 +2702,7 @@ class ChatCore:
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
         welcome = {"type": "welcome", "name": name, "count": len(self.members),
                    "ops": self.people.operator_names(), "registered": registered,
-                   "limits": limits, "resume": self.resume_token(session)}
+                   "limits": limits, "resume": self.accounts.resume_token(session)}
         if rooms is None:
             welcome["users"] = self.people.listed()
         self.send(session, welcome)
@@ -2644,18 +2718,19 @@ class ChatCore:
                 self.refuse(session, "bad_message", 'each of "rooms" must be a room\'s name, '
                             'or {"room": NAME, "key": KEY}')
 
-    def _forget(self, session: Session, reason: str) -> None:
+    def _forget(self, session: Session, reason: str, detail: Optional[str] = None) -> None:
         """A session ends: out of the chat, and those who shared a room with it told
         (where the room is small enough for comings and goings to be announced)."""
         session.gone = True
-        self.arriving.discard(session)
+        self.arriving.pop(session, None)
         remaining = self.per_address[session.host] - 1
         if remaining:
             self.per_address[session.host] = remaining
         else:
             del self.per_address[session.host]
         if session.state != JOINED:
-            log.info("%s disconnected: %s", session.address, reason)
+            self.quiet_log.log("connections that ended before joining", logging.INFO,
+                               "%s disconnected: %s", session.address, detail or reason)
             return
         told = self.rooms.leave_all(session, reason)
         self.everyone.discard(session)
@@ -2670,7 +2745,7 @@ class ChatCore:
             if session.comment:
                 leave["comment"] = session.comment
             self.deliver(told, leave)
-        log.info("%s left: %s", session.name, reason)
+        log.info("%s left: %s", session.name, detail or reason)
 
     def remove(self, session: Session, code: str, text: str) -> None:
         """A moderator removes someone: they are told why, and everyone else the same."""
@@ -2745,7 +2820,8 @@ class ChatCore:
             left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
             self.refuse(session, "muted", f"You are muted {left}: you can read, but not send.")
             return None
-        text = clean_text(text)
+        if len(text) <= self.settings.max_length * CLEANING_SLACK:  # far longer: refused unseen
+            text = clean_text(text)
         if not text:
             self.refuse(session, "empty_message", "Empty messages are not sent.")
             return None
@@ -2766,7 +2842,7 @@ class ChatCore:
         pass    # hearing anything at all already counts as a sign of life
 
     def on_bye(self, session: Session, message: dict) -> None:
-        session.comment = clean_text(message.get("text", ""))[:MAX_TOPIC_LENGTH]
+        session.comment = clean_cut(message.get("text", ""), MAX_TOPIC_LENGTH)
         self.close(session, "quit")
 
 
@@ -2869,7 +2945,7 @@ class People:
         log.info("%s is now known as %s", old, name)
 
     def on_away(self, session: Session, message: dict) -> None:
-        text = clean_text(message.get("text", ""))[:MAX_AWAY_LENGTH]
+        text = clean_cut(message.get("text", ""), MAX_AWAY_LENGTH)
         self.set_away(session, text or None)
 
     def set_away(self, session: Session, text: Optional[str]) -> None:
@@ -3111,7 +3187,7 @@ class Rooms:
     def on_part(self, session: Session, message: dict) -> None:
         room = self._or_refuse(session, lambda: self.of(session, message["room"]))
         if room is not None:
-            comment = clean_text(message.get("text", ""))[:MAX_TOPIC_LENGTH]
+            comment = clean_cut(message.get("text", ""), MAX_TOPIC_LENGTH)
             self.leave(session, room, "part", **({"comment": comment} if comment else {}))
 
     def on_rooms(self, session: Session, message: dict) -> None:
@@ -3161,7 +3237,7 @@ class Rooms:
 
     def set_topic(self, actor: Optional[Session], room: Room, text: str) -> str:
         self.may_run(actor, room)
-        topic = clean_text(text)
+        topic = clean_cut(text, MAX_TOPIC_LENGTH + 1)     # one more: to see it is too long
         if len(topic) > MAX_TOPIC_LENGTH:
             raise ModerationError("too_long", f"Topics are limited to {MAX_TOPIC_LENGTH} "
                                   f"characters; that one had {len(topic)}.")
@@ -3182,7 +3258,7 @@ class Rooms:
         if actor is not None and target.operator and target is not actor:
             raise ModerationError("not_allowed", f"{target.name} is a server operator.")
         by = actor.name if actor is not None else "server"
-        comment = clean_text(comment)[:MAX_TOPIC_LENGTH]
+        comment = clean_cut(comment, MAX_TOPIC_LENGTH)
         text = f"{target.name} was kicked from #{room.name} by {by}" + \
             (f": {comment}" if comment else "")
         self.leave(target, room, "kicked", by=by, text=text,
@@ -3331,6 +3407,25 @@ class Accounts:
         settings = core.settings
         self.guard = LoginGuard(settings.max_failures, settings.lockout, settings.failure_delay)
         self.jobs = 0                   # password checks running or waiting for a worker
+        self._resume_key = secrets.token_bytes(32)      # see resume_token()
+
+    def resuming(self, earlier: Session, token: Optional[str]) -> bool:
+        """Whether a hello carries the resume token of the session holding its name.
+
+        A client whose network dropped reconnects before the server notices
+        that its old connection is dead; the token from its welcome proves
+        that the name is its own.
+        """
+        return token is not None and earlier.state == JOINED and \
+            same_secret(token, self.resume_token(earlier))
+
+    def resume_token(self, session: Session) -> str:
+        """The token a session's welcome carries: a MAC of what tells this session
+        from every other while it lives, made with a key nobody else has, so
+        that it need not be stored."""
+        tag = f"{id(session)}:{session.connected_at!r}".encode("ascii")
+        proof = hmac.new(self._resume_key, tag, hashlib.sha256).digest()[:RESUME_TOKEN_BYTES]
+        return base64.urlsafe_b64encode(proof).rstrip(b"=").decode("ascii")
 
     def is_registered(self, name: str) -> bool:
         return name.lower() in self.hashes
@@ -3459,7 +3554,8 @@ class Accounts:
         core = self.core
         now = core.clock.now()
         delay = self.guard.failed(session.host, now)
-        log.warning("failed password from %s (%s)", session.address, code)
+        core.quiet_log.log("failed passwords", logging.WARNING, "failed password from %s (%s)",
+                           session.address, code)
         locked = self.guard.locked_for(session.host, now)
         if locked and session.state == JOINED:
             core.refuse(session, "locked_out", "Too many wrong passwords from your address: "
@@ -3588,7 +3684,7 @@ class History:
             session.name, room.name, limit, session.history_floor), room)
 
     def on_search(self, session: Session, message: dict) -> None:
-        words = clean_text(message["text"]).split()
+        words = clean_cut(message["text"], self.core.settings.max_length).split()
         if not words:
             self.core.refuse(session, "empty_search", "Search for at least one word.")
             return
@@ -3782,6 +3878,11 @@ def looks_like_address(word: str) -> bool:
         return False
 
 
+# Digits and dots (999.1.1.1, 10.0.0.0/8), or hex digits and colons (fe80::1): meant as
+# an address, whether or not it is a valid one.
+ADDRESS_LIKE = re.compile(r"[0-9.]+(/[0-9]+)?|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*(/[0-9]+)?")
+
+
 class Moderation:
     """Bans, mutes and the moderation commands.
 
@@ -3881,7 +3982,7 @@ class Moderation:
             self.core.refuse(session, "not_operator", "Only operators can do that (see /op).")
             return
         line = f"{message['command']} {message.get('args', '')}"
-        log.info("%s runs /%s", session.name, clean_text(message["command"])[:20])
+        log.info("%s runs /%s", session.name, clean_cut(message["command"], 20))
         try:
             replies = self.run(session, line)
         except ModerationError as exc:
@@ -3901,7 +4002,7 @@ class Moderation:
         The line is cleaned like any chat text first: reasons and names end
         up in notices, the log and the history, for everyone's terminal.
         """
-        line = clean_text(line)[:MAX_COMMAND_LENGTH]
+        line = clean_cut(line, MAX_COMMAND_LENGTH)
         word, _, args = line.lstrip("/\\").partition(" ")
         entry = self.COMMANDS.get(word.lower())
         if entry is None:
@@ -3966,6 +4067,10 @@ class Moderation:
         else:
             member = self._member(actor, target, "/ban NAME|ADDRESS [MINUTES] [REASON]",
                                   must_be_here=False)
+            if member is None and ADDRESS_LIKE.fullmatch(target):
+                raise ModerationError("bad_name", f"{quoted(target)} is not a valid address "
+                                      "(an IPv4 or IPv6 address, or a network such as "
+                                      "10.0.0.0/8).")
             name = member.name if member else target
             if not NAME_PATTERN.fullmatch(name):
                 raise ModerationError("bad_name",
@@ -3980,6 +4085,16 @@ class Moderation:
         for ban in bans:
             self._add(ban)
         lines = [f"banned {ban.target} ({ban.kind}){how_long}" for ban in bans]
+        sharing = sorted((other.name for other in self.core.members.values()
+                          if other not in victims and other is not actor and any(
+                              ban.matches(None, other.host) for ban in bans
+                              if ban.kind == "address")), key=str.lower)
+        if sharing:
+            lines.append(f"note: {', '.join(sharing[:MAX_NAMED_IN_NOTE])}"
+                         + (f" and {len(sharing) - MAX_NAMED_IN_NOTE} more"
+                            if len(sharing) > MAX_NAMED_IN_NOTE else "")
+                         + f" {'is' if len(sharing) == 1 else 'are'} on that address too: "
+                         "they stay for now, but cannot come back once they leave")
         if actor is not None and any(ban.matches(None, actor.host) for ban in bans
                                      if ban.kind == "address"):
             lines.append(f"note: that includes your own address, {actor.host}: you could not "
@@ -4041,10 +4156,10 @@ class Moderation:
         return [Public(text)]
 
     def cmd_say(self, actor: Optional[Session], args: str) -> List[str]:
-        text = clean_text(args)
+        text = clean_cut(args, self.core.settings.max_length)
         if not text:
             raise ModerationError("usage", "Usage: /say TEXT")
-        self.core.announce(self._name(actor), text[:self.core.settings.max_length])
+        self.core.announce(self._name(actor), text)
         return [Public(f"announced: {text}")]
 
     def cmd_rooms(self, actor: Optional[Session], args: str) -> List[str]:
@@ -4913,41 +5028,95 @@ class ChatServer(SelectServer):
 # ---------------------------------------------------------------------------
 
 class Console:
-    """The server's terminal as a moderation console.
+    """The server's standard input as a moderation console.
 
-    A thread reads lines from the terminal and hands each to the loop with
-    call_soon, whose wake-up socket works on Windows too; the loop runs it
-    and prints the reply. It reads the file descriptor directly, not
-    sys.stdin, so that no buffer lock is held when the process exits.
-    Without a terminal, or once input ends, the server simply runs on.
+    A thread reads command lines and hands each to the loop with call_soon
+    (whose wake-up socket works on Windows too); the loop runs it and prints
+    the reply on standard output. What it reads from (see kind()):
+
+    - a terminal: a prompt, with line editing where Python has readline. A log
+      line or a reply that comes while a command is half typed is printed
+      above it, and the prompt is drawn again with what was typed so far.
+    - a pipe, a FIFO or a file: a command a line, no prompt, so that a
+      script or a service manager can moderate. A FIFO is read again after
+      each writer closes it (`echo "/kick bob" > ctl`); the end of anything
+      else leaves the server running without a console.
+    - nothing, /dev/null, or a terminal this process may not read (started
+      with '&': reading it would stop the server): no console at all.
     """
 
-    def __init__(self, server: "ChatServer", fd: int, out: TextIO) -> None:
+    def __init__(self, server: "ChatServer", fd: int, out: TextIO,
+                 terminal: bool = False) -> None:
         self.server = server
         self.fd = fd
         self.out = out
-        self._thread = threading.Thread(target=self._read_lines, name="console", daemon=True)
-
-    def start(self) -> None:
-        if hasattr(signal, "SIGTTIN"):  # sent to 'server &' reading its terminal: do not stop
-            signal.signal(signal.SIGTTIN, signal.SIG_IGN)
-        self._thread.start()
+        self.readline = None
+        if terminal:
+            try:    # imported only for a terminal: it may write to one when loaded
+                import readline     # line editing for input(), and what was typed so far
+                self.readline = readline
+            except ImportError:     # Windows: a prompt, but no line editing
+                pass
+        self.terminal = terminal
+        self.prompting = False      # inside input(): the prompt is on the screen
+        self._lock = threading.Lock()   # one line on the screen at a time
+        self._modes: Optional[list] = None  # the terminal's settings, for restore()
+        reader = self._read_terminal if self.terminal else self._read_lines
+        self._thread = threading.Thread(target=reader, name="console", daemon=True)
 
     @staticmethod
-    def possible(stream: TextIO) -> bool:
-        """Whether stream is a terminal this process may read: not when started with '&'."""
+    def kind(stream: TextIO) -> Optional[str]:
+        """How stream can serve as a console: "terminal", "stream", or None."""
         try:
-            if not stream.isatty():
-                return False
             fd = stream.fileno()
-        except (OSError, ValueError):
-            return False
-        if not hasattr(os, "tcgetpgrp"):
-            return True     # Windows: no job control
-        try:
-            return os.tcgetpgrp(fd) == os.getpgrp()
-        except OSError:     # a terminal, but not our controlling one: it cannot stop us
-            return True
+            if stream.isatty():
+                if hasattr(os, "tcgetpgrp"):    # Windows has no job control
+                    try:
+                        if os.tcgetpgrp(fd) != os.getpgrp():
+                            return None     # started with '&'
+                    except OSError:     # not our controlling terminal: it cannot stop us
+                        pass
+                return "terminal"
+            mode = os.fstat(fd).st_mode
+        except (OSError, ValueError, AttributeError):
+            return None
+        return "stream" if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or \
+            stat.S_ISSOCK(mode) else None
+
+    def start(self) -> None:
+        if hasattr(signal, "SIGTTIN"):  # sent to a process reading its terminal from the
+            signal.signal(signal.SIGTTIN, signal.SIG_IGN)   # background: do not stop
+        if self.terminal and termios is not None:
+            try:
+                self._modes = termios.tcgetattr(self.fd)
+            except termios.error:
+                self._modes = None
+        self._thread.start()
+
+    def restore(self) -> None:
+        """Leave the terminal as it was found (readline changes it while it reads)."""
+        if self._modes is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._modes)
+            if self.prompting:
+                self.out.write("\n")
+                self.out.flush()
+
+    def _read_terminal(self) -> None:
+        while True:
+            self.prompting = True
+            try:
+                line = input(CONSOLE_PROMPT)
+            except (EOFError, OSError):
+                self.prompting = False
+                if hasattr(os, "tcgetpgrp") and os.tcgetpgrp(self.fd) != os.getpgrp():
+                    time.sleep(CONSOLE_RETRY)   # moved to the background: wait to come back
+                    continue
+                self.show("the console is closed; Ctrl-C stops the server", self.out)
+                return
+            self.prompting = False
+            if line.strip():
+                self.server.call_soon(lambda line=line: self.run(line))
 
     def _read_lines(self) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -4956,17 +5125,28 @@ class Console:
             try:
                 chunk = os.read(self.fd, 4096)
             except OSError as exc:
-                if exc.errno == errno.EIO:      # moved to the background: wait to come back
+                if exc.errno == errno.EIO:      # a terminal we were moved away from
                     time.sleep(CONSOLE_RETRY)
                     continue
                 chunk = b""
             if not chunk:
-                return      # input closed: the server runs on without a console
+                if self._may_come_back():
+                    time.sleep(CONSOLE_RETRY)   # a FIFO: the next writer may come
+                    continue
+                return      # input ended: the server runs on without a console
             pending += decoder.decode(chunk)
             *lines, pending = pending.split("\n")
             for line in lines:
                 if line.strip():
                     self.server.call_soon(lambda line=line: self.run(line))
+
+    def _may_come_back(self) -> bool:
+        """Whether more may come after the end: a FIFO gets new writers (a pipe does
+        not, but cannot be told from one: a read every CONSOLE_RETRY costs nothing)."""
+        try:
+            return stat.S_ISFIFO(os.fstat(self.fd).st_mode)
+        except OSError:
+            return False
 
     def run(self, line: str) -> None:
         """Run one console line, in the loop, and print what it says."""
@@ -4976,7 +5156,35 @@ class Console:
             log.exception("error in console command %s", quoted(line))
             replies = ["! that command failed (a bug: the log has the details)"]
         for reply in replies:
-            print(reply, file=self.out, flush=True)
+            self.show(reply, self.out)
+
+    def show(self, text: str, stream: TextIO) -> None:
+        """A line for the screen: above the prompt, which is drawn again with what was
+        typed, when a command is being typed at the terminal."""
+        with self._lock:
+            if self.prompting and self.readline is not None:
+                typed = self.readline.get_line_buffer()
+                stream.write(f"\r\x1b[K{text}\n{CONSOLE_PROMPT}{typed}")
+            else:
+                stream.write(text + "\n")
+            stream.flush()
+
+
+class ConsoleLogHandler(logging.StreamHandler):
+    """The log, on standard error; while a console command is being typed on the same
+    terminal, each line goes above it (see Console.show)."""
+
+    console: Optional[Console] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console = self.console
+        if console is None or not console.prompting:
+            super().emit(record)
+            return
+        try:
+            console.show(self.format(record), self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 # ---------------------------------------------------------------------------
@@ -5155,6 +5363,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     security.add_argument("--max-per-address", type=int, default=MAX_PER_ADDRESS, metavar="N",
                           help=f"connections at once from one IP address; 0 for no limit "
                                f"(default: {MAX_PER_ADDRESS})")
+    security.add_argument("--max-silent", type=int, default=MAX_SILENT, metavar="N",
+                          help="connections that have not said hello (or finished IRC "
+                               "registration) at once; past that, or when the server is "
+                               "full, the oldest one silent for over "
+                               f"{SILENT_GRACE:g} s is dropped to make room, so that silent "
+                               f"connections cannot keep people out; 0: no limit but "
+                               f"--max-clients (default: {MAX_SILENT})")
     security.add_argument("--max-failures", type=int, default=MAX_FAILURES, metavar="N",
                           help="failed logins from one address before it is locked out; "
                                f"0 never locks out (default: {MAX_FAILURES})")
@@ -5235,7 +5450,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     password=args.password or os.environ.get("CHAT_PASSWORD") or None,
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
-                    max_per_address=args.max_per_address, max_failures=args.max_failures,
+                    max_per_address=args.max_per_address, max_silent=args.max_silent,
+                    max_failures=args.max_failures,
                     lockout=args.lockout,
                     admin_password=(args.admin_password or os.environ.get("CHAT_ADMIN_PASSWORD")
                                     or None),
@@ -5258,6 +5474,7 @@ def check_settings(parser: argparse.ArgumentParser, settings: Settings) -> None:
     zero_or_more = (("--history", settings.history), ("--rate-limit", settings.rate_limit),
                     ("--join-notices-up-to", settings.join_notices_up_to),
                     ("--max-per-address", settings.max_per_address),
+                    ("--max-silent", settings.max_silent),
                     ("--max-failures", settings.max_failures),
                     ("--max-room-size", settings.max_room_size))
     for flag, value in more_than_zero + zero_or_more:
@@ -5354,7 +5571,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: cannot read --blocked-words {args.blocked_words}: "
                   f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
             return 1
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    log_handler = ConsoleLogHandler(sys.stderr)
+    logging.basicConfig(level=args.log_level.upper(), handlers=[log_handler],
                         format="%(asctime)s %(levelname)-7s %(message)s")
     if args.export:
         return export_history(settings.db, args.export)
@@ -5364,16 +5582,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_start(server, host, port, fingerprint)
-    if Console.possible(sys.stdin):
-        Console(server, sys.stdin.fileno(), sys.stdout).start()
-        print("type /help here for the moderation console; Ctrl-C stops the server", flush=True)
-    else:
-        print("press Ctrl-C to stop", flush=True)
+    console = start_console(server, log_handler)
     for signal_name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, signal_name):
             signal.signal(getattr(signal, signal_name), lambda signum, frame: server.stop())
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if console is not None:
+            console.restore()
     return 0
+
+
+def start_console(server: ChatServer, log_handler: ConsoleLogHandler) -> Optional[Console]:
+    """The moderation console on standard input, if it can be one (see Console)."""
+    kind = Console.kind(sys.stdin)
+    if kind is None:
+        print("press Ctrl-C to stop", flush=True)
+        return None
+    # A prompt and line editing need the screen too; input() without both would read
+    # through sys.stdin, whose lock a reading thread would hold when the process exits.
+    prompting = kind == "terminal" and sys.stdout.isatty()
+    console = Console(server, sys.stdin.fileno(), sys.stdout, terminal=prompting)
+    if kind == "terminal":
+        print("type /help here for the moderation console; Ctrl-C stops the server", flush=True)
+        if prompting and sys.stderr.isatty():   # the log shares the screen: it keeps the
+            log_handler.console = console       # prompt and a half-typed command whole
+    else:
+        print("reading console commands from standard input, one a line "
+              "(/help lists them); Ctrl-C stops the server", flush=True)
+    console.start()
+    return console
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import select
+import shutil
 import tempfile
 import threading
 import time
@@ -596,6 +598,72 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(chat.received(alice, left)[0]["reason"], "quit")
         self.assertEqual(list(chat.core.members), ["alice"])
 
+    def test_silent_connections_make_room_for_newcomers(self) -> None:
+        chat = CoreHarness(max_clients=4, max_silent=10)
+        silent = [chat.connect(f"s{number}", f"10.0.1.{number}") for number in range(4)]
+        chat.advance(socket_server.SILENT_GRACE + 1)   # long enough to be taken for an attack
+        newcomer = chat.connect("new", "10.0.2.1")      # the server is full: the oldest goes
+        self.assertFalse(chat.closed(newcomer))
+        self.assertEqual([chat.closed(one) for one in silent], [True, False, False, False])
+        self.assertEqual(chat.received(silent[0])[-1]["code"], "crowded_out")
+        chat.request(newcomer, {"type": "hello", "name": "carol"})
+        self.assertIn("carol", chat.core.members)
+
+    def test_only_connections_silent_for_a_while_are_dropped(self) -> None:
+        chat = CoreHarness(max_clients=3, max_silent=10)
+        first = [chat.connect(f"s{number}", f"10.0.1.{number}") for number in range(3)]
+        late = chat.connect("late", "10.0.2.1")     # all of them just came: no attack seen
+        self.assertEqual(chat.received(late)[-1]["code"], "server_full")
+        self.assertFalse(any(chat.closed(one) for one in first))
+
+    def test_silent_connections_have_seats_of_their_own(self) -> None:
+        chat = CoreHarness(max_clients=100, max_silent=3)
+        silent = [chat.connect(f"s{number}", f"10.0.1.{number}") for number in range(3)]
+        chat.advance(socket_server.SILENT_GRACE + 1)
+        chat.connect("fourth", "10.0.2.1")      # over --max-silent, long before --max-clients
+        self.assertEqual([chat.closed(one) for one in silent], [True, False, False])
+
+    def test_a_flood_of_connections_is_summed_up_in_the_log(self) -> None:
+        chat = CoreHarness(max_clients=1000)
+        with self.assertLogs("chat", "INFO") as logs:
+            for number in range(100):
+                session = chat.connect(f"c{number}", "10.0.3.1")
+                chat.request(session, {"type": "say", "text": "no hello"})   # refused, closed
+            chat.join("alice")
+            chat.advance(socket_server.LOG_WINDOW + 1)
+        connected = [line for line in logs.output if "connection from" in line]
+        self.assertEqual(len(connected), socket_server.LOG_BURST)
+        self.assertIn(f"... and {101 - socket_server.LOG_BURST} more connections in the last "
+                      "minute", "\n".join(logs.output))
+        self.assertTrue(any("joined as alice" in line for line in logs.output))
+
+    def test_text_far_over_its_limit_is_never_cleaned_whole(self) -> None:
+        chat = CoreHarness(max_length=100)
+        alice = chat.join("alice")
+        chat.request(alice, {"type": "join", "room": "dev"})
+        huge = "x\t" * 30_000     # a tab: no quick way through clean_text
+        cleaned: List[int] = []
+        clean = socket_server.clean_text
+
+        def counting(text: str) -> str:
+            cleaned.append(len(text))
+            return clean(text)
+
+        socket_server.clean_text = counting
+        self.addCleanup(setattr, socket_server, "clean_text", clean)
+        for request in ({"type": "say", "text": huge}, {"type": huge},
+                        {"type": "away", "text": huge}, {"type": "topic", "room": "dev",
+                                                          "text": huge},
+                        {"type": "search", "text": huge}, {"type": "part", "room": "dev",
+                                                           "text": huge}):
+            with self.subTest(request=request["type"][:10]):
+                errors = [event for event in chat.received(alice, chat.request(alice, request))
+                          if event["type"] == "error"]
+                if request["type"] == "say":
+                    self.assertEqual(errors[0]["code"], "too_long")
+        longest = max(100, socket_server.MAX_TOPIC_LENGTH + 1, socket_server.MAX_AWAY_LENGTH)
+        self.assertLessEqual(max(cleaned), longest * socket_server.CLEANING_SLACK)
+
     def test_the_first_request_must_be_a_hello(self) -> None:
         chat = CoreHarness()
         session = chat.connect()
@@ -1057,10 +1125,10 @@ class BadInputTests(ChatTestCase):
         ("too_large", b"99999999  "),
         ("bad_utf8", b"4         \xff\xfe\xfd\xfc"),
         ("bad_json", b"5         {nope"),
-        ("bad_message", b"7         [1,2,3]"),
-        ("bad_message", b"2         {}"),
-        ("bad_message", b'10        {"type":1}'),
     ]
+    # Whole frames of JSON that is no request: refused, and the connection goes on.
+    NOT_REQUESTS = [b"7         [1,2,3]", b"2         {}", b'10        {"type":1}',
+                    b"4         null"]
 
     def test_each_bad_input_before_and_after_joining(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
@@ -1073,6 +1141,34 @@ class BadInputTests(ChatTestCase):
                     alice.say("still fine")
                     self.assertEqual(bob.expect("message")["text"], "still fine")
 
+    def test_json_that_is_no_request_is_refused_and_the_connection_goes_on(self) -> None:
+        bob = self.peer("bob")
+        for joined in (False, True):
+            for data in self.NOT_REQUESTS:
+                with self.subTest(data=data, joined=joined):
+                    mallory = self.peer("mallory" if joined else None)
+                    mallory.send_raw(data)
+                    error = mallory.expect("error")
+                    self.assertEqual(error["code"], "bad_message")
+                    self.assertNotIn("closing", error)
+                    if not joined:
+                        mallory.send({"type": "hello", "name": "mallory"})
+                        mallory.expect("welcome")
+                    mallory.say("still here")
+                    self.assertEqual(bob.expect("message")["text"], "still here")
+                    mallory.close()
+                    bob.expect("leave")
+
+    def test_the_others_are_told_a_plain_reason_and_the_log_the_detail(self) -> None:
+        alice, mallory = self.peer("alice"), self.peer("mallory")
+        with self.assertLogs("chat", "INFO") as logs:
+            mallory.send_raw(b"abcdefghij")
+            self.assert_rejected(mallory, "bad_header")
+            leave = alice.expect("leave")
+        self.assertEqual(leave["reason"], "sent something this server does not understand")
+        self.assertTrue(any("mallory left: bad_header: " in line for line in logs.output),
+                        logs.output)
+
     def test_client_vanishing_mid_frame(self) -> None:
         alice, mallory = self.peer("alice"), self.peer("mallory")
         frame = encode_frame({"type": "say", "text": "never finished"})
@@ -1080,7 +1176,7 @@ class BadInputTests(ChatTestCase):
         mallory.close()
         leave = alice.expect("leave")
         self.assertEqual(leave["name"], "mallory")
-        self.assertIn("middle of a message", leave["reason"])
+        self.assertEqual(leave["reason"], "connection lost")
         self.assertNotIn("message", [m["type"] for m in alice.sync()])
 
     def test_a_peer_that_stops_mid_frame_is_told_so(self) -> None:
@@ -1089,7 +1185,7 @@ class BadInputTests(ChatTestCase):
         mallory.sock.shutdown(socket.SHUT_WR)
         self.assertEqual(self.assert_rejected(mallory, "truncated")["text"],
                          "the connection closed in the middle of a message")
-        self.assertIn("middle of a message", alice.expect("leave")["reason"])
+        self.assertEqual(alice.expect("leave")["reason"], "connection lost")
 
     def test_half_closed_client_is_seen_leaving(self) -> None:
         alice, mallory = self.peer("alice"), self.peer("mallory")
@@ -2126,7 +2222,7 @@ class FloodTests(ChatTestCase):
         flood = b"".join(encode_frame({"type": "say", "text": "x"}) for _ in range(200))
         alice.send_raw(flood)
         self.assertEqual(alice.read_until_closed()[-1]["code"], "flooding")
-        self.assertEqual(bob.expect("leave")["reason"].split(":")[0], "flooding")
+        self.assertEqual(bob.expect("leave")["reason"], "sent too fast")
 
     def test_every_frame_is_metered_even_those_of_unknown_types(self) -> None:
         mallory, bob = self.peer("mallory"), self.peer("bob")
@@ -2135,7 +2231,7 @@ class FloodTests(ChatTestCase):
         self.assertLessEqual(codes.count("unknown_type"), 5)    # the burst, and a refill
         self.assertIn("rate_limited", codes)
         self.assertEqual(codes[-1], "flooding")
-        self.assertEqual(bob.expect("leave")["reason"].split(":")[0], "flooding")
+        self.assertEqual(bob.expect("leave")["reason"], "sent too fast")
 
     def test_a_select_based_server_stays_under_its_socket_limit(self) -> None:
         in_loop(self.server, lambda: setattr(self.server.server, "socket_limit", 5))
@@ -2654,10 +2750,16 @@ def have_extra_loopback() -> bool:
 
 
 class ConsoleTests(unittest.TestCase):
-    def test_no_console_without_a_terminal(self) -> None:
-        self.assertFalse(socket_server.Console.possible(WatchedOutput()))
+    def test_what_can_be_a_console(self) -> None:
+        self.assertIsNone(socket_server.Console.kind(WatchedOutput()))    # no file at all
         with open(os.devnull) as devnull:
-            self.assertFalse(socket_server.Console.possible(devnull))
+            self.assertIsNone(socket_server.Console.kind(devnull))        # nothing to read
+        read_end, write_end = os.pipe()
+        with open(read_end) as pipe, open(write_end, "w"):
+            self.assertEqual(socket_server.Console.kind(pipe), "stream")
+        with tempfile.NamedTemporaryFile("w") as commands:
+            with open(commands.name) as readable:
+                self.assertEqual(socket_server.Console.kind(readable), "stream")
 
 
 class ModerationTests(ChatTestCase):
@@ -2788,6 +2890,25 @@ class ModerationTests(ChatTestCase):
         self.assertEqual(lines[:2], ["banned bob (name)", "banned 127.0.0.1 (address)"])
         self.assert_rejected(bob, "banned")
         self.assert_rejected(self.peer(), "banned")     # even before any hello
+
+    def test_banning_a_name_says_who_else_is_on_its_address(self) -> None:
+        bob, carol = self.peer("bob"), self.peer("carol")
+        lines = self.console("/ban bob")
+        notes = [line for line in lines if line.startswith("note: ")]
+        self.assertEqual(len(notes), 1, lines)
+        self.assertIn("carol", notes[0])
+        self.assertNotIn("bob", notes[0])
+        self.assertIn("cannot come back once they leave", notes[0])
+        self.assert_rejected(bob, "banned")
+        carol.say("still here")     # not removed: only kept out once gone
+
+    def test_something_like_an_address_that_is_not_one_is_no_name(self) -> None:
+        for word in ("999.1.1.1", "10.0.0.0/99", "1.2.3"):
+            with self.subTest(word=word):
+                lines = self.console(f"/ban {word}")
+                self.assertTrue(lines[0].startswith("!"), lines)
+                self.assertIn("not a valid address", lines[0])
+        self.assertEqual(self.console("/bans"), ["nobody is banned"])
 
     def test_an_operator_is_warned_before_banning_their_own_address(self) -> None:
         alice, bob = self.operator("alice"), self.peer("bob")
@@ -2927,6 +3048,69 @@ class ModerationTests(ChatTestCase):
                          ["! Unknown command /dance: /help lists the commands."])
         for line in ("/ban", "/mute", "/kick", "/say", "/unban", "/unmute nobody"):
             self.assertTrue(self.console(line)[0].startswith("! "), line)
+
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs are POSIX")
+    def test_console_reads_a_fifo_again_after_each_writer(self) -> None:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        fifo = os.path.join(directory, "ctl")
+        os.mkfifo(fifo)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)     # as `server < ctl` has it, once
+        os.set_blocking(fd, True)                           # a first writer came
+        self.addCleanup(os.close, fd)
+        retry = socket_server.CONSOLE_RETRY
+        socket_server.CONSOLE_RETRY = 0.02
+        self.addCleanup(setattr, socket_server, "CONSOLE_RETRY", retry)
+        out = WatchedOutput()
+        socket_server.Console(self.server.server, fd, out).start()
+        alice = self.peer("alice")
+        for line in ("/say first writer", "/say second writer"):   # `echo LINE > ctl`, twice
+            with open(fifo, "w") as writer:
+                writer.write(line + "\n")
+            self.assertEqual(alice.expect("announcement")["text"], line[len("/say "):])
+
+    @unittest.skipUnless(POSIX, "a pseudo-terminal needs POSIX")
+    def test_a_log_line_leaves_a_half_typed_console_command_whole(self) -> None:
+        import pty
+        import termios
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        modes = termios.tcgetattr(slave)
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--host", "127.0.0.1", "--port",
+                                 "0", "--db", ":memory:", "--log-level", "info"],
+                                stdin=slave, stdout=slave, stderr=slave, cwd=HERE,
+                                env=dict(os.environ, TERM="xterm"))
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        screen = b""
+
+        def read_until(pattern: bytes) -> "re.Match":
+            nonlocal screen
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                match = re.search(pattern, screen, re.S)
+                if match:
+                    screen = screen[match.end():]
+                    return match
+                ready, _, _ = select.select([master], [], [], max(0, deadline - time.monotonic()))
+                if not ready:
+                    self.fail(f"no {pattern!r} on the terminal; it shows {screen[-300:]!r}")
+                screen += os.read(master, 65536)
+
+        port = int(read_until(rb"listening on 127\.0\.0\.1:(\d+)").group(1))
+        read_until(b"console> ")
+        os.write(master, b"/say half typ")
+        read_until(b"half typ")     # echoed by the line editor
+        alice = Peer(port, "alice")
+        self.addCleanup(alice.close)
+        # The log line goes above, and the prompt comes back with what was typed.
+        read_until(rb"\r\x1b\[K[^\r\n]*joined as alice\r?\nconsole> /say half typ")
+        os.write(master, b"ed\r")
+        self.assertEqual(alice.expect("announcement")["text"], "half typed")
+        os.write(master, b"/shutdown\r")
+        self.assertEqual(alice.read_until_closed()[-1]["type"], "shutdown")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(termios.tcgetattr(slave), modes)  # the terminal is as it was
 
     @unittest.skipUnless(POSIX, "a pseudo-terminal needs POSIX")
     def test_console_of_a_real_server_process_on_a_terminal(self) -> None:
@@ -5653,12 +5837,22 @@ class PerformanceTests(ChatTestCase):
         users = alice.expect("users")
         self.assertEqual((users["users"], users["count"]), (["alice", "Bob"], 3))
 
-    def test_printable_text_needs_no_cleaning(self) -> None:
-        """clean_text's fast path: a printable character is never one it changes."""
-        changed = [char for char in map(chr, range(sys.maxunicode + 1))
-                   if char.isprintable() and char != " "
-                   and (char.isspace() or unicodedata.category(char) in ("Cc", "Cs")
-                        or char in socket_server._BIDI_CONTROLS)]
+    def test_clean_text_keeps_its_rules_for_every_character(self) -> None:
+        """Its two character classes are the rules in its docstring, and its fast path
+        (printable text) skips nothing they would change."""
+        bidi = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+        def by_the_rules(char: str) -> str:
+            if char.isspace():
+                return " "
+            if unicodedata.category(char) in ("Cc", "Cs") or char in bidi:
+                return ""
+            return char
+
+        every = "".join(map(chr, range(sys.maxunicode + 1)))
+        self.assertEqual(socket_server.clean_text("a" + every + "z"),
+                         "a" + "".join(map(by_the_rules, every)) + "z")
+        changed = [char for char in every if char.isprintable() and by_the_rules(char) != char]
         self.assertEqual(changed, [])
 
     def test_checkpoints_run_on_their_own_thread(self) -> None:
