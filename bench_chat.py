@@ -1513,7 +1513,8 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
         quiet, hostile = results["hostile"]["quiet"], results["hostile"]["hostile"]
         lines.append(
             f"latency while {HOSTILE_CLIENTS} clients send {HOSTILE_RATE:g} messages a second "
-            f"each of {HOSTILE_TEXT_SIZE:,} characters with a tab: p50 {shown(hostile['p50_ms'], ' ms')}, "
+            f"each of {HOSTILE_TEXT_SIZE:,} characters with a tab: "
+            f"p50 {shown(hostile['p50_ms'], ' ms')}, "
             f"p99 {shown(hostile['p99_ms'], ' ms')}; quiet p50 {shown(quiet['p50_ms'], ' ms')}, "
             f"p99 {shown(quiet['p99_ms'], ' ms')} ({shown(results['hostile']['p50_ratio'])}x, "
             f"{shown(results['hostile']['p99_ratio'])}x), lost {shown(hostile['lost'])}")

@@ -503,7 +503,7 @@ class Connection:
         self.address = format_address(address)  # HOST:PORT, for logs
         self.host = client_host(address)        # the IP, for per-address limits
         self.protocol: Any = None
-        self.outbox: Any = ()           # bytes waiting to be sent (a list), often shared with others
+        self.outbox: Any = ()           # bytes waiting to be sent (a list), often shared
         self.wants_write = False        # registered for EVENT_WRITE
         self.paused = False             # not reading for now (see pause_reading)
         self.tls_phase: Optional[str] = None
@@ -3608,8 +3608,8 @@ class Accounts:
         self.hashes.pop(session.name.lower(), None)
         session.registered = False
         log.info("%s unregistered their name", session.name)
-        core.send(session, {"type": "notice", "code": "unregistered",
-                            "text": f'"{session.name}" is no longer registered; anyone may use it.'})
+        core.send(session, {"type": "notice", "code": "unregistered", "text":
+                            f'"{session.name}" is no longer registered; anyone may use it.'})
 
 # ---------------------------------------------------------------------------
 # History: the replay for newcomers, /history and /search
@@ -4782,8 +4782,8 @@ class ChatServer(SelectServer):
         # Tick often enough that no timeout overshoots by more than a quarter.
         super().__init__(settings, tick=min(TICK, settings.hello_timeout / 4,
                                             settings.ping_after / 4))
-        self.core = self.core_class(settings, store or ChatStore(settings.db, settings.keep_history),
-                             clock)
+        store = store or ChatStore(settings.db, settings.keep_history)
+        self.core = self.core_class(settings, store, clock)
         self._workers = concurrent.futures.ThreadPoolExecutor(
             PASSWORD_WORKERS, thread_name_prefix="password")
         self._executing = False
