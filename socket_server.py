@@ -158,6 +158,7 @@ SELECT_SOCKET_LIMIT = 500           # sockets at once where select() is all ther
 CONSOLE_RETRY = 1.0                 # seconds between console reads in the background, or of
                                     # a FIFO nobody writes to
 CONSOLE_PROMPT = "console> "
+CONSOLE_ANSWER_WAIT = 5.0           # most seconds the prompt waits for a command's answer
 PASSWORD_WORKERS = 2                # threads hashing passwords
 MAX_PASSWORD_JOBS = 32              # password checks waiting at once; more get "busy"
 SCRYPT_COST = (2 ** 14, 8, 1)       # scrypt n, r, p: about 50 ms and 16 MiB per hash
@@ -5103,8 +5104,12 @@ class Console:
                 self.out.flush()
 
     def _read_terminal(self) -> None:
+        if self.readline is not None:
+            # The prompt is on the screen only once the line editor has drawn it: a
+            # line shown a moment before would draw one that the editor then draws again.
+            self.readline.set_pre_input_hook(self._prompt_drawn)
         while True:
-            self.prompting = True
+            self.prompting = self.readline is None
             try:
                 line = input(CONSOLE_PROMPT)
             except (EOFError, OSError):
@@ -5116,7 +5121,14 @@ class Console:
                 return
             self.prompting = False
             if line.strip():
-                self.server.call_soon(lambda line=line: self.run(line))
+                answered = threading.Event()
+                self.server.call_soon(lambda line=line: self.run(line, answered))
+                # The answer comes before the next prompt, as in a shell (a loop too busy
+                # to answer in CONSOLE_ANSWER_WAIT gets the prompt back anyway).
+                answered.wait(CONSOLE_ANSWER_WAIT)
+
+    def _prompt_drawn(self) -> None:
+        self.prompting = True
 
     def _read_lines(self) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -5148,15 +5160,19 @@ class Console:
         except OSError:
             return False
 
-    def run(self, line: str) -> None:
+    def run(self, line: str, answered: Optional[threading.Event] = None) -> None:
         """Run one console line, in the loop, and print what it says."""
         try:
             replies = self.server.run_command(line)
         except Exception:   # a bug: the console says so, the server goes on
             log.exception("error in console command %s", quoted(line))
             replies = ["! that command failed (a bug: the log has the details)"]
-        for reply in replies:
-            self.show(reply, self.out)
+        try:
+            for reply in replies:
+                self.show(reply, self.out)
+        finally:
+            if answered is not None:
+                answered.set()
 
     def show(self, text: str, stream: TextIO) -> None:
         """A line for the screen: above the prompt, which is drawn again with what was

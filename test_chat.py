@@ -3107,8 +3107,20 @@ class ModerationTests(ChatTestCase):
         read_until(rb"\r\x1b\[K[^\r\n]*joined as alice\r?\nconsole> /say half typ")
         os.write(master, b"ed\r")
         self.assertEqual(alice.expect("announcement")["text"], "half typed")
+        # A command's answer (and the log line it makes) comes before the next prompt,
+        # which is drawn once: not once by the answer and again by the line editor.
+        bob = Peer(port, "bob")
+        self.addCleanup(bob.close)
+        os.write(master, b"/kick alice testing\r")
+        read_until(b"/kick alice testing")
+        read_until(b"kicked by server: testing")
+        read_until(b"console> ")
+        os.write(master, b"/say done\r")
+        self.assertEqual(bob.expect("announcement")["text"], "done")
+        shown = read_until(rb"(.*)/say done").group(1)
+        self.assertEqual(shown.count(b"console> "), 0, shown)   # the one prompt: read above
         os.write(master, b"/shutdown\r")
-        self.assertEqual(alice.read_until_closed()[-1]["type"], "shutdown")
+        self.assertEqual(bob.read_until_closed()[-1]["type"], "shutdown")
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertEqual(termios.tcgetattr(slave), modes)  # the terminal is as it was
 
