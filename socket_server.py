@@ -1551,6 +1551,11 @@ class IrcOutput:
         """How a person is named in a line's prefix: nick!user@host (the server's host)."""
         return f"{nick}!{nick}@{self.info.server_name}"
 
+    def _setter(self, by: Optional[str]) -> str:
+        """Who set a topic, as 333 gives it: a person's whole mask (irssi shows its
+        host part), or the server's name for the console's."""
+        return self._mask(by) if by and by != "server" else self.info.server_name
+
     def _line(self, prefix: str, command: str, *params: str, tags: str = "") -> bytes:
         """One line: every parameter kept to one line, the last one after ':'."""
         words = [":" + prefix, command] if prefix else [command]
@@ -1693,7 +1698,7 @@ class IrcOutput:
         lines = [self._line(self._mask(self.nick), "JOIN", channel)]
         if event.get("topic"):
             lines.append(self._numeric("332", channel, event["topic"]))
-            lines.append(self._numeric("333", channel, event.get("topic_by", "server"),
+            lines.append(self._numeric("333", channel, self._setter(event.get("topic_by")),
                                        str(irc_time(event.get("topic_ts", "")))))
         return lines + self._show_names(channel, event["users"], event.get("ops", []))
 
@@ -1774,7 +1779,7 @@ class IrcOutput:
                     self._numeric("329", channel, str(irc_time(event.get("created", ""))))]
         if command == "TOPIC" and event["topic"]:
             return [self._numeric("332", channel, event["topic"]),
-                    self._numeric("333", channel, event["by"] or "server",
+                    self._numeric("333", channel, self._setter(event["by"]),
                                   str(irc_time(event["ts"])))]
         if command == "TOPIC":
             return [self._numeric("331", channel, "No topic is set")]
@@ -5099,8 +5104,9 @@ class Console:
         if self._modes is not None:
             with contextlib.suppress(termios.error, OSError):
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self._modes)
-            if self.prompting:
-                self.out.write("\n")
+            if self.prompting:      # the server stops: the prompt goes, the shell's comes
+                self.prompting = False
+                self.out.write("\r\x1b[K")
                 self.out.flush()
 
     def _read_terminal(self) -> None:

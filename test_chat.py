@@ -4435,7 +4435,7 @@ class IrcTests(ChatTestCase):
         self.assertEqual(alice.line(), ":alice!alice@test.lan TOPIC #dev :release friday")
         alice.send("TOPIC #dev")
         alice.expect(r" 332 alice #dev :release friday")
-        alice.expect(r" 333 alice #dev alice :\d+")
+        alice.expect(r" 333 alice #dev alice!alice@\S+ :\d+")
         alice.send("MODE #dev")
         alice.expect(r" 324 alice #dev :\+t")
         alice.expect(r" 329 alice #dev :\d+")
