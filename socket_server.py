@@ -2421,23 +2421,29 @@ class ChatCore:
         elif limit and from_here > limit:
             self.refuse(session, "too_many_connections",
                         f"Too many connections from your address (at most {limit}).")
-        elif self.connected() > settings.max_clients or \
-                (settings.max_silent and len(self.arriving) > settings.max_silent):
-            if not self._drop_oldest_silent() and self.connected() > settings.max_clients:
-                self.refuse(session, "server_full", f"The server is full "
-                            f"({settings.max_clients} connections). Try again later.")
+        else:
+            full = self.connected() > settings.max_clients
+            over_seats = bool(settings.max_silent) and len(self.arriving) > settings.max_silent
+            if (full or over_seats) and \
+                    not self._drop_oldest_silent(session, at_once=full and over_seats):
+                if full:
+                    self.refuse(session, "server_full", f"The server is full "
+                                f"({settings.max_clients} connections). Try again later.")
         return session
 
-    def _drop_oldest_silent(self) -> bool:
+    def _drop_oldest_silent(self, newcomer: Session, at_once: bool) -> bool:
         """Make room: end the connection that has gone longest without a hello, if it
-        has been silent for SILENT_GRACE seconds (a client says hello at once)."""
+        has been silent for SILENT_GRACE seconds (a client says hello at once), or
+        whatever its age when at_once (the server is full, and the silent are past
+        their seats: an attacker that reconnects at once keeps them all young)."""
         now = self.clock.now()
         # The first is the oldest; one that is waiting said hello (its password is checked).
-        oldest = next((silent for silent in self.arriving if not silent.waiting), None)
-        if oldest is None or now - oldest.connected_at < SILENT_GRACE:
+        oldest = next((silent for silent in self.arriving
+                       if not silent.waiting and silent is not newcomer), None)
+        if oldest is None or (now - oldest.connected_at < SILENT_GRACE and not at_once):
             return False
-        self.refuse(oldest, "crowded_out", "Dropped to make room: no hello came in "
-                    f"{now - oldest.connected_at:.0f} seconds, and others are waiting.")
+        self.refuse(oldest, "crowded_out", "Dropped to make room for others: no hello "
+                    f"came in {duration(now - oldest.connected_at)}.")
         return True
 
     def receive(self, session: Session, request: dict, metered: bool = True) -> None:

@@ -616,6 +616,18 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(chat.received(late)[-1]["code"], "server_full")
         self.assertFalse(any(chat.closed(one) for one in first))
 
+    def test_silent_connections_reopened_at_once_cannot_fill_the_server(self) -> None:
+        # An attacker that reconnects the moment it is dropped keeps every silent
+        # connection young; past their seats, they give way to a newcomer all the same.
+        chat = CoreHarness(max_clients=6, max_silent=2)
+        silent = [chat.connect(f"s{number}", f"10.0.1.{number}") for number in range(6)]
+        newcomer = chat.connect("new", "10.0.2.1")
+        self.assertFalse(chat.closed(newcomer))
+        self.assertEqual(chat.received(silent[0])[-1]["code"], "crowded_out")
+        self.assertEqual(sum(chat.closed(one) for one in silent), 1)
+        chat.request(newcomer, {"type": "hello", "name": "carol"})
+        self.assertIn("carol", chat.core.members)
+
     def test_silent_connections_have_seats_of_their_own(self) -> None:
         chat = CoreHarness(max_clients=100, max_silent=3)
         silent = [chat.connect(f"s{number}", f"10.0.1.{number}") for number in range(3)]
