@@ -5638,7 +5638,8 @@ def start_console(server: ChatServer, log_handler: ConsoleLogHandler) -> Optiona
             log_handler.console = console       # prompt and a half-typed command whole
     else:
         print("reading console commands from standard input, one a line "
-              "(/help lists them); Ctrl-C stops the server", flush=True)
+              "(/help lists them); /shutdown, Ctrl-C or a SIGTERM stops the server",
+              flush=True)
     console.start()
     return console
 
