@@ -1586,10 +1586,14 @@ class IrcOutput:
               command: str = "PRIVMSG") -> List[bytes]:
         """A message as one or more lines: long ones (a client.py user may send 2000
         characters) are cut between words into pieces IRC can carry."""
+        prefix = self._from(sender)
+        # What the line holds besides the text: with the longest names, more than
+        # IRC_TEXT_BYTES leaves room for, and a line cut short may end mid-character.
+        around = len(f":{prefix} {command} {target} :\x01ACTION \x01\r\n".encode("utf-8"))
         lines = []
-        for piece in split_utf8(text, IRC_TEXT_BYTES):
+        for piece in split_utf8(text, min(IRC_TEXT_BYTES, IRC_LINE_MAX - around)):
             body = f"\x01ACTION {piece}\x01" if action else piece
-            lines.append(self._line(self._from(sender), command, target, body, tags=tags))
+            lines.append(self._line(prefix, command, target, body, tags=tags))
         return lines
 
     def _show_names(self, channel: str, users: List[str], ops: List[str]) -> List[bytes]:
@@ -1612,8 +1616,17 @@ class IrcOutput:
     # -- what many get (SHARED) -------------------------------------------------------
 
     def _show_message(self, event: dict) -> List[bytes]:
-        return self._said(event["from"], "#" + event["room"], event["text"],
-                          event.get("action") is True, self._tags(event))
+        sender, text, action = event["from"], event["text"], event.get("action") is True
+        if not action and sender != "server" and len(text) * 4 <= IRC_TEXT_BYTES \
+                and text.isprintable():
+            # Nearly every message: short plain text from a person. What _said makes
+            # of it, in one step (a name or a room never needs making safe).
+            line = (f":{sender}!{sender}@{self.info.server_name} PRIVMSG #{event['room']} "
+                    f":{text}\r\n").encode("utf-8")
+            if len(line) <= IRC_LINE_MAX - len("\x01ACTION \x01"):    # as _said cuts it
+                tags = self._tags(event)
+                return [b"@" + tags.encode("utf-8") + b" " + line if tags else line]
+        return self._said(sender, "#" + event["room"], text, action, self._tags(event))
 
     def _show_join(self, event: dict) -> List[bytes]:
         return [self._line(self._mask(event["name"]), "JOIN", "#" + event["room"],

@@ -4344,6 +4344,35 @@ class IrcPeer:
         self.sock.close()
 
 
+class IrcCodecTests(unittest.TestCase):
+    """The IRC codec alone, without a socket."""
+
+    def test_a_short_plain_message_takes_the_quick_way_to_the_same_line(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("x" * 60 + ".lan"))
+        name = "n" * 32
+        for variant in ("irc", "irc+server-time"):
+            codec.variant = variant
+            # With these names, a line has room for 326 bytes of text: around that, in
+            # characters of four bytes, and what the quick way leaves to the general one.
+            for text in ("hi", ":starts with a colon", "é" * 100, "w" * 100, "w" * 101,
+                         "\U0001f600" * 81 + "ab", "\U0001f600" * 81 + "abc",
+                         "\U0001f600" * 100, "tab\there", "\x02bold\x02", "word " * 90):
+                for sender in (name, "bob", "server"):
+                    for action in (False, True):
+                        event = {"type": "message", "room": "r" * 32, "from": sender,
+                                 "text": text, "ts": "2026-12-02T05:00:00.000Z"}
+                        if action:
+                            event["action"] = True
+                        general = codec._said(sender, "#" + event["room"], text, action,
+                                              codec._tags(event))
+                        self.assertEqual(codec._show_message(event), general)
+                        for line in general:
+                            line.decode("utf-8")    # never cut in the middle of a character
+                            if variant != "irc":
+                                line = line.split(b" ", 1)[1]   # the tags do not count
+                            self.assertLessEqual(len(line), 512)
+
+
 class IrcTests(ChatTestCase):
     server_settings = {"irc_port": 0, "server_name": "test.lan", "failure_delay": 0.01}
 
