@@ -4880,8 +4880,10 @@ class ChatServer(SelectServer):
         self.execute()
 
     def wrong_protocol(self, conn: Connection) -> None:
+        how = ("connect with TLS (irssi: /connect -tls, WeeChat: /server add ... -tls)"
+               if isinstance(conn.protocol, IrcCodec) else "run the client with --tls")
         self.core.refuse(conn.protocol.session, "tls_required",
-                         "This server only accepts TLS: run the client with --tls.")
+                         f"This server only accepts TLS: {how}.")
         self.execute()
 
     def tick(self) -> None:
@@ -5263,12 +5265,18 @@ def client_command(host: str, port: int, fingerprint: Optional[str]) -> str:
     return f'python client.py "{shown}:{port}#{fingerprint}" --tls'
 
 
-def irc_commands(host: str, port: int, tls: bool) -> str:
-    """How to join with irssi and with WeeChat."""
+def irc_commands(host: str, port: int, fingerprint: Optional[str] = None) -> List[str]:
+    """How to join with irssi and with WeeChat. With TLS, both pin the certificate
+    (which they would refuse as self-signed), each in its own spelling of it; WeeChat
+    before 4.0 (Debian 12's) ignores -tls and needs -ssl."""
     shown = f"[{host}]" if ":" in host else host
-    irssi = f"/connect {'-tls ' if tls else ''}{host} {port}"
-    weechat = f"/server add lan {shown}/{port}{' -tls' if tls else ''}"
-    return f"{irssi} (irssi), {weechat} then /connect lan (WeeChat)"
+    weechat = f"/server add lan {shown}/{port}"
+    if fingerprint is None:
+        return [f"IRC: /connect {host} {port} (irssi), {weechat} then /connect lan (WeeChat)"]
+    pairs = ":".join(fingerprint[at:at + 2] for at in range(0, len(fingerprint), 2)).upper()
+    return [f"IRC, irssi: /connect -tls -tls_pinned_cert {pairs} {host} {port}",
+            f"IRC, WeeChat: {weechat} -tls -tls_fingerprint={fingerprint} then /connect lan",
+            f"  (WeeChat before 4.0: {weechat} -ssl -ssl_fingerprint={fingerprint})"]
 
 
 def describe_reach(host: str, port: int, fingerprint: Optional[str] = None,
@@ -5285,7 +5293,7 @@ def describe_reach(host: str, port: int, fingerprint: Optional[str] = None,
     def ways(address: str, indent: str = "  ") -> List[str]:
         lines = [f"{indent}{client_command(address, port, fingerprint)}"]
         if irc_port:
-            lines.append(f"{indent}IRC: {irc_commands(address, irc_port, bool(fingerprint))}")
+            lines += [indent + line for line in irc_commands(address, irc_port, fingerprint)]
         return lines
 
     def join_with(heading: str, address: str) -> List[str]:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import select
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -1444,6 +1445,19 @@ class LanAddressTests(unittest.TestCase):
         lines = socket_server.describe_reach("::", 5050)
         self.assertIn("python client.py localhost 5050", lines[-1])
 
+    def test_irc_commands_pin_a_tls_certificate_as_each_client_spells_it(self) -> None:
+        plain = socket_server.irc_commands("10.0.0.5", 6667)
+        self.assertEqual(plain, ["IRC: /connect 10.0.0.5 6667 (irssi), /server add lan "
+                                 "10.0.0.5/6667 then /connect lan (WeeChat)"])
+        fingerprint = "01716d1b" + "ab" * 28
+        irssi, weechat, old_weechat = socket_server.irc_commands("10.0.0.5", 6697, fingerprint)
+        # irssi compares pairs in capitals, with colons (tried with irssi 1.4.3); WeeChat
+        # takes the hex digits, and before 4.0 (3.8 tried) knows only -ssl.
+        self.assertIn("/connect -tls -tls_pinned_cert 01:71:6D:1B:AB:", irssi)
+        self.assertTrue(irssi.endswith(":AB 10.0.0.5 6697"), irssi)
+        self.assertIn(f"10.0.0.5/6697 -tls -tls_fingerprint={fingerprint} then", weechat)
+        self.assertIn(f"10.0.0.5/6697 -ssl -ssl_fingerprint={fingerprint})", old_weechat)
+
 
 # ---------------------------------------------------------------------------
 # History: the sqlite store, replay, /history, /search, --export
@@ -2500,6 +2514,22 @@ class TlsTests(unittest.TestCase):
         with self.assertRaises(client.CannotConnect) as caught:
             client.ServerConnection.open("127.0.0.1", plain_server.port, self.options())
         self.assertIn("does not answer TLS", str(caught.exception))
+
+    def test_irc_over_tls_and_a_plain_irc_client_told_how(self) -> None:
+        server = ServerThread(tls_cert=self.self_signed[0], tls_key=self.self_signed[1],
+                              irc_port=0, server_name="test.lan")
+        self.addCleanup(server.stop)
+        port = server.server.irc_address[1]
+        alice = IrcPeer(port, "alice", tls=True)
+        self.addCleanup(alice.close)
+        alice.send("JOIN #lobby")
+        alice.expect(r" 366 alice #lobby ")
+        plain = IrcPeer(port)
+        self.addCleanup(plain.close)
+        plain.send("NICK bob")
+        lines = plain.read_until_closed()
+        self.assertIn("irssi: /connect -tls", lines[0])
+        self.assertTrue(lines[-1].startswith("ERROR :Closing Link"), lines)
 
     def test_stalled_handshakes_block_nobody(self) -> None:
         server = self.server(self.self_signed, hello_timeout=1.2)
@@ -4266,8 +4296,13 @@ class IrcPeer:
     """A test IRC client: lines in and out over a blocking socket with a timeout."""
 
     def __init__(self, port: int, nick: Optional[str] = None, caps: str = "",
-                 password: Optional[str] = None) -> None:
+                 password: Optional[str] = None, tls: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        if tls:     # the test certificates are self-signed: trusted as they come
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self.sock = context.wrap_socket(self.sock)
         self.buffer = b""
         self.syncs = 0
         if nick:
