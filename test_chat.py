@@ -4385,6 +4385,36 @@ class IrcPeer:
         self.sock.close()
 
 
+class JsonCodecTests(unittest.TestCase):
+    """The JSON codec alone, without a socket."""
+
+    def test_a_message_and_its_answer_take_the_quick_way_to_the_same_frame(self) -> None:
+        codec = socket_server.JsonCodec()
+        texts = ["hi", 'say "quoted" \\ back\\slash /', "".join(map(chr, range(32))) + "\x7f",
+                 "line\u2028sep\u2029", "naïve café 日本語", "\U0001f600" * 50, "x" * 4000]
+        for text in texts:
+            for room, sender in (("lobby", "bob"), ("Dev-Ops", "a.b_c-d"), ("r" * 32, "n" * 32)):
+                # As ChatCore.on_say builds them.
+                said = {"type": "message", "room": room, "from": sender, "text": text,
+                        "ts": "2026-12-02T05:00:00.000Z"}
+                ack = {"type": "sent", "room": room, "text": text, "ts": said["ts"]}
+                for event in (said, ack):
+                    self.assertIsNotNone(socket_server.quick_json(event))
+                    self.assertEqual(codec.encode_shared(event), encode_frame(event))
+                    self.assertEqual(codec.encode(event), encode_frame(event))
+                    self.assertEqual(decode_payload(codec.encode(event)[10:]), event)
+                # An action, an id: the general way, to the same bytes.
+                for extra in ({"action": True}, {"id": "7"}):
+                    event = {**ack, **extra}
+                    self.assertIsNone(socket_server.quick_json(event))
+                    self.assertEqual(codec.encode(event), encode_frame(event))
+        for broken in ("lone \ud800 surrogate", "x" * socket_server.MAX_PAYLOAD):
+            with self.assertRaises(ValueError):
+                codec.encode_shared({**said, "text": broken})
+            with self.assertRaises(ValueError):
+                encode_frame({**said, "text": broken})
+
+
 class IrcCodecTests(unittest.TestCase):
     """The IRC codec alone, without a socket."""
 
