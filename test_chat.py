@@ -1231,6 +1231,49 @@ class BadInputTests(ChatTestCase):
         bob.close()
 
 
+class TransportBookkeepingTests(ChatTestCase):
+    """The transport keeps no set of every connection: the selector's map holds them,
+    but the paused ones and the lingering ones, which it keeps apart."""
+
+    def connection_of(self, peer: Peer) -> "socket_server.Connection":
+        port = peer.sock.getsockname()[1]
+        found = [conn for conn in in_loop(self.server, lambda: self.server.server.connections)
+                 if conn.port == port]
+        self.assertEqual(len(found), 1)
+        return found[0]
+
+    def test_a_lingering_connection_closes_at_its_deadline(self) -> None:
+        transport = self.server.server
+        peer = self.peer()
+        conn = self.connection_of(peer)
+        peer.sock.sendall(b"nonsense!!")       # a bad header: an error, then a polite close
+        self.assertEqual(peer.read_until_closed()[-1]["code"], "bad_header")
+        # The peer has not hung up: the server waits for it, until the deadline.
+        self.assertIn(conn, in_loop(self.server, lambda: transport.connections))
+        self.assertIn(conn, transport._lingering)
+
+        def deadline_passes() -> None:
+            conn.deadline = transport.now
+            transport._check_closing()
+        in_loop(self.server, deadline_passes)
+        self.assertTrue(conn.closed)
+        self.assertNotIn(conn, in_loop(self.server, lambda: transport.connections))
+        self.assertEqual(transport._lingering, set())
+
+    def test_a_paused_connection_is_counted_and_closed_at_shutdown(self) -> None:
+        transport = self.server.server
+        paused, reading = self.peer("paused"), self.peer("reading")
+        conn = self.connection_of(paused)
+        in_loop(self.server, lambda: transport.pause_reading(conn))
+        self.assertIn(conn, in_loop(self.server, lambda: transport.connections))
+        self.assertEqual(len(in_loop(self.server, lambda: transport.connections)), 2)
+        self.server.stop()
+        for peer in (paused, reading):   # each told, then closed
+            self.assertEqual(peer.read_until_closed()[-1]["type"], "shutdown")
+        self.assertTrue(conn.closed)
+        self.assertEqual(transport._paused, set())
+
+
 class SlowReaderTests(ChatTestCase):
     server_settings = {"max_backlog": 64 * 1024, "max_length": 16000}
 
