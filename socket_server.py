@@ -500,8 +500,8 @@ class Connection:
     Slotted so that thousands of idle connections cost little memory.
     """
 
-    __slots__ = ("sock", "host", "port", "protocol", "outbox", "wants_write", "paused",
-                 "tls_phase", "closing", "closed", "deadline", "peer_closed", "write_shut")
+    __slots__ = ("sock", "host", "port", "protocol", "outbox", "wants_write", "tls_phase",
+                 "closing", "closed", "deadline", "peer_closed", "write_shut")
 
     def __init__(self, sock: socket.socket, address: tuple) -> None:
         self.sock = sock
@@ -510,7 +510,6 @@ class Connection:
         self.protocol: Any = None
         self.outbox: Any = ()           # bytes waiting to be sent (a list), often shared
         self.wants_write = False        # registered for EVENT_WRITE
-        self.paused = False             # not reading for now (see pause_reading)
         self.tls_phase: Optional[str] = None
         self.closing = False            # flushing, then waiting for the peer to hang up
         self.closed = False
@@ -869,14 +868,12 @@ class SelectServer:
 
     def pause_reading(self, conn: Connection) -> None:
         """Stop reading from conn until resume_reading (while a password is checked)."""
-        if not conn.paused and not conn.closed:
-            conn.paused = True
+        if conn not in self._paused and not conn.closed:
             self._paused.add(conn)
             self.selector.unregister(conn.sock)
 
     def resume_reading(self, conn: Connection) -> None:
-        if conn.paused and not conn.closed:
-            conn.paused = False
+        if conn in self._paused and not conn.closed:
             self._paused.discard(conn)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
             self.selector.register(conn.sock, events, conn)
@@ -944,7 +941,7 @@ class SelectServer:
     def _watch_writable(self, conn: Connection, wanted: bool) -> None:
         if conn.wants_write != wanted:
             conn.wants_write = wanted
-            if not conn.paused:
+            if conn not in self._paused:
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
                 self.selector.modify(conn.sock, events, conn)
 
@@ -989,9 +986,10 @@ class SelectServer:
             return
         conn.closed = True
         self._lingering.discard(conn)
-        self._paused.discard(conn)
         self._to_flush.discard(conn)
-        if not conn.paused:
+        if conn in self._paused:    # not in the selector while paused
+            self._paused.discard(conn)
+        else:
             try:
                 self.selector.unregister(conn.sock)
             except (KeyError, ValueError):
