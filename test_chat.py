@@ -1551,6 +1551,30 @@ class ChatStoreTests(unittest.TestCase):
         texts = [row[5] for row in store.recent_for("dave", "dev", 50, whispers_after=0)]
         self.assertEqual(texts, [])
 
+    def test_only_whispers_store_a_recipient(self) -> None:
+        store = self.store()
+        store.record(T0, "message", "alice", None, "to the room", room="lobby")
+        store.record(T0, "whisper", "alice", "bob", "to bob")
+        store.record(T0, "join", "carol", room="lobby")
+        store.commit()
+        stored = store.db.execute("SELECT kind, recipient FROM events ORDER BY id").fetchall()
+        self.assertEqual(stored, [("message", None), ("whisper", "bob"), ("join", None)])
+        self.assertIsNone(store.recent_public("lobby", 5)[0][4])
+
+    def test_a_commit_of_many_rows_keeps_their_order_and_ids(self) -> None:
+        store = self.store()
+        count = socket_server.STORE_ROWS_PER_INSERT * 2 + 5     # two whole INSERTs and a part
+        for number in range(count):
+            store.record(T0, "message", "alice", None, f"m{number}", room="lobby")
+        self.assertEqual(store.last_id(), count)
+        store.commit()
+        stored = store.db.execute("SELECT id, text FROM events ORDER BY id").fetchall()
+        self.assertEqual(stored, [(number + 1, f"m{number}") for number in range(count)])
+        self.assertFalse(store.db.in_transaction)
+        store.record(T1, "message", "bob", None, "alone", room="lobby")
+        self.assertEqual(store.last_id(), count + 1)
+        self.assertEqual(store.recent_public("lobby", 2)[-1][:2], (count + 1, T1))
+
     def test_search_needs_every_word_in_any_case_and_wildcards_are_literal(self) -> None:
         store = self.store()
         store.record(T0, "message", "alice", None, "Lunch at noon?", room="lobby")
