@@ -4494,7 +4494,8 @@ class IrcCodecTests(unittest.TestCase):
             # characters of four bytes, and what the quick way leaves to the general one.
             for text in ("hi", ":starts with a colon", "é" * 100, "w" * 100, "w" * 101,
                          "\U0001f600" * 81 + "ab", "\U0001f600" * 81 + "abc",
-                         "\U0001f600" * 100, "tab\there", "\x02bold\x02", "word " * 90):
+                         "\U0001f600" * 100, "tab\there", "\x02bold\x02", "word " * 90,
+                         "line\nbreak", "carriage\rreturn", "nul\0byte"):
                 for sender in (name, "bob", "server"):
                     for action in (False, True):
                         event = {"type": "message", "room": "r" * 32, "from": sender,
@@ -4588,6 +4589,13 @@ class IrcTests(ChatTestCase):
         said = bob.expect("message")
         self.assertEqual((said["room"], said["from"], said["text"]),
                          ("lobby", "alice", "hello bold coloured world"))
+        for formatted, plain in (
+                ("\x02bold\x02 \x16reversed\x16 \x11mono\x11\x0f end", "bold reversed mono end"),
+                ("\x1funder\x1fline, \x1ditalic\x1d \x1estruck\x1e end",
+                 "underline, italic struck end"),    # whitespace to isspace(): not spaces
+                ("\x04ff0000,00ff00hex\x04 \x0312colour\x03 end", "hex colour end")):
+            alice.send("PRIVMSG #lobby :" + formatted)
+            self.assertEqual(bob.expect("message")["text"], plain, repr(formatted))
         bob.send({"type": "say", "text": "hi alice"})
         self.assertEqual(alice.expect(r"PRIVMSG #lobby").string,
                          ":bob!bob@test.lan PRIVMSG #lobby :hi alice")
