@@ -588,6 +588,15 @@ class CoreHarness:
 class CoreTests(unittest.TestCase):
     """The chat's rules without a socket: what each request makes happen."""
 
+    def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
+        chat = CoreHarness()
+        chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
+        for step in (0, 0.0003, 0.0007, 0.0009, 0.0001, 0.5, 0.499, 86_400.0, 0.001):
+            chat.clock.advance(step)
+            millisecond = int(chat.clock.unix * 1000) / 1000
+            self.assertEqual(chat.core.timestamp(), socket_server.utc_timestamp(millisecond))
+        self.assertEqual(chat.core.timestamp(), "2026-05-30T00:00:01.000Z")
+
     def test_hello_say_and_bye(self) -> None:
         chat = CoreHarness()
         alice = chat.join("alice")
