@@ -35,8 +35,9 @@ What it measures
 - peers (with ``--peers ngircd,ncat``): the fanout and latency runs against
   those C servers too, in turns with ours, and the ratios.
 - instructions (not run by default: it needs valgrind and takes minutes):
-  the history cost again, counted in instructions under valgrind's
-  callgrind, which a busy or throttled machine does not change.
+  the history cost and the mixed room's again, counted in instructions
+  under valgrind's callgrind, which a busy or throttled machine does not
+  change.
 
 Every run starts its own server on 127.0.0.1 with ``--port 0``, a temporary
 database and every feature on, rate limits set high rather than off. CPU
@@ -1375,35 +1376,40 @@ def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
 
 def run_instructions(options: argparse.Namespace, db_dir: str,
                      clients: int, senders: int) -> Dict[str, Any]:
-    """The cost of history in instructions, which a noisy machine does not change.
+    """The cost of history, and of a room half on IRC, in instructions, which a
+    noisy machine does not change.
 
     The fanout run goes under valgrind's callgrind with and without history,
-    at two numbers of messages: the difference between the two cancels
-    start-up and shutdown, leaving the instructions one message costs. User
-    space only: the kernel's share of writing the database is not counted.
+    and with half the clients on IRC, each at two numbers of messages: the
+    difference between the two cancels start-up and shutdown, leaving the
+    instructions one message costs. User space only: the kernel's share of
+    writing the database and of sending is not counted.
     """
     if shutil.which("valgrind") is None:
         return {"note": "valgrind is not installed: not measured"}
     small, large = CALLGRIND_SIZES
     per_message = {}
-    for history in (True, False):
+    for history, protocols in ((True, ("json",)), (False, ("json",)),
+                               (True, ("json", "irc"))):
         totals = []
         for messages in (small, large):
-            out = os.path.join(db_dir, f"callgrind-{history}-{messages}.out")
+            out = os.path.join(db_dir, f"callgrind-{history}-{len(protocols)}-{messages}.out")
             sized = argparse.Namespace(**{**vars(options), "messages": messages,
                                           "timeout": CALLGRIND_TIMEOUT})
             run = run_fanout(sized, db_dir, clients, senders, history=history,
+                             protocols=protocols,
                              wrapper=("valgrind", "--tool=callgrind",
                                       f"--callgrind-out-file={out}"),
                              setup_timeout=CALLGRIND_TIMEOUT)
             if run["lost"] or not run["finished"]:
                 raise RuntimeError(f"a run under callgrind lost {run['lost']} deliveries")
             totals.append(callgrind_total(out))
-        per_message[history] = (totals[1] - totals[0]) / ((large - small) * senders)
-    stored, bare = per_message[True], per_message[False]
+        per_message[history, protocols] = (totals[1] - totals[0]) / ((large - small) * senders)
+    stored, bare = per_message[True, ("json",)], per_message[False, ("json",)]
+    mixed = per_message[True, ("json", "irc")]
     return {"clients": clients, "senders": senders, "with_history": round(stored),
             "without_history": round(bare), "overhead_pct": impact(1 / bare, 1 / stored),
-            "note": None}
+            "mixed": round(mixed), "mixed_pct": impact(1 / stored, 1 / mixed), "note": None}
 
 
 def callgrind_total(path: str) -> int:
@@ -1501,6 +1507,10 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
                 f"{difference(counted['overhead_pct'], 'more', 'fewer')} "
                 f"({shown(counted['with_history'])} vs {shown(counted['without_history'])} "
                 "without; user space only)")
+            lines.append(
+                f"a room of {counted['clients']}, half IRC: instructions per message under "
+                f"callgrind {difference(counted['mixed_pct'], 'more', 'fewer')} than JSON "
+                f"only ({shown(counted['mixed'])} vs {shown(counted['with_history'])})")
     if "mixed" in results:
         mixed = results["mixed"]
         lines.append(
