@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import py_compile
 import queue
 import random
 import re
@@ -45,6 +46,21 @@ except ImportError:     # Windows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
+CLIENT_SCRIPT = os.path.join(HERE, "client.py")
+
+# The processes the tests start run the scripts as `python -m NAME` from this
+# directory: the same file, with its bytecode taken from __pycache__, where
+# `python NAME.py` compiles thousands of lines at every start (0.1 s a start here,
+# seconds of the suite). It is written here even where PYTHONDONTWRITEBYTECODE is
+# set; a checkout that cannot take it only starts them slower. The tests of what
+# a user types (--help, --export, a port in use) run the scripts by their paths.
+MODULE_OF_SCRIPT = {SERVER_SCRIPT: "socket_server", CLIENT_SCRIPT: "client"}
+for _script in MODULE_OF_SCRIPT:
+    try:
+        py_compile.compile(_script, doraise=True)
+    except OSError:
+        pass
 
 import client  # noqa: E402
 import socket_server  # noqa: E402
@@ -55,8 +71,6 @@ from socket_server import FrameDecoder, ProtocolError, decode_payload, encode_fr
 # start as processes keep the real cost.
 socket_server.SCRYPT_COST = (2 ** 10, 8, 1)
 
-SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
-CLIENT_SCRIPT = os.path.join(HERE, "client.py")
 TIMEOUT = 10.0      # longest wait for anything that should happen (a VM may stall for seconds)
 POSIX = os.name == "posix"
 # Long runs (the benchmark's smoke run, the full fuzz run, waits of whole seconds) only
@@ -250,6 +264,8 @@ class Process:
 
     def __init__(self, *args: str, stdin_data: Optional[str] = None) -> None:
         env = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
+        if args and args[0] in MODULE_OF_SCRIPT:    # see MODULE_OF_SCRIPT
+            args = ("-m", MODULE_OF_SCRIPT[args[0]], *args[1:])
         self.proc = subprocess.Popen(
             [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=env, cwd=HERE)
