@@ -53,8 +53,8 @@ CLIENT_SCRIPT = os.path.join(HERE, "client.py")
 # directory: the same file, with its bytecode taken from __pycache__, where
 # `python NAME.py` compiles thousands of lines at every start (0.1 s a start here,
 # seconds of the suite). It is written here even where PYTHONDONTWRITEBYTECODE is
-# set; a checkout that cannot take it only starts them slower. The tests of what
-# a user types (--help, --export, a port in use) run the scripts by their paths.
+# set; a checkout that cannot take it only starts them slower. The tests of
+# --help, of bad flags and of --export run the scripts by their paths.
 MODULE_OF_SCRIPT = {SERVER_SCRIPT: "socket_server", CLIENT_SCRIPT: "client"}
 for _script in MODULE_OF_SCRIPT:
     try:
