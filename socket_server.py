@@ -5180,6 +5180,7 @@ class Console:
         self._modes: Optional[list] = None  # the terminal's settings, for restore()
         reader = self._read_terminal if self.terminal else self._read_lines
         self._thread = threading.Thread(target=reader, name="console", daemon=True)
+        self._stopped = threading.Event()
 
     @staticmethod
     def kind(stream: TextIO) -> Optional[str]:
@@ -5210,6 +5211,15 @@ class Console:
                 self._modes = None
         self._thread.start()
 
+    def stop(self, timeout: float) -> None:
+        """Stop reading, and wait up to `timeout` seconds for the thread to end (at its
+        next end of input or wait). For a caller that closes the console's input while
+        the server runs on (a test): a thread left reading a closed descriptor would
+        read whatever is given its number next, a pipe or a socket."""
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def restore(self) -> None:
         """Leave the terminal as it was found (readline changes it while it reads)."""
         if self._modes is not None:
@@ -5232,7 +5242,8 @@ class Console:
             except (EOFError, OSError):
                 self.prompting = False
                 if hasattr(os, "tcgetpgrp") and os.tcgetpgrp(self.fd) != os.getpgrp():
-                    time.sleep(CONSOLE_RETRY)   # moved to the background: wait to come back
+                    if self._stopped.wait(CONSOLE_RETRY):   # in the background: wait to
+                        return                              # come back
                     continue
                 self.show("the console is closed; Ctrl-C stops the server", self.out)
                 return
@@ -5255,13 +5266,15 @@ class Console:
                 chunk = os.read(self.fd, 4096)
             except OSError as exc:
                 if exc.errno == errno.EIO:      # a terminal we were moved away from
-                    time.sleep(CONSOLE_RETRY)
+                    if self._stopped.wait(CONSOLE_RETRY):
+                        return
                     continue
                 chunk = b""
+            if self._stopped.is_set():
+                return
             if not chunk:
-                if self._may_come_back():
-                    time.sleep(CONSOLE_RETRY)   # a FIFO: the next writer may come
-                    continue
+                if self._may_come_back() and not self._stopped.wait(CONSOLE_RETRY):
+                    continue    # a FIFO: the next writer may come
                 return      # input ended: the server runs on without a console
             pending += decoder.decode(chunk)
             *lines, pending = pending.split("\n")

@@ -2926,11 +2926,33 @@ class ModerationTests(ChatTestCase):
             if message["type"] == "error" or message.get("code") == "moderation":
                 return message
 
+    def start_console(self, fd: int, out: "WatchedOutput") -> "socket_server.Console":
+        """A console reading fd, stopped before fd is closed (cleanups run last first):
+        a console thread left reading a closed descriptor reads whatever is given its
+        number next, another test's pipe or a client's socket."""
+        console = socket_server.Console(self.server.server, fd, out)
+        self.addCleanup(os.close, fd)
+        self.addCleanup(console.stop, TIMEOUT)
+        console.start()
+        return console
+
+    def test_a_stopped_console_reads_nothing_more(self) -> None:
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        console = self.start_console(read_end, WatchedOutput())
+        os.write(write_end, b"/say before\n")
+        alice = self.peer("alice")      # after the line: it may come in her welcome's history
+        console.stop(0)
+        os.write(write_end, b"/say after\n")   # wakes the thread's read; it must not run it
+        console.stop(TIMEOUT)
+        self.assertFalse(console._thread.is_alive())
+        texts = [event["text"] for event in alice.sync() if event["type"] == "announcement"]
+        self.assertNotIn("after", texts)
+
     def test_console_reads_lines_from_its_input_and_answers(self) -> None:
         read_end, write_end = os.pipe()
         out = WatchedOutput()
-        socket_server.Console(self.server.server, read_end, out).start()
-        self.addCleanup(os.close, read_end)
+        self.start_console(read_end, out)
         os.write(write_end, "/help\nkick nobody\n".encode())
         out.wait_for("/kick [#ROOM] NAME [REASON]")
         out.wait_for('Nobody called "nobody" is here.')
@@ -3197,12 +3219,11 @@ class ModerationTests(ChatTestCase):
         os.mkfifo(fifo)
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)     # as `server < ctl` has it, once
         os.set_blocking(fd, True)                           # a first writer came
-        self.addCleanup(os.close, fd)
         retry = socket_server.CONSOLE_RETRY
         socket_server.CONSOLE_RETRY = 0.02
         self.addCleanup(setattr, socket_server, "CONSOLE_RETRY", retry)
         out = WatchedOutput()
-        socket_server.Console(self.server.server, fd, out).start()
+        self.start_console(fd, out)
         alice = self.peer("alice")
         for line in ("/say first writer", "/say second writer"):   # `echo LINE > ctl`, twice
             with open(fifo, "w") as writer:
