@@ -4517,7 +4517,7 @@ class ChatStore:
         """Queue an event; it is written at the next commit(). `room`: where it
         happened (EVERY_ROOM for an announcement, None for a whisper or a notice)."""
         if self.working and self.keep_messages:
-            # No recipient goes in as '' and is stored as NULL (see _INSERT): for a
+            # No recipient goes in as '' and is stored as NULL (see _insert): for a
             # None, the sqlite3 module looks for an adapter and raises and clears an
             # AttributeError on the way, which costs a tenth of the row.
             self._pending.append((ts, kind, sender, recipient or "", text, room))
