@@ -4531,6 +4531,31 @@ class JsonCodecTests(unittest.TestCase):
                 encode_frame({**said, "text": broken})
 
 
+    def test_a_listing_grown_name_by_name_writes_what_the_encoder_would(self) -> None:
+        """Audience.add makes each newcomer's listing from the last one (with_name),
+        joining kept JSON strings: it must be the same JSON, and the last one unchanged."""
+        self.addCleanup(setattr, socket_server, "MAX_LISTED_NAMES",
+                        socket_server.MAX_LISTED_NAMES)
+        socket_server.MAX_LISTED_NAMES = 4
+        codec = socket_server.JsonCodec()
+        audience = socket_server.Audience()
+        names = ["mia", 'say"q', "Zoë", "b\\s", "日本", "\U0001f600x", "aaron", "nina"]
+        listings = []
+        for number, name in enumerate(names):
+            session = socket_server.Session(f"link{number}", "10.0.0.1", 0.0)
+            session.name, session.key = name, name.lower()
+            audience.add(session)
+            listing = audience.listed()
+            listings.append((listing, list(listing)))
+            expected = sorted(names[:number + 1], key=str.lower)[:4]
+            self.assertEqual(listing, expected)
+            event = {"type": "room", "room": "dev", "users": listing, "count": number + 1}
+            self.assertEqual(listing.json(), socket_server.to_json(expected))
+            self.assertEqual(decode_payload(codec.encode(event)[10:]), {**event, "users": expected})
+        for listing, names_then in listings:     # events made earlier still hold theirs
+            self.assertEqual(listing, names_then)
+            self.assertEqual(listing.json(), socket_server.to_json(names_then))
+
 class IrcCodecTests(unittest.TestCase):
     """The IRC codec alone, without a socket."""
 
