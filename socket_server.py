@@ -245,11 +245,14 @@ def encode_frame(message: dict) -> bytes:
     return frame_of(to_json(message).encode("utf-8"))
 
 
+_HEADER_FORMAT = b"%%-%dd" % HEADER_LENGTH     # b"%-10d": made once, not for every frame
+
+
 def frame_of(payload: bytes) -> bytes:
     """A payload behind its length header (ValueError when over MAX_PAYLOAD)."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
-    return b"%-*d" % (HEADER_LENGTH, len(payload)) + payload   # bytes %: 3x an f-string's speed
+    return _HEADER_FORMAT % len(payload) + payload    # bytes %: 3x an f-string's speed
 
 
 class FrameDecoder:
@@ -2282,11 +2285,14 @@ class TokenBucket:
     def take(self, now: float, rate: float, burst: float) -> bool:
         refill = (now - self.updated) * rate
         self.updated = now
-        self.tokens = min(burst, self.tokens + refill)
-        self.strikes = max(0.0, self.strikes - refill)
-        if self.tokens >= 1:
-            self.tokens -= 1
+        tokens = self.tokens + refill   # (comparisons, not min() and max(): every message)
+        tokens = burst if tokens > burst else tokens
+        strikes = self.strikes - refill
+        self.strikes = strikes if strikes > 0.0 else 0.0
+        if tokens >= 1:
+            self.tokens = tokens - 1
             return True
+        self.tokens = tokens
         self.strikes += 1
         return False
 
