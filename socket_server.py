@@ -2988,7 +2988,9 @@ class People:
         return self.core.everyone.listed()
 
     def operator_names(self) -> List[str]:
-        return sorted((session.name for session in self.core.operators), key=str.lower)
+        operators = self.core.operators
+        return sorted((session.name for session in operators), key=str.lower) \
+            if operators else []    # (every welcome asks)
 
     def name_allowed(self, session: Session, name: str) -> bool:
         """Whether session may take this name (for hello or nick); refuses if not."""
