@@ -2357,7 +2357,7 @@ class Listing(list):
 
     def __init__(self, names: Iterable[str]) -> None:
         super().__init__(names)
-        self.quoted = [_quoted(name) for name in self]
+        self.quoted = list(map(_quoted, self))
         self.encoded: Optional[str] = None
 
     def with_name(self, place: int, name: str) -> "Listing":
