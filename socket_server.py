@@ -2066,8 +2066,8 @@ class Timestamps:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self._millisecond: Tuple[int, str] = (-1, "")
-        self._second: Tuple[int, str] = (-1, "")    # and "2026-11-25T14:05:09."
+        self._millisecond: Tuple[int, str] = (-1, "")     # (ms since 1970, timestamp)
+        self._second: Tuple[int, str] = (-1, "")      # (seconds, "2026-11-25T14:05:09.")
 
     def now(self) -> str:
         millisecond = int(self.clock.wall() * 1000)
