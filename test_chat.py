@@ -1299,6 +1299,44 @@ class TransportBookkeepingTests(ChatTestCase):
         self.assertEqual(transport._paused, set())
 
 
+class WritingOutServer(socket_server.ChatServer):
+    """A chat server with a small pass output limit that notes, at every write-out,
+    how many bytes were queued."""
+
+    output_limit = 100
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.queued_at_write_out: List[int] = []
+
+    def end_of_pass(self) -> None:
+        self.queued_at_write_out.append(self._queued)
+        super().end_of_pass()
+
+
+class PassOutputLimitTests(ChatTestCase):
+    """A burst of answers in one pass goes out in pieces of about output_limit bytes,
+    so that the memory a burst takes does not grow with the burst."""
+
+    server_class = WritingOutServer
+
+    def test_a_burst_of_answers_is_sent_in_pieces(self) -> None:
+        transport = self.server.server
+        peers = [self.peer(f"p{number}") for number in range(12)]
+        gate = threading.Event()
+        transport.call_soon(lambda: gate.wait(TIMEOUT))     # the loop waits: requests pile up
+        for peer in peers:
+            peer.send({"type": "ping"})
+        transport.queued_at_write_out.clear()   # the loop is held: nothing else touches it
+        gate.set()
+        for peer in peers:      # all answered
+            peer.expect("pong")
+        queued = in_loop(self.server, lambda: list(transport.queued_at_write_out))
+        pong = len(socket_server.encode_event({"type": "pong"}))
+        self.assertGreaterEqual(sum(queued), 12 * pong)
+        self.assertLessEqual(max(queued), transport.output_limit + pong)
+
+
 class SlowReaderTests(ChatTestCase):
     server_settings = {"max_backlog": 64 * 1024, "max_length": 16000}
 
