@@ -15,8 +15,8 @@ Design
 Bytes flow through three layers, the way h11 and :mod:`socketserver` split
 the work. This file presents them in that order.
 
-1. **The transport**, :class:`SelectServer`: one :mod:`selectors` loop
-   (epoll, kqueue or select) over non-blocking sockets. It accepts, runs TLS
+1. **The transport**, :class:`SelectServer`: one loop (epoll, kqueue or
+   select, see :class:`EpollPoller`) over non-blocking sockets. It accepts, runs TLS
    handshakes step by step, reads, queues bytes and sends each connection's
    queue with one call per loop pass, cuts off a peer that stops reading,
    closes politely, and runs timers. It knows no chat word, and it alone
@@ -74,6 +74,7 @@ import math
 import os
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -538,8 +539,95 @@ class Connection:
         return self.address
 
 
+class SelectorPoller:
+    """Which of the sockets watched are ready, on any system: the selectors
+    module's best selector (kqueue on macOS, select on Windows)."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        # Windows has only select(), which watches at most 512 sockets.
+        self.limited = isinstance(self._selector, selectors.SelectSelector)
+
+    def register(self, sock: socket.socket, events: int, data: Any) -> None:
+        self._selector.register(sock, events, data)
+
+    def modify(self, sock: socket.socket, events: int, data: Any) -> None:
+        self._selector.modify(sock, events, data)
+
+    def unregister(self, sock: socket.socket) -> None:
+        self._selector.unregister(sock)
+
+    def select(self, timeout: float) -> List[Tuple[Any, int]]:
+        """(data, events) for each socket ready, events of selectors.EVENT_*."""
+        return [(key.data, events) for key, events in self._selector.select(timeout)]
+
+    def watched(self) -> List[Any]:
+        """The data of every socket watched."""
+        return [key.data for key in self._selector.get_map().values()]
+
+    def __len__(self) -> int:
+        return len(self._selector.get_map())
+
+    def close(self) -> None:
+        self._selector.close()
+
+
+class EpollPoller:
+    """The same on Linux, where epoll is asked directly. The selectors module
+    keeps a SelectorKey for every socket, 80 bytes; this keeps a dict from file
+    descriptor to data, and nothing else."""
+
+    limited = False
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._data: Dict[int, Any] = {}     # file descriptor -> what was registered with it
+        read, write = select.EPOLLIN, select.EPOLLOUT
+        self._flags = {selectors.EVENT_READ: read, selectors.EVENT_WRITE: write,
+                       selectors.EVENT_READ | selectors.EVENT_WRITE: read | write}
+
+    def register(self, sock: socket.socket, events: int, data: Any) -> None:
+        fd = sock.fileno()
+        self._epoll.register(fd, self._flags[events])
+        self._data[fd] = data
+
+    def modify(self, sock: socket.socket, events: int, data: Any) -> None:
+        fd = sock.fileno()
+        self._epoll.modify(fd, self._flags[events])
+        self._data[fd] = data
+
+    def unregister(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        del self._data[fd]      # KeyError when not watched, as selectors raises
+        self._epoll.unregister(fd)
+
+    def select(self, timeout: float) -> List[Tuple[Any, int]]:
+        data, ready = self._data, []
+        for fd, flags in self._epoll.poll(timeout, max(len(data), 1)):
+            # An error or a hang-up counts as readable and writable, as in selectors.
+            events = 0
+            if flags & ~select.EPOLLIN:
+                events |= selectors.EVENT_WRITE
+            if flags & ~select.EPOLLOUT:
+                events |= selectors.EVENT_READ
+            ready.append((data[fd], events))
+        return ready
+
+    def watched(self) -> List[Any]:
+        return list(self._data.values())
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
+Poller = EpollPoller if hasattr(select, "epoll") else SelectorPoller
+
+
 class SelectServer:
-    """A selectors loop over non-blocking connections.
+    """A loop over non-blocking connections (epoll, kqueue or select: see Poller).
 
     It accepts, runs TLS handshakes without blocking, reads, sends each
     connection's queued bytes with one call per pass, and closes
@@ -558,18 +646,17 @@ class SelectServer:
     #: a time, not all of them: the C heap keeps what it once held. (The benchmark's
     #: 10,000 idle clients: 1.08 KiB each with it, 1.32-1.45 without.)
     output_limit = PASS_OUTPUT_LIMIT
+    poller_class = Poller   # (the tests run the other one as well)
 
     def __init__(self, settings: Settings, tick: float = TICK) -> None:
         self.settings = settings
         self.tls_context = (make_tls_context(settings.tls_cert, settings.tls_key)
                             if settings.tls_cert else None)
-        self.selector = selectors.DefaultSelector()
-        # Windows has only select(), which watches at most 512 sockets.
-        self.socket_limit = SELECT_SOCKET_LIMIT if isinstance(
-            self.selector, selectors.SelectSelector) else 0
+        self.poller = self.poller_class()
+        self.socket_limit = SELECT_SOCKET_LIMIT if self.poller.limited else 0
         self.listeners: List[socket.socket] = []
         self._factories: Dict[socket.socket, Callable[[], Any]] = {}  # listener -> protocol
-        # Every connection is in the selector's map (see connections) but those paused;
+        # Every connection is in the poller (see connections) but those paused;
         # no set of them all: at ten thousand clients, a set costs 40-65 bytes each.
         self._paused: Set[Connection] = set()       # not reading for now
         self._lingering: Set[Connection] = set()    # closing, waiting for the peer to hang up
@@ -586,7 +673,7 @@ class SelectServer:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
-        self.selector.register(self._wake_reader, selectors.EVENT_READ, self._on_wake)
+        self.poller.register(self._wake_reader, selectors.EVENT_READ, self._on_wake)
 
     # -- hooks for subclasses --------------------------------------------
 
@@ -637,7 +724,7 @@ class SelectServer:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
             sock = socket.create_server((host, port), family=family, backlog=backlog)
         sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ, self._accept)
+        self.poller.register(sock, selectors.EVENT_READ, self._accept)
         self.listeners.append(sock)
         self._factories[sock] = factory
         bound = sock.getsockname()
@@ -693,10 +780,9 @@ class SelectServer:
         else:
             due = min(self._next_tick, self._timers[0][0]) if self._timers else self._next_tick
             timeout = max(0.0, due - time.monotonic())
-        events = self.selector.select(timeout)
+        events = self.poller.select(timeout)
         self.now = time.monotonic()
-        for key, mask in events:
-            target = key.data
+        for target, mask in events:
             if not isinstance(target, Connection):
                 target()        # a listening socket or the wake-up socket
             elif target.tls_phase:
@@ -720,9 +806,8 @@ class SelectServer:
 
     @property
     def connections(self) -> List[Connection]:
-        """Every connection not yet closed: those the selector watches, and those paused."""
-        watched = [key.data for key in self.selector.get_map().values()
-                   if isinstance(key.data, Connection)]
+        """Every connection not yet closed: those the poller watches, and those paused."""
+        watched = [data for data in self.poller.watched() if isinstance(data, Connection)]
         return watched + list(self._paused)
 
     def _shut_down(self) -> None:
@@ -741,10 +826,10 @@ class SelectServer:
             if not conn.tls_phase:
                 self._send_remaining(conn, deadline)
             self._close_socket(conn)
-        self.selector.unregister(self._wake_reader)
+        self.poller.unregister(self._wake_reader)
         self._wake_reader.close()
         self._wake_writer.close()
-        self.selector.close()
+        self.poller.close()
 
     @staticmethod
     def _send_remaining(conn: Connection, deadline: float) -> None:
@@ -775,7 +860,7 @@ class SelectServer:
         """Stop watching the listeners for ACCEPT_PAUSE seconds.
 
         The connection that could not be accepted is still waiting in the
-        backlog, so a listener left in the selector would be reported
+        backlog, so a listener left in the poller would be reported
         readable on every pass: the loop would spin at full speed, doing
         nothing, until the pause ended.
         """
@@ -788,13 +873,13 @@ class SelectServer:
         self._accepting = wanted
         for sock in self.listeners:
             if wanted:
-                self.selector.register(sock, selectors.EVENT_READ, self._accept)
+                self.poller.register(sock, selectors.EVENT_READ, self._accept)
             else:
-                self.selector.unregister(sock)
+                self.poller.unregister(sock)
 
     def _add_connection(self, sock: socket.socket, address: tuple,
                         factory: Callable[[], Any]) -> None:
-        if self.socket_limit and len(self.selector.get_map()) + len(self._paused) \
+        if self.socket_limit and len(self.poller) + len(self._paused) \
                 >= self.socket_limit:   # (the listeners and the wake-up socket count)
             log.warning("refusing %s: this system's select() cannot watch more sockets",
                         format_address(address))
@@ -809,7 +894,7 @@ class SelectServer:
         conn.protocol = factory()
         if self.tls_context is not None:
             conn.tls_phase = TLS_DETECT
-        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self.poller.register(sock, selectors.EVENT_READ, conn)
         self._hook(conn, self.connection_made)
 
     def _hook(self, conn: Connection, hook: Callable[..., None], *args: Any) -> None:
@@ -837,10 +922,10 @@ class SelectServer:
                 conn.tls_phase = None
                 self._hook(conn, self.wrong_protocol)
                 return
-            self.selector.unregister(conn.sock)
+            self.poller.unregister(conn.sock)
             conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
                                                      do_handshake_on_connect=False)
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ, conn)
             conn.wants_write = False
             conn.tls_phase = TLS_HANDSHAKE
         try:
@@ -889,13 +974,13 @@ class SelectServer:
         """Stop reading from conn until resume_reading (while a password is checked)."""
         if conn not in self._paused and not conn.closed:
             self._paused.add(conn)
-            self.selector.unregister(conn.sock)
+            self.poller.unregister(conn.sock)
 
     def resume_reading(self, conn: Connection) -> None:
         if conn in self._paused and not conn.closed:
             self._paused.discard(conn)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
-            self.selector.register(conn.sock, events, conn)
+            self.poller.register(conn.sock, events, conn)
 
     # -- writing ---------------------------------------------------------
 
@@ -965,7 +1050,7 @@ class SelectServer:
             conn.wants_write = wanted
             if conn not in self._paused:
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
-                self.selector.modify(conn.sock, events, conn)
+                self.poller.modify(conn.sock, events, conn)
 
     # -- closing ---------------------------------------------------------
 
@@ -1009,11 +1094,11 @@ class SelectServer:
         conn.closed = True
         self._lingering.discard(conn)
         self._to_flush.discard(conn)
-        if conn in self._paused:    # not in the selector while paused
+        if conn in self._paused:    # not in the poller while paused
             self._paused.discard(conn)
         else:
             try:
-                self.selector.unregister(conn.sock)
+                self.poller.unregister(conn.sock)
             except (KeyError, ValueError):
                 pass
         conn.sock.close()

@@ -27,6 +27,7 @@ import sqlite3
 import subprocess
 import sys
 import select
+import selectors
 import shutil
 import ssl
 import tempfile
@@ -1299,6 +1300,49 @@ class TransportBookkeepingTests(ChatTestCase):
         self.assertEqual(transport._paused, set())
 
 
+class PollerTests(unittest.TestCase):
+    """epoll asked directly (Linux) and the selectors module (everywhere else) say
+    the same of the same sockets."""
+
+    def check(self, poller_class) -> None:
+        poller = poller_class()
+        self.addCleanup(poller.close)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        read, write = selectors.EVENT_READ, selectors.EVENT_WRITE
+        poller.register(ours, read, "ours")
+        self.assertEqual((len(poller), poller.watched()), (1, ["ours"]))
+        self.assertEqual(poller.select(0), [])              # nothing to read yet
+        theirs.send(b"x")
+        self.assertEqual(poller.select(0), [("ours", read)])
+        poller.modify(ours, read | write, "still ours")
+        self.assertEqual(poller.select(0), [("still ours", read | write)])
+        ours.recv(1)
+        theirs.close()      # a hang-up reads as readable
+        self.assertEqual(poller.select(0), [("still ours", read | write)])
+        poller.unregister(ours)
+        self.assertEqual((len(poller), poller.watched(), poller.select(0)), (0, [], []))
+        with self.assertRaises(KeyError):
+            poller.unregister(ours)
+
+    def test_the_selectors_poller(self) -> None:
+        self.check(socket_server.SelectorPoller)
+
+    @unittest.skipUnless(hasattr(select, "epoll"), "no epoll on this system")
+    def test_the_epoll_poller(self) -> None:
+        self.check(socket_server.EpollPoller)
+
+
+class SelectorsChatServer(socket_server.ChatServer):
+    poller_class = socket_server.SelectorPoller
+
+
+class SelectorsChatTests(ChatTests):
+    """The chat over the selectors module, as on macOS and Windows (Linux has epoll)."""
+    server_class = SelectorsChatServer
+
+
 class WritingOutServer(socket_server.ChatServer):
     """A chat server with a small pass output limit that notes, at every write-out,
     how many bytes were queued."""
@@ -1369,6 +1413,10 @@ class SlowReaderTests(ChatTestCase):
                 break
         memory = sum(len(b"".join(conn.outbox)) for conn in self.server.server.connections)
         self.assertLess(memory, 1024 * 1024)
+
+
+class SelectorsSlowReaderTests(SlowReaderTests):
+    server_class = SelectorsChatServer
 
 
 class PingTests(ChatTestCase):
