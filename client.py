@@ -192,10 +192,10 @@ class FrameDecoder:
     peer sends.
     """
 
-    __slots__ = ("max_payload", "_buffer", "_start", "ended")
+    __slots__ = ("_buffer", "_start", "ended")
+    max_payload = MAX_PAYLOAD   # a subclass may take less (in the class: 8 bytes less a client)
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self.max_payload = max_payload
+    def __init__(self) -> None:
         # What has arrived and is not yet returned, from _start on. b"" while nothing
         # waits, so that a quiet connection keeps no buffer at all.
         self._buffer: Union[bytes, bytearray] = b""

@@ -15,10 +15,11 @@ Design
 Bytes flow through three layers, the way h11 and :mod:`socketserver` split
 the work. This file presents them in that order.
 
-1. **The transport**, :class:`SelectServer`: one loop (epoll, kqueue or
-   select, see :class:`EpollPoller`) over non-blocking sockets. It accepts, runs TLS
-   handshakes step by step, reads, queues bytes and sends each connection's
-   queue with one call per loop pass, cuts off a peer that stops reading,
+1. **The transport**, :class:`SelectServer`: one loop over non-blocking
+   sockets (epoll, kqueue or select: see :class:`EpollPoller`). It accepts,
+   runs TLS handshakes step by step, reads, queues bytes and sends each
+   connection's queue with one call per loop pass (or sooner, once a pass has
+   queued PASS_OUTPUT_LIMIT bytes), cuts off a peer that stops reading,
    closes politely, and runs timers. It knows no chat word, and it alone
    writes to sockets.
 2. **A codec** per connection, :class:`JsonCodec`: bytes in, requests out;
@@ -272,10 +273,10 @@ class FrameDecoder:
     peer sends.
     """
 
-    __slots__ = ("max_payload", "_buffer", "_start", "ended")
+    __slots__ = ("_buffer", "_start", "ended")
+    max_payload = MAX_PAYLOAD   # a subclass may take less (in the class: 8 bytes less a client)
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self.max_payload = max_payload
+    def __init__(self) -> None:
         # What has arrived and is not yet returned, from _start on. b"" while nothing
         # waits, so that a quiet connection keeps no buffer at all.
         self._buffer: Union[bytes, bytearray] = b""
@@ -2417,7 +2418,7 @@ class Session:
     # ten thousand idle clients should cost the server about ten megabytes.
     __slots__ = ("link", "host", "connected_at", "last_heard", "last_ping",
                  "state", "name", "key", "registered", "operator", "bucket", "messages_sent",
-                 "history_floor", "leave_text", "rejoining", "waiting", "gone",
+                 "history_floor", "leave_text", "waiting", "gone",
                  "rooms", "away", "told_no_history", "account", "comment", "last_spoke")
 
     def __init__(self, link: Any, host: str, now: float) -> None:
@@ -2435,12 +2436,12 @@ class Session:
         self.messages_sent = 0
         self.history_floor = 0          # whispers stored before this id are not its own
         self.leave_text: Optional[str] = None   # what others see when it goes, if not "left"
-        self.rejoining = False          # back after a lost connection: told before what we keep
         self.waiting = False            # a password check or delay runs: take no request now
         self.gone = False               # closed, or found closed: nothing more to do with it
         self.rooms: Tuple["Room", ...] = ()    # the rooms it is in
         self.away: Optional[str] = None     # why it is away, while it is
-        self.told_no_history = False    # that the server keeps none (said once)
+        self.told_no_history = False    # that the server keeps none (said once a visit;
+                                        # one back after a lost connection heard it before)
         self.account: Optional[str] = None  # a registered name it proved before hello
         self.comment = ""               # its last word, when it leaves the chat
         self.last_spoke = now           # for whois: how long it has been quiet
@@ -2901,7 +2902,7 @@ class ChatCore:
             self.handling = self.handling._replace(fatal=False)
         if not self.people.name_allowed(session, name):
             return
-        session.rejoining = "resume" in message     # a client sends its token only to reconnect
+        session.told_no_history = "resume" in message   # a token: back after a lost connection
         rooms = message.get("rooms", None)
         if self.accounts.is_registered(name):
             self.accounts.log_in(session, name, message.get("name_password"), rooms)
@@ -3902,7 +3903,7 @@ class History:
                 missed_after = left
                 count = max(count, min(missed, MISSED_MAX))
         rows = self.store.recent_public(room.name, count) if count else []
-        say_if_none_kept = not (session.rejoining or session.told_no_history)
+        say_if_none_kept = not session.told_no_history
         session.told_no_history = True
         self.send(session, "join", rows, missed_after, say_if_none_kept, room)
 

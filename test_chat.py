@@ -419,7 +419,10 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(caught.exception.code, "too_large")
 
     def test_custom_limit(self) -> None:
-        decoder = FrameDecoder(max_payload=5)
+        class SmallFrames(FrameDecoder):
+            __slots__ = ()
+            max_payload = 5
+        decoder = SmallFrames()
         decoder.feed(b"6         ")
         with self.assertRaises(ProtocolError):
             next(decoder)
