@@ -800,8 +800,7 @@ class SelectServer:
                 if mask & selectors.EVENT_READ:
                     self._read(target)
                     if self._queued > self.output_limit:
-                        self.end_of_pass()
-                        self._flush_all()
+                        self._write_out()
                 if mask & selectors.EVENT_WRITE:
                     self._to_flush.add(target)
         while self._timers and self._timers[0][0] <= self.now:
@@ -810,6 +809,10 @@ class SelectServer:
             self._next_tick = self.now + self._tick
             self._check_closing()
             self._guarded(self.tick)
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """Send what this pass has queued: at its end, or once it has queued output_limit."""
         self.end_of_pass()
         self._flush_all()
 
