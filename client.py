@@ -286,17 +286,26 @@ def decode_payload(payload: bytes) -> dict:
     return message
 
 
-def check_fields(message: dict, fields: Dict[str, type]) -> Optional[str]:
-    """What is wrong with a message's fields, or None. Optional names end in '?'."""
-    for field, kind in fields.items():
-        optional = field[-1] == "?"
-        name = field[:-1] if optional else field
+# The fields a message may carry, as check_fields reads them: (name, type, required)
+# for each. Tables of them are written as {"name": type, "optional?": type} and read
+# once by field_rules(), not again for every message.
+FieldRules = Tuple[Tuple[str, type, bool], ...]
+
+
+def field_rules(fields: Dict[str, type]) -> FieldRules:
+    """A table of fields, optional names ending in '?', as check_fields takes it."""
+    return tuple((field.rstrip("?"), kind, not field.endswith("?"))
+                 for field, kind in fields.items())
+
+
+def check_fields(message: dict, rules: FieldRules) -> Optional[str]:
+    """What is wrong with a message's fields (see field_rules), or None."""
+    for name, kind, required in rules:
         value = message.get(name, ABSENT)
         if value is ABSENT:
-            if optional:
-                continue
-            return f'"{message["type"]}" needs a "{name}" field'
-        if not isinstance(value, kind):
+            if required:
+                return f'"{message["type"]}" needs a "{name}" field'
+        elif not isinstance(value, kind):
             return f'"{name}" must be {JSON_KINDS.get(kind, kind.__name__)}'
     return None
 
@@ -660,10 +669,10 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
             raise JoinRefused("bad_name", "That name (or password) is far too long.") from None
         while True:
             reply = connection.receive()
-            if reply["type"] == "welcome" and not check_fields(reply, SERVER_MESSAGES["welcome"]):
+            if reply["type"] == "welcome" and not check_fields(reply, SERVER_RULES["welcome"]):
                 connection.sock.settimeout(None)
                 return connection, reply
-            if reply["type"] == "error" and not check_fields(reply, SERVER_MESSAGES["error"]):
+            if reply["type"] == "error" and not check_fields(reply, SERVER_RULES["error"]):
                 raise JoinRefused(reply["code"], clean_text(reply["text"]))
             if reply["type"] == "shutdown":
                 raise JoinRefused("server_shutdown", "The server is shutting down.")
@@ -1156,10 +1165,10 @@ class Link:
 
     def _handle_incoming(self, message: dict) -> None:
         kind = message["type"]
-        fields = SERVER_MESSAGES.get(kind)
-        if fields is None:
+        rules = SERVER_RULES.get(kind)
+        if rules is None:
             return      # from a newer server; nothing we know how to show
-        problem = check_fields(message, fields)
+        problem = check_fields(message, rules)
         if problem:
             self.screen.warn(f"the server sent a malformed {kind!r} message ({problem})")
             return
@@ -1667,8 +1676,9 @@ def plain_line(text: str, style: str = "", role: str = CHAT) -> Line:
     return Line((), ((text, style),), role=role)
 
 
-#: Fields each server message must carry (see check_fields). Messages of a
-#: type not listed here come from a newer server and are ignored.
+#: Fields each server message must carry, read once into SERVER_RULES for
+#: check_fields. Messages of a type not listed here come from a newer server and
+#: are ignored.
 SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "welcome": {"name": str, "users?": list, "count?": int, "ops?": list, "registered?": bool,
                 "limits?": dict, "resume?": str},
@@ -1698,6 +1708,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "ping": {},
     "pong": {"id?": str},
 }
+SERVER_RULES = {kind: field_rules(fields) for kind, fields in SERVER_MESSAGES.items()}
 
 
 def local_time(timestamp: Optional[str], with_date: bool = False) -> str:

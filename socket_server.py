@@ -367,17 +367,26 @@ def decode_payload(payload: bytes) -> dict:
     return message
 
 
-def check_fields(message: dict, fields: Dict[str, type]) -> Optional[str]:
-    """What is wrong with a message's fields, or None. Optional names end in '?'."""
-    for field, kind in fields.items():
-        optional = field[-1] == "?"
-        name = field[:-1] if optional else field
+# The fields a message may carry, as check_fields reads them: (name, type, required)
+# for each. Tables of them are written as {"name": type, "optional?": type} and read
+# once by field_rules(), not again for every message.
+FieldRules = Tuple[Tuple[str, type, bool], ...]
+
+
+def field_rules(fields: Dict[str, type]) -> FieldRules:
+    """A table of fields, optional names ending in '?', as check_fields takes it."""
+    return tuple((field.rstrip("?"), kind, not field.endswith("?"))
+                 for field, kind in fields.items())
+
+
+def check_fields(message: dict, rules: FieldRules) -> Optional[str]:
+    """What is wrong with a message's fields (see field_rules), or None."""
+    for name, kind, required in rules:
         value = message.get(name, ABSENT)
         if value is ABSENT:
-            if optional:
-                continue
-            return f'"{message["type"]}" needs a "{name}" field'
-        if not isinstance(value, kind):
+            if required:
+                return f'"{message["type"]}" needs a "{name}" field'
+        elif not isinstance(value, kind):
             return f'"{name}" must be {JSON_KINDS.get(kind, kind.__name__)}'
     return None
 
@@ -2626,7 +2635,7 @@ class ChatCore:
         # closes the connection, and the answer carries the id back.
         self.handling: Optional[RequestType] = None
         self.replying_to: Optional[str] = None
-        self.handlers = {kind: (entry, self._handler(entry.handler))
+        self.handlers = {kind: (entry, self._handler(entry.handler), field_rules(entry.fields))
                          for kind, entry in REQUESTS.items()}
 
     def _handler(self, path: str) -> Callable[[Session, dict], None]:
@@ -2683,7 +2692,7 @@ class ChatCore:
         IRC JOIN of several channels), which already cost its token.
         """
         kind = request["type"]
-        entry, handler = self.handlers.get(kind, (None, None))
+        entry, handler, rules = self.handlers.get(kind, (None, None, ()))
         answer_id = request_id(request) if entry is not None else None
         if session.state == JOINED:
             if metered and (entry is None or entry.metered):
@@ -2704,7 +2713,7 @@ class ChatCore:
             return
         self.handling = entry
         try:
-            problem = check_fields(request, entry.fields)
+            problem = check_fields(request, rules)
             if problem:
                 self.refuse(session, "bad_message", problem)
                 return

@@ -452,7 +452,8 @@ class FramingTests(unittest.TestCase):
             next(decoder)
         self.assertEqual(caught.exception.text,
                          'frame header "\\x1b[2J\\xffab" is not a decimal length')
-        self.assertEqual(socket_server.check_fields({"type": "say", "text": 5}, {"text": str}),
+        self.assertEqual(socket_server.check_fields({"type": "say", "text": 5},
+                                                    socket_server.field_rules({"text": str})),
                          '"text" must be a string')
 
     def test_bad_header_is_caught_from_its_first_bytes(self) -> None:
@@ -498,7 +499,8 @@ class FramingTests(unittest.TestCase):
                 self.assertEqual(socket_server.clean_text(raw), clean)
 
     def test_check_fields(self) -> None:
-        fields = {"name": str, "password?": str}
+        fields = socket_server.field_rules({"name": str, "password?": str})
+        self.assertEqual(fields, (("name", str, True), ("password", str, False)))
         self.assertIsNone(socket_server.check_fields({"type": "t", "name": "a"}, fields))
         self.assertIn("needs", socket_server.check_fields({"type": "t"}, fields))
         self.assertIn("must be", socket_server.check_fields({"type": "t", "name": 1}, fields))
