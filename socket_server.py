@@ -4694,8 +4694,9 @@ class ChatStore:
                 self.db.execute("BEGIN")
             for start in range(0, len(pending), size):
                 rows = pending[start:start + size]
+                # chain() flattens the rows in C: a comprehension costs 6 steps a value.
                 self.db.execute(self._insert(len(rows)),
-                                [value for row in rows for value in row])
+                                list(itertools.chain.from_iterable(rows)))
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
         except sqlite3.Error as exc:
