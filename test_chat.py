@@ -1291,6 +1291,35 @@ class TransportBookkeepingTests(ChatTestCase):
         self.assertNotIn(conn, in_loop(self.server, lambda: transport.connections))
         self.assertEqual(transport._lingering, set())
 
+    def test_send_many_sends_now_and_queues_behind_what_waits(self) -> None:
+        transport = self.server.server
+        waiting, idle = self.peer("waiting"), self.peer("idle")
+        slow = self.peer("slow", rcvbuf=4096)
+        for peer in (waiting, idle, slow):
+            peer.sync()     # nothing more on its way to any of them
+        conns = [self.connection_of(peer) for peer in (waiting, idle, slow)]
+        first = socket_server.encode_event({"type": "pong"})
+        shared = socket_server.encode_event({"type": "notice", "text": "for all"})
+        burst = b"".join(socket_server.encode_event({"type": "notice", "text": f"{n} " * 200})
+                         for n in range(300))      # ~200 KB: more than a small buffer takes
+
+        def one_pass() -> list:
+            conns[2].sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            transport.write(conns[0], first)
+            transport.send_many(conns[:2], shared)
+            transport.send_many(conns[2:], burst)
+            return [list(conn.outbox) for conn in conns] + [conns[2] in transport._to_flush]
+        waiting_box, idle_box, slow_box, slow_to_flush = in_loop(self.server, one_pass)
+        self.assertEqual(waiting_box, [first, shared])  # queued behind what waited
+        self.assertEqual(idle_box, [])                  # sent at once
+        self.assertEqual(len(slow_box), 1)              # the rest, for _flush()
+        self.assertTrue(burst.endswith(slow_box[0]) and len(slow_box[0]) < len(burst))
+        self.assertTrue(slow_to_flush)
+        self.assertEqual([waiting.receive()["type"] for _ in range(2)], ["pong", "notice"])
+        self.assertEqual(idle.receive()["text"], "for all")
+        self.assertEqual([slow.receive()["text"].split()[0] for _ in range(300)],
+                         [str(n) for n in range(300)])
+
     def test_a_paused_connection_is_counted_and_closed_at_shutdown(self) -> None:
         transport = self.server.server
         paused, reading = self.peer("paused"), self.peer("reading")
@@ -1769,6 +1798,48 @@ class ChatStoreTests(unittest.TestCase):
         self.assertEqual(store.recent_public("lobby", 5), [])
         store.record(T0, "message", "alice", None, "ignored", room="lobby")   # no error, no growth
         self.assertEqual(store._pending, [])
+
+
+class CommitFirstServer(socket_server.ChatServer):
+    """Counts the sends to sockets made while rows wait to be committed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sends = self.sends_unstored = 0
+
+    def _note_send(self) -> None:
+        self.sends += 1
+        self.sends_unstored += bool(self.core.store._pending)
+
+    def send_many(self, conns, data: bytes) -> None:
+        self._note_send()
+        super().send_many(conns, data)
+
+    def _flush(self, conn) -> None:
+        if conn.outbox:
+            self._note_send()
+        super()._flush(conn)
+
+
+class CommitFirstTests(ChatTestCase):
+    server_class = CommitFirstServer
+
+    def test_nothing_reaches_anyone_before_it_is_stored(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        server = self.server.server
+        # In one read: messages to the room, each followed by a whisper to one of its
+        # members, whose room batch then goes out before the whisper (in mid-pass).
+        alice.send_raw(b"".join(
+            encode_frame({"type": "say", "text": f"m{n}"})
+            + encode_frame({"type": "whisper", "to": "bob", "text": f"w{n}"})
+            for n in range(50)))
+        for n in range(50):
+            self.assertEqual(bob.expect("message")["text"], f"m{n}")
+            self.assertEqual(bob.expect("whisper")["text"], f"w{n}")
+            self.assertEqual(carol.expect("message")["text"], f"m{n}")
+        counts = in_loop(self.server, lambda: (server.sends, server.sends_unstored))
+        self.assertGreater(counts[0], 0)
+        self.assertEqual(counts[1], 0, "bytes left before their rows were committed")
 
 
 class HistoryTests(ChatTestCase):
