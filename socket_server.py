@@ -5222,13 +5222,19 @@ class ChatServer(SelectServer):
         batch.entries.append((event, sender, echo))
 
     def deliver_batches(self, at_once: bool = False) -> None:
-        """Write every batch of this pass, in order: queued for the end of the pass,
-        or, once the pass's rows are committed (`at_once`), sent to the listeners now."""
+        """Write every batch of this pass, in order, queued for the end of the pass.
+
+        Once the pass's rows are committed (`at_once`), the last batch is sent
+        now to every listener with nothing queued: one call each, and no queue
+        (see send_many). The others' bytes, earlier batches' among them, wait
+        for _flush_all(), to go out with one call for all a connection has.
+        """
         batches, self._batches = self._batches, []
         self._open.clear()
         self._in_batches.clear()
-        write_many = self.send_many if at_once else self.write_many
-        for batch in batches:
+        for number, batch in enumerate(batches, 1):
+            write_many = (self.send_many if at_once and number == len(batches)
+                          else self.write_many)
             try:
                 self._write_batch(batch, write_many)
             except Exception:

@@ -7,6 +7,7 @@ that time out and with events, never with fixed sleeps.
 """
 
 import codecs
+import collections
 import colorsys
 import contextlib
 import dataclasses
@@ -1800,29 +1801,41 @@ class ChatStoreTests(unittest.TestCase):
         self.assertEqual(store._pending, [])
 
 
-class CommitFirstServer(socket_server.ChatServer):
-    """Counts the sends to sockets made while rows wait to be committed."""
+class SendWatchingServer(socket_server.ChatServer):
+    """Watches the sends to sockets: those made while rows wait to be committed, and
+    the most made to one connection in one loop pass."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.sends = self.sends_unstored = 0
+        self.sends = self.sends_unstored = self.most_sends_in_a_pass = 0
+        self._this_pass: collections.Counter = collections.Counter()     # connection -> sends in this pass
 
-    def _note_send(self) -> None:
+    def _run_once(self) -> None:
+        self._this_pass.clear()
+        super()._run_once()
+        self.most_sends_in_a_pass = max(self.most_sends_in_a_pass,
+                                        max(self._this_pass.values(), default=0))
+
+    def _note_send(self, conn) -> None:
         self.sends += 1
         self.sends_unstored += bool(self.core.store._pending)
+        self._this_pass[conn] += 1
 
     def send_many(self, conns, data: bytes) -> None:
-        self._note_send()
+        conns = list(conns)
+        sendable = [conn for conn in conns if not conn.outbox and conn.open]
         super().send_many(conns, data)
+        for conn in sendable:
+            self._note_send(conn)
 
     def _flush(self, conn) -> None:
         if conn.outbox:
-            self._note_send()
+            self._note_send(conn)
         super()._flush(conn)
 
 
-class CommitFirstTests(ChatTestCase):
-    server_class = CommitFirstServer
+class SendWatchingTests(ChatTestCase):
+    server_class = SendWatchingServer
 
     def test_nothing_reaches_anyone_before_it_is_stored(self) -> None:
         alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
@@ -1840,6 +1853,22 @@ class CommitFirstTests(ChatTestCase):
         counts = in_loop(self.server, lambda: (server.sends, server.sends_unstored))
         self.assertGreater(counts[0], 0)
         self.assertEqual(counts[1], 0, "bytes left before their rows were committed")
+
+    def test_a_pass_of_many_batches_sends_each_connection_one_call(self) -> None:
+        server = self.server.server
+        watcher = self.peer("watcher")
+        newcomers = [self.peer() for _ in range(20)]
+        gate = threading.Event()
+        server.call_soon(lambda: gate.wait(TIMEOUT))    # the loop waits: the hellos pile up
+        for number, peer in enumerate(newcomers):
+            peer.send({"type": "hello", "name": f"new{number}"})
+        gate.set()
+        for peer in newcomers:
+            peer.expect("welcome")
+        joined = [watcher.expect("join")["name"] for _ in newcomers]
+        self.assertEqual(sorted(joined), sorted(f"new{n}" for n in range(20)))
+        # Each join began a batch (the room changed); the watcher was in all of them.
+        self.assertEqual(in_loop(self.server, lambda: server.most_sends_in_a_pass), 1)
 
 
 class HistoryTests(ChatTestCase):
