@@ -5184,10 +5184,7 @@ class ChatServer(SelectServer):
         self._executing = True
         actions = self.core.actions
         try:
-            index = 0
-            while index < len(actions):
-                action = actions[index]
-                index += 1
+            for action in actions:      # a list's iterator also takes what is added meanwhile
                 try:
                     self._carry_out[action[0]](*action[1:])
                 except Exception:
