@@ -1801,6 +1801,24 @@ class ChatStoreTests(unittest.TestCase):
         self.assertEqual(store._pending, [])
 
 
+class ExecuteTests(ChatTestCase):
+    """ChatServer.execute() carries out the core's actions in order, those that
+    carrying out one of them makes too."""
+
+    def test_an_action_that_makes_another_has_it_carried_out(self) -> None:
+        alice = self.peer("alice")
+        server = self.server.server
+
+        def in_the_loop() -> None:
+            session = server.core.members["alice"]
+            server._carry_out["test"] = lambda: server.core.send(
+                session, {"type": "notice", "text": "made while carrying out"})
+            server.core.actions.append(("test",))
+            server.execute()
+        in_loop(self.server, in_the_loop)
+        self.assertIn("made while carrying out", [m.get("text") for m in alice.sync()])
+
+
 class SendWatchingServer(socket_server.ChatServer):
     """Watches the sends to sockets: those made while rows wait to be committed, and
     the most made to one connection in one loop pass."""
