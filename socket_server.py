@@ -2517,9 +2517,12 @@ class Listing(list):
 
 class Audience:
     """The sessions one delivery reaches: everyone in the chat, or a room's members.
-    `version` changes whenever the members do, so that the server batching
-    deliveries knows whom a batch was made for. The roster keeps their names
-    sorted, as listed() gives them."""
+
+    `members` keeps them in the order they came; `version` changes whenever
+    one leaves or is renamed, not when one comes. So the server batching
+    deliveries knows whom a batch was made for: while the version holds,
+    the members are those of the batch, then the newcomers, last. The
+    roster keeps their names sorted, as listed() gives them."""
 
     __slots__ = ("members", "version", "roster", "_listing")
 
@@ -2530,10 +2533,11 @@ class Audience:
         self._listing: Optional[Listing] = None
 
     def add(self, session: Session) -> None:
+        if session.key in self.members:     # not a newcomer at the end: a change
+            self.discard(self.members[session.key])
         self.members[session.key] = session
         place = bisect.bisect_left(self.roster, session.key)
         self.roster.insert(place, session.key)
-        self.version += 1
         if place < MAX_LISTED_NAMES and self._listing is not None:  # the listing changes
             self._listing = self._listing.with_name(place, session.name)
 
@@ -2551,6 +2555,7 @@ class Audience:
         del self.members[old_key]
         del self.roster[bisect.bisect_left(self.roster, old_key)]
         self._listing = None
+        self.version += 1
         self.add(session)
 
     def listed(self) -> Listing:
@@ -5033,17 +5038,44 @@ class Batch:
     Each event is encoded once per codec variant. Every recipient that sent
     none of them gets the same joined bytes; each sender gets its own view,
     with its echo (if any) where its own events are. `recipients` are the
-    audience's members when the batch began; a change of members begins a
-    new batch, so nobody gets what was said before they came.
+    audience's members when the batch began, then those who came since
+    (see grow): an event is for the first `reach` of them, the members when
+    it was delivered, so nobody gets what was said before they came. Any
+    other change of members (one leaves) begins a new batch.
     """
 
-    __slots__ = ("audience", "version", "recipients", "entries")
+    __slots__ = ("audience", "version", "recipients", "entries", "reach")
 
     def __init__(self, audience: Audience) -> None:
         self.audience = audience
         self.version = audience.version
         self.recipients = list(audience.members.values())
         self.entries: List[Tuple[dict, Optional[Session], Optional[dict]]] = []
+        self.reach: List[int] = []      # for each entry, how many recipients it is for
+
+    def grow(self) -> List[Session]:
+        """Take in the members who came since the batch began (the audience's
+        last ones, its version unchanged); they get its events from now on."""
+        members = self.audience.members
+        newcomers = list(itertools.islice(reversed(members.values()),
+                                          len(members) - len(self.recipients)))
+        newcomers.reverse()
+        self.recipients += newcomers
+        return newcomers
+
+    def segments(self) -> List[Tuple[int, int, int]]:
+        """(first entry, recipients from, to) for each group of recipients that came
+        at the same point: each gets the events from its first entry on. One group
+        unless people came while the batch took events."""
+        reach = self.reach
+        if reach[0] == reach[-1]:
+            return [(0, 0, reach[0])]
+        segments, reached = [], 0
+        for position, count in enumerate(reach):
+            if count > reached:
+                segments.append((position, reached, count))
+                reached = count
+        return segments
 
 
 class ChatServer(SelectServer):
@@ -5216,7 +5248,10 @@ class ChatServer(SelectServer):
             batch = self._open[id(audience)] = Batch(audience)
             self._batches.append(batch)
             self._in_batches.update(batch.recipients)
+        elif len(batch.recipients) != len(audience.members):    # some came since it began
+            self._in_batches.update(batch.grow())
         batch.entries.append((event, sender, echo))
+        batch.reach.append(len(batch.recipients))
 
     def deliver_batches(self, at_once: bool = False) -> None:
         """Write every batch of this pass, in order, queued for the end of the pass.
@@ -5247,27 +5282,35 @@ class ChatServer(SelectServer):
         for position, (_, sender, _) in enumerate(batch.entries):
             if sender is not None:
                 own.setdefault(sender, []).append(position)
-        # The listeners (recipients who sent nothing) share one bytes object per codec
-        # variant. Grouped by sort() and groupby(): a loop in C, not one in Python.
-        listeners = [session for session in batch.recipients
-                     if not (session.gone or session in own)]
-        listeners.sort(key=self._variant_of)
         encoded: Dict[str, List[bytes]] = {}        # variant -> each event's bytes
-        for variant, group in itertools.groupby(listeners, self._variant_of):
-            conns = list(map(self._link_of, group))
-            encoded[variant] = self._encode_batch(conns[0].protocol, batch)
-            write_many(conns, b"".join(encoded[variant]))
+        segments = batch.segments()
+        for first, begin, end in segments:
+            # The listeners (recipients who sent nothing) share one bytes object per
+            # codec variant. Grouped by sort() and groupby(): a loop in C, not in Python.
+            listeners = [session for session in batch.recipients[begin:end]
+                         if not (session.gone or session in own)]
+            listeners.sort(key=self._variant_of)
+            for variant, group in itertools.groupby(listeners, self._variant_of):
+                conns = list(map(self._link_of, group))
+                if variant not in encoded:
+                    encoded[variant] = self._encode_batch(conns[0].protocol, batch)
+                write_many(conns, b"".join(encoded[variant][first:]))
         present = set(batch.recipients) if own else set()
         for session, positions in own.items():      # the batch with its echoes in place
             if session.gone:
                 continue
             codec = session.link.protocol
+            # Not among the recipients (it left, or never was): its echoes only. Else the
+            # events from where it came, with its echoes; before that, its echoes only.
+            first = len(batch.entries)
             if session in present:
+                index = batch.recipients.index(session) if len(segments) > 1 else 0
+                first = next(start for start, _, end in segments if index < end)
                 if codec.variant not in encoded:
                     encoded[codec.variant] = self._encode_batch(codec, batch)
-                view = list(encoded[codec.variant])
-            else:   # not among the recipients (it left, or never was): its echoes only
-                view = [b""] * len(batch.entries)
+            view = [b""] * first
+            if first < len(batch.entries):
+                view += encoded[codec.variant][first:]
             for position in positions:
                 echo = batch.entries[position][2]
                 view[position] = b"" if echo is None else codec.encode(echo)

@@ -4324,6 +4324,35 @@ class RoomTests(ChatTestCase):
         self.assertNotIn("message", [m["type"] for m in carol.sync()])
         self.assertNotIn("join", [m["type"] for m in carol.sync()])
 
+    def test_who_comes_in_a_pass_gets_only_what_is_said_after(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        enter(alice, "dev")
+        enter(bob, "dev")
+        for peer in (alice, bob, carol):
+            peer.sync()
+        server, core = self.server.server, self.server.server.core
+
+        def one_pass() -> int:      # four requests, handled in one loop pass
+            session = core.members
+            for who, request in (("alice", {"type": "say", "room": "dev", "text": "before"}),
+                                 ("carol", {"type": "join", "room": "dev"}),
+                                 ("bob", {"type": "say", "room": "dev", "text": "after"}),
+                                 ("carol", {"type": "say", "room": "dev", "text": "mine"})):
+                core.receive(session[who], request)
+                server.execute()
+            return len(server._batches)
+        # One batch for the room, grown by carol, not a new one at her join.
+        self.assertEqual(in_loop(self.server, one_pass), 1)
+
+        def heard(peer: Peer) -> List[tuple]:
+            return [(m["type"], m.get("text") or m.get("name")) for m in peer.sync()
+                    if m["type"] in ("message", "sent", "join")]
+        self.assertEqual(heard(alice), [("sent", "before"), ("join", "carol"),
+                                        ("message", "after"), ("message", "mine")])
+        self.assertEqual(heard(bob), [("message", "before"), ("join", "carol"),
+                                      ("sent", "after"), ("message", "mine")])
+        self.assertEqual(heard(carol), [("message", "after"), ("sent", "mine")])
+
     def test_a_client_that_knows_nothing_of_rooms_lives_in_the_lobby(self) -> None:
         old, new = self.peer("old"), self.peer("new")
         enter(new, "dev")
