@@ -2867,6 +2867,47 @@ class TlsTests(unittest.TestCase):
                 kinds.append(connection.receive()["type"])
         self.assertIn("sent", kinds)
 
+    def test_a_tls_reader_that_falls_behind_gets_everything_in_order(self) -> None:
+        server = self.server(self.self_signed)
+        alice = self.join(server, "alice", self.options(insecure=True))
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(TIMEOUT)
+        raw.connect(("127.0.0.1", server.port))
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        bob = context.wrap_socket(raw)
+        self.addCleanup(bob.close)
+        bob.sendall(encode_frame({"type": "hello", "name": "bob"}))
+        decoder = FrameDecoder()
+
+        def frames():
+            while True:
+                for payload in decoder:
+                    yield decode_payload(payload)
+                decoder.feed(bob.recv(65536))
+        incoming = frames()
+        while next(incoming)["type"] != "history_end":
+            pass
+        port = bob.getsockname()[1]
+        in_loop(server, lambda: [conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                                 for conn in server.server.connections if conn.port == port])
+        # Bob reads nothing until alice has all her answers: his share waits in the
+        # server, sent by TLS writes that the full socket cuts short or refuses.
+        for number in range(40):
+            alice.send({"type": "say", "text": f"{number} " + "x" * 10000})
+        answered = 0
+        while answered < 40:
+            answered += alice.receive()["type"] == "sent"
+        heard = []
+        while len(heard) < 40:
+            frame = next(incoming)
+            if frame["type"] == "message":
+                heard.append(frame["text"])
+        self.assertEqual([text.split()[0] for text in heard], [str(n) for n in range(40)])
+        self.assertTrue(all(text.endswith("x" * 10000) for text in heard))
+
     def test_client_program_with_the_servers_join_string(self) -> None:
         directory = temp_dir(self)
         process, port = start_server_process("--tls-cert", self.self_signed[0],
