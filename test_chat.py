@@ -503,7 +503,13 @@ class FramingTests(unittest.TestCase):
         fields = socket_server.field_rules({"name": str, "password?": str})
         self.assertEqual(fields, (("name", str, True), ("password", str, False)))
         self.assertIsNone(socket_server.check_fields({"type": "t", "name": "a"}, fields))
-        self.assertIn("needs", socket_server.check_fields({"type": "t"}, fields))
+        self.assertEqual(socket_server.check_fields({"type": "t"}, fields),
+                         '"t" needs a "name" field')
+        both = socket_server.field_rules({"first": str, "second": int, "third?": str})
+        self.assertEqual(socket_server.check_fields({"type": "t", "third": "x"}, both),
+                         '"t" needs a "first" field')      # the first in the table
+        self.assertEqual(socket_server.check_fields({"type": "t", "second": 2, "first": "a",
+                                                     "other": None}, both), None)
         self.assertIn("must be", socket_server.check_fields({"type": "t", "name": 1}, fields))
         self.assertIn("must be", socket_server.check_fields(
             {"type": "t", "name": "a", "password": None}, fields))
