@@ -2535,8 +2535,7 @@ class Audience:
         self._listing: Optional[Listing] = None
 
     def add(self, session: Session) -> None:
-        if session.key in self.members:     # not a newcomer at the end: a change
-            self.discard(self.members[session.key])
+        """A newcomer (never one already here: names are unique), last in `members`."""
         self.members[session.key] = session
         place = bisect.bisect_left(self.roster, session.key)
         self.roster.insert(place, session.key)
@@ -5266,9 +5265,8 @@ class ChatServer(SelectServer):
         batches, self._batches = self._batches, []
         self._open.clear()
         self._in_batches.clear()
-        for number, batch in enumerate(batches, 1):
-            write_many = (self.send_many if at_once and number == len(batches)
-                          else self.write_many)
+        for batch in batches:
+            write_many = self.send_many if at_once and batch is batches[-1] else self.write_many
             try:
                 self._write_batch(batch, write_many)
             except Exception:
