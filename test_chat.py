@@ -1840,6 +1840,10 @@ class SendWatchingServer(socket_server.ChatServer):
         self.most_sends_in_a_pass = max(self.most_sends_in_a_pass,
                                         max(self._this_pass.values(), default=0))
 
+    def deliver_batches(self, at_once: bool = False) -> None:
+        self.most_batches = max(getattr(self, "most_batches", 0), len(self._batches))
+        super().deliver_batches(at_once)
+
     def _note_send(self, conn) -> None:
         self.sends += 1
         self.sends_unstored += bool(self.core.store._pending)
@@ -1891,7 +1895,26 @@ class SendWatchingTests(ChatTestCase):
             peer.expect("welcome")
         joined = [watcher.expect("join")["name"] for _ in newcomers]
         self.assertEqual(sorted(joined), sorted(f"new{n}" for n in range(20)))
-        # Each join began a batch (the room changed); the watcher was in all of them.
+        # One batch, grown by each join; the watcher gets it with one send.
+        self.assertEqual(in_loop(self.server, lambda: server.most_sends_in_a_pass), 1)
+
+    def test_a_pass_of_many_rooms_batches_sends_each_connection_one_call(self) -> None:
+        server = self.server.server
+        watcher = self.peer("watcher")
+        speakers = [self.peer(f"speaker{number}") for number in range(10)]
+        for number, speaker in enumerate(speakers):
+            enter(speaker, f"room{number}")
+            enter(watcher, f"room{number}")
+        watcher.sync()
+        gate = threading.Event()
+        server.call_soon(lambda: gate.wait(TIMEOUT))    # the loop waits: the says pile up
+        for number, speaker in enumerate(speakers):
+            speaker.send({"type": "say", "room": f"room{number}", "text": f"in {number}"})
+        gate.set()
+        heard = sorted(watcher.expect("message")["text"] for _ in speakers)
+        self.assertEqual(heard, sorted(f"in {number}" for number in range(10)))
+        # A batch a room, the watcher in each: one send for all of them.
+        self.assertGreater(in_loop(self.server, lambda: server.most_batches), 1)
         self.assertEqual(in_loop(self.server, lambda: server.most_sends_in_a_pass), 1)
 
 
