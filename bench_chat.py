@@ -21,7 +21,10 @@ What it measures
   its send time, and every receiver's arrival time gives one sample (the
   kernel's time of arrival where it gives one: Linux).
 - idle: many clients connect, join, and then only read and answer pings;
-  the server's resident memory growth is divided among them.
+  the server's resident memory growth is divided among them. Then the
+  same clients join the floor, a server that only answers each hello
+  (``--serve-floor``): the kernel's and the load generator's share of
+  joining, which no server can go under here.
 - slow: the first fanout run again, plus one client that joins and never
   reads: the others' throughput, and the server's peak memory, compared.
 - history: the first fanout run again with ``--no-history``: what writing
@@ -444,6 +447,63 @@ class NcatBroker(Launched):
 
 
 PEERS = {"ngircd": Ngircd, "ncat": NcatBroker}
+
+
+class FloorServer(ServerUnderTest):
+    """The idle run's floor: a server that does only what a join needs of it
+    (see serve_floor). No server joins the same clients faster with this load
+    generator on this machine; what it takes is the kernel's and the load
+    generator's share of joining."""
+
+    name = "floor"
+
+    def __init__(self) -> None:
+        Launched.__init__(self)
+        self.command = [sys.executable, os.path.abspath(__file__), "--serve-floor"]
+        self.irc, self.irc_port = False, 0
+
+
+def serve_floor() -> None:
+    """--serve-floor: on 127.0.0.1, a free port, as our server listens: accept,
+    answer a connection's first bytes (its hello) with a welcome and the end of
+    an empty history, then read and drop whatever comes. Until killed."""
+    listener = socket.create_server((LOOPBACK, 0), backlog=min(socket.SOMAXCONN, 1024))
+    listener.setblocking(False)
+    print(f"listening on {LOOPBACK}:{listener.getsockname()[1]}", flush=True)
+    answer = encode_frame({"type": "welcome", "name": "floor", "count": 1}) + \
+        encode_frame({"type": "history_end", "room": "lobby"})
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    answered: Set[socket.socket] = set()
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is listener:
+                for _ in range(64):     # as many a pass as our server takes
+                    try:
+                        sock, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    selector.register(sock, selectors.EVENT_READ)
+                continue
+            sock = key.fileobj
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                selector.unregister(sock)
+                answered.discard(sock)
+                sock.close()
+            elif sock not in answered:
+                answered.add(sock)
+                try:
+                    sock.send(answer)
+                except OSError:
+                    pass    # gone: its end of file comes next
 
 # ---------------------------------------------------------------------------
 # The load generator's clients (they run in worker processes)
@@ -1338,6 +1398,7 @@ def ratio(ours: Dict[str, Any], other: Dict[str, Any]) -> Optional[float]:
 
 
 def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
+    """Ours, then the floor (FloorServer), each joining and holding the same clients."""
     wanted = options.idle_clients
     workers = max(1, min(options.workers, wanted))
     fd_before, fd_now = raise_fd_limit(wanted + FD_SPARE)
@@ -1347,7 +1408,20 @@ def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
         note = (f"open-file limit {fd_before} (hard limit reached at {fd_now}): "
                 f"measured {wanted} clients, not {options.idle_clients}")
     names = [f"i{number}" for number in range(wanted)]
-    with ServerUnderTest(db_dir, max_clients=wanted + 10) as server, Workers() as pool:
+    with ServerUnderTest(db_dir, max_clients=wanted + 10) as server:
+        ours = idle_run(options, server, names, workers)
+    with FloorServer() as floor:
+        ours["floor"] = idle_run(options, floor, names, workers)
+    floor_seconds = ours["floor"]["join_seconds"]
+    ours["join_vs_floor"] = round(ours["join_seconds"] / floor_seconds, 2) \
+        if floor_seconds else None
+    return {"requested": options.idle_clients, **ours,
+            "fd_limit_before": fd_before, "fd_limit": fd_now, "note": note}
+
+
+def idle_run(options: argparse.Namespace, server: Launched, names: List[str],
+             workers: int) -> Dict[str, Any]:
+    with Workers() as pool:
         before = server.memory()
         hold, start = pool.context.Event(), pool.context.Event()
         for index in range(workers):
@@ -1367,14 +1441,13 @@ def run_idle(options: argparse.Namespace, db_dir: str) -> Dict[str, Any]:
     joined = sum(report["joined"] for report in joins)
     grown = None if before is None or after is None else after - before
     join_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    return {"requested": options.idle_clients, "joined": joined, "held": held,
+    return {"joined": joined, "held": held,
             "join_seconds": round(join_seconds, 2),
             "join_server_cpu_pct": percent(join_cpu, join_seconds),
             "join_loadgen_cpu_pct": percent(sum(report["cpu"] for report in joins),
                                             join_seconds),
             "server_rss_kib_before": before, "server_rss_kib_after": after,
-            "kib_per_client": round(grown / held, 2) if grown is not None and held else None,
-            "fd_limit_before": fd_before, "fd_limit": fd_now, "note": note}
+            "kib_per_client": round(grown / held, 2) if grown is not None and held else None}
 
 
 def run_instructions(options: argparse.Namespace, db_dir: str,
@@ -1484,6 +1557,13 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
             f"{shown(idle['kib_per_client'], ' KiB')} "
             f"of server memory each; open-file limit {shown(idle['fd_limit_before'])}"
             f" -> {shown(idle['fd_limit'])}")
+        floor = idle["floor"]
+        lines.append(
+            f"  the floor, a server that only answers each hello: joined in "
+            f"{floor['join_seconds']} s (CPU server {shown(floor['join_server_cpu_pct'], '%')}, "
+            f"load generator {shown(floor['join_loadgen_cpu_pct'], '%')}), "
+            f"{shown(floor['kib_per_client'], ' KiB')} each; ours took "
+            f"{shown(idle['join_vs_floor'], 'x')} as long")
         if idle["note"]:
             lines.append(f"  note: {idle['note']}")
     if "slow" in results:
@@ -1671,6 +1751,9 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
                             "the server may be faster than measured")
     if results.get("idle", {}).get("held", 0) < results.get("idle", {}).get("requested", 0):
         warnings.append("not every idle client was held")
+    floor = results.get("idle", {}).get("floor", {})
+    if floor.get("held", 0) < results.get("idle", {}).get("requested", 0):
+        warnings.append("the floor did not hold every idle client")
     results["warnings"] = warnings
     return results
 
@@ -1739,12 +1822,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE",
                         help="also write the results as JSON to FILE ('-': stdout, instead "
                              "of the table)")
+    parser.add_argument("--serve-floor", action="store_true",
+                        help="only serve the idle run's floor on 127.0.0.1 (a server that "
+                             "answers each hello and does nothing else; the idle run "
+                             "starts it itself) until killed")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_arg_parser()
     options = parser.parse_args(argv)
+    if options.serve_floor:
+        serve_floor()
     if options.quick:
         for name, value in QUICK.items():
             if getattr(options, name) == parser.get_default(name):

@@ -6372,6 +6372,8 @@ class PerformanceTests(ChatTestCase):
         self.assertTrue(0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"], latency)
         idle = results["idle"]
         self.assertEqual(idle["held"], idle["requested"], idle)
+        self.assertEqual(idle["floor"]["held"], idle["requested"], idle)   # the same clients
+        self.assertGreater(idle["join_vs_floor"], 0)
         self.assertTrue(0 < results["startup"]["median_ms"] < 10_000)
         self.assertEqual(results["slow"]["lost"], 0)
         self.assertGreater(results["slow"]["with_stalled"], 0)
