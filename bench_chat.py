@@ -1561,8 +1561,7 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
         lines.append(
             f"  the floor, a server that only answers each hello: joined in "
             f"{floor['join_seconds']} s (CPU server {shown(floor['join_server_cpu_pct'], '%')}, "
-            f"load generator {shown(floor['join_loadgen_cpu_pct'], '%')}), "
-            f"{shown(floor['kib_per_client'], ' KiB')} each; ours took "
+            f"load generator {shown(floor['join_loadgen_cpu_pct'], '%')}); ours took "
             f"{shown(idle['join_vs_floor'], 'x')} as long")
         if idle["note"]:
             lines.append(f"  note: {idle['note']}")
