@@ -38,9 +38,9 @@ What it measures
 - peers (with ``--peers ngircd,ncat``): the fanout and latency runs against
   those C servers too, in turns with ours, and the ratios.
 - instructions (not run by default: it needs valgrind and takes minutes):
-  the history cost and the mixed room's again, counted in instructions
-  under valgrind's callgrind, which a busy or throttled machine does not
-  change.
+  the history cost and the mixed room's again, and what a join costs,
+  counted in instructions under valgrind's callgrind, which a busy or
+  throttled machine does not change.
 
 Every run starts its own server on 127.0.0.1 with ``--port 0``, a temporary
 database and every feature on, rate limits set high rather than off. CPU
@@ -138,6 +138,7 @@ QUIET_ALLOWED = 600.0           # seconds a client may be silent before a server
 SETUP_TIMEOUT = 10.0            # seconds for a server to start or a client to join
 CALLGRIND_SIZES = (1_000, 5_000)    # messages per sender; the difference cancels start-up
 CALLGRIND_TIMEOUT = 600.0       # seconds for a run or a start under callgrind (~50x slower)
+CALLGRIND_JOINS = (1_000, 3_000)    # clients joining; the difference cancels start-up
 
 # Server flags for every run: everything on, limits out of the benchmark's way.
 RATE_LIMIT = "1000000"          # high, not 0: the token bucket still runs
@@ -1485,7 +1486,46 @@ def run_instructions(options: argparse.Namespace, db_dir: str,
     mixed = per_message[True, ("json", "irc")]
     return {"clients": clients, "senders": senders, "with_history": round(stored),
             "without_history": round(bare), "overhead_pct": impact(1 / bare, 1 / stored),
-            "mixed": round(mixed), "mixed_pct": impact(1 / stored, 1 / mixed), "note": None}
+            "mixed": round(mixed), "mixed_pct": impact(1 / stored, 1 / mixed),
+            "join": round(join_instructions(options, db_dir)), "note": None}
+
+
+def join_instructions(options: argparse.Namespace, db_dir: str) -> float:
+    """What a client costs in instructions, its join and its leave: the idle run
+    under callgrind, CALLGRIND_JOINS clients into the lobby, the difference
+    divided by the extra clients. So these are joins to a room of over a
+    thousand, not announced (JOIN_NOTICES_UP_TO), each listed among the first
+    thousand names or not, as it sorts; and their leaves, not announced
+    either. The server is stopped only once it has handled every leave: the
+    last thousand are announced, and a stop in the middle of them made the
+    totals swing by a billion."""
+    small, large = CALLGRIND_JOINS
+    totals = []
+    for clients in (small, large):
+        out = os.path.join(db_dir, f"callgrind-join-{clients}.out")
+        names = [f"i{number}" for number in range(clients)]
+        with ServerUnderTest(db_dir, max_clients=clients + 10, setup_timeout=CALLGRIND_TIMEOUT,
+                             wrapper=("valgrind", "--tool=callgrind",
+                                      f"--callgrind-out-file={out}")) as server:
+            run = idle_run(options, server, names, max(1, min(options.workers, clients)))
+            wait_until_idle(server, CALLGRIND_TIMEOUT)
+        if run["held"] != clients:
+            raise RuntimeError(f"under callgrind, {run['held']} of {clients} clients were held")
+        totals.append(callgrind_total(out))
+    return (totals[1] - totals[0]) / (large - small)
+
+
+def wait_until_idle(server: Launched, timeout: float) -> None:
+    """Until the server uses under 5% of a core for a second (its timers, under
+    callgrind, take a little), or timeout."""
+    deadline = time.monotonic() + timeout
+    last = server.cpu()
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = server.cpu()
+        if now is None or now - last < 0.05:
+            return
+        last = now
 
 
 def callgrind_total(path: str) -> int:
@@ -1593,6 +1633,9 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
                 f"a room of {counted['clients']}, half IRC: instructions per message under "
                 f"callgrind {difference(counted['mixed_pct'], 'more', 'fewer')} than JSON "
                 f"only ({shown(counted['mixed'])} vs {shown(counted['with_history'])})")
+            lines.append(f"a client joining and leaving a room of {CALLGRIND_JOINS[0]:,} to "
+                         f"{CALLGRIND_JOINS[1]:,}: {shown(counted['join'])} instructions "
+                         "under callgrind")
     if "mixed" in results:
         mixed = results["mixed"]
         lines.append(
