@@ -98,7 +98,7 @@ sys.path.insert(0, HERE)
 # The server's own framing code, from the file next to this one: no third-party
 # package, and no third copy of the framing block to keep in step.
 from socket_server import (  # noqa: E402
-    HEADER_LENGTH, FrameDecoder, decode_payload, encode_frame)
+    ACCEPTS_PER_PASS, HEADER_LENGTH, FrameDecoder, decode_payload, encode_frame)
 
 SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
 
@@ -318,6 +318,14 @@ class Launched:
             self.proc.wait()
 
 
+def listening_port(first: Optional[str], stderr: List[str]) -> int:
+    """The port in a server's first line, "listening on 127.0.0.1:PORT"."""
+    match = re.match(r"listening on 127\.0\.0\.1:(\d+)$", first or "")
+    if not match:
+        raise RuntimeError(f"the server did not start: {first!r} {stderr}")
+    return int(match.group(1))
+
+
 class ServerUnderTest(Launched):
     """socket_server.py on 127.0.0.1 and a free port (with irc: an IRC port too)."""
 
@@ -346,11 +354,7 @@ class ServerUnderTest(Launched):
         self.irc_port = 0
 
     def wait_until_ready(self, lines: "queue.Queue[Optional[str]]") -> None:
-        first = lines.get(timeout=self.setup_timeout)
-        match = re.match(r"listening on 127\.0\.0\.1:(\d+)$", first or "")
-        if not match:
-            raise RuntimeError(f"the server did not start: {first!r} {self.stderr}")
-        self.port = int(match.group(1))
+        self.port = listening_port(lines.get(timeout=self.setup_timeout), self.stderr)
         if self.irc:
             second = lines.get(timeout=self.setup_timeout)
             match = re.match(r"IRC listening on 127\.0\.0\.1:(\d+),", second or "")
@@ -450,7 +454,7 @@ class NcatBroker(Launched):
 PEERS = {"ngircd": Ngircd, "ncat": NcatBroker}
 
 
-class FloorServer(ServerUnderTest):
+class FloorServer(Launched):
     """The idle run's floor: a server that does only what a join needs of it
     (see serve_floor). No server joins the same clients faster with this load
     generator on this machine; what it takes is the kernel's and the load
@@ -459,9 +463,11 @@ class FloorServer(ServerUnderTest):
     name = "floor"
 
     def __init__(self) -> None:
-        Launched.__init__(self)
+        super().__init__()
         self.command = [sys.executable, os.path.abspath(__file__), "--serve-floor"]
-        self.irc, self.irc_port = False, 0
+
+    def wait_until_ready(self, lines: "queue.Queue[Optional[str]]") -> None:
+        self.port = listening_port(lines.get(timeout=self.setup_timeout), self.stderr)
 
 
 def serve_floor() -> None:
@@ -479,7 +485,7 @@ def serve_floor() -> None:
     while True:
         for key, _ in selector.select():
             if key.fileobj is listener:
-                for _ in range(64):     # as many a pass as our server takes
+                for _ in range(ACCEPTS_PER_PASS):   # as many a pass as our server takes
                     try:
                         sock, _ = listener.accept()
                     except (BlockingIOError, InterruptedError):
@@ -1875,7 +1881,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_arg_parser()
     options = parser.parse_args(argv)
     if options.serve_floor:
-        serve_floor()
+        try:
+            serve_floor()
+        except KeyboardInterrupt:   # by hand, Ctrl-C: no traceback
+            return 0
     if options.quick:
         for name, value in QUICK.items():
             if getattr(options, name) == parser.get_default(name):
