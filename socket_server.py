@@ -2520,34 +2520,44 @@ class Listing(list):
 class Audience:
     """The sessions one delivery reaches: everyone in the chat, or a room's members.
 
-    `members` keeps them in the order they came; `version` changes whenever
-    one leaves or is renamed, not when one comes. So the server batching
-    deliveries knows whom a batch was made for: while the version holds,
-    the members are those of the batch, then the newcomers, last. The
-    roster keeps their names sorted, as listed() gives them."""
+    `members` keeps them in the order they came. For the server batching
+    deliveries (see Batch), two marks of who changed: `version` changes
+    when a member leaves or is renamed, not when one comes, so that the
+    batch takes nothing more for those gone. One exception: a closed
+    session whose leave is told to this same audience (keep_batch) gets
+    nothing more anyway, and its leave is in the batch, in order. So when
+    a room's people all drop at once (a network gone) their leaves share
+    one batch, instead of one batch each, every one walking the room.
+    `arrivals`, while a batch is open, lists who came since it began. The
+    roster keeps the members' names sorted, as listed() gives them."""
 
-    __slots__ = ("members", "version", "roster", "_listing")
+    __slots__ = ("members", "version", "arrivals", "roster", "_listing")
 
     def __init__(self) -> None:
         self.members: Dict[str, Session] = {}   # lower-case name -> session
         self.version = 0
+        self.arrivals: Optional[List[Session]] = None   # set by the open batch (if any)
         self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
         self._listing: Optional[Listing] = None
 
     def add(self, session: Session) -> None:
         """A newcomer (never one already here: names are unique), last in `members`."""
         self.members[session.key] = session
+        if self.arrivals is not None:
+            self.arrivals.append(session)
         place = bisect.bisect_left(self.roster, session.key)
         self.roster.insert(place, session.key)
         if place < MAX_LISTED_NAMES and self._listing is not None:  # the listing changes
             self._listing = self._listing.with_name(place, session.name)
 
-    def discard(self, session: Session) -> None:
+    def discard(self, session: Session, keep_batch: bool = False) -> None:
+        """A member leaves; keep_batch: it is closed, and its leave is told here."""
         if self.members.get(session.key) is session:
             del self.members[session.key]
             place = bisect.bisect_left(self.roster, session.key)
             del self.roster[place]
-            self.version += 1
+            if not (keep_batch and session.gone):
+                self.version += 1
             if place < MAX_LISTED_NAMES:
                 self._listing = None
 
@@ -2815,12 +2825,13 @@ class ChatCore:
         self.actions.append(("deliver", audience, event, sender, echo))
 
     def close(self, session: Session, reason: str, graceful: bool = True,
-              detail: Optional[str] = None) -> None:
+              detail: Optional[str] = None, replaced: bool = False) -> None:
         """End a session: it leaves the chat now; its connection closes once what it
         was sent is delivered (graceful), or at once. The others are told `reason`;
-        the log has `detail` too, where there is one."""
+        the log has `detail` too, where there is one. `replaced`: a new session
+        takes its name in this same step."""
         if not session.gone:
-            self._forget(session, reason, detail)
+            self._forget(session, reason, detail, replaced)
             self.actions.append(("close", session, detail or reason, graceful))
 
     def wait(self, session: Session) -> None:
@@ -2946,7 +2957,7 @@ class ChatCore:
             self.refuse(session, "name_taken", f'The name "{name}" is taken. Pick another.')
             return
         if earlier is not None:     # our own dead connection, not yet noticed
-            self.close(earlier, "reconnected", graceful=False)
+            self.close(earlier, "reconnected", graceful=False, replaced=True)
         self.admit(session, name, registered=False, rooms=rooms)
 
     def admit(self, session: Session, name: str, registered: bool,
@@ -2988,7 +2999,8 @@ class ChatCore:
                 self.refuse(session, "bad_message", 'each of "rooms" must be a room\'s name, '
                             'or {"room": NAME, "key": KEY}')
 
-    def _forget(self, session: Session, reason: str, detail: Optional[str] = None) -> None:
+    def _forget(self, session: Session, reason: str, detail: Optional[str] = None,
+                replaced: bool = False) -> None:
         """A session ends: out of the chat, and those who shared a room with it told
         (where the room is small enough for comings and goings to be announced)."""
         session.gone = True
@@ -3002,7 +3014,7 @@ class ChatCore:
             self.quiet_log.log("connections that ended before joining", logging.INFO,
                                "%s disconnected: %s", session.address, detail or reason)
             return
-        told = self.rooms.leave_all(session, reason)
+        told = self.rooms.leave_all(session, reason, replaced)
         self.everyone.discard(session)
         self.operators.discard(session)
         if session.registered:
@@ -3407,18 +3419,28 @@ class Rooms:
         if len(room) < self.core.settings.join_notices_up_to or reason == "kicked":
             self.core.deliver(room, event)
 
-    def leave_all(self, session: Session, reason: str) -> Audience:
+    def leave_all(self, session: Session, reason: str, replaced: bool = False) -> Audience:
         """Session leaves the chat: out of every room. Returns whom to tell (those who
         shared a room with it, if that room is small; everyone there, if it was made
-        to go)."""
-        audience = self.shared_with(session, small_only=not session.leave_text)
-        audience.members.pop(session.key, None)
-        for room in session.rooms:
-            self._take_out(session, room, reason)
+        to go), as they are now: not its successor (`replaced`), who comes next."""
+        rooms = session.rooms
+        if len(rooms) == 1 and not replaced and (
+                session.leave_text or len(rooms[0]) <= self.core.settings.join_notices_up_to):
+            # The room itself, not a copy: all who drop from one room in a loop pass
+            # are told in one batch (see Audience), and a copy would walk the room.
+            # (A copy holds who is there now; the room, who is there when the
+            # handler returns, as deliver() says: the successor among them.)
+            audience: Audience = rooms[0]
+        else:
+            audience = self.shared_with(session, small_only=not session.leave_text)
+            audience.members.pop(session.key, None)
+        for room in rooms:
+            self._take_out(session, room, reason, keep_batch=room is audience)
         return audience
 
-    def _take_out(self, session: Session, room: Room, why: str) -> None:
-        room.discard(session)
+    def _take_out(self, session: Session, room: Room, why: str,
+                  keep_batch: bool = False) -> None:
+        room.discard(session, keep_batch)
         rest = tuple(other for other in session.rooms if other is not room)
         session.rooms = rest[0].alone if len(rest) == 1 else rest
         if session.key in room.ops and not session.registered:
@@ -3715,7 +3737,7 @@ class Accounts:
         if earlier is not None:     # the owner is back, e.g. after a dropped connection
             core.send(earlier, {"type": "error", "code": "replaced",
                                 "text": "You logged in again elsewhere."})
-            core.close(earlier, "logged in again elsewhere")
+            core.close(earlier, "logged in again elsewhere", replaced=True)
         core.admit(session, name, registered=self.is_registered(name), rooms=rooms)
 
     def check_name_password(self, session: Session, name: str, given: Optional[str],
@@ -5041,28 +5063,36 @@ class Batch:
     with its echo (if any) where its own events are. `recipients` are the
     audience's members when the batch began, then those who came since
     (see grow): an event is for the first `reach` of them, the members when
-    it was delivered, so nobody gets what was said before they came. Any
-    other change of members (one leaves) begins a new batch.
+    it was delivered, so nobody gets what was said before they came. A
+    closed session whose leave is in the batch stays a recipient, skipped
+    as closed; any other leave, or a rename, changes the audience's
+    version (see Audience) and begins a new batch.
     """
 
-    __slots__ = ("audience", "version", "recipients", "entries", "reach")
+    __slots__ = ("audience", "version", "recipients", "arrivals", "taken", "entries", "reach")
 
     def __init__(self, audience: Audience) -> None:
         self.audience = audience
         self.version = audience.version
         self.recipients = list(audience.members.values())
+        self.arrivals: List[Session] = []   # the audience adds who comes, while this is open
+        audience.arrivals = self.arrivals
+        self.taken = 0                      # of the arrivals, how many are recipients
         self.entries: List[Tuple[dict, Optional[Session], Optional[dict]]] = []
         self.reach: List[int] = []      # for each entry, how many recipients it is for
 
     def grow(self) -> List[Session]:
-        """Take in the members who came since the batch began (the audience's
-        last ones, its version unchanged); they get its events from now on."""
-        members = self.audience.members
-        newcomers = list(itertools.islice(reversed(members.values()),
-                                          len(members) - len(self.recipients)))
-        newcomers.reverse()
+        """Take in the members who came since the batch began (or since the last
+        grow); they get its events from now on."""
+        newcomers = self.arrivals[self.taken:]
+        self.taken = len(self.arrivals)
         self.recipients += newcomers
         return newcomers
+
+    def close(self) -> None:
+        """The batch is written: the audience stops noting who comes."""
+        if self.audience.arrivals is self.arrivals:
+            self.audience.arrivals = None
 
     def segments(self) -> List[Tuple[int, int, int]]:
         """(first entry, recipients from, to) for each group of recipients that came
@@ -5249,7 +5279,7 @@ class ChatServer(SelectServer):
             batch = self._open[id(audience)] = Batch(audience)
             self._batches.append(batch)
             self._in_batches.update(batch.recipients)
-        elif len(batch.recipients) != len(audience.members):    # some came since it began
+        elif len(batch.arrivals) != batch.taken:    # some came since it began
             self._in_batches.update(batch.grow())
         batch.entries.append((event, sender, echo))
         batch.reach.append(len(batch.recipients))
@@ -5265,6 +5295,8 @@ class ChatServer(SelectServer):
         batches, self._batches = self._batches, []
         self._open.clear()
         self._in_batches.clear()
+        for batch in batches:
+            batch.close()
         for batch in batches:
             write_many = self.send_many if at_once and batch is batches[-1] else self.write_many
             try:
@@ -5331,8 +5363,7 @@ class ChatServer(SelectServer):
         return encoded
 
     def _close(self, session: Session, reason: str, graceful: bool) -> None:
-        if self._batches:   # what it has coming goes out before it closes
-            self.deliver_batches()
+        # The batches need not go first: a closed session gets nothing of them.
         self.close(session.link, reason, graceful)
 
     def _resume(self, session: Session) -> None:

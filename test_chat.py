@@ -2496,10 +2496,16 @@ class RegisteredNameTests(ChatTestCase):
     def test_owner_logging_in_again_replaces_the_old_session(self) -> None:
         alice = self.peer("alice")
         self.register(alice)
+        watcher = self.peer("watcher")
         again = self.login("alice", "correct horse")
-        self.assertEqual(again.expect("welcome")["name"], "alice")
+        first = again.receive()
+        self.assertEqual((first["type"], first.get("name")), ("welcome", "alice"))
         messages = alice.read_until_closed()
         self.assertIn("replaced", [m.get("code") for m in messages])
+        self.assertEqual(watcher.expect("leave")["name"], "alice")
+        self.assertEqual(watcher.expect("join")["name"], "alice")
+        # The new session is not told of the old one's leaving, made in the same step.
+        self.assertNotIn("leave", [m["type"] for m in again.sync()])
 
     def test_change_password_and_unregister(self) -> None:
         alice = self.peer("alice")
@@ -4423,6 +4429,52 @@ class RoomTests(ChatTestCase):
                                       ("sent", "after"), ("message", "mine")])
         self.assertEqual(heard(carol), [("message", "after"), ("sent", "mine")])
 
+    def test_who_drop_in_a_pass_are_told_in_one_batch_in_order(self) -> None:
+        # Connections of one room ending together (a network gone) must not cost a
+        # batch each, each walking the room: that grows with the square of their number.
+        alice, bob, erin, dave, carol, frank = (self.peer(name) for name in
+                                                ("alice", "bob", "erin", "dave", "carol", "frank"))
+        for peer in (alice, bob, erin, frank):
+            enter(peer, "dev")
+        for peer in (bob, erin, frank):     # only in dev: their leaves are told to dev
+            peer.send({"type": "part", "room": "lobby"})
+            peer.expect("leave")
+        for peer in (alice, bob, erin, dave, carol, frank):
+            peer.sync()
+        server, core = self.server.server, self.server.server.core
+        session = core.members
+        steps = (("say", "alice", "before"), ("close", "bob", True), ("join", "dave", None),
+                 ("close", "erin", False), ("say", "alice", "after"), ("say", "dave", "mine"),
+                 ("join", "carol", None), ("close", "carol", True), ("say", "alice", "last"),
+                 ("close", "frank", True))
+
+        def one_pass() -> int:
+            for step, who, detail in steps:
+                if step == "close":     # as the end of a connection does, or a lost one
+                    core.close(session[who], "connection closed", graceful=detail)
+                elif step == "join":
+                    core.receive(session[who], {"type": "join", "room": "dev"})
+                else:
+                    core.receive(session[who], {"type": "say", "room": "dev", "text": detail})
+                server.execute()
+            return len(server._batches)
+        batches = in_loop(self.server, one_pass)
+
+        def heard(peer: Peer) -> List[tuple]:
+            return [(m["type"], m.get("text") or m.get("name")) for m in peer.sync()
+                    if m["type"] in ("message", "sent", "join", "leave")]
+        self.assertEqual(heard(alice), [
+            ("sent", "before"), ("leave", "bob"), ("join", "dave"), ("leave", "erin"),
+            ("sent", "after"), ("message", "mine"), ("join", "carol"), ("leave", "carol"),
+            ("sent", "last"), ("leave", "frank")])
+        self.assertEqual(heard(dave), [
+            ("leave", "erin"), ("message", "after"), ("sent", "mine"), ("join", "carol"),
+            ("leave", "carol"), ("message", "last"), ("leave", "frank")])
+        # The room's batch went on through the leaves of those only there. Carol was
+        # in the lobby too: her leave is told to both rooms' people, once each, in a
+        # batch of its own, and what followed it comes after it.
+        self.assertEqual(batches, 3)
+
     def test_a_client_that_knows_nothing_of_rooms_lives_in_the_lobby(self) -> None:
         old, new = self.peer("old"), self.peer("new")
         enter(new, "dev")
@@ -5296,7 +5348,11 @@ class ProtocolAdditionTests(ChatTestCase):
         self.assert_rejected(stranger, "name_taken")
         back = self.peer()
         back.send({"type": "hello", "name": "alice", "resume": token})
-        self.assertNotEqual(back.expect("welcome")["resume"], token)
+        # The new session is not told of the old one's leaving, made in the same step.
+        welcome = back.receive()
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertNotEqual(welcome["resume"], token)
+        self.assertNotIn("leave", [m["type"] for m in back.sync()])
         self.assertEqual(watcher.expect("leave")["reason"], "reconnected")
 
 
