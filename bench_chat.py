@@ -25,6 +25,10 @@ What it measures
   same clients join the floor, a server that only answers each hello
   (``--serve-floor``): the kernel's and the load generator's share of
   joining, which no server can go under here.
+- drop: a room's people all close their connections at once (their
+  network went), but one who stays: the time until the one who stays was
+  told of every leave, a leave, in a room of 250 and one of 1000 (more
+  are not told: JOIN_NOTICES_UP_TO), and the server's CPU meanwhile.
 - slow: the first fanout run again, plus one client that joins and never
   reads: the others' throughput, and the server's peak memory, compared.
 - history: the first fanout run again with ``--no-history``: what writing
@@ -98,7 +102,8 @@ sys.path.insert(0, HERE)
 # The server's own framing code, from the file next to this one: no third-party
 # package, and no third copy of the framing block to keep in step.
 from socket_server import (  # noqa: E402
-    ACCEPTS_PER_PASS, HEADER_LENGTH, FrameDecoder, decode_payload, encode_frame)
+    ACCEPTS_PER_PASS, HEADER_LENGTH, JOIN_NOTICES_UP_TO, FrameDecoder, decode_payload,
+    encode_frame)
 
 SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
 
@@ -109,7 +114,7 @@ SERVER_SCRIPT = os.path.join(HERE, "socket_server.py")
 LOOPBACK = "127.0.0.1"          # the only address this program talks to
 TEXT_SIZE = 100                 # characters per chat message
 FANOUT_RUNS = "50x5,200x2"      # CLIENTSxSENDERS, one run each
-DEFAULT_SCENARIOS = "startup,fanout,latency,idle,slow,history,mixed,rooms,hostile"
+DEFAULT_SCENARIOS = "startup,fanout,latency,idle,drop,slow,history,mixed,rooms,hostile"
 ROOM_COUNT = 1000               # the 'rooms' run: rooms ...
 ROOM_SIZE = 10                  # ... of this many clients ...
 ROOM_SENDERS = 100              # ... with this many senders, one a room
@@ -127,6 +132,12 @@ HOSTILE_TEXT_SIZE = 60_000      # ... of this many characters, one of them a tab
 IDLE_CLIENTS = 10_000
 IDLE_HOLD = 2.0                 # seconds the idle clients stay before they are counted
 IDLE_CONNECTING = 400           # idle clients connecting at once, per worker (backlog: 1024)
+# The 'drop' run: rooms of these sizes whose people all close at once, but a watcher.
+# The bigger is the largest whose leaves are told (the server's JOIN_NOTICES_UP_TO,
+# the watcher included): a cost that grows with the square shows as a per-leave
+# cost 4 times the smaller room's.
+DROP_SIZES = f"{JOIN_NOTICES_UP_TO // 4},{JOIN_NOTICES_UP_TO}"
+LEAVE_MARK = b'{"type":"leave"'
 WORKERS = 2                     # load generator processes for fanout and idle runs
 REPEAT = 2                      # runs of each fanout setting; the best one counts
 PAIRS = 3                       # plain and variant runs in turn for 'slow' and 'history'
@@ -148,7 +159,7 @@ FD_SPARE = 200                  # descriptors beyond one per client, per process
 # --quick: a smoke run for test_chat.py, a few seconds on any machine.
 QUICK = dict(fanout="10x2", messages=300, latency_clients=10, latency_seconds=0.5,
              idle_clients=200, idle_hold=0.2, repeat=1, pairs=1, startup_runs=2, workers=1,
-             room_count=20, room_size=3, room_senders=5)
+             room_count=20, room_size=3, room_senders=5, drop_sizes="5,20")
 
 RECV_SIZE = 256 * 1024
 SYNC_LINE_SIZE = 6              # b"SYNC0\n": one digit, so at most 10 workers with ncat
@@ -1457,6 +1468,41 @@ def idle_run(options: argparse.Namespace, server: Launched, names: List[str],
             "kib_per_client": round(grown / held, 2) if grown is not None and held else None}
 
 
+def run_drop(options: argparse.Namespace, db_dir: str) -> List[Dict[str, Any]]:
+    """For each of --drop-sizes, a room whose people all close at once but a watcher."""
+    sizes = [int(size) for size in options.drop_sizes.split(",")]
+    raise_fd_limit(max(sizes) + FD_SPARE)
+    return [drop_run(db_dir, size) for size in sizes]
+
+
+def drop_run(db_dir: str, size: int) -> Dict[str, Any]:
+    leaving = size - 1
+    with ServerUnderTest(db_dir, max_clients=size + 10) as server:
+        names = ["watcher"] + [f"d{number}" for number in range(leaving)]
+        watcher, *others = join([(name, "json", server.port, "drop") for name in names])
+        # The watcher was told of every join: read them all, up to the pong.
+        watcher.sock.sendall(encode_frame({"type": "ping"}))
+        seen = b""
+        while b'{"type":"pong"' not in seen:
+            seen = seen[-20:] + watcher.sock.recv(RECV_SIZE)
+        leaves, buffer = FrameCounter(LEAVE_MARK), bytearray(RECV_SIZE)
+        cpu_before, began = server.cpu(), time.monotonic()
+        for client in others:
+            client.sock.close()
+        deadline = began + RUN_TIMEOUT
+        while leaves.count < leaving and time.monotonic() < deadline:
+            got = watcher.sock.recv_into(buffer)
+            if not got:
+                break
+            leaves.feed(buffer, got)
+        seconds, cpu_after = time.monotonic() - began, server.cpu()
+        watcher.sock.close()
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return {"clients": leaving, "told": leaves.count, "seconds": round(seconds, 3),
+            "server_cpu_s": None if cpu is None else round(cpu, 3),
+            "us_per_leave": round(seconds / leaving * 1e6)}    # CPU ticks are too coarse
+
+
 def run_instructions(options: argparse.Namespace, db_dir: str,
                      clients: int, senders: int) -> Dict[str, Any]:
     """The cost of history, and of a room half on IRC, in instructions, which a
@@ -1611,6 +1657,12 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
             f"{shown(idle['join_vs_floor'], 'x')} as long")
         if idle["note"]:
             lines.append(f"  note: {idle['note']}")
+    for drop in results.get("drop", []):
+        lines.append(
+            f"a room's {shown(drop['clients'])} people closing at once: the one who stays "
+            f"was told of {shown(drop['told'])} leaves in {drop['seconds']} s, "
+            f"{shown(drop['us_per_leave'], ' us')} a leave; server CPU "
+            f"{shown(drop['server_cpu_s'], ' s')}")
     if "slow" in results:
         slow = results["slow"]
         lines.append(
@@ -1729,6 +1781,8 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
             results["latency"] = run_latency(options, db_dir)
         if "idle" in options.scenarios:
             results["idle"] = run_idle(options, db_dir)
+        if "drop" in options.scenarios:
+            results["drop"] = run_drop(options, db_dir)
         if "slow" in options.scenarios:
             plain, slow = compare_fanout(options, db_dir, *runs[0], stalled=True)
             results["slow"] = {
@@ -1797,6 +1851,10 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
                             "the load generator "
                             f"used {run['loadgen_cpu_pct']}% of its {loadgen_cores} core(s); "
                             "the server may be faster than measured")
+    for drop in results.get("drop", []):
+        if drop["told"] < drop["clients"]:
+            warnings.append(f"the room of {drop['clients'] + 1} closing at once: the one who "
+                            f"stayed was told of {drop['told']} leaves of {drop['clients']}")
     if results.get("idle", {}).get("held", 0) < results.get("idle", {}).get("requested", 0):
         warnings.append("not every idle client was held")
     floor = results.get("idle", {}).get("floor", {})
@@ -1812,7 +1870,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "idle clients, a slow reader, the cost of history, start-up time.")
     parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
                         help="comma-separated scenarios to run: startup, fanout, latency, "
-                             "idle, slow, history, mixed, rooms, hostile, peers, instructions "
+                             "idle, drop, slow, history, mixed, rooms, hostile, peers, "
+                             "instructions "
                              f"(default: {DEFAULT_SCENARIOS}; 'instructions' needs valgrind "
                              "and takes minutes; 'peers' comes with --peers)")
     parser.add_argument("--peers", default="", metavar="NAME,...",
@@ -1854,6 +1913,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help=f"clients in the idle run (default: {IDLE_CLIENTS})")
     parser.add_argument("--idle-hold", type=float, default=IDLE_HOLD, metavar="S",
                         help=f"seconds the idle clients stay (default: {IDLE_HOLD:g})")
+    parser.add_argument("--drop-sizes", default=DROP_SIZES, metavar="N,...",
+                        help="rooms in the 'drop' run, by their people, the one who stays "
+                             f"included; past {JOIN_NOTICES_UP_TO:,}, leaves are not told "
+                             f"(default: {DROP_SIZES})")
     parser.add_argument("--startup-runs", type=int, default=STARTUP_RUNS, metavar="N",
                         help=f"server starts timed (default: {STARTUP_RUNS})")
     parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT, metavar="S",
@@ -1895,9 +1958,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--peers takes {', '.join(sorted(PEERS))}")
     if options.peers and "peers" not in options.scenarios:
         options.scenarios.append("peers")
-    unknown = set(options.scenarios) - {"startup", "fanout", "latency", "idle", "slow",
-                                        "history", "instructions", "peers", "mixed", "rooms",
-                                        "hostile"}
+    if not re.fullmatch(r"\d+(,\d+)*", options.drop_sizes) or not all(
+            2 <= int(size) <= JOIN_NOTICES_UP_TO for size in options.drop_sizes.split(",")):
+        parser.error(f"--drop-sizes takes sizes from 2 to {JOIN_NOTICES_UP_TO}, "
+                     "separated by commas")
+    unknown = set(options.scenarios) - {"startup", "fanout", "latency", "idle", "drop",
+                                        "slow", "history", "instructions", "peers", "mixed",
+                                        "rooms", "hostile"}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", options.fanout) or any(

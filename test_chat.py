@@ -6430,6 +6430,9 @@ class PerformanceTests(ChatTestCase):
         self.assertEqual(idle["held"], idle["requested"], idle)
         self.assertEqual(idle["floor"]["held"], idle["requested"], idle)   # the same clients
         self.assertGreater(idle["join_vs_floor"], 0)
+        self.assertEqual(len(results["drop"]), 2)
+        for drop in results["drop"]:
+            self.assertEqual(drop["told"], drop["clients"], drop)
         self.assertTrue(0 < results["startup"]["median_ms"] < 10_000)
         self.assertEqual(results["slow"]["lost"], 0)
         self.assertGreater(results["slow"]["with_stalled"], 0)
