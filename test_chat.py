@@ -4475,6 +4475,88 @@ class RoomTests(ChatTestCase):
         # batch of its own, and what followed it comes after it.
         self.assertEqual(batches, 3)
 
+    def test_random_passes_reach_each_member_once_in_each_rooms_order(self) -> None:
+        # Says, joins, parts and closes in one loop pass, drawn at random: each event
+        # reaches exactly those who shared its room when it happened, once, and each
+        # room's events come in the order they happened (rooms may interleave).
+        server, core = self.server.server, self.server.server.core
+        for seed in range(6):
+            with self.subTest(seed=seed):
+                draw = random.Random(seed)
+                peers = {f"s{seed}p{n}": self.peer(f"s{seed}p{n}") for n in range(8)}
+                for name, peer in peers.items():
+                    for room in ("dev", "ops"):
+                        if draw.random() < 0.6:
+                            enter(peer, room)
+                    if draw.random() < 0.3 and len(core.members[name].rooms) > 1:
+                        peer.send({"type": "part", "room": "lobby"})
+                        peer.expect("leave")
+                for peer in peers.values():
+                    peer.sync()
+                expected = self._random_pass(server, core, draw, list(peers))
+                for name, peer in peers.items():
+                    if name in core.members:
+                        self._assert_heard(peer, expected[name])
+
+    def _random_pass(self, server, core, draw: random.Random, names: List[str]) -> dict:
+        """Forty random steps in one loop pass; what each session should hear."""
+        def one_pass() -> dict:
+            heard: Dict[str, list] = collections.defaultdict(list)   # earlier seeds' too
+            for step in range(40):
+                live = [name for name in names if name in core.members]
+                who = core.members[draw.choice(live)]
+                mine = {room.ident: room for room in who.rooms}
+                others = [core.rooms.all[key] for key in ("lobby", "dev", "ops")
+                          if key not in mine and key in core.rooms.all]
+                kind = draw.choice(["say"] * 3 + ["join", "part", "close"])
+                if kind == "join" and others:
+                    room = draw.choice(others)
+                    for member in room.members.values():
+                        heard[member.name].append(("join", room.ident, who.name))
+                    core.receive(who, {"type": "join", "room": room.name})
+                elif kind == "part" and len(mine) > 1:
+                    room = mine[draw.choice(sorted(mine))]
+                    for member in room.members.values():
+                        heard[member.name].append(("leave", room.ident, who.name))
+                    core.receive(who, {"type": "part", "room": room.name})
+                elif kind == "close" and len(live) > 2:
+                    for member in {m for room in mine.values() for m in room.members.values()}:
+                        if member is not who:
+                            shared = frozenset(key for key, room in mine.items()
+                                               if member in room)
+                            heard[member.name].append(("quit", shared, who.name))
+                    core.close(who, "connection closed", graceful=draw.random() < 0.5)
+                else:
+                    room = mine[draw.choice(sorted(mine))]
+                    text = f"step {step}"
+                    for member in room.members.values():
+                        heard[member.name].append(
+                            ("sent" if member is who else "message", room.ident, text))
+                    core.receive(who, {"type": "say", "room": room.name, "text": text})
+                server.execute()
+            return heard
+        return in_loop(self.server, one_pass)
+
+    def _assert_heard(self, peer: Peer, expected: list) -> None:
+        got = []
+        for message in peer.sync():
+            kind = message["type"]
+            if kind in ("message", "sent"):
+                got.append((kind, message["room"].lower(), message["text"]))
+            elif kind in ("join", "leave") and "room" in message:
+                got.append((kind, message["room"].lower(), message["name"]))
+            elif kind == "leave":
+                got.append(("quit", None, message["name"]))
+        quits = {name: rooms for kind, rooms, name in expected if kind == "quit"}
+        comparable = [("quit", None, name) if kind == "quit" else (kind, room, name)
+                      for kind, room, name in expected]
+        self.assertEqual(collections.Counter(got), collections.Counter(comparable))
+        for room in ("lobby", "dev", "ops"):
+            def in_room(event: tuple) -> bool:
+                return event[1] == room or (event[0] == "quit" and room in quits[event[2]])
+            self.assertEqual([e for e in got if in_room(e)],
+                             [e for e in comparable if in_room(e)], room)
+
     def test_a_client_that_knows_nothing_of_rooms_lives_in_the_lobby(self) -> None:
         old, new = self.peer("old"), self.peer("new")
         enter(new, "dev")
