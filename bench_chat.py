@@ -172,6 +172,7 @@ MESSAGE_MARK = b'{"type":"message"'
 ERROR_MARK = b'{"type":"error"'
 HISTORY_END_MARK = b'{"type":"history_end"'
 PING_MARK = b'{"type":"ping"'
+PONG_MARK = b'{"type":"pong"'
 PONG_FRAME = encode_frame({"type": "pong"})
 
 # ---------------------------------------------------------------------------
@@ -1482,13 +1483,13 @@ def drop_run(db_dir: str, size: int) -> Dict[str, Any]:
         watcher, *others = join([(name, "json", server.port, "drop") for name in names])
         # The watcher was told of every join: read them all, up to the pong.
         watcher.sock.sendall(encode_frame({"type": "ping"}))
-        seen = b""
-        while b'{"type":"pong"' not in seen:
-            data = watcher.sock.recv(RECV_SIZE)     # within SETUP_TIMEOUT (see join)
-            if not data:
+        pongs, buffer = FrameCounter(PONG_MARK), bytearray(RECV_SIZE)
+        while not pongs.count:
+            got = watcher.sock.recv_into(buffer)    # within SETUP_TIMEOUT (see join)
+            if not got:
                 raise ConnectionError("the server closed the watcher of the drop run")
-            seen = seen[-20:] + data
-        leaves, buffer = FrameCounter(LEAVE_MARK), bytearray(RECV_SIZE)
+            pongs.feed(buffer, got)
+        leaves = FrameCounter(LEAVE_MARK)
         cpu_before, began = server.cpu(), time.monotonic()
         for client in others:
             client.sock.close()

@@ -39,7 +39,7 @@ import unicodedata
 import unittest
 import zlib
 from datetime import datetime
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 try:
     import resource
@@ -4369,6 +4369,12 @@ class ReconnectTests(unittest.TestCase):
 # Rooms, and the habits of IRC users: /nick, /away
 # ---------------------------------------------------------------------------
 
+def heard_in_rooms(peer: Peer, kinds: Tuple[str, ...]) -> List[tuple]:
+    """What peer was sent of these kinds, up to now: (kind, its text or its name)."""
+    return [(m["type"], m.get("text") or m.get("name")) for m in peer.sync()
+            if m["type"] in kinds]
+
+
 def enter(peer: Peer, room: str, key: Optional[str] = None) -> dict:
     """Join a room: its `room` frame (the replay that follows lands in peer.replay)."""
     request = {"type": "join", "room": room}
@@ -4421,8 +4427,7 @@ class RoomTests(ChatTestCase):
         self.assertEqual(in_loop(self.server, one_pass), 1)
 
         def heard(peer: Peer) -> List[tuple]:
-            return [(m["type"], m.get("text") or m.get("name")) for m in peer.sync()
-                    if m["type"] in ("message", "sent", "join")]
+            return heard_in_rooms(peer, ("message", "sent", "join"))
         self.assertEqual(heard(alice), [("sent", "before"), ("join", "carol"),
                                         ("message", "after"), ("message", "mine")])
         self.assertEqual(heard(bob), [("message", "before"), ("join", "carol"),
@@ -4461,8 +4466,7 @@ class RoomTests(ChatTestCase):
         batches = in_loop(self.server, one_pass)
 
         def heard(peer: Peer) -> List[tuple]:
-            return [(m["type"], m.get("text") or m.get("name")) for m in peer.sync()
-                    if m["type"] in ("message", "sent", "join", "leave")]
+            return heard_in_rooms(peer, ("message", "sent", "join", "leave"))
         self.assertEqual(heard(alice), [
             ("sent", "before"), ("leave", "bob"), ("join", "dave"), ("leave", "erin"),
             ("sent", "after"), ("message", "mine"), ("join", "carol"), ("leave", "carol"),
