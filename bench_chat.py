@@ -28,7 +28,9 @@ What it measures
 - drop: a room's people all close their connections at once (their
   network went), but one who stays: the time until the one who stays was
   told of every leave, divided among the leaves, in a room of 250 and one
-  of 1000 (more are not told: JOIN_NOTICES_UP_TO), and the server's CPU.
+  of 1000 (more are not told: JOIN_NOTICES_UP_TO), and the server's CPU;
+  then the same with everyone in the lobby too, as with client.py, so that
+  each leave is told to two rooms' people.
 - slow: the first fanout run again, plus one client that joins and never
   reads: the others' throughput, and the server's peak memory, compared.
 - history: the first fanout run again with ``--no-history``: what writing
@@ -659,11 +661,13 @@ PROTOCOLS: Dict[str, Protocol] = {
 
 
 def hello_bytes(protocol: str, name: str, room: str) -> bytes:
-    """What a client sends to be in `room` under `name`."""
+    """What a client sends to be in `room` (or rooms, "lobby,dev") under `name`."""
+    rooms = room.split(",")
     if protocol == "json":
-        return encode_frame({"type": "hello", "name": name, "rooms": [room]})
+        return encode_frame({"type": "hello", "name": name, "rooms": rooms})
     if protocol == "irc":
-        return f"NICK {name}\r\nUSER {name} 0 * :{name}\r\nJOIN #{room}\r\n".encode("ascii")
+        channels = ",".join(f"#{room}" for room in rooms)
+        return f"NICK {name}\r\nUSER {name} 0 * :{name}\r\nJOIN {channels}\r\n".encode("ascii")
     return b""
 
 
@@ -734,7 +738,7 @@ class Client:
             self.errors.feed(buffer, size)
 
 
-Target = Tuple[str, str, int, str]      # (name, protocol, port, room) of one client
+Target = Tuple[str, str, int, str]      # (name, protocol, port, room or "room,room")
 
 
 def join(targets: List[Target], rcvbuf: Optional[int] = None) -> List[Client]:
@@ -1470,17 +1474,19 @@ def idle_run(options: argparse.Namespace, server: Launched, names: List[str],
 
 
 def run_drop(options: argparse.Namespace, db_dir: str) -> List[Dict[str, Any]]:
-    """For each of --drop-sizes, a room whose people all close at once but a watcher."""
+    """For each of --drop-sizes, a room whose people all close at once but a watcher;
+    then the same with all in the lobby too (as with client.py)."""
     sizes = [int(size) for size in options.drop_sizes.split(",")]
     raise_fd_limit(max(sizes) + FD_SPARE)
-    return [drop_run(db_dir, size) for size in sizes]
+    return [drop_run(db_dir, size, rooms) for rooms in ("drop", "lobby,drop")
+            for size in sizes]
 
 
-def drop_run(db_dir: str, size: int) -> Dict[str, Any]:
+def drop_run(db_dir: str, size: int, rooms: str) -> Dict[str, Any]:
     leaving = size - 1
     with ServerUnderTest(db_dir, max_clients=size + 10) as server:
         names = ["watcher"] + [f"d{number}" for number in range(leaving)]
-        watcher, *others = join([(name, "json", server.port, "drop") for name in names])
+        watcher, *others = join([(name, "json", server.port, rooms) for name in names])
         # The watcher was told of every join: read them all, up to the pong.
         watcher.sock.sendall(encode_frame({"type": "ping"}))
         pongs, buffer = FrameCounter(PONG_MARK), bytearray(RECV_SIZE)
@@ -1504,7 +1510,8 @@ def drop_run(db_dir: str, size: int) -> Dict[str, Any]:
         seconds, cpu_after = time.monotonic() - began, server.cpu()
         watcher.sock.close()
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    return {"clients": leaving, "told": leaves.count, "seconds": round(seconds, 3),
+    return {"clients": leaving, "rooms": rooms.count(",") + 1, "told": leaves.count,
+            "seconds": round(seconds, 3),
             "server_cpu_s": None if cpu is None else round(cpu, 3),
             "us_per_leave": round(seconds / leaving * 1e6)}    # CPU ticks are too coarse
 
@@ -1665,7 +1672,8 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
             lines.append(f"  note: {idle['note']}")
     for drop in results.get("drop", []):
         lines.append(
-            f"a room's {shown(drop['clients'])} people closing at once: the one who stays "
+            f"a room's {shown(drop['clients'])} people closing at once"
+            f"{' (in the lobby too)' if drop['rooms'] > 1 else ''}: the one who stays "
             f"was told of {shown(drop['told'])} leaves in {drop['seconds']} s, "
             f"{shown(drop['us_per_leave'], ' us')} a leave; server CPU "
             f"{shown(drop['server_cpu_s'], ' s')}")
@@ -1859,7 +1867,8 @@ def run_scenarios(options: argparse.Namespace) -> Dict[str, Any]:
                             "the server may be faster than measured")
     for drop in results.get("drop", []):
         if drop["told"] < drop["clients"]:
-            warnings.append(f"the room of {drop['clients'] + 1} closing at once: the one who "
+            warnings.append(f"the room of {drop['clients'] + 1} closing at once "
+                            f"({drop['rooms']} rooms): the one who "
                             f"stayed was told of {drop['told']} leaves of {drop['clients']}")
     if results.get("idle", {}).get("held", 0) < results.get("idle", {}).get("requested", 0):
         warnings.append("not every idle client was held")

@@ -2521,21 +2521,24 @@ class Audience:
     """The sessions one delivery reaches: everyone in the chat, or a room's members.
 
     `members` keeps them in the order they came. For the server batching
-    deliveries (see Batch), two marks of who changed: `version` changes
+    deliveries (see Batch), three marks of who changed: `version` changes
     when a member leaves or is renamed, not when one comes, so that the
     batch takes nothing more for those gone. One exception: a closed
-    session whose leave is told to this same audience (keep_batch) gets
-    nothing more anyway, and its leave is in the batch, in order. So when
-    a room's people all drop at once (a network gone) their leaves share
-    one batch, instead of one batch each, every one walking the room.
-    `arrivals`, while a batch is open, lists who came since it began. The
-    roster keeps the members' names sorted, as listed() gives them."""
+    session whose leave is told to these same members (keep_batch: to
+    this audience, or to SharedRooms with it) gets nothing more anyway,
+    and its leave is in the batch, in order. So when a room's people all
+    drop at once (a network gone) their leaves share one batch, instead
+    of one batch each, every one walking the room. `arrivals`, while a
+    batch is open, lists who came since it began; `joins` counts every
+    coming. The roster keeps the members' names sorted, as listed()
+    gives them."""
 
-    __slots__ = ("members", "version", "arrivals", "roster", "_listing")
+    __slots__ = ("members", "version", "joins", "arrivals", "roster", "_listing")
 
     def __init__(self) -> None:
         self.members: Dict[str, Session] = {}   # lower-case name -> session
         self.version = 0
+        self.joins = 0
         self.arrivals: Optional[List[Session]] = None   # set by the open batch (if any)
         self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
         self._listing: Optional[Listing] = None
@@ -2543,6 +2546,7 @@ class Audience:
     def add(self, session: Session) -> None:
         """A newcomer (never one already here: names are unique), last in `members`."""
         self.members[session.key] = session
+        self.joins += 1
         if self.arrivals is not None:
             self.arrivals.append(session)
         place = bisect.bisect_left(self.roster, session.key)
@@ -2551,7 +2555,8 @@ class Audience:
             self._listing = self._listing.with_name(place, session.name)
 
     def discard(self, session: Session, keep_batch: bool = False) -> None:
-        """A member leaves; keep_batch: it is closed, and its leave is told here."""
+        """A member leaves; keep_batch: it is closed, and its leave is told to
+        these members (maybe with others: SharedRooms)."""
         if self.members.get(session.key) is session:
             del self.members[session.key]
             place = bisect.bisect_left(self.roster, session.key)
@@ -2579,6 +2584,46 @@ class Audience:
 
     def __contains__(self, session: object) -> bool:
         return self.members.get(getattr(session, "key", None)) is session
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+class SharedRooms:
+    """Everyone in some rooms, once each: whom the leave of someone who was in
+    several is told.
+
+    Like a room, it is who is there when the delivery is carried out, and
+    its `key` names the rooms, not this object: so the server can tell the
+    leaves of many who drop from the same rooms in one loop pass in one
+    batch (see ChatServer.deliver), where a copy of the members for each
+    leave would walk the rooms once a leave. Its `version` changes when any
+    of the rooms gains a member or loses one it was not told of (see
+    Audience)."""
+
+    __slots__ = ("rooms", "key", "arrivals")
+
+    def __init__(self, rooms: Iterable["Room"]) -> None:
+        self.rooms = tuple(sorted(rooms, key=id))  # one order for the same rooms
+        self.key = frozenset(map(id, self.rooms))
+        self.arrivals: Optional[List[Session]] = None   # set by its batch; nobody comes
+
+    @property
+    def members(self) -> Dict[str, Session]:
+        members: Dict[str, Session] = {}
+        for room in self.rooms:
+            members.update(room.members)
+        return members
+
+    @property
+    def version(self) -> Tuple[Tuple[int, int], ...]:
+        return tuple((room.version, room.joins) for room in self.rooms)
+
+    def __contains__(self, session: object) -> bool:
+        return any(session in room for room in self.rooms)
+
+    def __bool__(self) -> bool:
+        return any(room.members for room in self.rooms)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -2818,7 +2863,7 @@ class ChatCore:
         """One event for one session."""
         self.actions.append(("send", session, event))
 
-    def deliver(self, audience: Audience, event: dict,
+    def deliver(self, audience: Union[Audience, SharedRooms], event: dict,
                 sender: Optional[Session] = None, echo: Optional[dict] = None) -> None:
         """One event for every member of `audience` (as it is when the handler returns)
         but `sender`, who gets `echo` instead, if anything."""
@@ -3019,7 +3064,7 @@ class ChatCore:
         self.operators.discard(session)
         if session.registered:
             self.store.mark_left(session.name)
-        if len(told):
+        if told:
             leave = {"type": "leave", "name": session.name, "reason": reason,
                      "ts": self.timestamp()}
             if session.leave_text:
@@ -3419,23 +3464,26 @@ class Rooms:
         if len(room) < self.core.settings.join_notices_up_to or reason == "kicked":
             self.core.deliver(room, event)
 
-    def leave_all(self, session: Session, reason: str, replaced: bool = False) -> Audience:
-        """Session leaves the chat: out of every room. Returns whom to tell (those who
-        shared a room with it, if that room is small; everyone there, if it was made
-        to go), as they are now: not its successor (`replaced`), who comes next."""
+    def leave_all(self, session: Session, reason: str,
+                  replaced: bool = False) -> Union[Audience, SharedRooms]:
+        """Session leaves the chat: out of every room. Returns whom to tell: those who
+        shared a room with it, if that room is small (any room, if it was made to
+        go), once each, as they are when the handler returns: a room itself, or
+        SharedRooms, not a copy, so that all who drop from the same rooms in a loop
+        pass are told in one batch (see Audience). But not its successor
+        (`replaced`), who comes in the same handler: then a copy of who is there now."""
         rooms = session.rooms
-        if len(rooms) == 1 and not replaced and (
-                session.leave_text or len(rooms[0]) <= self.core.settings.join_notices_up_to):
-            # The room itself, not a copy: all who drop from one room in a loop pass
-            # are told in one batch (see Audience), and a copy would walk the room.
-            # (A copy holds who is there now; the room, who is there when the
-            # handler returns, as deliver() says: the successor among them.)
-            audience: Audience = rooms[0]
-        else:
+        told: Tuple[Room, ...] = ()
+        audience: Union[Audience, SharedRooms]
+        if replaced:
             audience = self.shared_with(session, small_only=not session.leave_text)
             audience.members.pop(session.key, None)
+        else:
+            limit = self.core.settings.join_notices_up_to
+            told = tuple(room for room in rooms if session.leave_text or len(room) <= limit)
+            audience = told[0] if len(told) == 1 else SharedRooms(told)
         for room in rooms:
-            self._take_out(session, room, reason, keep_batch=room is audience)
+            self._take_out(session, room, reason, keep_batch=room in told)
         return audience
 
     def _take_out(self, session: Session, room: Room, why: str,
@@ -5066,12 +5114,15 @@ class Batch:
     it was delivered, so nobody gets what was said before they came. A
     closed session whose leave is in the batch stays a recipient, skipped
     as closed; any other leave, or a rename, changes the audience's
-    version (see Audience) and begins a new batch.
+    version (see Audience) and begins a new batch. So does an event for a
+    room that has just been told a leave to SharedRooms (see
+    ChatServer.deliver), and the other way round: each room's events go
+    out in the order they happened.
     """
 
     __slots__ = ("audience", "version", "recipients", "arrivals", "taken", "entries", "reach")
 
-    def __init__(self, audience: Audience) -> None:
+    def __init__(self, audience: Union[Audience, SharedRooms]) -> None:
         self.audience = audience
         self.version = audience.version
         self.recipients = list(audience.members.values())
@@ -5136,6 +5187,7 @@ class ChatServer(SelectServer):
         self.irc_address: Optional[Tuple[str, int]] = None     # where IRC listens, if it does
         self._batches: List[Batch] = []         # this pass's, in the order they began
         self._open: Dict[int, Batch] = {}       # id(audience) -> its batch taking events
+        self._shared: Optional[Batch] = None    # the open batch of leaves told to SharedRooms
         self._in_batches: Set[Session] = set()  # the recipients of this pass's batches
         self._carry_out: Dict[str, Callable[..., None]] = {
             "send": self.send, "deliver": self.deliver, "close": self._close,
@@ -5272,17 +5324,38 @@ class ChatServer(SelectServer):
             self.deliver_batches()
         self.write(session.link, data)
 
-    def deliver(self, audience: Audience, event: dict, sender: Optional[Session],
-                echo: Optional[dict]) -> None:
+    def deliver(self, audience: Union[Audience, SharedRooms], event: dict,
+                sender: Optional[Session], echo: Optional[dict]) -> None:
+        shared = self._shared
+        if shared is not None and id(audience) in shared.audience.key:
+            self._shared = None     # what one of its rooms is told now comes after it
         batch = self._open.get(id(audience))
         if batch is None or batch.version != audience.version:
-            batch = self._open[id(audience)] = Batch(audience)
-            self._batches.append(batch)
-            self._in_batches.update(batch.recipients)
+            batch = self._batch_for(audience)
         elif len(batch.arrivals) != batch.taken:    # some came since it began
             self._in_batches.update(batch.grow())
         batch.entries.append((event, sender, echo))
         batch.reach.append(len(batch.recipients))
+
+    def _batch_for(self, audience: Union[Audience, SharedRooms]) -> Batch:
+        """A new batch for audience, which takes its next events. For SharedRooms,
+        the open one of the same rooms, if they are as they were: the leaves of
+        all who drop from the same rooms together share it."""
+        if isinstance(audience, SharedRooms):
+            shared = self._shared
+            if shared is not None and shared.audience.key == audience.key and \
+                    shared.version == audience.version:
+                return shared
+            for room in audience.rooms:     # what they are told next comes after it
+                self._open.pop(id(room), None)
+        batch = Batch(audience)
+        if isinstance(audience, SharedRooms):
+            self._shared = batch
+        else:
+            self._open[id(audience)] = batch
+        self._batches.append(batch)
+        self._in_batches.update(batch.recipients)
+        return batch
 
     def deliver_batches(self, at_once: bool = False) -> None:
         """Write every batch of this pass, in order, queued for the end of the pass.
@@ -5294,6 +5367,7 @@ class ChatServer(SelectServer):
         """
         batches, self._batches = self._batches, []
         self._open.clear()
+        self._shared = None
         self._in_batches.clear()
         for batch in batches:
             batch.close()

@@ -4479,6 +4479,71 @@ class RoomTests(ChatTestCase):
         # batch of its own, and what followed it comes after it.
         self.assertEqual(batches, 3)
 
+    def test_who_drop_from_the_same_rooms_in_a_pass_share_a_batch(self) -> None:
+        # With client.py, whoever joined a room is in the lobby too. When many such
+        # connections end together, their leaves (each told once to both rooms'
+        # people) must not cost a batch each, each walking both rooms.
+        names = ("alice", "dave", "bob", "erin", "henry", "ivan", "frank", "grace")
+        peers = {name: self.peer(name) for name in names}
+        for name in names[:-1]:             # grace stays in the lobby alone
+            enter(peers[name], "dev")
+        for peer in peers.values():
+            peer.sync()
+        server, core = self.server.server, self.server.server.core
+        session = core.members
+        steps = (("close", "bob"), ("close", "erin"), ("close", "henry"), ("close", "ivan"),
+                 ("say", "alice"), ("close", "frank"), ("close", "grace"))
+
+        def one_pass() -> int:
+            for step, who in steps:
+                if step == "close":
+                    core.close(session[who], "connection closed")
+                else:
+                    core.receive(session[who], {"type": "say", "room": "dev", "text": "mid"})
+                server.execute()
+            return len(server._batches)
+        batches = in_loop(self.server, one_pass)
+        told = [("leave", "bob"), ("leave", "erin"), ("leave", "henry"), ("leave", "ivan"),
+                ("message", "mid"), ("leave", "frank"), ("leave", "grace")]
+        self.assertEqual(heard_in_rooms(peers["dave"], ("message", "sent", "leave")), told)
+        self.assertEqual(heard_in_rooms(peers["alice"], ("message", "sent", "leave")),
+                         [("sent", "mid") if step == ("message", "mid") else step
+                          for step in told])
+        # Four leaves from the lobby and dev: one batch. Then dev's message, frank's
+        # leave (after it, so a batch of its own) and grace's, told to the lobby.
+        self.assertEqual(batches, 4)
+
+    def test_who_came_silently_between_two_removals_is_told_the_second(self) -> None:
+        # A removal is told in every room of the removed, however big; a join to a
+        # room too big for comings and goings is not told. The second removal from
+        # the same rooms must still reach whoever came between the two.
+        server = ServerThread(join_notices_up_to=2)
+        self.addCleanup(server.stop)
+        peers = {name: Peer(server.port, name) for name in ("alice", "bob", "erin", "dave")}
+        for peer in peers.values():
+            self.addCleanup(peer.close)
+        for name in ("alice", "bob", "erin"):
+            enter(peers[name], "dev")
+        enter(peers["dave"], "ops")
+        peers["dave"].send({"type": "part", "room": "lobby"})
+        peers["dave"].expect("leave")
+        for peer in peers.values():
+            peer.sync()
+        core = server.server.core
+
+        def one_pass() -> None:
+            core.remove(core.members["bob"], "kicked", "bob was removed")
+            server.server.execute()
+            core.receive(core.members["dave"], {"type": "join", "room": "dev"})
+            server.server.execute()
+            core.remove(core.members["erin"], "kicked", "erin was removed")
+            server.server.execute()
+        in_loop(server, one_pass)
+        self.assertEqual(heard_in_rooms(peers["dave"], ("leave",)),
+                         [("leave", "erin was removed")])
+        self.assertEqual(heard_in_rooms(peers["alice"], ("leave",)),
+                         [("leave", "bob was removed"), ("leave", "erin was removed")])
+
     def test_random_passes_reach_each_member_once_in_each_rooms_order(self) -> None:
         # Says, joins, parts and closes in one loop pass, drawn at random: each event
         # reaches exactly those who shared its room when it happened, once, and each
