@@ -2629,6 +2629,9 @@ class SharedRooms:
         return len(self.members)
 
 
+NOBODY = SharedRooms(())     # whom a leave is told that nobody hears of
+
+
 class QuietLog:
     """Log lines anyone can cause as often as they like (a connection, a refusal, a
     wrong password), at most LOG_BURST of each kind a minute; past that they are
@@ -3480,8 +3483,13 @@ class Rooms:
             audience.members.pop(session.key, None)
         else:
             limit = self.core.settings.join_notices_up_to
-            told = tuple(room for room in rooms if session.leave_text or len(room) <= limit)
-            audience = told[0] if len(told) == 1 else SharedRooms(told)
+            if session.leave_text:
+                told = rooms
+            elif len(rooms) == 1:   # most people: nothing to make
+                told = rooms if len(rooms[0]) <= limit else ()
+            else:
+                told = tuple(room for room in rooms if len(room) <= limit)
+            audience = (told[0] if len(told) == 1 else SharedRooms(told)) if told else NOBODY
         for room in rooms:
             self._take_out(session, room, reason, keep_batch=room in told)
         return audience
