@@ -1930,8 +1930,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help=f"seconds the idle clients stay (default: {IDLE_HOLD:g})")
     parser.add_argument("--drop-sizes", default=DROP_SIZES, metavar="N,...",
                         help="rooms in the 'drop' run, by their people, the one who stays "
-                             f"included; past {JOIN_NOTICES_UP_TO:,}, leaves are not told "
-                             f"(default: {DROP_SIZES})")
+                             f"included; past {JOIN_NOTICES_UP_TO:,}, leaves are not told; "
+                             "each size runs twice, the second time with everyone in the "
+                             f"lobby too (default: {DROP_SIZES})")
     parser.add_argument("--startup-runs", type=int, default=STARTUP_RUNS, metavar="N",
                         help=f"server starts timed (default: {STARTUP_RUNS})")
     parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT, metavar="S",
