@@ -6581,7 +6581,9 @@ class PerformanceTests(ChatTestCase):
         self.assertEqual(idle["held"], idle["requested"], idle)
         self.assertEqual(idle["floor"]["held"], idle["requested"], idle)   # the same clients
         self.assertGreater(idle["join_vs_floor"], 0)
-        self.assertEqual(len(results["drop"]), 2)
+        # Each size (QUICK: 5, 20) in its room alone, then in the lobby too.
+        self.assertEqual([(drop["clients"], drop["rooms"]) for drop in results["drop"]],
+                         [(4, 1), (19, 1), (4, 2), (19, 2)])
         for drop in results["drop"]:
             self.assertEqual(drop["told"], drop["clients"], drop)
         self.assertTrue(0 < results["startup"]["median_ms"] < 10_000)
