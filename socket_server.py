@@ -2625,9 +2625,6 @@ class SharedRooms:
     def __bool__(self) -> bool:
         return any(room.members for room in self.rooms)
 
-    def __len__(self) -> int:
-        return len(self.members)
-
 
 NOBODY = SharedRooms(())     # whom a leave is told that nobody hears of
 
@@ -5356,11 +5353,9 @@ class ChatServer(SelectServer):
                 return shared
             for room in audience.rooms:     # what they are told next comes after it
                 self._open.pop(id(room), None)
-        batch = Batch(audience)
-        if isinstance(audience, SharedRooms):
-            self._shared = batch
+            batch = self._shared = Batch(audience)
         else:
-            self._open[id(audience)] = batch
+            batch = self._open[id(audience)] = Batch(audience)
         self._batches.append(batch)
         self._in_batches.update(batch.recipients)
         return batch
