@@ -19,7 +19,9 @@ What it measures
   (a ``rate_limited`` would be a loss the benchmark caused).
 - latency: clients take turns sending at a fixed rate; each message carries
   its send time, and every receiver's arrival time gives one sample (the
-  kernel's time of arrival where it gives one: Linux).
+  kernel's time of arrival where it gives one: Linux). Each message's first
+  arrival shows the server's work before it sends anything; the spread to
+  its last arrival, what sending to every receiver costs.
 - idle: many clients connect, join, and then only read and answer pings;
   the server's resident memory growth is divided among them. Then the
   same clients join the floor, a server that only answers each hello
@@ -1017,6 +1019,7 @@ def latency_worker(index: int, results: Any, plan: Dict[str, Any]) -> Dict[str, 
     total = max(1, int(plan["rate"] * plan["seconds"]))
     expected = total * (len(clients) - 1)
     samples: List[int] = []     # nanoseconds from send to arrival
+    reach: Dict[int, List[int]] = {}    # send time -> [first, last] arrival
     cpu_start = time.process_time()
     started = time.perf_counter()
     sent = 0
@@ -1047,14 +1050,24 @@ def latency_worker(index: int, results: Any, plan: Dict[str, Any]) -> Dict[str, 
             for text in texts_of(client.protocol, data, decoder):
                 lead = text.split(" ", 1)[0]
                 if lead.isdigit():
-                    samples.append(arrived - int(lead))
+                    stamp = int(lead)
+                    samples.append(arrived - stamp)
+                    seen = reach.setdefault(stamp, [arrived, arrived])
+                    seen[0], seen[1] = min(seen[0], arrived), max(seen[1], arrived)
     cpu = time.process_time() - cpu_start
     for client in clients:
         client.sock.close()
-    samples.sort()
-    return {"samples": [samples[int(q * (len(samples) - 1))] for q in (0.5, 0.99, 1.0)]
-            if samples else [], "received": len(samples), "expected": expected, "cpu": cpu,
-            "messages": total}
+    firsts = [first - stamp for stamp, (first, _) in reach.items()]
+    spreads = [last - first for first, last in reach.values()]
+    return {"samples": quantiles(samples, (0.5, 0.99, 1.0)),
+            "first": quantiles(firsts, (0.5, 0.99)), "spread": quantiles(spreads, (0.5, 0.99)),
+            "received": len(samples), "expected": expected, "cpu": cpu, "messages": total}
+
+
+def quantiles(values: List[int], points: Tuple[float, ...]) -> List[int]:
+    """The values at these points of their sorted order (none if there are none)."""
+    values = sorted(values)
+    return [values[int(q * (len(values) - 1))] for q in points] if values else []
 
 
 def hostile_worker(index: int, results: Any, plan: Dict[str, Any], stop: Any) -> Dict[str, Any]:
@@ -1372,15 +1385,23 @@ def run_latency(options: argparse.Namespace, db_dir: str, peer: Optional[str] = 
         wall = time.monotonic() - began
         after = server.cpu()
         stop.set()
-    p50, p99, worst = (round(ns / 1e6, 3) for ns in report["samples"]) if report["samples"] \
-        else (None, None, None)
+    p50, p99, worst = milliseconds(report["samples"], 3)
+    first_p50, first_p99 = milliseconds(report["first"], 2)
+    spread_p50, spread_p99 = milliseconds(report["spread"], 2)
     return {"server": server.name, "clients": clients, "rate": options.latency_rate,
             "messages": report["messages"], "deliveries": report["received"],
             "lost": report["expected"] - report["received"],
             "p50_ms": p50, "p99_ms": p99, "max_ms": worst,
+            "first_p50_ms": first_p50, "first_p99_ms": first_p99,
+            "spread_p50_ms": spread_p50, "spread_p99_ms": spread_p99,
             "server_cpu_pct": percent(None if before is None or after is None
                                       else after - before, wall),
             "loadgen_cpu_pct": percent(report["cpu"], wall)}
+
+
+def milliseconds(nanoseconds: List[int], count: int) -> List[Optional[float]]:
+    """Nanoseconds as milliseconds; `count` Nones when there are none."""
+    return [round(ns / 1e6, 3) for ns in nanoseconds] if nanoseconds else [None] * count
 
 
 def available_peers(options: argparse.Namespace, warnings: List[str]) -> List[str]:
@@ -1649,7 +1670,7 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
         lines.append(
             f"latency {lat['clients']} clients at {lat['rate']:g} msg/s: p50 "
             f"{shown(lat['p50_ms'], ' ms')}, p99 {shown(lat['p99_ms'], ' ms')}, max "
-            f"{shown(lat['max_ms'], ' ms')}, lost {shown(lat['lost'])}; CPU server "
+            f"{shown(lat['max_ms'], ' ms')}, lost {shown(lat['lost'])}; {reach_of(lat)}; CPU server "
             f"{shown(lat['server_cpu_pct'], '%')}, load generator "
             f"{shown(lat['loadgen_cpu_pct'], '%')}")
     if "idle" in results:
@@ -1747,9 +1768,18 @@ def report_lines(results: Dict[str, Any]) -> List[str]:
         latency = results["peers"]["latency"]
         lines.append("side by side, latency p99: " + ", ".join(
             f"{name} {shown(run['p99_ms'], ' ms')}" for name, run in latency.items()))
+        lines.append("side by side, each message: " + "; ".join(
+            f"{name} {reach_of(run)}" for name, run in latency.items()))
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return lines
+
+
+def reach_of(run: Dict[str, Any]) -> str:
+    """A latency run's first arrivals and spreads, in a few words."""
+    return (f"first arrival p50 {shown(run['first_p50_ms'], ' ms')}, p99 "
+            f"{shown(run['first_p99_ms'], ' ms')}, first to last p50 "
+            f"{shown(run['spread_p50_ms'], ' ms')}, p99 {shown(run['spread_p99_ms'], ' ms')}")
 
 
 def machine_summary() -> Dict[str, Any]:

@@ -6577,6 +6577,10 @@ class PerformanceTests(ChatTestCase):
         self.assertEqual(latency["lost"], 0)
         self.assertEqual(latency["deliveries"], latency["messages"] * (latency["clients"] - 1))
         self.assertTrue(0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"], latency)
+        # Each message's first arrival comes no later than a typical one; its spread
+        # to the last is within the worst sample.
+        self.assertTrue(0 < latency["first_p50_ms"] <= latency["p50_ms"], latency)
+        self.assertTrue(0 <= latency["spread_p99_ms"] <= latency["max_ms"], latency)
         idle = results["idle"]
         self.assertEqual(idle["held"], idle["requested"], idle)
         self.assertEqual(idle["floor"]["held"], idle["requested"], idle)   # the same clients
