@@ -6606,6 +6606,21 @@ class PerformanceTests(ChatTestCase):
         with self.assertRaises(RuntimeError):
             bench_chat.callgrind_total(write_file(temp_dir(self), "empty.out", "events: Ir\n"))
 
+    def test_latency_receivers_find_the_texts_the_server_wrote(self) -> None:
+        import bench_chat
+        message = {"type": "message", "room": "bench", "from": "l7", "text": "1733 abc",
+                   "ts": "2026-12-07T01:00:00.000Z"}
+        stream = (socket_server.encode_event({"type": "ping"}) + socket_server.encode_event(
+            message) + socket_server.encode_event(dict(message, text="1734 de")))
+        splitter = bench_chat.FrameSplitter()
+        texts = [bench_chat.texts_of("json", stream[:15], splitter),    # a header and a bit
+                 bench_chat.texts_of("json", stream[15:40], splitter),
+                 bench_chat.texts_of("json", stream[40:], splitter)]
+        self.assertEqual(texts, [[], [], ["1733 abc", "1734 de"]])
+        line = b":l7!l7@127.0.0.1 PRIVMSG #bench :1733 abc\r\n"
+        self.assertEqual(bench_chat.texts_of("irc", line, bench_chat.LineSplitter()),
+                         ["1733 abc"])
+
     def test_joins_and_leaves_are_announced_only_in_a_small_room(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
         server = ServerThread(join_notices_up_to=2, db=path)
