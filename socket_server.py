@@ -1235,18 +1235,31 @@ MESSAGE_KEYS = frozenset(("type", "room", "from", "text", "ts"))
 SENT_KEYS = frozenset(("type", "room", "text", "ts"))
 _quoted = json.encoder.encode_basestring    # a str as a JSON string, as to_json writes it
 
+# A message's text is quoted twice: in the message for the room, then in its
+# sender's `sent` (the same str). The second time it comes from this cache, in C,
+# which saves 5% of a message's instructions. It holds the texts of a busy pass
+# (the benchmark's room of 50 has 1,250 messages in one), and only short ones, so
+# that it never holds more than 4.5 MiB, however wide their characters.
+QUOTED_TEXTS = 2048             # texts whose JSON is kept
+QUOTED_TEXT_LENGTH = 256        # characters of the longest
+_quoted_text = functools.lru_cache(maxsize=QUOTED_TEXTS)(_quoted)
+
 
 def quick_json(event: dict) -> Optional[str]:
     """A plain message or its `sent` answer as JSON text; None for any other event."""
     kind = event["type"]
-    if kind == "message" and event.keys() == MESSAGE_KEYS:
+    if kind == "message":
+        if event.keys() != MESSAGE_KEYS:
+            return None
+    elif kind != "sent" or event.keys() != SENT_KEYS:
+        return None
+    text = event["text"]
+    text = _quoted_text(text) if len(text) <= QUOTED_TEXT_LENGTH else _quoted(text)
+    if kind == "message":
         return (f'{{"type":"message","room":{_quoted(event["room"])},'
-                f'"from":{_quoted(event["from"])},"text":{_quoted(event["text"])},'
-                f'"ts":{_quoted(event["ts"])}}}')
-    if kind == "sent" and event.keys() == SENT_KEYS:
-        return (f'{{"type":"sent","room":{_quoted(event["room"])},'
-                f'"text":{_quoted(event["text"])},"ts":{_quoted(event["ts"])}}}')
-    return None
+                f'"from":{_quoted(event["from"])},"text":{text},"ts":{_quoted(event["ts"])}}}')
+    return (f'{{"type":"sent","room":{_quoted(event["room"])},"text":{text},'
+            f'"ts":{_quoted(event["ts"])}}}')
 
 
 # ---------------------------------------------------------------------------
