@@ -301,16 +301,12 @@ def field_rules(fields: Dict[str, type]) -> FieldRules:
 def check_fields(message: dict, rules: FieldRules) -> Optional[str]:
     """What is wrong with a message's fields (see field_rules), or None."""
     for name, kind, required in rules:
-        value = message.get(name, ABSENT)
-        if value is ABSENT:
-            if required:
-                return f'"{message["type"]}" needs a "{name}" field'
-        elif not isinstance(value, kind):
-            return f'"{name}" must be {JSON_KINDS.get(kind, kind.__name__)}'
+        if name in message:
+            if not isinstance(message[name], kind):
+                return f'"{name}" must be {JSON_KINDS.get(kind, kind.__name__)}'
+        elif required:
+            return f'"{message["type"]}" needs a "{name}" field'
     return None
-
-
-ABSENT = object()   # what check_fields finds for a field the message does not have
 
 
 # How check_fields names each type to someone writing JSON.
