@@ -5041,11 +5041,10 @@ class JsonCodecTests(unittest.TestCase):
             with self.assertRaises(ValueError):
                 encode_frame({**said, "text": broken})
 
-
     def test_a_text_is_quoted_once_for_its_message_and_its_sent_if_short(self) -> None:
         codec, kept = socket_server.JsonCodec(), socket_server._quoted_text
         limit = socket_server.QUOTED_TEXT_LENGTH
-        self.assertLessEqual(kept.cache_info().maxsize, socket_server.QUOTED_TEXTS)
+        self.assertEqual(kept.cache_info().maxsize, socket_server.QUOTED_TEXTS)
         for text, is_kept in (("a short one " + "é" * 20, True), ("x" * (limit + 1), False)):
             said = {"type": "message", "room": "lobby", "from": "bob", "text": text,
                     "ts": "2026-12-07T02:00:00.000Z"}
@@ -5055,6 +5054,7 @@ class JsonCodecTests(unittest.TestCase):
                              [encode_frame(said), encode_frame(ack)])
             info = kept.cache_info()
             self.assertEqual((info.currsize, info.hits), (1, 1) if is_kept else (0, 0))
+
 
     def test_a_listing_grown_name_by_name_writes_what_the_encoder_would(self) -> None:
         """Audience.add makes each newcomer's listing from the last one (with_name),
