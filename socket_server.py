@@ -238,7 +238,9 @@ def _json_writer() -> Callable[[Any], str]:
 
 
 to_json = _json_writer()
-_json_reader = json.JSONDecoder()
+# The decoder's scanner, called directly: raw_decode() is a Python wrapper around it
+# that only turns its StopIteration (no value at all) into a ValueError.
+_scan_json = json.JSONDecoder().scan_once
 
 
 def encode_frame(message: dict) -> bytes:
@@ -354,14 +356,14 @@ def decode_payload(payload: bytes) -> dict:
     """Parse one payload: a UTF-8 JSON object with a string "type"."""
     try:
         text = payload.decode("utf-8").strip(JSON_SPACE)
-        # raw_decode() is loads() without its checks, which are these: is there
-        # anything after the value?
-        message, end = _json_reader.raw_decode(text)
+        # The scanner reads one value from the start; loads() would also check
+        # that nothing comes after it, as this does.
+        message, end = _scan_json(text, 0)
         if end != len(text):
             raise ValueError("more after the JSON value")
     except UnicodeDecodeError:
         raise ProtocolError("bad_utf8", "payload is not valid UTF-8") from None
-    except (ValueError, RecursionError):
+    except (ValueError, StopIteration, RecursionError):
         raise ProtocolError("bad_json", "payload is not valid JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("bad_message", 'payload is not a JSON object with a string "type"')
