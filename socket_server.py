@@ -1828,12 +1828,14 @@ class IrcOutput:
 
     def _show_message(self, event: dict) -> List[bytes]:
         sender, text, action = event["from"], event["text"], event.get("action") is True
-        if not action and sender != "server" and len(text) * 4 <= IRC_TEXT_BYTES \
-                and "\n" not in text and "\r" not in text and "\0" not in text:
-            # Nearly every message: short text from a person, with nothing _line would
-            # make safe (IRC_UNSAFE: the core's clean_text leaves none of it, and three
-            # searches for one character cost a tenth of isprintable()). What _said
-            # makes of it, in one step (a name or a room never needs making safe).
+        # One piece for split_utf8 (no character takes more than 4 bytes)?
+        one_piece = len(text) * 4 <= IRC_TEXT_BYTES or len(text.encode("utf-8")) <= IRC_TEXT_BYTES
+        if one_piece and not action and sender != "server" and "\n" not in text \
+                and "\r" not in text and "\0" not in text:
+            # Nearly every message: text from a person that one line holds, with nothing
+            # _line would make safe (IRC_UNSAFE: the core's clean_text leaves none of it,
+            # and three searches for one character cost a tenth of isprintable()). What
+            # _said makes of it, in one step (a name or a room never needs making safe).
             line = (f":{sender}!{sender}@{self.info.server_name} PRIVMSG #{event['room']} "
                     f":{text}\r\n").encode("utf-8")
             if len(line) <= IRC_LINE_MAX - len("\x01ACTION \x01"):    # as _said cuts it

@@ -5084,17 +5084,32 @@ class JsonCodecTests(unittest.TestCase):
 class IrcCodecTests(unittest.TestCase):
     """The IRC codec alone, without a socket."""
 
-    def test_a_short_plain_message_takes_the_quick_way_to_the_same_line(self) -> None:
-        codec = socket_server.IrcCodec(socket_server.IrcInfo("x" * 60 + ".lan"))
+    def test_a_plain_message_one_line_holds_takes_the_quick_way_to_the_same_line(self) -> None:
         name = "n" * 32
-        for variant in ("irc", "irc+server-time"):
+        # With the long names, a line has room for 326 bytes of text; with the short
+        # ones, a piece has room for 400 (IRC_TEXT_BYTES). Texts around both, in
+        # characters of one, two and four bytes, and what the quick way leaves to the
+        # general one.
+        texts = ("hi", ":starts with a colon", "é" * 100, "w" * 100, "w" * 101,
+                 "w" * 326, "w" * 327, "w" * 400, "w" * 401, "é" * 200, "é" * 199 + "ab",
+                 "\U0001f600" * 81 + "ab", "\U0001f600" * 81 + "abc",
+                 "\U0001f600" * 100, "\U0001f600" * 100 + "a", "tab\there", "\x02bold\x02",
+                 "word " * 90, "line\nbreak", "carriage\rreturn", "nul\0byte")
+        general_calls = []
+
+        class Counted(socket_server.IrcCodec):
+            """Counts what goes the general way."""
+            __slots__ = ()
+
+            def _said(self, *args: Any, **options: Any) -> List[bytes]:
+                general_calls.append(args)
+                return super()._said(*args, **options)
+
+        for server_name, variant in itertools.product(("x" * 60 + ".lan", "chat.lan"),
+                                                      ("irc", "irc+server-time")):
+            codec = Counted(socket_server.IrcInfo(server_name))
             codec.variant = variant
-            # With these names, a line has room for 326 bytes of text: around that, in
-            # characters of four bytes, and what the quick way leaves to the general one.
-            for text in ("hi", ":starts with a colon", "é" * 100, "w" * 100, "w" * 101,
-                         "\U0001f600" * 81 + "ab", "\U0001f600" * 81 + "abc",
-                         "\U0001f600" * 100, "tab\there", "\x02bold\x02", "word " * 90,
-                         "line\nbreak", "carriage\rreturn", "nul\0byte"):
+            for text in texts:
                 for sender in (name, "bob", "server"):
                     for action in (False, True):
                         event = {"type": "message", "room": "r" * 32, "from": sender,
@@ -5103,7 +5118,14 @@ class IrcCodecTests(unittest.TestCase):
                             event["action"] = True
                         general = codec._said(sender, "#" + event["room"], text, action,
                                               codec._tags(event))
+                        del general_calls[:]
                         self.assertEqual(codec._show_message(event), general)
+                        # Only what needs more than one line, or more than one line
+                        # holds as it is, goes the general way.
+                        plain = not (action or sender == "server" or
+                                     socket_server.IRC_UNSAFE.search(text))
+                        self.assertEqual(len(general_calls), 0 if plain and len(general) == 1
+                                         else 1, (server_name, variant, text, sender, action))
                         for line in general:
                             line.decode("utf-8")    # never cut in the middle of a character
                             if variant != "irc":
