@@ -171,8 +171,8 @@ SCRYPT_COST = (2 ** 14, 8, 1)       # scrypt n, r, p: about 50 ms and 16 MiB per
 PBKDF2_ITERATIONS = 600_000         # where hashlib has no scrypt
 STORE_BUSY_TIMEOUT = 0.05           # seconds sqlite may wait on a lock held by another process
 STORE_MAX_PENDING = 100_000         # rows kept while the database is locked, then give up
-STORE_ROWS_PER_INSERT = 32          # rows one INSERT statement writes (6 values each; sqlite
-                                    # before 3.32 takes at most 999 values a statement)
+STORE_ROWS_PER_INSERT = 32          # rows one INSERT statement writes (up to 6 values each;
+                                    # sqlite before 3.32 takes at most 999 values a statement)
 CHECKPOINT_EVERY = 500              # commits between write-ahead log checkpoints (a thread's)
 CHECKPOINT_TRIES = 5                # checkpoints in a row while the loop keeps writing
 WAL_BACKSTOP = 4000                 # log pages before the loop checkpoints the rest itself
@@ -4777,36 +4777,50 @@ class ChatStore:
         """Queue an event; it is written at the next commit(). `room`: where it
         happened (EVERY_ROOM for an announcement, None for a whisper or a notice)."""
         if self.working and self.keep_messages:
-            # No recipient goes in as '' and is stored as NULL (see _insert): for a
-            # None, the sqlite3 module looks for an adapter and raises and clears an
-            # AttributeError on the way, which costs a tenth of the row.
-            self._pending.append((ts, kind, sender, recipient or "", text, room))
+            if kind == "message" and recipient is None:
+                # Most rows: a plain message in a room, whose kind and missing
+                # recipient the INSERT writes itself (_ROW_SQL): each value bound
+                # costs sqlite a tenth of the row.
+                self._pending.append((ts, sender, text, room))
+            else:
+                # No recipient goes in as '' and is stored as NULL (see _ROW_SQL): for
+                # a None, the sqlite3 module looks for an adapter and raises and
+                # clears an AttributeError on the way, which costs a tenth of the row.
+                self._pending.append((ts, kind, sender, recipient or "", text, room))
             if kind == "announcement":
                 self._recent_public.clear()
             elif kind in SAID_KINDS and room:
                 self._recent_public.pop(room.lower(), None)
 
+    # A pending row's values, by how many there are, as an INSERT takes them.
+    _ROW_SQL = {4: "(?, 'message', ?, NULL, ?, ?)",     # ts, sender, text, room
+                6: "(?, ?, ?, NULLIF(?, ''), ?, ?)"}    # ts, kind, sender, recipient, text, room
+
     @staticmethod
     @functools.lru_cache(maxsize=None)
-    def _insert(rows: int) -> str:
-        """The INSERT of `rows` events: one statement for many rows costs sqlite a
-        third less a row than executemany, which runs a statement for each."""
-        values = ", ".join(["(?, ?, ?, NULLIF(?, ''), ?, ?)"] * rows)
-        return f"INSERT INTO events (ts, kind, sender, recipient, text, room) VALUES {values}"
+    def _insert(values: int, rows: int) -> str:
+        """The INSERT of `rows` events of `values` values each: one statement for many
+        rows costs sqlite a third less a row than executemany, which runs a
+        statement for each."""
+        row_values = ", ".join([ChatStore._ROW_SQL[values]] * rows)
+        return f"INSERT INTO events (ts, kind, sender, recipient, text, room) VALUES {row_values}"
 
     def commit(self) -> None:
         """Write everything recorded since the last commit in one transaction."""
         if not self._pending or not self.working:
             return
         pending, size = self._pending, STORE_ROWS_PER_INSERT
+        # The rows in runs of one shape, in order: ids follow the order of events.
+        runs = [list(run) for _, run in itertools.groupby(pending, len)]
         try:
-            if len(pending) > size:     # else one statement is a transaction of its own
+            if len(runs) > 1 or len(pending) > size:    # else one statement: a transaction
                 self.db.execute("BEGIN")
-            for start in range(0, len(pending), size):
-                rows = pending[start:start + size]
-                # chain() flattens the rows in C: a comprehension costs 6 steps a value.
-                self.db.execute(self._insert(len(rows)),
-                                list(itertools.chain.from_iterable(rows)))
+            for run in runs:
+                for start in range(0, len(run), size):
+                    rows = run[start:start + size]
+                    # chain() flattens the rows in C: a comprehension costs 6 steps a value.
+                    self.db.execute(self._insert(len(rows[0]), len(rows)),
+                                    list(itertools.chain.from_iterable(rows)))
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
         except sqlite3.Error as exc:

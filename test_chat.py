@@ -1727,6 +1727,42 @@ class ChatStoreTests(unittest.TestCase):
         self.assertEqual(store.last_id(), count + 1)
         self.assertEqual(store.recent_public("lobby", 2)[-1][:2], (count + 1, T1))
 
+    def test_rows_of_every_shape_in_one_commit_keep_their_order_and_values(self) -> None:
+        # A plain message is queued with fewer values than the other rows (the INSERT
+        # writes its kind and its missing recipient): runs of each, some longer than
+        # one INSERT, then single rows between them.
+        size = socket_server.STORE_ROWS_PER_INSERT
+        events = [(T0, "message", "alice", None, f"m{number}", "lobby")
+                  for number in range(size + 3)]
+        events += [(T0, "join", "bob", None, "", "dev"),
+                   (T1, "whisper", "bob", "alice", "psst", None)]
+        events += [(T1, "message", "bob", None, f"n{number}", "dev") for number in range(size * 2)]
+        events += [(T1, "action", "carol", None, "waves", "lobby"),
+                   (T1, "message", "carol", None, "one", "lobby"),
+                   (T1, "announcement", "server", None, "hear", socket_server.EVERY_ROOM),
+                   (T1, "leave", "bob", None, "gone", None),
+                   (T1, "message", "alice", None, "last", "lobby")]
+        store = self.store()
+        for event in events:
+            store.record(*event)
+        self.assertEqual(store.last_id(), len(events))
+        store.commit()
+        self.assertFalse(store.db.in_transaction)
+        stored = store.db.execute("SELECT id, ts, kind, sender, recipient, text, room "
+                                  "FROM events ORDER BY id").fetchall()
+        self.assertEqual(stored, [(number, *event) for number, event in enumerate(events, 1)])
+
+    def test_a_commit_is_one_transaction_whatever_the_shapes_of_its_rows(self) -> None:
+        store = self.store()
+        store.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.text = 'no' "
+                         "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        store.record(T0, "message", "alice", None, "fine", room="lobby")
+        store.record(T0, "leave", "alice", None, "no")     # another shape: a second INSERT
+        with self.assertLogs("chat", "ERROR"):
+            store.commit()
+        self.assertFalse(store.db.in_transaction)
+        self.assertEqual(store.db.execute("SELECT count(*) FROM events").fetchone(), (0,))
+
     def test_search_needs_every_word_in_any_case_and_wildcards_are_literal(self) -> None:
         store = self.store()
         store.record(T0, "message", "alice", None, "Lunch at noon?", room="lobby")
