@@ -694,6 +694,23 @@ class CoreTests(unittest.TestCase):
                       "minute", "\n".join(logs.output))
         self.assertTrue(any("joined as alice" in line for line in logs.output))
 
+    def test_texts_are_logged_at_debug_level_alone_as_a_tick_finds_it(self) -> None:
+        chat = CoreHarness()
+        alice, bob = chat.join("alice"), chat.join("bob")
+        with self.assertLogs("chat", "DEBUG") as logs:
+            chat.advance(1)     # the tick asks logging again
+            chat.request(alice, {"type": "say", "text": "hi there"})
+            chat.request(alice, {"type": "whisper", "to": "bob", "text": "psst"})
+        self.assertIn("alice says in #lobby: hi there", "\n".join(logs.output))
+        self.assertIn("alice whispers to bob: psst", "\n".join(logs.output))
+        with self.assertLogs("chat", "INFO") as logs:
+            chat.advance(1)
+            chat.request(bob, {"type": "say", "text": "not for the log"})
+            chat.request(bob, {"type": "whisper", "to": "alice", "text": "nor this"})
+            logging.getLogger("chat").info("the test's own line")   # assertLogs needs one
+        self.assertNotIn("for the log", "\n".join(logs.output))
+        self.assertNotIn("nor this", "\n".join(logs.output))
+
     def test_text_far_over_its_limit_is_never_cleaned_whole(self) -> None:
         chat = CoreHarness(max_length=100)
         alice = chat.join("alice")
