@@ -1826,6 +1826,9 @@ class IrcOutput:
 
     # -- what many get (SHARED) -------------------------------------------------------
 
+    # The longest line that _said() does not cut (it leaves room for an action's marks).
+    PLAIN_LINE_MAX = IRC_LINE_MAX - len("\x01ACTION \x01")
+
     def _show_message(self, event: dict) -> List[bytes]:
         sender, text, action = event["from"], event["text"], event.get("action") is True
         # One piece for split_utf8 (no character takes more than 4 bytes)?
@@ -1838,9 +1841,11 @@ class IrcOutput:
             # _said makes of it, in one step (a name or a room never needs making safe).
             line = (f":{sender}!{sender}@{self.info.server_name} PRIVMSG #{event['room']} "
                     f":{text}\r\n").encode("utf-8")
-            if len(line) <= IRC_LINE_MAX - len("\x01ACTION \x01"):    # as _said cuts it
-                tags = self._tags(event)
-                return [b"@" + tags.encode("utf-8") + b" " + line if tags else line]
+            if len(line) <= self.PLAIN_LINE_MAX:
+                stamp = event.get("ts")     # the tag _tags() would give it
+                if stamp and "server-time" in self.variant:
+                    return [f"@time={stamp} ".encode("utf-8") + line]
+                return [line]
         return self._said(sender, "#" + event["room"], text, action, self._tags(event))
 
     def _show_join(self, event: dict) -> List[bytes]:
