@@ -2662,7 +2662,7 @@ class QuietLog:
     def __init__(self, clock: "Clock") -> None:
         self.clock = clock
         self.windows: Dict[str, List[float]] = {}   # kind -> [start, logged, counted]
-        self.texts = log.isEnabledFor(logging.DEBUG)
+        self.logs_texts = log.isEnabledFor(logging.DEBUG)
 
     def log(self, kind: str, level: int, message: str, *args: Any) -> None:
         now = self.clock.now()
@@ -2678,7 +2678,7 @@ class QuietLog:
 
     def tick(self) -> None:
         """Say what was counted in the windows that have ended."""
-        self.texts = log.isEnabledFor(logging.DEBUG)
+        self.logs_texts = log.isEnabledFor(logging.DEBUG)
         now = self.clock.now()
         for kind in [kind for kind, window in self.windows.items()
                      if now - window[0] >= LOG_WINDOW]:
@@ -3130,7 +3130,7 @@ class ChatCore:
         if session.away is not None:    # saying something ends being away
             self.people.set_away(session, None)
         self.deliver(room, said, sender=session, echo=ack)
-        if self.quiet_log.texts:
+        if self.quiet_log.logs_texts:
             log.debug("%s says in #%s: %s", session.name, room.name, text)
 
     def on_whisper(self, session: Session, message: dict) -> None:
@@ -3159,7 +3159,7 @@ class ChatCore:
             self.send(session, {"type": "notice", "code": "away", "name": target.name,
                                 "away": target.away,
                                 "text": f"{target.name} is away: {target.away}"})
-        if self.quiet_log.texts:
+        if self.quiet_log.logs_texts:
             log.debug("%s whispers to %s: %s", session.name, target.name, text)
 
     def checked_text(self, session: Session, text: str) -> Optional[str]:
