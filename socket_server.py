@@ -1842,10 +1842,8 @@ class IrcOutput:
             line = (f":{sender}!{sender}@{self.info.server_name} PRIVMSG #{event['room']} "
                     f":{text}\r\n").encode("utf-8")
             if len(line) <= self.PLAIN_LINE_MAX:
-                stamp = event.get("ts")     # the tag _tags() would give it
-                if stamp and "server-time" in self.variant:
-                    return [f"@time={stamp} ".encode("utf-8") + line]
-                return [line]
+                tags = self._tags(event)
+                return [b"@" + tags.encode("utf-8") + b" " + line if tags else line]
         return self._said(sender, "#" + event["room"], text, action, self._tags(event))
 
     def _show_join(self, event: dict) -> List[bytes]:
