@@ -1295,7 +1295,9 @@ def parse_irc_line(line: bytes) -> Optional[IrcMessage]:
             raise BadInput("line_too_long", "Input line was too long (its tags)")
     if len(line) + 2 > IRC_LINE_MAX:
         raise BadInput("line_too_long", "Input line was too long")
-    if b"\0" in line:
+    # The byte 0: `b"\0" in line` would first try b"\0" as an integer and drop the
+    # TypeError, which costs ten times the search, on every line.
+    if 0 in line:
         raise BadInput("bad_line", "A line may not hold a NUL byte; it was dropped")
     try:
         text = line.decode("utf-8").lstrip(" ")
