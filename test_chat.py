@@ -5083,10 +5083,15 @@ class JsonCodecTests(unittest.TestCase):
                     self.assertEqual(codec.encode_shared(event), encode_frame(event))
                     self.assertEqual(codec.encode(event), encode_frame(event))
                     self.assertEqual(decode_payload(codec.encode(event)[10:]), event)
-                # An action, an id: the general way, to the same bytes.
-                for extra in ({"action": True}, {"id": "7"}):
-                    event = {**ack, **extra}
-                    self.assertIsNone(socket_server.quick_json(event))
+                # An action, an id, a whisper's answer, as many keys but another one:
+                # the general way, to the same bytes.
+                unlike = [{**event, **extra} for event in (said, ack)
+                          for extra in ({"action": True}, {"id": "7"})]
+                unlike += [{**{key: value for key, value in event.items() if key != gone},
+                            **extra} for event in (said, ack) for gone in event if gone != "type"
+                           for extra in ({"action": True}, {"to": "bob"})]
+                for event in unlike:
+                    self.assertIsNone(socket_server.quick_json(event), event)
                     self.assertEqual(codec.encode(event), encode_frame(event))
         for broken in ("lone \ud800 surrogate", "x" * socket_server.MAX_PAYLOAD):
             with self.assertRaises(ValueError):
