@@ -171,13 +171,20 @@ def encode_frame(message: dict) -> bytes:
 
 
 _HEADER_FORMAT = b"%%-%dd" % HEADER_LENGTH     # b"%-10d": made once, not for every frame
+# The headers of payloads under 1 KiB (nearly every frame), made once: formatting one
+# costs more than the rest of frame_of. They take 50 KiB.
+_SHORT_PAYLOAD = 1024
+_SHORT_HEADERS = [_HEADER_FORMAT % size for size in range(_SHORT_PAYLOAD)]
 
 
 def frame_of(payload: bytes) -> bytes:
     """A payload behind its length header (ValueError when over MAX_PAYLOAD)."""
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
-    return _HEADER_FORMAT % len(payload) + payload    # bytes %: 3x an f-string's speed
+    size = len(payload)
+    if size < _SHORT_PAYLOAD:
+        return _SHORT_HEADERS[size] + payload
+    if size > MAX_PAYLOAD:
+        raise ValueError(f"payload of {size} bytes is over the {MAX_PAYLOAD}-byte limit")
+    return _HEADER_FORMAT % size + payload    # bytes %: 3x an f-string's speed
 
 
 class FrameDecoder:

@@ -360,6 +360,15 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(frame, b"14        " + payload)
         self.assertEqual(frame, f"{len(payload):<10}".encode() + payload)
 
+    def test_every_payload_size_gets_its_own_length(self) -> None:
+        sizes = [*range(1100), socket_server.MAX_PAYLOAD - 1, socket_server.MAX_PAYLOAD]
+        for frame_of in (socket_server.frame_of, client.frame_of):
+            for size in sizes:
+                payload = b"x" * size
+                self.assertEqual(frame_of(payload), f"{size:<10}".encode() + payload, size)
+            with self.assertRaises(ValueError):
+                frame_of(b"x" * (socket_server.MAX_PAYLOAD + 1))
+
     def test_every_split_into_two_and_three_chunks(self) -> None:
         stream = b"".join(encode_frame(m) for m in self.MESSAGES)
         for i in range(len(stream) + 1):
