@@ -1275,7 +1275,8 @@ def quick_json(event: dict) -> Optional[str]:
 IRC_LINE_MAX = 512          # bytes of a line, CRLF included, not counting its tags (RFC 1459)
 IRC_TAGS_MAX = 8191         # bytes of a line's tags, '@' and the space after them included
 IRC_TEXT_BYTES = 400        # bytes of text per PRIVMSG we send: room for the longest prefix
-IRC_ASKED = 128             # requests remembered, to know what an answer or error is about
+IRC_ASKED = 128             # requests remembered (up to twice as many), to know what an
+                            # answer or error is about
 IRC_CAPS = ("away-notify", "echo-message", "message-tags", "multi-prefix", "sasl",
             "server-time")
 IRC_VERSION = "socket_server-irc-1"
@@ -1450,8 +1451,10 @@ class IrcInput:
         self._ids += 1
         request["id"] = request_key = f"i{self._ids}"
         self.asked[request_key] = (command, arguments)
-        if len(self.asked) > IRC_ASKED:
-            del self.asked[next(iter(self.asked))]
+        if len(self.asked) >= 2 * IRC_ASKED:
+            # The older half goes at once: one at a time, finding the oldest cost 2,000
+            # instructions a request.
+            self.asked = dict(itertools.islice(self.asked.items(), IRC_ASKED, None))
         self._requests.append((request, metered))
 
     # -- registration ---------------------------------------------------------

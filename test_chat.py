@@ -5200,6 +5200,22 @@ class IrcCodecTests(unittest.TestCase):
                             self.assertLessEqual(len(line), 512)
 
 
+    def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        kept, ids = socket_server.IRC_ASKED, []
+        for number in range(10 * kept):
+            codec.feed(f"PRIVMSG #r{number} :hi\r\n".encode())
+            ids.append(codec.next_request()["id"])
+            self.assertLessEqual(len(codec.asked), 2 * kept)
+            # The oldest of the latest IRC_ASKED: an error about it names its channel.
+            oldest = max(0, number + 1 - kept)
+            error = {"type": "error", "code": "muted", "text": "You are muted", "id": ids[oldest]}
+            self.assertEqual(codec.encode(error),
+                             f":chat.lan 404 ann #r{oldest} :You are muted\r\n".encode())
+        self.assertEqual(len(set(ids)), len(ids))
+
+
 class IrcTests(ChatTestCase):
     server_settings = {"irc_port": 0, "server_name": "test.lan", "failure_delay": 0.01}
 
