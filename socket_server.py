@@ -1277,6 +1277,7 @@ IRC_TAGS_MAX = 8191         # bytes of a line's tags, '@' and the space after th
 IRC_TEXT_BYTES = 400        # bytes of text per PRIVMSG we send: room for the longest prefix
 IRC_ASKED = 128             # requests remembered (up to twice as many), to know what an
                             # answer or error is about
+IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (TARGMAX)
 IRC_CAPS = ("away-notify", "echo-message", "message-tags", "multi-prefix", "sasl",
             "server-time")
 IRC_VERSION = "socket_server-irc-1"
@@ -1359,7 +1360,8 @@ class IrcInfo:
                   "MODES=4", "NETWORK=LANchat", "NICKLEN=32", "CHANNELLEN=33",
                   f"TOPICLEN={MAX_TOPIC_LENGTH}", f"KICKLEN={MAX_TOPIC_LENGTH}",
                   f"AWAYLEN={MAX_AWAY_LENGTH}", f"CHANLIMIT=#:{MAX_ROOMS_PER_PERSON}",
-                  "TARGMAX=PRIVMSG:4,NOTICE:4,JOIN:,PART:,KICK:1,NAMES:1,WHOIS:1", "SAFELIST"]
+                  f"TARGMAX=PRIVMSG:{IRC_MESSAGE_TARGETS},NOTICE:{IRC_MESSAGE_TARGETS},"
+                  "JOIN:,PART:,KICK:1,NAMES:1,WHOIS:1", "SAFELIST"]
         motd = [f"Welcome to the chat on {settings.server_name}.",
                 "Its rooms are channels here: /join #lobby, where everyone starts;",
                 "/list shows the others. People using client.py are in the same rooms.",
@@ -1579,14 +1581,17 @@ class IrcInput:
                 return
             text, action = inner[len("ACTION "):], True
         text = irc_text(text)
-        for number, target in enumerate(targets.split(",")[:4]):
+        metered = True      # the first target costs a token; the others come with it
+        # Nearly always one target: no list made, no count kept for it.
+        for target in targets.split(",")[:IRC_MESSAGE_TARGETS] if "," in targets else (targets,):
             if target.startswith("#"):
                 request = {"type": "say", "room": target, "text": text}
                 if action:
                     request["action"] = True
             else:
                 request = {"type": "whisper", "to": target, "text": text}
-            self._ask(request, command, target, metered=number == 0)
+            self._ask(request, command, target, metered=metered)
+            metered = False
 
     def _notice(self, targets: str, text: str, *rest: str) -> None:
         self._privmsg(targets, text, command="NOTICE")

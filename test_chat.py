@@ -5199,7 +5199,6 @@ class IrcCodecTests(unittest.TestCase):
                                 line = line.split(b" ", 1)[1]   # the tags do not count
                             self.assertLessEqual(len(line), 512)
 
-
     def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
         codec.registered, codec.nick = True, "ann"
@@ -5244,6 +5243,26 @@ class IrcTests(ChatTestCase):
         alice.expect(r" 461 alice NICK ")
         alice.send("FROBNICATE now")
         alice.expect(r" 421 alice FROBNICATE ")
+
+    def test_a_message_to_several_targets_goes_to_each_up_to_the_limit(self) -> None:
+        bob = self.peer("bob")
+        carl, alice = self.irc("carl"), self.irc()
+        self.assertIn(f"TARGMAX=PRIVMSG:{socket_server.IRC_MESSAGE_TARGETS},",
+                      " ".join(alice.register("alice")))
+        for each in (alice, carl):
+            each.send("JOIN #lobby")
+            each.until(" 366 ")
+        for each in (alice, bob, carl):
+            each.sync()
+        # Four targets are taken; the fifth (a channel alice is not in) never gets an answer.
+        alice.send("PRIVMSG #lobby,bob,carl,#lobby,#nowhere :to all")
+        self.assertEqual(alice.sync(), [])
+        told = [(event["type"], event["text"]) for event in bob.sync()]
+        self.assertEqual(told, [("message", "to all"), ("whisper", "to all"),
+                                ("message", "to all")])
+        self.assertEqual([line.split(" ", 1)[1] for line in carl.sync()],
+                         ["PRIVMSG #lobby :to all", "PRIVMSG carl :to all",
+                          "PRIVMSG #lobby :to all"])
 
     def test_cap_negotiation_holds_registration_until_end(self) -> None:
         alice = self.irc()
