@@ -5148,6 +5148,51 @@ class JsonCodecTests(unittest.TestCase):
             self.assertEqual(listing, names_then)
             self.assertEqual(listing.json(), socket_server.to_json(names_then))
 
+    def test_a_listing_kept_through_comings_goings_and_renames_is_what_the_encoder_writes(
+            self) -> None:
+        """A leave among the first names takes its name out of the kept JSON and
+        puts in the next one's (Listing.without), a join puts its name in
+        (with_name): after each of 400 changes in a seeded order, the listing is
+        the first names, sorted, and its JSON theirs; earlier ones are unchanged."""
+        self.addCleanup(setattr, socket_server, "MAX_LISTED_NAMES",
+                        socket_server.MAX_LISTED_NAMES)
+        socket_server.MAX_LISTED_NAMES = 5
+        pool = ["mia", 'say"q', "Zoë", "b\\s", "日本", "\U0001f600x", "aaron", "nina", 'q",',
+                ',"x', "zed", "Bo", "a", "ab", "abc", "c\\", "m i", '"a', 'x"ab']
+        chance = random.Random(7)
+        audience, sessions, kept = socket_server.Audience(), {}, []
+        for step in range(400):
+            absent = [name for name in pool if name.lower() not in sessions]
+            move = chance.choice(["join"] * 3 + ["leave"] * 2 + ["rename"] if sessions
+                                 else ["join"])
+            if move == "join" and absent:
+                session = socket_server.Session(f"link{step}", "10.0.0.1", 0.0)
+                session.name = chance.choice(absent)
+                session.key = session.name.lower()
+                sessions[session.key] = session
+                audience.add(session)
+            elif move == "leave" or (move == "rename" and not absent):
+                session = sessions.pop(chance.choice(sorted(sessions)))
+                audience.discard(session)
+            elif move == "rename":
+                session = sessions.pop(chance.choice(sorted(sessions)))
+                old_key = session.key
+                session.name = chance.choice(absent)
+                session.key = session.name.lower()
+                sessions[session.key] = session
+                audience.rename(old_key, session)
+            if chance.random() < 0.7:   # not asked after every change: some are skipped
+                listing = audience.listed()
+                expected = sorted((each.name for each in sessions.values()), key=str.lower)[:5]
+                self.assertEqual(listing, expected, f"step {step}: {move}")
+                self.assertEqual(listing.json(), socket_server.to_json(expected),
+                                 f"step {step}: {move}")
+                kept.append((listing, expected))
+        for listing, names_then in kept:
+            self.assertEqual(listing, names_then)
+            self.assertEqual(listing.json(), socket_server.to_json(names_then))
+
+
 class IrcCodecTests(unittest.TestCase):
     """The IRC codec alone, without a socket."""
 
