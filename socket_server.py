@@ -123,6 +123,7 @@ MAX_TOPIC_LENGTH = 300              # characters of a room's topic, a part or ki
 MAX_AWAY_LENGTH = 200               # characters of an away message
 ROOMS_PER_FRAME = 100               # rooms listed in one `rooms` answer; more follow in others
 MAX_LISTED_NAMES = 1000             # names in a welcome or users list; 1000 x 35 bytes fit a frame
+LISTING_LEAVES_KEPT = 8             # leaves cut from a kept listing; after more, it is made again
 RATE_LIMIT = 5.0                    # messages a second, on average, per client
 RATE_BURST = 20                     # messages a client may send at once
 FLOOD_STRIKES = 20                  # refused messages piled up before a flooder is cut off
@@ -2523,21 +2524,24 @@ class Listing(list):
     as the audience does not change, so that a codec may keep its encoding with
     it (see JsonCodec.encode) and a burst of joins does not encode it each time.
 
-    Its JSON is kept with it, and the listing made when a name comes or goes is
-    written by cutting that text and putting the name's JSON string in or taking
-    it out: encoding a thousand names takes 90 us, and joining their kept JSON
-    strings 15, against 3 to cut the text. Every '"' inside a JSON string is
-    escaped, so ',"' begins an element and nothing else."""
+    Its JSON is kept with it. While no name in it holds a comma or anything JSON
+    escapes (none that NAME_PATTERN allows does), a comma followed by a quote
+    begins an element and nothing else; so the listing made when a name comes or
+    goes is written by cutting that text and putting the name's JSON string in or
+    taking it out: 3 us for a thousand names, against 90 to encode them and 15
+    to join their kept JSON strings. Any other listing is encoded when asked for."""
 
-    __slots__ = ("encoded",)
+    __slots__ = ("encoded", "cuttable")
 
-    def __init__(self, names: Iterable[str] = (), encoded: Optional[str] = None) -> None:
+    def __init__(self, names: Iterable[str] = ()) -> None:
         super().__init__(names)
-        self.encoded = encoded
+        self.encoded: Optional[str] = None
+        self.cuttable = False       # encoded may be cut as above
 
     def json(self) -> str:
         if self.encoded is None:
-            self.encoded = to_json(list(self))
+            self.encoded = text = to_json(list(self))
+            self.cuttable = "\\" not in text and text.count(",") == max(len(self) - 1, 0)
         return self.encoded
 
     def with_name(self, place: int, name: str) -> "Listing":
@@ -2546,17 +2550,18 @@ class Listing(list):
         names = self[:]     # a plain list: Listing(self) would copy it item by item
         names.insert(place, name)
         grown = Listing(names)
-        if self.encoded is not None:
-            text, quoted = self.encoded, _quoted(name)
-            if place == len(self):
-                grown.encoded = f"{text[:-1]},{quoted}]" if self else f"[{quoted}]"
+        quoted = _quoted(name)
+        if self.cuttable and _cuttable(name, quoted):
+            text = self.encoded
+            if place < len(self):
+                start = self._start(place)
+                text = f"{text[:start]}{quoted},{text[start:]}"
             else:
-                start = self._span(place)[0]
-                grown.encoded = f"{text[:start]}{quoted},{text[start:]}"
-        if len(grown) > MAX_LISTED_NAMES:
-            grown.pop()
-            if grown.encoded is not None:
-                grown.encoded = grown.encoded[:grown.encoded.rindex(',"')] + "]"
+                text = f"{text[:-1]},{quoted}]" if self else f"[{quoted}]"
+            if len(grown) > MAX_LISTED_NAMES:
+                text = text[:text.rindex(',"')] + "]"
+            grown.encoded, grown.cuttable = text, True
+        del grown[MAX_LISTED_NAMES:]
         return grown
 
     def without(self, place: int, coming: Optional[str] = None) -> "Listing":
@@ -2564,28 +2569,33 @@ class Listing(list):
         is now among the first MAX_LISTED_NAMES, if any) put in at the end."""
         names = self[:]
         del names[place]
-        kept = Listing(names)
-        if self.encoded is not None:
-            text = self.encoded
-            start, stop = self._span(place)
-            if len(self) == 1:
-                kept.encoded = "[]"
-            elif place == 0:                        # the name and the comma after it
-                kept.encoded = text[:start] + text[stop + 1:]
-            else:                                   # the comma before it and the name
-                kept.encoded = text[:start - 1] + text[stop:]
         if coming is not None:
-            kept.append(coming)
-            if kept.encoded is not None:
-                comma = "," if len(kept) > 1 else ""
-                kept.encoded = f"{kept.encoded[:-1]}{comma}{_quoted(coming)}]"
+            names.append(coming)
+        kept = Listing(names)
+        quoted = _quoted(coming) if coming is not None else ""
+        if self.cuttable and (coming is None or _cuttable(coming, quoted)):
+            text, start = self.encoded, self._start(place)
+            stop = start + len(self[place]) + 2
+            if len(self) == 1:
+                text = "[]"
+            elif place == 0:                        # the name and the comma after it
+                text = text[:start] + text[stop + 1:]
+            else:                                   # the comma before it and the name
+                text = text[:start - 1] + text[stop:]
+            if coming is not None:
+                text = f"{text[:-1]},{quoted}]" if len(kept) > 1 else f"[{quoted}]"
+            kept.encoded, kept.cuttable = text, True
         return kept
 
-    def _span(self, place: int) -> Tuple[int, int]:
-        """Where the JSON string of the name at place begins and ends in `encoded`."""
-        quoted = _quoted(self[place])
-        start = 1 if place == 0 else self.encoded.index("," + quoted) + 1
-        return start, start + len(quoted)
+    def _start(self, place: int) -> int:
+        """Where the name at place begins in `encoded` (its opening quote)."""
+        return 1 if place == 0 else self.encoded.index(f',"{self[place]}"') + 1
+
+
+def _cuttable(name: str, quoted: str) -> bool:
+    """Whether a name's JSON string keeps a listing cuttable: nothing in it
+    escaped (the name and two quotes), and no comma."""
+    return len(quoted) == len(name) + 2 and "," not in name
 
 
 class Audience:
@@ -2604,7 +2614,7 @@ class Audience:
     coming. The roster keeps the members' names sorted, as listed()
     gives them."""
 
-    __slots__ = ("members", "version", "joins", "arrivals", "roster", "_listing")
+    __slots__ = ("members", "version", "joins", "arrivals", "roster", "_listing", "_leaves")
 
     def __init__(self) -> None:
         self.members: Dict[str, Session] = {}   # lower-case name -> session
@@ -2613,6 +2623,10 @@ class Audience:
         self.arrivals: Optional[List[Session]] = None   # set by the open batch (if any)
         self.roster: List[str] = []     # the members' lower-case names, kept sorted (bisect)
         self._listing: Optional[Listing] = None
+        # Leaves among the listed names since _listing was made, as (place, the name
+        # that came into the listing or None), taken out when a listing is next asked
+        # for: when a room's people all drop at once, nobody asks between their leaves.
+        self._leaves: List[Tuple[int, Optional[str]]] = []
 
     def add(self, session: Session) -> None:
         """A newcomer (never one already here: names are unique), last in `members`."""
@@ -2623,7 +2637,7 @@ class Audience:
         place = bisect.bisect_left(self.roster, session.key)
         self.roster.insert(place, session.key)
         if place < MAX_LISTED_NAMES and self._listing is not None:  # the listing changes
-            self._listing = self._listing.with_name(place, session.name)
+            self._listing = self._caught_up().with_name(place, session.name)
 
     def discard(self, session: Session, keep_batch: bool = False) -> None:
         """A member leaves; keep_batch: it is closed, and its leave is told to
@@ -2635,16 +2649,21 @@ class Audience:
             if not (keep_batch and session.gone):
                 self.version += 1
             if place < MAX_LISTED_NAMES and self._listing is not None:  # it changes
-                roster = self.roster
-                coming = self.members[roster[MAX_LISTED_NAMES - 1]].name \
-                    if len(roster) >= MAX_LISTED_NAMES else None
-                self._listing = self._listing.without(place, coming)
+                if len(self._leaves) < LISTING_LEAVES_KEPT:
+                    roster = self.roster
+                    coming = self.members[roster[MAX_LISTED_NAMES - 1]].name \
+                        if len(roster) >= MAX_LISTED_NAMES else None
+                    self._leaves.append((place, coming))
+                else:                   # made again when asked for: cheaper than so many cuts
+                    self._listing = None
+                    self._leaves.clear()
 
     def rename(self, old_key: str, session: Session) -> None:
         """A member's name changed from old_key (session.key is the new one)."""
         del self.members[old_key]
         del self.roster[bisect.bisect_left(self.roster, old_key)]
         self._listing = None
+        self._leaves.clear()
         self.version += 1
         self.add(session)
 
@@ -2654,7 +2673,17 @@ class Audience:
             members = self.members
             self._listing = Listing([members[key].name
                                      for key in self.roster[:MAX_LISTED_NAMES]])
-        return self._listing
+        return self._caught_up()
+
+    def _caught_up(self) -> Listing:
+        """The listing with the leaves since it was made taken out (see _leaves)."""
+        listing = self._listing
+        if self._leaves:
+            for place, coming in self._leaves:
+                listing = listing.without(place, coming)
+            self._listing = listing
+            self._leaves.clear()
+        return listing
 
     def __contains__(self, session: object) -> bool:
         return self.members.get(getattr(session, "key", None)) is session

@@ -5150,18 +5150,31 @@ class JsonCodecTests(unittest.TestCase):
 
     def test_a_listing_kept_through_comings_goings_and_renames_is_what_the_encoder_writes(
             self) -> None:
-        """A leave among the first names takes its name out of the kept JSON and
-        puts in the next one's (Listing.without), a join puts its name in
-        (with_name): after each of 400 changes in a seeded order, the listing is
-        the first names, sorted, and its JSON theirs; earlier ones are unchanged."""
-        self.addCleanup(setattr, socket_server, "MAX_LISTED_NAMES",
-                        socket_server.MAX_LISTED_NAMES)
-        socket_server.MAX_LISTED_NAMES = 5
-        pool = ["mia", 'say"q', "Zoë", "b\\s", "日本", "\U0001f600x", "aaron", "nina", 'q",',
-                ',"x', "zed", "Bo", "a", "ab", "abc", "c\\", "m i", '"a', 'x"ab']
-        chance = random.Random(7)
+        """A leave among the first names is noted, and taken out of the kept JSON
+        when a listing is next asked for, with the next name put in (Listing.without),
+        or after LISTING_LEAVES_KEPT of them the listing is made again; a join puts
+        its name in (with_name). After each of 400 changes in a seeded order, with
+        runs of leaves nobody asks between, the listing is the first names, sorted,
+        and its JSON theirs; earlier ones are unchanged."""
+        for name in ("MAX_LISTED_NAMES", "LISTING_LEAVES_KEPT"):
+            self.addCleanup(setattr, socket_server, name, getattr(socket_server, name))
+        # Names as people have them, whose listings are cut; names with commas, and
+        # names no client can take, with quotes and backslashes, whose are encoded.
+        usual = ["mia", "Zoe", "aaron", "nina", "zed", "Bo", "a", "ab", "abc", "a.b", "a-b",
+                 "_x", "x_", "Mia2", "b", "ba", "n1", "n.1", "zz"]
+        commas = usual[:12] + ["a,", ",b", "b,", "m,,n"]
+        odd = ["mia", 'say"q', "Zoë", "b\\s", "日本", "\U0001f600x", "aaron", "nina", 'q",',
+               ',"x', "zed", "Bo", "a", "ab", "abc", "c\\", "m i", '"a', 'x"ab', "a,"]
+        for listed, pool, kept_leaves in itertools.product((1, 8), (usual, commas, odd),
+                                                           (1, 8)):
+            socket_server.MAX_LISTED_NAMES = listed
+            socket_server.LISTING_LEAVES_KEPT = kept_leaves
+            with self.subTest(listed=listed, pool=pool[-1], kept_leaves=kept_leaves):
+                self._walk_listings(random.Random(7), pool, ask=0.3)
+
+    def _walk_listings(self, chance: random.Random, pool: List[str], ask: float) -> None:
         audience, sessions, kept = socket_server.Audience(), {}, []
-        for step in range(400):
+        for step in range(1000):
             absent = [name for name in pool if name.lower() not in sessions]
             move = chance.choice(["join"] * 3 + ["leave"] * 2 + ["rename"] if sessions
                                  else ["join"])
@@ -5181,9 +5194,10 @@ class JsonCodecTests(unittest.TestCase):
                 session.key = session.name.lower()
                 sessions[session.key] = session
                 audience.rename(old_key, session)
-            if chance.random() < 0.7:   # not asked after every change: some are skipped
+            if chance.random() < ask:   # not asked after every change: some go unasked
                 listing = audience.listed()
-                expected = sorted((each.name for each in sessions.values()), key=str.lower)[:5]
+                expected = sorted((each.name for each in sessions.values()),
+                                  key=str.lower)[:socket_server.MAX_LISTED_NAMES]
                 self.assertEqual(listing, expected, f"step {step}: {move}")
                 self.assertEqual(listing.json(), socket_server.to_json(expected),
                                  f"step {step}: {move}")
