@@ -258,6 +258,7 @@ _HEADER_FORMAT = b"%%-%dd" % HEADER_LENGTH     # b"%-10d": made once, not for ev
 # costs more than the rest of frame_of. They take 50 KiB.
 _SHORT_PAYLOAD = 1024
 _SHORT_HEADERS = [_HEADER_FORMAT % size for size in range(_SHORT_PAYLOAD)]
+_SHORT_LENGTHS = {header: size for size, header in enumerate(_SHORT_HEADERS)}   # and back
 
 
 def frame_of(payload: bytes) -> bytes:
@@ -289,18 +290,24 @@ class FrameDecoder:
 
     def __init__(self) -> None:
         # What has arrived and is not yet returned, from _start on. b"" while nothing
-        # waits, so that a quiet connection keeps no buffer at all.
+        # waits, so that a quiet connection keeps no buffer at all; the bytes of one
+        # read as they came, until a frame goes on in the next (then a bytearray).
         self._buffer: Union[bytes, bytearray] = b""
         self._start = 0
         self.ended = False  # the stream has ended: no more bytes will come
 
     def feed(self, data: bytes) -> None:
         if not self._buffer:
-            self._buffer = bytearray(data)
+            # Kept as they are: cut from bytes, a frame's header and payload are bytes
+            # with no copy more (from a bytearray, each would be copied once more).
+            # Anything else is copied: a caller's bytearray must not grow here.
+            self._buffer = data if type(data) is bytes else bytearray(data)
             return
-        if self._start:
+        if type(self._buffer) is bytes:     # a frame goes on: from now on, appended to
+            self._buffer = bytearray(self._buffer[self._start:])
+        elif self._start:
             del self._buffer[:self._start]
-            self._start = 0
+        self._start = 0
         self._buffer += data
 
     def feed_eof(self) -> None:
@@ -326,7 +333,12 @@ class FrameDecoder:
         calls this; a server calls it directly, which costs less a frame."""
         buffer, start = self._buffer, self._start
         body = start + HEADER_LENGTH
-        length = self._payload_length(buffer[start:body])
+        header = buffer[start:body]
+        # Nearly every header is one that frame_of writes for a short payload: found in
+        # a table, for a third of the general check (a bytearray's is unhashable).
+        length = _SHORT_LENGTHS.get(header) if type(header) is bytes else None
+        if length is None or length > self.max_payload:
+            length = self._payload_length(header)
         end = body + (length or 0)
         if length is None or end > len(buffer):
             if self.ended and self.buffered:

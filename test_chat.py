@@ -407,6 +407,18 @@ class FramingTests(unittest.TestCase):
         chunks = [stream[i:i + 1] for i in range(len(stream))]
         self.assertEqual(self.decode_chunks(chunks), self.MESSAGES)
 
+    def test_a_fed_bytearray_is_copied_and_never_grown(self) -> None:
+        """Bytes are kept as they came (frames cut from them are not copied again),
+        but a caller's bytearray, which it may reuse for its next read, is copied."""
+        frame = encode_frame({"type": "who"})
+        chunk = bytearray(frame[:20])
+        decoder = FrameDecoder()
+        decoder.feed(chunk)
+        chunk[:] = b"x" * 20            # the caller's next read into the same buffer
+        decoder.feed(frame[20:])
+        self.assertEqual(list(decoder), [frame[10:]])
+        self.assertEqual(chunk, bytearray(b"x" * 20))
+
     def test_incomplete_frame_waits(self) -> None:
         decoder = FrameDecoder()
         decoder.feed(encode_frame({"type": "who"})[:-1])
