@@ -1305,7 +1305,7 @@ IRC_UNSAFE = re.compile(r"[\r\n\0]")    # never inside a parameter: a line must 
 IrcMessage = Tuple[str, List[str]]
 
 
-def parse_irc_line(line: bytes) -> Optional[IrcMessage]:
+def parse_irc_line(line: Union[bytes, bytearray]) -> Optional[IrcMessage]:
     """One line as the client sent it (without its line end), None for a blank one.
 
     Raises BadInput for a line that cannot be used (too long, not UTF-8, a NUL):
@@ -1400,9 +1400,14 @@ class IrcInput:
     # -- bytes in -------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        if self._start:     # drop the lines already taken, once per read, not per line
+        if not self._buffer:    # kept as they came, as FrameDecoder keeps them (see there)
+            self._buffer = data if type(data) is bytes else bytearray(data)
+            return
+        if type(self._buffer) is bytes:     # a line goes on: from now on, appended to
+            self._buffer = bytearray(self._buffer[self._start:])
+        elif self._start:   # drop the lines already taken, once per read, not per line
             del self._buffer[:self._start]
-            self._start = 0
+        self._start = 0
         self._buffer += data
 
     def feed_eof(self) -> None:
@@ -1427,10 +1432,9 @@ class IrcInput:
                 if len(buffer) - start > IRC_TAGS_MAX + IRC_LINE_MAX:
                     raise ProtocolError("too_large", "Input buffer exceeded: no line end")
                 return None     # an unfinished line at the end of the stream is dropped
-            line = bytes(buffer[start:end]).rstrip(b"\r")
-            if end + 1 == len(buffer):
-                buffer.clear()
-                self._start = 0
+            line = buffer[start:end].rstrip(b"\r")
+            if end + 1 == len(buffer):  # all taken: let the buffer go
+                self._buffer, self._start = b"", 0
             else:
                 self._start = end + 1
             message = parse_irc_line(line)
@@ -2210,7 +2214,7 @@ class IrcCodec(IrcInput, IrcOutput):
         self.sasl: Optional[List[str]] = None   # AUTHENTICATE chunks while it runs
         self.asked: Dict[str, Tuple[str, Tuple[str, ...]]] = {}  # id -> (command, arguments)
         self.rooms: Set[str] = set()    # lower-case names of the channels we are in
-        self._buffer = bytearray()
+        self._buffer: Union[bytes, bytearray] = b""     # what came and is not yet taken
         self._start = 0                 # where the lines not yet taken begin in _buffer
         self._output: List[bytes] = []
         self._requests: Deque[Tuple[dict, bool]] = deque()

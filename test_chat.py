@@ -5286,6 +5286,41 @@ class IrcCodecTests(unittest.TestCase):
         self.assertEqual(len(set(ids)), len(ids))
 
 
+    def test_lines_split_anywhere_between_reads_give_the_same_requests(self) -> None:
+        """A read's bytes are kept as they came until a line goes on in the next; a
+        fed bytearray (a caller's, to be reused) is copied, never grown."""
+        stream = (b"PRIVMSG #a :one\r\nPRIVMSG #b :two, \xc3\xa9\r\n"
+                  b"PRIVMSG #c :three\nPRIVMSG #d :four\r\n")
+        expected = [("#a", "one"), ("#b", "two, é"), ("#c", "three"), ("#d", "four")]
+
+        def requests(chunks: List[Any]) -> List[Tuple[str, str]]:
+            codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+            codec.registered, codec.nick = True, "ann"
+            taken = []
+            for chunk in chunks:
+                codec.feed(chunk)
+                if isinstance(chunk, bytearray):
+                    fed = len(chunk)
+                    chunk[:] = b"x" * fed       # the caller's next read, in the same buffer
+                while True:
+                    request = codec.next_request()
+                    if request is None:
+                        break
+                    taken.append((request["room"], request["text"]))
+                if isinstance(chunk, bytearray):
+                    self.assertEqual(len(chunk), fed)
+            self.assertEqual(codec.buffered, 0)
+            return taken
+
+        for cut in range(len(stream) + 1):
+            for first in (stream[:cut], bytearray(stream[:cut])):
+                with self.subTest(cut=cut, kind=type(first).__name__):
+                    self.assertEqual(requests([first, stream[cut:]]), expected)
+        for cut in range(0, len(stream) + 1, 4):     # and three reads, the middle one short
+            self.assertEqual(requests([stream[:cut], stream[cut:cut + 3], stream[cut + 3:]]),
+                             expected)
+
+
 class IrcTests(ChatTestCase):
     server_settings = {"irc_port": 0, "server_name": "test.lan", "failure_delay": 0.01}
 
