@@ -188,6 +188,26 @@ def frame_of(payload: bytes) -> bytes:
     return _HEADER_FORMAT % size + payload    # bytes %: 3x an f-string's speed
 
 
+def buffer_with(buffer: Union[bytes, bytearray], start: int,
+                data: bytes) -> Union[bytes, bytearray]:
+    """What is left of a read buffer from start, with the bytes of the next read after it.
+
+    While nothing waits, a read's bytes are kept as they came: cut from bytes,
+    a frame (or a line) is bytes with no copy more, where from a bytearray each
+    would be copied once more. What goes on into the next read is kept in a
+    bytearray, appended to in place. A caller's bytearray (one it may read into
+    again) is copied, never grown.
+    """
+    if not buffer:
+        return data if type(data) is bytes else bytearray(data)
+    if type(buffer) is bytes:
+        buffer = bytearray(buffer[start:])
+    elif start:
+        del buffer[:start]
+    buffer += data
+    return buffer
+
+
 class FrameDecoder:
     """Cut a byte stream into payloads. Sans-IO: bytes in, payloads out.
 
@@ -207,25 +227,14 @@ class FrameDecoder:
 
     def __init__(self) -> None:
         # What has arrived and is not yet returned, from _start on. b"" while nothing
-        # waits, so that a quiet connection keeps no buffer at all; the bytes of one
-        # read as they came, until a frame goes on in the next (then a bytearray).
+        # waits, so that a quiet connection keeps no buffer at all (see buffer_with).
         self._buffer: Union[bytes, bytearray] = b""
         self._start = 0
         self.ended = False  # the stream has ended: no more bytes will come
 
     def feed(self, data: bytes) -> None:
-        if not self._buffer:
-            # Kept as they are: cut from bytes, a frame's header and payload are bytes
-            # with no copy more (from a bytearray, each would be copied once more).
-            # Anything else is copied: a caller's bytearray must not grow here.
-            self._buffer = data if type(data) is bytes else bytearray(data)
-            return
-        if type(self._buffer) is bytes:     # a frame goes on: from now on, appended to
-            self._buffer = bytearray(self._buffer[self._start:])
-        elif self._start:
-            del self._buffer[:self._start]
+        self._buffer = buffer_with(self._buffer, self._start, data)
         self._start = 0
-        self._buffer += data
 
     def feed_eof(self) -> None:
         """No more bytes will come; a frame left incomplete is then an error."""
