@@ -2551,7 +2551,7 @@ class Listing(list):
 
     __slots__ = ("encoded", "cuttable")
 
-    def __init__(self, names: Iterable[str] = ()) -> None:
+    def __init__(self, names: Iterable[str]) -> None:
         super().__init__(names)
         self.encoded: Optional[str] = None
         self.cuttable = False       # encoded may be cut as above
