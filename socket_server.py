@@ -1498,6 +1498,7 @@ class IrcInput:
                 (self.caps.discard if cap.startswith("-") else self.caps.add)(cap.lstrip("-"))
             self.variant = "irc" + "".join(f"+{cap}" for cap in ("server-time", "away-notify")
                                            if cap in self.caps)
+            self.server_time = "server-time" in self.caps
             self._raw("CAP", self.nick or "*", "ACK", " ".join(wanted))
         elif subcommand == "LIST":
             self._raw("CAP", self.nick or "*", "LIST", " ".join(sorted(self.caps)))
@@ -1827,8 +1828,7 @@ class IrcOutput:
         return self.info.server_name if name == "server" else self._mask(name)
 
     def _tags(self, event: dict) -> str:
-        stamp = event.get("ts")
-        return f"time={stamp}" if stamp and "server-time" in self.variant else ""
+        return f"time={event['ts']}" if self.server_time and event.get("ts") else ""
 
     def _said(self, sender: str, target: str, text: str, action: bool, tags: str,
               command: str = "PRIVMSG") -> List[bytes]:
@@ -1866,22 +1866,27 @@ class IrcOutput:
     # The longest line that _said() does not cut (it leaves room for an action's marks).
     PLAIN_LINE_MAX = IRC_LINE_MAX - len("\x01ACTION \x01")
 
+    # Text of at most this many characters is at most IRC_TEXT_BYTES in UTF-8 (no
+    # character takes more than 4 bytes): one piece for split_utf8, without encoding it.
+    SHORT_TEXT = IRC_TEXT_BYTES // 4
+
     def _show_message(self, event: dict) -> List[bytes]:
-        sender, text, action = event["from"], event["text"], event.get("action") is True
-        # One piece for split_utf8 (no character takes more than 4 bytes)?
-        one_piece = len(text) * 4 <= IRC_TEXT_BYTES or len(text.encode("utf-8")) <= IRC_TEXT_BYTES
-        if one_piece and not action and sender != "server" and "\n" not in text \
-                and "\r" not in text and "\0" not in text:
+        text = event["text"]
+        if "action" not in event and "\n" not in text and "\r" not in text and "\0" not in text \
+                and (len(text) <= self.SHORT_TEXT or len(text.encode("utf-8")) <= IRC_TEXT_BYTES):
             # Nearly every message: text from a person that one line holds, with nothing
             # _line would make safe (IRC_UNSAFE: the core's clean_text leaves none of it,
             # and three searches for one character cost a tenth of isprintable()). What
             # _said makes of it, in one step (a name or a room never needs making safe).
+            sender = event["from"]
             line = (f":{sender}!{sender}@{self.info.server_name} PRIVMSG #{event['room']} "
                     f":{text}\r\n").encode("utf-8")
-            if len(line) <= self.PLAIN_LINE_MAX:
-                tags = self._tags(event)
-                return [b"@" + tags.encode("utf-8") + b" " + line if tags else line]
-        return self._said(sender, "#" + event["room"], text, action, self._tags(event))
+            if len(line) <= self.PLAIN_LINE_MAX and sender != "server":
+                if not self.server_time:
+                    return [line]
+                return [b"@" + self._tags(event).encode("utf-8") + b" " + line]
+        return self._said(event["from"], "#" + event["room"], text, event.get("action") is True,
+                          self._tags(event))
 
     def _show_join(self, event: dict) -> List[bytes]:
         return [self._line(self._mask(event["name"]), "JOIN", "#" + event["room"],
@@ -2196,7 +2201,7 @@ class IrcCodec(IrcInput, IrcOutput):
 
     __slots__ = ("info", "session", "ended", "metered", "variant", "nick", "user",
                  "realname", "password", "registered", "hello_sent", "negotiating", "caps",
-                 "sasl", "asked", "rooms", "_buffer", "_start", "_output", "_requests", "_ids",
+                 "sasl", "server_time", "asked", "rooms", "_buffer", "_start", "_output", "_requests", "_ids",
                  "_replay", "_listing")
 
     def __init__(self, info: IrcInfo) -> None:
@@ -2214,6 +2219,7 @@ class IrcCodec(IrcInput, IrcOutput):
         self.negotiating = False        # CAP LS or REQ seen: registration waits for CAP END
         self.caps: Set[str] = set()
         self.sasl: Optional[List[str]] = None   # AUTHENTICATE chunks while it runs
+        self.server_time = False        # the server-time cap: events carry their time
         self.asked: Dict[str, Tuple[str, Tuple[str, ...]]] = {}  # id -> (command, arguments)
         self.rooms: Set[str] = set()    # lower-case names of the channels we are in
         self._buffer: Union[bytes, bytearray] = b""     # what came and is not yet taken
