@@ -1447,6 +1447,8 @@ class IrcInput:
 
     def take_output(self) -> bytes:
         """What was answered here, without the core, since the last call."""
+        if not self._output:    # nearly always: a PRIVMSG is the core's to answer
+            return b""
         output, self._output = b"".join(self._output), []
         return output
 
@@ -5392,7 +5394,9 @@ class ChatServer(SelectServer):
                 core.protocol_error(session, error)
                 self.execute()
                 continue
-            self.write_alone(session, codec.take_output())  # what the codec answered itself
+            output = codec.take_output()    # what the codec answered itself
+            if output:
+                self.write_alone(session, output)
             if request is None:
                 if codec.ended:     # everything the peer sent before it hung up is handled
                     core.peer_finished(session)
