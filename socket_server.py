@@ -2203,8 +2203,8 @@ class IrcCodec(IrcInput, IrcOutput):
 
     __slots__ = ("info", "session", "ended", "metered", "variant", "nick", "user",
                  "realname", "password", "registered", "hello_sent", "negotiating", "caps",
-                 "sasl", "server_time", "asked", "rooms", "_buffer", "_start", "_output", "_requests", "_ids",
-                 "_replay", "_listing")
+                 "sasl", "server_time", "asked", "rooms", "_buffer", "_start", "_output",
+                 "_requests", "_ids", "_replay", "_listing")
 
     def __init__(self, info: IrcInfo) -> None:
         self.info = info
@@ -5583,14 +5583,19 @@ class ChatServer(SelectServer):
     @staticmethod
     def _encode_batch(codec: Any, batch: Batch) -> List[bytes]:
         """Each event of the batch, as every codec of this one's variant encodes it."""
-        encoded = []
-        for event, _, _ in batch.entries:
-            try:
-                encoded.append(codec.encode_shared(event))
-            except ValueError:      # over the frame limit: a bug upstream, but only this event
-                log.exception("cannot encode a %r event", event.get("type"))
-                encoded.append(b"")
-        return encoded
+        encode = codec.encode_shared
+        try:    # one comprehension: 12 bytecode steps an event, where a try and an append took 17
+            return [encode(event) for event, _, _ in batch.entries]
+        except ValueError:
+            return [ChatServer._encoded_or_nothing(encode, event) for event, _, _ in batch.entries]
+
+    @staticmethod
+    def _encoded_or_nothing(encode: Callable[[dict], bytes], event: dict) -> bytes:
+        try:
+            return encode(event)
+        except ValueError:      # over the frame limit, a lone surrogate: a bug upstream,
+            log.exception("cannot encode a %r event", event.get("type"))   # this event's alone
+            return b""
 
     def _close(self, session: Session, reason: str, graceful: bool) -> None:
         # The batches need not go first: a closed session gets nothing of them.

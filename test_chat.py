@@ -5329,6 +5329,25 @@ class IrcTests(ChatTestCase):
         self.addCleanup(peer.close)
         return peer
 
+    def test_an_event_that_cannot_be_encoded_costs_that_event_alone(self) -> None:
+        alice, bob, irc = self.peer("alice"), self.peer("bob"), self.irc("ircy")
+        irc.send("JOIN #lobby")
+        irc.expect(" 366 ")
+        server = self.server.server
+
+        def in_the_loop() -> None:
+            room = server.core.rooms.existing("lobby")
+            for text in ("before", "a lone \ud800 surrogate", "after"):   # a bug upstream
+                server.core.deliver(room, {"type": "message", "room": "lobby", "from": "alice",
+                                           "text": text, "ts": "2026-12-07T13:00:00.000Z"})
+            server.execute()
+        with self.assertLogs("chat", "ERROR") as logged:
+            in_loop(self.server, in_the_loop)
+        self.assertEqual([bob.expect("message")["text"] for _ in range(2)], ["before", "after"])
+        self.assertEqual([irc.expect(r" PRIVMSG #lobby :(.*)")[1] for _ in range(2)],
+                         ["before", "after"])
+        self.assertIn("cannot encode a 'message' event", logged.output[0])
+
     def test_registration_without_cap_and_what_comes_before_it(self) -> None:
         alice = self.irc()
         alice.send("JOIN :")    # irssi's probe while it negotiates
