@@ -1884,9 +1884,8 @@ class IrcOutput:
             line = (f":{sender}!{sender}@{self.info.server_name} PRIVMSG #{event['room']} "
                     f":{text}\r\n").encode("utf-8")
             if len(line) <= self.PLAIN_LINE_MAX and sender != "server":
-                if not self.server_time:
-                    return [line]
-                return [b"@" + self._tags(event).encode("utf-8") + b" " + line]
+                tags = self._tags(event) if self.server_time else ""
+                return [b"@" + tags.encode("utf-8") + b" " + line] if tags else [line]
         return self._said(event["from"], "#" + event["room"], text, event.get("action") is True,
                           self._tags(event))
 

@@ -5246,29 +5246,35 @@ class IrcCodecTests(unittest.TestCase):
         for server_name, variant in itertools.product(("x" * 60 + ".lan", "chat.lan"),
                                                       ("irc", "irc+server-time")):
             codec = Counted(socket_server.IrcInfo(server_name))
-            codec.variant = variant
+            if variant != "irc":
+                codec._cap("REQ", "server-time")    # as the client asks for it
+            self.assertEqual(codec.variant, variant)
             for text in texts:
-                for sender in (name, "bob", "server"):
-                    for action in (False, True):
-                        event = {"type": "message", "room": "r" * 32, "from": sender,
-                                 "text": text, "ts": "2026-12-02T05:00:00.000Z"}
-                        if action:
-                            event["action"] = True
-                        general = codec._said(sender, "#" + event["room"], text, action,
-                                              codec._tags(event))
-                        del general_calls[:]
-                        self.assertEqual(codec._show_message(event), general)
-                        # Only what needs more than one line, or more than one line
-                        # holds as it is, goes the general way.
-                        plain = not (action or sender == "server" or
-                                     socket_server.IRC_UNSAFE.search(text))
-                        self.assertEqual(len(general_calls), 0 if plain and len(general) == 1
-                                         else 1, (server_name, variant, text, sender, action))
-                        for line in general:
-                            line.decode("utf-8")    # never cut in the middle of a character
-                            if variant != "irc":
-                                line = line.split(b" ", 1)[1]   # the tags do not count
-                            self.assertLessEqual(len(line), 512)
+                for sender, action, stamped in itertools.product((name, "bob", "server"),
+                                                                 (False, True), (True, False)):
+                    event = {"type": "message", "room": "r" * 32, "from": sender,
+                             "text": text, "ts": "2026-12-02T05:00:00.000Z"}
+                    if action:
+                        event["action"] = True
+                    if not stamped:     # no message lacks one; if one did, no tag
+                        del event["ts"]
+                    general = codec._said(sender, "#" + event["room"], text, action,
+                                          codec._tags(event))
+                    del general_calls[:]
+                    self.assertEqual(codec._show_message(event), general)
+                    self.assertEqual(general[0].startswith(b"@time=2026-12-02T05:00:00.000Z "),
+                                     variant != "irc" and stamped)
+                    # Only what needs more than one line, or more than one line
+                    # holds as it is, goes the general way.
+                    plain = not (action or sender == "server" or
+                                 socket_server.IRC_UNSAFE.search(text))
+                    self.assertEqual(len(general_calls), 0 if plain and len(general) == 1
+                                     else 1, (server_name, variant, text, sender, action))
+                    for line in general:
+                        line.decode("utf-8")    # never cut in the middle of a character
+                        if line.startswith(b"@"):
+                            line = line.split(b" ", 1)[1]   # the tags do not count
+                        self.assertLessEqual(len(line), 512)
 
     def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
