@@ -2220,7 +2220,7 @@ class IrcCodec(IrcInput, IrcOutput):
         self.negotiating = False        # CAP LS or REQ seen: registration waits for CAP END
         self.caps: Set[str] = set()
         self.sasl: Optional[List[str]] = None   # AUTHENTICATE chunks while it runs
-        self.server_time = False        # the server-time cap: events carry their time
+        self.server_time = False        # the server-time cap, kept with variant: asked per line
         self.asked: Dict[str, Tuple[str, Tuple[str, ...]]] = {}  # id -> (command, arguments)
         self.rooms: Set[str] = set()    # lower-case names of the channels we are in
         self._buffer: Union[bytes, bytearray] = b""     # what came and is not yet taken
@@ -5590,10 +5590,12 @@ class ChatServer(SelectServer):
 
     @staticmethod
     def _encoded_or_nothing(encode: Callable[[dict], bytes], event: dict) -> bytes:
+        """An event's bytes, or none for one that cannot be encoded (over the frame
+        limit, a lone surrogate): a bug upstream, which costs that event alone."""
         try:
             return encode(event)
-        except ValueError:      # over the frame limit, a lone surrogate: a bug upstream,
-            log.exception("cannot encode a %r event", event.get("type"))   # this event's alone
+        except ValueError:
+            log.exception("cannot encode a %r event", event.get("type"))
             return b""
 
     def _close(self, session: Session, reason: str, graceful: bool) -> None:
