@@ -1297,8 +1297,8 @@ def quick_json(event: dict) -> Optional[str]:
 IRC_LINE_MAX = 512          # bytes of a line, CRLF included, not counting its tags (RFC 1459)
 IRC_TAGS_MAX = 8191         # bytes of a line's tags, '@' and the space after them included
 IRC_TEXT_BYTES = 400        # bytes of text per PRIVMSG we send: room for the longest prefix
-IRC_ASKED = 128             # requests remembered (up to twice as many), to know what an
-                            # answer or error is about
+IRC_ASKED = 256             # requests remembered (up to twice as many), to know what an
+                            # answer or error is about; one line makes at most 253 (JOIN #,#,...)
 IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (TARGMAX)
 IRC_CAPS = ("away-notify", "echo-message", "message-tags", "multi-prefix", "sasl",
             "server-time")
@@ -1624,16 +1624,24 @@ class IrcInput:
                 self._ask({"type": "part", "room": room}, "PART", room, metered=number == 0)
             return
         keys_given = keys.split(",")
-        for number, channel in enumerate(channels.split(",")):
+        for number, channel in enumerate(self._channels("JOIN", channels)):
             request = {"type": "join", "room": channel}
             if number < len(keys_given) and keys_given[number]:
                 request["key"] = keys_given[number]
             self._ask(request, "JOIN", channel, metered=number == 0)
 
     def _part(self, channels: str, reason: str = "", *rest: str) -> None:
-        for number, channel in enumerate(channels.split(",")):
+        for number, channel in enumerate(self._channels("PART", channels)):
             self._ask({"type": "part", "room": channel, "text": irc_text(reason)}, "PART",
                       channel, metered=number == 0)
+
+    def _channels(self, command: str, channels: str) -> List[str]:
+        """The channels a list names, the empty places between its commas skipped
+        (an error about one could not say which it is); none: 461."""
+        named = [channel for channel in channels.split(",") if channel]
+        if not named:
+            self._reply("461", command, "Not enough parameters")
+        return named
 
     def _topic(self, channel: str, *text: str) -> None:
         request = {"type": "topic", "room": channel}
@@ -5338,7 +5346,8 @@ class ChatServer(SelectServer):
         self._workers = concurrent.futures.ThreadPoolExecutor(
             PASSWORD_WORKERS, thread_name_prefix="password")
         self._executing = False
-        self._to_drain: List[Connection] = []   # resumed while executing: their turn after
+        self._draining: Optional[Connection] = None     # whose requests are being taken
+        self._to_drain: List[Connection] = []   # requests waiting: their turn after that
         self.irc_address: Optional[Tuple[str, int]] = None     # where IRC listens, if it does
         self._batches: List[Batch] = []         # this pass's, in the order they began
         self._open: Dict[int, Batch] = {}       # id(audience) -> its batch taking events
@@ -5378,11 +5387,30 @@ class ChatServer(SelectServer):
         self.drain(conn)
 
     def drain(self, conn: Connection) -> None:
-        """Give the core the requests that have arrived, one at a time, while it takes them.
+        """Give the core the requests that have arrived, one at a time, while it takes them;
+        then those of any connection that was given a turn meanwhile (_turn_later).
 
         A session that waits (for a password check) takes none: its requests
         stay in the codec, and its reading is paused, until the wait is over.
+        Turns never nest (see execute), however many requests one read holds.
         """
+        while True:
+            self._draining = conn
+            try:
+                self._take_requests(conn)
+            finally:
+                self._draining = None
+            if not self._to_drain:
+                return
+            conn = self._to_drain.pop()
+
+    def _turn_later(self, conn: Connection) -> None:
+        """conn has requests that no new bytes would bring out: its turn comes once what
+        runs now is done (the connection taking its turn finds them itself)."""
+        if conn is not self._draining and conn not in self._to_drain:
+            self._to_drain.append(conn)
+
+    def _take_requests(self, conn: Connection) -> None:
         codec, core = conn.protocol, self.core
         session = codec.session
         while not (session.waiting or session.gone):
@@ -5464,14 +5492,15 @@ class ChatServer(SelectServer):
             actions.clear()
         finally:
             self._executing = False
-        while self._to_drain:
-            self.drain(self._to_drain.pop())
+        if self._draining is None:      # else the turn under way gives them theirs after it
+            while self._to_drain:
+                self.drain(self._to_drain.pop())
 
     def send(self, session: Session, event: dict) -> None:
         codec = session.link.protocol
         self.write_alone(session, codec.encode(event))
         if codec.wants_turn():      # the answer let the codec make a request (IRC's SASL)
-            self._to_drain.append(session.link)
+            self._turn_later(session.link)
 
     def write_alone(self, session: Session, data: bytes) -> None:
         """Bytes for one session: what it has coming in this pass's batches goes first."""
@@ -5604,7 +5633,7 @@ class ChatServer(SelectServer):
 
     def _resume(self, session: Session) -> None:
         self.resume_reading(session.link)
-        self._to_drain.append(session.link)     # what arrived meanwhile waits in its codec
+        self._turn_later(session.link)      # what arrived meanwhile waits in its codec
 
     def _run_job(self, job: Callable[[], Any], then: Callable[[Callable[[], Any]], None]) -> None:
         def finished(future: "concurrent.futures.Future") -> None:

@@ -5706,6 +5706,25 @@ class IrcTests(ChatTestCase):
         self.assertIn("ERROR :Closing Link", closing[-1])
         bob.say("the others carry on")
 
+    def test_one_line_of_many_requests_is_answered_without_nesting(self) -> None:
+        # Each channel of a JOIN is a request; each answer once asked for the connection's
+        # next turn from inside the turn it was in, a call deeper each: a few hundred
+        # failing names in one read ended in a RecursionError and a closed connection.
+        bob = self.peer("bob")
+        alice = self.irc("alice")
+        line = "JOIN " + ",".join("#!" for _ in range(150)) + "\r\n"
+        alice.send_raw(line.encode("ascii") * 6)     # one read of 900 requests
+        refusals = [line for line in alice.sync() if " 403 alice #! :" in line]
+        self.assertEqual(len(refusals), 900)
+        bob.say("still here")
+        alice.send("JOIN ,,#lobby,")    # the empty places are no channels to refuse
+        self.assertEqual([line.split()[1] for line in alice.until(" 366 ")],
+                         ["JOIN", "353", "366"])
+        alice.send("PART ,")
+        alice.expect(r" 461 alice PART :Not enough parameters")
+        bob.say("and talking")
+        alice.expect(r":bob!bob@test.lan PRIVMSG #lobby :and talking")
+
     def test_an_irc_client_that_never_registers_is_dropped(self) -> None:
         server = ServerThread(irc_port=0, server_name="test.lan", hello_timeout=0.3)
         self.addCleanup(server.stop)
