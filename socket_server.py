@@ -1296,7 +1296,6 @@ def quick_json(event: dict) -> Optional[str]:
 
 IRC_LINE_MAX = 512          # bytes of a line, CRLF included, not counting its tags (RFC 1459)
 IRC_TAGS_MAX = 8191         # bytes of a line's tags, '@' and the space after them included
-IRC_TEXT_BYTES = 400        # bytes of text per PRIVMSG we send: room for the longest prefix
 IRC_ASKED = 256             # requests remembered (up to twice as many), to know what an
                             # answer or error is about; one line makes at most 253 (JOIN #,#,...)
 IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (TARGMAX)
@@ -1822,7 +1821,10 @@ class IrcOutput:
             words.append(param if param.isprintable() else IRC_UNSAFE.sub(" ", param))
         if params:
             words[-1] = ":" + words[-1]
-        line = " ".join(words).encode("utf-8")[:IRC_LINE_MAX - 2] + b"\r\n"
+        line = " ".join(words).encode("utf-8")
+        if len(line) > IRC_LINE_MAX - 2:    # cut between characters, never inside one
+            line = line[:IRC_LINE_MAX - 2].decode("utf-8", "ignore").encode("utf-8")
+        line += b"\r\n"
         return b"@" + tags.encode("utf-8") + b" " + line if tags else line
 
     def _numeric(self, numeric: str, *params: str) -> bytes:
@@ -1845,11 +1847,12 @@ class IrcOutput:
         """A message as one or more lines: long ones (a client.py user may send 2000
         characters) are cut between words into pieces IRC can carry."""
         prefix = self._from(sender)
-        # What the line holds besides the text: with the longest names, more than
-        # IRC_TEXT_BYTES leaves room for, and a line cut short may end mid-character.
-        around = len(f":{prefix} {command} {target} :\x01ACTION \x01\r\n".encode("utf-8"))
+        # What the line holds besides the text: the room left is each piece's (a
+        # line that _line had to cut would lose the end of its piece).
+        marks = "\x01ACTION \x01" if action else ""
+        around = len(f":{prefix} {command} {target} :{marks}\r\n".encode("utf-8"))
         lines = []
-        for piece in split_utf8(text, min(IRC_TEXT_BYTES, IRC_LINE_MAX - around)):
+        for piece in split_utf8(text, IRC_LINE_MAX - around):
             body = f"\x01ACTION {piece}\x01" if action else piece
             lines.append(self._line(prefix, command, target, body, tags=tags))
         return lines
@@ -1857,9 +1860,10 @@ class IrcOutput:
     def _show_names(self, channel: str, users: List[str], ops: List[str]) -> List[bytes]:
         operators = {name.lower() for name in ops}
         names = [("@" if name.lower() in operators else "") + name for name in users]
+        room = IRC_LINE_MAX - len(self._numeric("353", "=", channel, ""))  # for the names
         lines, row = [], []
         for name in names + [None]:
-            if name is None or sum(len(each) + 1 for each in row) + len(name) > IRC_TEXT_BYTES:
+            if name is None or sum(len(each) + 1 for each in row) + len(name) > room:
                 if row:
                     lines.append(self._numeric("353", "=", channel, " ".join(row)))
                 row = []
@@ -1873,17 +1877,9 @@ class IrcOutput:
 
     # -- what many get (SHARED) -------------------------------------------------------
 
-    # The longest line that _said() does not cut (it leaves room for an action's marks).
-    PLAIN_LINE_MAX = IRC_LINE_MAX - len("\x01ACTION \x01")
-
-    # Text of at most this many characters is at most IRC_TEXT_BYTES in UTF-8 (no
-    # character takes more than 4 bytes): one piece for split_utf8, without encoding it.
-    SHORT_TEXT = IRC_TEXT_BYTES // 4
-
     def _show_message(self, event: dict) -> List[bytes]:
         text = event["text"]
-        if "action" not in event and "\n" not in text and "\r" not in text and "\0" not in text \
-                and (len(text) <= self.SHORT_TEXT or len(text.encode("utf-8")) <= IRC_TEXT_BYTES):
+        if "action" not in event and "\n" not in text and "\r" not in text and "\0" not in text:
             # Nearly every message: text from a person that one line holds, with nothing
             # _line would make safe (IRC_UNSAFE: the core's clean_text leaves none of it,
             # and three searches for one character cost a tenth of isprintable()). What
@@ -1891,7 +1887,7 @@ class IrcOutput:
             sender = event["from"]
             line = (f":{sender}!{sender}@{self.info.server_name} PRIVMSG #{event['room']} "
                     f":{text}\r\n").encode("utf-8")
-            if len(line) <= self.PLAIN_LINE_MAX and sender != "server":
+            if len(line) <= IRC_LINE_MAX and sender != "server":
                 tags = self._tags(event) if self.server_time else ""
                 return [b"@" + tags.encode("utf-8") + b" " + line] if tags else [line]
         return self._said(event["from"], "#" + event["room"], text, event.get("action") is True,

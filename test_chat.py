@@ -5224,8 +5224,8 @@ class IrcCodecTests(unittest.TestCase):
 
     def test_a_plain_message_one_line_holds_takes_the_quick_way_to_the_same_line(self) -> None:
         name = "n" * 32
-        # With the long names, a line has room for 326 bytes of text; with the short
-        # ones, a piece has room for 400 (IRC_TEXT_BYTES). Texts around both, in
+        # With the long names, a line has room for 326 bytes of text (317 for an
+        # action); with the short ones, for about 450. Texts around both, in
         # characters of one, two and four bytes, and what the quick way leaves to the
         # general one.
         texts = ("hi", ":starts with a colon", "é" * 100, "w" * 100, "w" * 101,
@@ -5705,6 +5705,24 @@ class IrcTests(ChatTestCase):
         closing = alice.read_until_closed()
         self.assertIn("ERROR :Closing Link", closing[-1])
         bob.say("the others carry on")
+
+    def test_long_texts_are_cut_between_characters_and_split_only_past_a_line(self) -> None:
+        bob = self.peer("bob")
+        enter(bob, "cjk")       # its maker: bob may set its topic
+        alice, carol = self.irc("alice"), self.irc("carol")
+        for each in (alice, carol):
+            each.send("JOIN #cjk")
+            each.until(" 366 ")
+        topic = "a" + "話" * 295 + "END"   # 889 bytes: cut, never inside a character
+        bob.send({"type": "topic", "room": "cjk", "text": topic})
+        shown = alice.expect(r" TOPIC #cjk :(.*)")[1]     # line() decodes it as UTF-8
+        self.assertTrue(topic.startswith(shown) and len(shown) > 150, len(shown))
+        # A text that arrived in one line of a client goes on as one line, whole.
+        text = "word " * 89 + "end"
+        alice.send(f"PRIVMSG #cjk :{text}")
+        self.assertEqual([line.split(" :", 1)[1] for line in carol.sync()
+                          if " PRIVMSG #cjk :" in line], [text])
+        self.assertEqual(bob.expect("message")["text"], text)
 
     def test_one_line_of_many_requests_is_answered_without_nesting(self) -> None:
         # Each channel of a JOIN is a request; each answer once asked for the connection's
