@@ -1524,6 +1524,9 @@ class IrcInput:
         """SASL PLAIN: the mechanism, then the credentials in 400-byte base64 pieces."""
         if "sasl" not in self.caps:
             self._reply("904", "SASL authentication failed")
+        elif data == "*":
+            self.sasl = None
+            self._reply("906", "SASL authentication aborted")
         elif self.sasl is None:
             if data.upper() == "PLAIN":
                 self.sasl = []
@@ -1531,9 +1534,6 @@ class IrcInput:
             else:
                 self._reply("908", "PLAIN", "are available SASL mechanisms")
                 self._reply("904", "SASL authentication failed")
-        elif data == "*":
-            self.sasl = None
-            self._reply("906", "SASL authentication aborted")
         else:
             if data != "+":
                 self.sasl.append(data)
@@ -1688,11 +1688,14 @@ class IrcInput:
                 sign = letter
             elif letter == "b" and (sign == "+" and not arguments):
                 self._reply("368", target, "End of channel ban list")
-            elif letter == "o" and arguments:
-                self._ask({"type": "room_op", "room": target, "name": arguments.pop(0),
-                           "op": sign == "+"}, "MODE", target)
+            elif (letter == "o" or letter == "k" and sign == "+") and not arguments:
+                self._reply("461", "MODE", "Not enough parameters")
+            elif letter == "o":
+                name = arguments.pop(0)
+                self._ask({"type": "room_op", "room": target, "name": name, "op": sign == "+"},
+                          "MODE", target, name)
             elif letter == "k":
-                key = arguments.pop(0) if sign == "+" and arguments else ""
+                key = arguments.pop(0) if sign == "+" else ""
                 if sign == "-" and arguments:
                     arguments.pop(0)
                 self._ask({"type": "key", "room": target, "key": key}, "MODE", target)
@@ -1787,9 +1790,12 @@ IRC_ERRORS: Dict[str, Tuple[str, bool]] = {
 # Refusals of a name: the client may try another.
 IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
                              "name_banned"})
+# Queries that list what they find: for a channel or nick that is not there, the
+# end of the list alone (RFC 2812, 3.2.5 and 3.6.1).
+IRC_LIST_ENDS = {"NAMES": ("366", "End of /NAMES list"), "WHO": ("315", "End of /WHO list")}
 # Refusals of a message: 404, naming where it was going.
 IRC_NOT_SENT = frozenset({"muted", "too_long", "blocked_word", "no_links", "whispers_off",
-                          "rate_limited"})
+                          "rate_limited", "not_in_room"})
 
 
 class IrcOutput:
@@ -1909,7 +1915,8 @@ class IrcOutput:
         if event["reason"] == "kicked":
             return [self._line(self._from(event.get("by", "server")), "KICK", channel, name,
                                event.get("comment") or event.get("text", ""), tags=tags)]
-        return [self._line(self._mask(name), "PART", channel, event.get("comment", ""),
+        comment = event.get("comment")      # none: no empty parameter ("has left #a []")
+        return [self._line(self._mask(name), "PART", channel, *([comment] if comment else []),
                            tags=tags)]
 
     def _show_topic_set(self, event: dict) -> List[bytes]:
@@ -2102,11 +2109,14 @@ class IrcOutput:
                 text += " (log in with SASL, or PASS name:password)"
             lines.append(self._numeric(IRC_ERRORS[code][0], arguments[0] if arguments else "*",
                                        text))
+        elif command in IRC_LIST_ENDS and code in ("no_such_room", "bad_room", "unknown_user"):
+            numeric, text = IRC_LIST_ENDS[command]    # nothing to list: the end alone
+            lines.append(self._numeric(numeric, arguments[0] if arguments else "*", text))
         elif code in IRC_NOT_SENT and command == "PRIVMSG":
             lines.append(self._numeric("404", arguments[0] if arguments else "*", text))
         elif code in IRC_ERRORS:
             numeric, names_target = IRC_ERRORS[code]
-            target = (arguments[-1] if command == "KICK" and code == "unknown_user"
+            target = (arguments[-1] if command in ("KICK", "MODE") and code == "unknown_user"
                       else arguments[0]) if arguments and names_target else None
             lines.append(self._numeric(numeric, *([target] if target else []), text))
         else:

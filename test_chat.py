@@ -5276,6 +5276,14 @@ class IrcCodecTests(unittest.TestCase):
                             line = line.split(b" ", 1)[1]   # the tags do not count
                         self.assertLessEqual(len(line), 512)
 
+    def test_sasl_can_be_aborted_before_a_mechanism_is_named(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.feed(b"CAP REQ :sasl\r\nAUTHENTICATE *\r\n")
+        self.assertIsNone(codec.next_request())
+        self.assertEqual(codec.take_output().split(b"\r\n")[1],
+                         b":chat.lan 906 * :SASL authentication aborted")
+        self.assertIsNone(codec.sasl)
+
     def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
         codec.registered, codec.nick = True, "ann"
@@ -5509,7 +5517,13 @@ class IrcTests(ChatTestCase):
         alice.send("PART #lobby")
         alice.expect(r" 442 alice #lobby ")
         alice.send("PRIVMSG #lobby :not in it")
-        alice.expect(r" 442 alice #lobby ")
+        alice.expect(r" 404 alice #lobby ")     # cannot send to channel
+        # Nothing to list: the end of the list alone.
+        alice.send("NAMES #nowhere")
+        self.assertEqual(alice.line(), ":test.lan 366 alice #nowhere :End of /NAMES list")
+        for target in ("#nowhere", "nobody"):
+            alice.send(f"WHO {target}")
+            self.assertEqual(alice.line(), f":test.lan 315 alice {target} :End of /WHO list")
 
     def test_operators_keys_kicks_and_modes_cross_over(self) -> None:
         alice = self.irc("alice")
@@ -5545,6 +5559,15 @@ class IrcTests(ChatTestCase):
         carol.expect(r":alice!alice@test.lan KICK #ops carol :bye")
         alice.send("MODE #ops +x")
         alice.expect(r" 472 alice x ")
+        for change in ("+o", "+k"):     # without the nick or the key: the key stays
+            alice.send(f"MODE #ops {change}")
+            alice.expect(r" 461 alice MODE ")
+        alice.send("MODE #ops +o nobody")
+        alice.expect(r" 401 alice nobody ")
+        alice.send("MODE #ops")
+        alice.expect(r" 324 alice #ops \+tk :s3cret")
+        alice.send("PART #ops")     # no reason: no empty one
+        self.assertEqual(alice.expect(" PART ").string, ":alice!alice@test.lan PART :#ops")
 
     def test_history_on_join_with_server_time_and_without(self) -> None:
         bob = self.peer("bob")
