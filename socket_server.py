@@ -3292,10 +3292,9 @@ class ChatCore:
         Cleaned for display, within the length limit, through the message
         rules (masked or refused), and not from someone muted.
         """
-        muted = self.moderation.mute_left(session.name)
+        muted = self.moderation.muted(session)
         if muted is not None:
-            left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
-            self.refuse(session, "muted", f"You are muted {left}: you can read, but not send.")
+            self.refuse(session, muted.code, muted.text)
             return None
         if len(text) <= self.settings.max_length * CLEANING_SLACK:  # far longer: refused unseen
             text = clean_text(text)
@@ -3319,7 +3318,7 @@ class ChatCore:
         pass    # hearing anything at all already counts as a sign of life
 
     def on_bye(self, session: Session, message: dict) -> None:
-        session.comment = clean_cut(message.get("text", ""), MAX_TOPIC_LENGTH)
+        session.comment = self.moderation.parting_words(session, message.get("text", ""))
         self.close(session, "quit")
 
 
@@ -3424,7 +3423,12 @@ class People:
         log.info("%s is now known as %s", old, name)
 
     def on_away(self, session: Session, message: dict) -> None:
-        text = clean_cut(message.get("text", ""), MAX_AWAY_LENGTH)
+        try:
+            text = self.core.moderation.passed_text(session, message.get("text", ""),
+                                                    MAX_AWAY_LENGTH)
+        except ModerationError as exc:
+            self.core.refuse(session, exc.code, exc.text)
+            return
         self.set_away(session, text or None)
 
     def set_away(self, session: Session, text: Optional[str]) -> None:
@@ -3684,7 +3688,7 @@ class Rooms:
     def on_part(self, session: Session, message: dict) -> None:
         room = self._or_refuse(session, lambda: self.of(session, message["room"]))
         if room is not None:
-            comment = clean_cut(message.get("text", ""), MAX_TOPIC_LENGTH)
+            comment = self.core.moderation.parting_words(session, message.get("text", ""))
             self.leave(session, room, "part", **({"comment": comment} if comment else {}))
 
     def on_rooms(self, session: Session, message: dict) -> None:
@@ -3737,7 +3741,9 @@ class Rooms:
         topic = clean_cut(text, MAX_TOPIC_LENGTH + 1)     # one more: to see it is too long
         if len(topic) > MAX_TOPIC_LENGTH:
             raise ModerationError("too_long", f"Topics are limited to {MAX_TOPIC_LENGTH} "
-                                  f"characters; that one had {len(topic)}.")
+                                  f"characters; that one had {len(text)}.")
+        if actor is not None:       # the console's own words pass unchecked
+            topic = self.core.moderation.passed_text(actor, topic, MAX_TOPIC_LENGTH)
         by = actor.name if actor is not None else "server"
         room.topic, room.topic_by, room.topic_ts = topic, by, self.core.timestamp()
         self.core.store.save_room(room)
@@ -3755,7 +3761,8 @@ class Rooms:
         if actor is not None and target.operator and target is not actor:
             raise ModerationError("not_allowed", f"{target.name} is a server operator.")
         by = actor.name if actor is not None else "server"
-        comment = clean_cut(comment, MAX_TOPIC_LENGTH)
+        comment = clean_cut(comment, MAX_TOPIC_LENGTH) if actor is None else \
+            self.core.moderation.parting_words(actor, comment)
         text = f"{target.name} was kicked from #{room.name} by {by}" + \
             (f": {comment}" if comment else "")
         self.leave(target, room, "kicked", by=by, text=text,
@@ -4446,6 +4453,35 @@ class Moderation:
             del self.mutes[name.lower()]
             return None
         return left
+
+    def muted(self, session: Session) -> Optional["ModerationError"]:
+        """Why session may not send now (it is muted), or None."""
+        muted = self.mute_left(session.name)
+        if muted is None:
+            return None
+        left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
+        return ModerationError("muted", f"You are muted {left}: you can read, but not send.")
+
+    def passed_text(self, session: Session, text: str, most: int) -> str:
+        """Words of session's that others see besides its messages (an away text, a
+        topic, a part's or a quit's words): cleaned, cut to `most` characters and
+        through the message rules (masked). Raises ModerationError when they may not
+        go out: session is muted, or a rule refuses them."""
+        text = clean_cut(text, most)
+        if not text:
+            return text
+        muted = self.muted(session)
+        if muted is not None:
+            raise muted
+        return self.core.rules.check(text)
+
+    def parting_words(self, session: Session, text: str) -> str:
+        """A part's or quit's words as others see them; none when they may not go out
+        (the leave itself does)."""
+        try:
+            return self.passed_text(session, text, MAX_TOPIC_LENGTH)
+        except ModerationError:
+            return ""
 
     def ban_text(self, ban: Ban) -> str:
         """What a banned person is told."""

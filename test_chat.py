@@ -3492,6 +3492,10 @@ class ModerationTests(ChatTestCase):
         self.assertIn("10 minutes more", error["text"])
         bob.send({"type": "whisper", "to": "alice", "text": "psst"})
         self.assertEqual(bob.expect("error")["code"], "muted")
+        bob.send({"type": "away", "text": "talking anyway"})   # others would see it
+        self.assertEqual(bob.expect("error")["code"], "muted")
+        bob.send({"type": "away"})      # being away, or back, says nothing
+        self.assertIsNone(alice.expect("away")["text"])
         alice.say("you can still read")
         self.assertEqual(bob.expect("message")["text"], "you can still read")
         self.assertNotIn("message", [m["type"] for m in alice.sync()])
@@ -3739,6 +3743,20 @@ class MessageRuleServerTests(ChatTestCase):
         self.assertEqual(alice.expect("error")["code"], "whispers_off")
         self.assertEqual([m["type"] for m in bob.sync()], [])
 
+    def test_the_rules_hold_for_every_text_others_see(self) -> None:
+        # An away text, a topic, a part's and a quit's words are seen by others too.
+        alice, bob = self.peer("alice"), self.peer("bob")
+        enter(alice, "dev")
+        enter(bob, "dev")
+        for request in ({"type": "away", "text": "darn it"},
+                        {"type": "topic", "room": "dev", "text": "see www.example.com"}):
+            alice.send(request)
+            self.assertIn(alice.expect("error")["code"], ("blocked_word", "no_links"))
+        alice.send({"type": "part", "room": "dev", "text": "darn you all"})
+        self.assertNotIn("comment", bob.expect_next_of("leave", room="dev"))  # gone, unsaid
+        alice.send({"type": "bye", "text": "www.example.com"})
+        self.assertNotIn("comment", bob.expect_next_of("leave"))
+
     def test_masking(self) -> None:
         server = ServerThread(blocked_words=["darn"])
         self.addCleanup(server.stop)
@@ -3747,6 +3765,10 @@ class MessageRuleServerTests(ChatTestCase):
         self.addCleanup(bob.close)
         self.assertEqual(alice.say("DARN it")["text"], "**** it")
         self.assertEqual(bob.expect("message")["text"], "**** it")
+        alice.send({"type": "away", "text": "darn busy"})
+        self.assertEqual(bob.expect("away")["text"], "**** busy")
+        alice.send({"type": "bye", "text": "darn it all"})
+        self.assertEqual(bob.expect_next_of("leave")["comment"], "**** it all")
 
 
 # ---------------------------------------------------------------------------
@@ -4774,8 +4796,10 @@ class RoomTests(ChatTestCase):
         self.assertEqual(carol.expect("topic")["topic"], "release friday")
         room = enter(carol, "dev")
         self.assertEqual((room["topic"], room["topic_by"]), ("release friday", "alice"))
-        alice.send({"type": "topic", "room": "dev", "text": "x" * 301})
-        self.assertEqual(alice.expect("error")["code"], "too_long")
+        alice.send({"type": "topic", "room": "dev", "text": "x" * 350})
+        error = alice.expect("error")
+        self.assertEqual(error["code"], "too_long")
+        self.assertIn("that one had 350", error["text"])
         carol.send({"type": "rooms"})
         listed = {entry["room"]: entry for entry in carol.expect("rooms")["rooms"]}
         self.assertEqual((listed["dev"]["count"], listed["dev"]["topic"]), (3, "release friday"))
