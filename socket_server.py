@@ -3150,8 +3150,9 @@ class ChatCore:
             self.refuse(session, "name_taken", f'The name "{name}" is taken. Pick another.')
             return
         if earlier is not None:     # our own dead connection, not yet noticed
-            self.close(earlier, "reconnected", graceful=False, replaced=True)
-        self.admit(session, name, registered=False, rooms=rooms)
+            self.accounts.resume(earlier, session, rooms)
+        else:
+            self.admit(session, name, registered=False, rooms=rooms)
 
     def admit(self, session: Session, name: str, registered: bool,
               rooms: Optional[list]) -> None:
@@ -3580,13 +3581,16 @@ class Rooms:
                 raise ModerationError("too_many_rooms", f"This server has {len(self.all)} "
                                       "rooms, its limit: join one of them (see /rooms).")
             room = self._create(name, session.name)
-            self._set_op(room, session.key, True, session.registered)
         elif room.key and (key is None or not same_secret(key, room.key)):
             raise ModerationError("bad_key", f"#{room.name} needs a key: /join #{room.name} KEY"
                                   if key is None else f"Wrong key for #{room.name}.")
         elif settings.max_room_size and len(room) >= settings.max_room_size and \
                 room is not self.lobby:
             raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
+        if not room.ops and not room.members and room is not self.lobby:
+            # Whoever makes a room runs it, and (as on IRC) the first into a room that
+            # nobody runs: else a room whose maker left would have no operator again.
+            self._set_op(room, session.key, True, session.registered)
         room.add(session)
         session.rooms = room.alone if not session.rooms else session.rooms + (room,)
         core.send(session, self.described(room))
@@ -3642,18 +3646,25 @@ class Rooms:
                 told = tuple(room for room in rooms if len(room) <= limit)
             audience = (told[0] if len(told) == 1 else SharedRooms(told)) if told else NOBODY
         for room in rooms:
-            self._take_out(session, room, reason, keep_batch=room in told)
+            self._take_out(session, room, reason, keep_batch=room in told, replaced=replaced)
         return audience
 
     def _take_out(self, session: Session, room: Room, why: str,
-                  keep_batch: bool = False) -> None:
+                  keep_batch: bool = False, replaced: bool = False) -> None:
         room.discard(session, keep_batch)
         rest = tuple(other for other in session.rooms if other is not room)
         session.rooms = rest[0].alone if len(rest) == 1 else rest
-        if session.key in room.ops and not session.registered:
+        if session.key in room.ops and not (session.registered or replaced):
             self._set_op(room, session.key, False, False)   # lasted while it was here
         self.core.store.record(self.core.timestamp(), "leave", session.name, None, why,
                                room=room.name)
+
+    def taken_back(self, session: Session, rooms: Tuple[Room, ...]) -> None:
+        """A resumed session's earlier rooms (see Accounts.resume): it stays an operator
+        of those it is in again; of the others its name is not."""
+        for room in rooms:
+            if session.key in room.ops and session not in room and not session.registered:
+                self._set_op(room, session.key, False, False)
 
     def renamed(self, session: Session, old_key: str, was_registered: bool) -> None:
         """Session's name changed from old_key: its rooms and room operator status follow."""
@@ -3922,6 +3933,17 @@ class Accounts:
         """
         return token is not None and earlier.state == JOINED and \
             same_secret(token, self.resume_token(earlier))
+
+    def resume(self, earlier: Session, session: Session, rooms: Optional[list]) -> None:
+        """session takes over its name from its own dead connection, earlier, and what
+        the name was while it was here: a server operator, and an operator of each
+        room it takes back (of the others no longer: another may take the name)."""
+        core, was_in, operator = self.core, earlier.rooms, earlier.operator
+        core.close(earlier, "reconnected", graceful=False, replaced=True)
+        core.admit(session, earlier.name, registered=False, rooms=rooms)
+        core.rooms.taken_back(session, was_in)
+        if operator:
+            core.moderation.make_operator(session, "You are an operator again.")
 
     def resume_token(self, session: Session) -> str:
         """The token a session's welcome carries: a MAC of what tells this session
@@ -4499,20 +4521,25 @@ class Moderation:
             core.accounts.wrong_password(session, "bad_admin_password",
                                          "Wrong operator password.")
         elif not session.operator:
-            session.operator = True
-            core.operators.add(session)
-            log.info("%s is now an operator", session.name)
-            core.send(session, {"type": "notice", "code": "op", "text": "You are an operator "
-                                "now: /help lists the moderation commands."})
+            self.make_operator(session, "You are an operator now: /help lists the moderation "
+                                        "commands.")
             core.notify_all("new_operator", f"{session.name} is now an operator",
                             exclude=session)
 
+    def make_operator(self, session: Session, text: str) -> None:
+        session.operator = True
+        self.core.operators.add(session)
+        log.info("%s is now an operator", session.name)
+        self.core.send(session, {"type": "notice", "code": "op", "text": text})
+
     def on_deop(self, session: Session, message: dict) -> None:
-        if session.operator:
-            session.operator = False
-            self.core.operators.discard(session)
-            self.core.send(session, {"type": "notice", "code": "deop",
-                                     "text": "You are no longer an operator."})
+        if not session.operator:
+            self.core.refuse(session, "not_operator", "You are not an operator.")
+            return
+        session.operator = False
+        self.core.operators.discard(session)
+        self.core.send(session, {"type": "notice", "code": "deop",
+                                 "text": "You are no longer an operator."})
 
     def on_moderate(self, session: Session, message: dict) -> None:
         if not session.operator:

@@ -3475,6 +3475,34 @@ class ModerationTests(ChatTestCase):
         self.assertEqual(self.console("/ban carol nancy said so")[-1],    # a reason, no length
                          "carol was banned by server: nancy said so")
 
+    def test_a_resumed_connection_keeps_what_its_name_was(self) -> None:
+        # A client whose network dropped comes back with its resume token: it is still
+        # a server operator, and an operator of the rooms it takes back (not of others).
+        alice, watcher = self.peer("alice"), self.peer("watcher")
+        alice.send({"type": "op", "password": "op-secret"})
+        self.assertEqual(alice.expect("notice")["code"], "op")
+        for room in ("dev", "ops"):
+            enter(alice, room)
+            enter(watcher, room)
+        back = self.peer()
+        back.send({"type": "hello", "name": "alice", "rooms": ["lobby", "dev"],
+                   "resume": alice.welcome["resume"]})
+        self.assertEqual(back.expect("welcome")["name"], "alice")
+        rooms = {}
+        for _ in range(2):
+            room = back.expect("room")
+            rooms[room["room"]] = room["ops"]
+        self.assertEqual(rooms["dev"], ["alice"])
+        self.assertEqual(back.expect("notice")["code"], "op")
+        back.send({"type": "moderate", "command": "bans"})
+        self.assertEqual(back.expect("notice")["code"], "moderation")
+        back.send({"type": "bye"})
+        watcher.expect_next_of("leave", name="alice")
+        newcomer = self.peer("alice")   # the name is free: it is no operator of #ops
+        self.assertEqual(enter(newcomer, "ops")["ops"], [])
+        watcher.send({"type": "deop"})      # not an operator: said so, not ignored
+        self.assertEqual(watcher.expect("error")["code"], "not_operator")
+
     def test_mute_unmute_and_expiry(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
         stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"   # as joins have, so clients show it
@@ -4843,6 +4871,16 @@ class RoomTests(ChatTestCase):
         self.assertEqual(carol.expect("error")["code"], "not_room_operator")
         alice.send({"type": "kick", "room": "dev", "name": "nobody"})
         self.assertEqual(alice.expect("error")["code"], "unknown_user")
+
+    def test_the_first_into_a_room_nobody_runs_runs_it(self) -> None:
+        # As on IRC: else a room whose maker left would have no operator ever again.
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        enter(alice, "dev")
+        alice.send({"type": "part", "room": "dev"})
+        alice.expect("leave")
+        self.assertEqual(enter(bob, "dev")["ops"], ["bob"])
+        self.assertEqual(enter(carol, "dev")["ops"], ["bob"])  # someone is there: no change
+        self.assertEqual(enter(alice, "dev")["ops"], ["bob"])
 
     def test_history_is_per_room_and_search_can_span_them(self) -> None:
         alice = self.peer("alice")
