@@ -1711,7 +1711,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "room": {"room": str, "users": list, "topic?": str, "topic_by?": str, "count?": int,
              "ops?": list, "key?": str},
     "message": {"from": str, "text": str, "room?": str, "ts?": str, "action?": bool},
-    "whisper": {"from": str, "to": str, "text": str, "ts?": str},
+    "whisper": {"from": str, "to": str, "text": str, "ts?": str, "action?": bool},
     "sent": {"text": str, "room?": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
     "join": {"name": str, "room?": str, "ts?": str},
     "leave": {"name": str, "room?": str, "reason?": str, "text?": str, "comment?": str,
@@ -1726,7 +1726,8 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "whois": {"name": str, "rooms?": list, "away?": object, "operator?": bool,
               "registered?": bool, "idle?": int, "since?": str},
     "announcement": {"from": str, "text": str, "ts?": str},
-    "history": {"kind": str, "from": str, "text": str, "ts": str, "room?": str, "to?": str},
+    "history": {"kind": str, "from": str, "text": str, "ts": str, "room?": str, "to?": str,
+                "action?": bool},
     "history_end": {"for": str, "count": int, "room?": str, "text?": str},
     "error": {"code": str, "text": str, "id?": str},
     "notice": {"code": str, "text": str, "ts?": str},
@@ -1771,11 +1772,12 @@ def names_list(users: list, ops: Optional[list] = None,
 
 
 def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message",
-              to: str = "", dim: bool = False) -> Line:
+              to: str = "", dim: bool = False, action: bool = False) -> Line:
     """A message, whisper, action or announcement, as it is shown.
 
     `me` is the reader's name: mentions of it are highlighted, and whispers
-    read "to bob" or "from bob" depending on who sent them.
+    read "to bob" or "from bob" depending on who sent them; a whisper that is
+    an action (/me in an IRC query) then "* bob winks".
     """
     time_part = (f"[{stamp}] ", "time")
     mine = sender.lower() == me.lower()
@@ -1783,6 +1785,8 @@ def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message"
         other = to if mine else sender
         head = (time_part, ("[whisper to " if mine else "[whisper from ", "whisper"),
                 (other, "name"), ("] ", "whisper"))
+        if action:
+            head += (("* ", "action"), (sender, "name"), (" ", ""))
         return Line(head, ((text, ""),), dim, ring=not mine)
     if kind == "action":
         body = mentions(text, "action", "" if mine else me)
@@ -1857,14 +1861,16 @@ def _show_message(message: dict, me: str) -> Line:
 
 def _show_whisper(message: dict, me: str) -> Line:
     return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
-                     clean_text(message["text"]), me, "whisper", to=me)
+                     clean_text(message["text"]), me, "whisper", to=me,
+                     action=message.get("action") is True)
 
 
 def _show_sent(message: dict, me: str) -> Line:
     kind = "whisper" if "to" in message else \
         "action" if message.get("action") is True else "message"
     return of_room(chat_line(local_time(message.get("ts")), me, clean_text(message["text"]), me,
-                             kind, to=clean_text(message.get("to", ""))), message)
+                             kind, to=clean_text(message.get("to", "")),
+                             action=message.get("action") is True), message)
 
 
 def _show_leave(message: dict, me: str) -> Line:
@@ -1988,7 +1994,8 @@ def _show_history(message: dict, me: str) -> Line:
         kind = "message"
     return of_room(chat_line(local_time(message["ts"], with_date=True),
                              clean_text(message["from"]), clean_text(message["text"]), me, kind,
-                             to=clean_text(str(message.get("to", ""))), dim=True)
+                             to=clean_text(str(message.get("to", ""))), dim=True,
+                             action=message.get("action") is True)
                    ._replace(ring=False), message)
 
 

@@ -1607,10 +1607,10 @@ class IrcInput:
         for target in targets.split(",")[:IRC_MESSAGE_TARGETS] if "," in targets else (targets,):
             if target.startswith("#"):
                 request = {"type": "say", "room": target, "text": text}
-                if action:
-                    request["action"] = True
             else:
                 request = {"type": "whisper", "to": target, "text": text}
+            if action:
+                request["action"] = True
             self._ask(request, command, target, metered=metered)
             metered = False
 
@@ -1998,8 +1998,10 @@ class IrcOutput:
         text = event["text"]
         if "server-time" not in self.caps:     # then the time is not in a tag: in the text
             text = f"[{event['ts'][:16].replace('T', ' ')} UTC] {text}"
-        if event["kind"] == "whisper":
-            return lines + self._said(event["from"], self.nick, text, False, self._tags(event))
+        if event["kind"] == "whisper":     # one's own shown as sent to the other
+            target = event["to"] if event["from"].lower() == self.nick.lower() else self.nick
+            return lines + self._said(event["from"], target, text, event.get("action") is True,
+                                      self._tags(event))
         if event["kind"] == "announcement" or not channel:
             return lines + self._said("server", channel or self.nick, f"[announcement from "
                                       f"{event['from']}] {text}", False, self._tags(event),
@@ -2145,7 +2147,8 @@ class IrcOutput:
         return [self._line(self.info.server_name, "NOTICE", self.nick, event["text"])]
 
     def _show_whisper(self, event: dict) -> List[bytes]:
-        return self._said(event["from"], self.nick, event["text"], False, self._tags(event))
+        return self._said(event["from"], self.nick, event["text"], event.get("action") is True,
+                          self._tags(event))
 
     def _show_sent(self, event: dict) -> List[bytes]:
         if "echo-message" not in self.caps:
@@ -2449,7 +2452,7 @@ REQUESTS: Dict[str, RequestType] = {
     "authenticate": RequestType({"name": str, "password": str}, "accounts.on_authenticate",
                                 joined=False, metered=False),
     "say": RequestType({"text": str, "room?": str, "action?": bool, "id?": str}, "on_say"),
-    "whisper": RequestType({"to": str, "text": str, "id?": str}, "on_whisper"),
+    "whisper": RequestType({"to": str, "text": str, "action?": bool, "id?": str}, "on_whisper"),
     "join": RequestType({"room": str, "key?": str}, "rooms.on_join"),
     "part": RequestType({"room": str, "text?": str}, "rooms.on_part"),
     "rooms": RequestType({}, "rooms.on_rooms"),
@@ -3237,7 +3240,7 @@ class ChatCore:
         except ModerationError as exc:
             self.refuse(session, exc.code, exc.text)
             return
-        text = self.checked_text(session, message["text"])
+        text = self.moderation.checked_text(session, message["text"])
         if text is None:
             return
         timestamp = self.timestamp()
@@ -3266,51 +3269,31 @@ class ChatCore:
         if target is None:
             self.refuse(session, "unknown_user", f'Nobody called {quoted(message["to"])} is here.')
             return
-        text = self.checked_text(session, message["text"])
+        text = self.moderation.checked_text(session, message["text"])
         if text is None:
             return
         timestamp = self.timestamp()
         session.messages_sent += 1
         session.last_spoke = self.clock.now()
-        self.store.record(timestamp, "whisper", session.name, target.name, text)
+        action = message.get("action") is True      # "/me winks" in a query
+        self.store.record(timestamp, "whisper_action" if action else "whisper", session.name,
+                          target.name, text)
         if session.away is not None:
             self.people.set_away(session, None)
+        whisper = {"type": "whisper", "from": session.name, "to": target.name, "text": text,
+                   "ts": timestamp}
+        sent = {"type": "sent", "to": target.name, "text": text, "ts": timestamp}
+        if action:
+            whisper["action"] = sent["action"] = True
         if target is not session:   # to oneself, the `sent` below is the one copy to show
-            self.send(target, {"type": "whisper", "from": session.name, "to": target.name,
-                               "text": text, "ts": timestamp})
-        self.answer(session, {"type": "sent", "to": target.name, "text": text,
-                                   "ts": timestamp})
+            self.send(target, whisper)
+        self.answer(session, sent)
         if target.away is not None and target is not session:
             self.send(session, {"type": "notice", "code": "away", "name": target.name,
                                 "away": target.away,
                                 "text": f"{target.name} is away: {target.away}"})
         if self.quiet_log.logs_texts:
             log.debug("%s whispers to %s: %s", session.name, target.name, text)
-
-    def checked_text(self, session: Session, text: str) -> Optional[str]:
-        """The text as it may be sent, or None after telling the sender why not.
-
-        Cleaned for display, within the length limit, through the message
-        rules (masked or refused), and not from someone muted.
-        """
-        muted = self.moderation.muted(session)
-        if muted is not None:
-            self.refuse(session, muted.code, muted.text)
-            return None
-        if len(text) <= self.settings.max_length * CLEANING_SLACK:  # far longer: refused unseen
-            text = clean_text(text)
-        if not text:
-            self.refuse(session, "empty_message", "Empty messages are not sent.")
-            return None
-        if len(text) > self.settings.max_length:
-            self.refuse(session, "too_long", f"Not sent: messages are limited to "
-                        f"{self.settings.max_length} characters; yours had {len(text)}.")
-            return None
-        try:
-            return self.rules.check(text)
-        except ModerationError as exc:
-            self.refuse(session, exc.code, exc.text)
-            return None
 
     def on_ping(self, session: Session, message: dict) -> None:
         self.answer(session, {"type": "pong"})
@@ -4269,6 +4252,8 @@ class History:
         entries = []
         for row_id, ts, kind, sender, recipient, text, in_room in reversed(rows):
             entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
+            if kind == "whisper_action":    # a whisper, as the events have it
+                entry.update(kind="whisper", action=True)
             if recipient is not None:
                 entry["to"] = recipient
             if in_room:     # not for a whisper, nor an announcement (it was for every room)
@@ -4483,6 +4468,32 @@ class Moderation:
             return None
         left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
         return ModerationError("muted", f"You are muted {left}: you can read, but not send.")
+
+    def checked_text(self, session: Session, text: str) -> Optional[str]:
+        """A message's text as it may be sent, or None after telling the sender why not.
+
+        Cleaned for display, within the length limit, through the message
+        rules (masked or refused), and not from someone muted.
+        """
+        core, most = self.core, self.core.settings.max_length
+        muted = self.muted(session)
+        if muted is not None:
+            core.refuse(session, muted.code, muted.text)
+            return None
+        if len(text) <= most * CLEANING_SLACK:      # far longer: refused unseen
+            text = clean_text(text)
+        if not text:
+            core.refuse(session, "empty_message", "Empty messages are not sent.")
+            return None
+        if len(text) > most:
+            core.refuse(session, "too_long", f"Not sent: messages are limited to {most} "
+                        f"characters; yours had {len(text)}.")
+            return None
+        try:
+            return core.rules.check(text)
+        except ModerationError as exc:
+            core.refuse(session, exc.code, exc.text)
+            return None
 
     def passed_text(self, session: Session, text: str, most: int) -> str:
         """Words of session's that others see besides its messages (an away text, a
@@ -4819,6 +4830,7 @@ class Moderation:
 
 PUBLIC_KINDS = ("message", "action", "announcement")     # events everyone could see
 SAID_KINDS = ("message", "action")      # said in one room (the events' room column)
+WHISPER_KINDS = ("whisper", "whisper_action")   # from one name to another (no room)
 EVERY_ROOM = ""     # the room of an announcement: it was for every room
 
 
@@ -5123,7 +5135,7 @@ class ChatStore:
         return self._committed_id + len(self._pending)
 
     # Whispers to or from one name after a given event.
-    _WHISPERS = "(kind = 'whisper' AND (sender = ? OR recipient = ?) AND id > ?)"
+    _WHISPERS = f"(kind IN {WHISPER_KINDS} AND (sender = ? OR recipient = ?) AND id > ?)"
 
     def recent_for(self, name: str, room: str, limit: int,
                    whispers_after: int) -> List[tuple]:
@@ -5315,8 +5327,9 @@ def format_event_line(row: tuple) -> str:
     when = ts.replace("T", " ").split(".")[0].rstrip("Z") + " UTC"
     if room:
         when += f"  #{room}"
-    if kind == "whisper":
-        return f"{when}  [whisper {sender} -> {recipient}] {text}"
+    if kind in WHISPER_KINDS:
+        action = f"* {sender} " if kind == "whisper_action" else ""
+        return f"{when}  [whisper {sender} -> {recipient}] {action}{text}"
     if kind == "join":
         return f"{when}  * {sender} joined"
     if kind == "leave":

@@ -3970,6 +3970,10 @@ class RenderingTests(unittest.TestCase):
         from_alice = client.chat_line("14:05", "alice", "psst", "bob", "whisper", to="bob")
         self.assertEqual(from_alice.plain, "[14:05] [whisper from alice] psst")
         self.assertTrue(from_alice.ring)
+        [winks] = client.format_message({"type": "whisper", "from": "bob", "to": "me",
+                                         "text": "winks", "action": True,
+                                         "ts": "2026-01-01T00:00:00Z"}, "me")
+        self.assertTrue(winks.plain.endswith("[whisper from bob] * bob winks"), winks.plain)
         [waves] = client.format_message({"type": "message", "from": "bob", "text": "waves",
                                        "action": True, "ts": "2026-01-01T00:00:00Z"}, "me")
         self.assertTrue(waves.plain.endswith("* bob waves"))
@@ -5531,6 +5535,18 @@ class IrcTests(ChatTestCase):
         self.assertEqual(bob.expect("whisper")["text"], "psst")
         bob.send({"type": "whisper", "to": "alice", "text": "psst back"})
         alice.expect(r"^:bob!bob@test.lan PRIVMSG alice :psst back$")
+        # /me in a query is a private action, both ways, and stays one in the history.
+        alice.send("PRIVMSG bob :\x01ACTION winks\x01")
+        whisper = bob.expect("whisper")
+        self.assertEqual((whisper["text"], whisper.get("action")), ("winks", True))
+        bob.send({"type": "whisper", "to": "alice", "text": "winks back", "action": True})
+        self.assertEqual(bob.expect("sent").get("action"), True)
+        alice.expect(r"^:bob!bob@test.lan PRIVMSG alice :\x01ACTION winks back\x01$")
+        bob.send({"type": "get_history", "limit": 2})
+        told = [(m["kind"], m["from"], m["text"], m.get("action"))
+                for m in bob.collect_history()[:-1]]
+        self.assertEqual(told, [("whisper", "alice", "winks", True),
+                                ("whisper", "bob", "winks back", True)])
         alice.send("PRIVMSG #dev :only dev")
         self.assertNotIn("message", [m["type"] for m in bob.sync()])
 
