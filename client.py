@@ -2279,8 +2279,20 @@ class Screen:
             if self.editor is not None:
                 self.editor.print_above(rendered)
             else:
-                self.out.write(rendered + "\n")
-                self.out.flush()
+                self._write(rendered + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:
+            # The reader stopped early (--show-chat | head), as readers of pipes do: what
+            # follows goes to the null device, quietly (else one warning a message, and
+            # Python's own flush at exit failing on the pipe again).
+            devnull = open(os.devnull, "w")
+            if self.out is sys.stdout:
+                os.dup2(devnull.fileno(), sys.stdout.fileno())
+            self.out = devnull
 
     def note(self, text: str, role: str = NOTE) -> None:
         self.show(notice_line(text, role=role))
@@ -2320,8 +2332,7 @@ class Screen:
     def write_raw(self, text: str) -> None:
         """Terminal control (clearing the screen), bypassing transcript and log."""
         with self.lock:
-            self.out.write(text)
-            self.out.flush()
+            self._write(text)
 
     def begin_log(self, header: str) -> None:
         """Start this session in the --log file: a blank line after an earlier

@@ -6272,12 +6272,17 @@ def open_server(settings: Settings) -> Tuple[ChatServer, str, int, Optional[str]
     try:
         host, port = server.listen()
     except OSError as exc:
+        # The chat's port is bound first: with it bound, the IRC port was the one.
+        port, flag = (settings.irc_port, "--irc-port") if server.listeners else \
+            (settings.port, "--port")
+        for sock in server.listeners:
+            sock.close()
         store.close()
         if exc.errno in ADDRESS_IN_USE:
-            raise CannotStart(f"port {settings.port} is already in use (another server "
-                              "running?); pick another with --port") from None
+            raise CannotStart(f"port {port} is already in use (another server "
+                              f"running?); pick another with {flag}") from None
         raise CannotStart(f"cannot listen on {settings.host or 'all interfaces'} port "
-                          f"{settings.port}: {exc.strerror or exc}") from None
+                          f"{port} ({flag}): {exc.strerror or exc}") from None
     return server, host, port, fingerprint
 
 

@@ -1554,6 +1554,15 @@ class ServerProcessTests(unittest.TestCase):
         self.assertEqual(len(errors), 1, errors)
         self.assertIn(str(port), errors[0])
         self.assertIn("--port", errors[0])
+        # The IRC port taken: that one is named, with its flag.
+        third = Process(SERVER_SCRIPT, "--host", "127.0.0.1", "--port", "0", "--irc-port",
+                        str(port), "--no-history")
+        self.addCleanup(third.kill)
+        self.assertEqual(third.finish(), 1)
+        errors = third.output("stderr").splitlines()
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn(f"port {port} is already in use", errors[0])
+        self.assertIn("--irc-port", errors[0])
 
     def test_logs_connections_but_not_message_text(self) -> None:
         process, port = self.start()
@@ -6130,6 +6139,24 @@ class ClientProcessTests(ChatTestCase):
                           stdin_data=stdin_data)
         self.addCleanup(process.kill)
         return process
+
+    def test_output_to_a_pipe_closed_early_ends_quietly(self) -> None:
+        alice = self.peer("alice")
+        for number in range(15):        # the replay: more lines than the reader wants
+            alice.say(f"line {number}")
+        proc = subprocess.Popen([sys.executable, CLIENT_SCRIPT, "127.0.0.1", str(self.port),
+                                 "--name", "bot", "--show-chat"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        proc.stdout.readline()
+        proc.stdout.close()     # like "| head -1"
+        proc.stdin.write(b"after the reader went\n")
+        proc.stdin.close()
+        errors = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(errors, "")
+        self.assertEqual(alice.expect("message")["text"], "after the reader went")
 
     def test_piped_client_sends_everything_then_leaves(self) -> None:
         alice = self.peer("alice")
