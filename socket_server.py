@@ -3791,13 +3791,12 @@ class Rooms:
                                  "op": op, "by": by, "ts": self.core.timestamp()})
         return f"{target.name} {'is now' if op else 'is no longer'} an operator of #{room.name}"
 
-    def drop(self, room: Room) -> str:
-        """The console or a server operator removes a room; its members are parted."""
+    def drop(self, room: Room, by: str = "server") -> str:
+        """The console or a server operator (`by`) removes a room; its members are parted."""
         if room is self.lobby:
             raise ModerationError("not_allowed", "The lobby stays.")
         for member in list(room.members.values()):
-            self.leave(member, room, "kicked", by="server",
-                       text=f"#{room.name} was removed by the server")
+            self.leave(member, room, "kicked", by=by, text=f"#{room.name} was removed by {by}")
         del self.all[room.ident]
         self.core.store.delete_room(room.name)
         return f"#{room.name} removed"
@@ -4618,7 +4617,7 @@ class Moderation:
                 raise ModerationError("usage", f"Usage: /kick {self.COMMANDS['kick'][0]}")
             return [self.core.rooms.kick(actor, room, name, reason)]
         name, _, reason = args.partition(" ")
-        target = self._member(actor, name, "/kick NAME [REASON]")
+        target = self._member(actor, name, f"/kick {self.COMMANDS['kick'][0]}")
         text = f"{target.name} was kicked by {self._name(actor)}" + \
             (f": {reason.strip()}" if reason.strip() else "")
         self.core.remove(target, "kicked", text)
@@ -4763,7 +4762,7 @@ class Moderation:
 
     def cmd_droproom(self, actor: Optional[Session], args: str) -> List[str]:
         room, _ = self._room(args, "droproom")
-        return [self.core.rooms.drop(room)]
+        return [self.core.rooms.drop(room, self._name(actor))]
 
     def _room(self, args: str, command: str, needs_more: bool = False) -> Tuple["Room", str]:
         """A command's #ROOM, which must exist, and the rest of its arguments."""
@@ -6150,8 +6149,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="record no messages and write nothing to disk")
     parser.add_argument("--join-notices-up-to", type=int, default=JOIN_NOTICES_UP_TO,
                         metavar="N",
-                        help="announce joins and leaves only while at most N people are in "
-                             f"the chat; 0 never announces them (default: {JOIN_NOTICES_UP_TO})")
+                        help="announce joins and leaves of a room only while at most N people "
+                             f"are in it; 0 never announces them (default: {JOIN_NOTICES_UP_TO})")
     parser.add_argument("--max-rooms", type=int, default=DEFAULT_MAX_ROOMS, metavar="N",
                         help="rooms that may exist at once; rooms last until removed with "
                              f"/droproom (default: {DEFAULT_MAX_ROOMS})")

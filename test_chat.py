@@ -3258,6 +3258,13 @@ def have_extra_loopback() -> bool:
 
 
 class ConsoleTests(unittest.TestCase):
+    def test_the_readme_lists_every_console_command(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            table = readme.read().split("### The server console", 1)[1].split("\n\n|", 1)[1]
+        for command, (usage, _, _) in socket_server.Moderation.COMMANDS.items():
+            self.assertIn(f"| `/{command}{' ' + usage if usage else ''}` |",
+                          table.replace("\\|", "|"))
+
     def test_what_can_be_a_console(self) -> None:
         self.assertIsNone(socket_server.Console.kind(WatchedOutput()))    # no file at all
         with open(os.devnull) as devnull:
