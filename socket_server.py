@@ -1602,9 +1602,14 @@ class IrcInput:
                 return
             text, action = inner[len("ACTION "):], True
         text = irc_text(text)
+        named = targets.split(",") if "," in targets else (targets,)    # nearly always one
+        if len(named) > IRC_MESSAGE_TARGETS:    # TARGMAX: the rest get nothing
+            if command == "PRIVMSG":    # (never an answer to a NOTICE)
+                self._reply("407", named[IRC_MESSAGE_TARGETS],
+                            f"Too many targets: {IRC_MESSAGE_TARGETS} at most")
+            named = named[:IRC_MESSAGE_TARGETS]
         metered = True      # the first target costs a token; the others come with it
-        # Nearly always one target: no list made, no count kept for it.
-        for target in targets.split(",")[:IRC_MESSAGE_TARGETS] if "," in targets else (targets,):
+        for target in named:
             if target.startswith("#"):
                 request = {"type": "say", "room": target, "text": text}
             else:

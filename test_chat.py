@@ -5475,9 +5475,10 @@ class IrcTests(ChatTestCase):
             each.until(" 366 ")
         for each in (alice, bob, carl):
             each.sync()
-        # Four targets are taken; the fifth (a channel alice is not in) never gets an answer.
+        # Four targets are taken; the fifth (a channel alice is not in) gets nothing: 407.
         alice.send("PRIVMSG #lobby,bob,carl,#lobby,#nowhere :to all")
-        self.assertEqual(alice.sync(), [])
+        self.assertEqual(alice.sync(), [":test.lan 407 alice #nowhere :Too many targets: "
+                                        "4 at most"])
         told = [(event["type"], event["text"]) for event in bob.sync()]
         self.assertEqual(told, [("message", "to all"), ("whisper", "to all"),
                                 ("message", "to all")])
