@@ -2357,6 +2357,8 @@ ERRORS: Dict[str, ErrorCode] = {
                                     "missing or of the wrong type"),
     "hello_required": ErrorCode(True, "something other than hello came first"),
     "hello_timeout": ErrorCode(True, "no hello in time"),
+    "timed_out": ErrorCode(True, "nothing came, not even an answer to a ping, for --drop-after "
+                                 "seconds", "no sign of life"),
     "password_required": ErrorCode(True, "the room has a password and hello had none"),
     "bad_password": ErrorCode(True, "wrong room password (answered after a delay)"),
     "locked_out": ErrorCode(True, "too many failed logins from this address"),
@@ -2987,9 +2989,9 @@ class ChatCore:
                             f"No hello within {settings.hello_timeout:g} seconds.")
         for session in list(self.members.values()):
             quiet = now - session.last_heard
-            if quiet >= settings.drop_after:
-                self.close(session, f"no sign of life for {settings.drop_after:g} seconds",
-                           graceful=False)
+            if quiet >= settings.drop_after:    # said, in case it can still hear (IRC: ERROR)
+                self.refuse(session, "timed_out",
+                            f"No sign of life for {settings.drop_after:g} seconds.")
             elif quiet >= settings.ping_after and session.last_ping < session.last_heard:
                 session.last_ping = now
                 self.send(session, {"type": "ping"})

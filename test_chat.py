@@ -1513,6 +1513,9 @@ class PingTests(ChatTestCase):
                 break
         self.assertEqual(message["name"], "ghost")
         self.assertIn("no sign of life", message["reason"])
+        told = ghost.read_until_closed()[-1]    # told why, in case it can still hear
+        self.assertEqual((told["type"], told["code"], told["closing"]),
+                         ("error", "timed_out", True))
         alice.send({"type": "who"})
         self.assertEqual(alice.expect("users")["users"], ["alice"])
 
