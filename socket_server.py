@@ -3553,9 +3553,10 @@ class Rooms:
 
     # -- coming and going -------------------------------------------------------
 
-    def enter(self, session: Session, word: str, key: Optional[str] = None) -> Room:
+    def enter(self, session: Session, word: str, key: Optional[str] = None) -> Optional[Room]:
         """Put session in a room (made on first use): it gets the room, its topic, who
-        is there and its history; the members are told. Raises ModerationError."""
+        is there and its history; the members are told. Raises ModerationError; None
+        when flood control refused to make the room (the refusal is said)."""
         core, settings = self.core, self.core.settings
         name = room_name(word)
         if name is None:
@@ -3570,6 +3571,10 @@ class Rooms:
             if len(self.all) >= settings.max_rooms:
                 raise ModerationError("too_many_rooms", f"This server has {len(self.all)} "
                                       "rooms, its limit: join one of them (see /rooms).")
+            # A room lasts until removed: making one costs a flood-control token of its
+            # own, even where one line asked for many (an IRC JOIN, a hello's rooms).
+            if not core.within_rate(session):
+                return None
             room = self._create(name, session.name)
         elif room.key and (key is None or not same_secret(key, room.key)):
             raise ModerationError("bad_key", f"#{room.name} needs a key: /join #{room.name} KEY"

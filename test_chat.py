@@ -5798,6 +5798,18 @@ class IrcTests(ChatTestCase):
         self.assertTrue(any(" 465 " in line for line in lines), lines)
         self.assertIn("ERROR :Closing Link", lines[-1])
 
+    def test_making_rooms_costs_a_token_each_even_from_one_line(self) -> None:
+        server = ServerThread(irc_port=0, server_name="test.lan", rate_limit=0.01, rate_burst=3)
+        self.addCleanup(server.stop)
+        maker = IrcPeer(server.server.irc_address[1], "maker")
+        self.addCleanup(maker.close)
+        maker.send("JOIN " + ",".join(f"#r{number}" for number in range(10)))
+        lines = maker.sync()
+        joined = [line for line in lines if " JOIN " in line]
+        self.assertEqual(len(joined), 2, lines)     # the line's token, then one a room
+        self.assertIn("Slow down", " ".join(lines))
+        self.assertEqual(len(server.server.core.rooms.all), 3)    # and the lobby
+
     def test_hostile_lines_cost_themselves_only(self) -> None:
         bob = self.peer("bob")
         alice = self.irc("alice")
