@@ -1182,6 +1182,13 @@ class BadInput(ProtocolError):
     overlong IRC line, say): that piece is refused, and the connection stays."""
 
 
+# How a TLS client begins: a handshake record (22) of TLS 1.x (3.x). No chat frame or IRC
+# line begins so: a plain port that hears it says what went wrong, at once.
+TLS_HANDSHAKE = b"\x16\x03"
+TLS_NOT_OFFERED = ("This port does not use TLS, and a TLS handshake came: connect without "
+                   "TLS, or to a TLS port.")
+
+
 class JsonCodec(FrameDecoder):
     """Bytes to requests and events to bytes for one connection, as frames of
     UTF-8 JSON (the shared block). Sans-IO, like the decoder it extends: feed
@@ -1216,7 +1223,13 @@ class JsonCodec(FrameDecoder):
         that is no request (not an object with a string "type"): the frames
         around it are whole, so the connection goes on.
         """
-        payload = self.next_payload()
+        try:
+            payload = self.next_payload()
+        except ProtocolError as error:
+            if error.code == "bad_header" and \
+                    self._buffer[self._start:self._start + 2] == TLS_HANDSHAKE:
+                raise ProtocolError("tls_not_offered", TLS_NOT_OFFERED) from None
+            raise
         if payload is None:
             return None
         try:
@@ -1428,6 +1441,8 @@ class IrcInput:
         that cannot be used, ProtocolError for a stream that cannot go on."""
         while not self._requests:
             buffer, start = self._buffer, self._start
+            if not self.registered and buffer[start:start + 2] == TLS_HANDSHAKE:
+                raise ProtocolError("tls_not_offered", TLS_NOT_OFFERED)
             end = buffer.find(b"\n", start)
             if end < 0:
                 if len(buffer) - start > IRC_TAGS_MAX + IRC_LINE_MAX:
@@ -2366,6 +2381,8 @@ ERRORS: Dict[str, ErrorCode] = {
                                        "name_password"),
     "bad_name_password": ErrorCode(False, "wrong password for the name"),
     "tls_required": ErrorCode(True, "plain text sent to a TLS-only server"),
+    "tls_not_offered": ErrorCode(True, "a TLS handshake sent to a server (or port) without TLS",
+                                 NOT_UNDERSTOOD),
     "too_many_connections": ErrorCode(True, "too many connections from this address"),
     "server_full": ErrorCode(True, "too many connections"),
     "crowded_out": ErrorCode(True, "no hello came for a while, and the server needed the room "

@@ -5798,6 +5798,18 @@ class IrcTests(ChatTestCase):
         self.assertTrue(any(" 465 " in line for line in lines), lines)
         self.assertIn("ERROR :Closing Link", lines[-1])
 
+    def test_a_tls_handshake_on_a_plain_port_is_answered_at_once(self) -> None:
+        hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(40))
+        peer = self.peer()
+        peer.send_raw(hello)
+        error = peer.read_until_closed()[-1]
+        self.assertEqual((error["code"], error["closing"]), ("tls_not_offered", True))
+        irc = self.irc()
+        irc.send_raw(hello)
+        lines = irc.read_until_closed()
+        self.assertIn("a TLS handshake came", lines[-2])
+        self.assertTrue(lines[-1].startswith("ERROR :Closing Link"), lines)
+
     def test_making_rooms_costs_a_token_each_even_from_one_line(self) -> None:
         server = ServerThread(irc_port=0, server_name="test.lan", rate_limit=0.01, rate_burst=3)
         self.addCleanup(server.stop)
