@@ -808,6 +808,8 @@ class HistoryBatches:
     replay repeats what was on screen: only what came after `seen_until` is
     shown. A replay of which nothing was shown shows nothing at all, not
     even its header; an answer that found anything always has its header.
+    The marker of what a returning name missed (a `new_since` notice) is
+    held, and shown only before a frame after it that is shown.
     """
 
     def __init__(self) -> None:
@@ -815,6 +817,7 @@ class HistoryBatches:
         self.headers: Deque[Tuple[Optional[str], str]] = deque()
         self.in_batch = False               # between a first history frame and history_end
         self.replay_after: Optional[str] = None     # in a replay after a reconnect
+        self.held: Optional[dict] = None    # a new_since notice, until a frame is shown
 
     def asked(self, request_id: str, header: str) -> None:
         self.headers.append((request_id, header))
@@ -833,29 +836,34 @@ class HistoryBatches:
         """Requests in flight on an old connection get no answer."""
         self.headers, self.in_batch = deque(), False
 
-    def frame(self, message: dict) -> Tuple[Optional[str], Optional[Line]]:
-        """The role of a history frame's line (None: show nothing), and a header to
-        show before it (at a batch's first frame)."""
+    def frame(self, message: dict) -> Tuple[Optional[str], List[Line]]:
+        """The role of a history frame's line (None: show nothing), and the lines to
+        show before it: the header at a batch's first frame shown, a held marker."""
         # (the request's id, its header); a batch nobody asked for is shown as an answer
         request, header = self.headers[0] if self.headers else ("unasked", "--- history ---")
         role = CHAT if request is None else ANSWER      # the replay has no request id
+        if message["type"] == "notice":     # new_since: what follows is what was missed
+            self.held = message
+            return None, []
         if message["type"] == "history_end":
             if self.headers:
                 self.headers.popleft()
-            shown_any, self.in_batch = self.in_batch, False
+            shown_any, self.in_batch, self.held = self.in_batch, False, None
             if message["for"] == "join":
                 self.replay_after = None
             if shown_any or "text" in message:  # (the text: no history is kept)
-                return role, None
+                return role, []
             if request is None:
-                return None, None
-            return role, (plain_line(header, "marker", role) if message["count"] else None)
+                return None, []
+            return role, ([plain_line(header, "marker", role)] if message["count"] else [])
         if self.replay_after is not None and message["ts"] <= self.replay_after:
-            return None, None   # part of the replay after a reconnect, and already on screen
-        if self.in_batch:
-            return role, None
+            return None, []     # part of the replay after a reconnect, and already on screen
+        before = [] if self.in_batch else [plain_line(header, "marker", role)]
         self.in_batch = True
-        return role, plain_line(header, "marker", role)
+        if self.held is not None:
+            before.append(_show_notice(self.held, "")._replace(role=role))
+            self.held = None
+        return role, before
 
 
 class Link:
@@ -1210,8 +1218,9 @@ class Link:
             hidden = self._quiet(message) or self.rooms.ignoring(message)
             notes = self._take_in(message)
         # What is hidden has no part in a batch of history: a replay of it shows nothing.
-        batch_role = self._show_history_frame(message) \
-            if kind.startswith("history") and not hidden else ""
+        in_batch = kind.startswith("history") or \
+            kind == "notice" and message["code"] == "new_since"     # the marker of a replay
+        batch_role = self._show_history_frame(message) if in_batch and not hidden else ""
         lines = [] if batch_role is None or hidden else format_message(message, self.name)
         with self.lock:
             lines = self.rooms.place(lines, message, about)
@@ -1316,9 +1325,9 @@ class Link:
         """The role of a history frame's line, or None to show nothing; shows the
         header of its batch first (see HistoryBatches)."""
         with self.lock:
-            role, header = self.batches.frame(message)
-        if header is not None:
-            self.screen.show(header)
+            role, before = self.batches.frame(message)
+        for line in before:
+            self.screen.show(line)
         return role
 
     def _report_unconfirmed(self) -> None:

@@ -5963,6 +5963,23 @@ class ProtocolAdditionTests(ChatTestCase):
 # ---------------------------------------------------------------------------
 
 class ClientUnitTests(unittest.TestCase):
+    def test_the_marker_of_missed_messages_shows_only_before_one_shown(self) -> None:
+        # After a crash, a returning name's replay may hold only what it saw already.
+        marker = {"type": "notice", "code": "new_since", "text": "New since you were last here"}
+        end = {"type": "history_end", "for": "join", "count": 1}
+        seen, new = ({"type": "history", "kind": "message", "from": "bob", "text": text,
+                      "ts": f"2026-12-07T{hour:02d}:00:00.000Z"} for text, hour in (("seen", 9),
+                                                                                ("new", 11)))
+        batches = client.HistoryBatches()
+        for frames, shown in (([seen], []), ([seen, new], ["--- in #lobby while you were away "
+                                                           "---", "--- new since you were "
+                                                           "last here ---"])):
+            batches.replay_coming("lobby", "2026-12-07T10:00:00.000Z")
+            self.assertEqual(batches.frame(marker), (None, []))
+            before = [line.plain for frame in frames for line in batches.frame(frame)[1]]
+            self.assertEqual(before, shown)
+            self.assertEqual(batches.frame(end)[1], [])
+
     def test_parse_line(self) -> None:
         cases = {
             "hello": ("say", "hello"),
