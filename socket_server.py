@@ -5822,8 +5822,13 @@ class Console:
             stat.S_ISSOCK(mode) else None
 
     def start(self) -> None:
-        if hasattr(signal, "SIGTTIN"):  # sent to a process reading its terminal from the
-            signal.signal(signal.SIGTTIN, signal.SIG_IGN)   # background: do not stop
+        # Sent to a process that reads its terminal, or sets its modes, from the
+        # background (where Ctrl-Z and bg put it): a read fails instead, and the line
+        # editor's putting the modes back as it gives up is let be; then the console
+        # waits to be in the foreground again (see _read_terminal).
+        for name in ("SIGTTIN", "SIGTTOU"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
         if self.terminal and termios is not None:
             try:
                 self._modes = termios.tcgetattr(self.fd)
@@ -5856,14 +5861,16 @@ class Console:
             # line shown a moment before would draw one that the editor then draws again.
             self.readline.set_pre_input_hook(self._prompt_drawn)
         while True:
+            if self._in_background():   # (Ctrl-Z, then bg): the shell has the terminal
+                if self._stopped.wait(CONSOLE_RETRY):
+                    return
+                continue
             self.prompting = self.readline is None
             try:
                 line = input(CONSOLE_PROMPT)
             except (EOFError, OSError):
                 self.prompting = False
-                if hasattr(os, "tcgetpgrp") and os.tcgetpgrp(self.fd) != os.getpgrp():
-                    if self._stopped.wait(CONSOLE_RETRY):   # in the background: wait to
-                        return                              # come back
+                if self._in_background():   # moved away while reading: wait to come back
                     continue
                 self.show("the console is closed; Ctrl-C stops the server", self.out)
                 return
@@ -5874,6 +5881,9 @@ class Console:
                 # The answer comes before the next prompt, as in a shell (a loop too busy
                 # to answer in CONSOLE_ANSWER_WAIT gets the prompt back anyway).
                 answered.wait(CONSOLE_ANSWER_WAIT)
+
+    def _in_background(self) -> bool:
+        return hasattr(os, "tcgetpgrp") and os.tcgetpgrp(self.fd) != os.getpgrp()
 
     def _prompt_drawn(self) -> None:
         self.prompting = True
