@@ -5883,7 +5883,10 @@ class Console:
                 answered.wait(CONSOLE_ANSWER_WAIT)
 
     def _in_background(self) -> bool:
-        return hasattr(os, "tcgetpgrp") and os.tcgetpgrp(self.fd) != os.getpgrp()
+        try:
+            return hasattr(os, "tcgetpgrp") and os.tcgetpgrp(self.fd) != os.getpgrp()
+        except OSError:     # not our controlling terminal: it cannot stop us
+            return False
 
     def _prompt_drawn(self) -> None:
         self.prompting = True
