@@ -1631,6 +1631,8 @@ class IrcInput:
                 request = {"type": "whisper", "to": target, "text": text}
             if action:
                 request["action"] = True
+            elif command == "NOTICE":
+                request["notice"] = True
             self._ask(request, command, target, metered=metered)
             metered = False
 
@@ -1905,7 +1907,8 @@ class IrcOutput:
 
     def _show_message(self, event: dict) -> List[bytes]:
         text = event["text"]
-        if "action" not in event and "\n" not in text and "\r" not in text and "\0" not in text:
+        if "action" not in event and "notice" not in event and "\n" not in text \
+                and "\r" not in text and "\0" not in text:
             # Nearly every message: text from a person that one line holds, with nothing
             # _line would make safe (IRC_UNSAFE: the core's clean_text leaves none of it,
             # and three searches for one character cost a tenth of isprintable()). What
@@ -1917,7 +1920,7 @@ class IrcOutput:
                 tags = self._tags(event) if self.server_time else ""
                 return [b"@" + tags.encode("utf-8") + b" " + line] if tags else [line]
         return self._said(event["from"], "#" + event["room"], text, event.get("action") is True,
-                          self._tags(event))
+                          self._tags(event), "NOTICE" if event.get("notice") else "PRIVMSG")
 
     def _show_join(self, event: dict) -> List[bytes]:
         return [self._line(self._mask(event["name"]), "JOIN", "#" + event["room"],
@@ -2018,16 +2021,17 @@ class IrcOutput:
         text = event["text"]
         if "server-time" not in self.caps:     # then the time is not in a tag: in the text
             text = f"[{event['ts'][:16].replace('T', ' ')} UTC] {text}"
+        command = "NOTICE" if event.get("notice") else "PRIVMSG"
         if event["kind"] == "whisper":     # one's own shown as sent to the other
             target = event["to"] if event["from"].lower() == self.nick.lower() else self.nick
             return lines + self._said(event["from"], target, text, event.get("action") is True,
-                                      self._tags(event))
+                                      self._tags(event), command)
         if event["kind"] == "announcement" or not channel:
             return lines + self._said("server", channel or self.nick, f"[announcement from "
                                       f"{event['from']}] {text}", False, self._tags(event),
                                       "NOTICE")
         return lines + self._said(event["from"], channel, text, event["kind"] == "action",
-                                  self._tags(event))
+                                  self._tags(event), command)
 
     def _show_history_end(self, event: dict) -> List[bytes]:
         channel, self._replay = self._replay, ""
@@ -2168,14 +2172,14 @@ class IrcOutput:
 
     def _show_whisper(self, event: dict) -> List[bytes]:
         return self._said(event["from"], self.nick, event["text"], event.get("action") is True,
-                          self._tags(event))
+                          self._tags(event), "NOTICE" if event.get("notice") else "PRIVMSG")
 
     def _show_sent(self, event: dict) -> List[bytes]:
         if "echo-message" not in self.caps:
             return []
         target = "#" + event["room"] if "room" in event else event["to"]
         return self._said(self.nick, target, event["text"], event.get("action") is True,
-                          self._tags(event))
+                          self._tags(event), "NOTICE" if event.get("notice") else "PRIVMSG")
 
     def _show_leave_self(self, event: dict) -> List[bytes]:
         """Our own part or kick (the room's members get the same, shared)."""
@@ -2475,8 +2479,10 @@ REQUESTS: Dict[str, RequestType] = {
                          joined=False, metered=False, fatal=True),
     "authenticate": RequestType({"name": str, "password": str}, "accounts.on_authenticate",
                                 joined=False, metered=False),
-    "say": RequestType({"text": str, "room?": str, "action?": bool, "id?": str}, "on_say"),
-    "whisper": RequestType({"to": str, "text": str, "action?": bool, "id?": str}, "on_whisper"),
+    "say": RequestType({"text": str, "room?": str, "action?": bool, "notice?": bool,
+                        "id?": str}, "on_say"),
+    "whisper": RequestType({"to": str, "text": str, "action?": bool, "notice?": bool,
+                            "id?": str}, "on_whisper"),
     "join": RequestType({"room": str, "key?": str}, "rooms.on_join"),
     "part": RequestType({"room": str, "text?": str}, "rooms.on_part"),
     "rooms": RequestType({}, "rooms.on_rooms"),
@@ -3275,10 +3281,12 @@ class ChatCore:
         ack = {"type": "sent", "room": room.name, "text": text, "ts": timestamp}
         if message.get("action") is True:   # "/me waves": shown as "* alice waves"
             said["action"] = ack["action"] = True
+        elif message.get("notice") is True:     # (IRC) a NOTICE: no bot may answer it
+            said["notice"] = ack["notice"] = True
         if self.replying_to is not None:
             ack["id"] = self.replying_to
-        self.store.record(timestamp, "action" if "action" in said else "message", session.name,
-                          None, text, room=room.name)
+        kind = "action" if "action" in said else "said_notice" if "notice" in said else "message"
+        self.store.record(timestamp, kind, session.name, None, text, room=room.name)
         if session.away is not None:    # saying something ends being away
             self.people.set_away(session, None)
         self.deliver(room, said, sender=session, echo=ack)
@@ -3299,16 +3307,17 @@ class ChatCore:
         timestamp = self.timestamp()
         session.messages_sent += 1
         session.last_spoke = self.clock.now()
-        action = message.get("action") is True      # "/me winks" in a query
-        self.store.record(timestamp, "whisper_action" if action else "whisper", session.name,
+        flag = "action" if message.get("action") is True else \
+            "notice" if message.get("notice") is True else None     # "/me winks" in a query
+        self.store.record(timestamp, f"whisper_{flag}" if flag else "whisper", session.name,
                           target.name, text)
         if session.away is not None:
             self.people.set_away(session, None)
         whisper = {"type": "whisper", "from": session.name, "to": target.name, "text": text,
                    "ts": timestamp}
         sent = {"type": "sent", "to": target.name, "text": text, "ts": timestamp}
-        if action:
-            whisper["action"] = sent["action"] = True
+        if flag:
+            whisper[flag] = sent[flag] = True
         if target is not session:   # to oneself, the `sent` below is the one copy to show
             self.send(target, whisper)
         self.answer(session, sent)
@@ -4280,8 +4289,9 @@ class History:
         entries = []
         for row_id, ts, kind, sender, recipient, text, in_room in reversed(rows):
             entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
-            if kind == "whisper_action":    # a whisper, as the events have it
-                entry.update(kind="whisper", action=True)
+            if kind in FLAGGED_KINDS:   # as the events have it
+                entry["kind"], flag = FLAGGED_KINDS[kind]
+                entry[flag] = True
             if recipient is not None:
                 entry["to"] = recipient
             if in_room:     # not for a whisper, nor an announcement (it was for every room)
@@ -4857,8 +4867,11 @@ class Moderation:
 # ---------------------------------------------------------------------------
 
 PUBLIC_KINDS = ("message", "action", "announcement")     # events everyone could see
-SAID_KINDS = ("message", "action")      # said in one room (the events' room column)
-WHISPER_KINDS = ("whisper", "whisper_action")   # from one name to another (no room)
+SAID_KINDS = ("message", "action", "said_notice")   # said in one room (its room column)
+WHISPER_KINDS = ("whisper", "whisper_action", "whisper_notice")     # from one name to another
+# Kinds stored for a message with a flag: the kind its events have, and the flag.
+FLAGGED_KINDS = {"whisper_action": ("whisper", "action"), "whisper_notice": ("whisper", "notice"),
+                 "said_notice": ("message", "notice")}
 EVERY_ROOM = ""     # the room of an announcement: it was for every room
 
 
@@ -5358,6 +5371,8 @@ def format_event_line(row: tuple) -> str:
     if kind in WHISPER_KINDS:
         action = f"* {sender} " if kind == "whisper_action" else ""
         return f"{when}  [whisper {sender} -> {recipient}] {action}{text}"
+    if kind == "said_notice":
+        return f"{when}  -{sender}- {text}"
     if kind == "join":
         return f"{when}  * {sender} joined"
     if kind == "leave":

@@ -5570,6 +5570,28 @@ class IrcTests(ChatTestCase):
         alice.send("PRIVMSG #dev :only dev")
         self.assertNotIn("message", [m["type"] for m in bob.sync()])
 
+    def test_a_notice_stays_a_notice_live_and_in_the_history(self) -> None:
+        # A bot's NOTICE must never become a PRIVMSG that other bots answer (RFC 2812).
+        bob = self.peer("bob")
+        bot, carol = self.irc("bot"), self.irc("carol")
+        for each in (bot, carol):
+            each.send("JOIN #lobby")
+            each.until(" 366 ")
+        bot.send("NOTICE #lobby :build passed")
+        self.assertEqual(carol.expect(" NOTICE #lobby ").string,
+                         ":bot!bot@test.lan NOTICE #lobby :build passed")
+        said = bob.expect("message")
+        self.assertEqual((said["text"], said.get("notice")), ("build passed", True))
+        bot.send("NOTICE carol :just you")
+        carol.expect(r"^:bot!bot@test.lan NOTICE carol :just you$")
+        bob.send({"type": "say", "text": "a plain one"})
+        carol.expect(r"PRIVMSG #lobby :a plain one$")
+        dave = self.irc("dave")
+        dave.send("JOIN #lobby")
+        replay = [line for line in dave.until(" 366 ") + dave.sync() if "build passed" in line]
+        self.assertEqual(len(replay), 1)
+        self.assertIn(" NOTICE #lobby :", replay[0])
+
     def test_queries_and_their_numerics(self) -> None:
         bob = self.peer("bob")
         bob.send({"type": "away", "text": "lunch"})
