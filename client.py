@@ -156,9 +156,16 @@ def _json_writer() -> Callable[[Any], str]:
 
 
 to_json = _json_writer()
+
+
+def _not_json(word: str) -> None:
+    """Python's json reads NaN and Infinity, which JSON has not: refused as other bad JSON."""
+    raise ValueError(f"{word} is not JSON")
+
+
 # The decoder's scanner, called directly: raw_decode() is a Python wrapper around it
 # that only turns its StopIteration (no value at all) into a ValueError.
-_scan_json = json.JSONDecoder().scan_once
+_scan_json = json.JSONDecoder(parse_constant=_not_json).scan_once
 
 
 def encode_frame(message: dict) -> bytes:
@@ -332,7 +339,7 @@ def check_fields(message: dict, rules: FieldRules) -> Optional[str]:
     """What is wrong with a message's fields (see field_rules), or None."""
     for name, kind, required in rules:
         if name in message:
-            if not isinstance(message[name], kind):
+            if type(message[name]) is not kind and kind is not object:  # true is no number
                 return f'"{name}" must be {JSON_KINDS.get(kind, kind.__name__)}'
         elif required:
             return f'"{message["type"]}" needs a "{name}" field'
@@ -340,7 +347,7 @@ def check_fields(message: dict, rules: FieldRules) -> Optional[str]:
 
 
 # How check_fields names each type to someone writing JSON.
-JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true or false",
+JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
               list: "a list", dict: "an object"}
 
 

@@ -495,7 +495,8 @@ class FramingTests(unittest.TestCase):
         cases = {b"\xff\xfe": "bad_utf8", b"\xc3": "bad_utf8", b"": "bad_json",
                  b"{nope": "bad_json", b"[" * 100000: "bad_json", b'"text"': "bad_message",
                  b"[1, 2]": "bad_message", b"{}": "bad_message", b'{"type": 5}': "bad_message",
-                 b"null": "bad_message"}
+                 b"null": "bad_message", b'{"type": "x", "limit": NaN}': "bad_json",
+                 b'{"type": "x", "n": -Infinity}': "bad_json"}
         for payload, code in cases.items():
             with self.subTest(payload=payload[:20]):
                 with self.assertRaises(ProtocolError) as caught:
@@ -503,6 +504,11 @@ class FramingTests(unittest.TestCase):
                 self.assertEqual(caught.exception.code, code)
         self.assertEqual(decode_payload(b'{"type": "x", "extra": [1]}'),
                          {"type": "x", "extra": [1]})
+        rules = socket_server.field_rules({"limit?": int, "text?": str})
+        for value, problem in ((20, None), (True, '"limit" must be a whole number'),
+                               (1.5, '"limit" must be a whole number')):
+            self.assertEqual(socket_server.check_fields({"type": "x", "limit": value}, rules),
+                             problem)
 
     def test_clean_text(self) -> None:
         cases = {
