@@ -702,7 +702,12 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
             raise JoinRefused("bad_name", "That name (or password) is far too long.") from None
         while True:
             reply = connection.receive()
-            if reply["type"] == "welcome" and not check_fields(reply, SERVER_RULES["welcome"]):
+            if reply["type"] == "welcome":
+                problem = check_fields(reply, SERVER_RULES["welcome"])
+                if problem:
+                    connection.close()
+                    raise CannotConnect(f"{where} sent a welcome this client cannot read "
+                                        f"({problem}): is it a chat server of another version?")
                 connection.sock.settimeout(None)
                 return connection, reply
             if reply["type"] == "error" and not check_fields(reply, SERVER_RULES["error"]):
@@ -717,8 +722,9 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
         raise CannotConnect(f"{where} did not answer: is it a chat server?") from None
     except ProtocolError:
         connection.close()
-        raise CannotConnect(f"{where} does not speak the chat protocol: "
-                            "is it a chat server? (Or does it need --tls?)") from None
+        hint = "is it a chat server's port, and not its IRC port?" + \
+            (" (Or does it need --tls?)" if tls is None else "")
+        raise CannotConnect(f"{where} does not speak the chat protocol: {hint}") from None
     except (ConnectionClosed, OSError):
         connection.close()
         raise CannotConnect(f"{where} closed the connection before we could join") from None

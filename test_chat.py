@@ -7060,6 +7060,21 @@ class ClientConnectErrorTests(unittest.TestCase):
         self.assertIn("chat protocol", process.output("stderr"))
         self.assertNotIn("Traceback", process.output("stderr"))
 
+    def test_a_welcome_it_cannot_read_is_said_as_such(self) -> None:
+        with socket.socket() as fake:
+            fake.bind(("127.0.0.1", 0))
+            fake.listen()
+            port = fake.getsockname()[1]
+            process = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "x",
+                              stdin_data="")
+            self.addCleanup(process.kill)
+            conn, _ = fake.accept()
+            conn.recv(1024)
+            conn.sendall(encode_frame({"type": "welcome", "name": 5}))
+            self.assertEqual(process.finish(), 1)
+            conn.close()
+        self.assertIn("sent a welcome this client cannot read", process.output("stderr"))
+
 
 class PerformanceTests(ChatTestCase):
     """What bench_chat.py needs and measures: it runs, big rooms scale, the fast paths agree.
