@@ -1745,8 +1745,8 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "nick": {"name": str, "new": str, "ts?": str},
     "away": {"name": str, "text?": object},     # a string, or null: back
     "users": {"users": list, "room?": str, "ops?": list, "away?": list, "count?": int},
-    "whois": {"name": str, "rooms?": list, "away?": object, "operator?": bool,
-              "registered?": bool, "idle?": int, "since?": str},
+    "whois": {"name": str, "rooms?": list, "room_operator?": list, "away?": object,
+              "operator?": bool, "registered?": bool, "idle?": int, "since?": str},
     "announcement": {"from": str, "text": str, "ts?": str},
     "history": {"kind": str, "from": str, "text": str, "ts": str, "room?": str, "to?": str,
                 "action?": bool},
@@ -1985,8 +1985,9 @@ def _show_away(message: dict, me: str) -> Line:
 def _show_whois(message: dict, me: str) -> List[Line]:
     """About someone, in a line (two when they are away)."""
     name, rooms = clean_text(message["name"]), message.get("rooms", [])
-    facts = ["in " + ", ".join(f"#{clean_text(str(room))}" for room in rooms) if rooms
-             else "in no room"]
+    runs = set(message.get("room_operator", ()))    # "@" for those, as in /names
+    facts = ["in " + ", ".join(f"{'@' if room in runs else ''}#{clean_text(str(room))}"
+                               for room in rooms) if rooms else "in no room"]
     facts += [fact for flag, fact in (("operator", "a server operator"),
                                       ("registered", "registered")) if message.get(flag) is True]
     idle = message.get("idle")

@@ -2112,8 +2112,9 @@ class IrcOutput:
                     self._numeric("315", name, "End of /WHO list")]
         lines = [self._numeric("311", name, name, server, "*", name)]
         if event["rooms"]:
-            lines.append(self._numeric("319", name, " ".join("#" + room
-                                                            for room in event["rooms"])))
+            runs = set(event.get("room_operator", ()))
+            lines.append(self._numeric("319", name, " ".join(("@#" if room in runs else "#") +
+                                                            room for room in event["rooms"])))
         lines.append(self._numeric("312", name, server, "a LAN chat"))
         if event.get("operator"):
             lines.append(self._numeric("313", name, "is a server operator"))
@@ -3405,7 +3406,9 @@ class People:
             return
         now, wall = core.clock.now(), core.clock.wall()
         rooms = sorted((room.name for room in target.rooms), key=str.lower)
+        runs = [room.name for room in target.rooms if target.key in room.ops]
         core.answer(session, {"type": "whois", "name": target.name, "rooms": rooms,
+                              "room_operator": sorted(runs, key=str.lower),
                               "away": target.away, "operator": target.operator,
                               "registered": target.registered,
                               "idle": int(now - target.last_spoke),

@@ -3995,6 +3995,10 @@ class RenderingTests(unittest.TestCase):
         from_alice = client.chat_line("14:05", "alice", "psst", "bob", "whisper", to="bob")
         self.assertEqual(from_alice.plain, "[14:05] [whisper from alice] psst")
         self.assertTrue(from_alice.ring)
+        [whois] = client.format_message({"type": "whois", "name": "bob",
+                                         "rooms": ["dev", "lobby"], "room_operator": ["dev"]},
+                                        "me")
+        self.assertEqual(whois.plain, "-!- bob: in @#dev, #lobby")
         [winks] = client.format_message({"type": "whisper", "from": "bob", "to": "me",
                                          "text": "winks", "action": True,
                                          "ts": "2026-01-01T00:00:00Z"}, "me")
@@ -5631,6 +5635,8 @@ class IrcTests(ChatTestCase):
         alice.send("WHOIS bob")
         whois = alice.until(r" 318 ")
         self.assertIn(":test.lan 319 alice bob :#lobby", whois)
+        alice.send("WHOIS alice")   # "@" where one is an operator
+        self.assertIn(":test.lan 319 alice alice :@#dev", alice.until(r" 318 "))
         self.assertIn(":test.lan 301 alice bob :lunch", whois)
         alice.send("WHOIS nobody")
         alice.expect(r" 401 alice nobody ")
