@@ -1665,11 +1665,15 @@ class IrcInput:
 
     def _channels(self, command: str, channels: str) -> List[str]:
         """The channels a list names, the empty places between its commas skipped
-        (an error about one could not say which it is); none: 461."""
+        (an error about one could not say which it is); none: 461. A name without
+        the # of a channel is no channel: 403."""
         named = [channel for channel in channels.split(",") if channel]
         if not named:
             self._reply("461", command, "Not enough parameters")
-        return named
+        for name in named:
+            if not name.startswith("#"):
+                self._reply("403", name, "No such channel: channels begin with #")
+        return [name for name in named if name.startswith("#")]
 
     def _topic(self, channel: str, *text: str) -> None:
         request = {"type": "topic", "room": channel}
@@ -2137,8 +2141,8 @@ class IrcOutput:
         elif command == "NOTICE":
             pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
         elif command == "NICK" and code in IRC_NAME_ERRORS:
-            if not self.registered:     # a refused hello: the client tries another name
-                self.hello_sent = False
+            if not self.registered:     # a refused hello: the client tries another name,
+                self.hello_sent, self.nick = False, None    # and is "*" until then
             if code == "name_protected":
                 text += " (log in with SASL, or PASS name:password)"
             lines.append(self._numeric(IRC_ERRORS[code][0], arguments[0] if arguments else "*",

@@ -5525,6 +5525,9 @@ class IrcTests(ChatTestCase):
         taken.send("USER x 0 * :x")
         self.assertEqual(taken.line(), ':test.lan 433 * ALICE :The name "ALICE" is taken. '
                                        "Pick another.")
+        taken.send("CAP LS 302")    # a refused nick is no nick: "*"
+        self.assertTrue(taken.line().startswith(":test.lan CAP * LS "))
+        taken.send("CAP END")
         taken.send("NICK bad!name")
         taken.expect(r" 432 \* bad!name ")
         taken.send("NICK test.lan")     # the server's own name
@@ -5914,6 +5917,8 @@ class IrcTests(ChatTestCase):
         refusals = [line for line in alice.sync() if " 403 alice #! :" in line]
         self.assertEqual(len(refusals), 900)
         bob.say("still here")
+        alice.send("JOIN nochan")
+        alice.expect(r" 403 alice nochan :No such channel")
         alice.send("JOIN ,,#lobby,")    # the empty places are no channels to refuse
         self.assertEqual([line.split()[1] for line in alice.until(" 366 ")],
                          ["JOIN", "353", "366"])
