@@ -4771,6 +4771,9 @@ class Moderation:
         name = args.strip()
         if not name or name.lower() not in self.mutes:
             raise ModerationError("not_muted", f"{name or 'Nobody'} is not muted.")
+        if actor is not None and actor.key == name.lower():
+            raise ModerationError("not_allowed", "Another operator, or the console, can unmute "
+                                  "you; you cannot.")
         del self.mutes[name.lower()]
         member = self.core.members.get(name.lower())
         shown = member.name if member else name

@@ -3387,6 +3387,8 @@ class ModerationTests(ChatTestCase):
         alice, bob = self.operator("alice"), self.operator("bob")
         for command in ("kick", "mute", "ban"):
             self.assertEqual(self.moderate(alice, command, "bob")["code"], "not_allowed")
+        self.console("/mute bob")
+        self.assertEqual(self.moderate(bob, "unmute", "bob")["code"], "not_allowed")   # not self
         self.console("/kick bob")
         self.assert_rejected(bob, "kicked")
 
