@@ -117,6 +117,7 @@ ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
 NAME_PATTERN = re.compile(r"(?=[_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,32}")     # fullmatch
 NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', "
               "with a letter or digit")
+RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
 MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
 MAX_PASSWORD_LENGTH = 1024
 
@@ -3450,7 +3451,10 @@ def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[
             port = int(after[1:])
     elif target.count(":") == 1:
         name, _, maybe_port = target.partition(":")
-        if maybe_port.isdigit() and port is None:
+        if maybe_port.isdigit():
+            if port is not None:
+                raise ValueError(f"the port is given twice ({target} and {port}): give it "
+                                 "once, as HOST:PORT or as the second argument")
             host, port = name, int(maybe_port)
     return host, DEFAULT_PORT if port is None else port, fingerprint if hash_sign else None
 
@@ -3535,6 +3539,8 @@ class Joiner:
 def name_argument(text: str) -> str:
     if not NAME_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a name: names are {NAME_RULES}")
+    if text.lower() in RESERVED_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r} is reserved: pick another name")
     return text
 
 
@@ -3719,7 +3725,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.retries < 0:
         parser.error("--retries must be 0 or more")
     configure_text_streams()
-    host, port, fingerprint = split_address(args.host, args.port)
+    try:
+        host, port, fingerprint = split_address(args.host, args.port)
+    except ValueError as exc:
+        return usage_error(parser, str(exc))
     interactive = sys.stdin.isatty()
     if not interactive and not args.name:   # the first line is chat, not a name
         return usage_error(parser, "with input piped in, give a name with --name "
@@ -3739,9 +3748,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             log_file = open(os.path.expanduser(args.log), "a", encoding="utf-8")
         except OSError as exc:
-            print(f"error: cannot write the log {args.log}: {exc.strerror or exc}",
-                  file=sys.stderr)
-            return 1
+            return usage_error(parser, f"cannot write the log {args.log}: "
+                                       f"{exc.strerror or exc}")
     styled = terminal_is_capable(sys.stdout)
     screen = Screen(sys.stdout, terminal=styled, colour=styled and wants_colour(args.no_color),
                     bell=args.bell, log_file=log_file,

@@ -6125,6 +6125,8 @@ class ClientUnitTests(unittest.TestCase):
                  ("host:6000#", None): ("host", 6000, "")}     # a '#' with nothing after
         for (host, port), expected in cases.items():
             self.assertEqual(client.split_address(host, port), expected)
+        with self.assertRaisesRegex(ValueError, "the port is given twice"):
+            client.split_address("127.0.0.1:6211", 6212)    # not a host called "127.0.0.1:6211"
 
     def test_formatting(self) -> None:
         stamp = "2026-01-02T03:04:05.000Z"
@@ -6367,9 +6369,12 @@ class ClientProcessTests(ChatTestCase):
     def test_unwritable_log_is_a_one_line_error(self) -> None:
         bot = self.run_client("--name", "bot", "--log", os.path.join(HERE, "no", "dir", "x.log"),
                               stdin_data="")
-        self.assertEqual(bot.finish(), 1)
+        self.assertEqual(bot.finish(), 2)    # a usage error: the option cannot work
         self.assertEqual(len(bot.output("stderr").splitlines()), 1)
         self.assertIn("cannot write the log", bot.output("stderr"))
+        reserved = self.run_client("--name", "Server", stdin_data="")
+        self.assertEqual(reserved.finish(), 2)     # said before connecting
+        self.assertIn("'Server' is reserved", reserved.output("stderr"))
 
     def test_lost_connection_is_one_message_and_exit_code_1(self) -> None:
         alice = self.peer("alice")
