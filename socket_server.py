@@ -4527,7 +4527,7 @@ class Moderation:
         rules (masked or refused), and not from someone muted.
         """
         core, most = self.core, self.core.settings.max_length
-        muted = self.muted(session)
+        muted = self.muted(session) if self.mutes else None    # (nearly always none)
         if muted is not None:
             core.refuse(session, muted.code, muted.text)
             return None
