@@ -3070,12 +3070,16 @@ class ChatSession:
             return
         with self.link.state() as rooms:
             room = rooms.get(name)
+            already = room is not None and room is rooms.here
             if room is None:
                 rooms.joining.add(name.lower())     # current once its room frame comes
             else:
                 unread, name = rooms.switch(room), room.name
-        if room is not None:
+        if already:
+            self.screen.note(f"you are in #{name} already", CHAT)
+        elif room is not None:
             self._now_in(name, unread)
+        if room is not None:
             return
         request = {"type": "join", "room": name}
         if key.strip():

@@ -6680,6 +6680,8 @@ class ClientRoomTests(ChatTestCase):
         self.assertEqual(bot.out.lines[-1], "-!- now in #lobby; its 1 unread above are marked "
                                             "#lobby")
         self.assertEqual(bot.prompt(), "#lobby> ")
+        bot.handle_line("/join lobby")      # the current one: nothing changes, and it says so
+        self.assertEqual(bot.out.lines[-1], "-!- you are in #lobby already")
         alice.send({"type": "say", "room": "dev", "text": "in dev"})
         self.assertRegex(bot.out.wait_for("in dev"), r"^\[\d\d:\d\d\] #Dev alice: in dev$")
         bot.handle_line("/part #lobby see you")     # the current one: back to #Dev
