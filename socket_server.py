@@ -3462,9 +3462,14 @@ class People:
         self.set_away(session, text or None)
 
     def set_away(self, session: Session, text: Optional[str]) -> None:
-        """Mark session away (text) or back (None); it and those sharing a room are told."""
+        """Mark session away (text) or back (None); it and those sharing a room are told
+        (but of no change: the same away text again is told to session alone)."""
+        unchanged = text == session.away
         session.away = text
         change = {"type": "away", "name": session.name, "text": text}
+        if unchanged:
+            self.core.send(session, change)
+            return
         self.core.deliver(self.core.rooms.shared_with(session), change, sender=session,
                           echo=change)
 

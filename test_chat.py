@@ -5079,6 +5079,11 @@ class NickAndAwayTests(ChatTestCase):
         bob.send({"type": "away", "text": "at lunch"})
         self.assertEqual(alice.expect("away"), {"type": "away", "name": "bob",
                                                 "text": "at lunch"})
+        bob.expect("away")
+        for _ in range(3):      # the same again: bob hears it, the others nothing
+            bob.send({"type": "away", "text": "at lunch"})
+            self.assertEqual(bob.expect("away")["text"], "at lunch")
+        self.assertNotIn("away", [frame["type"] for frame in alice.sync()])
         alice.send({"type": "who"})
         self.assertEqual(alice.expect("users")["away"], ["bob"])
         alice.send({"type": "whisper", "to": "bob", "text": "ping?"})
