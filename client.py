@@ -3367,6 +3367,8 @@ COMMANDS: Dict[str, Command] = {
                       OPERATORS),
     "announce": Command("TEXT", "an announcement to everyone", moderation_command("say"),
                         OPERATORS),
+    "droproom": Command("#room", "remove a room (its topic, key and operators too); its "
+                        "members are put out", moderation_command("droproom"), OPERATORS),
     "shutdown": Command("", "stop the server", moderation_command("shutdown"), OPERATORS),
 }
 ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit",

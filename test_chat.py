@@ -6763,6 +6763,8 @@ class ClientRoomTests(ChatTestCase):
         self.assertEqual(self.assert_rejected(carol, "kicked")["text"],
                          "carol was kicked by bot: spamming")
         bot.out.wait_for("-!- carol was kicked by bot: spamming")
+        bot.handle_line("/droproom #hers")
+        bot.out.wait_for("#hers removed")
 
     def test_nick_for_yourself_and_for_others(self) -> None:
         alice, carol = self.peer("alice"), self.peer("carol")
