@@ -1231,13 +1231,14 @@ class Link:
             about = self.rooms.about(message, self._name)   # before the update: where they were
             hidden = self._quiet(message) or self.rooms.ignoring(message)
             notes = self._take_in(message)
+            missed = kind == "history" and self.batches.replay_after is not None
         # What is hidden has no part in a batch of history: a replay of it shows nothing.
         in_batch = kind.startswith("history") or \
             kind == "notice" and message["code"] == "new_since"     # the marker of a replay
         batch_role = self._show_history_frame(message) if in_batch and not hidden else ""
         lines = [] if batch_role is None or hidden else format_message(message, self.name)
         with self.lock:
-            lines = self.rooms.place(lines, message, about)
+            lines = self.rooms.place(lines, message, about, missed)
             prompt_changed = self.rooms.prompt() != prompt
         for line in lines + notes:
             self.screen.show(line._replace(role=batch_role) if batch_role else line)
@@ -1504,9 +1505,11 @@ class RoomList:
                 return self.shared_with(message["name"])
         return ()
 
-    def place(self, lines: List[Line], message: dict, about: Tuple[str, ...]) -> List[Line]:
+    def place(self, lines: List[Line], message: dict, about: Tuple[str, ...],
+              missed: bool = False) -> List[Line]:
         """Lines with the rooms they belong to (their own, or those of `about`),
-        marked when of the current room; and what of each room is seen, or unread."""
+        marked when of the current room; and what of each room is seen, or unread
+        (a message, or one missed while the connection was down: `missed`)."""
         placed = []
         for line in lines:
             rooms = line.rooms or about
@@ -1517,7 +1520,7 @@ class RoomList:
         everywhere = "announcement" in (kind, message.get("kind"))   # in every room's history
         if placed and (said_in or everywhere) and isinstance(message.get("ts"), str) and \
                 kind in ("message", "sent", "history", "announcement"):
-            self.heard(said_in, message["ts"], unread=kind == "message")
+            self.heard(said_in, message["ts"], unread=kind == "message" or missed)
         return placed
 
     # -- changes the person typing makes -------------------------------------

@@ -6969,7 +6969,7 @@ class ClientRoomTests(ChatTestCase):
         self.assertEqual(len([line for line in lines if "said while away" in line]), 1)
         self.assertEqual(len([line for line in lines if "seen before" in line]), 1)
         self.assertFalse([line for line in lines if "in #ops while you were away" in line])
-        self.assertEqual(bot.prompt(), "#ops> ")    # still where it was
+        self.assertEqual(bot.prompt(), "#ops (1 unread)> ")    # still where it was; missed: 1
         bot.handle_line("still here")
         self.assertEqual(len([m for m in carol.sync() if m.get("text") == "still here"]), 0)
         bot.handle_line("/join #dev")
