@@ -3728,6 +3728,21 @@ def usage_error(parser: argparse.ArgumentParser, text: str) -> int:
     return 2
 
 
+def usage_problem(args: argparse.Namespace, fingerprint: Optional[str],
+                  interactive: bool) -> Optional[str]:
+    """What makes the options given unable to work, or None."""
+    if not interactive and not args.name:   # the first line is chat, not a name
+        return "with input piped in, give a name with --name (there is nobody to ask)"
+    if fingerprint is not None and not is_fingerprint(fingerprint):
+        return join_string_problem(args.host, fingerprint)
+    if args.insecure and (args.cafile or fingerprint):
+        return ("--insecure checks no certificate: leave it out to check the one of --cafile "
+                "or the join string")
+    if args.cafile and not os.path.isfile(os.path.expanduser(args.cafile)):
+        return f"--cafile {args.cafile}: no such file"
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -3739,11 +3754,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         return usage_error(parser, str(exc))
     interactive = sys.stdin.isatty()
-    if not interactive and not args.name:   # the first line is chat, not a name
-        return usage_error(parser, "with input piped in, give a name with --name "
-                                   "(there is nobody to ask)")
-    if fingerprint is not None and not is_fingerprint(fingerprint):
-        return usage_error(parser, join_string_problem(args.host, fingerprint))
+    problem = usage_problem(args, fingerprint, interactive)
+    if problem:
+        return usage_error(parser, problem)
     if interactive:
         # Ctrl-C must leave even when a launcher started us with SIGINT ignored (a shell
         # script's background job, some IDE consoles): Python raises KeyboardInterrupt

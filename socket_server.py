@@ -4636,6 +4636,9 @@ class Moderation:
         line = clean_cut(line, MAX_COMMAND_LENGTH)
         word, _, args = line.lstrip("/\\").partition(" ")
         entry = self.COMMANDS.get(word.lower())
+        if entry is None and actor is None and not line.startswith(("/", "\\")):
+            raise ModerationError("unknown_command", "Console commands start with /: "
+                                  "/say TEXT speaks to everyone, /help lists the rest.")
         if entry is None:
             raise ModerationError("unknown_command",
                                   f"Unknown command /{word}: /help lists the commands.")

@@ -2882,6 +2882,20 @@ class TlsTests(unittest.TestCase):
         self.assertFalse([line for line in lines if "attempt 2" in line], lines)
         self.assertEqual(lines[-1], "! not reconnecting: the server's certificate has changed")
 
+    def test_tls_options_that_cannot_work_are_usage_errors(self) -> None:
+        port = free_port()      # nothing listens: connecting would be refused
+        for options, shown in ((["--insecure", "--cafile", __file__], "--insecure checks no"),
+                               (["--cafile", os.path.join(HERE, "no", "ca.pem")],
+                                "no such file")):
+            with self.subTest(options=options):
+                bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "bot",
+                              *options, stdin_data="hi\n")
+                self.addCleanup(bot.kill)
+                self.assertEqual(bot.finish(), 2)
+                lines = bot.output("stderr").splitlines()
+                self.assertEqual(len(lines), 1, lines)
+                self.assertIn(shown, lines[0])
+
     def test_a_join_string_without_a_possible_fingerprint_is_a_usage_error(self) -> None:
         port = free_port()      # nothing listens: connecting would be refused
         for target, shown in ((f"127.0.0.1:{port}#abc", '"abc" is not'),
@@ -3629,6 +3643,10 @@ class ModerationTests(ChatTestCase):
     def test_unknown_and_malformed_commands(self) -> None:
         self.assertEqual(self.console("/dance"),
                          ["! Unknown command /dance: /help lists the commands."])
+        self.assertEqual(self.console("hello everyone"),    # chat, typed at the console
+                         ["! Console commands start with /: /say TEXT speaks to everyone, "
+                          "/help lists the rest."])
+        self.assertEqual(self.console("bans"), ["nobody is banned"])    # the / may be left out
         for line in ("/ban", "/mute", "/kick", "/say", "/unban", "/unmute nobody"):
             self.assertTrue(self.console(line)[0].startswith("! "), line)
 
