@@ -1722,6 +1722,10 @@ class IrcInput:
                 sign = letter
             elif letter == "b" and (sign == "+" and not arguments):
                 self._reply("368", target, "End of channel ban list")
+            elif letter == "b":     # a mask to ban: bans here are for the whole chat
+                arguments.pop(0)
+                self._raw("NOTICE", self.nick, "Bans are for the whole chat here, not one "
+                          "channel: the server's console or a client.py operator bans (/ban)")
             elif (letter == "o" or letter == "k" and sign == "+") and not arguments:
                 self._reply("461", "MODE", "Not enough parameters")
             elif letter == "o":

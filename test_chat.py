@@ -5724,6 +5724,8 @@ class IrcTests(ChatTestCase):
             alice.expect(r" 461 alice MODE ")
         alice.send("MODE #ops +o nobody")
         alice.expect(r" 401 alice nobody ")
+        alice.send("MODE #ops +b fred!*@*")     # b is a list here, not a ban to set
+        alice.expect(r"NOTICE alice :Bans are for the whole chat here")
         alice.send("MODE #ops")
         alice.expect(r" 324 alice #ops \+tk :s3cret")
         alice.send("PART #ops")     # no reason: no empty one
