@@ -4309,7 +4309,10 @@ class History:
         """
         budget = self.batch_bytes
         entries = []
+        made = room.created if room is not None else ""
         for row_id, ts, kind, sender, recipient, text, in_room in reversed(rows):
+            if in_room == EVERY_ROOM and ts < made:
+                continue    # an announcement to every room, from before this one was made
             entry = {"type": "history", "kind": kind, "from": sender, "text": text, "ts": ts}
             if kind in FLAGGED_KINDS:   # as the events have it
                 entry["kind"], flag = FLAGGED_KINDS[kind]

@@ -644,6 +644,22 @@ class CoreHarness:
 class CoreTests(unittest.TestCase):
     """The chat's rules without a socket: what each request makes happen."""
 
+    def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
+        chat = CoreHarness()
+        alice = chat.join("alice")
+        chat.core.announce("server", "before dev")
+        chat.advance(1)
+        chat.request(alice, {"type": "join", "room": "dev"})
+        chat.advance(1)
+        chat.core.announce("server", "after dev")
+        chat.collect()
+        bob = chat.join("bob")
+        chat.request(bob, {"type": "join", "room": "dev"})
+        replayed = [(event.get("room"), event["text"]) for event in chat.received(bob)
+                    if event["type"] == "history"]
+        self.assertEqual(replayed, [(None, "before dev"), (None, "after dev"),  # the lobby's
+                                    (None, "after dev")])                     # and #dev's
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
