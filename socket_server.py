@@ -1887,17 +1887,18 @@ class IrcOutput:
         return f"time={event['ts']}" if self.server_time and event.get("ts") else ""
 
     def _said(self, sender: str, target: str, text: str, action: bool, tags: str,
-              command: str = "PRIVMSG") -> List[bytes]:
+              command: str = "PRIVMSG", lead: str = "") -> List[bytes]:
         """A message as one or more lines: long ones (a client.py user may send 2000
-        characters) are cut between words into pieces IRC can carry."""
+        characters) are cut between words into pieces IRC can carry, each after
+        `lead` (a replayed message's time, for a client without server-time)."""
         prefix = self._from(sender)
         # What the line holds besides the text: the room left is each piece's (a
         # line that _line had to cut would lose the end of its piece).
         marks = "\x01ACTION \x01" if action else ""
-        around = len(f":{prefix} {command} {target} :{marks}\r\n".encode("utf-8"))
+        around = len(f":{prefix} {command} {target} :{marks}{lead}\r\n".encode("utf-8"))
         lines = []
         for piece in split_utf8(text, IRC_LINE_MAX - around):
-            body = f"\x01ACTION {piece}\x01" if action else piece
+            body = f"\x01ACTION {lead}{piece}\x01" if action else lead + piece
             lines.append(self._line(prefix, command, target, body, tags=tags))
         return lines
 
@@ -2034,20 +2035,20 @@ class IrcOutput:
             self._replay = channel
             lines.append(self._line(self.info.server_name, "NOTICE", channel,
                                     "--- earlier messages ---"))
-        text = event["text"]
-        if "server-time" not in self.caps:     # then the time is not in a tag: in the text
-            text = f"[{event['ts'][:16].replace('T', ' ')} UTC] {text}"
+        text, tags = event["text"], self._tags(event)
+        # Without server-time, the time is not in a tag: in the text, of every piece.
+        lead = "" if "server-time" in self.caps else \
+            f"[{event['ts'][:16].replace('T', ' ')} UTC] "
         command = "NOTICE" if event.get("notice") else "PRIVMSG"
         if event["kind"] == "whisper":     # one's own shown as sent to the other
             target = event["to"] if event["from"].lower() == self.nick.lower() else self.nick
             return lines + self._said(event["from"], target, text, event.get("action") is True,
-                                      self._tags(event), command)
+                                      tags, command, lead)
         if event["kind"] == "announcement" or not channel:
             return lines + self._said("server", channel or self.nick, f"[announcement from "
-                                      f"{event['from']}] {text}", False, self._tags(event),
-                                      "NOTICE")
+                                      f"{event['from']}] {text}", False, tags, "NOTICE", lead)
         return lines + self._said(event["from"], channel, text, event["kind"] == "action",
-                                  self._tags(event), command)
+                                  tags, command, lead)
 
     def _show_history_end(self, event: dict) -> List[bytes]:
         channel, self._replay = self._replay, ""

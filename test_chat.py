@@ -5750,6 +5750,7 @@ class IrcTests(ChatTestCase):
     def test_history_on_join_with_server_time_and_without(self) -> None:
         bob = self.peer("bob")
         bob.say("said before")
+        bob.say("long " * 199 + "end")   # pieces on IRC: each says when it was said
         tagged = self.irc("tagged", caps="server-time")
         tagged.send("JOIN #lobby")
         lines = tagged.until("end of earlier messages")
@@ -5762,6 +5763,10 @@ class IrcTests(ChatTestCase):
         replayed = next(line for line in lines if "said before" in line)
         self.assertRegex(replayed, r"^:bob!bob@test.lan PRIVMSG #lobby :\[\d{4}-\d\d-\d\d "
                                    r"\d\d:\d\d UTC\] said before$")
+        pieces = [line for line in lines if "long long" in line or "long end" in line]
+        self.assertGreater(len(pieces), 1)
+        for piece in pieces:
+            self.assertRegex(piece, r"PRIVMSG #lobby :\[\d{4}-\d\d-\d\d \d\d:\d\d UTC\] long")
         bob.say("live")
         self.assertTrue(tagged.expect("live").string.startswith("@time="))
         self.assertEqual(plain.expect("live").string, ":bob!bob@test.lan PRIVMSG #lobby :live")
