@@ -924,6 +924,7 @@ class Link:
         self.batches = HistoryBatches()     # how each batch of history is labelled
         self.rooms = RoomList()
         self._operator = False              # the server accepted our /op
+        self.registered: Optional[bool] = None  # our name's, as last told (None: not known)
         self._max_length = 0
         # Thread-safe on their own.
         self.leaving = threading.Event()    # we asked to leave: EOF is expected
@@ -1097,6 +1098,7 @@ class Link:
             self.pacer = Pacer(limits)
             self._max_length = limit if isinstance(limit, int) and limit > 0 else 0
             self._operator = False  # operator status does not survive a new connection
+            self.registered = welcome.get("registered") is True
             self.batches.new_connection()
             self._rejoining = rejoining
             if rejoining:
@@ -1279,6 +1281,7 @@ class Link:
             self._name = new
             if self._nick_password is not None:
                 self.credentials.name_password = self._nick_password
+            self.registered = True if self._nick_password is not None else None
             self._nick_password = None
         return []
 
@@ -1317,9 +1320,11 @@ class Link:
 
     def _password_confirmed(self) -> None:
         self.credentials.name_password = self._new_password
+        self.registered = True
 
     def _password_removed(self) -> None:
         self.credentials.name_password = None
+        self.registered = False
 
     #: Notices that change what this client knows about itself (run with the lock held).
     NOTICE_EFFECTS: Dict[str, Callable[["Link"], None]] = {
@@ -3223,11 +3228,23 @@ class ChatSession:
             self.send({"type": "register", "password": password})
 
     def cmd_unregister(self, argument: str) -> None:
+        if self._not_registered():
+            return
         password = argument or self._secret("your password: ", "/unregister PASSWORD")
         if password:
             self.send({"type": "unregister", "password": password})
 
+    def _not_registered(self) -> bool:
+        """Whether our name is known not to be registered (then said, before any password
+        is asked for)."""
+        if self.link.registered is False:
+            self.screen.warn(f"{self.name} is not registered: /register PASSWORD first")
+            return True
+        return False
+
     def cmd_password(self, argument: str) -> None:
+        if self._not_registered():
+            return
         old, _, new = argument.partition(" ")
         if not argument:
             old = self._secret("current password: ", "/password OLD NEW")

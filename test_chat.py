@@ -7034,6 +7034,11 @@ class ClientAccountCommandTests(ChatTestCase):
     def test_register_change_and_unregister_with_prompts(self) -> None:
         answers = ["first pass", "first pass typo"]
         bot = self.session(answers)
+        for command in ("/password", "/unregister"):    # not registered: said, nothing asked
+            bot.handle_line(command)
+            self.assertEqual(bot.out.lines[-1], "! bot is not registered: /register PASSWORD "
+                                                "first")
+        self.assertEqual(len(answers), 2)
         bot.handle_line("/register")
         bot.out.wait_for("the two passwords differ")
         answers += ["first pass", "first pass"]
@@ -7048,18 +7053,21 @@ class ClientAccountCommandTests(ChatTestCase):
         self.assertEqual(answers, [])
 
     def test_a_short_new_password_is_refused_after_the_first_prompt(self) -> None:
-        answers = ["short", "short", "first pass", "short", "short"]
+        answers = ["short", "first pass", "first pass", "first pass", "short", "short"]
         bot = self.session(answers)
         bot.handle_line("/register")
         bot.out.wait_for("Passwords need at least 8 characters.")
-        self.assertEqual(answers, ["short", "first pass", "short", "short"])  # asked once
-        answers.pop(0)
+        self.assertEqual(len(answers), 5)   # asked once
+        bot.handle_line("/register")
+        bot.out.wait_for("is registered")
         bot.handle_line("/password")     # the current password, then the new one, once
         self.assertIn("! Passwords need at least 8 characters.", bot.out.lines[-1:])
         self.assertEqual(answers, ["short"])
 
     def test_a_short_inline_password_is_refused_before_sending(self) -> None:
         bot = self.session([])
+        bot.handle_line("/register first-password")
+        bot.out.wait_for("is registered")
         for line in ("/register short", "/password first-password short"):
             del bot.out.lines[:]
             bot.handle_line(line)   # refused here, at once: no answer from the server needed
