@@ -3471,17 +3471,18 @@ def split_address(target: str, port: Optional[int]) -> Tuple[str, int, Optional[
     """
     target, hash_sign, fingerprint = target.partition("#")
     host = target
+    given = port
     if target.startswith("[") and "]" in target:
         host, _, after = target[1:].partition("]")
-        if after.startswith(":") and after[1:].isdigit() and port is None:
+        if after.startswith(":") and after[1:].isdigit():
             port = int(after[1:])
     elif target.count(":") == 1:
         name, _, maybe_port = target.partition(":")
         if maybe_port.isdigit():
-            if port is not None:
-                raise ValueError(f"the port is given twice ({target} and {port}): give it "
-                                 "once, as HOST:PORT or as the second argument")
             host, port = name, int(maybe_port)
+    if given is not None and port != given:
+        raise ValueError(f"the port is given twice ({target} and {given}): give it "
+                         "once, as HOST:PORT or as the second argument")
     return host, DEFAULT_PORT if port is None else port, fingerprint if hash_sign else None
 
 

@@ -1628,7 +1628,7 @@ class IrcInput:
         named = targets.split(",") if "," in targets else (targets,)    # nearly always one
         if len(named) > IRC_MESSAGE_TARGETS:    # TARGMAX: the rest get nothing
             if command == "PRIVMSG":    # (never an answer to a NOTICE)
-                self._reply("407", named[IRC_MESSAGE_TARGETS],
+                self._reply("407", named[IRC_MESSAGE_TARGETS] or "*",
                             f"Too many targets: {IRC_MESSAGE_TARGETS} at most")
             named = named[:IRC_MESSAGE_TARGETS]
         metered = True      # the first target costs a token; the others come with it
@@ -1652,29 +1652,29 @@ class IrcInput:
             for number, room in enumerate(sorted(self.rooms)):
                 self._ask({"type": "part", "room": room}, "PART", room, metered=number == 0)
             return
-        keys_given = keys.split(",")
-        for number, channel in enumerate(self._channels("JOIN", channels)):
+        keys_given = keys.split(",")    # each for the channel in its place (RFC 1459)
+        for number, (place, channel) in enumerate(self._channels("JOIN", channels)):
             request = {"type": "join", "room": channel}
-            if number < len(keys_given) and keys_given[number]:
-                request["key"] = keys_given[number]
+            if place < len(keys_given) and keys_given[place]:
+                request["key"] = keys_given[place]
             self._ask(request, "JOIN", channel, metered=number == 0)
 
     def _part(self, channels: str, reason: str = "", *rest: str) -> None:
-        for number, channel in enumerate(self._channels("PART", channels)):
+        for number, (_, channel) in enumerate(self._channels("PART", channels)):
             self._ask({"type": "part", "room": channel, "text": irc_text(reason)}, "PART",
                       channel, metered=number == 0)
 
-    def _channels(self, command: str, channels: str) -> List[str]:
-        """The channels a list names, the empty places between its commas skipped
-        (an error about one could not say which it is); none: 461. A name without
-        the # of a channel is no channel: 403."""
-        named = [channel for channel in channels.split(",") if channel]
+    def _channels(self, command: str, channels: str) -> List[Tuple[int, str]]:
+        """The channels a list names, each with its place in the list, the empty places
+        between its commas skipped (an error about one could not say which it is);
+        none: 461. A name without the # of a channel is no channel: 403."""
+        named = [(place, name) for place, name in enumerate(channels.split(",")) if name]
         if not named:
             self._reply("461", command, "Not enough parameters")
-        for name in named:
+        for _, name in named:
             if not name.startswith("#"):
                 self._reply("403", name, "No such channel: channels begin with #")
-        return [name for name in named if name.startswith("#")]
+        return [(place, name) for place, name in named if name.startswith("#")]
 
     def _topic(self, channel: str, *text: str) -> None:
         request = {"type": "topic", "room": channel}
@@ -1723,7 +1723,8 @@ class IrcInput:
             elif letter == "b" and (sign == "+" and not arguments):
                 self._reply("368", target, "End of channel ban list")
             elif letter == "b":     # a mask to ban: bans here are for the whole chat
-                arguments.pop(0)
+                if arguments:
+                    arguments.pop(0)
                 self._raw("NOTICE", self.nick, "Bans are for the whole chat here, not one "
                           "channel: the server's console or a client.py operator bans (/ban)")
             elif (letter == "o" or letter == "k" and sign == "+") and not arguments:
@@ -3151,8 +3152,9 @@ class ChatCore:
 
     # -- flood control -------------------------------------------------------
 
-    def within_rate(self, session: Session) -> bool:
-        """Flood control: False (after telling the client) when over the rate."""
+    def within_rate(self, session: Session, strike: bool = True) -> bool:
+        """Flood control: False (after telling the client) when over the rate. A refusal
+        is a strike towards being cut off (flooding), unless `strike` is False."""
         rate, burst = self.settings.rate_limit, self.settings.rate_burst
         if not rate:
             return True
@@ -3160,6 +3162,8 @@ class ChatCore:
             session.bucket = TokenBucket(burst, self.clock.now())
         if session.bucket.take(self.clock.now(), rate, burst):
             return True
+        if not strike:
+            session.bucket.strikes -= 1
         if session.bucket.strikes > FLOOD_STRIKES:
             self.refuse(session, "flooding", "Disconnected for sending too fast.")
         else:
@@ -3233,6 +3237,8 @@ class ChatCore:
         # A room the client cannot enter now (a key changed, say) costs that room only.
         self.handling = REQUESTS["join"]
         for wanted in [LOBBY] if rooms is None else rooms:
+            if session.gone:    # closed meanwhile (flood control): in no more rooms
+                break
             room, key = (wanted, None) if not isinstance(wanted, dict) else \
                 (wanted.get("room"), wanted.get("key"))
             if isinstance(room, str) and (key is None or isinstance(key, str)):
@@ -3337,7 +3343,7 @@ class ChatCore:
         if target is not session:   # to oneself, the `sent` below is the one copy to show
             self.send(target, whisper)
         self.answer(session, sent)
-        if target.away is not None and target is not session:
+        if target.away is not None and target is not session and flag != "notice":
             self.send(session, {"type": "notice", "code": "away", "name": target.name,
                                 "away": target.away,
                                 "text": f"{target.name} is away: {target.away}"})
@@ -3622,7 +3628,7 @@ class Rooms:
                                       "rooms, its limit: join one of them (see /rooms).")
             # A room lasts until removed: making one costs a flood-control token of its
             # own, even where one line asked for many (an IRC JOIN, a hello's rooms).
-            if not core.within_rate(session):
+            if not core.within_rate(session, strike=False):    # (one line may ask for many)
                 return None
             room = self._create(name, session.name)
         elif room.key and (key is None or not same_secret(key, room.key)):
@@ -3707,7 +3713,8 @@ class Rooms:
         """A resumed session's earlier rooms (see Accounts.resume): it stays an operator
         of those it is in again; of the others its name is not."""
         for room in rooms:
-            if session.key in room.ops and session not in room and not session.registered:
+            if session.key in room.ops and (session not in room or session.gone) and \
+                    not session.registered:
                 self._set_op(room, session.key, False, False)
 
     def renamed(self, session: Session, old_key: str, was_registered: bool) -> None:
@@ -3985,7 +3992,7 @@ class Accounts:
         core.close(earlier, "reconnected", graceful=False, replaced=True)
         core.admit(session, earlier.name, registered=False, rooms=rooms)
         core.rooms.taken_back(session, was_in)
-        if operator:
+        if operator and not session.gone:
             core.moderation.make_operator(session, "You are an operator again.")
 
     def resume_token(self, session: Session) -> str:
@@ -4009,11 +4016,14 @@ class Accounts:
     def _logged_in(self, session: Session, name: str, rooms: list) -> None:
         core = self.core
         earlier = core.members.get(name.lower())
+        was_in: Tuple[Room, ...] = ()
         if earlier is not None:     # the owner is back, e.g. after a dropped connection
+            was_in = earlier.rooms
             core.send(earlier, {"type": "error", "code": "replaced",
                                 "text": "You logged in again elsewhere."})
             core.close(earlier, "logged in again elsewhere", replaced=True)
         core.admit(session, name, registered=self.is_registered(name), rooms=rooms)
+        core.rooms.taken_back(session, was_in)  # (unregistered meanwhile: as for a resume)
 
     def check_name_password(self, session: Session, name: str, given: Optional[str],
                             then: Callable[[], None]) -> None:
@@ -4527,6 +4537,8 @@ class Moderation:
 
     def muted(self, session: Session) -> Optional["ModerationError"]:
         """Why session may not send now (it is muted), or None."""
+        if session.name is None:    # (a bye before hello) no name: no mute
+            return None
         muted = self.mute_left(session.name)
         if muted is None:
             return None
@@ -4686,8 +4698,9 @@ class Moderation:
             return [self.core.rooms.kick(actor, room, name, reason)]
         name, _, reason = args.partition(" ")
         target = self._member(actor, name, f"/kick {self.COMMANDS['kick'][0]}")
+        reason = reason.strip() if actor is None else self.parting_words(actor, reason)
         text = f"{target.name} was kicked by {self._name(actor)}" + \
-            (f": {reason.strip()}" if reason.strip() else "")
+            (f": {reason}" if reason else "")
         self.core.remove(target, "kicked", text)
         return [Public(text)]
 
@@ -4701,6 +4714,8 @@ class Moderation:
             length = self._minutes(rest.pop(0), "ban")
         until = self.core.clock.wall() + length * 60 if length is not None else None
         reason, by = " ".join(rest), self._name(actor)
+        if actor is not None:
+            reason = self.parting_words(actor, reason)
         how_long = f" for {duration(length * 60)}" if length is not None else ""
         if looks_like_address(target):
             bans = [Ban("address", target, until, reason, by)]
@@ -4801,7 +4816,8 @@ class Moderation:
         return [Public(text)]
 
     def cmd_say(self, actor: Optional[Session], args: str) -> List[str]:
-        text = clean_cut(args, self.core.settings.max_length)
+        most = self.core.settings.max_length
+        text = clean_cut(args, most) if actor is None else self.passed_text(actor, args, most)
         if not text:
             raise ModerationError("usage", "Usage: /say TEXT")
         self.core.announce(self._name(actor), text)
@@ -5551,10 +5567,16 @@ class ChatServer(SelectServer):
         stay in the codec, and its reading is paused, until the wait is over.
         Turns never nest (see execute), however many requests one read holds.
         """
+        first = conn
         while True:
             self._draining = conn
             try:
                 self._take_requests(conn)
+            except Exception:
+                if conn is first:
+                    raise   # the caller's: see _hook
+                log.exception("error while taking the requests of %s", conn.address)
+                self.close(conn, "internal error", graceful=False)     # that one alone
             finally:
                 self._draining = None
             if not self._to_drain:

@@ -3532,6 +3532,15 @@ class ModerationTests(ChatTestCase):
         self.assertEqual(self.console("/ban carol nancy said so")[-1],    # a reason, no length
                          "carol was banned by server: nancy said so")
 
+    def test_mutes_hold_for_operators_and_never_trip_a_nameless_bye(self) -> None:
+        alice = self.operator("alice")
+        self.console("/mute alice")
+        self.assertEqual(self.moderate(alice, "say", "loud anyway")["code"], "muted")
+        early = self.peer()     # a bye before any hello, while someone is muted
+        early.send({"type": "bye", "text": "see you"})
+        self.assertNotIn("internal_error", [frame.get("code") for frame in
+                                            early.read_until_closed()])
+
     def test_a_resumed_connection_keeps_what_its_name_was(self) -> None:
         # A client whose network dropped comes back with its resume token: it is still
         # a server operator, and an operator of the rooms it takes back (not of others).
@@ -4941,6 +4950,24 @@ class RoomTests(ChatTestCase):
         alice.send({"type": "kick", "room": "dev", "name": "nobody"})
         self.assertEqual(alice.expect("error")["code"], "unknown_user")
 
+    def test_a_hello_asking_for_many_new_rooms_is_refused_some_not_cut_off(self) -> None:
+        server = ServerThread(rate_limit=5, rate_burst=20)     # flood control as by default
+        self.addCleanup(server.stop)
+        watcher, many = Peer(server.port, "watcher"), Peer(server.port)
+        self.addCleanup(watcher.close)
+        self.addCleanup(many.close)
+        enter(watcher, "there")
+        many.send({"type": "hello", "name": "many",
+                   "rooms": [f"new{number}" for number in range(45)] + ["there"]})
+        frames = []
+        while not (frames and frames[-1]["type"] == "room" and frames[-1]["room"] == "there"):
+            frames.append(many.receive())
+        refused = [frame for frame in frames if frame["type"] == "error"]
+        self.assertTrue(refused and all(frame["code"] == "rate_limited" for frame in refused))
+        self.assertEqual(watcher.expect_next_of("join", room="there")["name"], "many")
+        watcher.send({"type": "who", "room": "there"})   # over the rate, not cut off
+        self.assertEqual(watcher.expect("users")["users"], ["many", "watcher"])
+
     def test_the_first_into_a_room_nobody_runs_runs_it(self) -> None:
         # As on IRC: else a room whose maker left would have no operator ever again.
         alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
@@ -5715,7 +5742,8 @@ class IrcTests(ChatTestCase):
         carol.expect(r" 475 carol #ops ")
         carol.send("JOIN #ops wrong")
         carol.expect(r" 475 carol #ops ")
-        carol.send("JOIN #ops s3cret")
+        carol.send("JOIN ,nothash,#ops x,y,s3cret")     # each key for the channel in its place
+        carol.expect(r" 403 carol nothash ")
         carol.until(" 366 ")
         carol.send("KICK #ops bob :no")
         carol.expect(r" 482 carol #ops ")
@@ -5740,8 +5768,9 @@ class IrcTests(ChatTestCase):
             alice.expect(r" 461 alice MODE ")
         alice.send("MODE #ops +o nobody")
         alice.expect(r" 401 alice nobody ")
-        alice.send("MODE #ops +b fred!*@*")     # b is a list here, not a ban to set
-        alice.expect(r"NOTICE alice :Bans are for the whole chat here")
+        for change in ("+b fred!*@*", "-b"):    # b is a list here, not a ban to set
+            alice.send(f"MODE #ops {change}")
+            alice.expect(r"NOTICE alice :Bans are for the whole chat here")
         alice.send("MODE #ops")
         alice.expect(r" 324 alice #ops \+tk :s3cret")
         alice.send("PART #ops")     # no reason: no empty one
@@ -6171,8 +6200,9 @@ class ClientUnitTests(unittest.TestCase):
                  ("host:6000#", None): ("host", 6000, "")}     # a '#' with nothing after
         for (host, port), expected in cases.items():
             self.assertEqual(client.split_address(host, port), expected)
-        with self.assertRaisesRegex(ValueError, "the port is given twice"):
-            client.split_address("127.0.0.1:6211", 6212)    # not a host called "127.0.0.1:6211"
+        for target in ("127.0.0.1:6211", "[::1]:6211"):
+            with self.assertRaisesRegex(ValueError, "the port is given twice"):
+                client.split_address(target, 6212)  # not a host called "127.0.0.1:6211"
 
     def test_formatting(self) -> None:
         stamp = "2026-01-02T03:04:05.000Z"
