@@ -473,8 +473,9 @@ def read_known_hosts(path: str) -> Dict[str, str]:
 
 
 def remember_host(path: str, where: str, fingerprint: str,
-                  note: Callable[[str], None]) -> None:
-    """Record (or replace) the fingerprint for HOST:PORT in the known-hosts file.
+                  note: Callable[[str], None]) -> bool:
+    """Record (or replace) the fingerprint for HOST:PORT in the known-hosts file;
+    whether that could be done.
 
     Written to a new file that then replaces the old one, so a crash or a full
     disk never leaves half a file. Failing to write costs only the memory.
@@ -492,6 +493,8 @@ def remember_host(path: str, where: str, fingerprint: str,
         with contextlib.suppress(OSError):
             os.remove(temporary)
         note(f"! cannot remember the fingerprint in {path}: {exc.strerror or exc}")
+        return False
+    return True
 
 
 def changed_certificate_warning(where: str, found: str, expected: str, source: str) -> str:
@@ -536,8 +539,8 @@ def check_certificate(sock: "ssl.SSLSocket", where: str, tls: TlsOptions,
             asked = True
             if not tls.confirm("trust this server and connect? [y/N] "):
                 raise CannotConnect("not connecting: the certificate was not trusted")
-        remember_host(tls.known_hosts, where, found, note)
-        note(f"{NOTICE_MARK}remembered in {tls.known_hosts}")
+        if remember_host(tls.known_hosts, where, found, note):
+            note(f"{NOTICE_MARK}remembered in {tls.known_hosts}")
     elif known != found:
         raise CertificateChanged(changed_certificate_warning(
             where, found, known, f"{tls.known_hosts} (from an earlier visit)"))

@@ -1828,7 +1828,7 @@ IRC_ERRORS: Dict[str, Tuple[str, bool]] = {
 }
 # Refusals of a name: the client may try another.
 IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
-                             "name_banned"})
+                             "name_banned", "bad_name_password"})
 # Queries that list what they find: for a channel or nick that is not there, the
 # end of the list alone (RFC 2812, 3.2.5 and 3.6.1).
 IRC_LIST_ENDS = {"NAMES": ("366", "End of /NAMES list"), "WHO": ("315", "End of /WHO list")}
@@ -2150,10 +2150,10 @@ class IrcOutput:
         elif command == "NICK" and code in IRC_NAME_ERRORS:
             if not self.registered:     # a refused hello: the client tries another name,
                 self.hello_sent, self.nick = False, None    # and is "*" until then
-            if code == "name_protected":
+            if code in ("name_protected", "bad_name_password"):   # the nick is not to be had
                 text += " (log in with SASL, or PASS name:password)"
-            lines.append(self._numeric(IRC_ERRORS[code][0], arguments[0] if arguments else "*",
-                                       text))
+            numeric = "433" if code == "bad_name_password" else IRC_ERRORS[code][0]
+            lines.append(self._numeric(numeric, arguments[0] if arguments else "*", text))
         elif command in IRC_LIST_ENDS and code in ("no_such_room", "bad_room", "unknown_user"):
             numeric, text = IRC_LIST_ENDS[command]    # nothing to list: the end alone
             lines.append(self._numeric(numeric, arguments[0] if arguments else "*", text))
@@ -3695,8 +3695,9 @@ class Rooms:
             else:
                 told = tuple(room for room in rooms if len(room) <= limit)
             audience = (told[0] if len(told) == 1 else SharedRooms(told)) if told else NOBODY
+        why = session.comment if reason == "quit" and session.comment else reason   # (kept)
         for room in rooms:
-            self._take_out(session, room, reason, keep_batch=room in told, replaced=replaced)
+            self._take_out(session, room, why, keep_batch=room in told, replaced=replaced)
         return audience
 
     def _take_out(self, session: Session, room: Room, why: str,
@@ -4188,6 +4189,8 @@ class Accounts:
             return
         self.hashes.pop(session.name.lower(), None)
         session.registered = False
+        # Its room operator status lasts now only while it is in a room, as any name's.
+        core.rooms.taken_back(session, tuple(core.rooms.all.values()))
         log.info("%s unregistered their name", session.name)
         core.send(session, {"type": "notice", "code": "unregistered", "text":
                             f'"{session.name}" is no longer registered; anyone may use it.'})
@@ -5421,6 +5424,11 @@ def format_event_line(row: tuple) -> str:
         return f"{when}  [whisper {sender} -> {recipient}] {action}{text}"
     if kind == "said_notice":
         return f"{when}  -{sender}- {text}"
+    if kind == "topic":
+        return f"{when}  * {sender} set the topic: {text}" if text else \
+            f"{when}  * {sender} removed the topic"
+    if kind == "nick":
+        return f"{when}  * {sender} is now known as {text}"
     if kind == "join":
         return f"{when}  * {sender} joined"
     if kind == "leave":
@@ -5616,7 +5624,8 @@ class ChatServer(SelectServer):
         self.execute()
 
     def wrong_protocol(self, conn: Connection) -> None:
-        how = ("connect with TLS (irssi: /connect -tls, WeeChat: /server add ... -tls)"
+        how = ("connect with TLS (irssi: /connect -tls; WeeChat: /server add ... -tls, "
+               "or -ssl before WeeChat 4.0)"
                if isinstance(conn.protocol, IrcCodec) else "run the client with --tls")
         self.core.refuse(conn.protocol.session, "tls_required",
                          f"This server only accepts TLS: {how}.")

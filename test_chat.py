@@ -2256,8 +2256,16 @@ class HistoryProcessTests(unittest.TestCase):
         alice.say("hello bob")
         alice.send({"type": "whisper", "to": "bob", "text": "psst"})
         alice.expect("sent")
+        enter(bob, "dev")
+        bob.send({"type": "topic", "room": "dev", "text": "release friday"})
+        bob.expect("topic")
+        bob.send({"type": "nick", "name": "robert"})
+        bob.expect("nick")
+        alice.expect("nick")    # read all: a close with unread bytes is a reset
         alice.close()
         bob.expect("leave")
+        bob.send({"type": "bye", "text": "gone home"})
+        bob.read_until_closed()
         bob.close()
         server.stop()
         out = os.path.join(directory, "export.txt")
@@ -2276,6 +2284,9 @@ class HistoryProcessTests(unittest.TestCase):
         self.assertIn("alice: hello bob", text)
         self.assertIn("[whisper alice -> bob] psst", text)
         self.assertIn("* alice left (connection closed)", text)
+        self.assertIn("#dev  * bob set the topic: release friday", text)
+        self.assertIn("* bob is now known as robert", text)
+        self.assertIn("* robert left (gone home)", text)   # a quit's words are kept
         result = subprocess.run([sys.executable, SERVER_SCRIPT, "--db", out + ".missing",
                                  "--export", "-"], capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(result.returncode, 1)
