@@ -2567,6 +2567,17 @@ class RegisteredNameTests(ChatTestCase):
         peer.send({"type": "register", "password": password})
         return peer.expect("notice")
 
+    def test_unregistering_ends_the_names_lasting_room_operator_status(self) -> None:
+        alice = self.peer("alice")
+        self.register(alice)
+        enter(alice, "ops")     # its maker, registered: an operator that lasts
+        alice.send({"type": "part", "room": "ops"})
+        alice.expect("leave")
+        alice.send({"type": "unregister", "password": "correct horse"})
+        self.assertEqual(alice.expect("notice")["code"], "unregistered")
+        bystander = self.peer("bystander")  # the first into a room nobody runs now
+        self.assertEqual(enter(bystander, "ops")["ops"], ["bystander"])
+
     def test_register_protects_the_name(self) -> None:
         alice = self.peer("alice")
         self.assertFalse(alice.welcome["registered"])
@@ -5613,6 +5624,18 @@ class IrcTests(ChatTestCase):
         taken.expect(r" 432 \* test.lan ")
         taken.send("NICK alice_")
         taken.expect(" 001 alice_ ")
+
+    def test_a_wrong_name_password_lets_an_irc_client_try_another_nick(self) -> None:
+        owner = self.peer("owner")
+        owner.send({"type": "register", "password": "correct horse"})
+        owner.expect("notice")
+        guest = self.irc()
+        guest.send("PASS owner:wrong horse")
+        guest.send("NICK owner")
+        guest.send("USER g 0 * :g")
+        guest.expect(r" 433 \* owner :Wrong password")
+        guest.send("NICK guest")
+        guest.expect(" 001 guest ")
 
     def test_channels_are_rooms_and_both_sides_see_each_other(self) -> None:
         bob = self.peer("bob")          # a client.py user, in the lobby
