@@ -2864,6 +2864,13 @@ class TlsTests(unittest.TestCase):
         self.join(server, "alice", accepted)
         with open(accepted.known_hosts, encoding="utf-8") as known:
             self.assertIn(SELF_SIGNED_FINGERPRINT, known.read())
+        nowhere = client.TlsOptions(known_hosts=os.path.join(temp_dir(self), "no", "known"))
+        notes.clear()
+        connection = client.ServerConnection.open("127.0.0.1", server.port, nowhere,
+                                                  note=notes.append)
+        connection.close()
+        self.assertTrue(any("cannot remember the fingerprint" in note for note in notes))
+        self.assertFalse([note for note in notes if "remembered in" in note], notes)
 
     def test_a_slow_answer_to_the_trust_question_still_joins(self) -> None:
         gave_up = threading.Event()
