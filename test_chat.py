@@ -7191,7 +7191,9 @@ class ClientConnectErrorTests(unittest.TestCase):
         self.assertIn("refused", lines[0])
         self.assertIn("  Is the server running?", lines[1])
 
-    def test_not_a_chat_server(self) -> None:
+    def answered_by(self, reply: bytes) -> str:
+        """What client.py says (its stderr) when a server answers its hello with reply;
+        it must exit with 1."""
         with socket.socket() as fake:
             fake.bind(("127.0.0.1", 0))
             fake.listen()
@@ -7201,26 +7203,19 @@ class ClientConnectErrorTests(unittest.TestCase):
             self.addCleanup(process.kill)
             conn, _ = fake.accept()
             conn.recv(1024)
-            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.sendall(reply)
             self.assertEqual(process.finish(), 1)
             conn.close()
-        self.assertIn("chat protocol", process.output("stderr"))
-        self.assertNotIn("Traceback", process.output("stderr"))
+        return process.output("stderr")
+
+    def test_not_a_chat_server(self) -> None:
+        said = self.answered_by(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertIn("chat protocol", said)
+        self.assertNotIn("Traceback", said)
 
     def test_a_welcome_it_cannot_read_is_said_as_such(self) -> None:
-        with socket.socket() as fake:
-            fake.bind(("127.0.0.1", 0))
-            fake.listen()
-            port = fake.getsockname()[1]
-            process = Process(CLIENT_SCRIPT, "127.0.0.1", str(port), "--name", "x",
-                              stdin_data="")
-            self.addCleanup(process.kill)
-            conn, _ = fake.accept()
-            conn.recv(1024)
-            conn.sendall(encode_frame({"type": "welcome", "name": 5}))
-            self.assertEqual(process.finish(), 1)
-            conn.close()
-        self.assertIn("sent a welcome this client cannot read", process.output("stderr"))
+        said = self.answered_by(encode_frame({"type": "welcome", "name": 5}))
+        self.assertIn("sent a welcome this client cannot read", said)
 
 
 class PerformanceTests(ChatTestCase):
