@@ -3088,9 +3088,9 @@ class ChatSession:
                 unread, name = rooms.switch(room), room.name
         if already:
             self.screen.note(f"you are in #{name} already", CHAT)
-        elif room is not None:
-            self._now_in(name, unread)
+            return
         if room is not None:
+            self._now_in(name, unread)
             return
         request = {"type": "join", "room": name}
         if key.strip():

@@ -1884,6 +1884,11 @@ class IrcOutput:
         """The prefix for something a person, or the server, did."""
         return self.info.server_name if name == "server" else self._mask(name)
 
+    @staticmethod
+    def _command_of(event: dict) -> str:
+        """How a person's text goes out: a NOTICE as one (no program may answer it)."""
+        return "NOTICE" if event.get("notice") else "PRIVMSG"
+
     def _tags(self, event: dict) -> str:
         return f"time={event['ts']}" if self.server_time and event.get("ts") else ""
 
@@ -1938,7 +1943,7 @@ class IrcOutput:
                 tags = self._tags(event) if self.server_time else ""
                 return [b"@" + tags.encode("utf-8") + b" " + line] if tags else [line]
         return self._said(event["from"], "#" + event["room"], text, event.get("action") is True,
-                          self._tags(event), "NOTICE" if event.get("notice") else "PRIVMSG")
+                          self._tags(event), self._command_of(event))
 
     def _show_join(self, event: dict) -> List[bytes]:
         return [self._line(self._mask(event["name"]), "JOIN", "#" + event["room"],
@@ -2040,7 +2045,7 @@ class IrcOutput:
         # Without server-time, the time is not in a tag: in the text, of every piece.
         lead = "" if "server-time" in self.caps else \
             f"[{event['ts'][:16].replace('T', ' ')} UTC] "
-        command = "NOTICE" if event.get("notice") else "PRIVMSG"
+        command = self._command_of(event)
         if event["kind"] == "whisper":     # one's own shown as sent to the other
             target = event["to"] if event["from"].lower() == self.nick.lower() else self.nick
             return lines + self._said(event["from"], target, text, event.get("action") is True,
@@ -2191,14 +2196,14 @@ class IrcOutput:
 
     def _show_whisper(self, event: dict) -> List[bytes]:
         return self._said(event["from"], self.nick, event["text"], event.get("action") is True,
-                          self._tags(event), "NOTICE" if event.get("notice") else "PRIVMSG")
+                          self._tags(event), self._command_of(event))
 
     def _show_sent(self, event: dict) -> List[bytes]:
         if "echo-message" not in self.caps:
             return []
         target = "#" + event["room"] if "room" in event else event["to"]
         return self._said(self.nick, target, event["text"], event.get("action") is True,
-                          self._tags(event), "NOTICE" if event.get("notice") else "PRIVMSG")
+                          self._tags(event), self._command_of(event))
 
     def _show_leave_self(self, event: dict) -> List[bytes]:
         """Our own part or kick (the room's members get the same, shared)."""
