@@ -535,6 +535,29 @@ def make_tls_context(cert_file: str, key_file: Optional[str]) -> "ssl.SSLContext
     return context
 
 
+def tls_problem(cert_file: str, key_file: Optional[str], error: Exception) -> str:
+    """Why make_tls_context failed, in words that name the flag to change: OpenSSL's
+    own reason ("PEM lib") says neither which file nor what is wrong with it."""
+    texts = {}
+    for flag, path in (("--tls-cert", cert_file), ("--tls-key", key_file)):
+        if path is None:
+            continue
+        try:
+            with open(path, encoding="ascii", errors="replace") as pem:
+                texts[flag] = pem.read()
+        except OSError as exc:
+            return f"cannot read {flag} {path}: {exc.strerror or exc}"
+    key_flag, key_path = ("--tls-key", key_file) if key_file else ("--tls-cert", cert_file)
+    if "-----BEGIN CERTIFICATE-----" not in texts["--tls-cert"]:
+        return f"--tls-cert {cert_file}: no PEM certificate in it"
+    if "PRIVATE KEY-----" not in texts[key_flag]:
+        hint = "give --tls-key" if key_file is None else "name the key's file"
+        return f"{key_flag} {key_path}: no private key in it; {hint}"
+    if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+        return f"{key_flag} {key_path} is not the key of that certificate"
+    return f"cannot use the TLS certificate {cert_file}: {getattr(error, 'strerror', None) or error}"
+
+
 def certificate_fingerprint(cert_file: str) -> str:
     """SHA-256 of the (first) certificate in a PEM file, as 64 hex digits."""
     with open(cert_file, encoding="ascii", errors="replace") as pem:
@@ -6390,9 +6413,7 @@ def open_server(settings: Settings) -> Tuple[ChatServer, str, int, Optional[str]
         fingerprint = certificate_fingerprint(settings.tls_cert) if settings.tls_cert else None
     except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
         store.close()
-        hint = "" if settings.tls_key else " (is the key in that file? If not, give --tls-key)"
-        raise CannotStart(f"cannot use the TLS certificate {settings.tls_cert}: "
-                          f"{getattr(exc, 'strerror', None) or exc}{hint}") from None
+        raise CannotStart(tls_problem(settings.tls_cert, settings.tls_key, exc)) from None
     try:
         host, port = server.listen()
     except OSError as exc:
@@ -6437,6 +6458,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     check_settings(parser, settings)
+    if args.export and args.no_history:
+        parser.error("--no-history keeps no history to export; name the file with --db")
     if args.blocked_words:
         try:
             settings.blocked_words = read_word_list(args.blocked_words)

@@ -2291,6 +2291,10 @@ class HistoryProcessTests(unittest.TestCase):
                                  "--export", "-"], capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(result.returncode, 1)
         self.assertIn("no history database", result.stderr)
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--no-history", "--export", "-"],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 2)   # the two flags contradict: a usage error
+        self.assertIn("--no-history keeps no history to export", result.stderr)
 
     @unittest.skipUnless(POSIX, "a closed pipe is EPIPE on POSIX")
     def test_export_to_a_pipe_closed_early_ends_quietly(self) -> None:
@@ -2940,6 +2944,22 @@ class TlsTests(unittest.TestCase):
                 lines = bot.output("stderr").splitlines()
                 self.assertEqual(len(lines), 1, lines)
                 self.assertIn(shown, lines[0])
+
+    def test_a_certificate_that_cannot_be_used_names_the_file_and_the_fix(self) -> None:
+        cert, key = self.self_signed
+        missing = os.path.join(HERE, "no", "such.pem")
+        for files, shown in (((missing, None), f"cannot read --tls-cert {missing}: "),
+                             ((cert, missing), f"cannot read --tls-key {missing}: "),
+                             ((cert, None), "no private key in it; give --tls-key"),
+                             ((key, key), "no PEM certificate in it"),
+                             ((cert, self.ca_signed[1]), "--tls-key " + self.ca_signed[1]
+                              + " is not the key of that certificate")):
+            with self.subTest(files=files):
+                settings = settings_for_tests(tls_cert=files[0], tls_key=files[1])
+                with self.assertRaises(socket_server.CannotStart) as caught:
+                    socket_server.open_server(settings)
+                self.assertIn(shown, str(caught.exception))
+                self.assertNotIn("_ssl.c", str(caught.exception))
 
     def test_a_join_string_without_a_possible_fingerprint_is_a_usage_error(self) -> None:
         port = free_port()      # nothing listens: connecting would be refused
