@@ -3483,8 +3483,8 @@ class People:
         core.everyone.rename(old_key, session)
         core.rooms.renamed(session, old_key, was_registered)
         core.moderation.renamed(old, name)
-        if registered and not was_registered:
-            core.history.whispers_from(session)
+        if registered != was_registered or session.key != old_key:
+            core.history.whispers_from(session)     # a new name's whispers are not its past
         timestamp = core.timestamp()
         core.store.record(timestamp, "nick", old, None, name)
         change = {"type": "nick", "name": old, "new": name, "ts": timestamp}

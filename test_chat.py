@@ -2113,7 +2113,7 @@ class HistoryTests(ChatTestCase):
         alice.say("the chat goes on")
 
     def test_whispers_are_not_inherited_with_a_name(self) -> None:
-        alice, bob = self.peer("alice"), self.peer("bob")
+        alice, bob, mallory = self.peer("alice"), self.peer("bob"), self.peer("mallory")
         alice.send({"type": "whisper", "to": "bob", "text": "for the first bob"})
         alice.expect("sent")
         bob.send({"type": "bye"})
@@ -2124,6 +2124,15 @@ class HistoryTests(ChatTestCase):
         self.assertEqual(impostor.collect_history()[-1]["count"], 0)
         impostor.send({"type": "search", "text": "first"})
         self.assertEqual(impostor.collect_history()[-1]["count"], 0)
+        # Nor by someone here all along who takes the name with /nick.
+        impostor.send({"type": "bye"})
+        impostor.read_until_closed()
+        mallory.send({"type": "nick", "name": "bob"})
+        self.assertEqual(mallory.expect("nick")["new"], "bob")
+        mallory.send({"type": "get_history"})
+        self.assertEqual(mallory.collect_history()[-1]["count"], 0)
+        mallory.send({"type": "search", "text": "first"})
+        self.assertEqual(mallory.collect_history()[-1]["count"], 0)
 
     def test_history_survives_a_restart(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
