@@ -3750,7 +3750,7 @@ class Rooms:
         """Session's name changed from old_key: its rooms and room operator status follow."""
         for room in session.rooms:
             room.rename(old_key, session)
-            if old_key in room.ops:
+            if old_key in room.ops and old_key != session.key:  # (not a change of letter case)
                 self._set_op(room, session.key, True, session.registered)
                 if not was_registered:
                     self._set_op(room, old_key, False, False)

@@ -896,6 +896,9 @@ class CoreTests(unittest.TestCase):
         chat.core.moderation.run(None, "/mute alicia")
         chat.request(alice, {"type": "nick", "name": "free"})   # a mute follows its person
         self.assertIsNotNone(chat.core.moderation.mute_left("free"))
+        chat.request(alice, {"type": "nick", "name": "FREE"})   # the same name, other letters
+        self.assertIn("free", chat.core.rooms.all["dev"].ops)
+        self.assertIsNotNone(chat.core.moderation.mute_left("free"))
 
     def test_every_code_the_core_names_is_in_its_tables(self) -> None:
         with open(SERVER_SCRIPT, encoding="utf-8") as script:
