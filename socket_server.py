@@ -4825,7 +4825,7 @@ class Moderation:
                                   f"{self._name(actor)}{how_long}: you can read, but not send.",
                                 "ts": self.core.timestamp()})
         if length is not None:
-            self.core.later(length * 60, lambda: self._mute_over(target.name, until))
+            self.core.later(length * 60, lambda: self._mute_over(until))
         return [Public(text)]
 
     def cmd_unmute(self, actor: Optional[Session], args: str) -> List[str]:
@@ -4930,15 +4930,17 @@ class Moderation:
         self.bans.remove(ban)
         self.core.store.delete_ban(ban)
 
-    def _mute_over(self, name: str, until: Optional[float]) -> None:
-        if self.mutes.get(name.lower(), "gone") != until:
-            return      # unmuted, or muted again since
-        del self.mutes[name.lower()]
-        member = self.core.members.get(name.lower())
-        if member is not None:
-            self.core.send(member, {"type": "notice", "code": "unmuted",
-                                      "text": "Your mute is over: you can send again.",
-                                      "ts": self.core.timestamp()})
+    def _mute_over(self, until: float) -> None:
+        """End the mutes due at `until`. Found by their end, not by a name: a mute follows
+        its name's renames, even those of a later visit; one unmuted, or muted again
+        since, ends later or never."""
+        for key in [key for key, ends in self.mutes.items() if ends == until]:
+            del self.mutes[key]
+            member = self.core.members.get(key)
+            if member is not None:
+                self.core.send(member, {"type": "notice", "code": "unmuted",
+                                        "text": "Your mute is over: you can send again.",
+                                        "ts": self.core.timestamp()})
 
 
 # ---------------------------------------------------------------------------

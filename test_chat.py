@@ -863,6 +863,15 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(chat.received(bob, actions)[0]["code"], "unmuted")
         chat.request(bob, {"type": "say", "text": "free"})
         self.assertEqual(chat.received(bob)[-1]["type"], "sent")
+        # A mute is the name's: it outlasts a reconnection and follows a rename.
+        chat.core.moderation.run(None, "/mute bob 1")
+        chat.request(bob, {"type": "bye"})
+        back = chat.join("bob")
+        chat.request(back, {"type": "nick", "name": "robert"})
+        actions = chat.advance(60)
+        self.assertEqual([event["code"] for event in chat.received(back, actions)
+                          if event["type"] == "notice"], ["unmuted"])
+        self.assertEqual(chat.core.moderation.mutes, {})
 
     def test_a_protocol_error_ends_the_session(self) -> None:
         chat = CoreHarness()
