@@ -3202,10 +3202,7 @@ class ChatCore:
     # -- joining and leaving ---------------------------------------------------
 
     def on_hello(self, session: Session, message: dict) -> None:
-        locked = self.accounts.guard.locked_for(session.host, self.clock.now())
-        if locked:
-            self.refuse(session, "locked_out", "Too many failed logins from your address: "
-                        f"try again in {duration(locked)}.")
+        if self.accounts.refused_while_locked(session):
             return
         if self.settings.password is not None:
             given = message.get("password")
@@ -3659,12 +3656,8 @@ class Rooms:
             if not core.within_rate(session, strike=False):    # (one line may ask for many)
                 return None
             room = self._create(name, session.name)
-        elif room.key and (key is None or not same_secret(key, room.key)):
-            raise ModerationError("bad_key", f"#{room.name} needs a key: /join #{room.name} KEY"
-                                  if key is None else f"Wrong key for #{room.name}.")
-        elif settings.max_room_size and len(room) >= settings.max_room_size and \
-                room is not self.lobby:
-            raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
+        else:
+            self._check_entry(session, room, key)
         if not room.ops and not room.members and room is not self.lobby:
             # Whoever makes a room runs it, and (as on IRC) the first into a room that
             # nobody runs: else a room whose maker left would have no operator again.
@@ -3679,6 +3672,20 @@ class Rooms:
             core.deliver(room, {"type": "join", "room": room.name, "name": session.name,
                                 "ts": timestamp}, sender=session)
         return room
+
+    def _check_entry(self, session: Session, room: Room, key: Optional[str]) -> None:
+        """Raise ModerationError unless session, with key, may come into room."""
+        if room.key and key is None:
+            raise ModerationError("bad_key", f"#{room.name} needs a key: /join #{room.name} KEY")
+        if room.key:
+            locked = self.core.accounts.lockout(session)     # (a key is a password)
+            if locked is not None:
+                raise locked
+            if not same_secret(key, room.key):
+                raise ModerationError("bad_key", f"Wrong key for #{room.name}.")
+        size_limit = self.core.settings.max_room_size
+        if size_limit and len(room) >= size_limit and room is not self.lobby:
+            raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
 
     def described(self, room: Room) -> dict:
         """The `room` event a newcomer gets: the room as it is now."""
@@ -4060,6 +4067,8 @@ class Accounts:
         if session.account == name.lower():     # proved already (authenticate)
             then()
             return
+        if self.refused_while_locked(session):
+            return
         if given is None:
             self.core.refuse(session, "name_protected", f'"{name}" is a registered name: give '
                              "its password, or pick another name.")
@@ -4073,6 +4082,21 @@ class Accounts:
                 self.wrong_password(session, "bad_name_password", f'Wrong password for "{name}".')
 
         self.run_password_job(session, lambda: verify_password(given, stored), checked)
+
+    def lockout(self, session: Session) -> Optional["ModerationError"]:
+        """The refusal of every password and room key from session's address while it
+        is locked out, or None. A lockout that still checked them, and said when one
+        was right, would only slow guessing down."""
+        locked = self.guard.locked_for(session.host, self.core.clock.now())
+        return ModerationError("locked_out", "Too many failed logins from your address: "
+                               f"try again in {duration(locked)}.") if locked else None
+
+    def refused_while_locked(self, session: Session) -> bool:
+        """Refuse session (which ends it) if its address is locked out."""
+        locked = self.lockout(session)
+        if locked is not None:
+            self.core.refuse(session, locked.code, locked.text)
+        return locked is not None
 
     def on_authenticate(self, session: Session, message: dict) -> None:
         """Before hello: prove a registered name is yours (IRC's SASL), so that a hello
@@ -4107,6 +4131,8 @@ class Accounts:
         if stored is None:
             self.core.refuse(session, "not_registered", f'"{session.name}" is not registered.')
             return
+        if self.refused_while_locked(session):
+            return
         password = message["password"]
         self.run_password_job(session, lambda: verify_password(password, stored),
                               lambda matched: self._remove(session, matched))
@@ -4116,6 +4142,8 @@ class Accounts:
         if stored is None:
             self.core.refuse(session, "not_registered", f'"{session.name}" is not '
                              "registered: /register protects it with a password.")
+            return
+        if self.refused_while_locked(session):
             return
         old, new = message["password"], message["new_password"]
         problem = password_problem(new)

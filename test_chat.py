@@ -835,6 +835,30 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(actions[0][0], "resume")
         self.assertTrue(chat.received(again, actions)[0]["registered"])
 
+    def test_a_locked_out_address_has_no_password_or_key_checked(self) -> None:
+        chat = CoreHarness(failure_delay=0, max_failures=2)
+        chat.core.accounts.hashes["alice"] = socket_server.hash_password("correct horse")
+        # Joined before the lockout, from the same address: the owner of #vault, and two more.
+        owner, *insiders = chat.join("owner"), chat.join("in1"), chat.join("in2")
+        chat.request(owner, {"type": "join", "room": "vault"})
+        chat.request(owner, {"type": "key", "room": "vault", "key": "sesame"})
+        for _ in range(2):
+            guesser = chat.connect()
+            chat.request(guesser, {"type": "hello", "name": "alice", "name_password": "guess"})
+            chat.finish_jobs()
+            chat.advance(0)
+        self.assertGreater(chat.core.accounts.guard.locked_for("10.0.0.1", chat.clock.now()), 0)
+        # The right password or key, tried while the lockout lasts, proves nothing.
+        for request in ({"type": "authenticate", "name": "alice", "password": "correct horse"},
+                        {"type": "nick", "name": "alice", "name_password": "correct horse"},
+                        {"type": "join", "room": "vault", "key": "sesame"}):
+            with self.subTest(request=request["type"]):
+                session = chat.connect() if request["type"] == "authenticate" else insiders.pop()
+                actions = chat.request(session, request) + chat.finish_jobs()
+                self.assertEqual([event.get("code") for event in chat.received(session, actions)],
+                                 ["locked_out"])
+                self.assertTrue(chat.closed(session))
+
     def test_timeouts_and_pings_follow_the_clock(self) -> None:
         chat = CoreHarness(hello_timeout=10, ping_after=60, drop_after=120)
         silent, alice = chat.connect("silent"), chat.join("alice")
