@@ -1381,7 +1381,7 @@ def parse_irc_line(line: Union[bytes, bytearray]) -> Optional[IrcMessage]:
     if text.startswith(":"):
         text = text.partition(" ")[2]
     text, colon, trailing = text.partition(" :")
-    words = text.split()
+    words = [word for word in text.split(" ") if word]  # (split() would split at tabs too)
     if not words:
         return None
     return words[0].upper(), words[1:] + ([trailing] if colon else [])

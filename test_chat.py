@@ -5479,6 +5479,17 @@ class JsonCodecTests(unittest.TestCase):
 class IrcCodecTests(unittest.TestCase):
     """The IRC codec alone, without a socket."""
 
+    def test_only_the_ascii_space_separates_parameters(self) -> None:
+        parse = socket_server.parse_irc_line
+        self.assertEqual(parse(b"PRIVMSG bob tabs\there"), ("PRIVMSG", ["bob", "tabs\there"]))
+        self.assertEqual(parse("privmsg  bob   héllo\u00a0world".encode()),
+                         ("PRIVMSG", ["bob", "héllo\u00a0world"]))
+        self.assertEqual(parse(b"PRIVMSG bob \x1funderlined\x1f"),
+                         ("PRIVMSG", ["bob", "\x1funderlined\x1f"]))
+        self.assertEqual(parse(b":me!u@h  NICK  new  "), ("NICK", ["new"]))
+        self.assertEqual(parse(b"PRIVMSG #a :  two spaces "), ("PRIVMSG", ["#a", "  two spaces "]))
+        self.assertIsNone(parse(b"   "))
+
     def test_a_plain_message_one_line_holds_takes_the_quick_way_to_the_same_line(self) -> None:
         name = "n" * 32
         # With the long names, a line has room for 326 bytes of text (317 for an
