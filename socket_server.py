@@ -1342,6 +1342,8 @@ IRC_LINE_MAX = 512          # bytes of a line, CRLF included, not counting its t
 IRC_TAGS_MAX = 8191         # bytes of a line's tags, '@' and the space after them included
 IRC_ASKED = 256             # requests remembered (up to twice as many), to know what an
                             # answer or error is about; one line makes at most 253 (JOIN #,#,...)
+IRC_SASL_MAX = 8192         # bytes of base64 one SASL PLAIN login may take (the longest
+                            # name and password need about 5,600); more fails it
 IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (TARGMAX)
 IRC_CAPS = ("away-notify", "echo-message", "message-tags", "multi-prefix", "sasl",
             "server-time")
@@ -1551,6 +1553,9 @@ class IrcInput:
             self._raw("CAP", self.nick or "*", "LIST", " ".join(sorted(self.caps)))
         elif subcommand == "END":
             self.negotiating = False
+            if self.sasl is not None and self.sasl != ["waiting"]:
+                self.sasl = None    # a client that gives up on SASL goes on without it
+                self._reply("906", "SASL authentication aborted")
             self._register()
         else:
             self._reply("410", subcommand, "Invalid CAP command")
@@ -1583,6 +1588,10 @@ class IrcInput:
         else:
             if data != "+":
                 self.sasl.append(data)
+            if len(self.sasl) * 400 > IRC_SASL_MAX:
+                self.sasl = None
+                self._reply("904", "SASL authentication failed")
+                return
             if len(data) == 400:
                 return      # more to come
             chunks, self.sasl = self.sasl, None
@@ -1729,12 +1738,7 @@ class IrcInput:
 
     def _mode(self, target: str, *changes: str) -> None:
         if not target.startswith("#"):
-            if target.lower() != self.nick.lower():
-                self._reply("502", "Can't change mode for other users")
-            elif changes:   # +i and the like: nothing to change here; say it is done
-                self._raw("MODE", self.nick, changes[0], prefix=self._mask(self.nick))
-            else:
-                self._reply("221", "+i")
+            self._user_mode(target, *changes)
             return
         if not changes:
             self._ask({"type": "topic", "room": target}, "MODE", target)
@@ -1764,6 +1768,18 @@ class IrcInput:
             elif letter not in "t":     # +t always holds: only operators set topics
                 self._reply("472", letter, "is unknown mode char to me")
 
+    def _user_mode(self, target: str, *changes: str) -> None:
+        """Everyone is +i here (WHO lists only channels), and nothing else: no change
+        is said to be made that is not (irssi showed a "+o" it had only asked for)."""
+        if target.lower() != self.nick.lower():
+            self._reply("502", "Can't change mode for other users")
+        elif not changes:
+            self._reply("221", "+i")
+        elif "+o" in changes[0] or changes[0].startswith("o"):
+            self._reply("481", "Permission Denied: use OPER")
+        elif changes[0].strip("+i"):    # anything but +i, which holds already
+            self._reply("501", "Unknown MODE flag: only +i, which always holds here")
+
     def _kick(self, channel: str, names: str, reason: str = "", *rest: str) -> None:
         self._ask({"type": "kick", "room": channel, "name": names.split(",")[0],
                    "text": irc_text(reason)}, "KICK", channel, names.split(",")[0])
@@ -1785,6 +1801,11 @@ class IrcInput:
         """ISON, USERHOST and LUSERS: answered from the list of who is here."""
         command = "ISON" if names and names[0] == "ISON" else names[0] if names else "LUSERS"
         self._ask({"type": "who"}, command, *" ".join(names[1:]).split())
+
+    def _whowas(self, nick: str, *unused: str) -> None:
+        """Nobody's past is kept under a nick here (irssi asks after a WHOIS of nobody)."""
+        self._reply("406", nick, "There was no such nickname")
+        self._reply("369", nick, "End of WHOWAS")
 
     def _motd(self, *unused: str) -> None:
         self._reply("375", f"- {self.info.server_name} Message of the day -")
@@ -1811,7 +1832,8 @@ class IrcInput:
     COMMANDS: Dict[str, Tuple[Callable[..., None], int]] = {
         "PRIVMSG": (_privmsg, 2), "NOTICE": (_notice, 2), "JOIN": (_join, 1),
         "PART": (_part, 1), "TOPIC": (_topic, 1), "NAMES": (_names, 0), "LIST": (_list, 0),
-        "WHO": (_who, 0), "WHOIS": (_whois, 1), "MODE": (_mode, 1), "KICK": (_kick, 2),
+        "WHO": (_who, 0), "WHOIS": (_whois, 1), "WHOWAS": (_whowas, 1), "MODE": (_mode, 1),
+        "KICK": (_kick, 2),
         "AWAY": (_away, 0), "NICK": (_nick_after, 1), "OPER": (_oper, 2), "KILL": (_kill, 1),
         "ISON": (lambda self, *names: self._online("ISON", *names), 1),
         "USERHOST": (lambda self, *names: self._online("USERHOST", *names), 1),
@@ -2185,6 +2207,11 @@ class IrcOutput:
         elif command in IRC_LIST_ENDS and code in ("no_such_room", "bad_room", "unknown_user"):
             numeric, text = IRC_LIST_ENDS[command]    # nothing to list: the end alone
             lines.append(self._numeric(numeric, arguments[0] if arguments else "*", text))
+        elif command == "WHOIS" and code == "unknown_user":
+            lines += [self._numeric("401", arguments[0], text),
+                      self._numeric("318", arguments[0], "End of /WHOIS list")]
+        elif code == "user_not_in_room" and len(arguments) > 1:   # (KICK, MODE +o)
+            lines.append(self._numeric("441", arguments[-1], arguments[0], text))
         elif code in IRC_NOT_SENT and command == "PRIVMSG":
             lines.append(self._numeric("404", arguments[0] if arguments else "*", text))
         elif code in IRC_ERRORS:
@@ -2484,6 +2511,7 @@ ERRORS: Dict[str, ErrorCode] = {
     "empty_message": ErrorCode(False, "the text was empty after cleaning"),
     "too_long": ErrorCode(False, "the text is over the length limit"),
     "unknown_user": ErrorCode(False, "nobody of that name is here"),
+    "user_not_in_room": ErrorCode(False, "that person is not in the room (a kick or /roomop)"),
     "empty_search": ErrorCode(False, "a search with no words"),
     "too_many_words": ErrorCode(False, "a search with too many words"),
     "internal_error": ErrorCode(False, "the server failed on that message (a bug; it is "
@@ -3850,12 +3878,19 @@ class Rooms:
                                  "ts": room.topic_ts})
         return f"#{room.name}: topic set" if topic else f"#{room.name}: topic removed"
 
+    def _member_of(self, room: Room, name: str) -> Session:
+        """The member of room called name; raises ModerationError if there is none."""
+        target = room.members.get(name.lower())
+        if target is not None:
+            return target
+        if name.lower() in self.core.members:
+            raise ModerationError("user_not_in_room", f"{self.core.members[name.lower()].name} "
+                                  f"is not in #{room.name}.")
+        raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is here.")
+
     def kick(self, actor: Optional[Session], room: Room, name: str, comment: str) -> str:
         self.may_run(actor, room)
-        target = room.members.get(name.lower())
-        if target is None:
-            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is in "
-                                  f"#{room.name}.")
+        target = self._member_of(room, name)
         if actor is not None and target.operator and target is not actor:
             raise ModerationError("not_allowed", f"{target.name} is a server operator.")
         by = actor.name if actor is not None else "server"
@@ -3883,10 +3918,7 @@ class Rooms:
 
     def set_operator(self, actor: Optional[Session], room: Room, name: str, op: bool) -> str:
         self.may_run(actor, room)
-        target = room.members.get(name.lower())
-        if target is None:
-            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is in "
-                                  f"#{room.name}.")
+        target = self._member_of(room, name)
         if (target.key in room.ops) == op:
             return f"{target.name} {'is' if op else 'is not'} an operator of #{room.name}"
         self._set_op(room, target.key, op, target.registered)

@@ -5552,6 +5552,61 @@ class IrcCodecTests(unittest.TestCase):
                          b":chat.lan 906 * :SASL authentication aborted")
         self.assertIsNone(codec.sasl)
 
+    def test_cap_end_in_the_middle_of_sasl_aborts_it_and_registers(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.feed(b"CAP LS 302\r\nNICK eve\r\nUSER e 0 * :e\r\nCAP REQ :sasl\r\n"
+                   b"AUTHENTICATE PLAIN\r\nCAP END\r\n")
+        self.assertEqual(codec.next_request()["type"], "hello")
+        self.assertIn(b":chat.lan 906 * :SASL authentication aborted", codec.take_output())
+        self.assertIsNone(codec.sasl)
+
+    def test_sasl_pieces_are_kept_only_up_to_what_a_login_can_need(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.feed(b"CAP REQ :sasl\r\nAUTHENTICATE PLAIN\r\n")
+        self.assertIsNone(codec.next_request())
+        codec.take_output()
+        piece = b"AUTHENTICATE " + b"A" * 400 + b"\r\n"
+        for _ in range(socket_server.IRC_SASL_MAX // 400 + 1):
+            codec.feed(piece)
+            self.assertIsNone(codec.next_request())
+            self.assertLessEqual(len(codec.sasl or ()) * 400, socket_server.IRC_SASL_MAX)
+        self.assertEqual(codec.take_output(), b":chat.lan 904 * :SASL authentication failed\r\n")
+
+    def test_user_modes_are_only_said_as_they_are(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        for line, answer in ((b"MODE ann", b":chat.lan 221 ann :+i"),
+                             (b"MODE ann +i", b""),        # irssi's, at every connection
+                             (b"MODE ann +o", b":chat.lan 481 ann :Permission Denied: "
+                                              b"use OPER"),
+                             (b"MODE ann -i+B", b":chat.lan 501 ann :Unknown MODE flag: "
+                                                b"only +i, which always holds here"),
+                             (b"MODE bob +i", b":chat.lan 502 ann :Can't change mode for "
+                                              b"other users")):
+            with self.subTest(line=line):
+                codec.feed(line + b"\r\n")
+                self.assertIsNone(codec.next_request())
+                self.assertEqual(codec.take_output(), answer + b"\r\n" if answer else b"")
+
+    def test_whois_of_nobody_ends_its_list_and_whowas_is_answered(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        codec.feed(b"WHOIS nobody\r\n")
+        error = {"type": "error", "code": "unknown_user", "text": "Nobody called nobody is here.",
+                 "id": codec.next_request()["id"]}
+        self.assertEqual(codec.encode(error),
+                         b":chat.lan 401 ann nobody :Nobody called nobody is here.\r\n"
+                         b":chat.lan 318 ann nobody :End of /WHOIS list\r\n")
+        codec.feed(b"WHOWAS nobody\r\n")
+        self.assertIsNone(codec.next_request())
+        self.assertEqual(codec.take_output(),
+                         b":chat.lan 406 ann nobody :There was no such nickname\r\n"
+                         b":chat.lan 369 ann nobody :End of WHOWAS\r\n")
+        codec.feed(b"KICK #dev bob :bye\r\n")   # bob is not in #dev
+        error = {"type": "error", "code": "user_not_in_room", "text": "bob is not in #dev.",
+                 "id": codec.next_request()["id"]}
+        self.assertEqual(codec.encode(error), b":chat.lan 441 ann bob #dev :bob is not in #dev.\r\n")
+
     def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
         codec.registered, codec.nick = True, "ann"
@@ -5885,6 +5940,9 @@ class IrcTests(ChatTestCase):
             alice.expect(r" 461 alice MODE ")
         alice.send("MODE #ops +o nobody")
         alice.expect(r" 401 alice nobody ")
+        for line in ("MODE #ops +o carol", "KICK #ops carol :again"):    # here, not in #ops
+            alice.send(line)
+            alice.expect(r" 441 alice carol #ops :carol is not in #ops\.")
         for change in ("+b fred!*@*", "-b"):    # b is a list here, not a ban to set
             alice.send(f"MODE #ops {change}")
             alice.expect(r"NOTICE alice :Bans are for the whole chat here")
