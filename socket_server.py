@@ -1233,6 +1233,7 @@ class JsonCodec(FrameDecoder):
     __slots__ = ("session",)
     variant = "json"
     metered = True      # every frame costs a flood-control token
+    answered = 0        # frames answered here, without the core: none
 
     def __init__(self) -> None:
         super().__init__()
@@ -1344,6 +1345,8 @@ IRC_ASKED = 256             # requests remembered (up to twice as many), to know
                             # answer or error is about; one line makes at most 253 (JOIN #,#,...)
 IRC_SASL_MAX = 8192         # bytes of base64 one SASL PLAIN login may take (the longest
                             # name and password need about 5,600); more fails it
+IRC_ANSWERED_RUN = 16       # lines answered without the core before they are charged for
+IRC_REGISTRATION_LINES = 100    # lines before registration is done; more close the link
 IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (TARGMAX)
 IRC_CAPS = ("away-notify", "echo-message", "message-tags", "multi-prefix", "sasl",
             "server-time")
@@ -1489,6 +1492,13 @@ class IrcInput:
             message = parse_irc_line(line)
             if message is not None:
                 self._command(message)
+                if not self._requests:  # answered here: charged for in runs (see
+                    self.answered += 1      # answered_by_codec), before more are read
+                    if not self.registered:
+                        if self.answered > IRC_REGISTRATION_LINES:
+                            raise ProtocolError("flooding", "Too many lines before registering")
+                    elif self.answered >= IRC_ANSWERED_RUN:
+                        return None
         request, self.metered = self._requests.popleft()
         return request
 
@@ -1767,6 +1777,7 @@ class IrcInput:
                 self._ask({"type": "key", "room": target, "key": key}, "MODE", target)
             elif letter not in "t":     # +t always holds: only operators set topics
                 self._reply("472", letter, "is unknown mode char to me")
+                return      # one answer a line, not one a letter: 490 letters made 40 KiB
 
     def _user_mode(self, target: str, *changes: str) -> None:
         """Everyone is +i here (WHO lists only channels), and nothing else: no change
@@ -2050,6 +2061,7 @@ class IrcOutput:
 
     def _show_welcome(self, event: dict) -> List[bytes]:
         self.registered, self.nick = True, event["name"]
+        self.answered = 0   # registering's lines are free: a client needs several
         info = self.info
         lines = [self._numeric("001", f"Welcome to the {info.network} IRC network, "
                                       f"{self._mask(self.nick)}"),
@@ -2315,7 +2327,7 @@ def split_utf8(text: str, most: int) -> List[str]:
 class IrcCodec(IrcInput, IrcOutput):
     """IRC for one connection, both ways (see IrcInput and IrcOutput)."""
 
-    __slots__ = ("info", "session", "ended", "metered", "variant", "nick", "user",
+    __slots__ = ("info", "session", "ended", "metered", "answered", "variant", "nick", "user",
                  "realname", "password", "registered", "hello_sent", "negotiating", "caps",
                  "sasl", "server_time", "asked", "rooms", "_buffer", "_start", "_output",
                  "_requests", "_ids", "_replay", "_listing")
@@ -2325,6 +2337,8 @@ class IrcCodec(IrcInput, IrcOutput):
         self.session: Optional["Session"] = None
         self.ended = False
         self.metered = True             # whether the request just handed over costs a token
+        self.answered = 0               # lines answered here, not yet charged (registered), or
+                                        # all so far (registering: nothing is charged yet)
         self.variant = "irc"            # how shared lines come out: depends on caps
         self.nick = ""                  # asked for, then given by the welcome
         self.user = ""
@@ -2577,7 +2591,8 @@ REQUESTS: Dict[str, RequestType] = {
     "deop": RequestType({}, "moderation.on_deop"),
     "moderate": RequestType({"command": str, "args?": str}, "moderation.on_moderate"),
     "ping": RequestType({}, "on_ping"),
-    "pong": RequestType({}, "on_pong", metered=False),  # an answer to the server's ping
+    "pong": RequestType({}, "on_pong"),     # an answer to the server's ping (it costs a
+                                            # token as all do: a flood of them is a flood)
     "bye": RequestType({"text?": str}, "on_bye", joined=None),
 }
 
@@ -3025,14 +3040,14 @@ class ChatCore:
         kind = request["type"]
         entry, handler, rules = self.handlers.get(kind, (None, None, ()))
         answer_id = request_id(request) if entry is not None else None
+        if metered and (entry is None or entry.metered):    # before hello too: a flood of
+            self.replying_to = answer_id                    # refusals holds the loop as long
+            try:
+                if not self.within_rate(session):
+                    return
+            finally:
+                self.replying_to = None
         if session.state == JOINED:
-            if metered and (entry is None or entry.metered):
-                self.replying_to = answer_id
-                try:
-                    if not self.within_rate(session):
-                        return
-                finally:
-                    self.replying_to = None
             if entry is None:
                 self.refuse(session, "unknown_type", f"Unknown message type {quoted(kind)}.")
                 return
@@ -3207,6 +3222,13 @@ class ChatCore:
         return self._timestamps.now()
 
     # -- flood control -------------------------------------------------------
+
+    def answered_by_codec(self, session: Session, lines: int) -> None:
+        """Lines session's codec answered itself (IRC's PING, MOTD, an unknown command)
+        cost tokens as requests do: a flood of them would hold the loop as long."""
+        for _ in range(lines):
+            if not self.within_rate(session) and session.gone:
+                return
 
     def within_rate(self, session: Session, strike: bool = True) -> bool:
         """Flood control: False (after telling the client) when over the rate. A refusal
@@ -5701,6 +5723,14 @@ class ChatServer(SelectServer):
             output = codec.take_output()    # what the codec answered itself
             if output:
                 self.write_alone(session, output)
+            if codec.answered and codec.registered:     # lines it answered cost tokens too
+                lines, codec.answered = codec.answered, 0
+                core.answered_by_codec(session, lines)
+                self.execute()
+                if session.gone:
+                    return
+                if request is None:
+                    continue    # it stopped to have them charged: more lines may wait
             if request is None:
                 if codec.ended:     # everything the peer sent before it hung up is handled
                     core.peer_finished(session)

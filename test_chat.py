@@ -2780,6 +2780,13 @@ class FloodTests(ChatTestCase):
         self.assertEqual(codes[-1], "flooding")
         self.assertEqual(bob.expect("leave")["reason"], "sent too fast")
 
+    def test_pongs_are_metered_too(self) -> None:
+        mallory = self.peer("mallory")
+        mallory.send_raw(encode_frame({"type": "pong"}) * 500)
+        codes = [m["code"] for m in mallory.read_until_closed() if m["type"] == "error"]
+        self.assertEqual(codes[-1], "flooding")
+        self.assertLess(len(codes), 100, codes[:5])
+
     def test_a_select_based_server_stays_under_its_socket_limit(self) -> None:
         in_loop(self.server, lambda: setattr(self.server.server, "socket_limit", 5))
         held = [self.peer(f"user{n}") for n in range(3)]
@@ -5933,8 +5940,10 @@ class IrcTests(ChatTestCase):
         self.assertEqual(bob.expect("error")["code"], "not_room_operator")
         alice.send("KICK #ops carol :bye")
         carol.expect(r":alice!alice@test.lan KICK #ops carol :bye")
-        alice.send("MODE #ops +x")
+        alice.send("MODE #ops +" + "x" * 400)
         alice.expect(r" 472 alice x ")
+        alice.send("MODE #ops")     # the next answer is that of the next line
+        alice.expect(r" 324 alice #ops ")
         for change in ("+o", "+k"):     # without the nick or the key: the key stays
             alice.send(f"MODE #ops {change}")
             alice.expect(r" 461 alice MODE ")
@@ -6080,6 +6089,19 @@ class IrcTests(ChatTestCase):
         lines = flooder.read_until_closed()
         self.assertTrue(any(" 404 flooder #lobby :Slow down" in line for line in lines), lines)
         self.assertTrue(lines[-1].startswith("ERROR :Closing Link"), lines[-1])
+        # Lines the IRC side answers itself cost as much, registered or not.
+        for registered, line in ((True, b"PING :x"), (True, b"FROBNICATE"), (True, b"MOTD"),
+                                 (False, b"PING :x"), (False, b"CAP LIST")):
+            with self.subTest(line=line, registered=registered):
+                pinger = IrcPeer(port, "pinger" if registered else None)
+                self.addCleanup(pinger.close)
+                pinger.send_raw((line + b"\r\n") * 3000)
+                lines = pinger.read_until_closed()
+                self.assertTrue(lines[-1].startswith("ERROR :Closing Link"), lines[-1])
+                self.assertIn("Too many lines before registering" if not registered
+                              else "sending too fast", lines[-1])
+                self.assertLess(len(lines), 400 if registered else
+                                socket_server.IRC_REGISTRATION_LINES + 5)
         in_loop(server, lambda: server.server.run_command("/ban 127.0.0.1 1 testing"))
         banned = IrcPeer(port)
         self.addCleanup(banned.close)
