@@ -5448,8 +5448,13 @@ class ChatStore:
                      room.created, room.created_by), f"the room #{room.name}")
 
     def delete_room(self, name: str) -> None:
+        """Forget a room, its history too: whoever makes one of that name later must not
+        read the old one's (it may have had a key)."""
+        self.commit()       # its last rows (the members parted) go with it
+        self._recent_public.pop(name.lower(), None)
         self._write("DELETE FROM rooms WHERE name = ?", (name,), f"the room #{name}")
         self._write("DELETE FROM room_ops WHERE room = ?", (name,), f"the room #{name}")
+        self._write("DELETE FROM events WHERE room = ?", (name,), f"the history of #{name}")
 
     def save_room_op(self, room: str, name: str) -> None:
         self._write("INSERT OR IGNORE INTO room_ops (room, name) VALUES (?, ?)", (room, name),

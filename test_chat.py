@@ -660,6 +660,19 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(replayed, [(None, "before dev"), (None, "after dev"),  # the lobby's
                                     (None, "after dev")])                     # and #dev's
 
+    def test_a_dropped_room_is_forgotten_with_its_messages(self) -> None:
+        chat = CoreHarness()
+        alice = chat.join("alice")
+        chat.request(alice, {"type": "join", "room": "secret"})
+        chat.request(alice, {"type": "say", "room": "secret", "text": "old private plan"})
+        chat.core.store.recent_public("secret", 7)      # an answer cached, as a join leaves
+        chat.core.moderation.run(None, "/droproom #secret")
+        mallory = chat.join("mallory")
+        chat.request(mallory, {"type": "join", "room": "secret"})
+        self.assertEqual([event.get("text") for event in chat.received(mallory)
+                          if event["type"] == "history" and event.get("room") == "secret"], [])
+        self.assertNotIn("old private plan", str(chat.core.store.recent_public("secret", 7)))
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
