@@ -5139,7 +5139,9 @@ class ChatStore:
         self._busy_since: Optional[float] = None
         # recent_public() answers by room and limit, until that room's next public
         # event: a burst of joins replays the same history without asking sqlite.
-        self._recent_public: Dict[str, Dict[int, List[tuple]]] = {}  # room -> limit -> rows
+        # room -> (the largest limit asked, its rows): one answer a room, whatever the
+        # limits asked (a client names them: one each would be 20,100 rows for 1 to 200)
+        self._recent_public: Dict[str, Tuple[int, List[tuple]]] = {}
         self.db = self._open(path)
         self._checkpointer = Checkpointer(path) if self.on_disk else None
 
@@ -5320,14 +5322,18 @@ class ChatStore:
         """
         if not self.working:
             return []
-        answers = self._recent_public.setdefault(room.lower(), {})
-        if limit not in answers:
+        if limit < 1:
+            return []       # (rows[-0:] would be all of them)
+        cached_limit, rows = self._recent_public.get(room.lower(), (0, []))
+        if limit > cached_limit:
             said = self._query(self._COLUMNS + f"WHERE room = ? AND kind IN {SAID_KINDS} "
                                "ORDER BY id DESC LIMIT ?", (room, limit))
             announced = self._query(self._COLUMNS + f"WHERE room = '{EVERY_ROOM}' "
                                     "ORDER BY id DESC LIMIT ?", (limit,))
-            answers[limit] = sorted(said + announced)[-limit:]
-        return answers[limit]
+            rows = sorted(said + announced)[-limit:]
+            self._recent_public[room.lower()] = (limit, rows)
+            return rows
+        return rows if limit == cached_limit else rows[-limit:]
 
     def last_id(self) -> int:
         """The id of the newest event stored, or recorded to be (those get the next

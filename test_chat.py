@@ -1939,6 +1939,17 @@ class ChatStoreTests(unittest.TestCase):
         with self.assertRaises(socket_server.StoreError):
             socket_server.ChatStore(os.path.join(directory, "no", "such", "dir.sqlite3"))
 
+    def test_a_room_keeps_one_cached_answer_whatever_the_limits_asked(self) -> None:
+        store = self.store(":memory:")
+        for number in range(300):
+            store.record(T0, "message", "alice", None, f"m{number}", room="lobby")
+        store.commit()
+        for limit in range(1, 201):
+            self.assertEqual([row[-2] for row in store.recent_public("lobby", limit)],
+                             [f"m{number}" for number in range(300 - limit, 300)])
+        self.assertEqual([(limit, len(rows)) for limit, rows in store._recent_public.values()],
+                         [(200, 200)])
+
     def test_locked_database_at_start_up(self) -> None:
         path = os.path.join(temp_dir(self), "locked.sqlite3")
         holder = sqlite3.connect(path, isolation_level=None)
