@@ -3812,6 +3812,13 @@ class Rooms:
                 if not was_registered:
                     self._set_op(room, old_key, False, False)
 
+    def made_lasting(self, session: Session) -> None:
+        """Session's name was just registered: the rooms it runs remember it, as they
+        remember a registered operator (else a restart gave them to whoever came first)."""
+        for room in session.rooms:
+            if session.key in room.ops:
+                self.core.store.save_room_op(room.name, session.key)
+
     def _set_op(self, room: Room, key: str, op: bool, lasting: bool) -> None:
         if op:
             room.ops.add(key)
@@ -4277,6 +4284,7 @@ class Accounts:
         self.hashes[session.name.lower()] = hashed
         session.registered = True
         if outcome == "registered":
+            core.rooms.made_lasting(session)
             log.info("%s registered their name", session.name)
             text = (f'"{session.name}" is registered: from now on, joining under this name '
                     "needs your password.")

@@ -673,6 +673,15 @@ class CoreTests(unittest.TestCase):
                           if event["type"] == "history" and event.get("room") == "secret"], [])
         self.assertNotIn("old private plan", str(chat.core.store.recent_public("secret", 7)))
 
+    def test_registering_makes_the_rooms_one_runs_last(self) -> None:
+        chat = CoreHarness()
+        alice = chat.join("alice")
+        chat.request(alice, {"type": "join", "room": "dev"})     # its maker runs it
+        chat.request(alice, {"type": "register", "password": "correct horse"})
+        chat.finish_jobs()
+        self.assertTrue(alice.registered)
+        self.assertIn(("dev", "alice"), chat.core.store.room_ops())   # outlasts a restart
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
