@@ -6293,6 +6293,14 @@ def export_history(db_path: str, destination: str) -> int:
         return 1
     try:
         if destination == "-":
+            # Text for a file or a pipe is UTF-8, as the --export FILE is (Windows would
+            # take its ANSI code page, which has no emoji); a terminal's own, where a
+            # character it lacks becomes '?', not a traceback.
+            try:
+                sys.stdout.reconfigure(**({"errors": "replace"} if sys.stdout.isatty()
+                                          else {"encoding": "utf-8"}))
+            except (AttributeError, ValueError):    # not a text stream of io's
+                pass
             count = store.export(sys.stdout)
             sys.stdout.flush()      # here, where a closed pipe is caught, not at exit
         else:
@@ -6569,6 +6577,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     check_settings(parser, settings)
+    for stream in (sys.stdout, sys.stderr):     # a name the console cannot show: '?'
+        try:                                    # (a Windows code page lacks most)
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
     if args.export and args.no_history:
         parser.error("--no-history keeps no history to export; name the file with --db")
     if args.blocked_words:

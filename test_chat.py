@@ -2374,6 +2374,19 @@ class HistoryProcessTests(unittest.TestCase):
         self.assertEqual(result.returncode, 2)   # the two flags contradict: a usage error
         self.assertIn("--no-history keeps no history to export", result.stderr)
 
+    def test_export_writes_utf_8_whatever_the_output_encoding(self) -> None:
+        path = os.path.join(temp_dir(self), "chat.sqlite3")
+        store = socket_server.ChatStore(path)
+        store.record(T0, "message", "alice", None, "emoji \U0001f600 and é", room="lobby")
+        store.commit()
+        store.db.close()
+        # As on Windows, where redirected output takes the ANSI code page.
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--db", path, "--export", "-"],
+                                capture_output=True, timeout=TIMEOUT,
+                                env=dict(os.environ, PYTHONIOENCODING="cp1252"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("alice: emoji \U0001f600 and é", result.stdout.decode("utf-8"))
+
     @unittest.skipUnless(POSIX, "a closed pipe is EPIPE on POSIX")
     def test_export_to_a_pipe_closed_early_ends_quietly(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
