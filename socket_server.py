@@ -3635,6 +3635,21 @@ class Rooms:
     def lobby(self) -> Room:
         return self.all[LOBBY]
 
+    def _forget_an_idle_room(self, wanted: str) -> bool:
+        """With the room table full, forget the oldest room that nobody is in and no
+        registered name runs (an empty room keeps only lasting operators), as
+        /droproom would, to make way for `wanted`; False if there is none. Else
+        anyone could fill the table for good with rooms made and left."""
+        idle = [room for room in self.all.values()
+                if not room.members and not room.ops and room is not self.lobby]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda room: room.created)
+        self.drop(oldest)
+        log.info("forgot the idle room #%s to make #%s (--max-rooms %d)", oldest.name,
+                 wanted, self.core.settings.max_rooms)
+        return True
+
     def _create(self, name: str, by: str) -> Room:
         room = self.all[name.lower()] = Room(name, self.core.timestamp(), by)
         self.core.store.save_room(room)
@@ -3698,7 +3713,7 @@ class Rooms:
             raise ModerationError("room_limit", f"You are in {MAX_ROOMS_PER_PERSON} rooms "
                                   "already: /part one first.")
         if room is None:
-            if len(self.all) >= settings.max_rooms:
+            if len(self.all) >= settings.max_rooms and not self._forget_an_idle_room(name):
                 raise ModerationError("too_many_rooms", f"This server has {len(self.all)} "
                                       "rooms, its limit: join one of them (see /rooms).")
             # A room lasts until removed: making one costs a flood-control token of its
@@ -6420,7 +6435,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              f"are in it; 0 never announces them (default: {JOIN_NOTICES_UP_TO})")
     parser.add_argument("--max-rooms", type=int, default=DEFAULT_MAX_ROOMS, metavar="N",
                         help="rooms that may exist at once; rooms last until removed with "
-                             f"/droproom (default: {DEFAULT_MAX_ROOMS})")
+                             "/droproom, or, with the table full, until a new room takes the "
+                             "place of the oldest that nobody is in and no registered name "
+                             f"runs (default: {DEFAULT_MAX_ROOMS})")
     parser.add_argument("--max-room-size", type=int, default=0, metavar="N",
                         help="people in one room at once, the lobby aside; 0 for no limit "
                              "(default: 0)")

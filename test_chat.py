@@ -682,6 +682,25 @@ class CoreTests(unittest.TestCase):
         self.assertTrue(alice.registered)
         self.assertIn(("dev", "alice"), chat.core.store.room_ops())   # outlasts a restart
 
+    def test_a_full_room_table_forgets_its_oldest_room_nobody_is_in_or_runs(self) -> None:
+        chat = CoreHarness(max_rooms=4)     # the lobby and three
+        alice, bob = chat.join("alice"), chat.join("bob")
+        for name in ("old", "older", "used"):
+            chat.request(alice, {"type": "join", "room": name})
+            chat.clock.advance(1)
+        chat.request(alice, {"type": "join", "room": "held"})   # one too many
+        self.assertEqual(chat.received(alice)[-1]["code"], "too_many_rooms")
+        for name in ("old", "older"):
+            chat.request(alice, {"type": "part", "room": name})
+        chat.request(bob, {"type": "join", "room": "new"})      # #old is forgotten for it
+        self.assertEqual(sorted(chat.core.rooms.all), ["lobby", "new", "older", "used"])
+        self.assertIn(("room", "new"), [(event["type"], event.get("room"))
+                                        for event in chat.received(bob)])
+        chat.core.accounts.hashes["carol"] = "registered"       # a name that lasts
+        chat.core.rooms.all["older"].ops.add("carol")
+        chat.request(bob, {"type": "join", "room": "newer"})    # nothing left to forget
+        self.assertEqual(chat.received(bob)[-1]["code"], "too_many_rooms")
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
