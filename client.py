@@ -1590,6 +1590,8 @@ class RoomList:
         room = self.get(message.get("room", LOBBY))
         if room is not None:
             room.members[message["name"].lower()] = clean_text(message["name"])
+            if message.get("op"):   # back in a room it runs
+                room.ops.add(message["name"].lower())
         return None
 
     def _member_left(self, message: dict, me: str) -> Optional[str]:
@@ -1747,7 +1749,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "message": {"from": str, "text": str, "room?": str, "ts?": str, "action?": bool},
     "whisper": {"from": str, "to": str, "text": str, "ts?": str, "action?": bool},
     "sent": {"text": str, "room?": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
-    "join": {"name": str, "room?": str, "ts?": str},
+    "join": {"name": str, "room?": str, "ts?": str, "op?": bool},
     "leave": {"name": str, "room?": str, "reason?": str, "text?": str, "comment?": str,
               "ts?": str},
     "rooms": {"rooms": list, "more?": bool},
@@ -2058,8 +2060,10 @@ FORMATTERS: Dict[str, Callable[[dict, str], Union[Line, List[Line], None]]] = {
     "message": _show_message,
     "whisper": _show_whisper,
     "sent": _show_sent,
-    "join": lambda m, me: of_room(notice_line(f"{clean_text(m['name'])} joined",
-                                              local_time(m.get("ts"))), m),
+    "join": lambda m, me: of_room(notice_line(
+        f"{clean_text(m['name'])} joined" + (f", an operator of #{clean_text(m['room'])}"
+                                             if m.get("op") and "room" in m else ""),
+        local_time(m.get("ts"))), m),
     "leave": _show_leave,
     "room": _show_room,
     "rooms": _show_rooms,

@@ -2002,8 +2002,12 @@ class IrcOutput:
                           self._tags(event), self._command_of(event))
 
     def _show_join(self, event: dict) -> List[bytes]:
-        return [self._line(self._mask(event["name"]), "JOIN", "#" + event["room"],
-                           tags=self._tags(event))]
+        channel, tags = "#" + event["room"], self._tags(event)
+        lines = [self._line(self._mask(event["name"]), "JOIN", channel, tags=tags)]
+        if event.get("op"):     # else IRC clients would not know it runs the channel
+            lines.append(self._line(self.info.server_name, "MODE", channel, "+o", event["name"],
+                                    tags=tags))
+        return lines
 
     def _show_leave(self, event: dict) -> List[bytes]:
         tags, name = self._tags(event), event["name"]
@@ -3734,8 +3738,10 @@ class Rooms:
         timestamp = core.timestamp()
         core.store.record(timestamp, "join", session.name, room=room.name)
         if len(room) <= settings.join_notices_up_to:
-            core.deliver(room, {"type": "join", "room": room.name, "name": session.name,
-                                "ts": timestamp}, sender=session)
+            join = {"type": "join", "room": room.name, "name": session.name, "ts": timestamp}
+            if session.key in room.ops:     # came back to a room it runs (a registered name)
+                join["op"] = True
+            core.deliver(room, join, sender=session)
         return room
 
     def _check_entry(self, session: Session, room: Room, key: Optional[str]) -> None:

@@ -701,6 +701,27 @@ class CoreTests(unittest.TestCase):
         chat.request(bob, {"type": "join", "room": "newer"})    # nothing left to forget
         self.assertEqual(chat.received(bob)[-1]["code"], "too_many_rooms")
 
+    def test_an_operator_who_comes_back_is_announced_as_one(self) -> None:
+        chat = CoreHarness()
+        alice, bob = chat.join("alice"), chat.join("bob")
+        chat.request(alice, {"type": "join", "room": "dev"})
+        chat.request(alice, {"type": "register", "password": "correct horse"})
+        chat.finish_jobs()
+        chat.request(bob, {"type": "join", "room": "dev"})
+        chat.request(alice, {"type": "part", "room": "dev"})     # registered: still its operator
+        actions = chat.request(alice, {"type": "join", "room": "dev"})
+        [join] = [event for event in chat.received(bob, actions) if event["type"] == "join"]
+        self.assertTrue(join.get("op"))
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "bob"
+        self.assertEqual(codec.encode({key: join[key] for key in join if key != "ts"}),
+                         b":alice!alice@chat.lan JOIN :#dev\r\n"
+                         b":chat.lan MODE #dev +o :alice\r\n")
+        actions = chat.request(bob, {"type": "part", "room": "dev"})
+        actions = chat.request(bob, {"type": "join", "room": "dev"})
+        [join] = [event for event in chat.received(alice, actions) if event["type"] == "join"]
+        self.assertNotIn("op", join)
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
@@ -4206,6 +4227,13 @@ class RenderingTests(unittest.TestCase):
         from_alice = client.chat_line("14:05", "alice", "psst", "bob", "whisper", to="bob")
         self.assertEqual(from_alice.plain, "[14:05] [whisper from alice] psst")
         self.assertTrue(from_alice.ring)
+        [back] = client.format_message({"type": "join", "name": "bob", "room": "dev",
+                                        "op": True}, "me")
+        self.assertTrue(back.plain.endswith("bob joined, an operator of #dev"), back.plain)
+        rooms = client.RoomList()
+        rooms.update({"type": "room", "room": "dev", "users": ["me"], "ops": []}, "me")
+        rooms.update({"type": "join", "name": "Bob", "room": "dev", "op": True}, "me")
+        self.assertEqual(rooms.get("dev").ops, {"bob"})
         [whois] = client.format_message({"type": "whois", "name": "bob",
                                          "rooms": ["dev", "lobby"], "room_operator": ["dev"]},
                                         "me")
