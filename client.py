@@ -928,6 +928,7 @@ class Link:
         self.rooms = RoomList()
         self._operator = False              # the server accepted our /op
         self.registered: Optional[bool] = None  # our name's, as last told (None: not known)
+        self.away = False               # whether the server has us away (see said())
         self._max_length = 0
         # Thread-safe on their own.
         self.leaving = threading.Event()    # we asked to leave: EOF is expected
@@ -1288,6 +1289,11 @@ class Link:
             self._nick_password = None
         return []
 
+    def _away_changed(self, message: dict) -> List[Line]:
+        if message["name"].lower() == self._name.lower():
+            self.away = isinstance(message.get("text"), str)
+        return []
+
     def _ponged(self, message: dict) -> List[Line]:
         for awaited in self._awaited:
             if awaited.ping_id == message.get("id"):
@@ -1314,6 +1320,7 @@ class Link:
         "error": _refused,
         "notice": _noticed,
         "nick": _renamed,
+        "away": _away_changed,
         "pong": _ponged,
         "room": _room_arrived,
     }
@@ -2926,6 +2933,14 @@ class ChatSession:
     def send(self, message: dict) -> bool:
         return self.link.send(message)
 
+    def said(self, message: dict) -> None:
+        """Send something we say; if we were away, first that we are back. The server
+        leaves that to its clients: an IRC user's away stays until asked to end."""
+        if self.link.away:
+            self.link.away = False
+            self.send({"type": "away"})
+        self.send(message)
+
     def show_banner(self, welcome: dict) -> None:
         """Where we are; who else is there comes with each room (its room frame)."""
         self.screen.note(f"connected to {self.server} as {self.name}", CHAT)
@@ -2942,7 +2957,7 @@ class ChatSession:
         command, argument = parse_line(line.rstrip("\r\n"))
         if command == "say":
             if argument.strip() and self.fits(argument):
-                self.send(self.in_current_room({"type": "say", "text": argument}))
+                self.said(self.in_current_room({"type": "say", "text": argument}))
             return
         name = ALIASES.get(command, command)
         entry = COMMANDS.get(name)
@@ -2985,7 +3000,7 @@ class ChatSession:
 
     def cmd_me(self, argument: str) -> None:
         if self.fits(argument):
-            self.send(self.in_current_room({"type": "say", "text": argument, "action": True}))
+            self.said(self.in_current_room({"type": "say", "text": argument, "action": True}))
 
     def cmd_whisper(self, argument: str) -> None:
         target, _, text = argument.partition(" ")
@@ -2996,7 +3011,7 @@ class ChatSession:
             self.screen.warn(f"not sent: {target!r} is not a name (names are {NAME_RULES})")
             return
         if self.fits(text):
-            self.send({"type": "whisper", "to": target, "text": text.strip()})
+            self.said({"type": "whisper", "to": target, "text": text.strip()})
 
     def fits(self, text: str) -> bool:
         """Whether text is within the server's length limit; says so if not."""

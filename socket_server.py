@@ -3388,8 +3388,6 @@ class ChatCore:
             ack["id"] = self.replying_to
         kind = "action" if "action" in said else "said_notice" if "notice" in said else "message"
         self.store.record(timestamp, kind, session.name, None, text, room=room.name)
-        if session.away is not None:    # saying something ends being away
-            self.people.set_away(session, None)
         self.deliver(room, said, sender=session, echo=ack)
         if self.quiet_log.logs_texts:
             log.debug("%s says in #%s: %s", session.name, room.name, text)
@@ -3412,8 +3410,6 @@ class ChatCore:
             "notice" if message.get("notice") is True else None     # "/me winks" in a query
         self.store.record(timestamp, f"whisper_{flag}" if flag else "whisper", session.name,
                           target.name, text)
-        if session.away is not None:
-            self.people.set_away(session, None)
         whisper = {"type": "whisper", "from": session.name, "to": target.name, "text": text,
                    "ts": timestamp}
         sent = {"type": "sent", "to": target.name, "text": text, "ts": timestamp}

@@ -5329,7 +5329,7 @@ class NickAndAwayTests(ChatTestCase):
         self.assertEqual(len(names), 2)
         self.assertIn("wanted", names)
 
-    def test_away_is_shown_and_answers_whispers_until_you_speak(self) -> None:
+    def test_away_is_shown_and_answers_whispers_until_you_say_you_are_back(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
         bob.send({"type": "away", "text": "at lunch"})
         self.assertEqual(alice.expect("away"), {"type": "away", "name": "bob",
@@ -5346,7 +5346,10 @@ class NickAndAwayTests(ChatTestCase):
         notice = alice.expect("notice")
         self.assertEqual((notice["code"], notice["name"], notice["away"], notice["text"]),
                          ("away", "bob", "at lunch", "bob is away: at lunch"))
-        bob.say("back")
+        bob.say("typed by my away bot")    # speaking is no request to be back (IRC's rule)
+        alice.expect("message")
+        self.assertNotIn("away", [frame["type"] for frame in alice.sync()])
+        bob.send({"type": "away"})
         self.assertEqual(alice.expect("away")["text"], None)
         alice.send({"type": "who"})
         self.assertEqual(alice.expect("users")["away"], [])
@@ -7193,8 +7196,17 @@ class ClientRoomTests(ChatTestCase):
         self.assertRegex(bot.out.wait_for("alice: in"), r"^-!- alice: in #lobby; active in the "
                                                         r"last minute; here since \d\d:\d\d$")
         self.assertEqual(bot.out.lines[-1], "-!- alice is away: in a meeting")
-        alice.say("back now")
+        alice.send({"type": "away"})
         bot.out.wait_for("-!- alice is back")
+        alice.sync()
+        # client.py ends its user's away when they say something, as it always did; the
+        # server leaves that to each client (an IRC client's user stays away).
+        bot.handle_line("/away lunch again")
+        self.assertEqual(alice.expect("away")["text"], "lunch again")
+        bot.out.wait_for("you are away: lunch again")
+        bot.handle_line("I am back after all")
+        self.assertIsNone(alice.expect("away")["text"])
+        self.assertEqual(alice.expect("message")["text"], "I am back after all")
 
     def test_quit_with_a_parting_word(self) -> None:
         alice = self.peer("alice")
