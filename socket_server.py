@@ -1664,10 +1664,19 @@ class IrcInput:
         if text.startswith("\x01"):     # CTCP: only ACTION (/me) means something here
             inner = text.strip("\x01")
             if not inner.upper().startswith("ACTION "):
+                if command == "PRIVMSG" and inner:  # (a NOTICE is a CTCP reply: no answer)
+                    self._raw("NOTICE", self.nick, f"CTCP {inner.split()[0].upper()} is not "
+                              "passed on here: only ACTION (/me) is")
                 return
             text, action = inner[len("ACTION "):], True
         text = irc_text(text)
         named = targets.split(",") if "," in targets else (targets,)    # nearly always one
+        if "" in named:     # "a,,b": no name between the commas
+            named = [target for target in named if target]
+            if not named:
+                if command == "PRIVMSG":
+                    self._reply("411", "No recipient given (PRIVMSG)")
+                return
         if len(named) > IRC_MESSAGE_TARGETS:    # TARGMAX: the rest get nothing
             if command == "PRIVMSG":    # (never an answer to a NOTICE)
                 self._reply("407", named[IRC_MESSAGE_TARGETS] or "*",
@@ -1734,7 +1743,7 @@ class IrcInput:
         self._ask({"type": "rooms"}, "LIST", *(channels[0].split(",") if channels else ()))
 
     def _who(self, *mask: str) -> None:
-        target = mask[0] if mask else "*"
+        target = mask[0] if mask and mask[0] else "*"
         if target.startswith("#"):
             self._ask({"type": "who", "room": target}, "WHO", target)
         elif target in ("*", "0"):
@@ -2219,7 +2228,8 @@ class IrcOutput:
             if code in ("name_protected", "bad_name_password"):   # the nick is not to be had
                 text += " (log in with SASL, or PASS name:password)"
             numeric = "433" if code == "bad_name_password" else IRC_ERRORS[code][0]
-            lines.append(self._numeric(numeric, arguments[0] if arguments else "*", text))
+            lines.append(self._numeric(numeric, arguments[0] if arguments and arguments[0]
+                                       else "*", text))
         elif command in IRC_LIST_ENDS and code in ("no_such_room", "bad_room", "unknown_user"):
             numeric, text = IRC_LIST_ENDS[command]    # nothing to list: the end alone
             lines.append(self._numeric(numeric, arguments[0] if arguments else "*", text))

@@ -5710,6 +5710,27 @@ class IrcCodecTests(unittest.TestCase):
                  "id": codec.next_request()["id"]}
         self.assertEqual(codec.encode(error), b":chat.lan 441 ann bob #dev :bob is not in #dev.\r\n")
 
+    def test_empty_targets_and_parameters_are_no_names(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        codec.feed(b"PRIVMSG ,,#dev,,,bob :x\r\n")
+        targets = [codec.next_request(), codec.next_request()]
+        self.assertEqual([(r.get("room"), r.get("to")) for r in targets],
+                         [("#dev", None), (None, "bob")])
+        self.assertEqual(codec.take_output(), b"")      # not 407: two targets
+        codec.feed(b"PRIVMSG ,,, :x\r\nWHO :\r\n")
+        self.assertIsNone(codec.next_request())
+        self.assertEqual(codec.take_output(), b":chat.lan 411 ann :No recipient given (PRIVMSG)"
+                                              b"\r\n:chat.lan 315 ann * :End of /WHO list\r\n")
+        codec.feed(b"NICK :\r\n")
+        error = {"type": "error", "code": "bad_name", "text": "Names are ...",
+                 "id": codec.next_request()["id"]}
+        self.assertEqual(codec.encode(error), b":chat.lan 432 ann * :Names are ...\r\n")
+        codec.feed(b"PRIVMSG bob :\x01VERSION\x01\r\nNOTICE bob :\x01VERSION x\x01\r\n")
+        self.assertIsNone(codec.next_request())
+        self.assertEqual(codec.take_output(), b":chat.lan NOTICE ann :CTCP VERSION is not passed "
+                                              b"on here: only ACTION (/me) is\r\n")
+
     def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
         codec.registered, codec.nick = True, "ann"
