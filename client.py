@@ -3165,7 +3165,9 @@ class ChatSession:
         if not self._person(person, f"/kick {COMMANDS['kick'].usage}"):
             return
         name = self._room(word)
-        if name is not None:
+        if name is not None and person.lower() == self.name.lower():    # (even from the last)
+            self.screen.warn(f"to leave #{name} yourself, /part it")
+        elif name is not None:
             request = {"type": "kick", "room": name, "name": person}
             if reason.strip():
                 request["text"] = reason.strip()

@@ -7229,6 +7229,11 @@ class ClientRoomTests(ChatTestCase):
         self.assertIsNone(alice.expect("away")["text"])
         self.assertEqual(alice.expect("message")["text"], "I am back after all")
 
+    def test_kicking_yourself_is_parting(self) -> None:
+        bot = self.session()
+        bot.handle_line("/kick Bot bye")
+        self.assertEqual(bot.out.wait_for("/part"), "! to leave #lobby yourself, /part it")
+
     def test_quit_with_a_parting_word(self) -> None:
         alice = self.peer("alice")
         bot = self.session()
