@@ -2936,7 +2936,7 @@ class ChatSession:
     def said(self, message: dict) -> None:
         """Send something we say; if we were away, first that we are back. The server
         leaves that to its clients: an IRC user's away stays until asked to end."""
-        if self.link.away:
+        if self.link.away and self.link.connected.is_set():    # (a new session is not away)
             self.link.away = False
             self.send({"type": "away"})
         self.send(message)
