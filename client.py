@@ -1426,8 +1426,8 @@ class MainThreadWaker:
 def now_in(room: str, unread: int) -> str:
     """What is said when the current room changes: from here on, lines without a
     room tag are of this one."""
-    return f"now in #{room}" + (f"; its {unread} unread above are marked #{room}"
-                                if unread else "")
+    marked = "1 unread line above is" if unread == 1 else f"{unread} unread lines above are"
+    return f"now in #{room}" + (f"; its {marked} marked #{room}" if unread else "")
 
 
 @dataclasses.dataclass
@@ -1939,7 +1939,9 @@ def _show_room(message: dict, me: str) -> List[Line]:
     more = ((f" and {count - len(others)} more", "notice"),) if count > len(others) else ()
     lines = [Line(((NOTICE_MARK, "notice"),), ((f"you are in #{room} with ", "notice"),) +
                   names_list(others, message.get("ops")) + more) if others else
-             notice_line(f"you are in #{room}; nobody else is here yet")]
+             notice_line(f"you are in #{room}; nobody else is here yet" +
+                         ("; you are its operator" if me.lower() in
+                          {str(name).lower() for name in message.get("ops", [])} else ""))]
     topic, by = clean_text(message.get("topic", "")), clean_text(message.get("topic_by", ""))
     if topic:
         lines.append(notice_line(f"topic of #{room}: {topic}" + (f" (set by {by})" if by else "")))

@@ -3677,8 +3677,7 @@ class Rooms:
         name = room_name(word)
         if name is None:
             raise ModerationError("bad_room", f"Room names are {ROOM_RULES}.")
-        raise ModerationError("no_such_room", f"There is no room #{name}: /rooms lists "
-                              "them, /join makes one.")
+        raise ModerationError("no_such_room", f"There is no room #{name} (/rooms lists them).")
 
     def of(self, session: Session, word: str) -> Room:
         """A room the session is in. Raises ModerationError if it is not."""
@@ -4781,7 +4780,7 @@ class Moderation:
             self.core.refuse(session, "not_operator", "Only operators can do that (see /op).")
             return
         line = f"{message['command']} {message.get('args', '')}"
-        log.info("%s runs /%s", session.name, clean_cut(message["command"], 20))
+        log.info("%s runs /%s", session.name, clean_cut(line.strip(), 80))   # with its target
         try:
             replies = self.run(session, line)
         except ModerationError as exc:

@@ -4612,7 +4612,7 @@ class TerminalClientTests(ChatTestCase):
         self.assertEqual(lines[-1], "#dev (1 unread)>")
         os.write(master, b"\x0e")      # Ctrl-N: the next room, its unread count cleared
         self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
-        self.assertIn("-!- now in #lobby; its 1 unread above are marked #lobby", screen.lines)
+        self.assertIn("-!- now in #lobby; its 1 unread line above is marked #lobby", screen.lines)
         os.write(master, b"\x1b[A")    # Up still recalls earlier lines
         self.wait_for(master, screen, lambda s: "#lobby> /join #dev" in s.lines)
         os.write(master, b"\x15\x10")  # Ctrl-U, then Ctrl-P: back to #dev
@@ -7056,7 +7056,8 @@ class ClientRoomTests(ChatTestCase):
         bot = self.session()
         self.assertEqual(bot.prompt(), "#lobby> ")
         bot.handle_line("/join #Dev")       # made on first use, and current at once
-        bot.out.wait_for("you are in #Dev; nobody else is here yet")
+        self.assertTrue(bot.out.wait_for("you are in #Dev; nobody else is here yet")
+                        .endswith("; you are its operator"))
         self.assertEqual(bot.prompt(), "#Dev> ")
         enter(alice, "dev")
         bot.out.wait_for("-!- alice joined")     # of the current room: no tag
@@ -7067,7 +7068,7 @@ class ClientRoomTests(ChatTestCase):
         self.assertRegex(bot.out.wait_for("over here"), r"^\[\d\d:\d\d\] #lobby alice: over here$")
         self.assertEqual(bot.prompt(), "#Dev (1 unread)> ")
         bot.handle_line("/join lobby")      # in it already: it becomes current
-        self.assertEqual(bot.out.lines[-1], "-!- now in #lobby; its 1 unread above are marked "
+        self.assertEqual(bot.out.lines[-1], "-!- now in #lobby; its 1 unread line above is marked "
                                             "#lobby")
         self.assertEqual(bot.prompt(), "#lobby> ")
         bot.handle_line("/join lobby")      # the current one: nothing changes, and it says so
@@ -7078,7 +7079,7 @@ class ClientRoomTests(ChatTestCase):
         left = alice.expect_next_of("leave", room="lobby")
         self.assertEqual((left["name"], left["comment"]), ("bot", "see you"))
         bot.out.wait_for("-!- you left #lobby: see you")
-        self.assertEqual(bot.out.lines[-1], "-!- now in #Dev; its 1 unread above are marked #Dev")
+        self.assertEqual(bot.out.lines[-1], "-!- now in #Dev; its 1 unread line above is marked #Dev")
         self.assertEqual(bot.prompt(), "#Dev> ")
         bot.handle_line("/part")            # the last room: the client says no
         self.assertEqual(bot.out.lines[-1], "! #Dev is your last room: /join another before "
@@ -7088,7 +7089,8 @@ class ClientRoomTests(ChatTestCase):
             transcript = list(bot.screen.transcript)
         self.assertTrue(any(re.fullmatch(r"\[\d\d:\d\d\] #Dev bot: hello dev", line)
                             for line in transcript), transcript)
-        self.assertIn("-!- you are in #Dev; nobody else is here yet", transcript)
+        self.assertIn("-!- you are in #Dev; nobody else is here yet; you are its operator",
+                      transcript)
 
     def test_room_operators_topics_keys_and_kicks(self) -> None:
         alice = self.peer("alice")
