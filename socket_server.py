@@ -1348,9 +1348,10 @@ IRC_SASL_MAX = 8192         # bytes of base64 one SASL PLAIN login may take (the
 IRC_ANSWERED_RUN = 16       # lines answered without the core before they are charged for
 IRC_REGISTRATION_LINES = 100    # lines before registration is done; more close the link
 IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (TARGMAX)
-IRC_CAPS = ("away-notify", "echo-message", "message-tags", "multi-prefix", "sasl",
+IRC_CAPS = ("away-notify", "batch", "echo-message", "message-tags", "multi-prefix", "sasl",
             "server-time")
 IRC_VERSION = "socket_server-irc-1"
+IRC_REPLAY_BATCH = "history"    # the reference of a replay's batch (one runs at a time)
 IRC_FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}"
                             r"(?:,[0-9a-fA-F]{6})?)?|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
 IRC_UNSAFE = re.compile(r"[\r\n\0]")    # never inside a parameter: a line must stay one line
@@ -1957,6 +1958,13 @@ class IrcOutput:
     def _tags(self, event: dict) -> str:
         return f"time={event['ts']}" if self.server_time and event.get("ts") else ""
 
+    def _in_replay(self, tags: str) -> str:
+        """A replayed line's tags: in the replay's batch too, for a client that has
+        batch (else bots would answer old commands as new)."""
+        if not self._replay or "batch" not in self.caps:
+            return tags
+        return f"batch={IRC_REPLAY_BATCH};{tags}" if tags else f"batch={IRC_REPLAY_BATCH}"
+
     def _said(self, sender: str, target: str, text: str, action: bool, tags: str,
               command: str = "PRIVMSG", lead: str = "") -> List[bytes]:
         """A message as one or more lines: long ones (a client.py user may send 2000
@@ -2109,9 +2117,14 @@ class IrcOutput:
         channel = "#" + event["room"] if "room" in event else self._replay
         if channel and not self._replay:
             self._replay = channel
-            lines.append(self._line(self.info.server_name, "NOTICE", channel,
-                                    "--- earlier messages ---"))
+            if "batch" in self.caps:    # a chathistory batch tells it from live lines
+                lines.append(self._line(self.info.server_name, "BATCH", f"+{IRC_REPLAY_BATCH}",
+                                        "chathistory", channel))
+            else:
+                lines.append(self._line(self.info.server_name, "NOTICE", channel,
+                                        "--- earlier messages ---"))
         text, tags = event["text"], self._tags(event)
+        tags = self._in_replay(tags)
         # Without server-time, the time is not in a tag: in the text, of every piece.
         lead = "" if "server-time" in self.caps else \
             f"[{event['ts'][:16].replace('T', ' ')} UTC] "
@@ -2127,11 +2140,13 @@ class IrcOutput:
                                   tags, command, lead)
 
     def _show_history_end(self, event: dict) -> List[bytes]:
-        channel, self._replay = self._replay, ""
         lines = []
-        if channel:
-            lines.append(self._line(self.info.server_name, "NOTICE", channel,
+        if self._replay and "batch" in self.caps:
+            lines.append(self._line(self.info.server_name, "BATCH", f"-{IRC_REPLAY_BATCH}"))
+        elif self._replay:
+            lines.append(self._line(self.info.server_name, "NOTICE", self._replay,
                                     "--- end of earlier messages ---"))
+        self._replay = ""
         if "text" in event:
             lines.append(self._line(self.info.server_name, "NOTICE", self.nick, event["text"]))
         return lines
@@ -2267,7 +2282,8 @@ class IrcOutput:
             return [self._numeric("381", "You are now an IRC operator")]
         if code == "new_since" and self._replay:
             return [self._line(self.info.server_name, "NOTICE", self._replay,
-                               "--- new since you were last here ---")]
+                               "--- new since you were last here ---",
+                               tags=self._in_replay(""))]
         return [self._line(self.info.server_name, "NOTICE", self.nick, event["text"])]
 
     def _show_whisper(self, event: dict) -> List[bytes]:

@@ -6097,9 +6097,21 @@ class IrcTests(ChatTestCase):
         self.assertGreater(len(pieces), 1)
         for piece in pieces:
             self.assertRegex(piece, r"PRIVMSG #lobby :\[\d{4}-\d\d-\d\d \d\d:\d\d UTC\] long")
+        # With batch, the replay is a chathistory batch: bots and clients can tell it
+        # from what is said live.
+        batched = self.irc("batched", caps="server-time batch")
+        batched.send("JOIN #lobby")
+        opened = batched.expect(r"^:test.lan BATCH \+(\S+) chathistory :#lobby$")
+        lines = batched.until(r"BATCH :-")
+        self.assertEqual(lines[-1], f":test.lan BATCH :-{opened[1]}")
+        self.assertGreater(len(lines), 2)
+        for line in lines[:-1]:
+            self.assertRegex(line, rf"^@batch={opened[1]};time=\S+ :bob!bob@test.lan PRIVMSG "
+                                   r"#lobby :(said before|long)")
         bob.say("live")
         self.assertTrue(tagged.expect("live").string.startswith("@time="))
         self.assertEqual(plain.expect("live").string, ":bob!bob@test.lan PRIVMSG #lobby :live")
+        self.assertTrue(batched.expect("live").string.startswith("@time="))
 
     def test_nick_away_part_and_quit_cross_over(self) -> None:
         bob = self.peer("bob")
