@@ -2113,16 +2113,8 @@ class IrcOutput:
 
     def _show_history(self, event: dict) -> List[bytes]:
         """One message of a replay (the history of a channel just joined)."""
-        lines = []
         channel = "#" + event["room"] if "room" in event else self._replay
-        if channel and not self._replay:
-            self._replay = channel
-            if "batch" in self.caps:    # a chathistory batch tells it from live lines
-                lines.append(self._line(self.info.server_name, "BATCH", f"+{IRC_REPLAY_BATCH}",
-                                        "chathistory", channel))
-            else:
-                lines.append(self._line(self.info.server_name, "NOTICE", channel,
-                                        "--- earlier messages ---"))
+        lines = self._open_replay(channel)
         text, tags = event["text"], self._tags(event)
         tags = self._in_replay(tags)
         # Without server-time, the time is not in a tag: in the text, of every piece.
@@ -2138,6 +2130,16 @@ class IrcOutput:
                                       f"{event['from']}] {text}", False, tags, "NOTICE", lead)
         return lines + self._said(event["from"], channel, text, event["kind"] == "action",
                                   tags, command, lead)
+
+    def _open_replay(self, channel: str) -> List[bytes]:
+        """The start of channel's replay, if this is its first line."""
+        if not channel or self._replay:
+            return []
+        self._replay = channel
+        if "batch" in self.caps:    # a chathistory batch tells it from live lines
+            return [self._line(self.info.server_name, "BATCH", f"+{IRC_REPLAY_BATCH}",
+                               "chathistory", channel)]
+        return [self._line(self.info.server_name, "NOTICE", channel, "--- earlier messages ---")]
 
     def _show_history_end(self, event: dict) -> List[bytes]:
         lines = []
@@ -2280,10 +2282,11 @@ class IrcOutput:
             return [self._numeric("301", event["name"], event["away"])]
         if code == "op":
             return [self._numeric("381", "You are now an IRC operator")]
-        if code == "new_since" and self._replay:
-            return [self._line(self.info.server_name, "NOTICE", self._replay,
-                               "--- new since you were last here ---",
-                               tags=self._in_replay(""))]
+        if code == "new_since" and (self._replay or "room" in event):
+            lines = self._open_replay("#" + event["room"] if "room" in event else "")
+            return lines + [self._line(self.info.server_name, "NOTICE", self._replay,
+                                       "--- new since you were last here ---",
+                                       tags=self._in_replay(""))]
         return [self._line(self.info.server_name, "NOTICE", self.nick, event["text"])]
 
     def _show_whisper(self, event: dict) -> List[bytes]:
@@ -4503,8 +4506,11 @@ class History:
         entries.reverse()
         for row_id, entry in entries:
             if missed_after is not None and row_id > missed_after:
-                self.core.send(session, {"type": "notice", "code": "new_since",
-                                         "text": "New since you were last here"})
+                since = {"type": "notice", "code": "new_since",
+                         "text": "New since you were last here"}
+                if room is not None:
+                    since["room"] = room.name
+                self.core.send(session, since)
                 missed_after = None
             self.core.send(session, entry)
         end = {"type": "history_end", "for": purpose, "count": len(entries)}

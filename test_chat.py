@@ -5731,6 +5731,14 @@ class IrcCodecTests(unittest.TestCase):
         self.assertEqual(codec.take_output(), b":chat.lan NOTICE ann :CTCP VERSION is not passed "
                                               b"on here: only ACTION (/me) is\r\n")
 
+    def test_a_replay_that_begins_with_what_was_missed_opens_in_its_channel(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        self.assertEqual(codec.encode({"type": "notice", "code": "new_since", "room": "ops",
+                                       "text": "New since you were last here"}),
+                         b":chat.lan NOTICE #ops :--- earlier messages ---\r\n"
+                         b":chat.lan NOTICE #ops :--- new since you were last here ---\r\n")
+
     def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
         codec.registered, codec.nick = True, "ann"
