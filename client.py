@@ -1766,7 +1766,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "key": {"room": str, "key": str, "by?": str, "ts?": str},
     "room_op": {"room": str, "name": str, "op": bool, "by?": str, "ts?": str},
     "nick": {"name": str, "new": str, "ts?": str},
-    "away": {"name": str, "text?": object},     # a string, or null: back
+    "away": {"name": str, "text?": object, "ts?": str},     # text: a string, or null: back
     "users": {"users": list, "room?": str, "ops?": list, "away?": list, "count?": int},
     "whois": {"name": str, "rooms?": list, "room_operator?": list, "away?": object,
               "operator?": bool, "registered?": bool, "idle?": int, "since?": str},
@@ -2004,7 +2004,8 @@ def _show_away(message: dict, me: str) -> Line:
     if name.lower() == me.lower():
         return notice_line(f"you are away: {away} (/away alone when you are back)" if away
                            else "you are back", role=ANSWER)
-    return notice_line(f"{name} is away: {away}" if away else f"{name} is back")
+    return notice_line(f"{name} is away: {away}" if away else f"{name} is back",
+                       local_time(message.get("ts")))
 
 
 def _show_whois(message: dict, me: str) -> List[Line]:

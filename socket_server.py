@@ -2064,7 +2064,7 @@ class IrcOutput:
             return []
         text = event.get("text")
         params = (text,) if text else ()
-        return [self._line(self._mask(event["name"]), "AWAY", *params)]
+        return [self._line(self._mask(event["name"]), "AWAY", *params, tags=self._tags(event))]
 
     def _show_server_notice(self, event: dict) -> List[bytes]:
         text = event["text"] if event["type"] != "announcement" else \
@@ -3581,7 +3581,7 @@ class People:
         (but of no change: the same away text again is told to session alone)."""
         unchanged = text == session.away
         session.away = text
-        change = {"type": "away", "name": session.name, "text": text}
+        change = {"type": "away", "name": session.name, "text": text, "ts": self.core.timestamp()}
         if unchanged:
             self.core.send(session, change)
             return

@@ -5332,8 +5332,12 @@ class NickAndAwayTests(ChatTestCase):
     def test_away_is_shown_and_answers_whispers_until_you_say_you_are_back(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
         bob.send({"type": "away", "text": "at lunch"})
-        self.assertEqual(alice.expect("away"), {"type": "away", "name": "bob",
-                                                "text": "at lunch"})
+        away = alice.expect("away")
+        self.assertEqual(away, {"type": "away", "name": "bob", "text": "at lunch",
+                                "ts": away.get("ts")})
+        self.assertRegex(away["ts"], r"^\d{4}-\d\d-\d\dT")   # news has its time, as all do
+        self.assertRegex(client.format_message(away, "alice")[0].plain,
+                         r"^\[\d\d:\d\d\] -!- bob is away: at lunch$")
         bob.expect("away")
         for _ in range(3):      # the same again: bob hears it, the others nothing
             bob.send({"type": "away", "text": "at lunch"})
