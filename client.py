@@ -1755,8 +1755,10 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
                 "limits?": dict, "resume?": str},
     "room": {"room": str, "users": list, "topic?": str, "topic_by?": str, "count?": int,
              "ops?": list, "key?": str},
-    "message": {"from": str, "text": str, "room?": str, "ts?": str, "action?": bool},
-    "whisper": {"from": str, "to": str, "text": str, "ts?": str, "action?": bool},
+    "message": {"from": str, "text": str, "room?": str, "ts?": str, "action?": bool,
+                "notice?": bool},
+    "whisper": {"from": str, "to": str, "text": str, "ts?": str, "action?": bool,
+                "notice?": bool},
     "sent": {"text": str, "room?": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
     "join": {"name": str, "room?": str, "ts?": str, "op?": bool},
     "leave": {"name": str, "room?": str, "reason?": str, "text?": str, "comment?": str,
@@ -1817,22 +1819,28 @@ def names_list(users: list, ops: Optional[list] = None,
 
 
 def chat_line(stamp: str, sender: str, text: str, me: str, kind: str = "message",
-              to: str = "", dim: bool = False, action: bool = False) -> Line:
-    """A message, whisper, action or announcement, as it is shown.
+              to: str = "", dim: bool = False, action: bool = False,
+              notice: bool = False) -> Line:
+    """A message, whisper, action, notice or announcement, as it is shown.
 
     `me` is the reader's name: mentions of it are highlighted, and whispers
     read "to bob" or "from bob" depending on who sent them; a whisper that is
-    an action (/me in an IRC query) then "* bob winks".
+    an action (/me in an IRC query) then "* bob winks". A notice (an IRC
+    NOTICE, which bots send so that nobody answers) rings no bell.
     """
     time_part = (f"[{stamp}] ", "time")
     mine = sender.lower() == me.lower()
     if kind == "whisper":
         other = to if mine else sender
-        head = (time_part, ("[whisper to " if mine else "[whisper from ", "whisper"),
+        word = "notice" if notice else "whisper"
+        head = (time_part, (f"[{word} to " if mine else f"[{word} from ", "whisper"),
                 (other, "name"), ("] ", "whisper"))
         if action:
             head += (("* ", "action"), (sender, "name"), (" ", ""))
-        return Line(head, ((text, ""),), dim, ring=not mine)
+        return Line(head, ((text, ""),), dim, ring=not (mine or notice))
+    if kind == "notice":
+        return Line((time_part, ("-", "notice"), (sender, "name"), ("- ", "notice")),
+                    ((text, "notice"),), dim)
     if kind == "action":
         body = mentions(text, "action", "" if mine else me)
         return Line((time_part, ("* ", "action"), (sender, "name"), (" ", "")), body, dim,
@@ -1899,15 +1907,16 @@ NOTICE_ROLES: Dict[str, str] = {
 
 
 def _show_message(message: dict, me: str) -> Line:
+    kind = "action" if message.get("action") is True else \
+        "notice" if message.get("notice") is True else "message"    # (an IRC NOTICE)
     return of_room(chat_line(local_time(message.get("ts")), clean_text(message["from"]),
-                             clean_text(message["text"]), me,
-                             "action" if message.get("action") is True else "message"), message)
+                             clean_text(message["text"]), me, kind), message)
 
 
 def _show_whisper(message: dict, me: str) -> Line:
     return chat_line(local_time(message.get("ts")), clean_text(message["from"]),
                      clean_text(message["text"]), me, "whisper", to=me,
-                     action=message.get("action") is True)
+                     action=message.get("action") is True, notice=message.get("notice") is True)
 
 
 def _show_sent(message: dict, me: str) -> Line:

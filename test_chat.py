@@ -4227,6 +4227,13 @@ class RenderingTests(unittest.TestCase):
         from_alice = client.chat_line("14:05", "alice", "psst", "bob", "whisper", to="bob")
         self.assertEqual(from_alice.plain, "[14:05] [whisper from alice] psst")
         self.assertTrue(from_alice.ring)
+        [notice] = client.format_message({"type": "message", "from": "bot", "text": "built me",
+                                          "notice": True, "ts": "2026-01-01T00:00:00Z"}, "me")
+        self.assertTrue(notice.plain.endswith("] -bot- built me"), notice.plain)
+        self.assertFalse(notice.ring)   # a notice asks for no answer, nor a bell
+        [private] = client.format_message({"type": "whisper", "from": "bot", "to": "me",
+                                           "text": "psst", "notice": True}, "me")
+        self.assertTrue(private.plain.endswith("[notice from bot] psst"), private.plain)
         [back] = client.format_message({"type": "join", "name": "bob", "room": "dev",
                                         "op": True}, "me")
         self.assertTrue(back.plain.endswith("bob joined, an operator of #dev"), back.plain)
