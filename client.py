@@ -1761,6 +1761,7 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
                 "notice?": bool},
     "sent": {"text": str, "room?": str, "to?": str, "ts?": str, "action?": bool, "id?": str},
     "join": {"name": str, "room?": str, "ts?": str, "op?": bool},
+    "invite": {"room": str, "by": str, "ts?": str},
     "leave": {"name": str, "room?": str, "reason?": str, "text?": str, "comment?": str,
               "ts?": str},
     "rooms": {"rooms": list, "more?": bool},
@@ -2086,6 +2087,9 @@ FORMATTERS: Dict[str, Callable[[dict, str], Union[Line, List[Line], None]]] = {
                                              if m.get("op") and "room" in m else ""),
         local_time(m.get("ts"))), m),
     "leave": _show_leave,
+    "invite": lambda m, me: notice_line(f"{clean_text(m['by'])} invites you to "
+                                        f"#{clean_text(m['room'])}: /join #{clean_text(m['room'])}",
+                                        local_time(m.get("ts"))),
     "room": _show_room,
     "rooms": _show_rooms,
     "topic": _show_topic,
@@ -3165,6 +3169,14 @@ class ChatSession:
         else:
             self.send({"type": "topic", "room": name, "text": "" if text == "-delete" else text})
 
+    def cmd_invite(self, argument: str) -> None:
+        person, _, word = argument.partition(" ")
+        if not self._person(person, f"/invite {COMMANDS['invite'].usage}"):
+            return
+        name = self._room(word.strip() or None)
+        if name is not None:
+            self.send({"type": "invite", "room": name, "name": person})
+
     def cmd_key(self, argument: str) -> None:
         word, key = room_argument(argument)
         name = self._room(word) if word is not None else None
@@ -3406,6 +3418,8 @@ COMMANDS: Dict[str, Command] = {
     # server operator).
     "key": Command("#room [KEY]", "the key /join then needs (no KEY: none)",
                    ChatSession.cmd_key, ROOM_OPERATORS),
+    "invite": Command("NAME [#room]", "let someone into the room once, past its key",
+                      ChatSession.cmd_invite),
     "roomop": Command("NAME [#room]", "make someone an operator of the room",
                       room_operator_command(True), ROOM_OPERATORS),
     "roomdeop": Command("NAME [#room]", "take that away", room_operator_command(False),

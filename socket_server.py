@@ -1805,6 +1805,9 @@ class IrcInput:
         self._ask({"type": "kick", "room": channel, "name": names.split(",")[0],
                    "text": irc_text(reason)}, "KICK", channel, names.split(",")[0])
 
+    def _invite(self, nick: str, channel: str, *rest: str) -> None:
+        self._ask({"type": "invite", "room": channel, "name": nick}, "INVITE", channel, nick)
+
     def _away(self, *text: str) -> None:
         self._ask({"type": "away", "text": irc_text(text[0]) if text else ""}, "AWAY")
 
@@ -1854,7 +1857,7 @@ class IrcInput:
         "PRIVMSG": (_privmsg, 2), "NOTICE": (_notice, 2), "JOIN": (_join, 1),
         "PART": (_part, 1), "TOPIC": (_topic, 1), "NAMES": (_names, 0), "LIST": (_list, 0),
         "WHO": (_who, 0), "WHOIS": (_whois, 1), "WHOWAS": (_whowas, 1), "MODE": (_mode, 1),
-        "KICK": (_kick, 2),
+        "KICK": (_kick, 2), "INVITE": (_invite, 2),
         "AWAY": (_away, 0), "NICK": (_nick_after, 1), "OPER": (_oper, 2), "KILL": (_kill, 1),
         "ISON": (lambda self, *names: self._online("ISON", *names), 1),
         "USERHOST": (lambda self, *names: self._online("USERHOST", *names), 1),
@@ -2046,6 +2049,10 @@ class IrcOutput:
         return [self._line(self._from(event["by"]), "TOPIC", "#" + event["room"], event["topic"],
                            tags=self._tags(event))]
 
+    def _show_invite(self, event: dict) -> List[bytes]:
+        return [self._line(self._mask(event["by"]), "INVITE", self.nick, "#" + event["room"],
+                           tags=self._tags(event))]
+
     def _show_key(self, event: dict) -> List[bytes]:
         change = ("+k", event["key"]) if event["key"] else ("-k", "*")
         return [self._line(self._from(event["by"]), "MODE", "#" + event["room"], *change,
@@ -2074,6 +2081,7 @@ class IrcOutput:
     SHARED: Dict[str, Callable[["IrcOutput", dict], List[bytes]]] = {
         "message": _show_message, "join": _show_join, "leave": _show_leave,
         "topic": _show_topic_set, "key": _show_key, "room_op": _show_room_op,
+        "invite": _show_invite,
         "nick": _show_nick, "away": _show_away_notify, "announcement": _show_server_notice,
         "notice": _show_server_notice,
     }
@@ -2253,13 +2261,15 @@ class IrcOutput:
         elif command == "WHOIS" and code == "unknown_user":
             lines += [self._numeric("401", arguments[0], text),
                       self._numeric("318", arguments[0], "End of /WHOIS list")]
-        elif code == "user_not_in_room" and len(arguments) > 1:   # (KICK, MODE +o)
-            lines.append(self._numeric("441", arguments[-1], arguments[0], text))
+        elif code in ("user_not_in_room", "already_in_room") and len(arguments) > 1:
+            numeric = "441" if code == "user_not_in_room" else "443"  # (KICK, MODE +o; INVITE)
+            lines.append(self._numeric(numeric, arguments[-1], arguments[0], text))
         elif code in IRC_NOT_SENT and command == "PRIVMSG":
             lines.append(self._numeric("404", arguments[0] if arguments else "*", text))
         elif code in IRC_ERRORS:
             numeric, names_target = IRC_ERRORS[code]
-            target = (arguments[-1] if command in ("KICK", "MODE") and code == "unknown_user"
+            target = (arguments[-1] if command in ("KICK", "MODE", "INVITE") and
+                      code == "unknown_user"
                       else arguments[0]) if arguments and names_target else None
             lines.append(self._numeric(numeric, *([target] if target else []), text))
         else:
@@ -2282,6 +2292,8 @@ class IrcOutput:
             return [self._numeric("301", event["name"], event["away"])]
         if code == "op":
             return [self._numeric("381", "You are now an IRC operator")]
+        if code == "invited":
+            return [self._numeric("341", event["name"], "#" + event["room"])]
         if code == "new_since" and (self._replay or "room" in event):
             lines = self._open_replay("#" + event["room"] if "room" in event else "")
             return lines + [self._line(self.info.server_name, "NOTICE", self._replay,
@@ -2521,6 +2533,7 @@ ERRORS: Dict[str, ErrorCode] = {
     "bad_room": ErrorCode(False, "not a room's name"),
     "no_such_room": ErrorCode(False, "there is no room of that name"),
     "not_in_room": ErrorCode(False, "you are not in that room"),
+    "already_in_room": ErrorCode(False, "an invite of someone who is in the room already"),
     "not_room_operator": ErrorCode(False, "only the room's operators (and server operators) "
                                           "can do that"),
     "bad_key": ErrorCode(False, "the room needs a key, the key is wrong, or a new key breaks "
@@ -2580,6 +2593,7 @@ NOTICES: Dict[str, str] = {
     "new_since": "inside a replay: the messages a returning name missed begin here",
     "away": "the one you whispered to is away (name, away: why)",
     "authenticated": "answer to authenticate: you proved the name is yours",
+    "invited": "answer to invite: they may come into the room once without its key",
 }
 
 
@@ -2609,6 +2623,7 @@ REQUESTS: Dict[str, RequestType] = {
     "topic": RequestType({"room": str, "text?": str}, "rooms.on_topic"),
     "kick": RequestType({"room": str, "name": str, "text?": str}, "rooms.on_kick"),
     "key": RequestType({"room": str, "key": str}, "rooms.on_key"),
+    "invite": RequestType({"room": str, "name": str}, "rooms.on_invite"),
     "room_op": RequestType({"room": str, "name": str, "op?": bool}, "rooms.on_room_op"),
     "who": RequestType({"room?": str}, "people.on_who"),
     "whois": RequestType({"name": str}, "people.on_whois"),
@@ -3647,6 +3662,9 @@ class Rooms:
     def __init__(self, core: ChatCore) -> None:
         self.core = core
         self.all: Dict[str, Room] = {}      # lower-case name -> room
+        # Who may come past a room's key once, without it: room ident -> sessions
+        # invited (by a member, who knows the key), until they come or leave the chat.
+        self.invited: Dict[str, Set[Session]] = {}
         store = core.store
         for name, topic, topic_by, topic_ts, key, created, created_by in store.rooms():
             room = self.all[name.lower()] = Room(name, created, created_by)
@@ -3770,9 +3788,11 @@ class Rooms:
 
     def _check_entry(self, session: Session, room: Room, key: Optional[str]) -> None:
         """Raise ModerationError unless session, with key, may come into room."""
-        if room.key and key is None:
-            raise ModerationError("bad_key", f"#{room.name} needs a key: /join #{room.name} KEY")
-        if room.key:
+        invited = bool(room.key) and session in self.invited.get(room.ident, ())
+        if room.key and not invited:
+            if key is None:
+                raise ModerationError("bad_key", f"#{room.name} needs a key: /join "
+                                      f"#{room.name} KEY, or someone there to /invite you")
             locked = self.core.accounts.lockout(session)     # (a key is a password)
             if locked is not None:
                 raise locked
@@ -3781,6 +3801,8 @@ class Rooms:
         size_limit = self.core.settings.max_room_size
         if size_limit and len(room) >= size_limit and room is not self.lobby:
             raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
+        if invited:
+            self._uninvite(session, room)   # past the key once: used up
 
     def described(self, room: Room) -> dict:
         """The `room` event a newcomer gets: the room as it is now."""
@@ -3826,6 +3848,9 @@ class Rooms:
                 told = tuple(room for room in rooms if len(room) <= limit)
             audience = (told[0] if len(told) == 1 else SharedRooms(told)) if told else NOBODY
         why = session.comment if reason == "quit" and session.comment else reason   # (kept)
+        if self.invited:    # (rarely any) an invitation ends with its session
+            for ident in [ident for ident, invited in self.invited.items() if session in invited]:
+                self._uninvite(session, self.all[ident])
         for room in rooms:
             self._take_out(session, room, why, keep_batch=room in told, replaced=replaced)
         return audience
@@ -3917,6 +3942,10 @@ class Rooms:
         self._or_refuse(session, lambda: self.kick(
             session, self.existing(message["room"]), message["name"], message.get("text", "")))
 
+    def on_invite(self, session: Session, message: dict) -> None:
+        self._or_refuse(session, lambda: self.invite(
+            session, self.existing(message["room"]), message["name"]))
+
     def on_key(self, session: Session, message: dict) -> None:
         self._or_refuse(session, lambda: self.set_key(
             session, self.existing(message["room"]), message["key"]))
@@ -3976,6 +4005,30 @@ class Rooms:
                    **({"comment": comment} if comment else {}))
         return text
 
+    def invite(self, actor: Session, room: Room, name: str) -> None:
+        """A member of room invites someone here into it: they may come in once
+        without its key (as IRC's INVITE)."""
+        if actor not in room:
+            raise ModerationError("not_in_room", f"You are not in #{room.name}.")
+        target = self.core.members.get(name.lower())
+        if target is None:
+            raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is here.")
+        if target in room:
+            raise ModerationError("already_in_room", f"{target.name} is in #{room.name} already.")
+        self.invited.setdefault(room.ident, set()).add(target)
+        self.core.send(target, {"type": "invite", "room": room.name, "by": actor.name,
+                                "ts": self.core.timestamp()})
+        self.core.answer(actor, {"type": "notice", "code": "invited", "name": target.name,
+                                 "room": room.name,
+                                 "text": f"{target.name} is invited to #{room.name}."})
+
+    def _uninvite(self, session: Session, room: Room) -> None:
+        invited = self.invited.get(room.ident)
+        if invited is not None:
+            invited.discard(session)
+            if not invited:
+                del self.invited[room.ident]
+
     def set_key(self, actor: Optional[Session], room: Room, key: str) -> str:
         self.may_run(actor, room)
         if key and not KEY_PATTERN.fullmatch(key):
@@ -4008,6 +4061,7 @@ class Rooms:
         for member in list(room.members.values()):
             self.leave(member, room, "kicked", by=by, text=f"#{room.name} was removed by {by}")
         del self.all[room.ident]
+        self.invited.pop(room.ident, None)
         self.core.store.delete_room(room.name)
         return f"#{room.name} removed"
 

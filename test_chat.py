@@ -722,6 +722,30 @@ class CoreTests(unittest.TestCase):
         [join] = [event for event in chat.received(alice, actions) if event["type"] == "join"]
         self.assertNotIn("op", join)
 
+    def test_an_invitation_lets_one_person_past_a_room_key_once(self) -> None:
+        chat = CoreHarness()
+        alice, bob, carol = chat.join("alice"), chat.join("bob"), chat.join("carol")
+        chat.request(alice, {"type": "join", "room": "ops"})
+        chat.request(alice, {"type": "key", "room": "ops", "key": "s3cret"})
+        for who, request, code in (
+                (bob, {"type": "invite", "room": "ops", "name": "carol"}, "not_in_room"),
+                (alice, {"type": "invite", "room": "ops", "name": "nobody"}, "unknown_user"),
+                (alice, {"type": "invite", "room": "ops", "name": "alice"}, "already_in_room"),
+                (alice, {"type": "invite", "room": "gone", "name": "bob"}, "no_such_room")):
+            with self.subTest(code=code):
+                self.assertEqual(chat.received(who, chat.request(who, request))[-1]["code"], code)
+        actions = chat.request(alice, {"type": "invite", "room": "ops", "name": "Bob"})
+        self.assertEqual(chat.received(alice, actions)[-1]["code"], "invited")
+        [invite] = chat.received(bob, actions)
+        self.assertEqual((invite["type"], invite["room"], invite["by"]), ("invite", "ops", "alice"))
+        chat.request(carol, {"type": "join", "room": "ops"})     # not invited: the key
+        self.assertEqual(chat.received(carol)[-1]["code"], "bad_key")
+        chat.request(bob, {"type": "join", "room": "ops"})
+        self.assertIn(bob, chat.core.rooms.all["ops"])
+        chat.request(bob, {"type": "part", "room": "ops"})
+        chat.request(bob, {"type": "join", "room": "ops"})       # once: used up
+        self.assertEqual(chat.received(bob)[-1]["code"], "bad_key")
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
@@ -5749,6 +5773,26 @@ class IrcCodecTests(unittest.TestCase):
                                        "text": "New since you were last here"}),
                          b":chat.lan NOTICE #ops :--- earlier messages ---\r\n"
                          b":chat.lan NOTICE #ops :--- new since you were last here ---\r\n")
+
+    def test_invite_both_ways(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        codec.feed(b"INVITE bob #ops\r\n")
+        request = codec.next_request()
+        self.assertEqual((request["type"], request["name"], request["room"]),
+                         ("invite", "bob", "#ops"))
+        answer = {"type": "notice", "code": "invited", "name": "bob", "room": "ops",
+                  "text": "bob is invited to #ops.", "id": request["id"]}
+        self.assertEqual(codec.encode(answer), b":chat.lan 341 ann bob :#ops\r\n")
+        self.assertEqual(codec.encode({"type": "invite", "room": "ops", "by": "bob"}),
+                         b":bob!bob@chat.lan INVITE ann :#ops\r\n")
+        codec.feed(b"INVITE ann #ops\r\n")
+        error = {"type": "error", "code": "already_in_room", "text": "ann is in #ops already.",
+                 "id": codec.next_request()["id"]}
+        self.assertEqual(codec.encode(error),
+                         b":chat.lan 443 ann ann #ops :ann is in #ops already.\r\n")
+        [line] = client.format_message({"type": "invite", "room": "ops", "by": "bob"}, "ann")
+        self.assertTrue(line.plain.endswith("-!- bob invites you to #ops: /join #ops"), line.plain)
 
     def test_what_the_latest_requests_were_for_is_remembered_in_bounded_room(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
