@@ -3557,6 +3557,10 @@ class People:
         elif name.lower() != session.key and core.accounts.is_registered(name):
             core.accounts.check_name_password(session, name, message.get("name_password"),
                                               lambda: self.rename(session, name, True))
+        elif "name_password" in message and not core.accounts.is_registered(name):
+            # ("/nick bad name!" would have made "bad" of it, with "name!" dropped.)
+            core.refuse(session, "not_registered", f"{quoted(name)} is not a registered name, "
+                        "so a password makes no sense with it (names have no spaces).")
         else:   # a new name, or the same in other letter cases
             self.rename(session, name, session.registered and name.lower() == session.key)
 

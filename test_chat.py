@@ -746,6 +746,15 @@ class CoreTests(unittest.TestCase):
         chat.request(bob, {"type": "join", "room": "ops"})       # once: used up
         self.assertEqual(chat.received(bob)[-1]["code"], "bad_key")
 
+    def test_a_password_for_a_name_nobody_registered_is_refused_not_ignored(self) -> None:
+        chat = CoreHarness()
+        alice = chat.join("alice")
+        actions = chat.request(alice, {"type": "nick", "name": "bad", "name_password": "name!"})
+        [error] = chat.received(alice, actions)
+        self.assertEqual(error["code"], "not_registered")
+        self.assertNotIn("name!", error["text"])    # a password is never said back
+        self.assertEqual(alice.name, "alice")
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
