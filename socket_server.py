@@ -555,7 +555,8 @@ def tls_problem(cert_file: str, key_file: Optional[str], error: Exception) -> st
         return f"{key_flag} {key_path}: no private key in it; {hint}"
     if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
         return f"{key_flag} {key_path} is not the key of that certificate"
-    return f"cannot use the TLS certificate {cert_file}: {getattr(error, 'strerror', None) or error}"
+    reason = getattr(error, "strerror", None) or error
+    return f"cannot use the TLS certificate {cert_file}: {reason}"
 
 
 def certificate_fingerprint(cert_file: str) -> str:
