@@ -3170,12 +3170,18 @@ class ChatSession:
             self.send({"type": "topic", "room": name, "text": "" if text == "-delete" else text})
 
     def cmd_invite(self, argument: str) -> None:
+        found = self._person_and_room(argument, f"/invite {COMMANDS['invite'].usage}")
+        if found is not None:
+            self.send({"type": "invite", "room": found[1], "name": found[0]})
+
+    def _person_and_room(self, argument: str, usage: str) -> Optional[Tuple[str, str]]:
+        """NAME [#room] (the current room when none is named), or None after saying
+        what is wrong."""
         person, _, word = argument.partition(" ")
-        if not self._person(person, f"/invite {COMMANDS['invite'].usage}"):
-            return
+        if not self._person(person, usage):
+            return None
         name = self._room(word.strip() or None)
-        if name is not None:
-            self.send({"type": "invite", "room": name, "name": person})
+        return (person, name) if name is not None else None
 
     def cmd_key(self, argument: str) -> None:
         word, key = room_argument(argument)
@@ -3365,12 +3371,9 @@ def room_argument(argument: str) -> Tuple[Optional[str], str]:
 def room_operator_command(op: bool) -> Callable[["ChatSession", str], None]:
     """/roomop (op) or /roomdeop: NAME [#room], the current room when none is named."""
     def run(session: "ChatSession", argument: str) -> None:
-        person, _, word = argument.partition(" ")
-        if not session._person(person, f"/room{'' if op else 'de'}op NAME [#room]"):
-            return
-        name = session._room(word.strip() or None)
-        if name is not None:
-            session.send({"type": "room_op", "room": name, "name": person, "op": op})
+        found = session._person_and_room(argument, f"/room{'' if op else 'de'}op NAME [#room]")
+        if found is not None:
+            session.send({"type": "room_op", "room": found[1], "name": found[0], "op": op})
     return run
 
 
