@@ -39,7 +39,7 @@ import unicodedata
 import unittest
 import zlib
 from datetime import datetime
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 try:
     import resource
