@@ -1349,8 +1349,9 @@ IRC_SASL_MAX = 8192         # bytes of base64 one SASL PLAIN login may take (the
 IRC_ANSWERED_RUN = 16       # lines answered without the core before they are charged for
 IRC_REGISTRATION_LINES = 100    # lines before registration is done; more close the link
 IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (TARGMAX)
-IRC_CAPS = ("away-notify", "batch", "echo-message", "message-tags", "multi-prefix", "sasl",
-            "server-time")
+# Not message-tags: clients' own tags and TAGMSG (typing, reactions) are not passed
+# on, and a server that offers it must.
+IRC_CAPS = ("away-notify", "batch", "echo-message", "multi-prefix", "sasl", "server-time")
 IRC_VERSION = "socket_server-irc-1"
 IRC_REPLAY_BATCH = "history"    # the reference of a replay's batch (one runs at a time)
 IRC_FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}"

@@ -5927,9 +5927,12 @@ class IrcTests(ChatTestCase):
         alice = self.irc()
         alice.send("CAP LS 302")
         offered = alice.expect(r" CAP \* LS :(.*)$").group(1).split()
-        for cap in ("server-time", "message-tags", "echo-message", "away-notify",
-                    "multi-prefix", "sasl=PLAIN"):
+        for cap in ("server-time", "echo-message", "away-notify", "multi-prefix", "batch",
+                    "sasl=PLAIN"):
             self.assertIn(cap, offered)
+        # Not message-tags: its TAGMSG and client tags (typing, reactions) are not
+        # passed on, and offering it would promise they are.
+        self.assertNotIn("message-tags", offered)
         alice.send("NICK alice")
         alice.send("USER alice 0 * :Alice")
         alice.send("CAP REQ :server-time bogus-cap")
