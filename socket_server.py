@@ -3526,7 +3526,7 @@ class People:
             room = core.rooms._or_refuse(session, lambda: core.rooms.existing(message["room"]))
             if room is None:
                 return
-            listed, count, ops = room.listed(), len(room), room.operators_here()
+            listed, count, ops = room.listed(), len(room), room.operators_here(core.operators)
             members, answer = room.members, {"room": room.name}
         away = [name for name in listed if members[name.lower()].away is not None]
         answer.update(type="users", users=listed, count=count, ops=ops, away=away)
@@ -3541,7 +3541,7 @@ class People:
             return
         now, wall = core.clock.now(), core.clock.wall()
         rooms = sorted((room.name for room in target.rooms), key=str.lower)
-        runs = [room.name for room in target.rooms if target.key in room.ops]
+        runs = [room.name for room in target.rooms if target.key in room.ops or target.operator]
         core.answer(session, {"type": "whois", "name": target.name, "rooms": rooms,
                               "room_operator": sorted(runs, key=str.lower),
                               "away": target.away, "operator": target.operator,
@@ -3649,9 +3649,13 @@ class Room(Audience):
         self.created_by = created_by
         self.alone = (self,)            # the rooms of whoever is only here: one tuple for all
 
-    def operators_here(self) -> List[str]:
-        return sorted((self.members[key].name for key in self.ops if key in self.members),
-                      key=str.lower)
+    def operators_here(self, server_operators: Iterable["Session"] = ()) -> List[str]:
+        """Who runs the room among those in it: its operators, and the server's
+        operators (who run every room) that are here."""
+        names = [self.members[key].name for key in self.ops if key in self.members]
+        names += [operator.name for operator in server_operators
+                  if operator.key not in self.ops and self.members.get(operator.key) is operator]
+        return sorted(names, key=str.lower)
 
 
 class Rooms:
@@ -3787,8 +3791,8 @@ class Rooms:
         core.store.record(timestamp, "join", session.name, room=room.name)
         if len(room) <= settings.join_notices_up_to:
             join = {"type": "join", "room": room.name, "name": session.name, "ts": timestamp}
-            if session.key in room.ops:     # came back to a room it runs (a registered name)
-                join["op"] = True
+            if session.key in room.ops or session.operator:     # back to a room it runs (a
+                join["op"] = True                               # registered name), or any
             core.deliver(room, join, sender=session)
         return room
 
@@ -3813,7 +3817,7 @@ class Rooms:
     def described(self, room: Room) -> dict:
         """The `room` event a newcomer gets: the room as it is now."""
         event = {"type": "room", "room": room.name, "topic": room.topic, "users": room.listed(),
-                 "count": len(room), "ops": room.operators_here()}
+                 "count": len(room), "ops": room.operators_here(self.core.operators)}
         if room.topic:
             event.update(topic_by=room.topic_by, topic_ts=room.topic_ts)
         if room.key:
@@ -4847,6 +4851,16 @@ class Moderation:
         self.core.operators.add(session)
         log.info("%s is now an operator", session.name)
         self.core.send(session, {"type": "notice", "code": "op", "text": text})
+        self._runs_its_rooms(session, True)
+
+    def _runs_its_rooms(self, session: Session, op: bool) -> None:
+        """A server operator runs every room: those it is in, and does not run anyway,
+        are told it now does (or no longer does)."""
+        for room in session.rooms:
+            if session.key not in room.ops:
+                change = {"type": "room_op", "room": room.name, "name": session.name, "op": op,
+                          "by": "server", "ts": self.core.timestamp()}
+                self.core.deliver(room, change, sender=session, echo=change)
 
     def on_deop(self, session: Session, message: dict) -> None:
         if not session.operator:
@@ -4856,6 +4870,7 @@ class Moderation:
         self.core.operators.discard(session)
         self.core.send(session, {"type": "notice", "code": "deop",
                                  "text": "You are no longer an operator."})
+        self._runs_its_rooms(session, False)
 
     def on_moderate(self, session: Session, message: dict) -> None:
         if not session.operator:

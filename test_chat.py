@@ -755,6 +755,26 @@ class CoreTests(unittest.TestCase):
         self.assertNotIn("name!", error["text"])    # a password is never said back
         self.assertEqual(alice.name, "alice")
 
+    def test_server_operators_are_shown_as_operators_of_every_room_they_are_in(self) -> None:
+        chat = CoreHarness(admin_password="op-secret")
+        alice, bob = chat.join("alice"), chat.join("bob")
+        chat.request(alice, {"type": "join", "room": "dev"})
+        chat.request(bob, {"type": "join", "room": "dev"})
+        actions = chat.request(bob, {"type": "op", "password": "op-secret"})
+        changes = [(event["room"], event["name"], event["op"])
+                   for event in chat.received(alice, actions) if event["type"] == "room_op"]
+        self.assertEqual(sorted(changes), [("dev", "bob", True), ("lobby", "bob", True)])
+        chat.request(alice, {"type": "who", "room": "dev"})
+        self.assertEqual(chat.received(alice)[-1]["ops"], ["alice", "bob"])
+        carol = chat.join("carol")
+        actions = chat.request(carol, {"type": "join", "room": "dev"})
+        [described] = [event for event in chat.received(carol, actions) if event["type"] == "room"]
+        self.assertEqual(described["ops"], ["alice", "bob"])
+        actions = chat.request(bob, {"type": "deop"})
+        changes = [(event["room"], event["name"], event["op"])
+                   for event in chat.received(alice, actions) if event["type"] == "room_op"]
+        self.assertEqual(sorted(changes), [("dev", "bob", False), ("lobby", "bob", False)])
+
     def test_timestamps_are_the_wall_clock_to_the_millisecond(self) -> None:
         chat = CoreHarness()
         chat.clock.unix = 1_780_012_799.9985    # 2026-05-28, 23:59:59.998 and a half
