@@ -569,6 +569,18 @@ def certificate_fingerprint(cert_file: str) -> str:
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group(0))).hexdigest()
 
 
+def end_stream(sock: socket.socket) -> None:
+    """Send the end of the stream: TLS's close_notify first, where there is TLS (a
+    bare FIN reads as an attack to TLS: irssi says "unexpected eof"), then TCP's.
+    Raises OSError."""
+    if ssl is not None and isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()   # sends close_notify; the peer's own is not waited for
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+    sock.shutdown(socket.SHUT_WR)
+
+
 # Exceptions that only mean "try again when the socket is ready".
 WOULD_BLOCK: Tuple[type, ...] = (BlockingIOError, InterruptedError)
 if ssl is not None:
@@ -1180,7 +1192,7 @@ class SelectServer:
         elif not conn.write_shut:
             conn.write_shut = True
             try:
-                conn.sock.shutdown(socket.SHUT_WR)
+                end_stream(conn.sock)
             except OSError:
                 self._close_socket(conn)
 

@@ -3264,6 +3264,22 @@ class TlsTests(unittest.TestCase):
                 kinds.append(connection.receive()["type"])
         self.assertIn("sent", kinds)
 
+    def test_the_server_ends_a_tls_stream_with_close_notify(self) -> None:
+        server = self.server(self.self_signed)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        with context.wrap_socket(raw, suppress_ragged_eofs=False) as sock:
+            sock.sendall(encode_frame({"type": "hello", "name": "alice"}) +
+                         encode_frame({"type": "bye"}))
+            received = b""
+            while True:     # an end without close_notify raises SSLEOFError here instead
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        self.assertIn(b'"welcome"', received)
+
     def test_a_tls_reader_that_falls_behind_gets_everything_in_order(self) -> None:
         server = self.server(self.self_signed)
         alice = self.join(server, "alice", self.options(insecure=True))
