@@ -1401,7 +1401,9 @@ def parse_irc_line(line: Union[bytes, bytearray]) -> Optional[IrcMessage]:
     if text.startswith(":"):
         text = text.partition(" ")[2]
     text, colon, trailing = text.partition(" :")
-    words = [word for word in text.split(" ") if word]  # (split() would split at tabs too)
+    words = text.split(" ")     # only at spaces: split() would split at tabs too
+    if "" in words:     # two spaces in a row, or at an end: rare, so searched for first
+        words = [word for word in words if word]
     if not words:
         return None
     return words[0].upper(), words[1:] + ([trailing] if colon else [])
