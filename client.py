@@ -1103,7 +1103,8 @@ class Link:
             self.resume_token = welcome.get("resume")
             self.pacer = Pacer(limits)
             self._max_length = limit if isinstance(limit, int) and limit > 0 else 0
-            self._operator = False  # operator status does not survive a new connection
+            self._operator = False  # operator status does not survive a new connection,
+            self.away = False       # nor being away
             self.registered = welcome.get("registered") is True
             self.batches.new_connection()
             self._rejoining = rejoining

@@ -4740,6 +4740,9 @@ class ReconnectTests(unittest.TestCase):
                       "--show-chat")
         self.addCleanup(bot.kill)
         bot.wait_for_line("connected to")
+        bot.proc.stdin.write(b"/away lunch\n")    # away on the old server; not on the new
+        bot.proc.stdin.flush()
+        bot.wait_for_line("you are away")
         server.stop()
         bot.wait_for_line("trying to reconnect", "stderr")
         bot.proc.stdin.write(b"typed while the server was down\n")
@@ -4754,6 +4757,8 @@ class ReconnectTests(unittest.TestCase):
         bot.proc.stdin.close()
         self.assertEqual(alice.expect("message")["text"], "and after")
         self.assertEqual(bot.finish(), 0)
+        # A new session is not away: saying something did not tell it "back" again.
+        self.assertNotIn("-!- you are back", bot.output("stdout").splitlines())
 
     def test_after_a_reconnect_only_missed_messages_are_shown(self) -> None:
         path = os.path.join(temp_dir(self), "chat.sqlite3")
