@@ -1773,7 +1773,8 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "away": {"name": str, "text?": object, "ts?": str},     # text: a string, or null: back
     "users": {"users": list, "room?": str, "ops?": list, "away?": list, "count?": int},
     "whois": {"name": str, "rooms?": list, "room_operator?": list, "away?": object,
-              "operator?": bool, "registered?": bool, "idle?": int, "since?": str},
+              "operator?": bool, "registered?": bool, "idle?": int, "since?": str,
+              "realname?": str},
     "announcement": {"from": str, "text": str, "ts?": str},
     "history": {"kind": str, "from": str, "text": str, "ts": str, "room?": str, "to?": str,
                 "action?": bool},
@@ -2032,7 +2033,9 @@ def _show_whois(message: dict, me: str) -> List[Line]:
         facts.append(f"idle {rough_time(idle)}" if idle >= 60 else "active in the last minute")
     if "since" in message:
         facts.append(f"here since {local_time(message['since'], with_date=True)}")
-    lines = [notice_line(f"{name}: " + "; ".join(facts))]
+    realname = clean_text(message.get("realname", ""))     # an IRC user's, from its USER
+    named = f"{name} ({realname})" if realname and realname != name else name
+    lines = [notice_line(f"{named}: " + "; ".join(facts))]
     away = message.get("away")
     if isinstance(away, str) and away:
         lines.append(notice_line(f"{name} is away: {clean_text(away)}"))

@@ -121,6 +121,7 @@ DEFAULT_MAX_ROOMS = 1000            # rooms that may exist at once (--max-rooms)
 MAX_ROOMS_PER_PERSON = 100          # rooms one person may be in at once
 MAX_TOPIC_LENGTH = 300              # characters of a room's topic, a part or kick message
 MAX_AWAY_LENGTH = 200               # characters of an away message
+REALNAME_MAX = 64                   # characters of the real name a hello may carry (IRC's USER)
 ROOMS_PER_FRAME = 100               # rooms listed in one `rooms` answer; more follow in others
 MAX_LISTED_NAMES = 1000             # names in a welcome or users list; 1000 x 35 bytes fit a frame
 LISTING_LEAVES_KEPT = 8             # leaves cut from a kept listing; after more, it is made again
@@ -1638,6 +1639,8 @@ class IrcInput:
                 self.negotiating or self.sasl is not None:
             return
         hello = {"type": "hello", "name": self.nick, "rooms": [], "retry": True}
+        if self.realname:
+            hello["realname"] = self.realname
         password, name_password = self._passwords()
         if password is not None:
             hello["password"] = password
@@ -2233,11 +2236,12 @@ class IrcOutput:
     def _show_whois(self, event: dict) -> List[bytes]:
         command, _ = self._asked(event)
         name, server = event["name"], self.info.server_name
+        realname = event.get("realname") or name
         if command == "WHO":
             return [self._numeric("352", "*", name, server, server, name,
-                                  "G" if event.get("away") else "H", f"0 {name}"),
+                                  "G" if event.get("away") else "H", f"0 {realname}"),
                     self._numeric("315", name, "End of /WHO list")]
-        lines = [self._numeric("311", name, name, server, "*", name)]
+        lines = [self._numeric("311", name, name, server, "*", realname)]
         if event["rooms"]:
             runs = set(event.get("room_operator", ()))
             lines.append(self._numeric("319", name, " ".join(("@#" if room in runs else "#") +
@@ -2625,7 +2629,8 @@ class RequestType(NamedTuple):
 #: clients can add some.
 REQUESTS: Dict[str, RequestType] = {
     "hello": RequestType({"name": str, "password?": str, "name_password?": str,
-                          "resume?": str, "rooms?": list, "retry?": bool}, "on_hello",
+                          "resume?": str, "rooms?": list, "retry?": bool,
+                          "realname?": str}, "on_hello",
                          joined=False, metered=False, fatal=True),
     "authenticate": RequestType({"name": str, "password": str}, "accounts.on_authenticate",
                                 joined=False, metered=False),
@@ -2708,7 +2713,8 @@ class Session:
     __slots__ = ("link", "host", "connected_at", "last_heard", "last_ping",
                  "state", "name", "key", "registered", "operator", "bucket", "messages_sent",
                  "history_floor", "leave_text", "waiting", "gone",
-                 "rooms", "away", "told_no_history", "account", "comment", "last_spoke")
+                 "rooms", "away", "told_no_history", "account", "comment", "last_spoke",
+                 "realname")
 
     def __init__(self, link: Any, host: str, now: float) -> None:
         self.link = link                # its str() is HOST:PORT, for logs
@@ -2734,6 +2740,7 @@ class Session:
         self.account: Optional[str] = None  # a registered name it proved before hello
         self.comment = ""               # its last word, when it leaves the chat
         self.last_spoke = now           # for whois: how long it has been quiet
+        self.realname = ""              # for whois, if its hello said (IRC's USER does)
 
     @property
     def address(self) -> str:
@@ -3333,6 +3340,7 @@ class ChatCore:
         if not self.people.name_allowed(session, name):
             return
         session.told_no_history = "resume" in message   # a token: back after a lost connection
+        session.realname = clean_cut(message.get("realname", ""), REALNAME_MAX)
         rooms = message.get("rooms", None)
         if self.accounts.is_registered(name):
             self.accounts.log_in(session, name, message.get("name_password"), rooms)
@@ -3556,12 +3564,14 @@ class People:
         now, wall = core.clock.now(), core.clock.wall()
         rooms = sorted((room.name for room in target.rooms), key=str.lower)
         runs = [room.name for room in target.rooms if target.key in room.ops or target.operator]
-        core.answer(session, {"type": "whois", "name": target.name, "rooms": rooms,
-                              "room_operator": sorted(runs, key=str.lower),
-                              "away": target.away, "operator": target.operator,
-                              "registered": target.registered,
-                              "idle": int(now - target.last_spoke),
-                              "since": utc_timestamp(wall - (now - target.connected_at))})
+        about = {"type": "whois", "name": target.name, "rooms": rooms,
+                 "room_operator": sorted(runs, key=str.lower),
+                 "away": target.away, "operator": target.operator,
+                 "registered": target.registered, "idle": int(now - target.last_spoke),
+                 "since": utc_timestamp(wall - (now - target.connected_at))}
+        if target.realname:
+            about["realname"] = target.realname
+        core.answer(session, about)
 
     def on_nick(self, session: Session, message: dict) -> None:
         core, name = self.core, message["name"]

@@ -4314,6 +4314,9 @@ class RenderingTests(unittest.TestCase):
                                          "rooms": ["dev", "lobby"], "room_operator": ["dev"]},
                                         "me")
         self.assertEqual(whois.plain, "-!- bob: in @#dev, #lobby")
+        [whois] = client.format_message({"type": "whois", "name": "bob", "rooms": [],
+                                         "realname": "Bob \x1b[2JBuilder"}, "me")
+        self.assertEqual(whois.plain, "-!- bob (Bob [2JBuilder): in no room")
         [winks] = client.format_message({"type": "whisper", "from": "bob", "to": "me",
                                          "text": "winks", "action": True,
                                          "ts": "2026-01-01T00:00:00Z"}, "me")
@@ -6139,6 +6142,29 @@ class IrcTests(ChatTestCase):
         for target in ("#nowhere", "nobody"):
             alice.send(f"WHO {target}")
             self.assertEqual(alice.line(), f":test.lan 315 alice {target} :End of /WHO list")
+
+    def test_an_irc_users_realname_is_shown_by_whois_and_who(self) -> None:
+        alice, bob = self.irc("alice"), self.peer("bob")
+        bob.send({"type": "whois", "name": "alice"})
+        self.assertEqual(bob.expect("whois")["realname"], "alice the tester")
+        bob.send({"type": "whois", "name": "bob"})     # none given: none said
+        self.assertNotIn("realname", bob.expect("whois"))
+        alice.send("WHOIS alice")
+        self.assertIn(":test.lan 311 alice alice alice test.lan * :alice the tester",
+                      alice.until(r" 318 "))
+        alice.send("WHOIS bob")     # none: the name, as before
+        self.assertIn(":test.lan 311 alice bob bob test.lan * :bob", alice.until(r" 318 "))
+        carol = IrcPeer(self.server.server.irc_address[1])
+        self.addCleanup(carol.close)
+        carol.send("NICK carol")    # controls cleaned, the length cut
+        carol.send("USER carol 0 * :\x1b[31mCarol " + "x" * 100)
+        carol.until(r" 376 ")
+        alice.send("WHO carol")
+        realname = alice.expect(r" 352 alice \* carol test.lan test.lan carol H :0 (.*)")[1]
+        self.assertEqual(realname, ("[31mCarol " + "x" * 100)[:socket_server.REALNAME_MAX])
+        dan = self.peer()
+        dan.send({"type": "hello", "name": "dan", "realname": 7})
+        self.assertEqual(dan.expect("error")["code"], "bad_message")
 
     def test_operators_keys_kicks_and_modes_cross_over(self) -> None:
         alice = self.irc("alice")
