@@ -3136,9 +3136,15 @@ class ChatSession:
         request = {"type": "join", "room": name}
         if key.strip():
             request["key"] = key.strip()
-        self.link.round_trip(request)
+        refused = self.link.round_trip(request)
         with self.link.state() as rooms:
             rooms.joining.discard(name.lower())     # in, or refused
+            joined = rooms.get(name)
+        if "key" in request and refused is None and joined is not None and not joined.key:
+            # As on IRC, a join's key opens a keyed room and never sets one: say so,
+            # or a user who made a room "with a key" would believe it locked.
+            self.screen.note(f"#{joined.name} has no key: a key given to /join only opens a "
+                             f"room that has one (set one with /key #{joined.name} KEY)", CHAT)
 
     def cmd_part(self, argument: str) -> None:
         word, text = room_argument(argument)

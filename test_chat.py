@@ -7206,6 +7206,27 @@ class ClientRoomTests(ChatTestCase):
         session.out.wait_for("you are in #lobby")
         return session
 
+    def test_a_key_given_to_join_a_room_without_one_is_said_to_be_unset(self) -> None:
+        bot = self.session()
+        bot.handle_line("/join #new hunter2")   # made by the join: the key is not set
+        self.assertEqual(bot.out.wait_for("has no key"),
+                         "-!- #new has no key: a key given to /join only opens a room that "
+                         "has one (set one with /key #new KEY)")
+        bot.handle_line("/key #new hunter2")
+        bot.out.wait_for("hunter2")
+        bot.handle_line("/part #new")
+        bot.out.wait_for("left #new")
+        alice = self.peer("alice")      # a keyed room, opened with its key: nothing to say
+        alice.send({"type": "join", "room": "den"})
+        alice.expect("room")
+        alice.send({"type": "key", "room": "den", "key": "k1"})
+        alice.expect("key")
+        bot.handle_line("/join #den k1")
+        bot.out.wait_for("you are in #den")
+        bot.handle_line("/join lobby")
+        bot.out.wait_for("now in #lobby")
+        self.assertFalse([line for line in bot.out.lines if "#den has no key" in line])
+
     def test_join_switch_part_and_the_prompt(self) -> None:
         alice = self.peer("alice")
         bot = self.session()
