@@ -2269,6 +2269,10 @@ class IrcOutput:
             pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
         elif command == "NICK" and code in IRC_NAME_ERRORS:
             if not self.registered:     # a refused hello: the client tries another name,
+                if code == "bad_name_password" and self.nick:
+                    # PASS's name password was wrong: never sent again with a retried nick
+                    # (each try counts toward the address's lockout); the chat's stays.
+                    self.password = self._passwords()[0]
                 self.hello_sent, self.nick = False, None    # and is "*" until then
             if code in ("name_protected", "bad_name_password"):   # the nick is not to be had
                 text += " (log in with SASL, or PASS name:password)"

@@ -5779,6 +5779,18 @@ class IrcCodecTests(unittest.TestCase):
                 self.assertIsNone(codec.next_request())
                 self.assertEqual(codec.take_output(), answer + b"\r\n" if answer else b"")
 
+    def test_a_refused_pass_name_password_is_tried_once(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.feed(b"PASS room:ann:wrong\r\nNICK ann\r\nUSER ann 0 * :Ann\r\n")
+        hello = codec.next_request()
+        self.assertEqual((hello["password"], hello["name_password"]), ("room", "wrong"))
+        codec.encode({"type": "error", "code": "bad_name_password", "text": "Wrong password.",
+                      "id": hello["id"]})
+        codec.feed(b"NICK ann\r\n")     # a client retrying its nick: no second guess
+        again = codec.next_request()
+        self.assertEqual(again["password"], "room")     # the chat's password stays
+        self.assertNotIn("name_password", again)
+
     def test_whois_of_nobody_ends_its_list_and_whowas_is_answered(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
         codec.registered, codec.nick = True, "ann"
