@@ -2535,7 +2535,9 @@ ERRORS: Dict[str, ErrorCode] = {
                                  "seconds", "no sign of life"),
     "password_required": ErrorCode(True, "the room has a password and hello had none"),
     "bad_password": ErrorCode(True, "wrong room password (answered after a delay)"),
-    "locked_out": ErrorCode(True, "too many failed logins from this address"),
+    "locked_out": ErrorCode(False, "too many wrong passwords from this address: none is "
+                                   "checked for a while (the text says how long); before "
+                                   "joining, this ends the connection"),
     "name_protected": ErrorCode(False, "the name is registered and hello (or nick) had no "
                                        "name_password"),
     "bad_name_password": ErrorCode(False, "wrong password for the name"),
@@ -2560,8 +2562,8 @@ ERRORS: Dict[str, ErrorCode] = {
     "already_in_room": ErrorCode(False, "an invite of someone who is in the room already"),
     "not_room_operator": ErrorCode(False, "only the room's operators (and server operators) "
                                           "can do that"),
-    "bad_key": ErrorCode(False, "the room needs a key, the key is wrong, or a new key breaks "
-                                "the rules"),
+    "bad_key": ErrorCode(False, "the room needs a key, the key is wrong (or too many were, "
+                                "from this address), or a new key breaks the rules"),
     "room_full": ErrorCode(False, "the room has --max-room-size people"),
     "too_many_rooms": ErrorCode(False, "the server has --max-rooms rooms: no new one"),
     "room_limit": ErrorCode(False, "you are in as many rooms as one person may be"),
@@ -3182,6 +3184,7 @@ class ChatCore:
                 session.last_ping = now
                 self.send(session, {"type": "ping"})
         self.accounts.guard.forget_old(now)
+        self.accounts.key_guard.forget_old(now)
         self.quiet_log.tick()
 
     def shutdown(self) -> None:
@@ -3327,12 +3330,12 @@ class ChatCore:
     # -- joining and leaving ---------------------------------------------------
 
     def on_hello(self, session: Session, message: dict) -> None:
-        if self.accounts.refused_while_locked(session):
-            return
         if self.settings.password is not None:
             given = message.get("password")
             if given is None:
                 self.refuse(session, "password_required", "This chat needs a password.")
+                return
+            if self.accounts.refused_while_locked(session):
                 return
             if not same_secret(given, self.settings.password):
                 self.accounts.wrong_password(session, "bad_password",
@@ -3831,11 +3834,11 @@ class Rooms:
             if key is None:
                 raise ModerationError("bad_key", f"#{room.name} needs a key: /join "
                                       f"#{room.name} KEY, or someone there to /invite you")
-            locked = self.core.accounts.lockout(session)     # (a key is a password)
+            locked = self.core.accounts.key_lockout(session, room)
             if locked is not None:
                 raise locked
             if not same_secret(key, room.key):
-                raise ModerationError("bad_key", f"Wrong key for #{room.name}.")
+                raise WrongKey(room, f"Wrong key for #{room.name}.")
         size_limit = self.core.settings.max_room_size
         if size_limit and len(room) >= size_limit and room is not self.lobby:
             raise ModerationError("room_full", f"#{room.name} is full ({len(room)} people).")
@@ -3942,11 +3945,10 @@ class Rooms:
         key = message.get("key")
         try:
             self.enter(session, message["room"], key)
+        except WrongKey as exc:     # counted, as a wrong password is
+            self.core.accounts.wrong_key(session, exc.room, exc.text)
         except ModerationError as exc:
-            if exc.code == "bad_key" and key is not None:   # a wrong key: a failed login
-                self.core.accounts.wrong_password(session, exc.code, exc.text)
-            else:
-                self.core.refuse(session, exc.code, exc.text)
+            self.core.refuse(session, exc.code, exc.text)
 
     def on_part(self, session: Session, message: dict) -> None:
         room = self._or_refuse(session, lambda: self.of(session, message["room"]))
@@ -4150,20 +4152,24 @@ def same_secret(given: str, expected: str) -> bool:
 
 
 class LoginGuard:
-    """Failed logins per address: answered ever more slowly, then locked out.
+    """Failed guesses per address: answered ever more slowly, then locked out.
 
     Each failure adds `delay` seconds (up to five times that) before the
     answer goes out. After `max_failures` failures, each within `lockout`
     seconds of the one before, the address is refused for `lockout`
     seconds. Only a quiet `lockout` period clears the count: a success
     does not, or joining under a fresh name between guesses would reset
-    it. max_failures 0 turns lockouts off.
+    it. max_failures 0 turns lockouts off. What is guessed is counted
+    apart: passwords per address, each room's key per address and room
+    (the "host" is then "10.0.0.7 for #den").
     """
 
-    def __init__(self, max_failures: int, lockout: float, delay: float) -> None:
+    def __init__(self, max_failures: int, lockout: float, delay: float,
+                 guesses: str = "wrong passwords") -> None:
         self.max_failures = max_failures
         self.lockout = lockout
         self.delay = delay
+        self.guesses = guesses          # what is counted, for the log
         self._failures: Dict[str, Tuple[int, float]] = {}   # host -> (count, last failure)
         self._locked_until: Dict[str, float] = {}
 
@@ -4181,8 +4187,8 @@ class LoginGuard:
         if self.max_failures and count >= self.max_failures:
             self._locked_until[host] = now + self.lockout
             del self._failures[host]
-            log.warning("%s locked out for %s after %d failed logins",
-                        host, duration(self.lockout), count)
+            log.warning("%s locked out for %s after %d %s",
+                        host, duration(self.lockout), count, self.guesses)
         return self.delay * min(count, 5)
 
     def forget_old(self, now: float) -> None:
@@ -4205,6 +4211,10 @@ class Accounts:
         self.hashes: Dict[str, str] = core.store.accounts()    # lower-case name -> hash
         settings = core.settings
         self.guard = LoginGuard(settings.max_failures, settings.lockout, settings.failure_delay)
+        # Keys apart: a stale key, which each client behind one router gives again
+        # when it rejoins, must not shut the whole office out of the chat.
+        self.key_guard = LoginGuard(settings.max_failures, settings.lockout,
+                                    settings.failure_delay, "wrong keys")
         self.jobs = 0                   # password checks running or waiting for a worker
         self._resume_key = secrets.token_bytes(32)      # see resume_token()
 
@@ -4281,20 +4291,33 @@ class Accounts:
 
         self.run_password_job(session, lambda: verify_password(given, stored), checked)
 
-    def lockout(self, session: Session) -> Optional["ModerationError"]:
-        """The refusal of every password and room key from session's address while it
-        is locked out, or None. A lockout that still checked them, and said when one
-        was right, would only slow guessing down."""
-        locked = self.guard.locked_for(session.host, self.core.clock.now())
-        return ModerationError("locked_out", "Too many failed logins from your address: "
-                               f"try again in {duration(locked)}.") if locked else None
+    # While an address is locked out, no password (or that room's key) from it is
+    # checked at all: a lockout that still said when one was right would only slow
+    # guessing down. Who is in stays in, and a hello that needs no password is let in.
 
     def refused_while_locked(self, session: Session) -> bool:
-        """Refuse session (which ends it) if its address is locked out."""
-        locked = self.lockout(session)
-        if locked is not None:
-            self.core.refuse(session, locked.code, locked.text)
-        return locked is not None
+        """Refuse a password from session (ending it only before its hello is
+        through) if its address is locked out."""
+        locked = self.guard.locked_for(session.host, self.core.clock.now())
+        if locked:
+            self.core.refuse(session, "locked_out", self._locked_text(locked))
+        return bool(locked)
+
+    @staticmethod
+    def _locked_text(locked: float, room: Optional["Room"] = None) -> str:
+        guesses = f"wrong keys for #{room.name}" if room is not None else "wrong passwords"
+        return f"Too many {guesses} from your address: try again in {duration(locked)}."
+
+    def key_lockout(self, session: Session, room: "Room") -> Optional["ModerationError"]:
+        """The refusal of every key for room from session's address while that is
+        locked out, or None."""
+        locked = self.key_guard.locked_for(self._key_guesser(session, room),
+                                           self.core.clock.now())
+        return ModerationError("bad_key", self._locked_text(locked, room)) if locked else None
+
+    @staticmethod
+    def _key_guesser(session: Session, room: "Room") -> str:
+        return f"{session.host} for #{room.ident}"
 
     def on_authenticate(self, session: Session, message: dict) -> None:
         """Before hello: prove a registered name is yours (IRC's SASL), so that a hello
@@ -4387,15 +4410,24 @@ class Accounts:
     def wrong_password(self, session: Session, code: str, text: str) -> None:
         """A wrong password: counted per address, and answered after a growing delay,
         during which the session waits (its next requests are answered after this)."""
+        self._wrong_guess(session, self.guard, session.host, code, text)
+
+    def wrong_key(self, session: Session, room: "Room", text: str) -> None:
+        """A wrong key for room: counted per address and room, as a password is."""
+        self._wrong_guess(session, self.key_guard, self._key_guesser(session, room),
+                          "bad_key", text, room)
+
+    def _wrong_guess(self, session: Session, guard: LoginGuard, guesser: str, code: str,
+                     text: str, room: Optional["Room"] = None) -> None:
         core = self.core
         now = core.clock.now()
-        delay = self.guard.failed(session.host, now)
+        delay = guard.failed(guesser, now)
         core.quiet_log.log("failed passwords", logging.WARNING, "failed password from %s (%s)",
                            session.address, code)
-        locked = self.guard.locked_for(session.host, now)
-        if locked and session.state == JOINED:
-            core.refuse(session, "locked_out", "Too many wrong passwords from your address: "
-                        f"try again in {duration(locked)}.")
+        locked = guard.locked_for(guesser, now)
+        if locked and session.state == JOINED:      # said at once: the next try is futile
+            core.refuse(session, code if room is not None else "locked_out",
+                        self._locked_text(locked, room))
             return
         core.wait(session)
 
@@ -4673,6 +4705,14 @@ class ModerationError(Exception):
         super().__init__(text)
         self.code = code
         self.text = text
+
+
+class WrongKey(ModerationError):
+    """A wrong key for a room: a guess, counted toward a lockout of that room's keys."""
+
+    def __init__(self, room: "Room", text: str) -> None:
+        super().__init__("bad_key", text)
+        self.room = room
 
 
 @dataclasses.dataclass

@@ -950,7 +950,7 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(actions[0][0], "resume")
         self.assertTrue(chat.received(again, actions)[0]["registered"])
 
-    def test_a_locked_out_address_has_no_password_or_key_checked(self) -> None:
+    def test_a_locked_out_address_has_no_password_checked_but_stays(self) -> None:
         chat = CoreHarness(failure_delay=0, max_failures=2)
         chat.core.accounts.hashes["alice"] = socket_server.hash_password("correct horse")
         # Joined before the lockout, from the same address: the owner of #vault, and two more.
@@ -963,16 +963,58 @@ class CoreTests(unittest.TestCase):
             chat.finish_jobs()
             chat.advance(0)
         self.assertGreater(chat.core.accounts.guard.locked_for("10.0.0.1", chat.clock.now()), 0)
-        # The right password or key, tried while the lockout lasts, proves nothing.
+        # The right password, tried while the lockout lasts, proves nothing; but those
+        # already in stay in, and the one who asked is told how long to wait.
         for request in ({"type": "authenticate", "name": "alice", "password": "correct horse"},
-                        {"type": "nick", "name": "alice", "name_password": "correct horse"},
-                        {"type": "join", "room": "vault", "key": "sesame"}):
+                        {"type": "nick", "name": "alice", "name_password": "correct horse"}):
             with self.subTest(request=request["type"]):
                 session = chat.connect() if request["type"] == "authenticate" else insiders.pop()
                 actions = chat.request(session, request) + chat.finish_jobs()
-                self.assertEqual([event.get("code") for event in chat.received(session, actions)],
-                                 ["locked_out"])
-                self.assertTrue(chat.closed(session))
+                errors = [event for event in chat.received(session, actions)]
+                self.assertEqual([event.get("code") for event in errors], ["locked_out"])
+                self.assertIn("Too many wrong passwords from your address: try again in "
+                              "5 minutes", errors[0]["text"])
+                self.assertFalse(chat.closed(session))
+        # A key is not a login: the right one still opens its room; and a hello that
+        # needs no password is let in (behind one router, a whole office shares an address).
+        keyholder = chat.join("in3")
+        chat.request(keyholder, {"type": "join", "room": "vault", "key": "sesame"})
+        self.assertIn(keyholder, chat.core.rooms.all["vault"])
+        newcomer = chat.join("newcomer")
+        self.assertIn("welcome", [event["type"] for event in chat.received(newcomer)])
+        self.assertFalse(chat.closed(newcomer))
+
+    def test_wrong_keys_lock_that_room_from_that_address_only(self) -> None:
+        chat = CoreHarness(failure_delay=0, max_failures=2, admin_password="op secret")
+        owner = chat.join("owner")
+        for room in ("vault", "den"):
+            chat.request(owner, {"type": "join", "room": room})
+            chat.request(owner, {"type": "key", "room": room, "key": room + "-key"})
+        guesser = chat.join("guesser")
+        answers = []
+        for key in ("guess1", "guess2", "vault-key"):
+            actions = chat.request(guesser, {"type": "join", "room": "vault", "key": key})
+            actions += chat.advance(0)      # (a wrong key is answered after a delay)
+            answers += [event["text"] for event in chat.received(guesser, actions)
+                        if event["type"] == "error"]
+        self.assertEqual(answers[0], "Wrong key for #vault.")
+        self.assertIn("Too many wrong keys for #vault from your address: try again in "
+                      "5 minutes", answers[1])
+        self.assertEqual(answers[1:2] * 2, answers[1:])       # the right key is not tried
+        self.assertNotIn(guesser, chat.core.rooms.all["vault"])
+        self.assertFalse(chat.closed(guesser))
+        # Another room's key, a password, and another address are as before.
+        chat.request(guesser, {"type": "join", "room": "den", "key": "den-key"})
+        self.assertIn(guesser, chat.core.rooms.all["den"])
+        chat.request(guesser, {"type": "op", "password": "op secret"})
+        self.assertTrue(guesser.operator)
+        elsewhere = chat.connect("far", host="10.0.0.2")
+        chat.request(elsewhere, {"type": "hello", "name": "far"})
+        chat.request(elsewhere, {"type": "join", "room": "vault", "key": "vault-key"})
+        self.assertIn(elsewhere, chat.core.rooms.all["vault"])
+        chat.advance(301)
+        chat.request(guesser, {"type": "join", "room": "vault", "key": "vault-key"})
+        self.assertIn(guesser, chat.core.rooms.all["vault"])
 
     def test_timeouts_and_pings_follow_the_clock(self) -> None:
         chat = CoreHarness(hello_timeout=10, ping_after=60, drop_after=120)
@@ -2695,9 +2737,13 @@ class LockoutTests(ChatTestCase):
         for name in ("guess1", "guess2", "guess3"):
             peer = self.peer(name)
             peer.send({"type": "op", "password": "wrong"})
-            if name == "guess3":
-                error = self.assert_rejected(peer, "locked_out")
+            if name == "guess3":        # told at once, and still in the chat
+                error = peer.expect("error")
+                self.assertEqual(error["code"], "locked_out")
                 self.assertIn("5 minutes", error["text"])
+                self.assertNotIn("closing", error)
+                peer.send({"type": "say", "text": "still here"})
+                self.assertEqual(peer.expect("sent")["type"], "sent")
             else:
                 started = time.monotonic()
                 self.assertEqual(peer.expect("error")["code"], "bad_admin_password")
@@ -2711,7 +2757,7 @@ class LockoutTests(ChatTestCase):
         peer = Peer(server.port, "guess")
         self.addCleanup(peer.close)
         peer.send({"type": "op", "password": "wrong"})
-        self.assertIn("try again in 20 seconds", self.assert_rejected(peer, "locked_out")["text"])
+        self.assertIn("try again in 20 seconds", peer.expect("error")["text"])
 
     def test_durations_in_seconds_under_a_minute_else_in_minutes(self) -> None:
         for seconds, text in ((0.2, "1 second"), (1, "1 second"), (20, "20 seconds"),
