@@ -2743,7 +2743,10 @@ class Session:
         self.away: Optional[str] = None     # why it is away, while it is
         self.told_no_history = False    # that the server keeps none (said once a visit;
                                         # one back after a lost connection heard it before)
-        self.account: Optional[str] = None  # a registered name it proved before hello
+        # The registered name it proved to be its own, and that name's password hash
+        # then: it may take the name again without the password (IRC's SASL proves one
+        # before hello; a /nick back to it after a /nick away), while the hash holds.
+        self.account: Optional[Tuple[str, str]] = None
         self.comment = ""               # its last word, when it leaves the chat
         self.last_spoke = now           # for whois: how long it has been quiet
         self.realname = ""              # for whois, if its hello said (IRC's USER does)
@@ -4272,7 +4275,8 @@ class Accounts:
     def check_name_password(self, session: Session, name: str, given: Optional[str],
                             then: Callable[[], None]) -> None:
         """then() once `given` proves to be the password of registered `name`."""
-        if session.account == name.lower():     # proved already (authenticate)
+        stored = self.hashes[name.lower()]
+        if session.account == (name.lower(), stored):   # proved already
             then()
             return
         if self.refused_while_locked(session):
@@ -4281,10 +4285,10 @@ class Accounts:
             self.core.refuse(session, "name_protected", f'"{name}" is a registered name: give '
                              "its password, or pick another name.")
             return
-        stored = self.hashes[name.lower()]
 
         def checked(matched: bool) -> None:
             if matched:
+                session.account = (name.lower(), stored)
                 then()
             else:
                 self.wrong_password(session, "bad_name_password", f'Wrong password for "{name}".')
@@ -4328,7 +4332,6 @@ class Accounts:
             return
 
         def proved() -> None:
-            session.account = name.lower()
             core.answer(session, {"type": "notice", "code": "authenticated", "name": name,
                                   "text": f"You are logged in as {name}."})
 
@@ -4452,6 +4455,7 @@ class Accounts:
             return
         self.hashes[session.name.lower()] = hashed
         session.registered = True
+        session.account = (session.name.lower(), hashed)    # its own: proved by setting it
         if outcome == "registered":
             core.rooms.made_lasting(session)
             log.info("%s registered their name", session.name)

@@ -950,6 +950,26 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(actions[0][0], "resume")
         self.assertTrue(chat.received(again, actions)[0]["registered"])
 
+    def test_a_name_proved_once_is_taken_back_without_its_password(self) -> None:
+        chat = CoreHarness(failure_delay=0)
+        chat.core.accounts.hashes["alice"] = socket_server.hash_password("correct horse")
+        alice = chat.connect()
+        chat.request(alice, {"type": "hello", "name": "alice", "name_password": "correct horse"})
+        chat.finish_jobs()
+        chat.request(alice, {"type": "nick", "name": "alice_away"})
+        actions = chat.request(alice, {"type": "nick", "name": "Alice"})   # as on IRC: /nick
+        self.assertEqual([event["type"] for event in chat.received(alice, actions)
+                          if event["type"] == "error"], [])
+        self.assertEqual(alice.name, "Alice")
+        # A proof is of one registration: once the name is registered anew, it needs
+        # the new password.
+        chat.request(alice, {"type": "nick", "name": "alice_away"})
+        chat.core.accounts.hashes["alice"] = socket_server.hash_password("another horse")
+        actions = chat.request(alice, {"type": "nick", "name": "alice"})
+        self.assertEqual([event.get("code") for event in chat.received(alice, actions)],
+                         ["name_protected"])
+        self.assertEqual(alice.name, "alice_away")
+
     def test_a_locked_out_address_has_no_password_checked_but_stays(self) -> None:
         chat = CoreHarness(failure_delay=0, max_failures=2)
         chat.core.accounts.hashes["alice"] = socket_server.hash_password("correct horse")
