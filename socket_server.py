@@ -1965,6 +1965,10 @@ class IrcOutput:
         return self._line(self.info.server_name, numeric,
                           self.nick if self.registered else "*", *params)
 
+    def _server_notice(self, text: str) -> bytes:
+        """A notice from the server to this client (its nick, or '*' before it has one)."""
+        return self._line(self.info.server_name, "NOTICE", self.nick or "*", text)
+
     def _peer(self) -> str:
         return self.session.host if self.session is not None else "unknown"
 
@@ -2177,7 +2181,7 @@ class IrcOutput:
                                     "--- end of earlier messages ---"))
         self._replay = ""
         if "text" in event:
-            lines.append(self._line(self.info.server_name, "NOTICE", self.nick, event["text"]))
+            lines.append(self._server_notice(event["text"]))
         return lines
 
     def _show_users(self, event: dict) -> List[bytes]:
@@ -2264,7 +2268,7 @@ class IrcOutput:
         lines: List[bytes] = []
         if command == "AUTHENTICATE":
             self.sasl = None
-            lines.append(self._numeric("904", "SASL authentication failed"))
+            lines += [self._server_notice(text), self._numeric("904", "SASL authentication failed")]
         elif command == "NOTICE":
             pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
         elif command == "NICK" and code in IRC_NAME_ERRORS:
@@ -2276,6 +2280,9 @@ class IrcOutput:
                 self.hello_sent, self.nick = False, None    # and is "*" until then
             if code in ("name_protected", "bad_name_password"):   # the nick is not to be had
                 text += " (log in with SASL, or PASS name:password)"
+                # Why, in a notice too: irssi and WeeChat show 433 as "nick in use", the
+                # text left out, and go on to another nick at once.
+                lines.append(self._server_notice(text))
             numeric = "433" if code == "bad_name_password" else IRC_ERRORS[code][0]
             lines.append(self._numeric(numeric, arguments[0] if arguments and arguments[0]
                                        else "*", text))
@@ -2297,7 +2304,7 @@ class IrcOutput:
                       else arguments[0]) if arguments and names_target else None
             lines.append(self._numeric(numeric, *([target] if target else []), text))
         else:
-            lines.append(self._line(self.info.server_name, "NOTICE", self.nick or "*", text))
+            lines.append(self._server_notice(text))
         if event.get("closing"):
             lines.append(self._line("", "ERROR", f"Closing Link: {self._peer()} ({text})"))
         return lines
@@ -2323,7 +2330,7 @@ class IrcOutput:
             return lines + [self._line(self.info.server_name, "NOTICE", self._replay,
                                        "--- new since you were last here ---",
                                        tags=self._in_replay(""))]
-        return [self._line(self.info.server_name, "NOTICE", self.nick, event["text"])]
+        return [self._server_notice(event["text"])]
 
     def _show_whisper(self, event: dict) -> List[bytes]:
         return self._said(event["from"], self.nick, event["text"], event.get("action") is True,

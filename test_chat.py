@@ -6396,7 +6396,8 @@ class IrcTests(ChatTestCase):
         sasl.send("AUTHENTICATE PLAIN")
         sasl.expect(r"^AUTHENTICATE \+|AUTHENTICATE :\+")
         sasl.send("AUTHENTICATE " + binascii_b64("dave\0dave\0wrong secret"))
-        sasl.expect(r" 904 ")
+        # why, in a notice: 904 says only that it failed, 433 only that the nick is taken
+        self.assertRegex(sasl.until(" 904 ")[-2], r' NOTICE \* :Wrong password for "dave"')
         sasl.send("AUTHENTICATE PLAIN")
         sasl.expect("AUTHENTICATE")
         sasl.send("AUTHENTICATE " + binascii_b64("dave\0dave\0dave's secret"))
@@ -6424,7 +6425,8 @@ class IrcTests(ChatTestCase):
         protected.send("PASS :room pw")
         protected.send("NICK dave")
         protected.send("USER x 0 * :x")
-        protected.expect(r" 433 \* dave :.*registered.*SASL")
+        lines = protected.until(r" 433 \* dave :.*registered.*SASL")
+        self.assertRegex(lines[-2], r' NOTICE \* :"dave" is a registered name')
 
     def test_bans_and_flood_control_apply_to_irc_users(self) -> None:
         server = ServerThread(irc_port=0, server_name="test.lan", rate_limit=5, rate_burst=3)
