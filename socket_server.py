@@ -3771,15 +3771,21 @@ class Rooms:
         """A room the session is in. Raises ModerationError if it is not."""
         room = self.existing(word)
         if session.key not in room.members:
-            raise ModerationError("not_in_room", f"You are not in #{room.name}: /join "
-                                  f"#{room.name} first.")
+            raise self._not_in(room)
         return room
+
+    @staticmethod
+    def _not_in(room: Room) -> "ModerationError":
+        return ModerationError("not_in_room", f"You are not in #{room.name}: /join "
+                               f"#{room.name} first.")
 
     def may_run(self, actor: Optional[Session], room: Room) -> None:
         """Raises ModerationError unless actor may run the room: the console, a server
         operator, or one of the room's operators in it."""
         if actor is None or actor.operator or (actor.key in room.ops and actor in room):
             return
+        if actor not in room:   # said first, as on IRC (442): even its operators must be in
+            raise self._not_in(room)
         raise ModerationError("not_room_operator", f"Only the operators of #{room.name} can "
                               "do that.")
 

@@ -6263,6 +6263,10 @@ class IrcTests(ChatTestCase):
         carol.until(" 366 ")
         carol.send("KICK #ops bob :no")
         carol.expect(r" 482 carol #ops ")
+        outsider = self.irc("dave")     # not on the channel: 442 first (RFC 2812, 3.2.8)
+        for line in ("KICK #ops bob :no", "TOPIC #ops :mine now", "MODE #ops +k other"):
+            outsider.send(line)
+            outsider.expect(r" 442 dave #ops ")
         alice.send("MODE #ops +o carol")
         carol.expect(r":alice!alice@test.lan MODE #ops \+o :carol")
         self.assertEqual(bob.expect("room_op")["name"], "carol")
