@@ -1963,7 +1963,8 @@ def _show_room(message: dict, me: str) -> List[Line]:
 
 
 def _show_rooms(message: dict, me: str) -> List[Line]:
-    """One line per room: "#dev (3 people): release on friday"."""
+    """One line per room: "#dev (3 people): release on friday"; "#den (2 people, needs a
+    key)"."""
     lines = []
     for entry in message["rooms"]:
         if not isinstance(entry, dict):
@@ -1971,6 +1972,8 @@ def _show_rooms(message: dict, me: str) -> List[Line]:
         count = entry.get("count")
         people = f"{count} {'person' if count == 1 else 'people'}" if isinstance(count, int) \
             else "?"
+        if entry.get("keyed") is True:
+            people += ", needs a key"
         topic = clean_text(str(entry.get("topic") or ""))
         lines.append(notice_line(f"#{clean_text(str(entry.get('room')))} ({people})" +
                                  (f": {topic}" if topic else "")))

@@ -2225,7 +2225,7 @@ class IrcOutput:
         command, _ = self._asked(event)
         channel = "#" + event["room"]
         if command == "MODE":
-            modes = "+tk" if event.get("key") else "+t"
+            modes = "+tk" if event.get("key") or event.get("keyed") else "+t"
             return [self._numeric("324", channel, modes, *([event["key"]] if event.get("key")
                                                           else [])),
                     self._numeric("329", channel, str(irc_time(event.get("created", ""))))]
@@ -3974,7 +3974,8 @@ class Rooms:
 
     def on_rooms(self, session: Session, message: dict) -> None:
         rooms = sorted(self.all.values(), key=lambda room: room.ident)
-        listed = [{"room": room.name, "count": len(room), "topic": room.topic} for room in rooms]
+        listed = [{"room": room.name, "count": len(room), "topic": room.topic,
+                   **({"keyed": True} if room.key else {})} for room in rooms]
         for start in range(0, max(len(listed), 1), ROOMS_PER_FRAME):
             event = {"type": "rooms", "rooms": listed[start:start + ROOMS_PER_FRAME]}
             if start + ROOMS_PER_FRAME < len(listed):
@@ -3988,8 +3989,10 @@ class Rooms:
         if "text" not in message:
             answer = {"type": "topic", "room": room.name, "topic": room.topic,
                       "by": room.topic_by, "ts": room.topic_ts, "created": room.created}
-            if room.key and session in room:
+            if room.key and session in room:    # its members may see the key, as on IRC
                 answer["key"] = room.key
+            elif room.key:                          # others, that there is one
+                answer["keyed"] = True
             self.core.answer(session, answer)
             return
         self._or_refuse(session, lambda: self.set_topic(session, room, message["text"]))

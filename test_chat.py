@@ -4383,6 +4383,11 @@ class RenderingTests(unittest.TestCase):
         [whois] = client.format_message({"type": "whois", "name": "bob", "rooms": [],
                                          "realname": "Bob \x1b[2JBuilder"}, "me")
         self.assertEqual(whois.plain, "-!- bob (Bob [2JBuilder): in no room")
+        listed = client.format_message({"type": "rooms", "rooms": [
+            {"room": "den", "count": 1, "topic": "", "keyed": True},
+            {"room": "dev", "count": 2, "topic": "release"}]}, "me")
+        self.assertEqual([line.plain for line in listed],
+                         ["-!- #den (1 person, needs a key)", "-!- #dev (2 people): release"])
         [winks] = client.format_message({"type": "whisper", "from": "bob", "to": "me",
                                          "text": "winks", "action": True,
                                          "ts": "2026-01-01T00:00:00Z"}, "me")
@@ -5265,6 +5270,13 @@ class RoomTests(ChatTestCase):
         bob.send({"type": "join", "room": "ops", "key": "guess"})
         self.assertEqual(bob.expect("error")["code"], "bad_key")
         self.assertEqual(enter(bob, "ops", "s3cret")["key"], "s3cret")
+        carol = self.peer("carol")      # outside: told that there is a key, not what it is
+        carol.send({"type": "rooms"})
+        listed = {entry["room"]: entry for entry in carol.expect("rooms")["rooms"]}
+        self.assertEqual((listed["ops"].get("keyed"), listed["lobby"].get("keyed")), (True, None))
+        carol.send({"type": "topic", "room": "ops"})
+        topic = carol.expect("topic")
+        self.assertEqual((topic.get("keyed"), topic.get("key")), (True, None))
         alice.send({"type": "key", "room": "lobby", "key": "nope"})
         self.assertEqual(alice.expect("error")["code"], "not_room_operator")
         alice.send({"type": "key", "room": "ops", "key": "has space"})
@@ -6264,6 +6276,8 @@ class IrcTests(ChatTestCase):
         carol.send("KICK #ops bob :no")
         carol.expect(r" 482 carol #ops ")
         outsider = self.irc("dave")     # not on the channel: 442 first (RFC 2812, 3.2.8)
+        outsider.send("MODE #ops")
+        outsider.expect(r" 324 dave #ops :?\+tk$")     # a key, but not which
         for line in ("KICK #ops bob :no", "TOPIC #ops :mine now", "MODE #ops +k other"):
             outsider.send(line)
             outsider.expect(r" 442 dave #ops ")
@@ -7373,7 +7387,7 @@ class ClientRoomTests(ChatTestCase):
         bot.handle_line("/roomdeop alice #ops")
         bot.out.wait_for("bot took operator status from alice")
         bot.handle_line("/rooms")
-        bot.out.wait_for("-!- #ops (2 people): release friday")
+        bot.out.wait_for("-!- #ops (2 people, needs a key): release friday")
         bot.out.wait_for("-!- #lobby (2 people)")
         bot.handle_line("/kick #ops alice off topic")
         kicked = alice.expect_next_of("leave", room="ops")
