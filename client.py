@@ -1932,10 +1932,14 @@ def _show_sent(message: dict, me: str) -> Line:
 
 def _show_leave(message: dict, me: str) -> Line:
     stamp = local_time(message.get("ts"))
-    if "text" in message:       # kicked or banned: the server says how (and from where)
-        return notice_line(clean_text(message["text"]), stamp)
     name, comment = clean_text(message["name"]), clean_text(message.get("comment", ""))
     said = f": {comment}" if comment else ""
+    if "text" in message:       # kicked or banned: the server says how (and from where),
+        if message.get("reason") == "kicked" and name.lower() == me.lower() and \
+                "room" in message and isinstance(message.get("by"), str):   # in the third
+            return notice_line(f"you were kicked from #{clean_text(message['room'])} by "
+                               f"{clean_text(message['by'])}{said}", stamp)     # person
+        return notice_line(clean_text(message["text"]), stamp)
     if "room" in message:       # a part
         if name.lower() == me.lower():
             return notice_line(f"you left #{clean_text(message['room'])}{said}", stamp)
@@ -3242,7 +3246,13 @@ class ChatSession:
                 self.send({"type": "nick", "name": new, "name_password": password})
 
     def cmd_away(self, argument: str) -> None:
-        self.send({"type": "away", "text": argument} if argument else {"type": "away"})
+        if argument:
+            self.link.away = True       # now, not at the echo: an /away at once is a return
+            self.send({"type": "away", "text": argument})
+        elif self.link.away:
+            self.send({"type": "away"})
+        else:
+            self.screen.note("you are not away: /away TEXT says you are, and why")
 
     def cmd_whois(self, argument: str) -> None:
         if self._person(argument, "/whois NAME"):

@@ -4089,12 +4089,12 @@ class Rooms:
                 del self.invited[room.ident]
 
     def set_key(self, actor: Optional[Session], room: Room, key: str) -> str:
+        if room is self.lobby:      # (said first: nobody may set one, so nobody need ask)
+            raise ModerationError("not_allowed", "The lobby is for everyone: it takes no key.")
         self.may_run(actor, room)
         if key and not KEY_PATTERN.fullmatch(key):
             raise ModerationError("bad_key", "A key is 1 to 32 characters without spaces or "
                                   "commas.")
-        if key and room is self.lobby:
-            raise ModerationError("not_allowed", "The lobby is for everyone: it takes no key.")
         by = actor.name if actor is not None else "server"
         room.key = key
         self.core.store.save_room(room)

@@ -4383,6 +4383,15 @@ class RenderingTests(unittest.TestCase):
         [whois] = client.format_message({"type": "whois", "name": "bob", "rooms": [],
                                          "realname": "Bob \x1b[2JBuilder"}, "me")
         self.assertEqual(whois.plain, "-!- bob (Bob [2JBuilder): in no room")
+        for kick, shown in ((dict(name="me", by="carol", comment="off topic"),
+                             "-!- you were kicked from #dev by carol: off topic"),
+                            (dict(name="Me", by="carol"), "-!- you were kicked from #dev by carol"),
+                            (dict(name="bob", by="carol", comment="off topic"),
+                             "-!- bob was kicked from #dev by carol: off topic")):
+            [line] = client.format_message({"type": "leave", "room": "dev", "reason": "kicked",
+                                            "text": "bob was kicked from #dev by carol: off "
+                                                    "topic", **kick}, "me")
+            self.assertTrue(line.plain.endswith(shown), line.plain)
         listed = client.format_message({"type": "rooms", "rooms": [
             {"room": "den", "count": 1, "topic": "", "keyed": True},
             {"room": "dev", "count": 2, "topic": "release"}]}, "me")
@@ -5277,8 +5286,9 @@ class RoomTests(ChatTestCase):
         carol.send({"type": "topic", "room": "ops"})
         topic = carol.expect("topic")
         self.assertEqual((topic.get("keyed"), topic.get("key")), (True, None))
-        alice.send({"type": "key", "room": "lobby", "key": "nope"})
-        self.assertEqual(alice.expect("error")["code"], "not_room_operator")
+        for key in ("nope", ""):    # said so to anyone, operator or not: no lobby key
+            alice.send({"type": "key", "room": "lobby", "key": key})
+            self.assertIn("The lobby is for everyone", alice.expect("error")["text"])
         alice.send({"type": "key", "room": "ops", "key": "has space"})
         self.assertEqual(alice.expect("error")["code"], "bad_key")
         alice.send({"type": "key", "room": "ops", "key": ""})
@@ -7401,7 +7411,7 @@ class ClientRoomTests(ChatTestCase):
         enter(alice, "den")
         bot.handle_line("/join #den")
         alice.send({"type": "kick", "room": "den", "name": "bot", "text": "out"})
-        bot.out.wait_for("-!- bot was kicked from #den by alicia: out")
+        bot.out.wait_for("-!- you were kicked from #den by alicia: out")
         self.assertEqual(bot.out.wait_for("now in"), "-!- now in #ops")
         self.assertEqual(bot.prompt(), "#ops> ")
         bot.handle_line("/key s3cret")      # the room must be named
@@ -7476,6 +7486,9 @@ class ClientRoomTests(ChatTestCase):
     def test_away_notes_and_the_away_text_of_whom_you_whisper(self) -> None:
         alice = self.peer("alice")
         bot = self.session()
+        bot.handle_line("/away")        # not away: nothing to come back from
+        self.assertEqual(bot.out.wait_for("not away"),
+                         "-!- you are not away: /away TEXT says you are, and why")
         bot.handle_line("/away lunch")
         self.assertEqual(bot.out.wait_for("you are away"),
                          "-!- you are away: lunch (/away alone when you are back)")
