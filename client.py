@@ -59,6 +59,7 @@ import shutil
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import unicodedata
@@ -3018,7 +3019,23 @@ class ChatSession:
     # -- commands (see COMMANDS) ----------------------------------------------
 
     def cmd_help(self, argument: str) -> None:
-        for line in command_help_lines():
+        """The commands this user has, in a screenful; the operators' in one line each
+        until they are one (or ask for "/help all"); "/help kick", one command."""
+        wanted = argument.strip().lstrip("/\\").lower()
+        if wanted and wanted != "all":
+            name = ALIASES.get(wanted, wanted)
+            if name not in COMMANDS:
+                self.screen.warn(f"no command /{wanted}: /help lists them")
+                return
+            lines = command_help_lines(only=name)
+        elif wanted == "all" or self.link.operator:
+            lines = command_help_lines()
+        else:
+            with self.link.lock:
+                runs_a_room = any(self.name.lower() in room.ops
+                                  for room in self.link.rooms.rooms.values())
+            lines = command_help_lines(EVERYONE, *([ROOM_OPERATORS] if runs_a_room else []))
+        for line in lines:
             self.screen.show(plain_line(line, role=ANSWER))
 
     def cmd_clients(self, argument: str) -> None:
@@ -3401,7 +3418,8 @@ def room_operator_command(op: bool) -> Callable[["ChatSession", str], None]:
 
 
 COMMANDS: Dict[str, Command] = {
-    "help": Command("", "show this list", ChatSession.cmd_help),
+    "help": Command("[all|COMMAND]", "the commands (all: the operators' too)",
+                    ChatSession.cmd_help),
     "clients": Command("", "who is in the chat", ChatSession.cmd_clients),
     "names": Command("[#room]", "who is in a room (this one if none); @: operators",
                      ChatSession.cmd_names),
@@ -3438,14 +3456,14 @@ COMMANDS: Dict[str, Command] = {
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
     "quit": Command("[MESSAGE]", "leave the chat, with parting words; so does Ctrl-D",
                     ChatSession.cmd_quit),
+    "invite": Command("NAME [#room]", "let someone into the room once, past its key",
+                      ChatSession.cmd_invite),
     "op": Command("[PASSWORD]", "become an operator with the operator password",
                   ChatSession.cmd_op),
     # Room operators: whoever made the room, and whom they made operators (and every
     # server operator).
     "key": Command("#room [KEY]", "the key /join then needs (no KEY: none)",
                    ChatSession.cmd_key, ROOM_OPERATORS),
-    "invite": Command("NAME [#room]", "let someone into the room once, past its key",
-                      ChatSession.cmd_invite),
     "roomop": Command("NAME [#room]", "make someone an operator of the room",
                       room_operator_command(True), ROOM_OPERATORS),
     "roomdeop": Command("NAME [#room]", "take that away", room_operator_command(False),
@@ -3481,14 +3499,24 @@ HELP_SECTIONS: Dict[str, Optional[str]] = {
 }
 
 
-def command_help_lines() -> List[str]:
-    lines = []
+def command_help_lines(*detailed: str, only: Optional[str] = None) -> List[str]:
+    """/help's lines: each command of the audiences detailed (all when none is
+    named), the others' commands in a line each; or the one command named."""
+    lines, summed_up = [], False
     for audience, title in HELP_SECTIONS.items():
-        if title:
+        names = [name for name, command in COMMANDS.items() if command.audience == audience
+                 and only in (None, name)]
+        if not names:
+            continue
+        if detailed and audience not in detailed:
+            lines += textwrap.wrap(f"{title} " + " ".join(f"/{name}" for name in names),
+                                   width=78, subsequent_indent="  ")
+            summed_up = True
+            continue
+        if title and only is None:
             lines.append(title)
-        for name, command in COMMANDS.items():
-            if command.audience != audience:
-                continue
+        for name in names:
+            command = COMMANDS[name]
             aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
             label = f"/{name} {command.usage}".strip()
             also = f" (also {', '.join(aliases)})" if aliases else ""
@@ -3496,7 +3524,7 @@ def command_help_lines() -> List[str]:
                 lines.append(f"  {label}")
                 label = ""
             lines.append(f"  {label:<20} {command.summary}{also}")
-        if audience == EVERYONE:
+        if audience == EVERYONE and only is None:
             lines += [
                 f"  {'//text':<20} send a line that starts with /; \\\\text, one with \\",
                 "  Backslash works as well as slash (\\quit, \\clients); after a backslash,",
@@ -3504,6 +3532,8 @@ def command_help_lines() -> List[str]:
                 "  A password left out is asked for, and not shown; a new one twice.",
                 "  Keys: Up/Down recall lines, Ctrl-N/Ctrl-P go to the next or previous",
                 "  room, Tab completes names, #rooms and commands."]
+    if summed_up:
+        lines.append("  (/help all says what each of those does)")
     return lines
 
 

@@ -6762,6 +6762,14 @@ class ClientUnitTests(unittest.TestCase):
             self.assertTrue(f"/{alias}" in helped, f"/help: /{alias}")
             self.assertTrue(f"`/{alias}`" in documented, f"README: /{alias}")
         self.assertIn("Ctrl-N", helped)
+        # What a user who runs nothing sees fits a screen, and still names every command.
+        everyday = client.command_help_lines(client.EVERYONE)
+        self.assertLessEqual(len(everyday), 40)
+        for name in client.COMMANDS:
+            self.assertRegex("\n".join(everyday), rf"/{name}\b")
+        self.assertEqual(client.command_help_lines(only="kick"),
+                         ["  /kick [#room] NAME [REASON]",
+                          "                       put someone out of the room"])
 
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
@@ -7482,6 +7490,22 @@ class ClientRoomTests(ChatTestCase):
         piped.out.wait_for('"dave" is a registered name')
         piped.handle_line("/nick dave correct horse")
         piped.out.wait_for("you are now known as dave")
+
+    def test_help_shows_what_this_user_has(self) -> None:
+        bot = self.session()
+        bot.handle_line("/help")
+        bot.out.wait_for("(/help all says what each of those does)")
+        self.assertFalse([line for line in bot.out.lines if "put someone out" in line])
+        bot.handle_line("/help \\kick")
+        bot.out.wait_for("put someone out of the room")
+        bot.handle_line("/help dance")
+        bot.out.wait_for("no command /dance: /help lists them")
+        bot.handle_line("/join #mine")          # made it: runs it
+        bot.out.wait_for("you are its operator")
+        del bot.out.lines[:]
+        bot.handle_line("/help")
+        bot.out.wait_for("(/help all says")
+        self.assertTrue([line for line in bot.out.lines if "/roomop NAME [#room]" in line])
 
     def test_away_notes_and_the_away_text_of_whom_you_whisper(self) -> None:
         alice = self.peer("alice")
