@@ -136,6 +136,8 @@ DEFAULT_DB = "chat_history.sqlite3"  # in the directory the server starts in
 HISTORY_REPLAY = 50                 # public messages sent to each newcomer
 HISTORY_DEFAULT = 20                # messages /history returns when no number is given
 MISSED_MAX = 200                    # most missed messages replayed to a returning name
+PARTING_MEMORY = 600.0              # seconds a missed_only client's parting is remembered
+PARTINGS_MAX = 10_000               # partings remembered at once (the oldest go first)
 SEARCH_RESULTS = 50                 # most messages one /search returns
 SEARCH_MAX_WORDS = 10               # words in one /search; more are refused
 SEARCH_WINDOW = 200_000             # /search looks through this many recent events
@@ -1638,7 +1640,10 @@ class IrcInput:
         if self.registered or self.hello_sent or not (self.nick and self.user) or \
                 self.negotiating or self.sasl is not None:
             return
-        hello = {"type": "hello", "name": self.nick, "rooms": [], "retry": True}
+        # An IRC client keeps its windows, and has no way to say what they show: back
+        # in a channel it just left, it gets only what came since.
+        hello = {"type": "hello", "name": self.nick, "rooms": [], "retry": True,
+                 "missed_only": True}
         if self.realname:
             hello["realname"] = self.realname
         password, name_password = self._passwords()
@@ -2643,7 +2648,7 @@ class RequestType(NamedTuple):
 REQUESTS: Dict[str, RequestType] = {
     "hello": RequestType({"name": str, "password?": str, "name_password?": str,
                           "resume?": str, "rooms?": list, "retry?": bool,
-                          "realname?": str}, "on_hello",
+                          "realname?": str, "missed_only?": bool}, "on_hello",
                          joined=False, metered=False, fatal=True),
     "authenticate": RequestType({"name": str, "password": str}, "accounts.on_authenticate",
                                 joined=False, metered=False),
@@ -2727,7 +2732,7 @@ class Session:
                  "state", "name", "key", "registered", "operator", "bucket", "messages_sent",
                  "history_floor", "leave_text", "waiting", "gone",
                  "rooms", "away", "told_no_history", "account", "comment", "last_spoke",
-                 "realname")
+                 "realname", "missed_only")
 
     def __init__(self, link: Any, host: str, now: float) -> None:
         self.link = link                # its str() is HOST:PORT, for logs
@@ -2757,6 +2762,7 @@ class Session:
         self.comment = ""               # its last word, when it leaves the chat
         self.last_spoke = now           # for whois: how long it has been quiet
         self.realname = ""              # for whois, if its hello said (IRC's USER does)
+        self.missed_only = False        # its window keeps what it saw (IRC): see Rooms.parted
 
     @property
     def address(self) -> str:
@@ -3358,6 +3364,7 @@ class ChatCore:
             return
         session.told_no_history = "resume" in message   # a token: back after a lost connection
         session.realname = clean_cut(message.get("realname", ""), REALNAME_MAX)
+        session.missed_only = message.get("missed_only") is True
         rooms = message.get("rooms", None)
         if self.accounts.is_registered(name):
             self.accounts.log_in(session, name, message.get("name_password"), rooms)
@@ -3716,6 +3723,8 @@ class Rooms:
         # Who may come past a room's key once, without it: room ident -> sessions
         # invited (by a member, who knows the key), until they come or leave the chat.
         self.invited: Dict[str, Set[Session]] = {}
+        # (name key, room ident) -> (when, newest event id): see parted()
+        self.partings: Dict[Tuple[str, str], Tuple[float, int]] = {}
         store = core.store
         for name, topic, topic_by, topic_ts, key, created, created_by in store.rooms():
             room = self.all[name.lower()] = Room(name, created, created_by)
@@ -3874,7 +3883,8 @@ class Rooms:
     def leave(self, session: Session, room: Room, reason: str, **details: str) -> None:
         """Take session out of one room (a part, or a kick, with its details): it and
         the room's members are told."""
-        self._take_out(session, room, reason if reason != "part" else details.get("comment", ""))
+        self._take_out(session, room, reason if reason != "part" else details.get("comment", ""),
+                       saw_all=True)
         event = {"type": "leave", "room": room.name, "name": session.name, "reason": reason,
                  "ts": self.core.timestamp(), **details}
         self.core.send(session, event)
@@ -3909,18 +3919,34 @@ class Rooms:
             for ident in [ident for ident, invited in self.invited.items() if session in invited]:
                 self._uninvite(session, self.all[ident])
         for room in rooms:
-            self._take_out(session, room, why, keep_batch=room in told, replaced=replaced)
+            self._take_out(session, room, why, keep_batch=room in told, replaced=replaced,
+                           saw_all=reason == "quit")
         return audience
 
-    def _take_out(self, session: Session, room: Room, why: str,
-                  keep_batch: bool = False, replaced: bool = False) -> None:
+    def _take_out(self, session: Session, room: Room, why: str, keep_batch: bool = False,
+                  replaced: bool = False, saw_all: bool = False) -> None:
+        """saw_all: it left in good order (a part, a kick, a quit), so that what was sent
+        to it before reached it; a lost connection may have lost the last of it."""
         room.discard(session, keep_batch)
         rest = tuple(other for other in session.rooms if other is not room)
         session.rooms = rest[0].alone if len(rest) == 1 else rest
         if session.key in room.ops and not (session.registered or replaced):
             self._set_op(room, session.key, False, False)   # lasted while it was here
-        self.core.store.record(self.core.timestamp(), "leave", session.name, None, why,
-                               room=room.name)
+        store = self.core.store
+        store.record(self.core.timestamp(), "leave", session.name, None, why, room=room.name)
+        if saw_all and session.missed_only:
+            if len(self.partings) >= PARTINGS_MAX:
+                del self.partings[next(iter(self.partings))]    # the oldest
+            self.partings[(session.key, room.ident)] = (self.core.clock.now(), store.last_id())
+
+    def parted(self, session: Session, room: Room) -> Optional[int]:
+        """The newest event's id when session's name left room in good order, within
+        PARTING_MEMORY seconds; else None. For a client that keeps its windows, as IRC
+        clients do: all it saw is still shown, and a replay of it would be shown twice."""
+        left = self.partings.pop((session.key, room.ident), None)
+        if left is None or self.core.clock.now() - left[0] > PARTING_MEMORY:
+            return None
+        return left[1]
 
     def taken_back(self, session: Session, rooms: Tuple[Room, ...]) -> None:
         """A resumed session's earlier rooms (see Accounts.resume): it stays an operator
@@ -4546,8 +4572,10 @@ class History:
         """A room's recent messages for a newcomer; a returning registered name gets
         what it missed there."""
         count = self.core.settings.history
-        missed_after = None
-        if session.registered:
+        missed_after = self.core.rooms.parted(session, room) if session.missed_only else None
+        if missed_after is not None:    # only what came since: its window shows the rest
+            count = min(self.store.count_public_after(room.name, missed_after), MISSED_MAX)
+        elif session.registered:
             left = self.store.account_marks(session.name)[1]
             missed = self.store.count_public_after(room.name, left) if left else 0
             if missed:

@@ -644,6 +644,44 @@ class CoreHarness:
 class CoreTests(unittest.TestCase):
     """The chat's rules without a socket: what each request makes happen."""
 
+    def test_a_client_that_keeps_its_window_is_replayed_only_what_it_missed(self) -> None:
+        chat = CoreHarness()
+        bob = chat.join("bob")
+        chat.request(bob, {"type": "join", "room": "dev"})
+
+        def arrive(**hello: Any) -> "socket_server.Session":
+            session = chat.connect("irc")
+            chat.request(session, {"type": "hello", "name": "ira", "rooms": [], **hello})
+            return session
+
+        def replayed(session: "socket_server.Session") -> List[str]:
+            actions = chat.request(session, {"type": "join", "room": "dev"})
+            return [event.get("text", "") for event in chat.received(session, actions)
+                    if event["type"] in ("history", "notice")]
+
+        ira = arrive(missed_only=True)
+        chat.request(bob, {"type": "say", "room": "dev", "text": "one"})
+        self.assertEqual(replayed(ira), ["one"])        # new here: the recent ones
+        chat.request(ira, {"type": "part", "room": "dev"})
+        chat.request(bob, {"type": "say", "room": "dev", "text": "two"})
+        self.assertEqual(replayed(ira), ["New since you were last here", "two"])
+        chat.request(ira, {"type": "part", "room": "dev"})
+        self.assertEqual(replayed(ira), [])             # nothing new: its window has it all
+        chat.request(ira, {"type": "bye"})              # a QUIT: it saw all until then
+        chat.request(bob, {"type": "say", "room": "dev", "text": "three"})
+        ira = arrive(missed_only=True)
+        self.assertEqual(replayed(ira), ["New since you were last here", "three"])
+        # A lost connection may have lost what was sent last: everything again.
+        chat.core.close(ira, "connection closed", graceful=False)
+        ira = arrive(missed_only=True)
+        self.assertEqual(replayed(ira), ["one", "two", "three"])
+        chat.request(ira, {"type": "bye"})              # long gone: its window is another
+        chat.advance(socket_server.PARTING_MEMORY + 1)
+        ira = arrive(missed_only=True)
+        self.assertEqual(replayed(ira), ["one", "two", "three"])
+        chat.request(ira, {"type": "bye"})              # a client without a window of its own
+        self.assertEqual(replayed(arrive()), ["one", "two", "three"])
+
     def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
         chat = CoreHarness()
         alice = chat.join("alice")
