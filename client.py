@@ -1069,7 +1069,8 @@ class Link:
         if message["type"] in ("say", "whisper"):
             if "id" not in message:
                 message["id"] = self.new_id()
-            self.unconfirmed[message["id"]] = message["text"]   # before: the ack may be quick
+            # Before sending: the acknowledgement may be quick.
+            self.unconfirmed[message["id"]] = unsent_text(message)
         try:
             self.connection.send(message)
         except ValueError:  # over the protocol's frame size: nothing was sent
@@ -1375,13 +1376,21 @@ class Link:
         with self.lock:
             queued, self.queued = self.queued, []
         for message in queued:
-            self.screen.warn(f"not sent: {message.get('text', '/' + message['type'])}")
+            self.screen.warn(f"not sent: {unsent_text(message)}")
 
     def _send_quietly(self, message: dict) -> None:
         try:
             self.connection.send(message)
         except OSError:
             pass    # the receiver will see the connection go and say so
+
+
+def unsent_text(message: dict) -> str:
+    """How a request that may be lost is named to its writer: a whisper with whom
+    it was for, a command by its name."""
+    if message["type"] == "whisper":
+        return f"[whisper to {message['to']}] {message['text']}"
+    return message.get("text", "/" + message["type"])
 
 
 class MainThreadWaker:

@@ -4924,7 +4924,7 @@ class ReconnectTests(unittest.TestCase):
 
     def test_gives_up_and_says_what_was_not_sent(self) -> None:
         bot = self.client_losing_its_server("--retries", "1")
-        bot.proc.stdin.write(b"lost cause\n")
+        bot.proc.stdin.write(b"lost cause\n/w amy lost whisper\n")
         bot.proc.stdin.flush()
         self.assertEqual(bot.finish(), 1)
         lines = bot.output("stderr").splitlines()
@@ -4937,6 +4937,7 @@ class ReconnectTests(unittest.TestCase):
         self.assertRegex(attempts[0], r"^-!- attempt 1 of 1 failed: cannot connect to .*refused$")
         self.assertIn("! could not reconnect (1 attempt over about 1 s)", lines)
         self.assertIn("! not sent: lost cause", lines)
+        self.assertIn("! not sent: [whisper to amy] lost whisper", lines)     # (to whom)
 
     def test_a_failed_attempt_is_shown_only_when_its_reason_is_new(self) -> None:
         self.addCleanup(setattr, client, "RECONNECT_FIRST_DELAY", client.RECONNECT_FIRST_DELAY)
