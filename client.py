@@ -2069,13 +2069,15 @@ def _show_users(message: dict, me: str) -> Line:
 
 
 def _show_history(message: dict, me: str) -> Line:
-    kind = message["kind"]
+    kind, notice = message["kind"], message.get("notice") is True   # (an IRC NOTICE)
     if kind not in ("message", "action", "whisper", "announcement"):
         kind = "message"
+    if kind == "message" and notice:
+        kind = "notice"                 # shown as it was live, not as speech
     return of_room(chat_line(local_time(message["ts"], with_date=True),
                              clean_text(message["from"]), clean_text(message["text"]), me, kind,
                              to=clean_text(str(message.get("to", ""))), dim=True,
-                             action=message.get("action") is True)
+                             action=message.get("action") is True, notice=notice)
                    ._replace(ring=False), message)
 
 

@@ -4445,6 +4445,12 @@ class RenderingTests(unittest.TestCase):
         [old] = client.format_message({"type": "history", "kind": "message", "from": "bob",
                                      "text": "hi me", "ts": "2020-01-02T03:04:05Z"}, "me")
         self.assertTrue(old.dim)
+        for kind in ("message", "whisper"):     # an IRC NOTICE, then as now: no speech
+            live = {"type": kind, "from": "bot", "to": "me", "text": "built", "notice": True,
+                    "ts": "2020-01-02T03:04:05Z"}
+            [then] = client.format_message(dict(live, type="history", kind=kind), "me")
+            [now] = client.format_message(live, "me")
+            self.assertEqual(then.plain.split("] ", 1)[1], now.plain.split("] ", 1)[1])
         self.assertFalse(old.ring)      # old news rings no bell
         self.assertRegex(old.plain, r"^\[Jan 0[12] \d\d:\d\d\] bob: hi me$")
 
