@@ -877,8 +877,11 @@ class HistoryBatches:
         if self.replay_after is not None and message["ts"] <= self.replay_after:
             return None, []     # part of the replay after a reconnect, and already on screen
         before = [] if self.in_batch else [plain_line(header, "marker", role)]
-        if self.held is not None and self.replay_after is not None and not self.in_batch:
-            self.held = None    # the header ("while you were away") says it already
+        if self.held is not None and not self.in_batch:
+            if self.replay_after is not None:
+                self.held = None    # the header ("while you were away") says it already
+            else:
+                before = []         # all of it is new: "earlier messages" would head nothing
         self.in_batch = True
         if self.held is not None:
             before.append(_show_notice(self.held, "")._replace(role=role))

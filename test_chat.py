@@ -6717,6 +6717,11 @@ class ClientUnitTests(unittest.TestCase):
             before = [line.plain for frame in frames for line in batches.frame(frame)[1]]
             self.assertEqual(before, shown)
             self.assertEqual(batches.frame(end)[1], [])
+        # A first visit since: where all of the replay is new, the marker alone heads it.
+        batches.replay_coming("lobby", None)
+        self.assertEqual(batches.frame(marker), (None, []))
+        self.assertEqual([line.plain for line in batches.frame(new)[1]],
+                         ["--- new since you were last here ---"])
 
     def test_parse_line(self) -> None:
         cases = {
