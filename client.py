@@ -1111,6 +1111,7 @@ class Link:
             self._operator = False  # operator status does not survive a new connection,
             self.away = False       # nor being away
             self.registered = welcome.get("registered") is True
+            self.no_operators = welcome.get("op_password") is False    # (absent: not said)
             self.batches.new_connection()
             self._rejoining = rejoining
             if rejoining:
@@ -1766,7 +1767,8 @@ def plain_line(text: str, style: str = "", role: str = CHAT) -> Line:
 #: are ignored.
 SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "welcome": {"name": str, "users?": list, "count?": int, "ops?": list, "registered?": bool,
-                "limits?": dict, "resume?": str},
+                "limits?": dict, "resume?": str, "needs_password?": bool,
+                "op_password?": bool},
     "room": {"room": str, "users": list, "topic?": str, "topic_by?": str, "count?": int,
              "ops?": list, "key?": str},
     "message": {"from": str, "text": str, "room?": str, "ts?": str, "action?": bool,
@@ -2990,6 +2992,10 @@ class ChatSession:
         self.screen.note(f"connected to {self.server} as {self.name}", CHAT)
         if self.link.connection.encryption:
             self.screen.note(self.link.connection.encryption, CHAT)
+        if welcome.get("needs_password") is False and self.link.credentials.password:
+            # (so that nobody believes the chat protected when it is not)
+            self.screen.note("this chat has no password: anyone can join; the one you gave "
+                             "was not needed", CHAT)
         self.screen.note("type /help for commands, /quit to leave", HINT)
 
     def prompt(self) -> str:
@@ -3369,6 +3375,9 @@ class ChatSession:
             self.send({"type": "change_password", "password": old, "new_password": new})
 
     def cmd_op(self, argument: str) -> None:
+        if self.link.no_operators:
+            self.screen.warn("this server has no operator password: nobody can /op here")
+            return
         password = argument or self._secret("operator password: ", "/op PASSWORD")
         if password:
             self.send({"type": "op", "password": password})

@@ -3401,7 +3401,10 @@ class ChatCore:
             limits.update(rate=self.settings.rate_limit, burst=self.settings.rate_burst)
         welcome = {"type": "welcome", "name": name, "count": len(self.members),
                    "ops": self.people.operator_names(), "registered": registered,
-                   "limits": limits, "resume": self.accounts.resume_token(session)}
+                   "limits": limits, "resume": self.accounts.resume_token(session),
+                   # what a client need not ask for: it tells its user why not
+                   "needs_password": self.settings.password is not None,
+                   "op_password": self.settings.admin_password is not None}
         if rooms is None:
             welcome["users"] = self.people.listed()
         self.send(session, welcome)

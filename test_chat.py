@@ -4848,11 +4848,11 @@ class TerminalClientTests(ChatTestCase):
         proc, master, screen = self.start_client("--name", "bob")
         self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
         alice.expect("join")
-        os.write(master, b"/op\r")
-        self.wait_for(master, screen, lambda s: "operator password:" in s.text)
+        os.write(master, b"/register\r")
+        self.wait_for(master, screen, lambda s: "new password:" in s.text)
         os.write(master, b"\x03")
         self.wait_for(master, screen, lambda s: "-!- cancelled" in s.lines)
-        self.assertIn("operator password:", screen.lines)     # the next line began anew
+        self.assertIn("new password:", screen.lines)     # the next line began anew
         os.write(master, b"still here\r")
         self.assertEqual(alice.expect("message")["text"], "still here")
         os.write(master, b"\x04")
@@ -7540,6 +7540,22 @@ class ClientRoomTests(ChatTestCase):
         piped.out.wait_for('"dave" is a registered name')
         piped.handle_line("/nick dave correct horse")
         piped.out.wait_for("you are now known as dave")
+
+    def test_passwords_this_server_has_no_use_for(self) -> None:
+        answers = ["never asked"]
+        bot = self.session(answers=answers)
+        bot.handle_line("/op")          # nobody can: no prompt for a password in vain
+        bot.out.wait_for("this server has no operator password: nobody can /op here")
+        self.assertEqual(answers, ["never asked"])
+        # A chat password given to an open chat: it protects nothing, and the user is told.
+        given = client.Credentials(password="sesame")
+        connection, welcome = client.join("127.0.0.1", self.port, "carl", given)
+        carl = client.ChatSession(connection, welcome, f"127.0.0.1:{self.port}",
+                                  RecordingScreen(), credentials=given)
+        self.addCleanup(carl.leave)
+        carl.show_banner(welcome)
+        self.assertIn("-!- this chat has no password: anyone can join; the one you gave was "
+                      "not needed", carl.screen.out.lines)
 
     def test_help_shows_what_this_user_has(self) -> None:
         bot = self.session()
