@@ -7554,6 +7554,7 @@ class ClientRoomTests(ChatTestCase):
                                   RecordingScreen(), credentials=given)
         self.addCleanup(carl.leave)
         carl.show_banner(welcome)
+        carl.start()
         self.assertIn("-!- this chat has no password: anyone can join; the one you gave was "
                       "not needed", carl.screen.out.lines)
 
