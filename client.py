@@ -3653,8 +3653,11 @@ class Joiner:
         if not self.name:
             self.name = read_name()
         while True:
+            checking = self.credentials.password is not None or \
+                self.credentials.name_password is not None
             try:
-                return join(self.host, self.port, self.name, self.credentials, self.tls)
+                with typing_hidden(self.interactive and checking):
+                    return join(self.host, self.port, self.name, self.credentials, self.tls)
             except JoinRefused as refused:
                 print(f"! {refused.text}", file=sys.stderr)
                 fix = self.FIXES.get(ASK_AGAIN.get(refused.code, ""))
@@ -3692,6 +3695,30 @@ class Joiner:
         "room password": ask_room_password,
         "name password": ask_name_password,
     }
+
+
+@contextlib.contextmanager
+def typing_hidden(hide: bool) -> Iterator[None]:
+    """While the server checks a password (a second or more when it is wrong), what
+    is typed is neither shown nor kept: a user who types the password again must not
+    see it on the screen, nor have it sent as the first line of chat. POSIX only:
+    elsewhere, and off a terminal, nothing changes."""
+    try:
+        import termios
+    except ImportError:     # Windows
+        termios = None
+    if not hide or termios is None or not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)     # (the flush drops what was typed)
 
 
 def name_argument(text: str) -> str:

@@ -4771,6 +4771,33 @@ class TerminalClientTests(ChatTestCase):
                     if not condition(screen):
                         self.fail("the client ended first:\n" + screen.text)
 
+    def test_what_is_typed_while_a_password_is_checked_is_not_shown(self) -> None:
+        owner = self.peer("dora")
+        owner.send({"type": "register", "password": "correct horse"})
+        owner.expect("notice")
+        owner.close()
+        checked = threading.Event()     # the server has the wrong password: it waits a second
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "failed password" in record.getMessage():
+                    checked.set()
+
+        watch = Watch()
+        logging.getLogger("chat").addHandler(watch)
+        self.addCleanup(logging.getLogger("chat").removeHandler, watch)
+        proc, master, screen = self.start_client("--name", "dora")
+        self.wait_for(master, screen, lambda s: "password for dora" in s.text)
+        os.write(master, b"wrong horse\r")
+        self.assertTrue(checked.wait(TIMEOUT))
+        os.write(master, b"correct horse\r")   # typed again, at once, by a user in a hurry
+        self.wait_for(master, screen, lambda s: s.text.count("password for dora") == 2)
+        self.assertNotIn("correct horse", screen.text)
+        os.write(master, b"correct horse\r")
+        self.wait_for(master, screen, lambda s: "#lobby>" in s.lines)
+        os.write(master, b"\x04")
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
     def test_half_typed_text_survives_an_arriving_message(self) -> None:
         alice = self.peer("alice")
         proc, master, screen = self.start_client("--name", "bob")
