@@ -4956,6 +4956,8 @@ class Moderation:
         core = self.core
         if core.settings.admin_password is None:
             core.refuse(session, "no_operators", "This server has no operator password.")
+        elif core.accounts.refused_while_locked(session):
+            return
         elif not same_secret(message["password"], core.settings.admin_password):
             core.accounts.wrong_password(session, "bad_admin_password",
                                          "Wrong operator password.")

@@ -1009,10 +1009,10 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(alice.name, "alice_away")
 
     def test_a_locked_out_address_has_no_password_checked_but_stays(self) -> None:
-        chat = CoreHarness(failure_delay=0, max_failures=2)
+        chat = CoreHarness(failure_delay=0, max_failures=2, admin_password="op secret")
         chat.core.accounts.hashes["alice"] = socket_server.hash_password("correct horse")
-        # Joined before the lockout, from the same address: the owner of #vault, and two more.
-        owner, *insiders = chat.join("owner"), chat.join("in1"), chat.join("in2")
+        # Joined before the lockout, from the same address: the owner of #vault, and three more.
+        owner, *insiders = chat.join("owner"), chat.join("in0"), chat.join("in1"), chat.join("in2")
         chat.request(owner, {"type": "join", "room": "vault"})
         chat.request(owner, {"type": "key", "room": "vault", "key": "sesame"})
         for _ in range(2):
@@ -1024,7 +1024,8 @@ class CoreTests(unittest.TestCase):
         # The right password, tried while the lockout lasts, proves nothing; but those
         # already in stay in, and the one who asked is told how long to wait.
         for request in ({"type": "authenticate", "name": "alice", "password": "correct horse"},
-                        {"type": "nick", "name": "alice", "name_password": "correct horse"}):
+                        {"type": "nick", "name": "alice", "name_password": "correct horse"},
+                        {"type": "op", "password": "op secret"}):
             with self.subTest(request=request["type"]):
                 session = chat.connect() if request["type"] == "authenticate" else insiders.pop()
                 actions = chat.request(session, request) + chat.finish_jobs()
