@@ -3466,8 +3466,8 @@ COMMANDS: Dict[str, Command] = {
     "unignore": Command("NAME", "show their lines again", ChatSession.cmd_unignore),
     "history": Command("[N]", "show this room's last N messages (20 if no N)",
                        ChatSession.cmd_history),
-    "search": Command("[--all] WORDS", "find messages with all the words (--all: in all "
-                      "your rooms)", ChatSession.cmd_search),
+    "search": Command("[--all] WORDS", "messages with all the words (--all: in all your "
+                      "rooms)", ChatSession.cmd_search),
     "save": Command("[FILE]", "save this session as text; -f overwrites",
                     ChatSession.cmd_save),
     # Password commands ask for what is left out, without echo; scripts give it inline.
@@ -3477,7 +3477,7 @@ COMMANDS: Dict[str, Command] = {
                           ChatSession.cmd_unregister),
     "password": Command("[OLD NEW]", "change your name's password", ChatSession.cmd_password),
     "clear": Command("", "clear the screen", ChatSession.cmd_clear),
-    "quit": Command("[MESSAGE]", "leave the chat, with parting words; so does Ctrl-D",
+    "quit": Command("[MESSAGE]", "leave, with parting words; so does Ctrl-D",
                     ChatSession.cmd_quit),
     "invite": Command("NAME [#room]", "let someone into the room once, past its key",
                       ChatSession.cmd_invite),
@@ -3506,8 +3506,8 @@ COMMANDS: Dict[str, Command] = {
                       OPERATORS),
     "announce": Command("TEXT", "an announcement to everyone", moderation_command("say"),
                         OPERATORS),
-    "droproom": Command("#room", "remove a room (its topic, key and operators too); its "
-                        "members are put out", moderation_command("droproom"), OPERATORS),
+    "droproom": Command("#room", "remove a room and all it had; its members are put out",
+                        moderation_command("droproom"), OPERATORS),
     "shutdown": Command("", "stop the server", moderation_command("shutdown"), OPERATORS),
 }
 ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit": "quit",
@@ -3515,6 +3515,7 @@ ALIASES: Dict[str, str] = {"who": "clients", "msg": "w", "whisper": "w", "exit":
 # Commands that may carry a password, and after how many words it comes.
 PASSWORD_COMMANDS: Dict[str, int] = {"op": 0, "register": 0, "unregister": 0, "password": 0,
                                      "nick": 1}
+HELP_WIDTH = 79      # /help's lines fit an 80-column terminal
 HELP_SECTIONS: Dict[str, Optional[str]] = {
     EVERYONE: None,
     ROOM_OPERATORS: "for room operators (@ in that room; server operators too):",
@@ -3533,26 +3534,25 @@ def command_help_lines(*detailed: str, only: Optional[str] = None) -> List[str]:
             continue
         if detailed and audience not in detailed:
             lines += textwrap.wrap(f"{title} " + " ".join(f"/{name}" for name in names),
-                                   width=78, subsequent_indent="  ")
+                                   width=HELP_WIDTH, subsequent_indent="  ")
             summed_up = True
             continue
-        if title and only is None:
+        if title:       # (also for one command: who may use it)
             lines.append(title)
         for name in names:
             command = COMMANDS[name]
             aliases = [f"/{alias}" for alias, target in ALIASES.items() if target == name]
             label = f"/{name} {command.usage}".strip()
             also = f" (also {', '.join(aliases)})" if aliases else ""
-            if len(label) > 20:     # a long usage gets a line of its own
-                lines.append(f"  {label}")
-                label = ""
-            lines.append(f"  {label:<20} {command.summary}{also}")
+            line = f"  {label:<20} {command.summary}{also}"
+            if len(line) > HELP_WIDTH:   # a long usage gets a line of its own
+                lines += [f"  {label}", f"  {'':<20} {command.summary}{also}"]
+            else:
+                lines.append(line)
         if audience == EVERYONE and only is None:
             lines += [
                 f"  {'//text':<20} send a line that starts with /; \\\\text, one with \\",
-                "  Backslash works as well as slash (\\quit, \\clients); after a backslash,",
-                "  a word of letters is always a command, anything else (\\o/) is chat.",
-                "  A password left out is asked for, and not shown; a new one twice.",
+                "  \\quit works as /quit: a backslash and a word is a command; \\o/ is chat.",
                 "  Keys: Up/Down recall lines, Ctrl-N/Ctrl-P go to the next or previous",
                 "  room, Tab completes names, #rooms and commands."]
     if summed_up:

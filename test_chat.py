@@ -6846,8 +6846,9 @@ class ClientUnitTests(unittest.TestCase):
         for name in client.COMMANDS:
             self.assertRegex("\n".join(everyday), rf"/{name}\b")
         self.assertEqual(client.command_help_lines(only="kick"),
-                         ["  /kick [#room] NAME [REASON]",
-                          "                       put someone out of the room"])
+                         ["for room operators (@ in that room; server operators too):",
+                          "  /kick [#room] NAME [REASON] put someone out of the room"])
+        self.assertLessEqual(max(len(line) for line in client.command_help_lines()), 79)
 
     def test_every_alias_points_at_a_command(self) -> None:
         for alias, target in client.ALIASES.items():
