@@ -2167,7 +2167,8 @@ class IrcOutput:
         return lines + self._said(event["from"], channel, text, event["kind"] == "action",
                                   tags, command, lead)
 
-    def _open_replay(self, channel: str) -> List[bytes]:
+    def _open_replay(self, channel: str, heading: str = "--- earlier messages ---"
+                     ) -> List[bytes]:
         """The start of channel's replay, if this is its first line."""
         if not channel or self._replay:
             return []
@@ -2175,7 +2176,7 @@ class IrcOutput:
         if "batch" in self.caps:    # a chathistory batch tells it from live lines
             return [self._line(self.info.server_name, "BATCH", f"+{IRC_REPLAY_BATCH}",
                                "chathistory", channel)]
-        return [self._line(self.info.server_name, "NOTICE", channel, "--- earlier messages ---")]
+        return [self._line(self.info.server_name, "NOTICE", channel, heading)]
 
     def _show_history_end(self, event: dict) -> List[bytes]:
         lines = []
@@ -2331,9 +2332,11 @@ class IrcOutput:
         if code == "invited":
             return [self._numeric("341", event["name"], "#" + event["room"])]
         if code == "new_since" and (self._replay or "room" in event):
-            lines = self._open_replay("#" + event["room"] if "room" in event else "")
-            return lines + [self._line(self.info.server_name, "NOTICE", self._replay,
-                                       "--- new since you were last here ---",
+            heading = "--- new since you were last here ---"
+            lines = self._open_replay("#" + event["room"] if "room" in event else "", heading)
+            if lines and "batch" not in self.caps:
+                return lines    # all of the replay is new: that is its heading
+            return lines + [self._line(self.info.server_name, "NOTICE", self._replay, heading,
                                        tags=self._in_replay(""))]
         return [self._server_notice(event["text"])]
 
@@ -3886,8 +3889,9 @@ class Rooms:
     def leave(self, session: Session, room: Room, reason: str, **details: str) -> None:
         """Take session out of one room (a part, or a kick, with its details): it and
         the room's members are told."""
+        # Kicked, its window stays; parted, irssi closes it: back, it gets all again.
         self._take_out(session, room, reason if reason != "part" else details.get("comment", ""),
-                       saw_all=True)
+                       saw_all=reason == "kicked")
         event = {"type": "leave", "room": room.name, "name": session.name, "reason": reason,
                  "ts": self.core.timestamp(), **details}
         self.core.send(session, event)
@@ -3928,8 +3932,9 @@ class Rooms:
 
     def _take_out(self, session: Session, room: Room, why: str, keep_batch: bool = False,
                   replaced: bool = False, saw_all: bool = False) -> None:
-        """saw_all: it left in good order (a part, a kick, a quit), so that what was sent
-        to it before reached it; a lost connection may have lost the last of it."""
+        """saw_all: it left in good order (a kick, a quit), so that what was sent to it
+        before reached it, and an IRC client still shows it; a lost connection may
+        have lost the last of it."""
         room.discard(session, keep_batch)
         rest = tuple(other for other in session.rooms if other is not room)
         session.rooms = rest[0].alone if len(rest) == 1 else rest
@@ -3943,7 +3948,7 @@ class Rooms:
             self.partings[(session.key, room.ident)] = (self.core.clock.now(), store.last_id())
 
     def parted(self, session: Session, room: Room) -> Optional[int]:
-        """The newest event's id when session's name left room in good order, within
+        """The newest event's id when session's name was kicked from room or quit, within
         PARTING_MEMORY seconds; else None. For a client that keeps its windows, as IRC
         clients do: all it saw is still shown, and a replay of it would be shown twice."""
         left = self.partings.pop((session.key, room.ident), None)

@@ -664,23 +664,27 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(replayed(ira), ["one"])        # new here: the recent ones
         chat.request(ira, {"type": "part", "room": "dev"})
         chat.request(bob, {"type": "say", "room": "dev", "text": "two"})
-        self.assertEqual(replayed(ira), ["New since you were last here", "two"])
-        chat.request(ira, {"type": "part", "room": "dev"})
+        self.assertEqual(replayed(ira), ["one", "two"])     # irssi closes a parted window
+        chat.request(bob, {"type": "kick", "room": "dev", "name": "ira"})
+        chat.request(bob, {"type": "say", "room": "dev", "text": "three"})
+        self.assertEqual(replayed(ira), ["New since you were last here", "three"])
+        chat.request(bob, {"type": "kick", "room": "dev", "name": "ira"})
         self.assertEqual(replayed(ira), [])             # nothing new: its window has it all
         chat.request(ira, {"type": "bye"})              # a QUIT: it saw all until then
-        chat.request(bob, {"type": "say", "room": "dev", "text": "three"})
+        chat.request(bob, {"type": "say", "room": "dev", "text": "four"})
         ira = arrive(missed_only=True)
-        self.assertEqual(replayed(ira), ["New since you were last here", "three"])
+        self.assertEqual(replayed(ira), ["New since you were last here", "four"])
         # A lost connection may have lost what was sent last: everything again.
+        everything = ["one", "two", "three", "four"]
         chat.core.close(ira, "connection closed", graceful=False)
         ira = arrive(missed_only=True)
-        self.assertEqual(replayed(ira), ["one", "two", "three"])
+        self.assertEqual(replayed(ira), everything)
         chat.request(ira, {"type": "bye"})              # long gone: its window is another
         chat.advance(socket_server.PARTING_MEMORY + 1)
         ira = arrive(missed_only=True)
-        self.assertEqual(replayed(ira), ["one", "two", "three"])
+        self.assertEqual(replayed(ira), everything)
         chat.request(ira, {"type": "bye"})              # a client without a window of its own
-        self.assertEqual(replayed(arrive()), ["one", "two", "three"])
+        self.assertEqual(replayed(arrive()), everything)
 
     def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
         chat = CoreHarness()
@@ -5997,8 +6001,10 @@ class IrcCodecTests(unittest.TestCase):
         codec.registered, codec.nick = True, "ann"
         self.assertEqual(codec.encode({"type": "notice", "code": "new_since", "room": "ops",
                                        "text": "New since you were last here"}),
-                         b":chat.lan NOTICE #ops :--- earlier messages ---\r\n"
                          b":chat.lan NOTICE #ops :--- new since you were last here ---\r\n")
+        self.assertEqual(codec.encode({"type": "history_end", "for": "join", "room": "ops",
+                                       "count": 1}),
+                         b":chat.lan NOTICE #ops :--- end of earlier messages ---\r\n")
 
     def test_invite_both_ways(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
