@@ -2305,6 +2305,8 @@ class IrcOutput:
             lines.append(self._numeric("404", arguments[0] if arguments else "*", text))
         elif code in IRC_ERRORS:
             numeric, names_target = IRC_ERRORS[code]
+            if command == "JOIN":   # irssi shows a refused join by its numeric alone
+                lines.append(self._server_notice(text))
             target = (arguments[-1] if command in ("KICK", "MODE", "INVITE") and
                       code == "unknown_user"
                       else arguments[0]) if arguments and names_target else None

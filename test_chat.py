@@ -5996,6 +5996,19 @@ class IrcCodecTests(unittest.TestCase):
         self.assertEqual(codec.take_output(), b":chat.lan NOTICE ann :CTCP VERSION is not passed "
                                               b"on here: only ACTION (/me) is\r\n")
 
+    def test_a_refused_join_says_why_in_a_notice_too(self) -> None:
+        # irssi shows 475 as "Cannot join to channel #ops (Bad channel key)" whatever its
+        # text: a lockout, or how to get in, would go unsaid.
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        codec.feed(b"JOIN #ops guess\r\n")
+        request = codec.next_request()
+        text = "Too many wrong keys for #ops from your address: try again in 5 minutes."
+        self.assertEqual(codec.encode({"type": "error", "code": "bad_key", "text": text,
+                                       "id": request["id"]}),
+                         b":chat.lan NOTICE ann :" + text.encode() + b"\r\n"
+                         b":chat.lan 475 ann #ops :" + text.encode() + b"\r\n")
+
     def test_a_replay_that_begins_with_what_was_missed_opens_in_its_channel(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
         codec.registered, codec.nick = True, "ann"
