@@ -1783,7 +1783,8 @@ SERVER_MESSAGES: Dict[str, Dict[str, type]] = {
     "rooms": {"rooms": list, "more?": bool},
     "topic": {"room": str, "topic": str, "by?": str, "ts?": str, "id?": str},
     "key": {"room": str, "key": str, "by?": str, "ts?": str},
-    "room_op": {"room": str, "name": str, "op": bool, "by?": str, "ts?": str},
+    "room_op": {"room": str, "name": str, "op": bool, "by?": str, "ts?": str,
+                "server_operator?": bool},
     "nick": {"name": str, "new": str, "ts?": str},
     "away": {"name": str, "text?": object, "ts?": str},     # text: a string, or null: back
     "users": {"users": list, "room?": str, "ops?": list, "away?": list, "count?": int},
@@ -2017,10 +2018,16 @@ def _show_key(message: dict, me: str) -> Line:
     return of_room(notice_line(text, local_time(message.get("ts"))), message)
 
 
-def _show_room_op(message: dict, me: str) -> Line:
+def _show_room_op(message: dict, me: str) -> Optional[Line]:
     name, by = clean_text(message["name"]), clean_text(message.get("by", ""))
-    text = f"{by} made {name} an operator of the room" if message["op"] else \
-        f"{by} took operator status from {name}"
+    if message.get("server_operator") is True:  # (runs every room while it is one)
+        if message["op"]:
+            return None     # a notice to everyone says so, once
+        text = f"{name} is no longer an operator"
+    elif message["op"]:
+        text = f"{by} made {name} an operator of the room"
+    else:
+        text = f"{by} took operator status from {name}"
     return of_room(notice_line(text, local_time(message.get("ts"))), message)
 
 

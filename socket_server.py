@@ -4987,7 +4987,7 @@ class Moderation:
         for room in session.rooms:
             if session.key not in room.ops:
                 change = {"type": "room_op", "room": room.name, "name": session.name, "op": op,
-                          "by": "server", "ts": self.core.timestamp()}
+                          "by": "server", "server_operator": True, "ts": self.core.timestamp()}
                 self.core.deliver(room, change, sender=session, echo=change)
 
     def on_deop(self, session: Session, message: dict) -> None:

@@ -803,9 +803,10 @@ class CoreTests(unittest.TestCase):
         chat.request(alice, {"type": "join", "room": "dev"})
         chat.request(bob, {"type": "join", "room": "dev"})
         actions = chat.request(bob, {"type": "op", "password": "op-secret"})
-        changes = [(event["room"], event["name"], event["op"])
+        changes = [(event["room"], event["name"], event["op"], event.get("server_operator"))
                    for event in chat.received(alice, actions) if event["type"] == "room_op"]
-        self.assertEqual(sorted(changes), [("dev", "bob", True), ("lobby", "bob", True)])
+        self.assertEqual(sorted(changes), [("dev", "bob", True, True),
+                                           ("lobby", "bob", True, True)])
         chat.request(alice, {"type": "who", "room": "dev"})
         self.assertEqual(chat.received(alice)[-1]["ops"], ["alice", "bob"])
         carol = chat.join("carol")
@@ -4435,6 +4436,13 @@ class RenderingTests(unittest.TestCase):
                                             "text": "bob was kicked from #dev by carol: off "
                                                     "topic", **kick}, "me")
             self.assertTrue(line.plain.endswith(shown), line.plain)
+        # Made a server operator: everyone is told so once; its rooms say nothing more.
+        as_operator = {"type": "room_op", "room": "dev", "name": "cat", "op": True,
+                       "by": "server", "server_operator": True, "ts": "2026-01-01T00:00:00Z"}
+        self.assertEqual(client.format_message(as_operator, "me"), [])
+        [stopped] = client.format_message(dict(as_operator, op=False), "me")
+        self.assertTrue(stopped.plain.endswith("-!- cat is no longer an operator"),
+                        stopped.plain)
         listed = client.format_message({"type": "rooms", "rooms": [
             {"room": "den", "count": 1, "topic": "", "keyed": True},
             {"room": "dev", "count": 2, "topic": "release"}]}, "me")
