@@ -4289,6 +4289,8 @@ class Accounts:
         room it takes back (of the others no longer: another may take the name)."""
         core, was_in, operator = self.core, earlier.rooms, earlier.operator
         core.close(earlier, "reconnected", graceful=False, replaced=True)
+        # Here since it first came (whois): before admit, whose token it signs.
+        session.connected_at = earlier.connected_at
         core.admit(session, earlier.name, registered=False, rooms=rooms)
         core.rooms.taken_back(session, was_in)
         if operator and not session.gone:

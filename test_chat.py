@@ -1013,7 +1013,24 @@ class CoreTests(unittest.TestCase):
                          ["name_protected"])
         self.assertEqual(alice.name, "alice_away")
 
-    def test_a_locked_out_address_has_no_password_checked_but_stays(self) -> None:
+    def test_a_resumed_session_is_here_since_it_first_came(self) -> None:
+        chat = CoreHarness()
+        alice, bob = chat.join("alice"), chat.join("bob")
+
+        def since() -> str:
+            actions = chat.request(bob, {"type": "whois", "name": "alice"})
+            return [event["since"] for event in chat.received(bob, actions)][0]
+
+        came = since()
+        for _ in range(2):          # a token from a resumed session's welcome works too
+            chat.advance(5)         # (less than a ping's wait: the old one is still here)
+            token = [event["resume"] for event in chat.received(alice)
+                     if event["type"] == "welcome"][-1]
+            alice = chat.connect("alice again")
+            chat.request(alice, {"type": "hello", "name": "alice", "resume": token})
+            self.assertEqual(since(), came)
+
+
         chat = CoreHarness(failure_delay=0, max_failures=2, admin_password="op secret")
         chat.core.accounts.hashes["alice"] = socket_server.hash_password("correct horse")
         # Joined before the lockout, from the same address: the owner of #vault, and three more.
