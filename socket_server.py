@@ -1717,6 +1717,8 @@ class IrcInput:
                 request["action"] = True
             elif command == "NOTICE":
                 request["notice"] = True
+            if "echo-message" not in self.caps:
+                request["ack"] = False      # its client shows the line itself
             self._ask(request, command, target, metered=metered)
             metered = False
 
@@ -2658,9 +2660,9 @@ REQUESTS: Dict[str, RequestType] = {
     "authenticate": RequestType({"name": str, "password": str}, "accounts.on_authenticate",
                                 joined=False, metered=False),
     "say": RequestType({"text": str, "room?": str, "action?": bool, "notice?": bool,
-                        "id?": str}, "on_say"),
+                        "id?": str, "ack?": bool}, "on_say"),
     "whisper": RequestType({"to": str, "text": str, "action?": bool, "notice?": bool,
-                            "id?": str}, "on_whisper"),
+                            "id?": str, "ack?": bool}, "on_whisper"),
     "join": RequestType({"room": str, "key?": str}, "rooms.on_join"),
     "part": RequestType({"room": str, "text?": str}, "rooms.on_part"),
     "rooms": RequestType({}, "rooms.on_rooms"),
@@ -3477,16 +3479,21 @@ class ChatCore:
         timestamp = self.timestamp()
         session.messages_sent += 1
         session.last_spoke = self.clock.now()
+        # "/me waves", shown as "* alice waves"; or (IRC) a NOTICE, which no bot may answer
+        flag = "action" if message.get("action") is True else \
+            "notice" if message.get("notice") is True else None
         said = {"type": "message", "room": room.name, "from": session.name, "text": text,
                 "ts": timestamp}
-        ack = {"type": "sent", "room": room.name, "text": text, "ts": timestamp}
-        if message.get("action") is True:   # "/me waves": shown as "* alice waves"
-            said["action"] = ack["action"] = True
-        elif message.get("notice") is True:     # (IRC) a NOTICE: no bot may answer it
-            said["notice"] = ack["notice"] = True
-        if self.replying_to is not None:
-            ack["id"] = self.replying_to
-        kind = "action" if "action" in said else "said_notice" if "notice" in said else "message"
+        ack = None      # (none for a client that asked for none: an IRC one shows its own)
+        if message.get("ack") is not False:
+            ack = {"type": "sent", "room": room.name, "text": text, "ts": timestamp}
+            if self.replying_to is not None:
+                ack["id"] = self.replying_to
+        if flag:
+            said[flag] = True
+            if ack is not None:
+                ack[flag] = True
+        kind = "said_notice" if flag == "notice" else flag or "message"
         self.store.record(timestamp, kind, session.name, None, text, room=room.name)
         self.deliver(room, said, sender=session, echo=ack)
         if self.quiet_log.logs_texts:
@@ -3517,7 +3524,8 @@ class ChatCore:
             whisper[flag] = sent[flag] = True
         if target is not session:   # to oneself, the `sent` below is the one copy to show
             self.send(target, whisper)
-        self.answer(session, sent)
+        if message.get("ack") is not False:
+            self.answer(session, sent)
         if target.away is not None and target is not session and flag != "notice":
             self.send(session, {"type": "notice", "code": "away", "name": target.name,
                                 "away": target.away,

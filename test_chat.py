@@ -1013,7 +1013,29 @@ class CoreTests(unittest.TestCase):
                          ["name_protected"])
         self.assertEqual(alice.name, "alice_away")
 
-    def test_a_resumed_session_is_here_since_it_first_came(self) -> None:
+    def test_a_sender_that_asks_for_no_acknowledgement_gets_none(self) -> None:
+        # An IRC client without echo-message shows its own lines itself: a `sent` for
+        # it would be encoded only to come to nothing.
+        chat = CoreHarness()
+        ira, bob = chat.join("ira"), chat.join("bob")
+        for request in ({"type": "say", "text": "hi all", "ack": False},
+                        {"type": "whisper", "to": "bob", "text": "hi bob", "ack": False}):
+            actions = chat.request(ira, request)
+            self.assertEqual([event["type"] for event in chat.received(ira, actions)], [])
+            self.assertEqual([event["text"] for event in chat.received(bob, actions)],
+                             [request["text"]])
+        actions = chat.request(ira, {"type": "say", "text": "and this?"})
+        self.assertEqual([event["type"] for event in chat.received(ira, actions)], ["sent"])
+        # What the IRC codec asks for, by whether its client wants its own lines echoed.
+        for caps, ack in ((b"", False), (b"echo-message", None)):
+            codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+            codec.registered, codec.nick = True, "ira"
+            codec.caps = set(caps.decode().split())
+            codec.feed(b"PRIVMSG #lobby :hi\r\nPRIVMSG bob :hi\r\n")
+            for _ in range(2):
+                self.assertEqual(codec.next_request().get("ack"), ack, caps)
+
+
         chat = CoreHarness()
         alice, bob = chat.join("alice"), chat.join("bob")
 
