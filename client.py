@@ -1951,11 +1951,10 @@ def _show_leave(message: dict, me: str) -> Line:
     name, comment = clean_text(message["name"]), clean_text(message.get("comment", ""))
     said = f": {comment}" if comment else ""
     if "text" in message:       # kicked or banned: the server says how (and from where),
-        if message.get("reason") == "kicked" and name.lower() == me.lower() and \
-                "room" in message and isinstance(message.get("by"), str):   # in the third
-            return notice_line(f"you were kicked from #{clean_text(message['room'])} by "
-                               f"{clean_text(message['by'])}{said}", stamp)     # person
-        return notice_line(clean_text(message["text"]), stamp)
+        text = clean_text(message["text"])      # in the third person, as to the others
+        if name.lower() == me.lower() and text.lower().startswith(f"{name.lower()} was "):
+            text = "you were " + text[len(name) + len(" was "):]
+        return notice_line(text, stamp)
     if "room" in message:       # a part
         if name.lower() == me.lower():
             return notice_line(f"you left #{clean_text(message['room'])}{said}", stamp)
@@ -3290,8 +3289,7 @@ class ChatSession:
                 self.send({"type": "nick", "name": new, "name_password": password})
 
     def cmd_away(self, argument: str) -> None:
-        if argument:
-            self.link.away = True       # now, not at the echo: an /away at once is a return
+        if argument:    # (away once the server says so: it may refuse the text)
             self.send({"type": "away", "text": argument})
         elif self.link.away:
             self.send({"type": "away"})

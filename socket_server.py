@@ -5101,6 +5101,9 @@ class Moderation:
         how_long = f" for {duration(length * 60)}" if length is not None else ""
         if looks_like_address(target):
             bans = [Ban("address", target, until, reason, by)]
+            if actor is not None and bans[0].matches(None, actor.host):
+                raise ModerationError("not_allowed", f"{target} is your own address "
+                                      f"({actor.host}): it would ban you too.")
             victims = [member for member in self.core.members.values()
                        if bans[0].matches(None, member.host)]
         else:
@@ -5267,7 +5270,10 @@ class Moderation:
         member = self.core.members.get(name.lower())
         if member is None and must_be_here:
             raise ModerationError("unknown_user", f"Nobody called {quoted(name)} is here.")
-        if member is not None and actor is not None and member.operator and member is not actor:
+        if member is not None and member is actor:  # (a muted operator could not unmute)
+            raise ModerationError("not_allowed", "Not on yourself: another operator, or the "
+                                  "console, can do that.")
+        if member is not None and actor is not None and member.operator:
             raise ModerationError("not_allowed", f"{member.name} is an operator too.")
         return member
 

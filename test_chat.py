@@ -3822,6 +3822,12 @@ class ModerationTests(ChatTestCase):
         alice, bob = self.operator("alice"), self.operator("bob")
         for command in ("kick", "mute", "ban"):
             self.assertEqual(self.moderate(alice, command, "bob")["code"], "not_allowed")
+        # Nor on themselves: a self-muted operator could not even /announce, nor undo it.
+        for command, args in (("mute", "alice"), ("kick", "alice"), ("ban", "alice"),
+                              ("ban", "127.0.0.1"), ("ban", "127.0.0.0/8")):
+            error = self.moderate(alice, command, args)
+            self.assertEqual(error["code"], "not_allowed", (command, args))
+            self.assertIn("yourself" if args == "alice" else "your own address", error["text"])
         self.console("/mute bob")
         self.assertEqual(self.moderate(bob, "unmute", "bob")["code"], "not_allowed")   # not self
         self.console("/kick bob")
@@ -4466,14 +4472,16 @@ class RenderingTests(unittest.TestCase):
         [whois] = client.format_message({"type": "whois", "name": "bob", "rooms": [],
                                          "realname": "Bob \x1b[2JBuilder"}, "me")
         self.assertEqual(whois.plain, "-!- bob (Bob [2JBuilder): in no room")
-        for kick, shown in ((dict(name="me", by="carol", comment="off topic"),
+        for kick, shown in ((dict(name="me", text="me was kicked from #dev by carol: off topic"),
                              "-!- you were kicked from #dev by carol: off topic"),
-                            (dict(name="Me", by="carol"), "-!- you were kicked from #dev by carol"),
-                            (dict(name="bob", by="carol", comment="off topic"),
-                             "-!- bob was kicked from #dev by carol: off topic")):
+                            (dict(name="Me", text="Me was kicked from #dev by carol"),
+                             "-!- you were kicked from #dev by carol"),
+                            (dict(name="bob", text="bob was kicked from #dev by carol"),
+                             "-!- bob was kicked from #dev by carol"),
+                            (dict(name="me", text="#dev was removed by server"),    # /droproom
+                             "-!- #dev was removed by server")):
             [line] = client.format_message({"type": "leave", "room": "dev", "reason": "kicked",
-                                            "text": "bob was kicked from #dev by carol: off "
-                                                    "topic", **kick}, "me")
+                                            "by": "carol", **kick}, "me")
             self.assertTrue(line.plain.endswith(shown), line.plain)
         # Made a server operator: everyone is told so once; its rooms say nothing more.
         as_operator = {"type": "room_op", "room": "dev", "name": "cat", "op": True,
