@@ -6540,6 +6540,18 @@ def describe_reach(host: str, port: int, fingerprint: Optional[str] = None,
     return lines + join_with("on this machine:", "localhost")
 
 
+def describe_rules(settings: Settings) -> Optional[str]:
+    """The message rules in force, in a line for the start-up banner; None for none."""
+    rules = []
+    if settings.blocked_words:
+        count = len(settings.blocked_words)
+        rules.append(f"{count} blocked {'word or phrase' if count == 1 else 'words or phrases'}"
+                     f" ({'refused' if settings.filter_action == 'reject' else 'masked'})")
+    rules += [rule for rule, on in (("no links", settings.no_links),
+                                    ("no whispers", settings.no_whisper)) if on]
+    return "message rules: " + ", ".join(rules) if rules else None
+
+
 def describe_store(store: ChatStore) -> str:
     if not store.keep_messages:
         return "history: not kept; registered names last until the server stops (--no-history)"
@@ -6838,6 +6850,9 @@ def print_start(server: ChatServer, host: str, port: int, fingerprint: Optional[
               "connections at once, whatever --max-clients says")
     if settings.password is not None:
         print("a room password is required to join")
+    rules = describe_rules(settings)
+    if rules:
+        print(rules)
     print(describe_store(server.core.store))
 
 
@@ -6860,6 +6875,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: cannot read --blocked-words {args.blocked_words}: "
                   f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
             return 1
+        if not settings.blocked_words:
+            print(f"note: --blocked-words {args.blocked_words} holds no words (only blank "
+                  "lines and #comments): nothing is blocked", file=sys.stderr)
     log_handler = ConsoleLogHandler(sys.stderr)
     logging.basicConfig(level=args.log_level.upper(), handlers=[log_handler],
                         format="%(asctime)s %(levelname)-7s %(message)s")

@@ -2014,6 +2014,15 @@ class LanAddressTests(unittest.TestCase):
         lines = socket_server.describe_reach("::", 5050)
         self.assertIn("python client.py localhost 5050", lines[-1])
 
+    def test_the_message_rules_in_force_are_said_at_start(self) -> None:
+        describe = lambda **rules: socket_server.describe_rules(settings_for_tests(**rules))
+        self.assertIsNone(describe())
+        self.assertEqual(describe(blocked_words=["darn", "free money"], no_links=True),
+                         "message rules: 2 blocked words or phrases (masked), no links")
+        self.assertEqual(describe(blocked_words=["darn"], filter_action="reject",
+                                  no_whisper=True),
+                         "message rules: 1 blocked word or phrase (refused), no whispers")
+
     def test_irc_commands_pin_a_tls_certificate_as_each_client_spells_it(self) -> None:
         plain = socket_server.irc_commands("10.0.0.5", 6667)
         self.assertEqual(plain, ["IRC: /connect 10.0.0.5 6667 (irssi), /server add lan "
