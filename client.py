@@ -3505,7 +3505,7 @@ COMMANDS: Dict[str, Command] = {
                    moderation_command("ban"), OPERATORS),
     "unban": Command("NAME|ADDRESS", "lift a ban", moderation_command("unban"), OPERATORS),
     "bans": Command("", "list the bans", moderation_command("bans"), OPERATORS),
-    "mute": Command("NAME [MINUTES]", "let someone read but not send",
+    "mute": Command("NAME [MINUTES] [REASON]", "let someone read but not send",
                     moderation_command("mute"), OPERATORS),
     "unmute": Command("NAME", "let them send again", moderation_command("unmute"),
                       OPERATORS),

@@ -4858,7 +4858,7 @@ class Moderation:
                 "out, for good or for MINUTES", "cmd_ban"),
         "unban": ("NAME|ADDRESS", "lift a ban", "cmd_unban"),
         "bans": ("", "list the bans", "cmd_bans"),
-        "mute": ("NAME [MINUTES]", "let someone read but not send", "cmd_mute"),
+        "mute": ("NAME [MINUTES] [REASON]", "let someone read but not send", "cmd_mute"),
         "unmute": ("NAME", "let them send again", "cmd_unmute"),
         "say": ("TEXT", "an announcement to everyone", "cmd_say"),
         "rooms": ("", "the rooms, with how many are in each", "cmd_rooms"),
@@ -5167,16 +5167,24 @@ class Moderation:
         return [ban.describe(now) for ban in self.bans] or ["nobody is banned"]
 
     def cmd_mute(self, actor: Optional[Session], args: str) -> List[str]:
-        name, _, length_word = args.partition(" ")
-        target = self._member(actor, name, "/mute NAME [MINUTES]")
-        length = self._minutes(length_word.strip(), "mute") if length_word.strip() else None
+        name, *rest = args.split() or [""]
+        target = self._member(actor, name, "/mute NAME [MINUTES] [REASON]")
+        length = None
+        if rest and looks_like_number(rest[0]):     # as /ban's: the rest is the reason
+            length = self._minutes(rest.pop(0), "mute")
+        reason = " ".join(rest)
+        if actor is not None:
+            reason = self.parting_words(actor, reason)
         until = self.core.clock.wall() + length * 60 if length is not None else None
         self.mutes[target.name.lower()] = until
         how_long = f" for {duration(length * 60)}" if length is not None else ""
-        text = f"{target.name} was muted by {self._name(actor)}{how_long}"
+        text = f"{target.name} was muted by {self._name(actor)}{how_long}" + \
+            (f": {reason}" if reason else "")
         self.core.notify_all("muted", text, exclude=target)
         self.core.send(target, {"type": "notice", "code": "muted", "text": f"You were muted by "
-                                  f"{self._name(actor)}{how_long}: you can read, but not send.",
+                                  f"{self._name(actor)}{how_long}" +
+                                  (f" ({reason})" if reason else "") +
+                                  ": you can read, but not send.",
                                 "ts": self.core.timestamp()})
         if length is not None:
             self.core.later(length * 60, lambda: self._mute_over(until))

@@ -3989,6 +3989,19 @@ class ModerationTests(ChatTestCase):
         watcher.send({"type": "deop"})      # not an operator: said so, not ignored
         self.assertEqual(watcher.expect("error")["code"], "not_operator")
 
+    def test_a_mute_may_say_why(self) -> None:
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        self.assertEqual(self.console("/mute bob 10 flooding the lobby"),
+                         ["bob was muted by server for 10 minutes: flooding the lobby"])
+        self.assertEqual(alice.expect("notice")["text"],
+                         "bob was muted by server for 10 minutes: flooding the lobby")
+        self.assertEqual(bob.expect("notice")["text"], "You were muted by server for 10 "
+                         "minutes (flooding the lobby): you can read, but not send.")
+        self.console("/mute carol spam")      # no length: until unmuted, and why
+        self.assertEqual(carol.expect("notice")["text"][:4], "bob ")    # (bob's, first)
+        self.assertEqual(carol.expect("notice")["text"], "You were muted by server (spam): "
+                         "you can read, but not send.")
+
     def test_mute_unmute_and_expiry(self) -> None:
         alice, bob = self.peer("alice"), self.peer("bob")
         stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"   # as joins have, so clients show it
