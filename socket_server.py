@@ -2639,6 +2639,7 @@ NOTICES: Dict[str, str] = {
     "away": "the one you whispered to is away (name, away: why)",
     "authenticated": "answer to authenticate: you proved the name is yours",
     "invited": "answer to invite: they may come into the room once without its key",
+    "masked": "your line went out with a blocked word masked (to a sender with no `sent`)",
 }
 
 
@@ -3467,21 +3468,29 @@ class ChatCore:
 
     # -- talking ---------------------------------------------------------------
 
+    def _spoken(self, session: Session, message: dict) -> Optional[Tuple[str, str, Optional[str]]]:
+        """A say's or whisper's text as it may go out (None: refused, and told why), its
+        time, and its flag: "action" (/me), "notice" (IRC's: no bot may answer), or None."""
+        text = self.moderation.checked_text(session, message["text"],
+                                            acked=message.get("ack") is not False)
+        if text is None:
+            return None
+        session.messages_sent += 1
+        session.last_spoke = self.clock.now()
+        flag = "action" if message.get("action") is True else \
+            "notice" if message.get("notice") is True else None
+        return text, self.timestamp(), flag
+
     def on_say(self, session: Session, message: dict) -> None:
         try:
             room = self.rooms.of(session, message.get("room", LOBBY))
         except ModerationError as exc:
             self.refuse(session, exc.code, exc.text)
             return
-        text = self.moderation.checked_text(session, message["text"])
-        if text is None:
+        spoken = self._spoken(session, message)
+        if spoken is None:
             return
-        timestamp = self.timestamp()
-        session.messages_sent += 1
-        session.last_spoke = self.clock.now()
-        # "/me waves", shown as "* alice waves"; or (IRC) a NOTICE, which no bot may answer
-        flag = "action" if message.get("action") is True else \
-            "notice" if message.get("notice") is True else None
+        text, timestamp, flag = spoken
         said = {"type": "message", "room": room.name, "from": session.name, "text": text,
                 "ts": timestamp}
         ack = None      # (none for a client that asked for none: an IRC one shows its own)
@@ -3507,14 +3516,10 @@ class ChatCore:
         if target is None:
             self.refuse(session, "unknown_user", f'Nobody called {quoted(message["to"])} is here.')
             return
-        text = self.moderation.checked_text(session, message["text"])
-        if text is None:
+        spoken = self._spoken(session, message)
+        if spoken is None:
             return
-        timestamp = self.timestamp()
-        session.messages_sent += 1
-        session.last_spoke = self.clock.now()
-        flag = "action" if message.get("action") is True else \
-            "notice" if message.get("notice") is True else None     # "/me winks" in a query
+        text, timestamp, flag = spoken
         self.store.record(timestamp, f"whisper_{flag}" if flag else "whisper", session.name,
                           target.name, text)
         whisper = {"type": "whisper", "from": session.name, "to": target.name, "text": text,
@@ -3526,10 +3531,7 @@ class ChatCore:
             self.send(target, whisper)
         if message.get("ack") is not False:
             self.answer(session, sent)
-        if target.away is not None and target is not session and flag != "notice":
-            self.send(session, {"type": "notice", "code": "away", "name": target.name,
-                                "away": target.away,
-                                "text": f"{target.name} is away: {target.away}"})
+        self.people.tell_if_away(session, target, automatic=flag == "notice")
         if self.quiet_log.logs_texts:
             log.debug("%s whispers to %s: %s", session.name, target.name, text)
 
@@ -3660,6 +3662,14 @@ class People:
             self.core.refuse(session, exc.code, exc.text)
             return
         self.set_away(session, text or None)
+
+    def tell_if_away(self, session: Session, target: Session, automatic: bool) -> None:
+        """Tell session, who whispered to target, that target is away, and why (not for
+        an automatic line, an IRC NOTICE: it wants no answer)."""
+        if target.away is not None and target is not session and not automatic:
+            self.core.send(session, {"type": "notice", "code": "away", "name": target.name,
+                                     "away": target.away,
+                                     "text": f"{target.name} is away: {target.away}"})
 
     def set_away(self, session: Session, text: Optional[str]) -> None:
         """Mark session away (text) or back (None); it and those sharing a room are told
@@ -4914,11 +4924,13 @@ class Moderation:
         left = "until unmuted" if muted == float("inf") else f"for {duration(muted)} more"
         return ModerationError("muted", f"You are muted {left}: you can read, but not send.")
 
-    def checked_text(self, session: Session, text: str) -> Optional[str]:
+    def checked_text(self, session: Session, text: str, acked: bool = True) -> Optional[str]:
         """A message's text as it may be sent, or None after telling the sender why not.
 
         Cleaned for display, within the length limit, through the message
-        rules (masked or refused), and not from someone muted.
+        rules (masked or refused), and not from someone muted. A sender that
+        gets no `sent` (not `acked`: an IRC client, which shows its line as
+        typed) is told when its text went out masked.
         """
         core, most = self.core, self.core.settings.max_length
         muted = self.muted(session) if self.mutes else None    # (nearly always none)
@@ -4935,10 +4947,14 @@ class Moderation:
                         f"characters; yours had {len(text)}.")
             return None
         try:
-            return core.rules.check(text)
+            checked = core.rules.check(text)
         except ModerationError as exc:
             core.refuse(session, exc.code, exc.text)
             return None
+        if checked is not text and not acked:   # (the same string unless masked)
+            core.send(session, {"type": "notice", "code": "masked",
+                                "text": f"Sent with a blocked word masked: {checked}"})
+        return checked
 
     def passed_text(self, session: Session, text: str, most: int) -> str:
         """Words of session's that others see besides its messages (an away text, a

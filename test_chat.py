@@ -1013,7 +1013,22 @@ class CoreTests(unittest.TestCase):
                          ["name_protected"])
         self.assertEqual(alice.name, "alice_away")
 
-    def test_a_sender_that_asks_for_no_acknowledgement_gets_none(self) -> None:
+    def test_a_sender_without_acknowledgements_is_told_its_line_was_masked(self) -> None:
+        # An IRC client shows its own line as typed; the others saw it masked.
+        chat = CoreHarness(blocked_words=["darn"])
+        ira, bob = chat.join("ira"), chat.join("bob")
+        for request in ({"type": "say", "text": "oh darn it", "ack": False},
+                        {"type": "whisper", "to": "bob", "text": "oh darn it", "ack": False}):
+            actions = chat.request(ira, request)
+            self.assertEqual([event["text"] for event in chat.received(bob, actions)],
+                             ["oh **** it"])
+            self.assertEqual([(event["type"], event["text"])
+                              for event in chat.received(ira, actions)],
+                             [("notice", "Sent with a blocked word masked: oh **** it")])
+        actions = chat.request(ira, {"type": "say", "text": "oh darn"})    # its sent says so
+        self.assertEqual([event["type"] for event in chat.received(ira, actions)], ["sent"])
+
+
         # An IRC client without echo-message shows its own lines itself: a `sent` for
         # it would be encoded only to come to nothing.
         chat = CoreHarness()
