@@ -1921,6 +1921,9 @@ IRC_ERRORS: Dict[str, Tuple[str, bool]] = {
     "empty_message": ("412", False), "already_joined": ("462", False),
     "line_too_long": ("417", False),
 }
+# Commands whose refusals IRC clients show by the numeric alone, whatever its text
+# ("nick in use", "bad channel key", "SASL failed"): a server NOTICE says why first.
+IRC_SAID_WHY = frozenset({"AUTHENTICATE", "JOIN", "NICK"})
 # Refusals of a name: the client may try another.
 IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
                              "name_banned", "bad_name_password"})
@@ -2276,7 +2279,7 @@ class IrcOutput:
         lines: List[bytes] = []
         if command == "AUTHENTICATE":
             self.sasl = None
-            lines += [self._server_notice(text), self._numeric("904", "SASL authentication failed")]
+            lines.append(self._numeric("904", "SASL authentication failed"))
         elif command == "NOTICE":
             pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
         elif command == "NICK" and code in IRC_NAME_ERRORS:
@@ -2288,9 +2291,6 @@ class IrcOutput:
                 self.hello_sent, self.nick = False, None    # and is "*" until then
             if code in ("name_protected", "bad_name_password"):   # the nick is not to be had
                 text += " (log in with SASL, or PASS name:password)"
-                # Why, in a notice too: irssi and WeeChat show 433 as "nick in use", the
-                # text left out, and go on to another nick at once.
-                lines.append(self._server_notice(text))
             numeric = "433" if code == "bad_name_password" else IRC_ERRORS[code][0]
             lines.append(self._numeric(numeric, arguments[0] if arguments and arguments[0]
                                        else "*", text))
@@ -2307,14 +2307,14 @@ class IrcOutput:
             lines.append(self._numeric("404", arguments[0] if arguments else "*", text))
         elif code in IRC_ERRORS:
             numeric, names_target = IRC_ERRORS[code]
-            if command == "JOIN":   # irssi shows a refused join by its numeric alone
-                lines.append(self._server_notice(text))
             target = (arguments[-1] if command in ("KICK", "MODE", "INVITE") and
                       code == "unknown_user"
                       else arguments[0]) if arguments and names_target else None
             lines.append(self._numeric(numeric, *([target] if target else []), text))
         else:
             lines.append(self._server_notice(text))
+        if command in IRC_SAID_WHY and (command == "AUTHENTICATE" or code in IRC_ERRORS):
+            lines.insert(0, self._server_notice(text))  # (irssi then takes nick_ at once)
         if event.get("closing"):
             lines.append(self._line("", "ERROR", f"Closing Link: {self._peer()} ({text})"))
         return lines
