@@ -87,8 +87,8 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
-from typing import (Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set,
-                    TextIO, Tuple, Union)
+from typing import (Any, Callable, Deque, Dict, FrozenSet, Iterable, List, NamedTuple, Optional,
+                    Set, TextIO, Tuple, Union)
 
 try:
     import ssl
@@ -1921,9 +1921,13 @@ IRC_ERRORS: Dict[str, Tuple[str, bool]] = {
     "empty_message": ("412", False), "already_joined": ("462", False),
     "line_too_long": ("417", False),
 }
-# Commands whose refusals IRC clients show by the numeric alone, whatever its text
-# ("nick in use", "bad channel key", "SASL failed"): a server NOTICE says why first.
-IRC_SAID_WHY = frozenset({"AUTHENTICATE", "JOIN", "NICK"})
+# Refusals that IRC clients show by their numeric alone, whatever its text: a server
+# NOTICE says why first. By command, the codes (None: all of them).
+IRC_SAID_WHY: Dict[str, Optional[FrozenSet[str]]] = {
+    "AUTHENTICATE": None,                   # 904: "SASL failed"
+    "JOIN": frozenset(IRC_ERRORS),          # 475 "Bad channel key", 471, 405, 403
+    "NICK": frozenset({"name_protected", "bad_name_password"}),     # 433: "in use"
+}
 # Refusals of a name: the client may try another.
 IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
                              "name_banned", "bad_name_password"})
@@ -2313,8 +2317,9 @@ class IrcOutput:
             lines.append(self._numeric(numeric, *([target] if target else []), text))
         else:
             lines.append(self._server_notice(text))
-        if command in IRC_SAID_WHY and (command == "AUTHENTICATE" or code in IRC_ERRORS):
-            lines.insert(0, self._server_notice(text))  # (irssi then takes nick_ at once)
+        said_why = IRC_SAID_WHY.get(command, frozenset())
+        if said_why is None or code in said_why:    # (for a nick, irssi takes nick_ at once)
+            lines.insert(0, self._server_notice(text))
         if event.get("closing"):
             lines.append(self._line("", "ERROR", f"Closing Link: {self._peer()} ({text})"))
         return lines
