@@ -3505,6 +3505,8 @@ COMMANDS: Dict[str, Command] = {
                    moderation_command("ban"), OPERATORS),
     "unban": Command("NAME|ADDRESS", "lift a ban", moderation_command("unban"), OPERATORS),
     "bans": Command("", "list the bans", moderation_command("bans"), OPERATORS),
+    "unlock": Command("[ADDRESS]", "lift a lockout after wrong passwords",
+                      moderation_command("unlock"), OPERATORS),
     "mute": Command("NAME [MINUTES] [REASON]", "let someone read but not send",
                     moderation_command("mute"), OPERATORS),
     "unmute": Command("NAME", "let them send again", moderation_command("unmute"),

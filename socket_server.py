@@ -4269,6 +4269,18 @@ class LoginGuard:
                         host, duration(self.lockout), count, self.guesses)
         return self.delay * min(count, 5)
 
+    def forgive(self, host: Optional[str] = None) -> bool:
+        """Forget host's failures and lockout (its keys' too; every address's when
+        None), as /unlock does; whether a lockout was lifted."""
+        def of_host(key: str) -> bool:
+            return host is None or key == host or key.startswith(f"{host} for #")
+        lifted = [key for key in self._locked_until if of_host(key)]
+        for key in lifted:
+            del self._locked_until[key]
+        for key in [key for key in self._failures if of_host(key)]:
+            del self._failures[key]
+        return bool(lifted)
+
     def forget_old(self, now: float) -> None:
         """Drop expired entries, so that memory stays bounded."""
         for host, until in list(self._locked_until.items()):
@@ -4873,6 +4885,8 @@ class Moderation:
                 "out, for good or for MINUTES", "cmd_ban"),
         "unban": ("NAME|ADDRESS", "lift a ban", "cmd_unban"),
         "bans": ("", "list the bans", "cmd_bans"),
+        "unlock": ("[ADDRESS]", "lift a lockout after wrong passwords (no ADDRESS: all)",
+                   "cmd_unlock"),
         "mute": ("NAME [MINUTES] [REASON]", "let someone read but not send", "cmd_mute"),
         "unmute": ("NAME", "let them send again", "cmd_unmute"),
         "say": ("TEXT", "an announcement to everyone", "cmd_say"),
@@ -5186,6 +5200,15 @@ class Moderation:
         self.ban_for(None, "")      # drops the expired ones
         now = self.core.clock.wall()
         return [ban.describe(now) for ban in self.bans] or ["nobody is banned"]
+
+    def cmd_unlock(self, actor: Optional[Session], args: str) -> List[str]:
+        host, accounts = args.strip() or None, self.core.accounts
+        lifted = [guard.forgive(host) for guard in (accounts.guard, accounts.key_guard)]
+        if not any(lifted):
+            return [f"{host} is not locked out" if host else "nobody is locked out"]
+        log.info("%s lifted %s", self._name(actor), f"{host}'s lockout" if host else "every lockout")
+        return [f"lifted {host}'s lockout: its passwords and keys are checked again" if host
+                else "lifted every lockout"]
 
     def cmd_mute(self, actor: Optional[Session], args: str) -> List[str]:
         name, *rest = args.split() or [""]

@@ -1102,6 +1102,28 @@ class CoreTests(unittest.TestCase):
         self.assertIn("welcome", [event["type"] for event in chat.received(newcomer)])
         self.assertFalse(chat.closed(newcomer))
 
+    def test_the_console_lifts_a_lockout(self) -> None:
+        # Behind one router a whole office is one address: an operator must be able to undo
+        # what one guesser did.
+        chat = CoreHarness(failure_delay=0, max_failures=2, admin_password="op secret")
+        owner = chat.join("owner")
+        chat.request(owner, {"type": "join", "room": "vault"})
+        chat.request(owner, {"type": "key", "room": "vault", "key": "sesame"})
+        guesser = chat.join("guesser")
+        for _ in range(2):
+            chat.request(guesser, {"type": "op", "password": "guess"})
+            chat.request(guesser, {"type": "join", "room": "vault", "key": "guess"})
+            chat.advance(0)
+        run = chat.core.moderation.run
+        self.assertEqual(run(None, "/unlock 10.0.0.9"), ["10.0.0.9 is not locked out"])
+        self.assertEqual(run(None, "/unlock 10.0.0.1"),
+                         ["lifted 10.0.0.1's lockout: its passwords and keys are checked again"])
+        chat.request(guesser, {"type": "op", "password": "op secret"})
+        self.assertTrue(guesser.operator)
+        chat.request(guesser, {"type": "join", "room": "vault", "key": "sesame"})
+        self.assertIn(guesser, chat.core.rooms.all["vault"])
+        self.assertEqual(run(None, "/unlock"), ["nobody is locked out"])
+
     def test_wrong_keys_lock_that_room_from_that_address_only(self) -> None:
         chat = CoreHarness(failure_delay=0, max_failures=2, admin_password="op secret")
         owner = chat.join("owner")
