@@ -1454,7 +1454,8 @@ class IrcInfo:
                   "JOIN:,PART:,KICK:1,NAMES:1,WHOIS:1", "SAFELIST"]
         motd = [f"Welcome to the chat on {settings.server_name}.",
                 "Its rooms are channels here: /join #lobby, where everyone starts;",
-                "/list shows the others. People using client.py are in the same rooms.",
+                "/list (irssi: /list -YES) shows the others. People using client.py are",
+                "in the same rooms.",
                 "Registered names log in with SASL PLAIN, or PASS name:password."]
         started = datetime.now(timezone.utc).strftime("%a %b %d %Y at %H:%M:%S UTC")
         return cls(settings.server_name, started=started, isupport=tokens, motd=motd)
