@@ -4270,11 +4270,16 @@ class LoginGuard:
                         host, duration(self.lockout), count, self.guesses)
         return self.delay * min(count, 5)
 
+    @staticmethod
+    def for_room(host: str, room_ident: str) -> str:
+        """What a room's keys are counted under: the address and the room."""
+        return f"{host} for #{room_ident}"
+
     def forgive(self, host: Optional[str] = None) -> bool:
         """Forget host's failures and lockout (its keys' too; every address's when
         None), as /unlock does; whether a lockout was lifted."""
         def of_host(key: str) -> bool:
-            return host is None or key == host or key.startswith(f"{host} for #")
+            return host is None or key == host or key.startswith(self.for_room(host, ""))
         lifted = [key for key in self._locked_until if of_host(key)]
         for key in lifted:
             del self._locked_until[key]
@@ -4411,7 +4416,7 @@ class Accounts:
 
     @staticmethod
     def _key_guesser(session: Session, room: "Room") -> str:
-        return f"{session.host} for #{room.ident}"
+        return LoginGuard.for_room(session.host, room.ident)
 
     def on_authenticate(self, session: Session, message: dict) -> None:
         """Before hello: prove a registered name is yours (IRC's SASL), so that a hello
@@ -5207,7 +5212,8 @@ class Moderation:
         lifted = [guard.forgive(host) for guard in (accounts.guard, accounts.key_guard)]
         if not any(lifted):
             return [f"{host} is not locked out" if host else "nobody is locked out"]
-        log.info("%s lifted %s", self._name(actor), f"{host}'s lockout" if host else "every lockout")
+        log.info("%s lifted %s", self._name(actor),
+                 f"{host}'s lockout" if host else "every lockout")
         return [f"lifted {host}'s lockout: its passwords and keys are checked again" if host
                 else "lifted every lockout"]
 
