@@ -1369,6 +1369,10 @@ IRC_MESSAGE_TARGETS = 4     # channels and nicks one PRIVMSG or NOTICE goes to (
 IRC_CAPS = ("away-notify", "batch", "echo-message", "multi-prefix", "sasl", "server-time")
 IRC_VERSION = "socket_server-irc-1"
 IRC_REPLAY_BATCH = "history"    # the reference of a replay's batch (one runs at a time)
+# Without batches, a replay ends in a NOTICE; it says "new" once its new lines were
+# headed apart, "earlier" would say they had all been read.
+IRC_REPLAY_END = "--- end of earlier messages ---"
+IRC_REPLAY_NEW_END = "--- end of new messages ---"
 IRC_FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}"
                             r"(?:,[0-9a-fA-F]{6})?)?|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
 IRC_UNSAFE = re.compile(r"[\r\n\0]")    # never inside a parameter: a line must stay one line
@@ -2182,7 +2186,7 @@ class IrcOutput:
         """The start of channel's replay, if this is its first line."""
         if not channel or self._replay:
             return []
-        self._replay = channel
+        self._replay, self._replay_end = channel, IRC_REPLAY_END
         if "batch" in self.caps:    # a chathistory batch tells it from live lines
             return [self._line(self.info.server_name, "BATCH", f"+{IRC_REPLAY_BATCH}",
                                "chathistory", channel)]
@@ -2194,7 +2198,7 @@ class IrcOutput:
             lines.append(self._line(self.info.server_name, "BATCH", f"-{IRC_REPLAY_BATCH}"))
         elif self._replay:
             lines.append(self._line(self.info.server_name, "NOTICE", self._replay,
-                                    "--- end of earlier messages ---"))
+                                    self._replay_end))
         self._replay = ""
         if "text" in event:
             lines.append(self._server_notice(event["text"]))
@@ -2344,6 +2348,7 @@ class IrcOutput:
         if code == "new_since" and (self._replay or "room" in event):
             heading = "--- new since you were last here ---"
             lines = self._open_replay("#" + event["room"] if "room" in event else "", heading)
+            self._replay_end = IRC_REPLAY_NEW_END
             if lines and "batch" not in self.caps:
                 return lines    # all of the replay is new: that is its heading
             return lines + [self._line(self.info.server_name, "NOTICE", self._replay, heading,
@@ -2424,7 +2429,7 @@ class IrcCodec(IrcInput, IrcOutput):
     __slots__ = ("info", "session", "ended", "metered", "answered", "variant", "nick", "user",
                  "realname", "password", "registered", "hello_sent", "negotiating", "caps",
                  "sasl", "server_time", "asked", "rooms", "_buffer", "_start", "_output",
-                 "_requests", "_ids", "_replay", "_listing")
+                 "_requests", "_ids", "_replay", "_replay_end", "_listing")
 
     def __init__(self, info: IrcInfo) -> None:
         self.info = info
@@ -2452,6 +2457,7 @@ class IrcCodec(IrcInput, IrcOutput):
         self._requests: Deque[Tuple[dict, bool]] = deque()
         self._ids = 0
         self._replay = ""               # the channel whose history is being replayed
+        self._replay_end = IRC_REPLAY_END   # its last line: it names what the replay held
         self._listing = False           # in the middle of a LIST answered in several frames
 
 

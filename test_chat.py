@@ -6131,7 +6131,13 @@ class IrcCodecTests(unittest.TestCase):
                          b":chat.lan NOTICE #ops :--- new since you were last here ---\r\n")
         self.assertEqual(codec.encode({"type": "history_end", "for": "join", "room": "ops",
                                        "count": 1}),
-                         b":chat.lan NOTICE #ops :--- end of earlier messages ---\r\n")
+                         b":chat.lan NOTICE #ops :--- end of new messages ---\r\n")
+        # The next replay, of another kind, ends as its own.
+        codec.encode({"type": "history", "kind": "message", "room": "dev", "from": "bob",
+                      "text": "hi", "ts": "2026-12-08T01:00:00.000Z"})
+        self.assertEqual(codec.encode({"type": "history_end", "for": "join", "room": "dev",
+                                       "count": 1}),
+                         b":chat.lan NOTICE #dev :--- end of earlier messages ---\r\n")
 
     def test_invite_both_ways(self) -> None:
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
