@@ -7527,10 +7527,11 @@ class ClientRoomTests(ChatTestCase):
     server_settings = {"failure_delay": 0.01}
 
     def session(self, name: str = "bot", answers: Optional[List[str]] = None,
-                rejoin=None) -> "client.ChatSession":
-        connection, welcome = client.join("127.0.0.1", self.port, name)
+                rejoin=None, port: Optional[int] = None) -> "client.ChatSession":
+        port = port or self.port
+        connection, welcome = client.join("127.0.0.1", port, name)
         session = client.ChatSession(
-            connection, welcome, f"127.0.0.1:{self.port}", RecordingScreen(),
+            connection, welcome, f"127.0.0.1:{port}", RecordingScreen(),
             on_lost=lambda: None, rejoin=rejoin,
             ask_secret=(lambda prompt: answers.pop(0)) if answers is not None else None)
         session.out = session.screen.out
@@ -7776,6 +7777,22 @@ class ClientRoomTests(ChatTestCase):
         bot.handle_line("I am back after all")
         self.assertIsNone(alice.expect("away")["text"])
         self.assertEqual(alice.expect("message")["text"], "I am back after all")
+
+    def test_an_away_the_server_refused_is_not_ended_by_talking(self) -> None:
+        # client.py counts itself away once the server says so, not when it asks: an
+        # away refused (here by a rule) must not be followed by a "back" on the next line.
+        server = ServerThread(blocked_words=["darn"], filter_action="reject")
+        self.addCleanup(server.stop)
+        alice = Peer(server.port, "alice")
+        self.addCleanup(alice.close)
+        bot = self.session(port=server.port)
+        alice.sync()
+        bot.handle_line("/away darn meetings")
+        bot.out.wait_for("blocked")
+        bot.handle_line("hello")
+        self.assertEqual(alice.expect("message")["text"], "hello")
+        bot.out.wait_for("bot: hello")     # the server's echo, after any answer to a "back"
+        self.assertNotIn("-!- you are back", bot.out.lines)
 
     def test_kicking_yourself_is_parting(self) -> None:
         bot = self.session()
