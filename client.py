@@ -77,6 +77,7 @@ except ImportError:     # Python built without OpenSSL: everything but --tls sti
 DEFAULT_HOST = "localhost"
 CONNECT_TIMEOUT = 10.0      # seconds to reach the server
 HANDSHAKE_TIMEOUT = 10.0    # seconds for the server to answer hello
+PASSWORD_NOTE_AFTER = 0.5   # seconds of a password's check before the user is told of it
 LEAVE_TIMEOUT = 5.0         # seconds to wait for the server to confirm we left
 ANSWER_TIMEOUT = 5.0        # seconds to wait for the server to act on /join, /part, /nick
 RECONNECT_TRIES = 6         # attempts after a dropped connection (--retries)
@@ -681,32 +682,36 @@ class ServerConnection:
 
 
 def join(host: str, port: int, name: str, credentials: Optional[Credentials] = None,
-         tls: Optional[TlsOptions] = None, rooms: Iterable[object] = (LOBBY,)
-         ) -> Tuple[ServerConnection, dict]:
+         tls: Optional[TlsOptions] = None, rooms: Iterable[object] = (LOBBY,),
+         on_slow: Optional[Callable[[], None]] = None) -> Tuple[ServerConnection, dict]:
     """Connect and say hello; return the connection and the welcome message.
 
     The hello names the rooms to be in (each a name, or {"room": NAME, "key":
     KEY}), so the welcome lists nobody: a `room` frame for each room follows it,
     with who is there. Raises JoinRefused when the server says no,
-    CannotConnect otherwise.
+    CannotConnect otherwise. on_slow is called once if no answer came within
+    PASSWORD_NOTE_AFTER seconds: a server answers a wrong password 1 to 5 s late.
     """
     connection = ServerConnection.open(host, port, tls)
     where = join_address(host, port)
-    hello = {"type": "hello", "name": name, "rooms": list(rooms)}
-    if credentials and credentials.password is not None:
-        hello["password"] = credentials.password
-    if credentials and credentials.name_password is not None:
-        hello["name_password"] = credentials.name_password
-    if credentials and credentials.resume is not None:
-        hello["resume"] = credentials.resume
+    hello = hello_frame(name, credentials or Credentials(), rooms)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     try:
-        connection.sock.settimeout(HANDSHAKE_TIMEOUT)
+        connection.sock.settimeout(HANDSHAKE_TIMEOUT if on_slow is None else PASSWORD_NOTE_AFTER)
         try:
             connection.send(hello)
         except ValueError:      # the frame would be over the protocol's limit
             raise JoinRefused("bad_name", "That name (or password) is far too long.") from None
         while True:
-            reply = connection.receive()
+            try:
+                reply = connection.receive()
+            except socket.timeout:
+                if on_slow is None:
+                    raise
+                on_slow()
+                on_slow = None
+                connection.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                continue
             if reply["type"] == "welcome":
                 problem = check_fields(reply, SERVER_RULES["welcome"])
                 if problem:
@@ -733,6 +738,17 @@ def join(host: str, port: int, name: str, credentials: Optional[Credentials] = N
     except (ConnectionClosed, OSError):
         connection.close()
         raise CannotConnect(f"{where} closed the connection before we could join") from None
+
+
+def hello_frame(name: str, credentials: Credentials, rooms: Iterable[object]) -> dict:
+    """The hello: who we are, what proves it, and where we go."""
+    hello = {"type": "hello", "name": name, "rooms": list(rooms)}
+    for field, value in (("password", credentials.password),
+                         ("name_password", credentials.name_password),
+                         ("resume", credentials.resume)):
+        if value is not None:
+            hello[field] = value
+    return hello
 
 
 def join_address(host: str, port: int) -> str:
@@ -3662,9 +3678,14 @@ class Joiner:
         while True:
             checking = self.credentials.password is not None or \
                 self.credentials.name_password is not None
+            # A wrong password is answered late, later each time: say why nothing comes.
+            note = (lambda: print("  checking the password (a wrong one is answered more "
+                                  "slowly each time)...", file=sys.stderr)) \
+                if self.interactive and checking else None
             try:
                 with typing_hidden(self.interactive and checking):
-                    return join(self.host, self.port, self.name, self.credentials, self.tls)
+                    return join(self.host, self.port, self.name, self.credentials, self.tls,
+                                on_slow=note)
             except JoinRefused as refused:
                 print(f"! {refused.text}", file=sys.stderr)
                 fix = self.FIXES.get(ASK_AGAIN.get(refused.code, ""))

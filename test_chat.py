@@ -3556,6 +3556,28 @@ class ClientCredentialTests(ChatTestCase):
             self.addCleanup(bot.kill)
             self.assertEqual(bot.finish(), 0, bot.output("stderr"))
 
+    def test_a_password_check_that_takes_a_while_is_noted_once(self) -> None:
+        # A wrong password is answered 1 to 5 s late, on purpose: the user is told why
+        # nothing happens, once, and a right one (answered at once) says nothing.
+        server = ServerThread(password="sesame", failure_delay=0.3)
+        self.addCleanup(server.stop)
+        notes, note_after = [], client.PASSWORD_NOTE_AFTER
+        client.PASSWORD_NOTE_AFTER = 0.1       # under the server's delay, for a short test
+        try:
+            with self.assertRaises(client.JoinRefused) as refused:
+                client.join("127.0.0.1", server.port, "bot",
+                            client.Credentials(password="guess"),
+                            on_slow=lambda: notes.append("checking"))
+        finally:
+            client.PASSWORD_NOTE_AFTER = note_after
+        self.assertEqual(refused.exception.code, "bad_password")
+        self.assertEqual(notes, ["checking"])
+        connection, _ = client.join("127.0.0.1", server.port, "bot",
+                                    client.Credentials(password="sesame"),
+                                    on_slow=lambda: notes.append("again"))
+        connection.close()
+        self.assertEqual(notes, ["checking"])
+
     def test_missing_password_without_a_terminal_explains_itself(self) -> None:
         bot = Process(CLIENT_SCRIPT, "127.0.0.1", str(self.port), "--name", "bot", stdin_data="")
         self.addCleanup(bot.kill)
