@@ -1777,7 +1777,7 @@ class IrcInput:
     def _who(self, *mask: str) -> None:
         target = mask[0] if mask and mask[0] else "*"
         if target.startswith("#"):
-            self._ask({"type": "who", "room": target}, "WHO", target)
+            self._ask({"type": "who", "room": target, "realnames": True}, "WHO", target)
         elif target in ("*", "0"):
             self._reply("315", target, "End of /WHO list")
         else:
@@ -2211,10 +2211,12 @@ class IrcOutput:
             return self._show_names("#" + event.get("room", ""), users, event.get("ops", []))
         if command == "WHO":
             channel, operators = "#" + event.get("room", ""), {n.lower() for n in event["ops"]}
+            realnames = event.get("realnames", {})
             return [self._numeric("352", channel, name, self.info.server_name,
                                   self.info.server_name, name,
                                   ("G" if name in away else "H") +
-                                  ("@" if name.lower() in operators else ""), f"0 {name}")
+                                  ("@" if name.lower() in operators else ""),
+                                  f"0 {realnames.get(name) or name}")
                     for name in users] + [self._numeric("315", channel, "End of /WHO list")]
         here = {name.lower(): name for name in users}
         if command == "ISON":
@@ -2684,7 +2686,7 @@ REQUESTS: Dict[str, RequestType] = {
     "key": RequestType({"room": str, "key": str}, "rooms.on_key"),
     "invite": RequestType({"room": str, "name": str}, "rooms.on_invite"),
     "room_op": RequestType({"room": str, "name": str, "op?": bool}, "rooms.on_room_op"),
-    "who": RequestType({"room?": str}, "people.on_who"),
+    "who": RequestType({"room?": str, "realnames?": bool}, "people.on_who"),
     "whois": RequestType({"name": str}, "people.on_whois"),
     "nick": RequestType({"name": str, "name_password?": str}, "people.on_nick"),
     "away": RequestType({"text?": str}, "people.on_away"),
@@ -3606,6 +3608,9 @@ class People:
             members, answer = room.members, {"room": room.name}
         away = [name for name in listed if members[name.lower()].away is not None]
         answer.update(type="users", users=listed, count=count, ops=ops, away=away)
+        if message.get("realnames") is True:    # asked for: IRC's WHO shows them
+            answer["realnames"] = {name: members[name.lower()].realname for name in listed
+                                   if members[name.lower()].realname}
         core.answer(session, answer)
 
     def on_whois(self, session: Session, message: dict) -> None:

@@ -6496,6 +6496,19 @@ class IrcTests(ChatTestCase):
         alice.send("WHO carol")
         realname = alice.expect(r" 352 alice \* carol test.lan test.lan carol H :0 (.*)")[1]
         self.assertEqual(realname, ("[31mCarol " + "x" * 100)[:socket_server.REALNAME_MAX])
+        # A channel's WHO too: HexChat and WeeChat show it in their lists of users.
+        for irc_user in (alice, carol):
+            irc_user.send("JOIN #den")
+            irc_user.until(" 366 ")
+        enter(bob, "den")
+        alice.send("WHO #den")
+        self.assertEqual([line for line in alice.until(r" 315 ") if " 352 " in line],
+                         [":test.lan 352 alice #den alice test.lan test.lan alice H@ :0 alice "
+                          "the tester",
+                          ":test.lan 352 alice #den bob test.lan test.lan bob H :0 bob",
+                          f":test.lan 352 alice #den carol test.lan test.lan carol H :0 {realname}"])
+        bob.send({"type": "who", "room": "den"})    # asked for by WHO only: a list costs
+        self.assertNotIn("realnames", bob.expect("users"))
         dan = self.peer()
         dan.send({"type": "hello", "name": "dan", "realname": 7})
         self.assertEqual(dan.expect("error")["code"], "bad_message")
