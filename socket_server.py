@@ -3766,8 +3766,9 @@ class Rooms:
         # Who may come past a room's key once, without it: room ident -> sessions
         # invited (by a member, who knows the key), until they come or leave the chat.
         self.invited: Dict[str, Set[Session]] = {}
-        # (name key, room ident) -> (when, newest event id): see parted()
-        self.partings: Dict[Tuple[str, str], Tuple[float, int]] = {}
+        # (name key, room ident) -> (when, newest event id, whether its client still
+        # shows all it was sent there): see parted()
+        self.partings: Dict[Tuple[str, str], Tuple[float, int, bool]] = {}
         store = core.store
         for name, topic, topic_by, topic_ts, key, created, created_by in store.rooms():
             room = self.all[name.lower()] = Room(name, created, created_by)
@@ -3979,19 +3980,25 @@ class Rooms:
             self._set_op(room, session.key, False, False)   # lasted while it was here
         store = self.core.store
         store.record(self.core.timestamp(), "leave", session.name, None, why, room=room.name)
-        if saw_all and session.missed_only:
+        if session.missed_only or session.registered:
             if len(self.partings) >= PARTINGS_MAX:
                 del self.partings[next(iter(self.partings))]    # the oldest
-            self.partings[(session.key, room.ident)] = (self.core.clock.now(), store.last_id())
+            self.partings[(session.key, room.ident)] = (self.core.clock.now(), store.last_id(),
+                                                        saw_all and session.missed_only)
 
-    def parted(self, session: Session, room: Room) -> Optional[int]:
-        """The newest event's id when session's name was kicked from room or quit, within
-        PARTING_MEMORY seconds; else None. For a client that keeps its windows, as IRC
-        clients do: all it saw is still shown, and a replay of it would be shown twice."""
+    def parted(self, session: Session, room: Room) -> Tuple[Optional[int], Optional[int]]:
+        """Where session's name left room, as the newest event's id then: (for a client
+        that keeps its windows, as IRC clients do, only when it was kicked or quit
+        within PARTING_MEMORY seconds: all it saw is still shown, and a replay of it
+        would be shown twice; for a registered name, its last time there, or None
+        when not known here: the chat's restarted since, or forgot it)."""
         left = self.partings.pop((session.key, room.ident), None)
-        if left is None or self.core.clock.now() - left[0] > PARTING_MEMORY:
-            return None
-        return left[1]
+        if left is None:
+            return None, None
+        when, last_id, still_shown = left
+        recent = still_shown and session.missed_only and \
+            self.core.clock.now() - when <= PARTING_MEMORY
+        return (last_id if recent else None), (last_id if session.registered else None)
 
     def taken_back(self, session: Session, rooms: Tuple[Room, ...]) -> None:
         """A resumed session's earlier rooms (see Accounts.resume): it stays an operator
@@ -4636,11 +4643,12 @@ class History:
         """A room's recent messages for a newcomer; a returning registered name gets
         what it missed there."""
         count = self.core.settings.history
-        missed_after = self.core.rooms.parted(session, room) if session.missed_only else None
+        missed_after, left = self.core.rooms.parted(session, room)
         if missed_after is not None:    # only what came since: its window shows the rest
             count = min(self.store.count_public_after(room.name, missed_after), MISSED_MAX)
         elif session.registered:
-            left = self.store.account_marks(session.name)[1]
+            if left is None:    # not in it since it last left the chat
+                left = self.store.account_marks(session.name)[1]
             missed = self.store.count_public_after(room.name, left) if left else 0
             if missed:
                 missed_after = left

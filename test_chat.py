@@ -686,6 +686,34 @@ class CoreTests(unittest.TestCase):
         chat.request(ira, {"type": "bye"})              # a client without a window of its own
         self.assertEqual(replayed(arrive()), everything)
 
+    def test_a_registered_name_back_in_a_room_is_shown_new_what_came_since_it_left(
+            self) -> None:
+        # "New since you were last here" is about the room: its mark is where the name
+        # left that room, not where it last left the chat (its own lines are not new).
+        chat = CoreHarness()
+        ann, bob = chat.join("ann"), chat.join("bob")
+        chat.request(ann, {"type": "register", "password": "correct horse"})
+        chat.finish_jobs()
+        chat.request(bob, {"type": "say", "text": "before"})
+        chat.core.store.mark_left("ann")        # as if ann had left the chat then, and came back
+        for session in (ann, bob):
+            chat.request(session, {"type": "join", "room": "dev"})
+        chat.request(ann, {"type": "say", "room": "dev", "text": "mine"})
+
+        def rejoined() -> List[str]:
+            chat.request(ann, {"type": "part", "room": "dev"})
+            for text in said:
+                chat.request(bob, {"type": "say", "room": "dev", "text": text})
+            actions = chat.request(ann, {"type": "join", "room": "dev"})
+            return [event.get("text", "") for event in chat.received(ann, actions)
+                    if event["type"] in ("history", "notice")]
+
+        said = []
+        self.assertEqual(rejoined(), ["mine"])
+        said = ["while ann was out"]
+        self.assertEqual(rejoined(), ["mine", "New since you were last here",
+                                      "while ann was out"])
+
     def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
         chat = CoreHarness()
         alice = chat.join("alice")
