@@ -5178,7 +5178,8 @@ class Moderation:
                 raise ModerationError("bad_name",
                                       f"{quoted(name)} is neither a name nor an address.")
             bans = [Ban("name", name, until, reason, by)]
-            if member:
+            own = member is not None and actor is not None and member.host == actor.host
+            if member and not own:
                 bans.append(Ban("address", member.host, until, reason, by, for_name=name))
             victims = [member] if member else []
         for victim in victims:
@@ -5197,10 +5198,9 @@ class Moderation:
                             if len(sharing) > MAX_NAMED_IN_NOTE else "")
                          + f" {'is' if len(sharing) == 1 else 'are'} on that address too: "
                          "they stay for now, but cannot come back once they leave")
-        if actor is not None and any(ban.matches(None, actor.host) for ban in bans
-                                     if ban.kind == "address"):
-            lines.append(f"note: that includes your own address, {actor.host}: you could not "
-                         "come back from it until the ban ends or someone lifts it")
+        if not looks_like_address(target) and own:
+            lines.append(f"note: {name}'s address, {actor.host}, is yours too, so it is not "
+                         "banned: they can come back under another name")
         for victim in victims:
             text = f"{victim.name} was banned by {by}{how_long}" + (f": {reason}" if reason else "")
             self.core.remove(victim, "banned", text)
