@@ -1962,15 +1962,21 @@ def _show_sent(message: dict, me: str) -> Line:
                              action=message.get("action") is True), message)
 
 
+def to_me(text: str, me: str) -> str:
+    """"me was kicked by ..." as "you were kicked by ...": the server tells what
+    happened to someone in the third person, as the others read it."""
+    if text.lower().startswith(f"{me.lower()} was "):
+        return "you were " + text[len(me) + len(" was "):]
+    return text
+
+
 def _show_leave(message: dict, me: str) -> Line:
     stamp = local_time(message.get("ts"))
     name, comment = clean_text(message["name"]), clean_text(message.get("comment", ""))
     said = f": {comment}" if comment else ""
-    if "text" in message:       # kicked or banned: the server says how (and from where),
-        text = clean_text(message["text"])      # in the third person, as to the others
-        if name.lower() == me.lower() and text.lower().startswith(f"{name.lower()} was "):
-            text = "you were " + text[len(name) + len(" was "):]
-        return notice_line(text, stamp)
+    if "text" in message:       # kicked or banned: the server says how (and from where)
+        text = clean_text(message["text"])
+        return notice_line(to_me(text, me) if name.lower() == me.lower() else text, stamp)
     if "room" in message:       # a part
         if name.lower() == me.lower():
             return notice_line(f"you left #{clean_text(message['room'])}{said}", stamp)
@@ -2151,7 +2157,7 @@ FORMATTERS: Dict[str, Callable[[dict, str], Union[Line, List[Line], None]]] = {
     "users": _show_users,
     "announcement": lambda m, me: chat_line(local_time(m.get("ts")), clean_text(m["from"]),
                                             clean_text(m["text"]), me, "announcement"),
-    "error": lambda m, me: error_line(clean_text(m["text"])),
+    "error": lambda m, me: error_line(to_me(clean_text(m["text"]), me)),
     "shutdown": lambda m, me: notice_line(clean_text(m.get("text",
                                                            "The server is shutting down."))),
     "history": _show_history,

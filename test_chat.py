@@ -7101,6 +7101,19 @@ class ClientUnitTests(unittest.TestCase):
         self.assertEqual(fmt({"type": "message", "from": "x\x1b[2J", "text": "\x07hi",
                               "ts": stamp}, "me"), f"[{local}] x[2J: hi")
 
+    def test_whoever_is_put_out_reads_it_in_the_second_person(self) -> None:
+        shown = lambda message: [line.plain for line in client.format_message(message, "Me")]
+        for code, text in (("kicked", "me was kicked by ann: bye"),
+                           ("banned", "me was banned by ann for 5 minutes: spam")):
+            self.assertEqual(shown({"type": "error", "code": code, "text": text}),
+                             ["! you were " + text.split(" was ", 1)[1]])
+        self.assertEqual(shown({"type": "leave", "name": "me", "room": "dev", "reason": "kicked",
+                                "text": "me was kicked from #dev by ann",
+                                "ts": "2026-01-02T03:04:05.000Z"})[0].split("] ", 1)[1],
+                         "-!- you were kicked from #dev by ann")
+        self.assertEqual(shown({"type": "error", "code": "kicked",      # someone else's name
+                                "text": "mel was kicked by ann"}), ["! mel was kicked by ann"])
+
     def test_an_action_can_never_pass_for_a_notice(self) -> None:
         # Issue 11: "/me left" showed exactly as a real departure, and "/me was kicked by
         # server: spoofed" as a real kick. Notices carry "-!-" where an action has
