@@ -2042,10 +2042,8 @@ def _show_key(message: dict, me: str) -> Line:
 def _show_room_op(message: dict, me: str) -> Optional[Line]:
     name, by = clean_text(message["name"]), clean_text(message.get("by", ""))
     if message.get("server_operator") is True:  # (runs every room while it is one)
-        if message["op"]:
-            return None     # a notice to everyone says so, once
-        text = f"{name} is no longer an operator"
-    elif message["op"]:
+        return None     # a notice to everyone says so, once, not one a room
+    if message["op"]:
         text = f"{by} made {name} an operator of the room"
     else:
         text = f"{by} took operator status from {name}"

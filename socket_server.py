@@ -2646,6 +2646,7 @@ NOTICES: Dict[str, str] = {
     "op": "you are an operator now",
     "deop": "you are no longer an operator",
     "new_operator": "someone else became an operator",
+    "former_operator": "someone else is no longer an operator",
     "muted": "someone was muted (or you were)",
     "unmuted": "someone was unmuted (or you were, or your mute ended)",
     "moderation": "one line of a moderation command's answer, for the operator who ran it",
@@ -5068,6 +5069,8 @@ class Moderation:
         self.core.operators.discard(session)
         self.core.send(session, {"type": "notice", "code": "deop",
                                  "text": "You are no longer an operator."})
+        self.core.notify_all("former_operator", f"{session.name} is no longer an operator",
+                             exclude=session)
         self._runs_its_rooms(session, False)
 
     def on_moderate(self, session: Session, message: dict) -> None:
