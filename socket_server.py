@@ -6569,11 +6569,13 @@ def client_command(host: str, port: int, fingerprint: Optional[str]) -> str:
 def irc_commands(host: str, port: int, fingerprint: Optional[str] = None) -> List[str]:
     """How to join with irssi and with WeeChat. With TLS, both pin the certificate
     (which they would refuse as self-signed), each in its own spelling of it; WeeChat
-    before 4.0 (Debian 12's) ignores -tls and needs -ssl."""
+    before 4.0 (Debian 12's) ignores -tls and needs -ssl. Without TLS, WeeChat 4.0 and
+    later need -notls (they use TLS unless told not to), which older ones ignore."""
     shown = f"[{host}]" if ":" in host else host
     weechat = f"/server add lan {shown}/{port}"
     if fingerprint is None:
-        return [f"IRC: /connect {host} {port} (irssi), {weechat} then /connect lan (WeeChat)"]
+        return [f"IRC: /connect {host} {port} (irssi), {weechat} -notls then /connect lan "
+                "(WeeChat)"]
     pairs = ":".join(fingerprint[at:at + 2] for at in range(0, len(fingerprint), 2)).upper()
     return [f"IRC, irssi: /connect -tls -tls_pinned_cert {pairs} {host} {port}",
             f"IRC, WeeChat: {weechat} -tls -tls_fingerprint={fingerprint} then /connect lan",

@@ -2096,7 +2096,7 @@ class LanAddressTests(unittest.TestCase):
     def test_irc_commands_pin_a_tls_certificate_as_each_client_spells_it(self) -> None:
         plain = socket_server.irc_commands("10.0.0.5", 6667)
         self.assertEqual(plain, ["IRC: /connect 10.0.0.5 6667 (irssi), /server add lan "
-                                 "10.0.0.5/6667 then /connect lan (WeeChat)"])
+                                 "10.0.0.5/6667 -notls then /connect lan (WeeChat)"])
         fingerprint = "01716d1b" + "ab" * 28
         irssi, weechat, old_weechat = socket_server.irc_commands("10.0.0.5", 6697, fingerprint)
         # irssi compares pairs in capitals, with colons (tried with irssi 1.4.3); WeeChat
