@@ -1933,6 +1933,9 @@ IRC_SAID_WHY: Dict[str, Optional[FrozenSet[str]]] = {
     "JOIN": frozenset(IRC_ERRORS),          # 475 "Bad channel key", 471, 405, 403
     "NICK": frozenset({"name_protected", "bad_name_password"}),     # 433: "in use"
 }
+# The core's texts name client.py's commands; where an IRC client's differ, its own.
+IRC_COMMAND_NAMES = {"/rooms": "/list", "/op": "/oper"}
+IRC_COMMAND_NAMED = re.compile("|".join(rf"{re.escape(name)}\b" for name in IRC_COMMAND_NAMES))
 # Refusals of a name: the client may try another.
 IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
                              "name_banned", "bad_name_password"})
@@ -2286,7 +2289,8 @@ class IrcOutput:
 
     def _show_error(self, event: dict) -> List[bytes]:
         command, arguments = self._asked(event)
-        code, text = event["code"], event["text"]
+        code = event["code"]
+        text = IRC_COMMAND_NAMED.sub(lambda named: IRC_COMMAND_NAMES[named[0]], event["text"])
         lines: List[bytes] = []
         if command == "AUTHENTICATE":
             self.sasl = None

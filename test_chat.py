@@ -6168,6 +6168,22 @@ class IrcCodecTests(unittest.TestCase):
         self.assertEqual(codec.take_output(), b":chat.lan NOTICE ann :CTCP VERSION is not passed "
                                               b"on here: only ACTION (/me) is\r\n")
 
+    def test_refusals_name_the_irc_clients_commands(self) -> None:
+        # irssi's /op makes a channel operator, and /rooms is no command of it.
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        for line, code, text, shown in (
+                (b"KILL bob :spam", "not_operator", "Only operators can do that (see /op).",
+                 b":chat.lan 481 ann :Only operators can do that (see /oper).\r\n"),
+                (b"TOPIC #nowhere :x", "no_such_room",
+                 "There is no room #nowhere (/rooms lists them).",
+                 b":chat.lan 403 ann #nowhere :There is no room #nowhere (/list lists them)."
+                 b"\r\n")):
+            codec.feed(line + b"\r\n")
+            request = codec.next_request()
+            self.assertEqual(codec.encode({"type": "error", "code": code, "text": text,
+                                           "id": request["id"]}), shown)
+
     def test_a_refused_join_says_why_in_a_notice_too(self) -> None:
         # irssi shows 475 as "Cannot join to channel #ops (Bad channel key)" whatever its
         # text: a lockout, or how to get in, would go unsaid.
