@@ -1460,7 +1460,8 @@ class IrcInfo:
                 "Its rooms are channels here: /join #lobby, where everyone starts;",
                 "/list (irssi: /list -YES) shows the others. People using client.py are",
                 "in the same rooms.",
-                "Registered names log in with SASL PLAIN, or PASS name:password."]
+                "Registered names log in with SASL PLAIN, or PASS " +
+                ("CHATPASSWORD:name:password." if settings.password else "name:password.")]
         started = datetime.now(timezone.utc).strftime("%a %b %d %Y at %H:%M:%S UTC")
         return cls(settings.server_name, started=started, isupport=tokens, motd=motd)
 
@@ -1933,6 +1934,10 @@ IRC_SAID_WHY: Dict[str, Optional[FrozenSet[str]]] = {
     "JOIN": frozenset(IRC_ERRORS),          # 475 "Bad channel key", 471, 405, 403
     "NICK": frozenset({"name_protected", "bad_name_password"}),     # 433: "in use"
 }
+# What an IRC user is told besides the core's text, by its code: how IRC clients do it.
+IRC_HOW = {code: " Give it as the server's password: /connect HOST PORT PASSWORD in irssi, "
+                 "-password=PASSWORD to WeeChat's /server add."
+           for code in ("password_required", "bad_password")}
 # The core's texts name client.py's commands; where an IRC client's differ, its own.
 IRC_COMMAND_NAMES = {"/rooms": "/list", "/op": "/oper"}
 IRC_COMMAND_NAMED = re.compile("|".join(rf"{re.escape(name)}\b" for name in IRC_COMMAND_NAMES))
@@ -2291,6 +2296,7 @@ class IrcOutput:
         command, arguments = self._asked(event)
         code = event["code"]
         text = IRC_COMMAND_NAMED.sub(lambda named: IRC_COMMAND_NAMES[named[0]], event["text"])
+        text += IRC_HOW.get(code, "")
         lines: List[bytes] = []
         if command == "AUTHENTICATE":
             self.sasl = None

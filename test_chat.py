@@ -6713,7 +6713,10 @@ class IrcTests(ChatTestCase):
         wrong.send("NICK eve")
         wrong.send("USER eve 0 * :Eve")
         closing = wrong.read_until_closed()
-        self.assertTrue(any(" 464 " in line for line in closing), closing)
+        # irssi shows the 464 and quits: it says how an IRC client gives the password.
+        self.assertIn(":test.lan 464 * :Wrong password for this chat. Give it as the server's "
+                      "password: /connect HOST PORT PASSWORD in irssi, -password=PASSWORD to "
+                      "WeeChat's /server add.", closing)
         self.assertTrue(closing[-1].startswith("ERROR :Closing Link: 127.0.0.1"), closing)
         sasl = IrcPeer(port)
         self.addCleanup(sasl.close)
@@ -6742,7 +6745,8 @@ class IrcTests(ChatTestCase):
         plain.send("PASS :room pw:dave:dave's secret")
         plain.send("NICK dave")
         plain.send("USER dave 0 * :Dave")
-        plain.expect(" 001 dave ")
+        self.assertIn(":test.lan 372 dave :- Registered names log in with SASL PLAIN, or PASS "
+                      "CHATPASSWORD:name:password.", plain.until(" 376 "))
         plain.send("OPER dave wrong")
         plain.expect(r" 464 dave ")
         plain.send("OPER dave :op pw")
