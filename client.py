@@ -119,7 +119,7 @@ ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
 NAME_PATTERN = re.compile(r"(?=[_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,32}")     # fullmatch
 NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', "
               "with a letter or digit")
-RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
+RESERVED_NAMES = frozenset({"server", "system", "nickserv"})     # compared in lower case
 MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
 MAX_PASSWORD_LENGTH = 1024
 

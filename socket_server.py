@@ -203,7 +203,7 @@ ASK_AGAIN = {"bad_name": "name", "name_taken": "name", "name_reserved": "name",
 NAME_PATTERN = re.compile(r"(?=[_.-]*[A-Za-z0-9])[A-Za-z0-9_.-]{1,32}")     # fullmatch
 NAME_RULES = ("1 to 32 characters: letters A-Z, digits, '_', '-' and '.', "
               "with a letter or digit")
-RESERVED_NAMES = frozenset({"server", "system"})    # compared in lower case
+RESERVED_NAMES = frozenset({"server", "system", "nickserv"})     # compared in lower case
 MIN_PASSWORD_LENGTH = 8     # characters in a registered name's password
 MAX_PASSWORD_LENGTH = 1024
 
@@ -1461,7 +1461,8 @@ class IrcInfo:
                 "/list (irssi: /list -YES) shows the others. People using client.py are",
                 "in the same rooms.",
                 "Registered names log in with SASL PLAIN, or PASS " +
-                ("CHATPASSWORD:name:password." if settings.password else "name:password.")]
+                ("CHATPASSWORD:name:password." if settings.password else "name:password."),
+                "/msg NickServ HELP says how to register yours."]
         started = datetime.now(timezone.utc).strftime("%a %b %d %Y at %H:%M:%S UTC")
         return cls(settings.server_name, started=started, isupport=tokens, motd=motd)
 
@@ -1715,6 +1716,10 @@ class IrcInput:
             named = named[:IRC_MESSAGE_TARGETS]
         metered = True      # the first target costs a token; the others come with it
         for target in named:
+            if target.lower() == IRC_NICKSERV.lower():
+                if command == "PRIVMSG" and not action:     # (a NOTICE wants no answer)
+                    self._nickserv(text)
+                continue
             if target.startswith("#"):
                 request = {"type": "say", "room": target, "text": text}
             else:
@@ -1853,6 +1858,35 @@ class IrcInput:
         self._ask({"type": "moderate", "command": "kick", "args": f"{name} {irc_text(reason)}"},
                   "KILL", name)
 
+    def _nickserv(self, *words: str) -> None:
+        """What IRC users type to register a nick (/msg NickServ REGISTER PASSWORD), as
+        the core's requests; the NICKSERV and NS commands come here too."""
+        verb, *arguments = " ".join(words).split() or ["HELP"]
+        verb, nick = verb.upper(), self.nick or "*"
+        if verb == "SET" and arguments and arguments[0].upper() == "PASSWORD":
+            verb, arguments = "SET PASSWORD", arguments[1:]
+        if verb == "REGISTER" and arguments:        # (an e-mail address after it is unused)
+            self._ask({"type": "register", "password": arguments[0]}, "NICKSERV")
+        elif verb == "IDENTIFY" and arguments:      # IDENTIFY [NICK] PASSWORD
+            name, password = arguments[:2] if len(arguments) > 1 else (nick, arguments[0])
+            if name.lower() == nick.lower():
+                self._from_nickserv(f"You are {nick} already: IDENTIFY NICK PASSWORD takes "
+                                    "another registered nick.")
+            else:
+                self._ask({"type": "nick", "name": name, "name_password": password},
+                          "NICKSERV")
+        elif verb == "DROP" and arguments:          # DROP [NICK] PASSWORD: only one's own
+            self._ask({"type": "unregister", "password": arguments[-1]}, "NICKSERV")
+        elif verb == "SET PASSWORD" and len(arguments) == 2:
+            self._ask({"type": "change_password", "password": arguments[0],
+                       "new_password": arguments[1]}, "NICKSERV")
+        else:
+            for line in IRC_NICKSERV_HELP:
+                self._from_nickserv(line)
+
+    def _from_nickserv(self, text: str) -> None:
+        self._output.append(self._nickserv_notice(text))
+
     def _online(self, *names: str) -> None:
         """ISON, USERHOST and LUSERS: answered from the list of who is here."""
         command = "ISON" if names and names[0] == "ISON" else names[0] if names else "LUSERS"
@@ -1897,7 +1931,7 @@ class IrcInput:
         "MOTD": (_motd, 0), "VERSION": (_version, 0), "TIME": (_time, 0),
         "PING": (_ping, 0), "PONG": (_ignore, 0), "QUIT": (_quit, 0), "CAP": (_cap, 1),
         "USER": (_again, 0), "PASS": (_again, 0), "AUTHENTICATE": (_again, 0),
-        "TAGMSG": (_ignore, 0),
+        "TAGMSG": (_ignore, 0), "NICKSERV": (_nickserv, 0), "NS": (_nickserv, 0),
     }
 
     def _raw(self, command: str, *params: str, prefix: str = "") -> None:
@@ -1934,6 +1968,18 @@ IRC_SAID_WHY: Dict[str, Optional[FrozenSet[str]]] = {
     "JOIN": frozenset(IRC_ERRORS),          # 475 "Bad channel key", 471, 405, 403
     "NICK": frozenset({"name_protected", "bad_name_password"}),     # 433: "in use"
 }
+# Registering a nick, as IRC users know it: messages to a NickServ that is the IRC
+# side itself (no user may take its name), each the core's request.
+IRC_NICKSERV = "NickServ"
+IRC_NICKSERV_HELP = (
+    "Registered nicks here are client.py's registered names. Send me:",
+    f"REGISTER PASSWORD - protect your nick with a password ({MIN_PASSWORD_LENGTH} characters "
+    "or more)",
+    "IDENTIFY NICK PASSWORD - take a registered nick of yours",
+    "SET PASSWORD OLD NEW - change its password",
+    "DROP PASSWORD - unregister your nick",
+    "Next time, log in as you connect: SASL PLAIN, or the server password NICK:PASSWORD.")
+IRC_NICKSERV_SAYS = frozenset({"registered", "unregistered", "password_changed"})   # notices
 # What an IRC user is told besides the core's text, by its code: how IRC clients do it.
 IRC_HOW = {code: " Give it as the server's password: /connect HOST PORT PASSWORD in irssi, "
                  "-password=PASSWORD to WeeChat's /server add."
@@ -1995,6 +2041,11 @@ class IrcOutput:
     def _server_notice(self, text: str) -> bytes:
         """A notice from the server to this client (its nick, or '*' before it has one)."""
         return self._line(self.info.server_name, "NOTICE", self.nick or "*", text)
+
+    def _nickserv_notice(self, text: str) -> bytes:
+        """A notice from NickServ (see IRC_NICKSERV): irssi shows it where it was asked."""
+        return self._line(f"{IRC_NICKSERV}!{IRC_NICKSERV}@{self.info.server_name}", "NOTICE",
+                          self.nick or "*", text)
 
     def _peer(self) -> str:
         return self.session.host if self.session is not None else "unknown"
@@ -2303,6 +2354,8 @@ class IrcOutput:
             lines.append(self._numeric("904", "SASL authentication failed"))
         elif command == "NOTICE":
             pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
+        elif command == "NICKSERV":
+            lines.append(self._nickserv_notice(text))
         elif command == "NICK" and code in IRC_NAME_ERRORS:
             if not self.registered:     # a refused hello: the client tries another name,
                 if code == "bad_name_password" and self.nick:
@@ -2357,6 +2410,8 @@ class IrcOutput:
             return [self._numeric("381", "You are now an IRC operator")]
         if code == "invited":
             return [self._numeric("341", event["name"], "#" + event["room"])]
+        if code in IRC_NICKSERV_SAYS:
+            return [self._nickserv_notice(event["text"])]
         if code == "new_since" and (self._replay or "room" in event):
             heading = "--- new since you were last here ---"
             lines = self._open_replay("#" + event["room"] if "room" in event else "", heading)

@@ -6292,6 +6292,36 @@ class IrcTests(ChatTestCase):
         self.addCleanup(peer.close)
         return peer
 
+    def test_nickserv_registers_identifies_and_drops_a_nick(self) -> None:
+        # IRC users know nick registration as messages to NickServ: here the IRC side.
+        ira = self.irc("ira")
+        served = r"^:NickServ!NickServ@test\.lan NOTICE ira :"
+        ira.send("PRIVMSG NickServ :HELP")
+        self.assertRegex(ira.expect(served + "Registered nicks here").string, "client.py")
+        ira.until("Next time, log in as you connect")
+        ira.send("PRIVMSG NickServ :REGISTER short")
+        ira.expect(served + "Passwords need at least 8 characters.")
+        ira.send("PRIVMSG NickServ :REGISTER correcthorse")
+        self.assertRegex(ira.expect(served + '"ira" is registered').string, "your password")
+        ira.send("PRIVMSG NickServ :SET PASSWORD correcthorse batterystaple")
+        ira.expect(served + "Your password is changed.")
+        ira.send("NICK other")
+        ira.expect(" NICK :other")
+        guest = self.irc("guest")           # another connection, for a nick it has not proved
+        served = served.replace("ira", "guest")
+        guest.send("PRIVMSG NickServ :IDENTIFY ira wrongwrong")
+        self.assertRegex(guest.expect(served).string, "(?i)wrong password")
+        guest.send("PRIVMSG NickServ :IDENTIFY ira batterystaple")
+        guest.expect(":guest!guest@test.lan NICK :ira")
+        served = served.replace("guest", "ira")
+        guest.send("PRIVMSG NickServ :IDENTIFY batterystaple")      # the nick it has already
+        guest.expect(served + "You are ira already")
+        guest.send("PRIVMSG NickServ :DROP batterystaple")
+        guest.expect(served + '"ira" is no longer registered')
+        bob = self.peer()       # nobody may be NickServ
+        bob.send({"type": "hello", "name": "NickServ"})
+        self.assertEqual(bob.expect("error")["code"], "name_reserved")
+
     def test_an_event_that_cannot_be_encoded_costs_that_event_alone(self) -> None:
         alice, bob, irc = self.peer("alice"), self.peer("bob"), self.irc("ircy")
         irc.send("JOIN #lobby")
