@@ -83,6 +83,11 @@ ANSWER_TIMEOUT = 5.0        # seconds to wait for the server to act on /join, /p
 RECONNECT_TRIES = 6         # attempts after a dropped connection (--retries)
 RECONNECT_FIRST_DELAY = 0.5     # seconds before the first attempt; doubled each time
 RECONNECT_MAX_DELAY = 15.0
+# A refused reconnect ends the session (its questions are asked only before the chat
+# starts, with the terminal not yet the chat's); these say what to do next.
+REJOIN_HINTS = {code: " Start the client again with the password (--password, or the "
+                      "CHAT_PASSWORD environment variable)."
+                for code in ("password_required", "bad_password")}
 MAX_QUEUED_LINES = 100      # lines typed while disconnected, kept to send later
 WAKE_RETRY = 0.1            # seconds between signals that wake the main thread (POSIX)
 TRANSCRIPT_LINES = 100_000  # lines of this session kept for /save
@@ -1216,7 +1221,7 @@ class Link:
                     hello = (self._name, self.resume_token, self.rooms.for_hello())
                 connection, welcome = self.rejoin(*hello)
             except JoinRefused as refused:
-                return f"cannot rejoin: {refused.text}"
+                return f"cannot rejoin: {refused.text}{REJOIN_HINTS.get(refused.code, '')}"
             except CertificateChanged as exc:   # the whole warning, once: no retry can pass
                 self.screen.warn(str(exc))
                 return "not reconnecting: the server's certificate has changed"

@@ -8017,6 +8017,22 @@ class ClientRoomTests(ChatTestCase):
         self.assertEqual(bot.out.lines, ["-!- #dev (2 people)", "-!- #lobby (2 people)"])
         self.assertEqual(bot.complete("#", False), ["#dev", "#lobby"])
 
+    def test_a_reconnect_to_a_chat_that_now_has_a_password_says_what_to_do(self) -> None:
+        self.addCleanup(setattr, client, "RECONNECT_FIRST_DELAY", client.RECONNECT_FIRST_DELAY)
+        client.RECONNECT_FIRST_DELAY = 0.01
+        first = ServerThread(failure_delay=0.01)
+        self.addCleanup(first.stop)
+        self.port = port = first.port
+        bot = self.session(rejoin=lambda name, resume, rooms: client.join(
+            "127.0.0.1", port, name, client.Credentials(resume=resume), rooms=rooms))
+        first.stop()
+        second = ServerThread(failure_delay=0.01, port=port, password="new one")
+        self.addCleanup(second.stop)
+        self.assertEqual(bot.out.wait_for("cannot rejoin"),
+                         "! cannot rejoin: This chat needs a password. Start the client again "
+                         "with the password (--password, or the CHAT_PASSWORD environment "
+                         "variable).")
+
     def test_a_reconnect_rejoins_every_room_with_its_key_and_shows_only_what_was_missed(
             self) -> None:
         self.addCleanup(setattr, client, "RECONNECT_FIRST_DELAY", client.RECONNECT_FIRST_DELAY)
