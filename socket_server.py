@@ -6760,7 +6760,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Terminal chat server for a local network. Start it, then run "
                     "'python client.py HOST PORT' on each machine that should join.",
-        epilog="Ctrl-C (or SIGTERM) tells everyone the server is shutting down and exits 0.")
+        epilog="Run in a terminal's foreground, the server reads moderation commands from "
+               "it (/help lists them: /kick, /ban, /say, ...). Ctrl-C (or SIGTERM) tells "
+               "everyone the server is shutting down and exits 0.")
     parser.add_argument("--host", default="",
                         help="address to listen on (default: every interface, IPv4 and IPv6); "
                              "127.0.0.1 keeps the chat to this machine")
@@ -6997,7 +6999,9 @@ def print_start(server: ChatServer, host: str, port: int, fingerprint: Optional[
         print(f"note: on this system the server can hold about {server.socket_limit} "
               "connections at once, whatever --max-clients says")
     if settings.password is not None:
-        print("a room password is required to join")
+        print("a room password is required to join" + (
+            " (over IRC as the server password: irssi's /connect HOST PORT PASSWORD, "
+            "WeeChat's /server add ... -password=PASSWORD)" if irc_port is not None else ""))
     rules = describe_rules(settings)
     if rules:
         print(rules)

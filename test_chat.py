@@ -1935,6 +1935,10 @@ class ServerProcessTests(unittest.TestCase):
         process, port = self.start()
         process.wait_for_line("loopback only: other machines cannot reach")
         process.wait_for_line("Ctrl-C")
+        # With a room password and IRC: how an IRC client gives it (irssi only says no).
+        process, port = self.start("--password", "pw", "--irc-port", "0")
+        process.wait_for_line(r"^a room password is required to join \(over IRC as the server "
+                              r"password: irssi's /connect HOST PORT PASSWORD")
 
     def test_port_in_use_is_one_clear_line(self) -> None:
         _, port = self.start()
