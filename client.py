@@ -2048,7 +2048,10 @@ def _show_room_op(message: dict, me: str) -> Optional[Line]:
     name, by = clean_text(message["name"]), clean_text(message.get("by", ""))
     if message.get("server_operator") is True:  # (runs every room while it is one)
         return None     # a notice to everyone says so, once, not one a room
-    if message["op"]:
+    if message.get("heir") is True:     # the last operator left: the longest there runs it
+        text = ("you run" if name.lower() == me.lower() else f"{name} runs") + \
+            " the room now: its last operator left"
+    elif message["op"]:
         text = f"{by} made {name} an operator of the room"
     else:
         text = f"{by} took operator status from {name}"

@@ -4044,6 +4044,9 @@ class Rooms:
         session.rooms = rest[0].alone if len(rest) == 1 else rest
         if session.key in room.ops and not (session.registered or replaced):
             self._set_op(room, session.key, False, False)   # lasted while it was here
+            if not room.ops and len(room) and room is not self.lobby:
+                # Once its leaving is told (after this handler): see _hand_over.
+                self.core.later(0, lambda: self._hand_over(room))
         store = self.core.store
         store.record(self.core.timestamp(), "leave", session.name, None, why, room=room.name)
         if session.missed_only or session.registered:
@@ -4051,6 +4054,18 @@ class Rooms:
                 del self.partings[next(iter(self.partings))]    # the oldest
             self.partings[(session.key, room.ident)] = (self.core.clock.now(), store.last_id(),
                                                         saw_all and session.missed_only)
+
+    def _hand_over(self, room: Room) -> None:
+        """A room whose last operator left, with people still in it, is run by whoever
+        has been there longest: else nobody could set its topic or key, nor kick,
+        until it emptied (IRC's rule, which chat users did not expect)."""
+        if room.ops or not len(room) or self.all.get(room.ident) is not room:
+            return      # (one came, or all left, or the room went, meanwhile)
+        heir = next(iter(room.members.values()))
+        self._set_op(room, heir.key, True, heir.registered)
+        self.core.deliver(room, {"type": "room_op", "room": room.name, "name": heir.name,
+                                 "op": True, "by": "server", "heir": True,
+                                 "ts": self.core.timestamp()})
 
     def parted(self, session: Session, room: Room) -> Tuple[Optional[int], Optional[int]]:
         """Where session's name left room, as the newest event's id then: (for a client

@@ -4611,6 +4611,11 @@ class RenderingTests(unittest.TestCase):
                        "by": "server", "server_operator": True, "ts": "2026-01-01T00:00:00Z"}
         self.assertEqual(client.format_message(as_operator, "me"), [])
         self.assertEqual(client.format_message(dict(as_operator, op=False), "me"), [])
+        for name, shown in (("cat", "cat runs"), ("Me", "you run")):
+            [heir] = client.format_message(dict(as_operator, name=name, server_operator=False,
+                                                heir=True), "me")
+            self.assertTrue(heir.plain.endswith(f"-!- {shown} the room now: its last "
+                                                "operator left"), heir.plain)
         listed = client.format_message({"type": "rooms", "rooms": [
             {"room": "den", "count": 1, "topic": "", "keyed": True},
             {"room": "dev", "count": 2, "topic": "release"}]}, "me")
@@ -5596,6 +5601,30 @@ class RoomTests(ChatTestCase):
         self.assertEqual(enter(bob, "dev")["ops"], ["bob"])
         self.assertEqual(enter(carol, "dev")["ops"], ["bob"])  # someone is there: no change
         self.assertEqual(enter(alice, "dev")["ops"], ["bob"])
+
+    def test_a_room_whose_last_operator_leaves_is_run_by_who_was_there_longest(self) -> None:
+        # Else nobody could set its topic, or kick, until it emptied (two trials hit it).
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        for person in (alice, bob, carol):
+            enter(person, "dev")
+        alice.send({"type": "part", "room": "dev"})
+        frames = []
+        while not frames or frames[-1]["type"] != "room_op":
+            frames.append(carol.receive())
+        self.assertEqual([frame["type"] for frame in frames if frame.get("room") == "dev"],
+                         ["leave", "room_op"])      # told after the leaving, as it happened
+        self.assertEqual({key: frames[-1][key] for key in ("room", "name", "op", "by", "heir")},
+                         {"room": "dev", "name": "bob", "op": True, "by": "server",
+                          "heir": True})
+        bob.send({"type": "topic", "room": "dev", "text": "bob runs it"})
+        self.assertEqual(carol.expect("topic")["topic"], "bob runs it")
+        bob.close()                         # a lost connection hands it on too
+        self.assertEqual(carol.expect_next_of("room_op", room="dev")["name"], "carol")
+        carol.send({"type": "who", "room": "dev"})
+        self.assertEqual(carol.expect("users")["ops"], ["carol"])
+        carol.send({"type": "part", "room": "dev"})     # the last: nobody to hand it to
+        carol.expect_next_of("leave", room="dev")
+        self.assertEqual(enter(alice, "dev")["ops"], ["alice"])
 
     def test_history_is_per_room_and_search_can_span_them(self) -> None:
         alice = self.peer("alice")
