@@ -4619,7 +4619,8 @@ class Accounts:
         core = self.core
         now = core.clock.now()
         delay = guard.failed(guesser, now)
-        core.quiet_log.log("failed passwords", logging.WARNING, "failed password from %s (%s)",
+        what = "key" if room is not None else "password"
+        core.quiet_log.log(f"failed {what}s", logging.WARNING, f"failed {what} from %s (%s)",
                            session.address, code)
         locked = guard.locked_for(guesser, now)
         if locked and session.state == JOINED:      # said at once: the next try is futile

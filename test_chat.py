@@ -714,6 +714,16 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(rejoined(), ["mine", "New since you were last here",
                                       "while ann was out"])
 
+    def test_a_wrong_key_is_logged_as_a_key(self) -> None:
+        chat = CoreHarness()
+        alice, bob = chat.join("alice"), chat.join("bob")
+        chat.request(alice, {"type": "join", "room": "den"})
+        chat.request(alice, {"type": "key", "room": "den", "key": "k1"})
+        with self.assertLogs("chat", "WARNING") as logs:
+            chat.request(bob, {"type": "join", "room": "den", "key": "guess"})
+        self.assertEqual([line for line in logs.output if "failed" in line],
+                         ["WARNING:chat:failed key from bob (bad_key)"])
+
     def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
         chat = CoreHarness()
         alice = chat.join("alice")
