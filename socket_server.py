@@ -3967,8 +3967,10 @@ class Rooms:
         invited = bool(room.key) and session in self.invited.get(room.ident, ())
         if room.key and not invited:
             if key is None:
+                how = "someone there to /invite you" if len(room) else \
+                    "a server operator to remove the key (nobody is in it now)"
                 raise ModerationError("bad_key", f"#{room.name} needs a key: /join "
-                                      f"#{room.name} KEY, or someone there to /invite you")
+                                      f"#{room.name} KEY, or {how}")
             locked = self.core.accounts.key_lockout(session, room)
             if locked is not None:
                 raise locked

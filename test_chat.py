@@ -723,6 +723,12 @@ class CoreTests(unittest.TestCase):
             chat.request(bob, {"type": "join", "room": "den", "key": "guess"})
         self.assertEqual([line for line in logs.output if "failed" in line],
                          ["WARNING:chat:failed key from bob (bad_key)"])
+        # A keyed room nobody is in: nobody to /invite anyone either.
+        chat.request(alice, {"type": "part", "room": "den"})
+        actions = chat.request(bob, {"type": "join", "room": "den"})
+        self.assertEqual(chat.received(bob, actions)[-1]["text"],
+                         "#den needs a key: /join #den KEY, or a server operator to remove "
+                         "the key (nobody is in it now)")
 
     def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
         chat = CoreHarness()
