@@ -1833,6 +1833,8 @@ class IrcInput:
             self._reply("502", "Can't change mode for other users")
         elif not changes:
             self._reply("221", "+i")
+        elif changes[0] == "-o":     # an IRC operator gives it up (client.py's /deop)
+            self._ask({"type": "deop"}, "MODE", target)
         elif "+o" in changes[0] or changes[0].startswith("o"):
             self._reply("481", "Permission Denied: use OPER")
         elif changes[0].strip("+i"):    # anything but +i, which holds already
@@ -2406,8 +2408,11 @@ class IrcOutput:
             return lines
         if code == "away":
             return [self._numeric("301", event["name"], event["away"])]
-        if code == "op":
-            return [self._numeric("381", "You are now an IRC operator")]
+        if code in ("op", "deop"):     # and the user mode that says so
+            sign = "+" if code == "op" else "-"
+            said = [self._numeric("381", "You are now an IRC operator")] if code == "op" else \
+                [self._server_notice(event["text"])]
+            return said + [self._line(self.nick, "MODE", self.nick, f"{sign}o")]
         if code == "invited":
             return [self._numeric("341", event["name"], "#" + event["room"])]
         if code in IRC_NICKSERV_SAYS:

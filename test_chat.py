@@ -6830,6 +6830,13 @@ class IrcTests(ChatTestCase):
         plain.expect(r" 464 dave ")
         plain.send("OPER dave :op pw")
         plain.expect(r" 381 dave ")
+        self.assertEqual(plain.line(), ":dave MODE dave :+o")    # its user mode says it too
+        plain.send("MODE dave -o")      # and gives it up, as client.py's /deop
+        self.assertEqual(plain.until(" MODE dave ")[-2:],
+                         [":test.lan NOTICE dave :You are no longer an operator.",
+                          ":dave MODE dave :-o"])
+        plain.send("KILL nobody :x")
+        plain.expect(r" 481 dave ")
         protected = IrcPeer(port)
         self.addCleanup(protected.close)
         protected.send("PASS :room pw")
