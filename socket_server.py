@@ -4228,6 +4228,7 @@ class Rooms:
             (f": {comment}" if comment else "")
         self.leave(target, room, "kicked", by=by, text=text,
                    **({"comment": comment} if comment else {}))
+        log.info("%s", text)    # as a kick from the chat is: who put whom out, and why
         return text
 
     def invite(self, actor: Session, room: Room, name: str) -> None:

@@ -714,6 +714,15 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(rejoined(), ["mine", "New since you were last here",
                                       "while ann was out"])
 
+    def test_a_kick_from_a_room_is_logged(self) -> None:
+        chat = CoreHarness()
+        alice, bob = chat.join("alice"), chat.join("bob")
+        for session in (alice, bob):
+            chat.request(session, {"type": "join", "room": "dev"})
+        with self.assertLogs("chat", "INFO") as logs:
+            chat.request(alice, {"type": "kick", "room": "dev", "name": "bob", "text": "off topic"})
+        self.assertIn("INFO:chat:bob was kicked from #dev by alice: off topic", logs.output)
+
     def test_a_wrong_key_is_logged_as_a_key(self) -> None:
         chat = CoreHarness()
         alice, bob = chat.join("alice"), chat.join("bob")
