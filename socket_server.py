@@ -1716,12 +1716,12 @@ class IrcInput:
             named = named[:IRC_MESSAGE_TARGETS]
         metered = True      # the first target costs a token; the others come with it
         for target in named:
-            if target.lower() == IRC_NICKSERV.lower():
+            if target.startswith("#"):
+                request = {"type": "say", "room": target, "text": text}
+            elif target.lower() == "nickserv":      # (IRC_NICKSERV)
                 if command == "PRIVMSG" and not action:     # (a NOTICE wants no answer)
                     self._nickserv(text)
                 continue
-            if target.startswith("#"):
-                request = {"type": "say", "room": target, "text": text}
             else:
                 request = {"type": "whisper", "to": target, "text": text}
             if action:
