@@ -1718,7 +1718,7 @@ class IrcInput:
         for target in named:
             if target.startswith("#"):
                 request = {"type": "say", "room": target, "text": text}
-            elif target.lower() == "nickserv":      # (IRC_NICKSERV)
+            elif target.lower() == IRC_NICKSERV_KEY:
                 if command == "PRIVMSG" and not action:     # (a NOTICE wants no answer)
                     self._nickserv(text)
                 continue
@@ -1973,6 +1973,7 @@ IRC_SAID_WHY: Dict[str, Optional[FrozenSet[str]]] = {
 # Registering a nick, as IRC users know it: messages to a NickServ that is the IRC
 # side itself (no user may take its name), each the core's request.
 IRC_NICKSERV = "NickServ"
+IRC_NICKSERV_KEY = IRC_NICKSERV.lower()     # a target's, compared in lower case
 IRC_NICKSERV_HELP = (
     "Registered nicks here are client.py's registered names. Send me:",
     f"REGISTER PASSWORD - protect your nick with a password ({MIN_PASSWORD_LENGTH} characters "
@@ -5290,7 +5291,7 @@ class Moderation:
                             if len(sharing) > MAX_NAMED_IN_NOTE else "")
                          + f" {'is' if len(sharing) == 1 else 'are'} on that address too: "
                          "they stay for now, but cannot come back once they leave")
-        if not looks_like_address(target) and own:
+        if not looks_like_address(target) and own:     # (own: set for a name's ban)
             lines.append(f"note: {name}'s address, {actor.host}, is yours too, so it is not "
                          "banned: they can come back under another name")
         for victim in victims:
