@@ -2048,9 +2048,9 @@ def _show_room_op(message: dict, me: str) -> Optional[Line]:
     name, by = clean_text(message["name"]), clean_text(message.get("by", ""))
     if message.get("server_operator") is True:  # (runs every room while it is one)
         return None     # a notice to everyone says so, once, not one a room
-    if message.get("heir") is True:     # the last operator left: the longest there runs it
+    if message.get("heir") is True:     # no operator here: the longest here runs it
         text = ("you run" if name.lower() == me.lower() else f"{name} runs") + \
-            " the room now: its last operator left"
+            " the room now, while here: none of its operators is here"
     elif message["op"]:
         text = f"{by} made {name} an operator of the room"
     else:

@@ -3796,8 +3796,8 @@ class Room(Audience):
     newcomer is shown, and who runs it. Rooms last: one nobody is in stays,
     with its history, and rooms are kept in the store across restarts."""
 
-    __slots__ = ("name", "ident", "topic", "topic_by", "topic_ts", "key", "ops", "created",
-                 "created_by", "alone")
+    __slots__ = ("name", "ident", "topic", "topic_by", "topic_ts", "key", "ops", "passing",
+                 "created", "created_by", "alone")
 
     def __init__(self, name: str, created: str, created_by: str) -> None:
         super().__init__()
@@ -3808,6 +3808,7 @@ class Room(Audience):
         self.topic_ts = ""
         self.key = ""                   # joining needs it, when set
         self.ops: Set[str] = set()      # lower-case names of its operators
+        self.passing: Set[str] = set()  # those of them only while here (Rooms._hand_over)
         self.created = created
         self.created_by = created_by
         self.alone = (self,)            # the rooms of whoever is only here: one tuple for all
@@ -4050,11 +4051,13 @@ class Rooms:
         room.discard(session, keep_batch)
         rest = tuple(other for other in session.rooms if other is not room)
         session.rooms = rest[0].alone if len(rest) == 1 else rest
-        if session.key in room.ops and not (session.registered or replaced):
+        ran_it = session.key in room.ops
+        if ran_it and (session.key in room.passing or not (session.registered or replaced)):
+            room.passing.discard(session.key)
             self._set_op(room, session.key, False, False)   # lasted while it was here
-            if not room.ops and len(room) and room is not self.lobby:
-                # Once its leaving is told (after this handler): see _hand_over.
-                self.core.later(0, lambda: self._hand_over(room))
+        if ran_it and not replaced and len(room) and room is not self.lobby and \
+                not room.operators_here():
+            self.core.later(0, lambda: self._hand_over(room))   # once its leaving is told
         store = self.core.store
         store.record(self.core.timestamp(), "leave", session.name, None, why, room=room.name)
         if session.missed_only or session.registered:
@@ -4064,13 +4067,15 @@ class Rooms:
                                                         saw_all and session.missed_only)
 
     def _hand_over(self, room: Room) -> None:
-        """A room whose last operator left, with people still in it, is run by whoever
-        has been there longest: else nobody could set its topic or key, nor kick,
-        until it emptied (IRC's rule, which chat users did not expect)."""
-        if room.ops or not len(room) or self.all.get(room.ident) is not room:
+        """A room that its last operator here left, with people still in it, is run by
+        whoever has been there longest, while it is there: else nobody could set its
+        topic or key, nor kick, until it emptied (IRC's rule, which chat users did not
+        expect) or a registered operator came back (who still runs it then)."""
+        if room.operators_here() or not len(room) or self.all.get(room.ident) is not room:
             return      # (one came, or all left, or the room went, meanwhile)
         heir = next(iter(room.members.values()))
-        self._set_op(room, heir.key, True, heir.registered)
+        room.ops.add(heir.key)
+        room.passing.add(heir.key)      # not in the store: it lasts while heir is here
         self.core.deliver(room, {"type": "room_op", "room": room.name, "name": heir.name,
                                  "op": True, "by": "server", "heir": True,
                                  "ts": self.core.timestamp()})
@@ -4111,6 +4116,7 @@ class Rooms:
         remember a registered operator (else a restart gave them to whoever came first)."""
         for room in session.rooms:
             if session.key in room.ops:
+                room.passing.discard(session.key)
                 self.core.store.save_room_op(room.name, session.key)
 
     def _set_op(self, room: Room, key: str, op: bool, lasting: bool) -> None:
@@ -4273,6 +4279,10 @@ class Rooms:
     def set_operator(self, actor: Optional[Session], room: Room, name: str, op: bool) -> str:
         self.may_run(actor, room)
         target = self._member_of(room, name)
+        if target.key in room.passing:      # an heir, made an operator (or not) for good
+            room.passing.discard(target.key)
+            if op and target.registered:
+                self.core.store.save_room_op(room.name, target.key)
         if (target.key in room.ops) == op:
             return f"{target.name} {'is' if op else 'is not'} an operator of #{room.name}"
         self._set_op(room, target.key, op, target.registered)

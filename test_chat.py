@@ -739,6 +739,35 @@ class CoreTests(unittest.TestCase):
                          "#den needs a key: /join #den KEY, or a server operator to remove "
                          "the key (nobody is in it now)")
 
+    def test_a_room_handed_over_is_run_by_its_heir_only_while_it_is_there(self) -> None:
+        # A registered heir that left had kept the room: nobody there could run it.
+        chat = CoreHarness()
+        ann, ira, wee = chat.join("ann"), chat.join("ira"), chat.join("wee")
+        for session in (ira, wee):
+            chat.request(session, {"type": "register", "password": "correct horse"})
+        chat.finish_jobs()
+        for session in (ann, ira, wee):
+            chat.request(session, {"type": "join", "room": "dev"})
+        dev = chat.core.rooms.all["dev"]
+
+        def leaves(session: "socket_server.Session") -> List[str]:
+            chat.request(session, {"type": "part", "room": "dev"})
+            actions = chat.advance(0)
+            return [event["name"] for event in chat.received(wee if session is not wee else ira,
+                                                             actions)
+                    if event["type"] == "room_op" and event.get("heir")]
+
+        self.assertEqual(leaves(ann), ["ira"])
+        self.assertEqual(dev.operators_here(), ["ira"])
+        self.assertEqual(leaves(ira), ["wee"])          # not its own: it goes with it
+        chat.request(ira, {"type": "join", "room": "dev"})
+        self.assertEqual(dev.operators_here(), ["wee"])
+        self.assertEqual(chat.core.store.room_ops(), [])    # nothing of it outlasts a restart
+        chat.request(wee, {"type": "room_op", "room": "dev", "name": "ira"})   # for good
+        self.assertEqual(leaves(wee), [])               # ira runs it: nothing to hand over
+        self.assertEqual(chat.core.store.room_ops(), [("dev", "ira")])
+        self.assertEqual(leaves(ira), [])       # the last one out: nobody to hand it to
+
     def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
         chat = CoreHarness()
         alice = chat.join("alice")
@@ -4639,8 +4668,8 @@ class RenderingTests(unittest.TestCase):
         for name, shown in (("cat", "cat runs"), ("Me", "you run")):
             [heir] = client.format_message(dict(as_operator, name=name, server_operator=False,
                                                 heir=True), "me")
-            self.assertTrue(heir.plain.endswith(f"-!- {shown} the room now: its last "
-                                                "operator left"), heir.plain)
+            self.assertTrue(heir.plain.endswith(f"-!- {shown} the room now, while here: none "
+                                                "of its operators is here"), heir.plain)
         listed = client.format_message({"type": "rooms", "rooms": [
             {"room": "den", "count": 1, "topic": "", "keyed": True},
             {"room": "dev", "count": 2, "topic": "release"}]}, "me")
