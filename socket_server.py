@@ -1988,7 +1988,8 @@ IRC_HOW = {code: " Give it as the server's password: /connect HOST PORT PASSWORD
                  "-password=PASSWORD to WeeChat's /server add."
            for code in ("password_required", "bad_password")}
 # The core's texts name client.py's commands; where an IRC client's differ, its own.
-IRC_COMMAND_NAMES = {"/rooms": "/list", "/op": "/oper"}
+IRC_COMMAND_NAMES = {"/rooms": "/list", "/op": "/oper", "/register": "/msg NickServ REGISTER",
+                     "/password": "/msg NickServ SET PASSWORD"}
 IRC_COMMAND_NAMED = re.compile("|".join(rf"{re.escape(name)}\b" for name in IRC_COMMAND_NAMES))
 # Refusals of a name: the client may try another.
 IRC_NAME_ERRORS = frozenset({"name_taken", "name_protected", "bad_name", "name_reserved",
@@ -5112,7 +5113,11 @@ class Moderation:
         muted = self.muted(session)
         if muted is not None:
             raise muted
-        return self.core.rules.check(text)
+        try:
+            return self.core.rules.check(text)
+        except ModerationError as exc:  # an away text or a topic is set, not sent
+            raise ModerationError(exc.code, exc.text.replace("Not sent:", "Not set:", 1)) \
+                from None
 
     def parting_words(self, session: Session, text: str) -> str:
         """A part's or quit's words as others see them; none when they may not go out

@@ -6262,6 +6262,10 @@ class IrcCodecTests(unittest.TestCase):
         for line, code, text, shown in (
                 (b"KILL bob :spam", "not_operator", "Only operators can do that (see /op).",
                  b":chat.lan 481 ann :Only operators can do that (see /oper).\r\n"),
+                (b"PRIVMSG NickServ :REGISTER again123", "already_registered",
+                 '"ann" is already registered; /password changes its password.',
+                 b':NickServ!NickServ@chat.lan NOTICE ann :"ann" is already registered; '
+                 b'/msg NickServ SET PASSWORD changes its password.\r\n'),
                 (b"TOPIC #nowhere :x", "no_such_room",
                  "There is no room #nowhere (/rooms lists them).",
                  b":chat.lan 403 ann #nowhere :There is no room #nowhere (/list lists them)."
@@ -8016,7 +8020,7 @@ class ClientRoomTests(ChatTestCase):
         bot = self.session(port=server.port)
         alice.sync()
         bot.handle_line("/away darn meetings")
-        bot.out.wait_for("blocked")
+        self.assertEqual(bot.out.wait_for("blocked"), "! Not set: it contains a blocked word.")
         bot.handle_line("hello")
         self.assertEqual(alice.expect("message")["text"], "hello")
         bot.out.wait_for("bot: hello")     # the server's echo, after any answer to a "back"
