@@ -1882,6 +1882,8 @@ class IrcInput:
         elif verb == "SET PASSWORD" and len(arguments) == 2:
             self._ask({"type": "change_password", "password": arguments[0],
                        "new_password": arguments[1]}, "NICKSERV")
+        elif verb in IRC_NICKSERV_USAGE:        # without what it takes
+            self._from_nickserv("Usage: " + IRC_NICKSERV_USAGE[verb])
         else:
             for line in IRC_NICKSERV_HELP:
                 self._from_nickserv(line)
@@ -1974,13 +1976,16 @@ IRC_SAID_WHY: Dict[str, Optional[FrozenSet[str]]] = {
 # side itself (no user may take its name), each the core's request.
 IRC_NICKSERV = "NickServ"
 IRC_NICKSERV_KEY = IRC_NICKSERV.lower()     # a target's, compared in lower case
+IRC_NICKSERV_USAGE = {      # verb -> what it takes and does
+    "REGISTER": f"REGISTER PASSWORD - protect your nick with a password "
+                f"({MIN_PASSWORD_LENGTH} characters or more)",
+    "IDENTIFY": "IDENTIFY NICK PASSWORD - take a registered nick of yours",
+    "SET PASSWORD": "SET PASSWORD OLD NEW - change its password",
+    "DROP": "DROP PASSWORD - unregister your nick",
+}
 IRC_NICKSERV_HELP = (
     "Registered nicks here are client.py's registered names. Send me:",
-    f"REGISTER PASSWORD - protect your nick with a password ({MIN_PASSWORD_LENGTH} characters "
-    "or more)",
-    "IDENTIFY NICK PASSWORD - take a registered nick of yours",
-    "SET PASSWORD OLD NEW - change its password",
-    "DROP PASSWORD - unregister your nick",
+    *IRC_NICKSERV_USAGE.values(),
     "Next time, log in as you connect: SASL PLAIN, or the server password NICK:PASSWORD.")
 IRC_NICKSERV_SAYS = frozenset({"registered", "unregistered", "password_changed"})   # notices
 # What an IRC user is told besides the core's text, by its code: how IRC clients do it.

@@ -6390,6 +6390,8 @@ class IrcTests(ChatTestCase):
         ira.send("PRIVMSG NickServ :HELP")
         self.assertRegex(ira.expect(served + "Registered nicks here").string, "client.py")
         ira.until("Next time, log in as you connect")
+        ira.send("PRIVMSG NickServ :set password")       # a verb without what it takes
+        ira.expect(served + "Usage: SET PASSWORD OLD NEW - change its password")
         ira.send("PRIVMSG NickServ :REGISTER short")
         ira.expect(served + "Passwords need at least 8 characters.")
         ira.send("PRIVMSG NickServ :REGISTER correcthorse")
