@@ -2363,8 +2363,11 @@ class IrcOutput:
             lines.append(self._numeric("904", "SASL authentication failed"))
         elif command == "NOTICE":
             pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
-        elif command == "NICKSERV":
-            lines.append(self._nickserv_notice(text))
+        elif command == "NICKSERV":     # (a registered nick in use: logging in takes it over)
+            lines.append(self._nickserv_notice(text + (
+                " If it is a registered nick of yours, connect again with the server "
+                "password NICK:PASSWORD, or "
+                "SASL: that takes it over." if code == "name_taken" else "")))
         elif command == "NICK" and code in IRC_NAME_ERRORS:
             if not self.registered:     # a refused hello: the client tries another name,
                 if code == "bad_name_password" and self.nick:

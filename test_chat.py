@@ -6402,6 +6402,9 @@ class IrcTests(ChatTestCase):
         ira.expect(" NICK :other")
         guest = self.irc("guest")           # another connection, for a nick it has not proved
         served = served.replace("ira", "guest")
+        guest.send("PRIVMSG NickServ :IDENTIFY other batterystaple")     # held: how to get it
+        self.assertRegex(guest.expect(served).string, r"is taken.* connect again with the "
+                                                      r"server password NICK:PASSWORD")
         guest.send("PRIVMSG NickServ :IDENTIFY ira wrongwrong")
         self.assertRegex(guest.expect(served).string, "(?i)wrong password")
         guest.send("PRIVMSG NickServ :IDENTIFY ira batterystaple")
