@@ -2169,8 +2169,14 @@ class IrcOutput:
                            tags=self._tags(event))]
 
     def _show_room_op(self, event: dict) -> List[bytes]:
-        return [self._line(self._from(event["by"]), "MODE", "#" + event["room"],
-                           "+o" if event["op"] else "-o", event["name"], tags=self._tags(event))]
+        channel = "#" + event["room"]
+        lines = [self._line(self._from(event["by"]), "MODE", channel,
+                            "+o" if event["op"] else "-o", event["name"], tags=self._tags(event))]
+        if event.get("heir") is True:   # why the server did it: IRC clients show no reason
+            lines.append(self._line(self.info.server_name, "NOTICE", channel,
+                                    f"{event['name']} runs {channel} now, while there: none "
+                                    "of its operators is in it", tags=self._tags(event)))
+        return lines
 
     def _show_nick(self, event: dict) -> List[bytes]:
         return [self._line(self._mask(event["name"]), "NICK", event["new"],
@@ -2366,8 +2372,8 @@ class IrcOutput:
         elif command == "NICKSERV":     # (a registered nick in use: logging in takes it over)
             lines.append(self._nickserv_notice(text + (
                 " If it is a registered nick of yours, connect again with the server "
-                "password NICK:PASSWORD, or "
-                "SASL: that takes it over." if code == "name_taken" else "")))
+                "password NICK:PASSWORD, or SASL: that takes it over."
+                if code == "name_taken" else "")))
         elif command == "NICK" and code in IRC_NAME_ERRORS:
             if not self.registered:     # a refused hello: the client tries another name,
                 if code == "bad_name_password" and self.nick:

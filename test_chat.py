@@ -6255,6 +6255,15 @@ class IrcCodecTests(unittest.TestCase):
         self.assertEqual(codec.take_output(), b":chat.lan NOTICE ann :CTCP VERSION is not passed "
                                               b"on here: only ACTION (/me) is\r\n")
 
+    def test_a_room_handed_over_says_why_after_its_mode(self) -> None:
+        codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
+        codec.registered, codec.nick = True, "ann"
+        self.assertEqual(codec.encode({"type": "room_op", "room": "den", "name": "bob",
+                                       "op": True, "by": "server", "heir": True}),
+                         b":chat.lan MODE #den +o :bob\r\n"
+                         b":chat.lan NOTICE #den :bob runs #den now, while there: none of its "
+                         b"operators is in it\r\n")
+
     def test_refusals_name_the_irc_clients_commands(self) -> None:
         # irssi's /op makes a channel operator, and /rooms is no command of it.
         codec = socket_server.IrcCodec(socket_server.IrcInfo("chat.lan"))
