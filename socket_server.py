@@ -2311,8 +2311,9 @@ class IrcOutput:
         wanted_rooms = {name.lstrip("#").lower() for name in wanted}
         for entry in event["rooms"]:
             if not wanted_rooms or entry["room"].lower() in wanted_rooms:
+                modes = "[+tk]" if entry.get("keyed") else "[+t]"   # as many ircds show them
                 lines.append(self._numeric("322", "#" + entry["room"], str(entry["count"]),
-                                           entry["topic"]))
+                                           f"{modes} {entry['topic']}".rstrip()))
         if event.get("more"):   # the next frame goes on with the list
             return lines
         return lines + [self._numeric("323", "End of /LIST")]
