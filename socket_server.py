@@ -7054,9 +7054,10 @@ def print_start(server: ChatServer, host: str, port: int, fingerprint: Optional[
         print(f"note: on this system the server can hold about {server.socket_limit} "
               "connections at once, whatever --max-clients says")
     if settings.password is not None:
-        print("a room password is required to join" + (
-            " (over IRC as the server password: irssi's /connect HOST PORT PASSWORD, "
-            "WeeChat's /server add ... -password=PASSWORD)" if irc_port is not None else ""))
+        print("a room password is required to join")
+        if irc_port is not None:
+            print("  IRC clients give it as the server password: irssi /connect HOST PORT "
+                  "PASSWORD, WeeChat -password=PASSWORD")
     rules = describe_rules(settings)
     if rules:
         print(rules)

@@ -1991,8 +1991,9 @@ class ServerProcessTests(unittest.TestCase):
         process.wait_for_line("Ctrl-C")
         # With a room password and IRC: how an IRC client gives it (irssi only says no).
         process, port = self.start("--password", "pw", "--irc-port", "0")
-        process.wait_for_line(r"^a room password is required to join \(over IRC as the server "
-                              r"password: irssi's /connect HOST PORT PASSWORD")
+        process.wait_for_line(r"^a room password is required to join$")
+        process.wait_for_line(r"^  IRC clients give it as the server password: irssi /connect "
+                              r"HOST PORT PASSWORD, WeeChat -password=PASSWORD$")
 
     def test_port_in_use_is_one_clear_line(self) -> None:
         _, port = self.start()
