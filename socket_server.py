@@ -1791,6 +1791,13 @@ class IrcInput:
 
     def _whois(self, *names: str) -> None:
         name = names[-1].split(",")[0]
+        if name.lower() == IRC_NICKSERV_KEY:    # answered here: it is this side itself
+            server = self.info.server_name
+            self._reply("311", IRC_NICKSERV, IRC_NICKSERV, server, "*",
+                        "registers nicks: /msg NickServ HELP")
+            self._reply("312", IRC_NICKSERV, server, "a LAN chat")
+            self._reply("318", IRC_NICKSERV, "End of /WHOIS list")
+            return
         self._ask({"type": "whois", "name": name}, "WHOIS", name)
 
     def _mode(self, target: str, *changes: str) -> None:

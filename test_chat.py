@@ -6397,6 +6397,9 @@ class IrcTests(ChatTestCase):
         # IRC users know nick registration as messages to NickServ: here the IRC side.
         ira = self.irc("ira")
         served = r"^:NickServ!NickServ@test\.lan NOTICE ira :"
+        ira.send("WHOIS nickserv")      # it is someone to irssi and WeeChat, not a 401
+        self.assertIn(":test.lan 311 ira NickServ NickServ test.lan * :registers nicks: /msg "
+                      "NickServ HELP", ira.until(" 318 "))
         ira.send("PRIVMSG NickServ :HELP")
         self.assertRegex(ira.expect(served + "Registered nicks here").string, "client.py")
         ira.until("Next time, log in as you connect")
