@@ -2390,7 +2390,8 @@ class IrcOutput:
                     self.password = self._passwords()[0]
                 self.hello_sent, self.nick = False, None    # and is "*" until then
             if code in ("name_protected", "bad_name_password"):   # the nick is not to be had
-                text += " (log in with SASL, or PASS name:password)"
+                text += " (/msg NickServ IDENTIFY NICK PASSWORD)" if self.registered else \
+                    " (log in with SASL, or PASS name:password)"
             numeric = "433" if code == "bad_name_password" else IRC_ERRORS[code][0]
             lines.append(self._numeric(numeric, arguments[0] if arguments and arguments[0]
                                        else "*", text))
@@ -4096,7 +4097,10 @@ class Rooms:
         expect) or a registered operator came back (who still runs it then)."""
         if room.operators_here() or not len(room) or self.all.get(room.ident) is not room:
             return      # (one came, or all left, or the room went, meanwhile)
-        heir = next(iter(room.members.values()))
+        # A server operator there runs it already, and needs no telling.
+        heir = next((member for member in room.members.values() if not member.operator), None)
+        if heir is None:
+            return
         room.ops.add(heir.key)
         room.passing.add(heir.key)      # not in the store: it lasts while heir is here
         self.core.deliver(room, {"type": "room_op", "room": room.name, "name": heir.name,
@@ -4137,9 +4141,8 @@ class Rooms:
     def made_lasting(self, session: Session) -> None:
         """Session's name was just registered: the rooms it runs remember it, as they
         remember a registered operator (else a restart gave them to whoever came first)."""
-        for room in session.rooms:
-            if session.key in room.ops:
-                room.passing.discard(session.key)
+        for room in session.rooms:     # (not those it runs only while there: an heir's)
+            if session.key in room.ops and session.key not in room.passing:
                 self.core.store.save_room_op(room.name, session.key)
 
     def _set_op(self, room: Room, key: str, op: bool, lasting: bool) -> None:

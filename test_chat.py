@@ -768,6 +768,22 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(chat.core.store.room_ops(), [("dev", "ira")])
         self.assertEqual(leaves(ira), [])       # the last one out: nobody to hand it to
 
+    def test_an_heir_that_registers_runs_the_room_still_only_while_there(self) -> None:
+        chat = CoreHarness(admin_password="op-secret")
+        ann, cat, ira = chat.join("ann"), chat.join("cat"), chat.join("ira")
+        chat.request(cat, {"type": "op", "password": "op-secret"})     # runs every room
+        for session in (ann, cat, ira):
+            chat.request(session, {"type": "join", "room": "dev"})
+        chat.request(ann, {"type": "part", "room": "dev"})
+        actions = chat.advance(0)
+        heirs = [event["name"] for event in chat.received(ira, actions)
+                 if event["type"] == "room_op"]
+        self.assertEqual(heirs, ["ira"])       # not cat, who was there longer but runs it anyway
+        chat.request(ira, {"type": "register", "password": "correct horse"})
+        chat.finish_jobs()
+        self.assertTrue(ira.registered)
+        self.assertEqual(chat.core.store.room_ops(), [])    # a restart forgets the heir
+
     def test_a_new_room_replays_no_announcement_from_before_it(self) -> None:
         chat = CoreHarness()
         alice = chat.join("alice")
@@ -6909,6 +6925,13 @@ class IrcTests(ChatTestCase):
         protected.send("USER x 0 * :x")
         lines = protected.until(r" 433 \* dave :.*registered.*SASL")
         self.assertRegex(lines[-2], r' NOTICE \* :"dave" is a registered name')
+        # Once connected, SASL and PASS are past: NickServ's IDENTIFY is the way.
+        protected.send("NICK x")
+        protected.until(" 001 x ")
+        plain.send("QUIT")
+        plain.read_until_closed()
+        protected.send("NICK dave")
+        protected.expect(r" 433 x dave :.*\(/msg NickServ IDENTIFY NICK PASSWORD\)$")
 
     def test_bans_and_flood_control_apply_to_irc_users(self) -> None:
         server = ServerThread(irc_port=0, server_name="test.lan", rate_limit=5, rate_burst=3)
