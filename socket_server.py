@@ -1234,6 +1234,10 @@ class BadInput(ProtocolError):
 TLS_HANDSHAKE = b"\x16\x03"
 TLS_NOT_OFFERED = ("This port does not use TLS, and a TLS handshake came: connect without "
                    "TLS, or to a TLS port.")
+# How an IRC client begins. irssi shows the refusal's frame as a line: it says where to go.
+IRC_OPENINGS = (b"CAP ", b"NICK ", b"PASS ", b"USER ")
+IRC_ON_CHAT_PORT = ("This is the chat's own port, for client.py: IRC clients connect to the "
+                    "server's IRC port (--irc-port; its start-up lines name it).")
 
 
 class JsonCodec(FrameDecoder):
@@ -1274,9 +1278,11 @@ class JsonCodec(FrameDecoder):
         try:
             payload = self.next_payload()
         except ProtocolError as error:
-            if error.code == "bad_header" and \
-                    self._buffer[self._start:self._start + 2] == TLS_HANDSHAKE:
+            start = self._buffer[self._start:self._start + 5]
+            if error.code == "bad_header" and start[:2] == TLS_HANDSHAKE:
                 raise ProtocolError("tls_not_offered", TLS_NOT_OFFERED) from None
+            if error.code == "bad_header" and bytes(start).startswith(IRC_OPENINGS):
+                raise ProtocolError("bad_header", IRC_ON_CHAT_PORT) from None
             raise
         if payload is None:
             return None

@@ -6977,6 +6977,18 @@ class IrcTests(ChatTestCase):
         self.assertIn("a TLS handshake came", lines[-2])
         self.assertTrue(lines[-1].startswith("ERROR :Closing Link"), lines)
 
+    def test_an_irc_client_on_the_chat_port_is_told_where_to_go(self) -> None:
+        # irssi shows the refusal's frame as a line of text: it must say what went wrong.
+        for opening in (b"CAP LS 302\r\n", b"NICK ira\r\nUSER ira 0 * :Ira\r\n"):
+            peer = self.peer()
+            peer.send_raw(opening)
+            error = peer.read_until_closed()[-1]
+            self.assertEqual((error["code"], error["text"]),
+                             ("bad_header", socket_server.IRC_ON_CHAT_PORT))
+        peer = self.peer()      # anything else: as it was
+        peer.send_raw(b"GARBAGE!!!")
+        self.assertIn("not a decimal length", peer.read_until_closed()[-1]["text"])
+
     def test_making_rooms_costs_a_token_each_even_from_one_line(self) -> None:
         server = ServerThread(irc_port=0, server_name="test.lan", rate_limit=0.01, rate_burst=3)
         self.addCleanup(server.stop)
