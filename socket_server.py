@@ -1889,7 +1889,7 @@ class IrcInput:
                                     "another registered nick.")
             else:
                 self._ask({"type": "nick", "name": name, "name_password": password},
-                          "NICKSERV")
+                          "NICKSERV", "IDENTIFY", name.lower())
         elif verb == "DROP" and arguments:          # DROP [NICK] PASSWORD: only one's own
             self._ask({"type": "unregister", "password": arguments[-1]}, "NICKSERV")
         elif verb == "SET PASSWORD" and len(arguments) == 2:
@@ -2384,6 +2384,7 @@ class IrcOutput:
         elif command == "NOTICE":
             pass    # never an error in answer to a NOTICE (RFC 2812, 3.3.2)
         elif command == "NICKSERV":     # (a registered nick in use: logging in takes it over)
+            self.asked.pop(event.get("id", ""), None)   # an IDENTIFY refused is no longer asked
             lines.append(self._nickserv_notice(text + (
                 " If it is a registered nick of yours, connect again with the server "
                 "password NICK:PASSWORD, or SASL: that takes it over."
@@ -2479,6 +2480,12 @@ class IrcOutput:
         """Our own change of name (those who share a room get the same, shared)."""
         lines = self._show_nick(event)
         self.nick = event["new"]
+        # A rename answers no request by its id: one that NickServ's IDENTIFY asked for
+        # is found by its name (rare: a scan of what is still asked costs nothing here).
+        asked = ("NICKSERV", ("IDENTIFY", self.nick.lower()))
+        for request_id in [key for key, value in self.asked.items() if value == asked]:
+            del self.asked[request_id]
+            lines.append(self._nickserv_notice(f"You are now identified as {self.nick}."))
         return lines
 
     def _show_away_self(self, event: dict) -> List[bytes]:

@@ -6438,6 +6438,11 @@ class IrcTests(ChatTestCase):
         self.assertRegex(guest.expect(served).string, "(?i)wrong password")
         guest.send("PRIVMSG NickServ :IDENTIFY ira batterystaple")
         guest.expect(":guest!guest@test.lan NICK :ira")
+        # Once: the wrong password's IDENTIFY before it was answered, and is not counted.
+        self.assertEqual(guest.until("You are now identified")[-1],
+                         ":NickServ!NickServ@test.lan NOTICE ira :You are now identified as ira.")
+        guest.send("PING :after")
+        self.assertNotIn("identified", " ".join(guest.until("PONG")))
         served = served.replace("guest", "ira")
         guest.send("PRIVMSG NickServ :IDENTIFY batterystaple")      # the nick it has already
         guest.expect(served + "You are ira already")
